@@ -1,0 +1,3 @@
+from image_syncer.cli import main
+
+main()

