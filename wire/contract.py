@@ -229,6 +229,9 @@ def decode_event(data: bytes) -> Event:
         envelope = _envelope_decoder.decode(data)
     except msgspec.DecodeError as e:
         raise ContractError(f"not an event envelope: {e}") from e
+    except RecursionError as e:
+        # msgspec refuses nesting deeper than its stack allows; hostile input, not a crash.
+        raise ContractError("not an event envelope: JSON nested too deeply") from e
     event_type = envelope.header.headers.get("event_type")
     if event_type is None:
         raise ContractError("envelope has no header.headers.event_type")
