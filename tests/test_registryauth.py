@@ -1,0 +1,339 @@
+"""Registry credentials are chosen as the kubelet chooses them, reload in place, and never leak."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import shutil
+import subprocess
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from image_syncer.sandbox.processes import MissingComponent, free_port, stop_process, wait_until
+from ops.logs import fields_of
+from syncer.cri import RegistryAuth
+from syncer.registryauth import (
+    CredentialFile,
+    CredentialFileError,
+    Keyring,
+    RegistryCredentials,
+    image_name,
+    match_key,
+    parse_auths,
+)
+
+SECRET = "s3cr3t-Pa55w0rd"
+TOKEN = "id-token-0123456789"
+
+
+def _b64(text: str, pad: bool = True) -> str:
+    encoded = base64.b64encode(text.encode()).decode()
+    return encoded if pad else encoded.rstrip("=")
+
+
+def _config(auths: dict[str, dict[str, str]]) -> bytes:
+    return json.dumps({"auths": auths}).encode()
+
+
+def _user_for(auths: dict[str, dict[str, str]], image: str) -> list[str]:
+    """The usernames the keyring offers for ``image``, in order (the user names the entry)."""
+    keyring = Keyring(parse_auths(_config(auths)))
+    return [e.username for e in keyring.lookup(image_name(image))]
+
+
+def _entry(user: str) -> dict[str, str]:
+    return {"username": user, "password": SECRET}
+
+
+# --- Matching, as pkg/credentialprovider/keyring.go does it -----------------------------------
+
+MATCH_CASES = [
+    # (auths keys -> user, image, expected users in order)
+    ({"quay.io": "q"}, "quay.io/team/app:1", ["q"]),
+    ({"https://quay.io": "q"}, "quay.io/team/app", ["q"]),
+    ({"http://quay.io/v1/": "q"}, "quay.io/team/app", ["q"]),
+    ({"https://quay.io/v2/": "q"}, "quay.io/team/app", ["q"]),
+    ({"quay.io/team": "t"}, "quay.io/team/app", ["t"]),
+    ({"quay.io/team": "t"}, "quay.io/other/app", []),
+    # Most specific first, every match offered (the kubelet tries each in turn).
+    ({"quay.io": "q", "quay.io/team": "t"}, "quay.io/team/app", ["t", "q"]),
+    ({"quay.io": "q"}, "quay.io.evil.com/app", []),
+    ({"*.example.com": "w"}, "eu.example.com/app", ["w"]),
+    ({"*.example.com": "w"}, "example.com/app", []),
+    ({"*.example.com": "w"}, "a.b.example.com/app", []),
+    ({"*.*.example.com": "w"}, "a.b.example.com/app", ["w"]),
+    ({"registry.local:5000": "p"}, "registry.local:5000/app", ["p"]),
+    ({"registry.local:5000": "p"}, "registry.local:5001/app", []),
+    ({"registry.local": "p"}, "registry.local:5000/app", []),
+    ({"127.0.0.1:5000": "ip"}, "127.0.0.1:5000/game/server:2", ["ip"]),
+    ({"https://127.0.0.1:5000/v2/": "ip"}, "127.0.0.1:5000/game/server", ["ip"]),
+    # Docker Hub and its aliases.
+    ({"https://index.docker.io/v1/": "hub"}, "nginx", ["hub"]),
+    ({"https://index.docker.io/v1/": "hub"}, "library/nginx:1.27", ["hub"]),
+    ({"index.docker.io": "hub"}, "myorg/game:1", ["hub"]),
+    ({"docker.io": "hub"}, "myorg/game:1", ["hub"]),
+    ({"docker.io": "hub"}, "docker.io/myorg/game", ["hub"]),
+    ({"registry-1.docker.io": "hub"}, "index.docker.io/myorg/game", ["hub"]),
+    ({"docker.io/myorg": "org", "https://index.docker.io/v1/": "hub"}, "myorg/game", ["org"]),
+    ({"https://index.docker.io/v1/": "hub"}, "quay.io/myorg/game", []),
+    ({"https://index.docker.io/v1/": "hub"}, "localhost:5000/game", []),
+    (
+        {"gcr.io": "g", "us-docker.pkg.dev": "ar"},
+        "us-docker.pkg.dev/proj/repo/img@sha256:" + "a" * 64,
+        ["ar"],
+    ),
+]
+
+
+@pytest.mark.parametrize(("keys", "image", "expected"), MATCH_CASES)
+def test_entry_is_chosen_like_the_kubelet(
+    keys: dict[str, str], image: str, expected: list[str]
+) -> None:
+    auths = {key: _entry(user) for key, user in keys.items()}
+    assert _user_for(auths, image) == expected
+
+
+@pytest.mark.parametrize(
+    ("location", "key"),
+    [
+        ("quay.io", "quay.io"),
+        ("https://quay.io/", "quay.io"),
+        ("https://index.docker.io/v1/", "index.docker.io"),
+        ("http://registry:5000/v2/team", "registry:5000/team"),
+        ("quay.io/team/app", "quay.io/team/app"),
+    ],
+)
+def test_match_keys_drop_scheme_and_api_version(location: str, key: str) -> None:
+    assert match_key(location) == key
+
+
+def test_auth_field_wins_over_username_and_password_padded_or_not() -> None:
+    for pad in (True, False):
+        auths = {"r.io": {"auth": _b64(f"robot:{SECRET}x", pad), "username": "u", "password": "p"}}
+        (entry,) = parse_auths(_config(auths))
+        assert (entry.username, entry.password) == ("robot", f"{SECRET}x")
+
+
+def test_tokens_reach_the_auth_config_and_server_address_stays_empty() -> None:
+    auths = {"r.io": {"identitytoken": TOKEN, "registrytoken": "reg-tok"}}
+    (entry,) = parse_auths(_config(auths))
+    assert entry.auth() == RegistryAuth(identity_token=TOKEN, registry_token="reg-tok")
+
+
+def test_pull_secret_comes_before_the_node_config(tmp_path: Path) -> None:
+    secret = tmp_path / "secret.json"
+    node = tmp_path / "config.json"
+    secret.write_bytes(_config({"quay.io": _entry("from-secret")}))
+    node.write_bytes(_config({"quay.io": _entry("from-node"), "gcr.io": _entry("node-gcr")}))
+    creds = RegistryCredentials.from_paths(str(secret), str(node))
+    assert [a.username for a in creds.for_image("quay.io/a/b:1")] == ["from-secret", "from-node"]
+    assert creds.first_for("gcr.io/x/y").username == "node-gcr"
+    assert creds.first_for("ghcr.io/x/y") is None
+    assert creds.for_image("NOT a reference") == []
+
+
+# --- Reloading and bad files ------------------------------------------------------------------
+
+
+def _mount_like_a_secret(directory: Path, content: bytes, version: int) -> None:
+    """What the kubelet does to a mounted Secret: new data dir, then an atomic symlink swap."""
+    data = directory / f"..{version}"
+    data.mkdir()
+    (data / ".dockerconfigjson").write_bytes(content)
+    link = directory / "..data_tmp"
+    link.symlink_to(data.name)
+    os.replace(link, directory / "..data")
+    target = directory / ".dockerconfigjson"
+    if not target.is_symlink():
+        target.symlink_to("..data/.dockerconfigjson")
+
+
+def test_a_mounted_secret_is_reloaded_when_it_changes(tmp_path: Path) -> None:
+    _mount_like_a_secret(tmp_path, _config({"quay.io": _entry("first")}), 1)
+    creds = RegistryCredentials.from_paths(str(tmp_path / ".dockerconfigjson"))
+    assert creds.first_for("quay.io/a").username == "first"
+    _mount_like_a_secret(tmp_path, _config({"quay.io": _entry("second")}), 2)
+    assert creds.first_for("quay.io/a").username == "second"
+
+
+BAD_FILES = [
+    (b'{"auths": {"r.io": {"password": "' + SECRET.encode() + b'"', "not valid JSON at line 1"),
+    (SECRET.encode(), "not valid JSON"),
+    (json.dumps({"r.io": {"password": SECRET}}).encode(), 'no "auths" object'),
+    (_config({"r.io": {"auth": SECRET + "!!"}}), "auth is not base64"),
+    (_config({"r.io": {"auth": _b64(SECRET)}}), "not base64(user:password)"),
+    (json.dumps({"auths": {"r.io": {"password": [SECRET]}}}).encode(), "password is not a string"),
+    (b"\xff\xfe" + SECRET.encode(), "not UTF-8"),
+]
+
+
+@pytest.mark.parametrize(("content", "problem"), BAD_FILES)
+def test_a_bad_file_is_one_clear_line_without_its_content(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, content: bytes, problem: str
+) -> None:
+    path = tmp_path / "auth.json"
+    path.write_bytes(content)
+    file = CredentialFile(path, "registry-auth-file")
+    with caplog.at_level(logging.DEBUG, logger="syncer.registryauth"):
+        for _ in range(3):
+            assert len(file.keyring()) == 0
+    (record,) = caplog.records
+    fields = fields_of(record)
+    assert record.levelno == logging.WARNING
+    assert fields["file"] == str(path)
+    assert problem in fields["problem"]
+    assert problem in str(file.problem)
+    _assert_no_secret(caplog, file, fields)
+
+
+def test_a_missing_file_is_reported_once_and_picked_up_when_it_appears(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "auth.json"
+    creds = RegistryCredentials.from_paths(str(path))
+    with caplog.at_level(logging.INFO, logger="syncer.registryauth"):
+        assert creds.for_image("quay.io/a") == []
+        assert creds.for_image("quay.io/a") == []
+        path.write_bytes(_config({"quay.io": _entry("late")}))
+        assert creds.first_for("quay.io/a").username == "late"
+        path.write_bytes(b"{broken")
+        assert creds.for_image("quay.io/a") == []
+    messages = [(r.getMessage(), fields_of(r).get("problem")) for r in caplog.records]
+    assert messages == [
+        ("registry credentials unusable, pulling without them", "No such file or directory"),
+        ("registry credentials loaded", None),
+        ("registry credentials unusable, pulling without them", messages[2][1]),
+    ]
+    assert "not valid JSON" in messages[2][1]
+
+
+def test_no_secret_in_any_repr_str_log_or_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "auth.json"
+    path.write_bytes(
+        _config(
+            {
+                "quay.io": {"auth": _b64(f"robot:{SECRET}")},
+                "gcr.io": {"username": "_json_key", "password": SECRET, "identitytoken": TOKEN},
+            }
+        )
+    )
+    with caplog.at_level(logging.DEBUG, logger="syncer.registryauth"):
+        creds = RegistryCredentials.from_paths(str(path), str(tmp_path / "missing.json"))
+        auths = creds.for_image("quay.io/a") + creds.for_image("gcr.io/b")
+        assert [a.password for a in auths] == [SECRET, SECRET]
+        file = CredentialFile(path, "x")
+        keyring = file.keyring()
+        entries = keyring.lookup("quay.io/a") + keyring.lookup("gcr.io/b")
+        errors = []
+        for bad in (
+            _config({"r": {"auth": SECRET}}),
+            _config({"r": {"auth": _b64(SECRET)}}),
+            b"{" + SECRET.encode(),
+        ):
+            with pytest.raises(CredentialFileError) as caught:
+                parse_auths(bad)
+            errors.append(caught.value)
+    _assert_no_secret(caplog, creds, file, keyring, *entries, *auths, *errors)
+
+
+def _assert_no_secret(caplog: pytest.LogCaptureFixture, *objects: object) -> None:
+    shown = [caplog.text]
+    for record in caplog.records:
+        shown += [record.getMessage(), repr(fields_of(record))]
+    for obj in objects:
+        shown += [str(obj), repr(obj)]
+        if isinstance(obj, BaseException):
+            shown += [repr(obj.__cause__), repr(obj.__context__)]
+    for text in shown:
+        assert SECRET not in text
+        assert TOKEN not in text
+        assert _b64(f"robot:{SECRET}") not in text
+
+
+# --- Against a real registry with htpasswd auth -----------------------------------------------
+
+
+def _binary(name: str, package: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise MissingComponent(f"{name} not found; install it with `apt-get install {package}`")
+    return path
+
+
+@pytest.fixture
+def auth_registry(tmp_path: Path) -> Iterator[str]:
+    """A docker-registry on loopback requiring basic auth for user/pass; yields host:port."""
+    registry = _binary("docker-registry", "docker-registry")
+    htpasswd = _binary("htpasswd", "apache2-utils")
+    users = tmp_path / "htpasswd"
+    made = subprocess.run(
+        [htpasswd, "-Bbn", "robot", SECRET], check=True, capture_output=True, text=True
+    )
+    users.write_text(made.stdout)
+    port = free_port()
+    config = tmp_path / "registry.yml"
+    config.write_text(
+        json.dumps(
+            {
+                "version": 0.1,
+                "log": {"level": "warn"},
+                "storage": {"filesystem": {"rootdirectory": str(tmp_path / "store")}},
+                "http": {"addr": f"127.0.0.1:{port}"},
+                "auth": {"htpasswd": {"realm": "test", "path": str(users)}},
+            }
+        )
+    )
+    log_file = tmp_path / "registry.log"
+    with log_file.open("wb") as out:
+        process = subprocess.Popen(
+            [registry, "serve", str(config)], stdout=out, stderr=out, start_new_session=True
+        )
+    host = f"127.0.0.1:{port}"
+    try:
+        wait_until(
+            lambda: _v2_status(host, None) == 401,
+            timeout=30,
+            what="docker-registry",
+            process=process,
+            log_file=log_file,
+        )
+        yield host
+    finally:
+        stop_process(process)
+
+
+def _v2_status(host: str, auth: RegistryAuth | None) -> int:
+    request = urllib.request.Request(f"http://{host}/v2/")
+    if auth is not None:
+        basic = base64.b64encode(f"{auth.username}:{auth.password}".encode()).decode()
+        request.add_header("Authorization", f"Basic {basic}")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def test_derived_credentials_open_a_real_registry(auth_registry: str, tmp_path: Path) -> None:
+    good, bad = tmp_path / "good.json", tmp_path / "bad.json"
+    good.write_bytes(_config({f"https://{auth_registry}/v2/": {"auth": _b64(f"robot:{SECRET}")}}))
+    bad.write_bytes(_config({auth_registry: {"username": "robot", "password": "wrong"}}))
+    image = f"{auth_registry}/game/server:1.0"
+
+    right = RegistryCredentials.from_paths(str(good)).first_for(image)
+    wrong = RegistryCredentials.from_paths(str(bad)).first_for(image)
+    assert right is not None and wrong is not None
+    assert _v2_status(auth_registry, right) == 200
+    assert _v2_status(auth_registry, wrong) == 401
+    assert _v2_status(auth_registry, None) == 401
+    # Another port on the same host is another registry: no credentials offered.
+    other = f"127.0.0.1:{free_port()}/game/server:1.0"
+    assert RegistryCredentials.from_paths(str(good)).first_for(other) is None
