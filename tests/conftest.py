@@ -62,3 +62,83 @@ async def js(nc: Client, log_settings: LogSettings) -> JetStreamContext:
     context = nc.jetstream()
     await ensure_streams(context, log_settings)
     return context
+
+
+# --- containerd and registry ---
+# Real containerd (CRI plugin) and docker-registry processes. The session-wide ones are shared:
+# tests stay apart by pushing uniquely named images (see `push`). Tests that stop or restart a
+# component take an `own_*` one instead.
+
+import uuid as _uuid  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+
+from image_syncer.sandbox.containerd import Containerd  # noqa: E402
+from image_syncer.sandbox.images import push_image  # noqa: E402
+from image_syncer.sandbox.registry import Registry  # noqa: E402
+
+REGISTRY_CREDENTIALS = ("syncer-test", "pa55-w0rd-never-logged")
+
+
+@pytest.fixture(scope="session")
+def containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Containerd]:
+    """One containerd for the session, its CRI socket at ``containerd.endpoint``."""
+    with Containerd(tmp_path_factory.mktemp("containerd")) as runtime:
+        yield runtime
+
+
+@pytest.fixture
+def own_containerd(tmp_path: Path) -> Iterator[Containerd]:
+    """A containerd of the test's own, for tests that stop or restart it."""
+    with Containerd(tmp_path / "containerd") as runtime:
+        yield runtime
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    """One open registry for the session on 127.0.0.1:<port> (``registry.address``)."""
+    with Registry(tmp_path_factory.mktemp("registry")) as server:
+        yield server
+
+
+@pytest.fixture
+def own_registry(tmp_path: Path) -> Iterator[Registry]:
+    """A registry of the test's own, for tests that stop or restart it (the port survives)."""
+    with Registry(tmp_path / "registry") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def auth_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    """A registry demanding basic auth; ``auth_registry.credentials`` is (user, password)."""
+    with Registry(
+        tmp_path_factory.mktemp("auth-registry"), htpasswd=REGISTRY_CREDENTIALS
+    ) as server:
+        yield server
+
+
+PushImage = Callable[..., str]
+
+
+@pytest.fixture
+def push(registry: Registry) -> PushImage:
+    """push(name=None, tag="v1", *, into=registry, layer_bytes=None) -> "127.0.0.1:PORT/name:tag".
+
+    Every call pushes fresh content; without a name the repository is unique too, so no other test
+    can already hold the image. ``into`` pushes to another Registry (own_registry, auth_registry).
+    """
+
+    def _push(
+        name: str | None = None,
+        tag: str = "v1",
+        *,
+        into: Registry | None = None,
+        layer_bytes: int | None = None,
+    ) -> str:
+        target = into or registry
+        repository = name or f"test/img-{_uuid.uuid4().hex[:12]}"
+        push_image(
+            target.address, repository, tag, layer_bytes=layer_bytes, auth=target.credentials
+        )
+        return f"{target.address}/{repository}:{tag}"
+
+    return _push

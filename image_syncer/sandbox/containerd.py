@@ -1,0 +1,202 @@
+"""A real containerd (Debian's 1.6, with its CRI plugin) private to one directory.
+
+Tests, the demo and the benchmarks need a CRI runtime that behaves exactly like a node's; this runs
+the real daemon with its root, state and sockets inside a directory of its own, so it never touches
+the host's /var/lib/containerd and several can run side by side. ``ctr`` helpers look at and delete
+images the way an operator (or a garbage collector) on the node would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from image_syncer.sandbox.processes import MissingComponent, stop_process, wait_until
+
+__all__ = ["CRI_NAMESPACE", "Containerd", "short_dir"]
+
+CRI_NAMESPACE = "k8s.io"
+CRI_PLUGIN = "io.containerd.grpc.v1.cri"
+_APT_HINT = "apt-get install -y containerd runc"
+# sun_path is 108 bytes; leave room for "/containerd.sock.ttrpc".
+_MAX_SOCKET_DIR = 80
+
+
+def _binary(name: str) -> str:
+    found = shutil.which(name)
+    if found is None:
+        raise MissingComponent(f"{name} not found on PATH: {_APT_HINT}")
+    return found
+
+
+def short_dir(directory: Path) -> Path:
+    """A directory for unix sockets whose path fits sun_path, derived from ``directory``."""
+    if len(str(directory)) <= _MAX_SOCKET_DIR:
+        return directory
+    digest = hashlib.sha256(str(directory).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"ctrd-{digest}"
+
+
+@dataclass
+class Containerd:
+    """One containerd; ``restart()`` keeps its store and socket, as a node's restart would."""
+
+    state_dir: Path
+    snapshotter: str = "overlayfs"
+    process: subprocess.Popen | None = None
+    socket_dir: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.state_dir = Path(self.state_dir)
+        self.socket_dir = short_dir(self.state_dir / "run")
+
+    @property
+    def socket(self) -> Path:
+        return self.socket_dir / "containerd.sock"
+
+    @property
+    def endpoint(self) -> str:
+        """The CRI target, in the form CONN_TARGET and --cri-endpoint take."""
+        return f"unix://{self.socket}"
+
+    @property
+    def log_file(self) -> Path:
+        return self.state_dir / "containerd.log"
+
+    @property
+    def config_file(self) -> Path:
+        return self.state_dir / "config.toml"
+
+    def _config(self) -> str:
+        d = self.state_dir
+        return f"""\
+version = 2
+root = "{d / "root"}"
+state = "{d / "state"}"
+
+[grpc]
+  address = "{self.socket}"
+
+[ttrpc]
+  address = "{self.socket}.ttrpc"
+
+[debug]
+  level = "info"
+
+[plugins]
+  [plugins."io.containerd.internal.v1.opt"]
+    path = "{d / "opt"}"
+  [plugins."{CRI_PLUGIN}"]
+    disable_tcp_service = true
+    stream_server_address = "127.0.0.1"
+    stream_server_port = "0"
+    enable_selinux = false
+    [plugins."{CRI_PLUGIN}".containerd]
+      snapshotter = "{self.snapshotter}"
+    [plugins."{CRI_PLUGIN}".cni]
+      bin_dir = "{d / "cni" / "bin"}"
+      conf_dir = "{d / "cni" / "conf"}"
+"""
+
+    def start(self, *, timeout: float = 60) -> Containerd:
+        """Start, wait for the CRI plugin; fall back to ``native`` where overlayfs cannot work."""
+        self._launch()
+        try:
+            self._wait_ready(timeout)
+        except RuntimeError:
+            if self.snapshotter != "overlayfs" or self._plugin_ok(
+                "io.containerd.snapshotter.v1", "overlayfs"
+            ):
+                raise
+            # Overlay mounts are refused in some sandboxes (overlay on overlay, no privileges).
+            self.stop()
+            self.snapshotter = "native"
+            self._launch()
+            self._wait_ready(timeout)
+        return self
+
+    def _launch(self) -> None:
+        containerd = _binary("containerd")
+        _binary("runc")
+        _binary("ctr")
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.socket_dir.mkdir(parents=True, exist_ok=True)
+        self.config_file.write_text(self._config())
+        with self.log_file.open("ab") as log:
+            self.process = subprocess.Popen(
+                [containerd, "--config", str(self.config_file)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+
+    def _wait_ready(self, timeout: float) -> None:
+        wait_until(
+            self._cri_settled,
+            timeout=timeout,
+            what=f"containerd at {self.socket}",
+            process=self.process,
+            log_file=self.log_file,
+        )
+        if not self._plugin_ok("io.containerd.grpc.v1", "cri"):
+            raise RuntimeError(f"containerd CRI plugin failed: {self._plugins_text()}")
+
+    def _cri_settled(self) -> bool:
+        # True once the CRI plugin has a status at all: ok, or an error worth reporting.
+        return any(p[:2] == ("io.containerd.grpc.v1", "cri") for p in self._plugins())
+
+    def _plugin_ok(self, kind: str, name: str) -> bool:
+        return (kind, name, "ok") in {(p[0], p[1], p[-1]) for p in self._plugins()}
+
+    def _plugins(self) -> list[tuple[str, ...]]:
+        lines = self._plugins_text().splitlines()[1:]
+        return [tuple(line.split()) for line in lines if line.strip()]
+
+    def _plugins_text(self) -> str:
+        if not self.socket.exists():
+            return ""
+        return self.ctr("plugins", "ls", namespace=None).stdout
+
+    def stop(self, *, kill: bool = False) -> None:
+        stop_process(self.process, kill=kill)
+        self.process = None
+
+    def restart(self, *, kill: bool = False) -> None:
+        self.stop(kill=kill)
+        self._launch()
+        self._wait_ready(60)
+
+    def ctr(
+        self, *args: str, namespace: str | None = CRI_NAMESPACE, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ``ctr --address <socket> [-n k8s.io] <args>`` and return its output."""
+        command = [_binary("ctr"), "--address", str(self.socket)]
+        if namespace is not None:
+            command += ["-n", namespace]
+        result = subprocess.run(
+            [*command, *args], capture_output=True, text=True, timeout=60, check=False
+        )
+        if check and result.returncode != 0:
+            raise RuntimeError(f"{' '.join(command[1:] + list(args))} failed: {result.stderr}")
+        return result
+
+    def image_refs(self) -> set[str]:
+        """Every image name in CRI's namespace (tags, digests, ids), as ``ctr images ls -q``."""
+        return {line for line in self.ctr("images", "ls", "-q").stdout.splitlines() if line}
+
+    def remove_image(self, ref: str) -> None:
+        """Delete an image behind CRI's back, the way an operator or a disk cleaner would."""
+        self.ctr("images", "rm", "--sync", ref)
+
+    def __enter__(self) -> Containerd:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        if self.socket_dir != self.state_dir / "run":
+            shutil.rmtree(self.socket_dir, ignore_errors=True)

@@ -1,0 +1,145 @@
+"""A real Docker registry (Debian's docker-registry, distribution 2.8) on a loopback port.
+
+containerd pulls from ``127.0.0.1:<port>`` over plain HTTP without extra configuration, so tests
+and the demo get a genuine pull path: manifests, blobs, 404s, and with ``htpasswd`` a registry that
+answers 401 to the wrong credentials, exactly as a private registry would.
+"""
+
+from __future__ import annotations
+
+import base64
+import shutil
+import subprocess
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from image_syncer.sandbox.processes import MissingComponent, free_port, stop_process, wait_until
+
+__all__ = ["Registry", "basic_auth_header"]
+
+
+def _binary(name: str, package: str) -> str:
+    found = shutil.which(name)
+    if found is None:
+        raise MissingComponent(f"{name} not found on PATH: apt-get install -y {package}")
+    return found
+
+
+def basic_auth_header(credentials: tuple[str, str]) -> str:
+    user, password = credentials
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+@dataclass
+class Registry:
+    """One registry; ``restart()`` keeps its port and its blobs, as a real restart would."""
+
+    data_dir: Path
+    htpasswd: tuple[str, str] | None = field(default=None, repr=False)
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen | None = None
+
+    def __post_init__(self) -> None:
+        self.data_dir = Path(self.data_dir)
+
+    @property
+    def address(self) -> str:
+        """host:port, the registry part of an image reference."""
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def credentials(self) -> tuple[str, str] | None:
+        """The (user, password) the registry demands, if any."""
+        return self.htpasswd
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}"
+
+    @property
+    def log_file(self) -> Path:
+        return self.data_dir / "registry.log"
+
+    def _config(self) -> Path:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        lines = [
+            "version: 0.1",
+            "log:",
+            "  level: info",
+            "  accesslog:",
+            "    disabled: true",
+            "storage:",
+            "  filesystem:",
+            f"    rootdirectory: {self.data_dir / 'data'}",
+            "  delete:",
+            "    enabled: true",
+            "http:",
+            f"  addr: {self.address}",
+        ]
+        if self.htpasswd is not None:
+            lines += [
+                "auth:",
+                "  htpasswd:",
+                "    realm: image-syncer-tests",
+                f"    path: {self._write_htpasswd(*self.htpasswd)}",
+            ]
+        path = self.data_dir / "config.yml"
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+    def _write_htpasswd(self, user: str, password: str) -> Path:
+        # The registry accepts bcrypt entries only, which is what -B makes.
+        result = subprocess.run(
+            [_binary("htpasswd", "apache2-utils"), "-Bbn", user, password],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"htpasswd failed for user {user!r}: {result.stderr.strip()}")
+        path = self.data_dir / "htpasswd"
+        path.write_text(result.stdout)
+        return path
+
+    def start(self) -> Registry:
+        binary = _binary("docker-registry", "docker-registry")
+        config = self._config()
+        with self.log_file.open("ab") as log:
+            self.process = subprocess.Popen(
+                [binary, "serve", str(config)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        wait_until(
+            self._answers,
+            timeout=30,
+            what=f"docker-registry on {self.address}",
+            process=self.process,
+            log_file=self.log_file,
+        )
+        return self
+
+    def _answers(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/v2/", timeout=1) as response:
+                return response.status == 200
+        except urllib.error.HTTPError as e:
+            return e.code == 401 and self.htpasswd is not None
+
+    def stop(self, *, kill: bool = False) -> None:
+        stop_process(self.process, kill=kill)
+        self.process = None
+
+    def restart(self, *, kill: bool = False) -> None:
+        self.stop(kill=kill)
+        self.start()
+
+    def __enter__(self) -> Registry:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,264 @@
+"""An asyncio client for the CRI ImageService (runtime.v1), the syncer's only way to touch images.
+
+It hides gRPC behind a few coroutines and two exceptions: ``RuntimeUnavailable`` when the runtime
+cannot be reached (socket absent, runtime restarting: the caller retries and reports not-ready) and
+``CriError`` for everything the runtime answered with an error (bad reference, registry refused,
+pull timed out). Every call carries a deadline. Registry credentials travel in ``AuthConfig`` and
+never appear in a repr, a log line or an error message.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from syncer.cri_api import api_pb2
+from syncer.cri_api.api_pb2_grpc import ImageServiceStub
+
+__all__ = [
+    "CriClient",
+    "CriError",
+    "ImageFilesystem",
+    "RegistryAuth",
+    "RuntimeImage",
+    "RuntimeUnavailable",
+]
+
+logger = logging.getLogger(__name__)
+
+# Reconnect quickly after a runtime restart: gRPC's default backoff grows to two minutes.
+_CHANNEL_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+    # ListImages on a busy node can exceed gRPC's 4 MiB default.
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+)
+_UNREACHABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
+_REDACTED = "<redacted>"
+
+
+@dataclass(frozen=True)
+class RuntimeImage:
+    """An image as the runtime reports it."""
+
+    id: str
+    repo_tags: tuple[str, ...]
+    repo_digests: tuple[str, ...]
+    size: int
+
+    @classmethod
+    def from_proto(cls, image: api_pb2.Image) -> RuntimeImage:
+        return cls(
+            id=image.id,
+            repo_tags=tuple(image.repo_tags),
+            repo_digests=tuple(image.repo_digests),
+            size=image.size,
+        )
+
+
+@dataclass(frozen=True)
+class ImageFilesystem:
+    """Usage of one filesystem holding images (ImageFsInfo)."""
+
+    mountpoint: str
+    used_bytes: int
+    inodes_used: int
+    timestamp_ns: int
+
+
+@dataclass(frozen=True)
+class RegistryAuth:
+    """Registry credentials for one pull, as CRI's AuthConfig; secrets stay out of the repr."""
+
+    username: str = ""
+    password: str = field(default="", repr=False)
+    auth: str = field(default="", repr=False)
+    server_address: str = ""
+    identity_token: str = field(default="", repr=False)
+    registry_token: str = field(default="", repr=False)
+
+    def to_proto(self) -> api_pb2.AuthConfig:
+        return api_pb2.AuthConfig(
+            username=self.username,
+            password=self.password,
+            auth=self.auth,
+            server_address=self.server_address,
+            identity_token=self.identity_token,
+            registry_token=self.registry_token,
+        )
+
+    def secrets(self) -> tuple[str, ...]:
+        """The values that must never be shown, longest first so redaction cannot leave a tail."""
+        values = (self.password, self.auth, self.identity_token, self.registry_token)
+        return tuple(sorted((v for v in values if v), key=len, reverse=True))
+
+
+class CriError(Exception):
+    """The runtime answered a CRI call with an error; the message names the rpc and the image."""
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class RuntimeUnavailable(CriError):
+    """The runtime cannot be reached (socket absent, not answering); worth retrying later."""
+
+
+def socket_path(target: str) -> Path | None:
+    """The unix socket behind a target (``unix:///x.sock``, ``unix:/x.sock``, ``/x.sock``)."""
+    if target.startswith("unix://"):
+        return Path(target.removeprefix("unix://"))
+    if target.startswith("unix:"):
+        return Path(target.removeprefix("unix:"))
+    if target.startswith("/"):
+        return Path(target)
+    return None
+
+
+def grpc_target(target: str) -> str:
+    path = socket_path(target)
+    return f"unix://{path}" if path is not None and path.is_absolute() else target
+
+
+class CriClient:
+    """One channel to a CRI runtime; create it anywhere, use it from one event loop."""
+
+    def __init__(self, target: str, *, call_timeout: float = 30.0) -> None:
+        self.target = target
+        self.call_timeout = call_timeout
+        self._socket = socket_path(target)
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: ImageServiceStub | None = None
+
+    def __repr__(self) -> str:
+        return f"CriClient({self.target!r})"
+
+    def _service(self) -> ImageServiceStub:
+        # Created lazily so the channel binds to the loop that uses it, not to the constructor's.
+        if self._stub is None:
+            self._channel = grpc.aio.insecure_channel(
+                grpc_target(self.target), options=_CHANNEL_OPTIONS
+            )
+            self._stub = ImageServiceStub(self._channel)
+        return self._stub
+
+    async def check(self, *, timeout: float | None = None) -> None:
+        """Raise RuntimeUnavailable, with the reason, unless the runtime answers ImageService."""
+        self._require_socket()
+        await self._call("ImageFsInfo", "", api_pb2.ImageFsInfoRequest(), timeout=timeout)
+
+    async def list_images(self) -> list[RuntimeImage]:
+        response = await self._call("ListImages", "", api_pb2.ListImagesRequest())
+        return [RuntimeImage.from_proto(image) for image in response.images]
+
+    async def image_status(self, ref: str) -> RuntimeImage | None:
+        """The image if the runtime holds it, None if it does not."""
+        request = api_pb2.ImageStatusRequest(image=api_pb2.ImageSpec(image=ref))
+        response = await self._call("ImageStatus", ref, request)
+        if not response.HasField("image"):
+            return None
+        return RuntimeImage.from_proto(response.image)
+
+    async def pull_image(
+        self, ref: str, auth: RegistryAuth | None = None, *, timeout: float
+    ) -> str:
+        """Pull ``ref`` within ``timeout`` seconds; returns the image ref the runtime reports."""
+        request = api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image=ref))
+        if auth is not None:
+            request.auth.CopyFrom(auth.to_proto())
+        secrets = auth.secrets() if auth is not None else ()
+        response = await self._call("PullImage", ref, request, timeout=timeout, secrets=secrets)
+        return response.image_ref
+
+    async def remove_image(self, ref: str) -> None:
+        request = api_pb2.RemoveImageRequest(image=api_pb2.ImageSpec(image=ref))
+        await self._call("RemoveImage", ref, request)
+
+    async def image_fs_info(self) -> list[ImageFilesystem]:
+        response = await self._call("ImageFsInfo", "", api_pb2.ImageFsInfoRequest())
+        return [
+            ImageFilesystem(
+                mountpoint=usage.fs_id.mountpoint,
+                used_bytes=usage.used_bytes.value,
+                inodes_used=usage.inodes_used.value,
+                timestamp_ns=usage.timestamp,
+            )
+            for usage in response.image_filesystems
+        ]
+
+    async def close(self) -> None:
+        channel, self._channel, self._stub = self._channel, None, None
+        if channel is not None:
+            await channel.close()
+
+    async def __aenter__(self) -> CriClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _require_socket(self) -> None:
+        if self._socket is not None and not self._socket.exists():
+            raise RuntimeUnavailable(f"CRI socket {self._socket} does not exist")
+
+    async def _call(
+        self,
+        rpc: str,
+        image: str,
+        request: object,
+        *,
+        timeout: float | None = None,
+        secrets: tuple[str, ...] = (),
+    ) -> Any:  # the response message type depends on the rpc
+        method = getattr(self._service(), rpc)
+        deadline = self.call_timeout if timeout is None else timeout
+        try:
+            return await method(request, timeout=deadline)
+        except grpc.aio.AioRpcError as e:
+            raise self._translate(e, rpc, image, deadline, secrets) from None
+        except grpc.aio.UsageError as e:  # the channel was closed under us
+            raise RuntimeUnavailable(f"CRI {rpc} on {self.target}: client closed") from e
+
+    def _translate(
+        self,
+        error: grpc.aio.AioRpcError,
+        rpc: str,
+        image: str,
+        deadline: float,
+        secrets: tuple[str, ...],
+    ) -> CriError:
+        # `from None` above: the AioRpcError's own text may carry what the runtime echoed back, and
+        # chaining it would show it unredacted in tracebacks.
+        code = error.code()
+        details = _redact(error.details() or "", secrets)
+        subject = f"CRI {rpc} {image}" if image else f"CRI {rpc}"
+        if code in _UNREACHABLE:
+            if self._socket is not None and not self._socket.exists():
+                details = f"CRI socket {self._socket} does not exist"
+            message = f"{subject}: runtime unavailable at {self.target}: {details}"
+            return RuntimeUnavailable(message, code)
+        if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+            if self._channel is not None and not self._connected():
+                return RuntimeUnavailable(
+                    f"{subject}: runtime at {self.target} did not answer within {deadline:g}s", code
+                )
+            return CriError(f"{subject}: deadline of {deadline:g}s exceeded", code)
+        return CriError(f"{subject}: {code.name}: {details}", code)
+
+    def _connected(self) -> bool:
+        assert self._channel is not None
+        return self._channel.get_state(try_to_connect=False) is grpc.ChannelConnectivity.READY
+
+
+def _redact(text: str, secrets: tuple[str, ...]) -> str:
+    for secret in secrets:
+        text = text.replace(secret, _REDACTED)
+    return text

@@ -1,0 +1,256 @@
+"""The CRI client against a real containerd pulling from a real docker-registry on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from image_syncer.sandbox.containerd import Containerd
+from image_syncer.sandbox.images import push_image
+from image_syncer.sandbox.registry import Registry
+from syncer.cri import CriClient, CriError, RegistryAuth, RuntimeUnavailable, socket_path
+
+pytestmark = pytest.mark.cri
+
+
+@pytest.fixture
+async def cri(containerd: Containerd) -> AsyncIterator[CriClient]:
+    client = CriClient(containerd.endpoint, call_timeout=30)
+    yield client
+    await client.close()
+
+
+def _repository(ref: str) -> str:
+    return ref.rsplit(":", 1)[0]
+
+
+async def test_pull_is_visible_to_cri_and_to_ctr(
+    cri: CriClient, containerd: Containerd, push
+) -> None:
+    ref = push()
+
+    image_ref = await cri.pull_image(ref, timeout=60)
+
+    assert image_ref.startswith("sha256:")
+    listed = {image.id: image for image in await cri.list_images()}
+    assert ref in listed[image_ref].repo_tags
+    status = await cri.image_status(ref)
+    assert status is not None
+    assert status.id == image_ref
+    assert status.size > 0
+    assert ref in containerd.image_refs()
+
+
+async def test_pull_by_digest_matches_repo_digests(
+    cri: CriClient, registry: Registry, containerd: Containerd
+) -> None:
+    repository = f"test/by-digest-{time.monotonic_ns()}"
+    digest = push_image(registry.address, repository, "v1")
+    by_digest = f"{registry.address}/{repository}@{digest}"
+
+    await cri.pull_image(by_digest, timeout=60)
+
+    status = await cri.image_status(by_digest)
+    assert status is not None
+    assert by_digest in status.repo_digests
+    assert by_digest in containerd.image_refs()
+
+
+async def test_image_status_of_an_absent_image_is_none(cri: CriClient, push) -> None:
+    ref = push()  # exists in the registry, never pulled
+
+    assert await cri.image_status(ref) is None
+
+
+async def test_remove_image(cri: CriClient, containerd: Containerd, push) -> None:
+    ref = push()
+    await cri.pull_image(ref, timeout=60)
+
+    await cri.remove_image(ref)
+
+    assert await cri.image_status(ref) is None
+    assert ref not in containerd.image_refs()
+    await cri.remove_image(ref)  # idempotent, as CRI requires
+
+
+async def test_image_removed_with_ctr_is_gone_for_cri(
+    cri: CriClient, containerd: Containerd, push
+) -> None:
+    ref = push()
+    await cri.pull_image(ref, timeout=60)
+
+    containerd.remove_image(ref)
+
+    assert await cri.image_status(ref) is None
+    assert all(ref not in image.repo_tags for image in await cri.list_images())
+
+
+async def test_unknown_image_raises_a_cri_error_naming_it(
+    cri: CriClient, registry: Registry
+) -> None:
+    ref = f"{registry.address}/test/never-pushed:v1"
+
+    with pytest.raises(CriError) as raised:
+        await cri.pull_image(ref, timeout=60)
+
+    assert not isinstance(raised.value, RuntimeUnavailable)
+    assert raised.value.code is grpc.StatusCode.NOT_FOUND
+    assert "PullImage" in str(raised.value)
+    assert ref in str(raised.value)
+
+
+async def test_image_fs_info_reports_the_image_filesystem(
+    cri: CriClient, containerd: Containerd
+) -> None:
+    filesystems = await cri.image_fs_info()
+
+    assert filesystems
+    assert filesystems[0].mountpoint.startswith(str(containerd.state_dir))
+
+
+async def test_right_credentials_pull_from_a_private_registry(
+    cri: CriClient, auth_registry: Registry, push
+) -> None:
+    user, password = auth_registry.credentials
+    ref = push(into=auth_registry)
+
+    await cri.pull_image(ref, RegistryAuth(username=user, password=password), timeout=60)
+
+    assert await cri.image_status(ref) is not None
+
+
+@pytest.mark.parametrize("wrong", [None, "not-the-password"], ids=["no-auth", "wrong-password"])
+async def test_refused_credentials_fail_clearly_without_the_password(
+    cri: CriClient, auth_registry: Registry, push, wrong: str | None
+) -> None:
+    user, password = auth_registry.credentials
+    ref = push(into=auth_registry)
+    auth = None if wrong is None else RegistryAuth(username=user, password=wrong)
+
+    with pytest.raises(CriError) as raised:
+        await cri.pull_image(ref, auth, timeout=60)
+
+    text = str(raised.value)
+    assert "401 Unauthorized" in text
+    assert ref in text
+    assert password not in text
+    assert wrong is None or wrong not in text
+    assert raised.value.__cause__ is None
+
+
+def test_registry_auth_repr_hides_secrets() -> None:
+    auth = RegistryAuth(
+        username="u",
+        password="hunter2",
+        auth="dTpodW50ZXIy",
+        identity_token="idtok",
+        registry_token="regtok",
+    )
+
+    shown = repr(auth) + str(auth)
+
+    for secret in ("hunter2", "dTpodW50ZXIy", "idtok", "regtok"):
+        assert secret not in shown
+    assert "u" in shown
+
+
+async def test_absent_socket_is_reported_as_unavailable(tmp_path: Path) -> None:
+    missing = tmp_path / "nothing-here.sock"
+    client = CriClient(f"unix://{missing}", call_timeout=5)
+    try:
+        with pytest.raises(RuntimeUnavailable, match=f"CRI socket {missing} does not exist"):
+            await client.check()
+        with pytest.raises(RuntimeUnavailable, match="does not exist"):
+            await client.list_images()
+    finally:
+        await client.close()
+
+
+async def test_bare_socket_path_is_accepted(containerd: Containerd) -> None:
+    client = CriClient(str(containerd.socket))
+    try:
+        await client.check()
+    finally:
+        await client.close()
+
+
+def test_socket_path_forms() -> None:
+    assert socket_path("unix:///run/containerd/containerd.sock") == Path(
+        "/run/containerd/containerd.sock"
+    )
+    assert socket_path("unix:/run/crio/crio.sock") == Path("/run/crio/crio.sock")
+    assert socket_path("/run/x.sock") == Path("/run/x.sock")
+    assert socket_path("127.0.0.1:9000") is None
+
+
+async def _until(check, *, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await check()
+        except RuntimeUnavailable:
+            if time.monotonic() > deadline:
+                raise
+        await asyncio.sleep(0.1)
+
+
+async def test_client_recovers_after_containerd_restart(own_containerd: Containerd, push) -> None:
+    ref = push()
+    client = CriClient(own_containerd.endpoint, call_timeout=10)
+    try:
+        await client.pull_image(ref, timeout=60)
+        own_containerd.stop()
+
+        with pytest.raises(RuntimeUnavailable):
+            await client.list_images()
+
+        own_containerd.restart()
+        images = await _until(client.list_images)
+        assert any(ref in image.repo_tags for image in images)
+    finally:
+        await client.close()
+
+
+@pytest.fixture
+def silent_registry() -> Iterator[str]:
+    """A TCP listener that accepts and never answers: a registry hung mid-request."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        stop = threading.Event()
+        held: list[socket.socket] = []
+
+        def accept() -> None:
+            listener.settimeout(0.2)
+            while not stop.is_set():
+                try:
+                    held.append(listener.accept()[0])
+                except TimeoutError:
+                    continue
+
+        thread = threading.Thread(target=accept, daemon=True)
+        thread.start()
+        yield f"127.0.0.1:{listener.getsockname()[1]}"
+        stop.set()
+        thread.join()
+        for conn in held:
+            conn.close()
+
+
+async def test_pull_deadline_is_honoured(cri: CriClient, silent_registry: str) -> None:
+    ref = f"{silent_registry}/test/hangs:v1"
+
+    with pytest.raises(CriError) as raised:
+        await cri.pull_image(ref, timeout=1)
+
+    assert raised.value.code is grpc.StatusCode.DEADLINE_EXCEEDED
+    assert not isinstance(raised.value, RuntimeUnavailable)
+    assert ref in str(raised.value)
+    await cri.check()  # the runtime itself is fine
