@@ -1,9 +1,111 @@
-"""Commands: syncer (placeholder until its issue lands)."""
+"""Command: ``syncer``, the per-node process that pre-pulls every Fleet's images.
+
+Only flags to :class:`~syncer.settings.SyncerSettings` here; the work is in ``syncer.runner``.
+Every flag has an environment twin (the seed's ``CONN_TARGET`` among them) so the DaemonSet can
+configure it either way.
+"""
 
 from __future__ import annotations
 
+import socket
+from typing import Annotated
+
 import typer
+
+from image_syncer.options import Duration, with_nats_options
+from ops.lifecycle import run_until_signalled
+from wire.natsconn import NatsSettings
+
+__all__ = ["register"]
+
+
+@with_nats_options
+def syncer(
+    *,
+    nats: NatsSettings,
+    node_name: Annotated[
+        str,
+        typer.Option(envvar="NODE_NAME", help="This node's name; names its durable consumer."),
+    ] = socket.gethostname(),
+    cri_endpoint: Annotated[
+        str,
+        typer.Option(envvar="CONN_TARGET", help="The runtime's CRI socket, e.g. unix:///x.sock."),
+    ] = "unix:///run/containerd/containerd.sock",
+    sync_period: Annotated[
+        float, Duration("How often to re-check the images (jittered).", "SYNC_PERIOD")
+    ] = "15s",  # type: ignore[assignment]
+    max_parallel_pulls: Annotated[
+        int, typer.Option(envvar="MAX_PARALLEL_PULLS", min=1, help="Pulls running at once.")
+    ] = 2,
+    pull_timeout: Annotated[
+        float, Duration("Give up on one pull after this long.", "PULL_TIMEOUT")
+    ] = "10m",  # type: ignore[assignment]
+    pull_backoff_min: Annotated[
+        float, Duration("First wait before retrying a failed image.", "PULL_BACKOFF_MIN")
+    ] = "1s",  # type: ignore[assignment]
+    pull_backoff_max: Annotated[
+        float, Duration("Longest wait before retrying a failed image.", "PULL_BACKOFF_MAX")
+    ] = "5m",  # type: ignore[assignment]
+    subject_prefix: Annotated[
+        str, typer.Option(envvar="SUBJECT_PREFIX", help="First token(s) of every subject.")
+    ] = "agones",
+    metrics_addr: Annotated[
+        str,
+        typer.Option(envvar="METRICS_ADDR", help="[host]:port for /metrics, /healthz, /readyz."),
+    ] = ":8080",
+    max_ack_pending: Annotated[
+        int, typer.Option(envvar="MAX_ACK_PENDING", min=1, help="Events in flight at once.")
+    ] = 256,
+    ack_wait: Annotated[
+        float, Duration("Redeliver an event not acked (nor kept alive) this long.", "ACK_WAIT")
+    ] = "30s",  # type: ignore[assignment]
+    consumer_inactive_threshold: Annotated[
+        float,
+        Duration(
+            "Delete this node's consumer after it has been unused this long.",
+            "CONSUMER_INACTIVE_THRESHOLD",
+        ),
+    ] = "24h",  # type: ignore[assignment]
+    cri_call_timeout: Annotated[
+        float, Duration("Deadline of every CRI call but pulls.", "CRI_CALL_TIMEOUT")
+    ] = "30s",  # type: ignore[assignment]
+    registry_auth_file: Annotated[
+        str | None,
+        typer.Option(envvar="REGISTRY_AUTH_FILE", help="dockerconfigjson with pull credentials."),
+    ] = None,
+    kubelet_config_json: Annotated[
+        str | None,
+        typer.Option(envvar="KUBELET_CONFIG_JSON", help="The kubelet's config.json, if mounted."),
+    ] = None,
+) -> None:
+    """Pre-pull the images of every Fleet onto this node and keep them there."""
+    from syncer.runner import run
+    from syncer.settings import SyncerSettings
+
+    try:
+        settings = SyncerSettings(
+            node_name=node_name,
+            cri_endpoint=cri_endpoint,
+            sync_period=sync_period,
+            max_parallel_pulls=max_parallel_pulls,
+            pull_timeout=pull_timeout,
+            backoff_min=pull_backoff_min,
+            backoff_max=pull_backoff_max,
+            subject_prefix=subject_prefix,
+            metrics_addr=metrics_addr,
+            max_ack_pending=max_ack_pending,
+            ack_wait=ack_wait,
+            inactive_threshold=consumer_inactive_threshold,
+            cri_call_timeout=cri_call_timeout,
+            registry_auth_file=registry_auth_file,
+            kubelet_config_json=kubelet_config_json,
+            nats=nats,
+        )
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
+    raise typer.Exit(run_until_signalled(lambda stopping: run(settings, stopping)))
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the root app."""
+    app.command("syncer")(syncer)

@@ -1,0 +1,54 @@
+"""The syncer's Prometheus metrics, declared once so every module counts the same series.
+
+Labels are closed sets (event types, results, reasons, rpc names): never an image or Fleet
+name, which would grow without bound and could leak private registry paths.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+__all__ = [
+    "CRI_ERRORS",
+    "EVENTS",
+    "IMAGES",
+    "PULLS",
+    "PULL_DURATION",
+    "RECONCILE_DURATION",
+    "TERMINATED",
+]
+
+EVENTS = Counter(
+    "image_syncer_syncer_events_total",
+    "Fleet events handled, by event type and result (acked, nakked, terminated, stale).",
+    ["event_type", "result"],
+)
+TERMINATED = Counter(
+    "image_syncer_syncer_messages_terminated_total",
+    "Messages terminated because they cannot be used, by reason.",
+    ["reason"],
+)
+PULLS = Counter(
+    "image_syncer_syncer_pulls_total",
+    "Image pulls, by result (success, failure, timeout, unavailable).",
+    ["result"],
+)
+PULL_DURATION = Histogram(
+    "image_syncer_syncer_pull_duration_seconds",
+    "Duration of image pulls, successful or not.",
+    buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+)
+IMAGES = Gauge(
+    "image_syncer_syncer_images",
+    "Images the node should hold, holds, and lacks (at the last reconcile).",
+    ["state"],
+)
+RECONCILE_DURATION = Histogram(
+    "image_syncer_syncer_reconcile_duration_seconds",
+    "Duration of one reconcile pass (one ListImages plus starting the missing pulls).",
+)
+CRI_ERRORS = Counter(
+    "image_syncer_syncer_cri_errors_total",
+    "Failed calls to the container runtime, by rpc.",
+    ["rpc"],
+)

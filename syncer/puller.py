@@ -1,0 +1,169 @@
+"""Pulling images: a bounded pool, a timeout per pull, backoff per image, one pull per image.
+
+The seed pulled one image at a time with no timeout, so one slow registry stalled every Fleet.
+Here each image is pulled by its own task: at most ``max_parallel`` run at once, each is cut off
+after ``pull_timeout``, and an image that failed waits out an exponential, jittered backoff before
+it is tried again while the others carry on. However many Fleets, events and reconcile passes ask
+for an image at the same time, it is pulled once and every asker awaits the same result.
+
+Outcomes are reported once per pull through ``on_result`` (the runner logs ``fleet synced`` or
+the failure there), so a pull awaited by three askers is logged once, not three times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from syncer import metrics
+from syncer.cri import CriClient, CriError, RegistryAuth, RuntimeUnavailable
+from syncer.references import ImageRef
+
+__all__ = ["Backoff", "PullResult", "Puller"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PullResult:
+    image: ImageRef
+    ok: bool
+    ref: str = ""  # the image id/ref the runtime answered with
+    error: str = ""
+    # The runtime itself was unreachable: not the image's fault, so no backoff is charged.
+    transient: bool = False
+    # Not attempted: the image is waiting out its backoff, or the syncer is stopping.
+    deferred: bool = False
+    retry_in: float = 0.0
+
+
+@dataclass
+class Backoff:
+    """Exponential backoff with jitter: min * 2^(failures-1), capped, scaled by [0.5, 1)."""
+
+    minimum: float
+    maximum: float
+    rng: Callable[[], float] = random.random
+
+    def delay(self, failures: int) -> float:
+        base = min(self.maximum, self.minimum * 2 ** max(0, failures - 1))
+        return base * (0.5 + self.rng() / 2)
+
+
+class Puller:
+    def __init__(
+        self,
+        cri: CriClient,
+        *,
+        max_parallel: int,
+        pull_timeout: float,
+        backoff: Backoff,
+        auth_for: Callable[[ImageRef], Sequence[RegistryAuth]] = lambda _: (),
+        on_result: Callable[[PullResult], None] = lambda _: None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._cri = cri
+        self._slots = asyncio.Semaphore(max_parallel)
+        self._timeout = pull_timeout
+        self._backoff = backoff
+        self._auth_for = auth_for
+        self._on_result = on_result
+        self._clock = clock
+        self._inflight: dict[ImageRef, asyncio.Task[PullResult]] = {}
+        self._failures: dict[ImageRef, int] = {}
+        self._not_before: dict[ImageRef, float] = {}
+        self._closing = False
+
+    def ensure(self, image: ImageRef) -> asyncio.Future[PullResult]:
+        """The pull of ``image``: the one already running, a new one, or a deferred result."""
+        running = self._inflight.get(image)
+        if running is not None:
+            return running
+        wait = self.backoff_left(image)
+        if wait > 0 or self._closing:
+            done: asyncio.Future[PullResult] = asyncio.get_running_loop().create_future()
+            reason = "stopping" if self._closing else "in backoff after a failure"
+            done.set_result(PullResult(image, False, error=reason, deferred=True, retry_in=wait))
+            return done
+        task = asyncio.create_task(self._pull(image), name=f"pull {image}")
+        self._inflight[image] = task
+        task.add_done_callback(lambda _: self._inflight.pop(image, None))
+        return task
+
+    def backoff_left(self, image: ImageRef) -> float:
+        return max(0.0, self._not_before.get(image, 0.0) - self._clock())
+
+    def busy(self, image: ImageRef) -> bool:
+        return image in self._inflight
+
+    @property
+    def inflight(self) -> int:
+        return len(self._inflight)
+
+    async def close(self) -> None:
+        """Start no new pulls; let running ones finish or time out (queued ones give up)."""
+        self._closing = True
+        if self._inflight:
+            await asyncio.gather(*self._inflight.values(), return_exceptions=True)
+
+    async def _pull(self, image: ImageRef) -> PullResult:
+        async with self._slots:
+            if self._closing:
+                return PullResult(image, False, error="stopping", deferred=True)
+            started = self._clock()
+            result = await self._attempt(image)
+            metrics.PULL_DURATION.observe(max(0.0, self._clock() - started))
+        result = self._account(result)
+        try:
+            self._on_result(result)
+        except Exception:
+            log.exception("pull result handler failed", extra={"image": str(image)})
+        return result
+
+    async def _attempt(self, image: ImageRef) -> PullResult:
+        try:
+            async with asyncio.timeout(self._timeout):
+                ref = await self._pull_with_credentials(image)
+        except TimeoutError:
+            metrics.PULLS.labels("timeout").inc()
+            return PullResult(image, False, error=f"pull timed out after {self._timeout:g}s")
+        except RuntimeUnavailable as e:
+            metrics.PULLS.labels("unavailable").inc()
+            metrics.CRI_ERRORS.labels("PullImage").inc()
+            return PullResult(image, False, error=str(e), transient=True)
+        except CriError as e:
+            metrics.PULLS.labels("failure").inc()
+            metrics.CRI_ERRORS.labels("PullImage").inc()
+            return PullResult(image, False, error=str(e))
+        metrics.PULLS.labels("success").inc()
+        return PullResult(image, True, ref=ref)
+
+    async def _pull_with_credentials(self, image: ImageRef) -> str:
+        # As the kubelet: try each matching credential in turn, anonymous when there is none.
+        auths: Sequence[RegistryAuth | None] = self._auth_for(image) or (None,)
+        for auth in auths[:-1]:
+            try:
+                return await self._cri.pull_image(str(image), auth, timeout=self._timeout)
+            except RuntimeUnavailable:
+                raise
+            except CriError:
+                continue
+        return await self._cri.pull_image(str(image), auths[-1], timeout=self._timeout)
+
+    def _account(self, result: PullResult) -> PullResult:
+        image = result.image
+        if result.ok:
+            self._failures.pop(image, None)
+            self._not_before.pop(image, None)
+            return result
+        if result.transient:
+            return result
+        failures = self._failures.get(image, 0) + 1
+        self._failures[image] = failures
+        delay = self._backoff.delay(failures)
+        self._not_before[image] = self._clock() + delay
+        return PullResult(image, False, error=result.error, retry_in=delay)
