@@ -246,16 +246,20 @@ class CriClient:
             message = f"{subject}: runtime unavailable at {self.target}: {details}"
             return RuntimeUnavailable(message, code)
         if code is grpc.StatusCode.DEADLINE_EXCEEDED:
-            if self._channel is not None and not self._connected():
-                return RuntimeUnavailable(
-                    f"{subject}: runtime at {self.target} did not answer within {deadline:g}s", code
-                )
-            return CriError(f"{subject}: deadline of {deadline:g}s exceeded", code)
+            # Only a pull may legitimately take long; any other call that times out, or a pull that
+            # never got a connection, means the runtime is not answering.
+            if rpc != "PullImage" or not self._connected():
+                message = f"{subject}: runtime at {self.target} did not answer within {deadline:g}s"
+                return RuntimeUnavailable(message, code)
+            return CriError(f"{subject}: pull did not finish within {deadline:g}s", code)
         return CriError(f"{subject}: {code.name}: {details}", code)
 
     def _connected(self) -> bool:
-        assert self._channel is not None
-        return self._channel.get_state(try_to_connect=False) is grpc.ChannelConnectivity.READY
+        channel = self._channel
+        return (
+            channel is not None
+            and channel.get_state(try_to_connect=False) is grpc.ChannelConnectivity.READY
+        )
 
 
 def _redact(text: str, secrets: tuple[str, ...]) -> str:

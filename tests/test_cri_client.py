@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import socket
 import threading
 import time
@@ -13,7 +15,8 @@ import grpc
 import pytest
 
 from image_syncer.sandbox.containerd import Containerd
-from image_syncer.sandbox.images import push_image
+from image_syncer.sandbox.images import PushFailed, build_image, push_image
+from image_syncer.sandbox.processes import MissingComponent
 from image_syncer.sandbox.registry import Registry
 from syncer.cri import CriClient, CriError, RegistryAuth, RuntimeUnavailable, socket_path
 
@@ -84,12 +87,27 @@ async def test_image_removed_with_ctr_is_gone_for_cri(
     cri: CriClient, containerd: Containerd, push
 ) -> None:
     ref = push()
-    await cri.pull_image(ref, timeout=60)
+    image_id = await cri.pull_image(ref, timeout=60)
 
     containerd.remove_image(ref)
 
     assert await cri.image_status(ref) is None
-    assert all(ref not in image.repo_tags for image in await cri.list_images())
+    assert image_id not in {image.id for image in await cri.list_images()}
+    assert image_id not in containerd.image_refs()
+
+
+async def test_removing_only_the_tag_leaves_the_image_known_by_digest(
+    cri: CriClient, containerd: Containerd, push
+) -> None:
+    ref = push()
+    image_id = await cri.pull_image(ref, timeout=60)
+
+    containerd.remove_image(ref, every_name=False)
+
+    assert await cri.image_status(ref) is None
+    listed = {image.id: image for image in await cri.list_images()}
+    assert ref not in listed[image_id].repo_tags
+    assert listed[image_id].repo_digests
 
 
 async def test_unknown_image_raises_a_cri_error_naming_it(
@@ -254,3 +272,96 @@ async def test_pull_deadline_is_honoured(cri: CriClient, silent_registry: str) -
     assert not isinstance(raised.value, RuntimeUnavailable)
     assert ref in str(raised.value)
     await cri.check()  # the runtime itself is fine
+
+
+async def test_client_recovers_after_containerd_is_killed(own_containerd: Containerd) -> None:
+    client = CriClient(own_containerd.endpoint, call_timeout=10)
+    try:
+        await client.check()
+        own_containerd.restart(kill=True)
+
+        await _until(client.check)
+    finally:
+        await client.close()
+
+
+async def test_a_hung_runtime_is_unavailable_not_an_image_error(
+    own_containerd: Containerd,
+) -> None:
+    client = CriClient(own_containerd.endpoint, call_timeout=1)
+    assert own_containerd.process is not None
+    pid = own_containerd.process.pid
+    try:
+        await client.check()
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(RuntimeUnavailable, match="did not answer within 1s"):
+                await client.list_images()
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        await _until(client.check)
+    finally:
+        await client.close()
+
+
+async def test_registry_down_is_an_image_error_and_a_restart_serves_it_again(
+    cri: CriClient, own_registry: Registry, push
+) -> None:
+    ref = push(into=own_registry)
+    own_registry.stop()
+
+    with pytest.raises(CriError) as raised:
+        await cri.pull_image(ref, timeout=60)
+    assert not isinstance(raised.value, RuntimeUnavailable)
+    assert "connection refused" in str(raised.value)
+
+    own_registry.start()  # same port, same storage
+    await cri.pull_image(ref, timeout=60)
+    assert await cri.image_status(ref) is not None
+
+
+async def test_close_is_idempotent_and_the_client_reopens(containerd: Containerd) -> None:
+    client = CriClient(containerd.endpoint)
+    await client.check()
+    await client.close()
+    await client.close()
+
+    await client.check()
+    await client.close()
+
+
+# The launchers themselves: what the fixtures above rely on.
+
+
+@pytest.mark.parametrize("launcher", ["containerd", "registry"])
+def test_a_missing_binary_fails_with_an_install_hint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, launcher: str
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    component = Containerd(tmp_path / "c") if launcher == "containerd" else Registry(tmp_path / "r")
+
+    with pytest.raises(MissingComponent, match="apt-get install -y"):
+        component.start()
+
+
+async def test_native_snapshotter_pulls_too(tmp_path: Path, push) -> None:
+    ref = push()
+    with Containerd(tmp_path / "native", snapshotter="native") as runtime:
+        client = CriClient(runtime.endpoint)
+        try:
+            await client.pull_image(ref, timeout=60)
+            assert ref in runtime.image_refs()
+        finally:
+            await client.close()
+
+
+def test_pushing_to_a_private_registry_needs_its_credentials(auth_registry: Registry) -> None:
+    with pytest.raises(PushFailed, match="401"):
+        push_image(auth_registry.address, "test/anonymous", "v1")
+
+
+def test_images_are_unique_unless_asked_otherwise() -> None:
+    assert build_image().digest != build_image().digest
+    assert build_image(unique=False).digest == build_image(unique=False).digest
+    sized = build_image(layer_bytes=100_000)
+    assert 100_000 < len(sized.layer) < 110_000  # random payload: gzip cannot shrink it

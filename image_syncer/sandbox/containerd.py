@@ -189,9 +189,25 @@ state = "{d / "state"}"
         """Every image name in CRI's namespace (tags, digests, ids), as ``ctr images ls -q``."""
         return {line for line in self.ctr("images", "ls", "-q").stdout.splitlines() if line}
 
-    def remove_image(self, ref: str) -> None:
-        """Delete an image behind CRI's back, the way an operator or a disk cleaner would."""
-        self.ctr("images", "rm", "--sync", ref)
+    def image_targets(self) -> dict[str, str]:
+        """Each image name in CRI's namespace mapped to the manifest digest it points at."""
+        rows = self.ctr("images", "ls").stdout.splitlines()[1:]
+        return {row.split()[0]: row.split()[2] for row in rows if row.strip()}
+
+    def remove_image(self, ref: str, *, every_name: bool = True) -> None:
+        """Delete an image behind CRI's back, as an operator or a disk cleaner on the node would.
+
+        CRI records one pulled image under several names (tag, repo digest, image id); like
+        ``crictl rmi`` this removes them all, so the content is really gone and must be pulled
+        again. ``every_name=False`` removes just ``ref``, leaving the image known by its others.
+        """
+        names = [ref]
+        if every_name:
+            targets = self.image_targets()
+            if ref not in targets:
+                raise RuntimeError(f"containerd holds no image named {ref}")
+            names = sorted(name for name, target in targets.items() if target == targets[ref])
+        self.ctr("images", "rm", "--sync", *names)
 
     def __enter__(self) -> Containerd:
         return self.start()
