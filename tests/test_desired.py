@@ -1,0 +1,94 @@
+"""The desired state is the fold of the log: every container counts, bad input is skipped."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from syncer.desired import DesiredState, Outcome
+from syncer.references import normalize
+from wire.contract import Event, decode_event, encode_event
+
+
+def fleet(name: str, *images: str, init: tuple[str, ...] = (), ns: str = "default") -> dict:
+    pod: dict[str, Any] = {
+        "containers": [{"name": f"c{i}", "image": im} for i, im in enumerate(images)]
+    }
+    if init:
+        pod["initContainers"] = [{"name": f"i{i}", "image": im} for i, im in enumerate(init)]
+    return {
+        "apiVersion": "agones.dev/v1",
+        "kind": "Fleet",
+        "metadata": {"name": name, "namespace": ns, "uid": f"uid-{name}", "resourceVersion": "1"},
+        "spec": {"template": {"spec": {"template": {"spec": pod}}}},
+    }
+
+
+def event(action: str, obj: dict, kind: str = "fleet") -> Event:
+    return decode_event(encode_event(f"{kind}.events.{action}", obj))
+
+
+def test_every_container_and_init_container_counts() -> None:
+    state = DesiredState()
+    applied = state.apply(event("added", fleet("f", "a:1", "b:1", "c:1", init=("d:1",))), 1)
+    assert applied.outcome is Outcome.APPLIED
+    assert state.images_of("default/f") == {normalize(x) for x in ("a:1", "b:1", "c:1", "d:1")}
+
+
+def test_update_replaces_and_delete_removes() -> None:
+    state = DesiredState()
+    state.apply(event("added", fleet("f", "nginx")), 1)
+    state.apply(event("updated", fleet("f", "nginx:2")), 2)
+    assert state.images_of("default/f") == {normalize("nginx:2")}
+    assert state.apply(event("deleted", fleet("f", "nginx:2")), 3).outcome is Outcome.DELETED
+    assert state.fleets() == {}
+
+
+def test_older_event_cannot_roll_back_or_resurrect() -> None:
+    state = DesiredState()
+    state.apply(event("updated", fleet("f", "app:2")), 5)
+    assert state.apply(event("added", fleet("f", "app:1")), 3).outcome is Outcome.STALE
+    assert state.images_of("default/f") == {normalize("app:2")}
+    state.apply(event("deleted", fleet("f", "app:2")), 6)
+    assert state.apply(event("updated", fleet("f", "app:2")), 5).outcome is Outcome.STALE
+    assert len(state) == 0
+    # The same event seen again (a redelivery) is applied again, harmlessly.
+    assert state.apply(event("deleted", fleet("f", "app:2")), 6).outcome is Outcome.DELETED
+
+
+def test_bad_reference_is_skipped_with_reason_others_kept() -> None:
+    state = DesiredState()
+    applied = state.apply(event("added", fleet("f", "good:1", "Bad Image")), 1)
+    assert applied.outcome is Outcome.APPLIED
+    assert applied.images == {normalize("good:1")}
+    assert [s.image for s in applied.skipped] == ["Bad Image"]
+    assert "invalid image reference" in applied.skipped[0].reason
+
+
+def test_fleet_without_images_wants_nothing() -> None:
+    state = DesiredState()
+    state.apply(event("added", fleet("f", "a:1")), 1)
+    applied = state.apply(event("updated", fleet("f")), 2)
+    assert applied.outcome is Outcome.NO_IMAGES
+    assert state.fleets() == {}
+
+
+def test_gameserver_is_not_a_fleet() -> None:
+    gs = {
+        "kind": "GameServer",
+        "metadata": {"name": "gs"},
+        "spec": {"template": {"spec": {"containers": [{"name": "c", "image": "x"}]}}},
+    }
+    state = DesiredState()
+    assert state.apply(event("added", gs, kind="gameserver"), 1).outcome is Outcome.NOT_A_FLEET
+    assert state.fleets() == {}
+
+
+def test_by_image_groups_fleets() -> None:
+    state = DesiredState()
+    state.apply(event("added", fleet("a", "nginx", "redis")), 1)
+    state.apply(event("added", fleet("b", "docker.io/library/nginx:latest", ns="prod")), 2)
+    assert state.by_image() == {
+        normalize("nginx"): {"default/a", "prod/b"},
+        normalize("redis"): {"default/a"},
+    }
+    assert state.fleets_of(normalize("nginx")) == ["default/a", "prod/b"]

@@ -1,0 +1,67 @@
+"""Image references compare in normal form: the Fleet's spelling and the runtime's agree."""
+
+from __future__ import annotations
+
+import pytest
+
+from syncer.cri import RuntimeImage
+from syncer.references import ImageRef, InvalidImageReference, PresentImages, normalize
+
+DIGEST = "sha256:" + "a" * 64
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("nginx", "docker.io/library/nginx:latest"),
+        ("nginx:1.25", "docker.io/library/nginx:1.25"),
+        ("docker.io/library/nginx:latest", "docker.io/library/nginx:latest"),
+        ("index.docker.io/nginx", "docker.io/library/nginx:latest"),
+        ("containous/traefik", "docker.io/containous/traefik:latest"),
+        ("127.0.0.1:5000/test/img:v1", "127.0.0.1:5000/test/img:v1"),
+        ("localhost/x", "localhost/x:latest"),
+        (f"nginx@{DIGEST}", f"docker.io/library/nginx@{DIGEST}"),
+        (f"nginx:1@{DIGEST}", f"docker.io/library/nginx:1@{DIGEST}"),
+    ],
+)
+def test_normalize(text: str, expected: str) -> None:
+    assert str(normalize(text)) == expected
+
+
+@pytest.mark.parametrize("text", ["", " nginx", "Nginx", "a b", "nginx@sha256:abc", "x::1"])
+def test_invalid_reference_says_why(text: str) -> None:
+    with pytest.raises(InvalidImageReference, match="invalid image reference"):
+        normalize(text)
+
+
+def test_nginx_equals_its_full_name() -> None:
+    assert normalize("nginx") == normalize("docker.io/library/nginx:latest")
+
+
+def test_present_matches_tags_and_digests() -> None:
+    present = PresentImages.of(
+        [
+            RuntimeImage(
+                id="sha256:" + "1" * 64,
+                repo_tags=("docker.io/library/nginx:latest",),
+                repo_digests=(f"docker.io/library/redis@{DIGEST}",),
+                size=1,
+            ),
+            RuntimeImage(id="sha256:" + "2" * 64, repo_tags=(), repo_digests=(), size=1),
+        ]
+    )
+    assert normalize("nginx") in present
+    assert normalize("nginx:1.25") not in present
+    assert normalize(f"redis@{DIGEST}") in present
+    # A digest pins content: the tag next to it does not matter, another repository does.
+    assert normalize(f"redis:7@{DIGEST}") in present
+    assert normalize(f"postgres@{DIGEST}") not in present
+    assert normalize("redis") not in present
+
+
+def test_present_add_records_a_pull() -> None:
+    present = PresentImages()
+    ref = ImageRef("127.0.0.1:5000/a", "v1")
+    assert ref not in present
+    present.add(ref)
+    assert ref in present
