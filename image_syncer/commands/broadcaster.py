@@ -1,9 +1,123 @@
-"""Commands: broadcaster (placeholder until its issue lands)."""
+"""Command: ``broadcaster``, the one-per-cluster process that publishes Agones events to the log.
 
-from __future__ import annotations
+Flags only become :class:`broadcaster.settings.Settings` here; the process itself lives in
+:mod:`broadcaster.runner`. Every flag has an env twin, so a Deployment can set either.
+"""
+
+import logging
+from typing import Annotated
 
 import typer
+
+from broadcaster.kubeapi import KubeConfigError
+from broadcaster.runner import run
+from broadcaster.settings import Settings
+from image_syncer.options import Duration, with_nats_options
+from ops.lifecycle import run_until_signalled
+from ops.serving import parse_addr
+from wire.contract import ContractError, Kind, check_prefix
+from wire.eventlog import LogSettings
+from wire.natsconn import NatsSettings
+
+log = logging.getLogger(__name__)
+
+
+def _split(values: list[str]) -> tuple[str, ...]:
+    # Repeated flags and comma- or space-separated env values mean the same thing.
+    return tuple(v.strip() for raw in values for v in raw.replace(" ", ",").split(",") if v.strip())
+
+
+def _kinds(text: str) -> tuple[Kind, ...]:
+    try:
+        return tuple(dict.fromkeys(Kind(k) for k in _split([text]))) or (Kind.FLEET,)
+    except ValueError as e:
+        raise typer.BadParameter(
+            f"{text!r}: kinds are {', '.join(k.value for k in Kind)}", param_hint="--kinds"
+        ) from e
+
+
+@with_nats_options
+def broadcaster(
+    nats: NatsSettings,
+    kubeconfig: Annotated[
+        str | None,
+        typer.Option(envvar="KUBECONFIG", help="kubeconfig file; in-cluster config when unset."),
+    ] = None,
+    subject_prefix: Annotated[
+        str,
+        typer.Option(envvar="SUBJECT_PREFIX", help="First token(s) of every subject."),
+    ] = "agones",
+    namespace: Annotated[
+        list[str],
+        typer.Option(
+            "--namespace",
+            envvar="NAMESPACES",
+            help="Namespace to watch; repeat or comma-separate. Default: all namespaces.",
+        ),
+    ] = [],  # noqa: B006 - typer reads the default, it is never mutated
+    label_selector: Annotated[
+        str,
+        typer.Option(envvar="LABEL_SELECTOR", help="Only objects matching this label selector."),
+    ] = "",
+    kinds: Annotated[
+        str,
+        typer.Option(envvar="KINDS", help="What to watch: fleet, gameserver (comma-separated)."),
+    ] = "fleet",
+    replicas: Annotated[
+        int,
+        typer.Option(min=1, max=5, envvar="STREAM_REPLICAS", help="Stream replicas (3 in prod)."),
+    ] = 1,
+    tombstone_ttl: Annotated[
+        float,
+        Duration("How long a deleted object's tombstone stays in the log.", "TOMBSTONE_TTL"),
+    ] = "24h",  # type: ignore[assignment]
+    duplicate_window: Annotated[
+        float,
+        Duration("Window in which a re-published change is dropped.", "DUPLICATE_WINDOW"),
+    ] = "2m",  # type: ignore[assignment]
+    watch_timeout: Annotated[
+        float,
+        Duration("Server-side timeout of one watch request (then resumed).", "WATCH_TIMEOUT"),
+    ] = "5m",  # type: ignore[assignment]
+    drain_timeout: Annotated[
+        float,
+        Duration("On SIGTERM, how long to wait for queued events to be acked.", "DRAIN_TIMEOUT"),
+    ] = "10s",  # type: ignore[assignment]
+    metrics_addr: Annotated[
+        str,
+        typer.Option(envvar="METRICS_ADDR", help="Address of /healthz, /readyz and /metrics."),
+    ] = ":8080",
+) -> None:
+    """Publish every add/update/delete of Agones Fleets (and GameServers) to the event log."""
+    try:
+        check_prefix(subject_prefix)
+        parse_addr(metrics_addr)
+    except (ContractError, ValueError) as e:
+        raise typer.BadParameter(str(e)) from e
+    settings = Settings(
+        nats=nats,
+        log=LogSettings(
+            prefix=subject_prefix,
+            replicas=replicas,
+            duplicate_window=duplicate_window,
+            tombstone_ttl=tombstone_ttl,
+        ),
+        kubeconfig=kubeconfig or None,
+        namespaces=_split(namespace),
+        label_selector=label_selector,
+        kinds=_kinds(kinds),
+        metrics_addr=metrics_addr,
+        watch_timeout=watch_timeout,
+        drain_timeout=drain_timeout,
+    )
+    try:
+        code = run_until_signalled(lambda stopping: run(settings, stopping))
+    except KubeConfigError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from e
+    raise typer.Exit(code)
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the root app."""
+    app.command("broadcaster")(broadcaster)

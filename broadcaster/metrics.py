@@ -1,0 +1,53 @@
+"""The broadcaster's Prometheus metrics: what was published, what failed, how often watches restart.
+
+Defined once at import on the default registry, which /metrics serves; labels stay low-cardinality
+(event types, kinds, reasons), never object names.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge
+
+__all__ = [
+    "EVENTS_PUBLISHED",
+    "EVENTS_SKIPPED",
+    "INVALID_LOG_MESSAGES",
+    "INVALID_OBJECTS",
+    "LAST_PUBLISH",
+    "PUBLISH_ERRORS",
+    "WATCH_RESTARTS",
+]
+
+EVENTS_PUBLISHED = Counter(
+    "image_syncer_broadcaster_events_published",
+    "Events acked by JetStream (duplicates included), by event type.",
+    ["event_type"],
+)
+EVENTS_SKIPPED = Counter(
+    "image_syncer_broadcaster_events_skipped",
+    "Watch events not published because the object's resourceVersion had not changed.",
+    ["kind"],
+)
+PUBLISH_ERRORS = Counter(
+    "image_syncer_broadcaster_publish_errors",
+    "Failed publish attempts; each is retried with backoff.",
+)
+INVALID_OBJECTS = Counter(
+    "image_syncer_broadcaster_invalid_objects",
+    "Objects from the API server that the wire contract refuses; logged and skipped.",
+    ["kind"],
+)
+INVALID_LOG_MESSAGES = Counter(
+    "image_syncer_broadcaster_invalid_log_messages",
+    "Messages in the stream that do not decode; ignored by the catch-up.",
+    ["kind"],
+)
+WATCH_RESTARTS = Counter(
+    "image_syncer_broadcaster_watch_restarts",
+    "Watch requests that ended and were resumed (closed) or replaced by a relist (expired, error).",
+    ["kind", "reason"],
+)
+LAST_PUBLISH = Gauge(
+    "image_syncer_broadcaster_last_publish_timestamp_seconds",
+    "Unix time of the last acked publish.",
+)

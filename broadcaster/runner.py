@@ -1,0 +1,168 @@
+"""The broadcaster process: wire NATS, the streams, the watchers and the HTTP endpoints together.
+
+Start-up order: serve /healthz, /readyz and /metrics first (so a probe can tell "starting" from
+"dead"), connect to NATS (retrying forever), make sure the streams exist, then start one
+watcher thread and one forwarder task per watch target. Ready means NATS is connected and every
+target's initial list has been caught up into the log.
+
+On ``stopping`` (SIGTERM): stop the watchers, give the forwarders ``drain_timeout`` to publish
+what they already hold, close NATS and return 0. Anything not drained is found by the next
+start's catch-up, so stopping early loses nothing for good.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable
+from typing import TypeVar
+
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+
+from broadcaster.catchup import recorded_state
+from broadcaster.forwarding import Forwarder
+from broadcaster.kubeapi import custom_objects_api
+from broadcaster.publishing import TRANSIENT, Backoff, Publisher
+from broadcaster.settings import Settings
+from broadcaster.watching import Watcher
+from ops.serving import Health, parse_addr, serve_http
+from wire.eventlog import ensure_streams
+from wire.natsconn import connect
+
+__all__ = ["run"]
+
+log = logging.getLogger(__name__)
+
+_MONITOR_PERIOD = 1.0
+
+T = TypeVar("T")
+
+
+async def run(settings: Settings, stopping: asyncio.Event, *, health: Health | None = None) -> int:
+    """Run until ``stopping`` is set; returns the exit code (0 after a clean drain)."""
+    health = health or Health()
+    health.set("nats", False, "connecting")
+    health.set("initial-list", False, "not listed yet")
+    # Fail before any network work if the Kubernetes configuration is unusable.
+    api = custom_objects_api(settings.kubeconfig)
+    host, port = parse_addr(settings.metrics_addr)
+    server = await serve_http(host, port, health)
+    try:
+        nc = await _until_stopping(
+            connect(settings.nats, name="broadcaster", retry_forever=True), stopping
+        )
+        if nc is None:
+            return 0
+        try:
+            js = nc.jetstream()
+            if not await _until_stopping(_ensure_streams(js, settings), stopping):
+                return 0
+            await _broadcast(settings, api, nc, js, health, stopping)
+        finally:
+            await nc.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+    log.info("broadcaster stopped")
+    return 0
+
+
+async def _broadcast(
+    settings: Settings,
+    api: object,
+    nc: Client,
+    js: JetStreamContext,
+    health: Health,
+    stopping: asyncio.Event,
+) -> None:
+    loop = asyncio.get_running_loop()
+    publisher = Publisher(js, settings)
+    forwarders, watchers, tasks = [], [], []
+    for target in settings.targets():
+        forwarder = Forwarder(
+            target,
+            settings,
+            publisher,
+            lambda kind=target.kind: recorded_state(js, settings.log, kind),
+        )
+        watcher = Watcher(api, target, settings, forwarder.queue, loop)  # type: ignore[arg-type]
+        forwarders.append(forwarder)
+        watchers.append(watcher)
+        tasks.append(asyncio.create_task(forwarder.run(), name=f"forward {target}"))
+        watcher.start()
+    log.info(
+        "broadcasting",
+        extra={
+            "targets": ",".join(str(t) for t in settings.targets()),
+            "label_selector": settings.label_selector,
+            "prefix": settings.log.prefix,
+        },
+    )
+    monitor = asyncio.create_task(_monitor(nc, forwarders, health))
+    try:
+        await stopping.wait()
+    finally:
+        monitor.cancel()
+        await _drain(settings, watchers, forwarders, tasks)
+
+
+async def _monitor(nc: Client, forwarders: list[Forwarder], health: Health) -> None:
+    while True:
+        health.beat("broadcaster", allowance=30 * _MONITOR_PERIOD)
+        health.set("nats", nc.is_connected, "" if nc.is_connected else "disconnected")
+        pending = [str(f.target) for f in forwarders if not f.caught_up.is_set()]
+        health.set("initial-list", not pending, "waiting for " + ",".join(pending))
+        await asyncio.sleep(_MONITOR_PERIOD)
+
+
+async def _drain(
+    settings: Settings,
+    watchers: list[Watcher],
+    forwarders: list[Forwarder],
+    tasks: list[asyncio.Task],
+) -> None:
+    for watcher in watchers:
+        watcher.stop()
+    queued = sum(f.queue.qsize() for f in forwarders)
+    log.info("draining", extra={"queued": queued})
+    try:
+        async with asyncio.timeout(settings.drain_timeout):
+            await asyncio.gather(*(f.queue.join() for f in forwarders))
+    except TimeoutError:
+        left = sum(f.queue.qsize() for f in forwarders)
+        log.warning("drain timed out; the next start catches up", extra={"queued": left})
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await asyncio.gather(*(w.join(timeout=5.0) for w in watchers))
+
+
+async def _ensure_streams(js: JetStreamContext, settings: Settings) -> bool:
+    backoff = Backoff(settings.backoff_initial, settings.backoff_max)
+    while True:
+        try:
+            await ensure_streams(js, settings.log, settings.kinds)
+            return True
+        except TRANSIENT as e:
+            delay = backoff.next_delay()
+            log.warning(
+                "cannot ensure streams, retrying",
+                extra={"error": repr(e), "retry_in": round(delay, 2)},
+            )
+            await asyncio.sleep(delay)
+
+
+async def _until_stopping(work: Awaitable[T], stopping: asyncio.Event) -> T | None:
+    """Run ``work`` unless ``stopping`` comes first; then cancel it and return None."""
+    task = asyncio.ensure_future(work)
+    stop = asyncio.create_task(stopping.wait())
+    done, _ = await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+    stop.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, *TRANSIENT):
+        await task
+    return None

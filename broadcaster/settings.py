@@ -1,0 +1,53 @@
+"""Everything the broadcaster can be told, in one typed, immutable value.
+
+The CLI builds it from flags and env vars; tests build it directly. Nothing below the CLI reads
+the environment, so a test can run several broadcasters in one process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from wire.contract import Kind
+from wire.eventlog import LogSettings
+from wire.natsconn import NatsSettings
+
+__all__ = ["Settings", "WatchTarget"]
+
+
+@dataclass(frozen=True)
+class WatchTarget:
+    """One list+watch stream: a kind, cluster-wide (namespace None) or in one namespace."""
+
+    kind: Kind
+    namespace: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.kind}/{self.namespace or '*'}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    nats: NatsSettings = field(default_factory=NatsSettings)
+    log: LogSettings = field(default_factory=LogSettings)
+    # None: in-cluster service account config.
+    kubeconfig: str | None = None
+    # Empty: the whole cluster.
+    namespaces: tuple[str, ...] = ()
+    label_selector: str = ""
+    kinds: tuple[Kind, ...] = (Kind.FLEET,)
+    metrics_addr: str = ":8080"
+    # Server-side timeout of one watch request; the watch is then resumed where it stopped.
+    watch_timeout: float = 300.0
+    # Client-side read timeout on top of watch_timeout, to notice a silently dead connection.
+    watch_grace: float = 30.0
+    publish_timeout: float = 5.0
+    backoff_initial: float = 0.2
+    backoff_max: float = 10.0
+    # How long SIGTERM waits for queued events to be acked before giving up on them (the next
+    # start's catch-up publishes whatever was not).
+    drain_timeout: float = 10.0
+
+    def targets(self) -> tuple[WatchTarget, ...]:
+        namespaces: tuple[str | None, ...] = tuple(dict.fromkeys(self.namespaces)) or (None,)
+        return tuple(WatchTarget(kind, ns) for kind in self.kinds for ns in namespaces)
