@@ -9,7 +9,6 @@ never appear in a repr, a log line or an error message.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,8 +27,6 @@ __all__ = [
     "RuntimeImage",
     "RuntimeUnavailable",
 ]
-
-logger = logging.getLogger(__name__)
 
 # Reconnect quickly after a runtime restart: gRPC's default backoff grows to two minutes.
 _CHANNEL_OPTIONS = (

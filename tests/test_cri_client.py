@@ -365,3 +365,16 @@ def test_images_are_unique_unless_asked_otherwise() -> None:
     assert build_image(unique=False).digest == build_image(unique=False).digest
     sized = build_image(layer_bytes=100_000)
     assert 100_000 < len(sized.layer) < 110_000  # random payload: gzip cannot shrink it
+
+
+async def test_a_long_state_dir_still_gets_a_socket_path_that_fits(tmp_path: Path) -> None:
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    with Containerd(deep) as runtime:
+        assert len(str(runtime.socket) + ".ttrpc") < 108
+        assert runtime.config_file.parent == deep
+        client = CriClient(runtime.endpoint)
+        try:
+            await client.check()
+        finally:
+            await client.close()
+    assert not runtime.socket_dir.exists()
