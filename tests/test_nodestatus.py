@@ -1,0 +1,377 @@
+"""Node status in NATS KV: the contract, the syncer's reporter, and replay requests.
+
+Everything runs against the real nats-server; the reporter's clocks are injected so throttling
+and heartbeats are decided by the test's clock, never by how fast this machine happens to be.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from nats.js import JetStreamContext
+
+from image_syncer.sandbox.nats_server import NatsServer
+from syncer.replaycontrol import (
+    PendingReplay,
+    complete_replay,
+    pending_replay,
+    watch_replay_requests,
+)
+from syncer.status import StatusReporter
+from wire.natsconn import NatsSettings, connect
+from wire.nodestatus import (
+    DEFAULT_BUCKET,
+    NodeState,
+    NodeStatus,
+    StatusError,
+    StatusSettings,
+    StatusWatch,
+    bucket_name,
+    ensure_status_bucket,
+    fleet_progress,
+    get_status,
+    is_stale,
+    list_statuses,
+    node_key,
+    parse_fleet,
+    put_status,
+    request_replay,
+)
+
+T0 = datetime(2025, 1, 1, tzinfo=UTC)
+
+
+async def eventually(check: Callable, what: str, timeout: float = 10.0) -> None:
+    """Poll an async check until it holds, failing with ``what`` at the deadline."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await check():
+        if asyncio.get_running_loop().time() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+class Clocks:
+    """A monotonic and a wall clock the test advances by hand."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def wall(self) -> datetime:
+        return T0 + timedelta(seconds=self.now)
+
+
+@pytest.fixture
+def settings(prefix: str) -> StatusSettings:
+    return StatusSettings(prefix=prefix)
+
+
+def reporter(
+    js: JetStreamContext, settings: StatusSettings, state: list[NodeState], clocks: Clocks, **kw
+) -> StatusReporter:
+    return StatusReporter(
+        js,
+        settings,
+        "node-a",
+        lambda: state[0],
+        version="1.2.3",
+        interval=5.0,
+        heartbeat=30.0,
+        clock=clocks.monotonic,
+        wall_clock=clocks.wall,
+        **kw,
+    )
+
+
+# --- Contract -------------------------------------------------------------------------------
+
+
+def test_bucket_is_named_after_the_prefix() -> None:
+    assert bucket_name("agones") == DEFAULT_BUCKET == "IMAGE_SYNCER_NODES"
+    assert bucket_name("t1.dev") == "IMAGE_SYNCER_NODES_T1_DEV"
+
+
+def test_fleet_and_node_names_are_checked() -> None:
+    assert parse_fleet("default/simple-game-server") == "default/simple-game-server"
+    for bad in ("simple", "default/", "/x", "Default/x", "a/b/c"):
+        with pytest.raises(StatusError, match="NAMESPACE/NAME"):
+            parse_fleet(bad)
+    assert node_key("ip-10-0-0-1.ec2.internal") == "node.ip-10-0-0-1.ec2.internal"
+    with pytest.raises(StatusError, match="node name"):
+        node_key("bad node")
+
+
+def test_fleet_progress_counts_only_the_fleets_images() -> None:
+    state = NodeState(
+        desired={"default/a": ["img1", "img2", "img3", "img1"], "default/b": ["img4"]},
+        present=frozenset({"img1", "img4", "unrelated"}),
+        pulling=frozenset({"img2"}),
+        failed={"img3": "401 Unauthorized"},
+    )
+    status = NodeStatus(node="n", version="v", reported_at=T0, started_at=T0, state=state)
+    progress = fleet_progress(status, "default/a")
+    assert progress is not None
+    assert progress.images == ("img1", "img2", "img3")
+    assert progress.present == ("img1",)
+    assert progress.pulling == ("img2",)
+    assert progress.failed == {"img3": "401 Unauthorized"}
+    assert progress.missing == ("img2", "img3") and not progress.complete
+    assert fleet_progress(status, "default/b").complete  # type: ignore[union-attr]
+    assert fleet_progress(status, "default/c") is None
+    assert not is_stale(status, T0 + timedelta(seconds=60), 60)
+    assert is_stale(status, T0 + timedelta(seconds=61), 60)
+
+
+async def test_bucket_keeps_one_revision_and_entries_expire_per_key(
+    js: JetStreamContext, settings: StatusSettings
+) -> None:
+    kv = await ensure_status_bucket(js, settings)
+    await ensure_status_bucket(js, settings)  # idempotent
+    info = await js.stream_info(f"KV_{settings.bucket}")
+    assert info.config.max_msgs_per_subject == 1
+    assert info.config.allow_msg_ttl
+    assert not info.config.max_age  # replay requests must not age out
+
+    status = NodeStatus(node="node-a", version="v", reported_at=T0, started_at=T0)
+    revision = await put_status(js, settings, status)
+    assert await get_status(kv, "node-a") == status
+    stored = await js.get_msg(f"KV_{settings.bucket}", seq=revision)
+    assert stored.headers is not None and stored.headers.get("Nats-TTL") == "3600"
+    assert await get_status(kv, "node-b") is None
+
+
+async def test_an_expired_entry_leaves_the_view(js: JetStreamContext, prefix: str) -> None:
+    settings = StatusSettings(prefix=prefix, node_ttl=1.0)
+    kv = await ensure_status_bucket(js, settings)
+    await put_status(
+        js, settings, NodeStatus(node="gone", version="v", reported_at=T0, started_at=T0)
+    )
+    assert "gone" in (await list_statuses(kv))[0]
+
+    async def expired() -> bool:
+        return await get_status(kv, "gone") is None
+
+    await eventually(expired, "the per-key TTL to remove the entry")
+
+
+async def test_watch_names_undecodable_entries(
+    js: JetStreamContext, settings: StatusSettings
+) -> None:
+    kv = await ensure_status_bucket(js, settings)
+    await kv.put("node.broken", b'{"node": 1}')
+    async with StatusWatch(kv) as watch:
+        assert watch.view == {}
+        assert "broken" in watch.invalid
+        status = NodeStatus(node="node-a", version="v", reported_at=T0, started_at=T0)
+        await put_status(js, settings, status)
+        assert await watch.next(timeout=10)
+        assert watch.view == {"node-a": status}
+
+
+# --- Reporter -------------------------------------------------------------------------------
+
+
+async def test_reporter_writes_on_change_and_throttles(
+    js: JetStreamContext, settings: StatusSettings
+) -> None:
+    clocks = Clocks()
+    state = [NodeState(desired={"default/a": ["img1"]})]
+    rep = reporter(js, settings, state, clocks)
+    kv = await ensure_status_bucket(js, settings)
+
+    assert await rep.tick()  # the first state is always written
+    first = await get_status(kv, "node-a")
+    assert first is not None and first.state == state[0] and first.version == "1.2.3"
+    assert first.reported_at == T0
+
+    clocks.now = 1.0
+    assert not await rep.tick()  # nothing changed, heartbeat not due
+
+    state[0] = NodeState(desired={"default/a": ["img1"]}, present=frozenset({"img1"}))
+    clocks.now = 4.9
+    assert not await rep.tick()  # changed, but within the interval
+    assert (await get_status(kv, "node-a")).state.present == frozenset()  # type: ignore[union-attr]
+
+    clocks.now = 5.0
+    assert await rep.tick()
+    second = await get_status(kv, "node-a")
+    assert second is not None and second.state.present == frozenset({"img1"})
+    assert second.started_at == T0 and second.reported_at == T0 + timedelta(seconds=5)
+    assert rep.writes == 2 and rep.errors == 0
+
+
+async def test_reporter_heartbeats_an_unchanged_state(
+    js: JetStreamContext, settings: StatusSettings
+) -> None:
+    clocks = Clocks()
+    state = [NodeState()]
+    rep = reporter(js, settings, state, clocks)
+    kv = await ensure_status_bucket(js, settings)
+    assert await rep.tick()
+    clocks.now = 29.0
+    assert not await rep.tick()
+    clocks.now = 30.0
+    assert await rep.tick()
+    status = await get_status(kv, "node-a")
+    assert status is not None and status.reported_at == T0 + timedelta(seconds=30)
+
+
+async def test_reporter_run_writes_promptly_when_poked(
+    js: JetStreamContext, settings: StatusSettings
+) -> None:
+    state = [NodeState()]
+    # A real clock, an interval far shorter than the heartbeat: the poke, not a heartbeat,
+    # must carry the change.
+    rep = StatusReporter(js, settings, "node-a", lambda: state[0], interval=0.05, heartbeat=3600.0)
+    kv = await ensure_status_bucket(js, settings)
+    stopping = asyncio.Event()
+    task = asyncio.create_task(rep.run(stopping))
+    try:
+
+        async def shows(present: frozenset[str]) -> bool:
+            status = await get_status(kv, "node-a")
+            return status is not None and status.state.present == present
+
+        await eventually(lambda: shows(frozenset()), "the first write")
+        state[0] = NodeState(present=frozenset({"img1"}))
+        rep.poke()
+        await eventually(lambda: shows(frozenset({"img1"})), "the poked write")
+    finally:
+        stopping.set()
+        await asyncio.wait_for(task, 10)
+
+
+async def test_reporter_survives_a_nats_outage_and_logs_once_per_transition(
+    own_nats_server: NatsServer, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    nc = await connect(NatsSettings(servers=(own_nats_server.url,)), name="tests")
+    try:
+        js = nc.jetstream()
+        settings = StatusSettings(prefix=prefix)
+        clocks = Clocks()
+        state = [NodeState()]
+        seen: list[BaseException] = []
+        rep = reporter(js, settings, state, clocks, write_timeout=0.5, on_error=seen.append)
+        assert await rep.tick()
+
+        own_nats_server.stop()
+        caplog.set_level(logging.INFO, logger="syncer.status")
+        for step in (1, 2, 3):
+            clocks.now = 30.0 * step
+            assert not await rep.tick()  # no exception, just a failed write
+        assert rep.errors == 3 and len(seen) == 3
+        failures = [r for r in caplog.records if r.getMessage() == "node status write failed"]
+        assert len(failures) == 1
+
+        own_nats_server.start()
+
+        async def written() -> bool:
+            clocks.now += 30.0
+            return await rep.tick()
+
+        await eventually(written, "a write after the server came back", timeout=30)
+        recovered = [r for r in caplog.records if r.getMessage() == "node status write recovered"]
+        assert len(recovered) == 1
+    finally:
+        await nc.close()
+
+
+async def test_reporter_survives_a_failing_snapshot(
+    js: JetStreamContext, settings: StatusSettings
+) -> None:
+    def broken() -> NodeState:
+        raise RuntimeError("bug")
+
+    rep = StatusReporter(js, settings, "node-a", broken)
+    assert not await rep.tick()
+
+
+# --- Replay requests ------------------------------------------------------------------------
+
+
+async def test_a_replay_request_waits_for_the_next_start(
+    js: JetStreamContext, settings: StatusSettings
+) -> None:
+    assert await pending_replay(js, "node-a", settings=settings) is None  # no bucket yet
+    request = await request_replay(js, settings, "node-a", requested_by="test")
+    pending = await pending_replay(js, "node-a", settings=settings)
+    assert pending is not None and pending.request == request
+    assert await pending_replay(js, "node-b", settings=settings) is None
+
+    newer = await request_replay(js, settings, "node-a")
+    # The first request's revision is gone: completing it must not drop the newer request.
+    assert not await complete_replay(js, "node-a", pending, settings=settings)
+    still = await pending_replay(js, "node-a", settings=settings)
+    assert still is not None and still.request == newer
+    assert await complete_replay(js, "node-a", still, settings=settings)
+    assert await pending_replay(js, "node-a", settings=settings) is None
+
+
+async def test_a_running_syncer_sees_replay_requests(
+    js: JetStreamContext, settings: StatusSettings
+) -> None:
+    early = await request_replay(js, settings, "node-a")
+    seen: list[PendingReplay] = []
+
+    async def replay(pending: PendingReplay) -> None:
+        seen.append(pending)
+
+    task = asyncio.create_task(
+        watch_replay_requests(js, "node-a", replay, settings=settings, recheck=5.0)
+    )
+    try:
+
+        async def delivered(n: int) -> bool:
+            return len(seen) >= n
+
+        await eventually(lambda: delivered(1), "the pending request")
+        assert seen[0].request == early
+        await eventually(
+            lambda: _is_none(pending_replay(js, "node-a", settings=settings)),
+            "the honoured request to be completed",
+        )
+
+        await request_replay(js, settings, "node-b")  # another node's request is not ours
+        later = await request_replay(js, settings, "node-a")
+        await eventually(lambda: delivered(2), "the request made while running")
+        assert [p.request for p in seen] == [early, later]
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert await pending_replay(js, "node-b", settings=settings) is not None
+
+
+async def test_a_failed_replay_keeps_the_request(
+    js: JetStreamContext, settings: StatusSettings
+) -> None:
+    request = await request_replay(js, settings, "node-a")
+    attempts: list[str] = []
+
+    async def replay(pending: PendingReplay) -> None:
+        attempts.append(pending.request.id)
+        raise RuntimeError("log unreadable")
+
+    task = asyncio.create_task(watch_replay_requests(js, "node-a", replay, settings=settings))
+    try:
+
+        async def tried() -> bool:
+            return bool(attempts)
+
+        await eventually(tried, "the replay attempt")
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    pending = await pending_replay(js, "node-a", settings=settings)
+    assert pending is not None and pending.request == request
+
+
+async def _is_none(awaitable) -> bool:  # type: ignore[no-untyped-def]
+    return await awaitable is None
