@@ -1,0 +1,206 @@
+"""The syncer's own Node: its labels and taints, read from the API server without a client library.
+
+Node targeting (``--respect-scheduling``) needs the node's labels and taints, and nothing else
+from Kubernetes. One read-only ``GET /api/v1/nodes/<name>`` with the pod's service-account token
+gives them, so the syncer keeps its image small (no ``kubernetes`` package) and its RBAC grows by
+exactly ``get`` on ``nodes``. Labels and taints change rarely (a node pool relabelled, a node
+cordoned), so a periodic re-read (``--node-refresh``, default ``1m``) is enough.
+
+A failed read keeps the last known node: a blip in the API server must not make every Fleet look
+unschedulable. The failure is logged once, and the recovery once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import ssl
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+
+from syncer.scheduling import NodeInfo, Taint, schedulable
+from wire.contract import PodSpec
+
+__all__ = ["ApiEndpoint", "NodeInfoError", "NodeWatcher", "fetch_node"]
+
+log = logging.getLogger(__name__)
+
+SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+DEFAULT_REFRESH = 60.0
+_MAX_BODY = 4 * 1024 * 1024
+
+
+class NodeInfoError(RuntimeError):
+    """The Node could not be read; the text names the URL and the cause, never the token."""
+
+
+@dataclass(frozen=True)
+class ApiEndpoint:
+    """Where the API server is and how to prove who we are."""
+
+    url: str
+    token_file: Path | None = None
+    ca_file: Path | None = None
+
+    @classmethod
+    def in_cluster(
+        cls, env: Mapping[str, str] = os.environ, sa_dir: Path = SERVICE_ACCOUNT_DIR
+    ) -> ApiEndpoint:
+        """From KUBERNETES_SERVICE_HOST/PORT and the mounted service account, as client-go does."""
+        host = env.get("KUBERNETES_SERVICE_HOST")
+        port = env.get("KUBERNETES_SERVICE_PORT")
+        if not host or not port:
+            raise NodeInfoError(
+                "not running in a cluster: KUBERNETES_SERVICE_HOST/PORT are unset "
+                "(give the API URL explicitly)"
+            )
+        if ":" in host:
+            host = f"[{host}]"
+        return cls(f"https://{host}:{port}", sa_dir / "token", sa_dir / "ca.crt")
+
+    @classmethod
+    def from_url(cls, url: str | None, sa_dir: Path = SERVICE_ACCOUNT_DIR) -> ApiEndpoint:
+        """``url`` if given (tests, out-of-cluster), with the service account if it is mounted."""
+        if not url:
+            return cls.in_cluster(sa_dir=sa_dir)
+        token, ca = sa_dir / "token", sa_dir / "ca.crt"
+        return cls(url.rstrip("/"), token if token.exists() else None, ca if ca.exists() else None)
+
+
+class _Metadata(msgspec.Struct):
+    name: str
+    labels: dict[str, str] | None = None
+
+
+class _Taint(msgspec.Struct):
+    key: str
+    effect: str
+    value: str = ""
+
+
+class _NodeSpec(msgspec.Struct):
+    taints: list[_Taint] | None = None
+
+
+class _Node(msgspec.Struct):
+    metadata: _Metadata
+    spec: _NodeSpec = msgspec.field(default_factory=_NodeSpec)
+    kind: str = "Node"
+
+
+def parse_node(body: bytes) -> NodeInfo:
+    """A v1 Node document to NodeInfo; NodeInfoError if it is not one."""
+    try:
+        node = msgspec.json.decode(body, type=_Node)
+    except msgspec.DecodeError as e:
+        raise NodeInfoError(f"the API server's answer is not a v1 Node: {e}") from e
+    if node.kind != "Node":
+        raise NodeInfoError(f"the API server answered a {node.kind!r}, not a Node")
+    taints = tuple(Taint(t.key, t.effect, t.value) for t in node.spec.taints or ())
+    return NodeInfo(node.metadata.name, dict(node.metadata.labels or {}), taints)
+
+
+def fetch_node(endpoint: ApiEndpoint, name: str, *, timeout: float = 10.0) -> NodeInfo:
+    """Blocking ``GET /api/v1/nodes/<name>``; run it in a thread."""
+    url = f"{endpoint.url}/api/v1/nodes/{urllib.parse.quote(name, safe='')}"
+    request = urllib.request.Request(url, headers={"Accept": "application/json"})
+    if endpoint.token_file is not None:
+        # Re-read every time: bound service-account tokens are rotated in place by the kubelet.
+        try:
+            token = endpoint.token_file.read_text().strip()
+        except OSError as e:
+            raise NodeInfoError(f"cannot read token {endpoint.token_file}: {e.strerror}") from None
+        request.add_header("Authorization", f"Bearer {token}")
+    context = None
+    if url.startswith("https://"):
+        cafile = str(endpoint.ca_file) if endpoint.ca_file else None
+        context = ssl.create_default_context(cafile=cafile)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
+            body = response.read(_MAX_BODY)
+    except urllib.error.HTTPError as e:
+        raise NodeInfoError(f"GET {url}: {e.code} {_status_message(e)}") from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise NodeInfoError(f"GET {url}: {reason}") from None
+    return parse_node(body)
+
+
+def _status_message(error: urllib.error.HTTPError) -> str:
+    """The API server's own explanation (a v1 Status ``message``), else the HTTP reason."""
+    try:
+        status = json.loads(error.read(64 * 1024))
+        message = status.get("message") if isinstance(status, dict) else None
+    except (OSError, ValueError):
+        message = None
+    return str(message or error.reason)[:300]
+
+
+class NodeWatcher:
+    """The last known NodeInfo, refreshed every ``refresh`` seconds by :meth:`run`."""
+
+    def __init__(
+        self,
+        endpoint: ApiEndpoint,
+        name: str,
+        *,
+        refresh: float = DEFAULT_REFRESH,
+        timeout: float = 10.0,
+        on_change: Callable[[NodeInfo], None] | None = None,
+    ) -> None:
+        self.endpoint = endpoint
+        self.name = name
+        self.refresh = refresh
+        self.timeout = timeout
+        self.on_change = on_change
+        self.current: NodeInfo | None = None
+        self.failing = False
+
+    async def refresh_once(self) -> bool:
+        """Read the Node now; True if that worked. A failure keeps ``current``."""
+        try:
+            info = await asyncio.to_thread(
+                fetch_node, self.endpoint, self.name, timeout=self.timeout
+            )
+        except NodeInfoError as e:
+            if not self.failing:
+                self.failing = True
+                log.warning(
+                    "node info unavailable, keeping the last known",
+                    extra={"node": self.name, "error": str(e), "known": self.current is not None},
+                )
+            return False
+        if self.failing:
+            self.failing = False
+            log.info("node info available again", extra={"node": self.name})
+        if info != self.current:
+            self.current = info
+            log.info(
+                "node info updated",
+                extra={"node": self.name, "labels": len(info.labels), "taints": len(info.taints)},
+            )
+            if self.on_change is not None:
+                self.on_change(info)
+        return True
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Refresh until ``stopping`` is set."""
+        while not stopping.is_set():
+            await self.refresh_once()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), timeout=self.refresh)
+
+    def schedulable(self, pod_spec: PodSpec) -> tuple[bool, str]:
+        """:func:`schedulable` against the last known node; admits all until one is known."""
+        if self.current is None:
+            return True, "node labels and taints not known yet"
+        return schedulable(pod_spec, self.current)
