@@ -1,0 +1,259 @@
+"""Remove images no live Fleet needs any more, but only those the syncer pulled itself.
+
+Pre-pulling every Fleet's images onto every node fills disks as Fleets come and go. With
+``--remove-unused`` the syncer gives back what it took: an image it pulled, that no live Fleet
+references, is removed through CRI ``RemoveImage`` once it has been unused for ``--remove-grace``
+(default ``10m``), because game servers of a deleted Fleet may still be Terminating and a Fleet
+deleted by mistake is often re-created within minutes (which cancels the removal).
+
+What the syncer pulled is recorded durably in the NATS KV bucket ``IMAGE_SYNCER_PULLED``, key
+``<node>.<sha256 of the normalized reference>``, so a restart does not forget it, and images put
+on the node by anyone else (the kubelet, an operator, a system DaemonSet) are never touched.
+Removing by reference drops every name of that image in containerd, so an image still reachable
+from a live Fleet under another name is kept too. A removal the runtime refuses (CRI-O refuses
+images in use; containerd does not check, hence ``in_use``) is logged and retried next cycle.
+
+The grace clock is in memory: after a restart it starts again, which only ever delays removal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Collection, Iterable
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import msgspec
+import nats.js.errors
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.kv import KeyValue
+
+from syncer.cri import CriError
+from syncer.references import ImageRef, InvalidImageReference, normalize
+
+__all__ = ["BUCKET", "Cleaner", "Removal", "ensure_pulled_bucket", "record_key"]
+
+log = logging.getLogger(__name__)
+
+BUCKET = "IMAGE_SYNCER_PULLED"
+DEFAULT_GRACE = 600.0
+
+Remover = Callable[[str], Awaitable[None]]
+
+
+class RuntimeImageLike(Protocol):
+    id: str
+    repo_tags: Collection[str]
+    repo_digests: Collection[str]
+
+
+class _Record(msgspec.Struct):
+    ref: str
+    pulled_at: float
+
+
+@dataclass(frozen=True)
+class Removal:
+    """What one cleanup cycle did about one recorded image."""
+
+    ref: str
+    outcome: Literal["removed", "refused", "gone"]
+    detail: str = ""
+
+
+def _key_of(ref: ImageRef) -> str:
+    # As the runtime indexes it: by digest when pinned, else by tag.
+    return ref.canonical or ref.tagged or str(ref)
+
+
+def record_key(node: str, ref: str) -> str:
+    """``<node>.<sha256 of the normalized reference>``; the node name may contain dots."""
+    return f"{node}.{hashlib.sha256(str(normalize(ref)).encode()).hexdigest()}"
+
+
+async def ensure_pulled_bucket(
+    js: JetStreamContext, bucket: str = BUCKET, replicas: int = 1
+) -> KeyValue:
+    """The bucket, created on first use by whichever syncer gets there first."""
+    try:
+        return await js.key_value(bucket)
+    except nats.js.errors.BucketNotFoundError:
+        pass
+    config = KeyValueConfig(
+        bucket=bucket,
+        description="image-syncer: images each node's syncer pulled itself",
+        history=1,
+        storage=StorageType.FILE,
+        replicas=replicas,
+    )
+    try:
+        return await js.create_key_value(config)
+    except nats.js.errors.BadRequestError:
+        # Another syncer created it in between.
+        return await js.key_value(bucket)
+
+
+class Cleaner:
+    """Per-node bookkeeping of pulled images and the grace timers of unused ones."""
+
+    def __init__(
+        self,
+        kv: KeyValue,
+        node: str,
+        remover: Remover,
+        *,
+        grace: float = DEFAULT_GRACE,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.kv = kv
+        self.node = node
+        self.remover = remover
+        self.grace = grace
+        self.clock = clock
+        self._pulled: dict[str, ImageRef] = {}  # normalized text -> ref
+        self._unused_since: dict[str, float] = {}
+
+    @classmethod
+    async def open(
+        cls,
+        js: JetStreamContext,
+        node: str,
+        remover: Remover,
+        *,
+        grace: float = DEFAULT_GRACE,
+        clock: Callable[[], float] = time.monotonic,
+        bucket: str = BUCKET,
+        replicas: int = 1,
+    ) -> Cleaner:
+        """Bind the bucket and load this node's records (they survive restarts)."""
+        cleaner = cls(
+            await ensure_pulled_bucket(js, bucket, replicas),
+            node,
+            remover,
+            grace=grace,
+            clock=clock,
+        )
+        await cleaner.load()
+        return cleaner
+
+    @property
+    def pulled(self) -> frozenset[str]:
+        """Normalized references this node's syncer pulled and has not removed."""
+        return frozenset(self._pulled)
+
+    async def load(self) -> None:
+        # A watch on "<node>.*" (one token: the hash) reads exactly this node's records, even
+        # when the node name has dots; nats-py's keys(filters=) matches substrings instead.
+        watcher = await self.kv.watch(f"{self.node}.*", ignore_deletes=True)
+        try:
+            async for entry in watcher:
+                if entry is None:  # the end of the current values
+                    break
+                self._load_record(entry.key, entry.value or b"")
+        finally:
+            await watcher.stop()
+
+    def _load_record(self, key: str, value: bytes) -> None:
+        try:
+            ref = normalize(msgspec.json.decode(value, type=_Record).ref)
+        except (msgspec.DecodeError, InvalidImageReference) as e:
+            log.warning(
+                "unreadable pulled-image record ignored", extra={"key": key, "error": str(e)}
+            )
+            return
+        self._pulled[str(ref)] = ref
+
+    async def record_pulled(self, ref: str) -> None:
+        """Call after the syncer's own successful PullImage of ``ref``."""
+        image = normalize(ref)
+        text = str(image)
+        if text in self._pulled:
+            return
+        value = msgspec.json.encode(_Record(ref=text, pulled_at=time.time()))
+        await self.kv.put(record_key(self.node, text), value)
+        self._pulled[text] = image
+
+    async def observe(
+        self,
+        desired: Iterable[str],
+        images: Iterable[RuntimeImageLike],
+        in_use: Collection[str] = (),
+    ) -> list[Removal]:
+        """One cleanup cycle: ``desired`` refs of live Fleets, ``images`` from one ListImages,
+        ``in_use`` image ids of running containers when known. Returns what it did."""
+        now = self.clock()
+        owner = _image_index(images)
+        wanted = {_key_of(r) for r in _normalized(desired)}
+        kept_ids = {owner[k] for k in wanted if k in owner}
+        done: list[Removal] = []
+        for text, ref in sorted(self._pulled.items()):
+            image_id = owner.get(_key_of(ref))
+            if _key_of(ref) in wanted or (image_id is not None and image_id in kept_ids):
+                self._cancel(text)
+            elif image_id is None:
+                # Removed by someone else already: nothing left to give back.
+                await self._forget(text)
+                done.append(Removal(text, "gone"))
+            elif self._due(text, now):
+                removal = await self._remove(text, image_id in in_use)
+                if removal is not None:
+                    done.append(removal)
+        return done
+
+    def _cancel(self, text: str) -> None:
+        if self._unused_since.pop(text, None) is not None:
+            log.info("image removal cancelled, a fleet uses it again", extra={"image": text})
+
+    def _due(self, text: str, now: float) -> bool:
+        since = self._unused_since.get(text)
+        if since is None:
+            self._unused_since[text] = since = now
+            log.info("image unused, removal scheduled", extra={"image": text, "grace": self.grace})
+        return now - since >= self.grace
+
+    async def _remove(self, text: str, in_use: bool) -> Removal | None:
+        if in_use:
+            log.info("image removal deferred, a container uses it", extra={"image": text})
+            return Removal(text, "refused", "in use by a container")
+        try:
+            await self.remover(text)
+        except CriError as e:
+            log.warning(
+                "image removal refused, retrying next cycle",
+                extra={"image": text, "error": str(e)},
+            )
+            return Removal(text, "refused", str(e))
+        await self._forget(text)
+        log.info("unused image removed", extra={"image": text})
+        return Removal(text, "removed")
+
+    async def _forget(self, text: str) -> None:
+        await self.kv.delete(record_key(self.node, text))
+        self._pulled.pop(text, None)
+        self._unused_since.pop(text, None)
+
+
+def _normalized(refs: Iterable[str]) -> list[ImageRef]:
+    found = []
+    for text in refs:
+        try:
+            found.append(normalize(text))
+        except InvalidImageReference:
+            continue  # the fold already reported it; an unparsable ref protects nothing
+    return found
+
+
+def _image_index(images: Iterable[RuntimeImageLike]) -> dict[str, str]:
+    """Normalized tag or ``name@digest`` -> image id, for every name the runtime knows."""
+    index: dict[str, str] = {}
+    for image in images:
+        for text in (*image.repo_tags, *image.repo_digests):
+            try:
+                ref = normalize(text)
+            except InvalidImageReference:
+                continue
+            index[_key_of(ImageRef(ref.name, None, ref.digest) if ref.digest else ref)] = image.id
+    return index
