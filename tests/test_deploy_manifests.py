@@ -26,6 +26,7 @@ from test_deploy_support import (
     container,
     env_of,
     env_value,
+    nats_config_files,
     of_kind,
     one,
     pod_spec,
@@ -302,20 +303,6 @@ def test_nats_is_a_persistent_statefulset_behind_a_headless_service(name: str) -
     ports = {p["name"]: p["containerPort"] for p in nats["ports"]}
     assert ports == {"client": 4222, "cluster": 6222, "monitor": 8222}
     assert env_of(nats)["SERVER_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
-
-
-def _config_maps_mounted(statefulset: dict[str, Any]) -> list[str]:
-    volume = next(v for v in pod_spec(statefulset)["volumes"] if v["name"] == "config")
-    return [s["configMap"]["name"] for s in volume["projected"]["sources"]]
-
-
-def nats_config_files(name: str) -> dict[str, str]:
-    """The files the NATS pods see in /etc/nats, from the generated ConfigMaps."""
-    resources = build(name)
-    files: dict[str, str] = {}
-    for map_name in _config_maps_mounted(one(resources, "StatefulSet", "nats")):
-        files.update(one(resources, "ConfigMap", map_name)["data"])
-    return files
 
 
 @pytest.mark.parametrize("name", list(NATS_BUILDS))

@@ -98,3 +98,17 @@ def env_value(c: dict[str, Any], name: str) -> str:
 
 def workloads(resources: tuple[dict, ...] | list[dict]) -> list[dict[str, Any]]:
     return [r for r in resources if r["kind"] in ("Deployment", "DaemonSet", "StatefulSet")]
+
+
+def _config_maps_mounted(statefulset: dict[str, Any]) -> list[str]:
+    volume = next(v for v in pod_spec(statefulset)["volumes"] if v["name"] == "config")
+    return [s["configMap"]["name"] for s in volume["projected"]["sources"]]
+
+
+def nats_config_files(name: str) -> dict[str, str]:
+    """The files the NATS pods see in /etc/nats, from the generated ConfigMaps."""
+    resources = build(name)
+    files: dict[str, str] = {}
+    for map_name in _config_maps_mounted(one(resources, "StatefulSet", "nats")):
+        files.update(one(resources, "ConfigMap", map_name)["data"])
+    return files
