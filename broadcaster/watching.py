@@ -170,20 +170,22 @@ class Watcher:
             except client.ApiException as e:
                 if e.status == 410:
                     raise _Expired from e
-                reason = "error"
-                log.warning(
-                    "watch failed", extra={"target": str(self.target), "error": _describe(e)}
-                )
+                reason = self._failed(e)
             except (urllib3.exceptions.HTTPError, OSError, ValueError, KeyError) as e:
-                reason = "error"
-                log.warning(
-                    "watch failed", extra={"target": str(self.target), "error": _describe(e)}
-                )
+                reason = self._failed(e)
             if self._stopping.is_set():
                 return
             metrics.WATCH_RESTARTS.labels(kind=str(self.target.kind), reason=reason).inc()
             if reason == "error":
                 self._stopping.wait(backoff.next_delay())
+
+    def _failed(self, error: Exception) -> str:
+        # Cutting the watch short is how stop() works: not worth a warning.
+        if not self._stopping.is_set():
+            log.warning(
+                "watch failed", extra={"target": str(self.target), "error": _describe(error)}
+            )
+        return "error"
 
     def _events(self, resource_version: str) -> Iterator[dict[str, Any]]:
         timeout = max(1, int(self.settings.watch_timeout))

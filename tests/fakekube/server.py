@@ -97,6 +97,7 @@ class FakeKube:
         self._held = False
         self._closed = False
         self.open_watches = 0
+        self.bookmarks_sent = 0
         self.requests: list[tuple[str, str]] = []
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -332,6 +333,9 @@ class FakeKube:
                 if want_bookmark:
                     last_bookmark = time.monotonic()
                     yield {"type": "BOOKMARK", "object": _bookmark(plural, cursor)}
+                    # Counted once written: a test may then cut the watch and rely on it.
+                    with self._cond:
+                        self.bookmarks_sent += 1
         finally:
             with self._cond:
                 self.open_watches -= 1

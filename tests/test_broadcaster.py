@@ -1,0 +1,344 @@
+"""The broadcaster against a real nats-server and the fake API server, through the real client.
+
+Each test runs the broadcaster in-process as an asyncio task and waits, with a deadline, for the
+event log to reach the state the cluster is in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from fakekube import FakeKube
+from fakekube.harness import fleet, log_messages, wait_converged, with_image
+from nats.js import JetStreamContext
+
+from broadcaster import metrics
+from broadcaster.runner import run
+from broadcaster.settings import Settings
+from image_syncer.sandbox.nats_server import NatsServer
+from image_syncer.sandbox.processes import free_port
+from ops.serving import Health
+from wire.contract import message_id
+from wire.eventlog import LogSettings, stream_name
+from wire.natsconn import NatsSettings, connect
+
+pytestmark = pytest.mark.nats
+
+
+@pytest.fixture
+def kube(tmp_path: Path) -> Iterator[FakeKube]:
+    with FakeKube(tmp_path / "kube") as server:
+        yield server
+
+
+@pytest.fixture
+def settings(kube: FakeKube, nats_settings: NatsSettings, log_settings: LogSettings) -> Settings:
+    return Settings(
+        nats=nats_settings,
+        log=log_settings,
+        kubeconfig=str(kube.kubeconfig),
+        metrics_addr=f"127.0.0.1:{free_port()}",
+        watch_timeout=30.0,
+        backoff_initial=0.05,
+        backoff_max=0.5,
+        drain_timeout=5.0,
+    )
+
+
+async def wait_until(check, what: str, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+@asynccontextmanager
+async def broadcasting(settings: Settings) -> AsyncIterator[Health]:
+    """Run the broadcaster until the block ends; yield once it is ready; it must exit 0."""
+    stopping, health = asyncio.Event(), Health()
+    # The task has not run yet; until it reports for itself it is not ready.
+    health.set("initial-list", False, "not started")
+    task = asyncio.create_task(run(settings, stopping, health=health))
+    try:
+        deadline = time.monotonic() + 30
+        while not health.ready()[0]:
+            if task.done():
+                task.result()
+                raise AssertionError("broadcaster returned before it was ready")
+            assert time.monotonic() < deadline, f"broadcaster not ready: {health.ready()[1]}"
+            await asyncio.sleep(0.05)
+        yield health
+    finally:
+        stopping.set()
+        assert await asyncio.wait_for(task, 30) == 0
+
+
+def counter(metric, **labels: str) -> float:  # type: ignore[no-untyped-def]
+    return metric.labels(**labels)._value.get() if labels else metric._value.get()
+
+
+async def test_add_update_delete_reach_the_stream(
+    kube: FakeKube, settings: Settings, js: JetStreamContext, prefix: str
+) -> None:
+    before = kube.create("fleets", fleet("before", "game:1"))
+    async with broadcasting(settings):
+        await wait_converged(js, prefix, kube.objects())
+        created = kube.create("fleets", fleet("simple.game", "game:1", namespace="team-a"))
+        updated = kube.update("fleets", with_image(created, "game:2"))
+        deleted = kube.delete("fleets", "default", "before")
+        await wait_converged(js, prefix, kube.objects())
+
+    messages = await log_messages(js, prefix)
+    by_subject = {m.subject: m for m in messages}
+    assert sorted(by_subject) == sorted(
+        [
+            f"{prefix}.fleet.events.added.team-a.simple_game",
+            f"{prefix}.fleet.events.updated.team-a.simple_game",
+            f"{prefix}.fleet.events.deleted.default.before",
+        ]
+    )
+    update = by_subject[f"{prefix}.fleet.events.updated.team-a.simple_game"]
+    assert update.event.obj.metadata.resource_version == updated["metadata"]["resourceVersion"]
+    assert update.event.old is not None
+    assert update.event.old.metadata.resource_version == created["metadata"]["resourceVersion"]
+    assert update.event.obj.pod_spec.containers[0].image == "game:2"
+    assert update.headers["Nats-Msg-Id"] == message_id(
+        updated["metadata"]["uid"], updated["metadata"]["resourceVersion"], "fleet.events.updated"
+    )
+    tombstone = by_subject[f"{prefix}.fleet.events.deleted.default.before"]
+    assert tombstone.event.obj.metadata.uid == before["metadata"]["uid"]
+    assert tombstone.event.obj.metadata.resource_version == deleted["metadata"]["resourceVersion"]
+
+
+async def test_envelope_is_the_go_broadcasters_shape_without_managed_fields(
+    kube: FakeKube, settings: Settings, js: JetStreamContext, prefix: str
+) -> None:
+    import json
+
+    async with broadcasting(settings):
+        kube.create("fleets", fleet("shape"))
+        await wait_converged(js, prefix, kube.objects())
+    message = await js.get_last_msg(
+        stream_name(prefix, settings.kinds[0]), f"{prefix}.fleet.events.added.default.shape"
+    )
+    envelope = json.loads(message.data)
+    assert envelope["header"] == {"headers": {"event_type": "fleet.events.added"}}
+    assert envelope["message"]["kind"] == "Fleet"
+    assert envelope["message"]["apiVersion"] == "agones.dev/v1"
+    assert "managedFields" not in envelope["message"]["metadata"]
+
+
+async def test_duplicates_from_a_second_broadcaster_are_stored_once(
+    kube: FakeKube, settings: Settings, js: JetStreamContext, prefix: str
+) -> None:
+    published = lambda: sum(  # noqa: E731
+        counter(metrics.EVENTS_PUBLISHED, event_type=t)
+        for t in ("fleet.events.added", "fleet.events.updated")
+    )
+    start = published()
+    second = replace(settings, metrics_addr=f"127.0.0.1:{free_port()}")
+    async with broadcasting(settings), broadcasting(second):
+        obj = kube.create("fleets", fleet("twice", "game:1"))
+        for version in (2, 3, 4):
+            obj = kube.update("fleets", with_image(obj, f"game:{version}"))
+        await wait_converged(js, prefix, kube.objects())
+        # Both processes published all four changes and got their acks...
+        await wait_until(lambda: published() - start >= 8, "both broadcasters to publish")
+    # ...but JetStream stored each change once.
+    info = await js.stream_info(stream_name(prefix, settings.kinds[0]))
+    assert info.state.last_seq == 4
+
+
+async def test_compaction_keeps_the_newest_event_per_fleet(
+    kube: FakeKube, settings: Settings, js: JetStreamContext, prefix: str
+) -> None:
+    async with broadcasting(settings):
+        obj = kube.create("fleets", fleet("busy", "game:0"))
+        other = kube.create("fleets", fleet("quiet", "game:0"))
+        for version in range(1, 6):
+            obj = kube.update("fleets", with_image(obj, f"game:{version}"))
+        await wait_converged(js, prefix, kube.objects())
+
+    messages = await log_messages(js, prefix)
+    busy = [m for m in messages if m.subject.endswith(".default.busy")]
+    assert [m.event.action for m in busy] == ["added", "updated"]
+    assert busy[-1].event.obj.metadata.resource_version == obj["metadata"]["resourceVersion"]
+    assert busy[-1].event.obj.pod_spec.containers[0].image == "game:5"
+    quiet = [m for m in messages if m.subject.endswith(".default.quiet")]
+    assert [m.event.obj.metadata.uid for m in quiet] == [other["metadata"]["uid"]]
+
+
+async def test_namespace_and_label_selector_filter_what_is_published(
+    kube: FakeKube, settings: Settings, js: JetStreamContext, prefix: str
+) -> None:
+    filtered = replace(
+        settings, namespaces=("ns-a", "ns-b"), label_selector="team in (red),!legacy"
+    )
+    red = {"team": "red"}
+    async with broadcasting(filtered):
+        kube.create("fleets", fleet("a", namespace="ns-a", labels=red))
+        kube.create("fleets", fleet("b", namespace="ns-b", labels=red))
+        kube.create("fleets", fleet("other-ns", namespace="ns-c", labels=red))
+        kube.create("fleets", fleet("blue", namespace="ns-a", labels={"team": "blue"}))
+        kube.create("fleets", fleet("old", namespace="ns-a", labels={**red, "legacy": "1"}))
+        wanted = [o for o in kube.objects() if o["metadata"]["name"] in ("a", "b")]
+        await wait_converged(js, prefix, wanted)
+
+        # Leaving the selector reads as a delete, entering it as an add.
+        b = kube.get("fleets", "ns-b", "b")
+        blue = kube.get("fleets", "ns-a", "blue")
+        assert b is not None and blue is not None
+        b["metadata"]["labels"] = {"team": "blue"}
+        blue["metadata"]["labels"] = red
+        kube.update("fleets", b)
+        kube.update("fleets", blue)
+        wanted = [o for o in kube.objects() if o["metadata"]["name"] in ("a", "blue")]
+        state = await wait_converged(js, prefix, wanted)
+    assert state[("ns-a", "blue")].event_type == "fleet.events.added"
+    subjects = [m.subject for m in await log_messages(js, prefix)]
+    assert f"{prefix}.fleet.events.deleted.ns-b.b" in subjects
+    assert not [s for s in subjects if ".ns-c." in s or s.endswith(".old")]
+
+
+@pytest.mark.parametrize("when", ["mid-stream", "on-reconnect"])
+async def test_watch_expiry_publishes_the_delete_made_during_the_gap(
+    kube: FakeKube, settings: Settings, js: JetStreamContext, prefix: str, when: str
+) -> None:
+    expired_before = counter(metrics.WATCH_RESTARTS, kind="fleet", reason="expired")
+    keep = kube.create("fleets", fleet("keep", "game:1"))
+    kube.create("fleets", fleet("gone"))
+    async with broadcasting(settings):
+        await wait_converged(js, prefix, kube.objects())
+        kube.wait_for_watches(1)
+        with kube.hold_watches():
+            if when == "on-reconnect":
+                kube.drop_watches()
+            kube.delete("fleets", "default", "gone")
+            kube.update("fleets", with_image(keep, "game:2"))
+            kube.create("fleets", fleet("new"))
+            kube.compact()
+        state = await wait_converged(js, prefix, kube.objects())
+        assert counter(metrics.WATCH_RESTARTS, kind="fleet", reason="expired") > expired_before
+    assert state[("default", "keep")].image == "game:2"
+    subjects = [m.subject for m in await log_messages(js, prefix)]
+    assert f"{prefix}.fleet.events.deleted.default.gone" in subjects
+
+
+async def test_bookmarks_move_the_resume_point_so_no_relist_is_needed(
+    kube: FakeKube, settings: Settings, js: JetStreamContext, prefix: str
+) -> None:
+    scoped = replace(settings, namespaces=("watched",))
+    async with broadcasting(scoped):
+        kube.wait_for_watches(1)
+        lists = kube.list_calls()
+        # Traffic the watch does not see, then a bookmark carrying the newer resourceVersion.
+        for i in range(3):
+            kube.create("fleets", fleet(f"elsewhere-{i}", namespace="unwatched"))
+        kube.bookmark()
+        await wait_until(lambda: _bookmarked(kube), "the bookmark to be sent")
+        kube.compact()
+        kube.drop_watches()
+        kube.create("fleets", fleet("seen", namespace="watched"))
+        wanted = [o for o in kube.objects() if o["metadata"]["namespace"] == "watched"]
+        await wait_converged(js, prefix, wanted)
+        assert kube.list_calls() == lists
+
+
+def _bookmarked(kube: FakeKube) -> bool:
+    return kube.bookmarks_sent > 0
+
+
+async def test_restart_converges_to_what_changed_while_away(
+    kube: FakeKube, settings: Settings, js: JetStreamContext, prefix: str
+) -> None:
+    kept = kube.create("fleets", fleet("kept", "game:1"))
+    kube.create("fleets", fleet("removed"))
+    recreated = kube.create("fleets", fleet("recreated", "game:1"))
+    kube.create("fleets", fleet("untouched"))
+    async with broadcasting(settings):
+        await wait_converged(js, prefix, kube.objects())
+
+    kube.update("fleets", with_image(kept, "game:2"))
+    kube.delete("fleets", "default", "removed")
+    kube.delete("fleets", "default", "recreated")
+    new = kube.create("fleets", fleet("recreated", "game:9"))
+    kube.create("fleets", fleet("added-while-away"))
+    seq_before = (await js.stream_info(stream_name(prefix, settings.kinds[0]))).state.last_seq
+
+    async with broadcasting(settings):
+        state = await wait_converged(js, prefix, kube.objects())
+    assert state[("default", "kept")].image == "game:2"
+    assert (
+        state[("default", "recreated")].uid
+        == new["metadata"]["uid"]
+        != recreated["metadata"]["uid"]
+    )
+    messages = await log_messages(js, prefix)
+    fresh = {
+        m.subject.removeprefix(f"{prefix}.fleet.events.") for m in messages if m.seq > seq_before
+    }
+    # Exactly what changed: nothing for the untouched Fleet.
+    assert fresh == {
+        "updated.default.kept",
+        "deleted.default.removed",
+        "deleted.default.recreated",
+        "added.default.recreated",
+        "added.default.added-while-away",
+    }
+
+
+async def test_nats_restart_while_running_loses_nothing(
+    kube: FakeKube, settings: Settings, own_nats_server: NatsServer, prefix: str
+) -> None:
+    own = replace(settings, nats=NatsSettings(servers=(own_nats_server.url,)))
+    nc = await connect(own.nats, name="test")
+    try:
+        js = nc.jetstream()
+        async with broadcasting(own):
+            first = kube.create("fleets", fleet("first", "game:1"))
+            await wait_converged(js, prefix, kube.objects())
+            own_nats_server.stop()
+            kube.update("fleets", with_image(first, "game:2"))
+            kube.create("fleets", fleet("during-outage"))
+            own_nats_server.start()
+            kube.create("fleets", fleet("after-outage"))
+            await wait_converged(js, prefix, kube.objects(), timeout=60)
+            own_nats_server.restart()
+            kube.delete("fleets", "default", "first")
+            state = await wait_converged(js, prefix, kube.objects(), timeout=60)
+        assert set(state) == {("default", "during-outage"), ("default", "after-outage")}
+    finally:
+        await nc.close()
+
+
+async def test_readyz_and_metrics_answer(
+    kube: FakeKube, settings: Settings, js: JetStreamContext, prefix: str
+) -> None:
+    async with broadcasting(settings):
+        kube.create("fleets", fleet("probed"))
+        await wait_converged(js, prefix, kube.objects())
+        base = f"http://{settings.metrics_addr}"
+        ready = await asyncio.to_thread(_get, f"{base}/readyz")
+        live = await asyncio.to_thread(_get, f"{base}/healthz")
+        exposition = await asyncio.to_thread(_get, f"{base}/metrics")
+    assert ready == (200, "ok\n")
+    assert live[0] == 200
+    text = exposition[1]
+    assert (
+        'image_syncer_broadcaster_events_published_total{event_type="fleet.events.added"}' in text
+    )
+    assert "image_syncer_broadcaster_last_publish_timestamp_seconds" in text
+    assert "image_syncer_broadcaster_publish_errors_total" in text
+
+
+def _get(url: str) -> tuple[int, str]:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return response.status, response.read().decode()
