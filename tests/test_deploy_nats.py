@@ -96,8 +96,10 @@ def test_permissions_follow_the_prefix_and_never_grant_destruction(prefix: str) 
     assert f"$JS.API.STREAM.PURGE.{fleets}" in broadcaster.publish
     assert not [s for s in syncer.publish if s.startswith(f"{prefix}.")], "syncer publishes events"
     assert f"$KV.{bucket_for(NODES_BUCKET, prefix)}.>" in syncer.publish
+    # The only delete anyone holds: a syncer replacing a consumer of the fleet stream.
+    deletes = [s for s in broadcaster.publish + syncer.publish if "DELETE" in s]
+    assert deletes == [f"$JS.API.CONSUMER.DELETE.{fleets}.*"]
     for subjects in (broadcaster.publish, syncer.publish):
-        assert not [s for s in subjects if ".DELETE." in s or s.endswith(".DELETE")]
         assert ">" not in subjects and "$JS.API.>" not in subjects
     assert not [s for s in syncer.publish if "PURGE" in s or "STREAM.CREATE." + fleets in s]
     for role in (broadcaster, syncer):
@@ -277,6 +279,9 @@ async def test_syncer_consumes_through_its_durable_and_writes_its_buckets(
         await message.ack_sync()
     await messages[-1].nak()
     assert (await sub.consumer_info()).name == "syncer-node-1"
+    # A replay replaces the durable to move its start sequence.
+    await sub.unsubscribe()
+    assert await js.delete_consumer(FLEETS, "syncer-node-1")
     for bucket in (NODES_BUCKET, PULLED_BUCKET):
         kv = await js.create_key_value(bucket=bucket, history=1)
         await kv.put("node.node-1", b"{}")
@@ -295,7 +300,7 @@ async def test_syncer_cannot_publish_events_or_damage_the_log(
         f"$JS.API.STREAM.DELETE.{FLEETS}",
         f"$JS.API.STREAM.PURGE.{FLEETS}",
         f"$JS.API.STREAM.UPDATE.{FLEETS}",
-        f"$JS.API.CONSUMER.DELETE.{FLEETS}.syncer-node-2",
+        f"$JS.API.CONSUMER.DELETE.KV_{NODES_BUCKET}.watcher",
         f"$JS.API.STREAM.DELETE.KV_{NODES_BUCKET}",
         f"$JS.API.STREAM.CREATE.{stream_name('agones', Kind.GAMESERVER)}",
         f"$KV.{LEASE_BUCKET}.leader",

@@ -10,11 +10,12 @@ stream. A syncer may only read the fleet stream through consumers, pull and ack 
 the node-status and pulled-image buckets; it can publish no event, purge nothing, delete nothing.
 
 NATS wildcards match whole tokens, so a static config cannot say "consumer names starting with
-``syncer-``": the shared syncer user may create, pull from and ack any consumer *of the fleet
-stream*, and write any key of its two buckets. Per-node users would close that gap but a DaemonSet
-cannot hand each pod its own password; NATS' decentralized JWT auth (templated permissions) can,
-at the price of an operator/account/user toolchain. The residual risk is one node disturbing
-another node's cursor or status, never the event log itself.
+``syncer-``": the shared syncer user may create, pull from, ack and delete any consumer *of the
+fleet stream*, and write any key of its two buckets. Per-node users would close that gap, but a
+DaemonSet cannot hand each pod its own password; NATS' decentralized JWT auth (templated
+permissions) can, at the price of an operator/account/user toolchain. The residual risk is one
+node disturbing another node's cursor (that node then replays the whole log, which is always
+safe) or status, never the event log itself.
 """
 
 from __future__ import annotations
@@ -126,8 +127,10 @@ def syncer_permissions(prefix: str = _DEFAULT_PREFIX) -> RolePermissions:
     publish = [
         f"{_API}.INFO",
         *_stream_reader(stream),
-        # The node's durable pull consumer (``syncer-<node>``): create, pull, ack/nak/term.
+        # The node's durable pull consumer (``syncer-<node>``): create, pull, ack/nak/term, and
+        # delete, because a replay from a new start sequence replaces the consumer.
         f"{_API}.CONSUMER.DURABLE.CREATE.{stream}.*",
+        f"{_API}.CONSUMER.DELETE.{stream}.*",
         f"{_API}.CONSUMER.MSG.NEXT.{stream}.*",
         f"$JS.ACK.{stream}.>",
         *_kv_bucket(bucket_for(NODES_BUCKET, prefix)),
