@@ -35,6 +35,8 @@ from test_deploy_support import (
 
 from image_syncer.sandbox.nats_server import nats_server_binary
 from image_syncer.sandbox.processes import free_port, stop_process, wait_until
+from syncer import cleanup
+from wire import nodestatus
 from wire.contract import Kind
 from wire.eventlog import LogSettings, ensure_streams, publish_event, read_log, stream_name
 from wire.permissions import (
@@ -73,6 +75,12 @@ def test_committed_accounts_file_is_generated_from_wire_permissions() -> None:
         "deploy/nats/base/auth.conf is stale: "
         "python -m wire.permissions > deploy/nats/base/auth.conf"
     )
+
+
+@pytest.mark.parametrize("prefix", ["agones", "games.eu-1"])
+def test_bucket_names_are_the_ones_the_roles_use(prefix: str) -> None:
+    assert bucket_for(NODES_BUCKET, prefix) == nodestatus.bucket_name(prefix)
+    assert PULLED_BUCKET == cleanup.BUCKET
 
 
 @pytest.mark.parametrize("name", list(NATS_BUILDS))

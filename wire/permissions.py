@@ -25,6 +25,7 @@ import re
 import sys
 from dataclasses import dataclass
 
+from wire import nodestatus
 from wire.contract import Kind, check_prefix, subject_filter
 from wire.eventlog import stream_name
 
@@ -44,7 +45,8 @@ __all__ = [
 ]
 
 ACCOUNT = "IMAGE_SYNCER"
-NODES_BUCKET = "IMAGE_SYNCER_NODES"
+NODES_BUCKET = nodestatus.DEFAULT_BUCKET
+# The syncer's cleanup records (syncer.cleanup.BUCKET; a test keeps the two equal).
 PULLED_BUCKET = "IMAGE_SYNCER_PULLED"
 LEASE_BUCKET = "IMAGE_SYNCER_LEASE"
 _DEFAULT_PREFIX = "agones"
@@ -100,7 +102,7 @@ def _kv_bucket(bucket: str) -> list[str]:
 
 
 def bucket_for(base: str, prefix: str) -> str:
-    """``IMAGE_SYNCER_NODES`` for the default prefix; other prefixes get their own buckets."""
+    """``base`` for the default prefix, else suffixed: the rule of ``nodestatus.bucket_name``."""
     if check_prefix(prefix) == _DEFAULT_PREFIX:
         return base
     return f"{base}_{re.sub(r'[^A-Za-z0-9]', '_', prefix).upper()}"
@@ -133,7 +135,7 @@ def syncer_permissions(prefix: str = _DEFAULT_PREFIX) -> RolePermissions:
         f"{_API}.CONSUMER.DELETE.{stream}.*",
         f"{_API}.CONSUMER.MSG.NEXT.{stream}.*",
         f"$JS.ACK.{stream}.>",
-        *_kv_bucket(bucket_for(NODES_BUCKET, prefix)),
+        *_kv_bucket(nodestatus.bucket_name(prefix)),
         *_kv_bucket(bucket_for(PULLED_BUCKET, prefix)),
     ]
     return RolePermissions("syncer", tuple(publish), (_INBOX,))
