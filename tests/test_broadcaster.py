@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from fakekube import FakeKube
-from fakekube.harness import fleet, log_messages, wait_converged, with_image
+from fakekube.harness import fleet, gameserver, log_messages, wait_converged, with_image
 from nats.js import JetStreamContext
 
 from broadcaster import metrics
@@ -25,7 +25,7 @@ from broadcaster.settings import Settings
 from image_syncer.sandbox.nats_server import NatsServer
 from image_syncer.sandbox.processes import free_port
 from ops.serving import Health
-from wire.contract import message_id
+from wire.contract import Kind, message_id
 from wire.eventlog import LogSettings, stream_name
 from wire.natsconn import NatsSettings, connect
 
@@ -317,6 +317,19 @@ async def test_nats_restart_while_running_loses_nothing(
         assert set(state) == {("default", "during-outage"), ("default", "after-outage")}
     finally:
         await nc.close()
+
+
+async def test_gameservers_go_to_their_own_stream(
+    kube: FakeKube, settings: Settings, js: JetStreamContext, prefix: str
+) -> None:
+    both = replace(settings, kinds=(Kind.FLEET, Kind.GAMESERVER))
+    async with broadcasting(both):
+        kube.create("fleets", fleet("f"))
+        kube.create("gameservers", gameserver("gs-1", "game:7"))
+        await wait_converged(js, prefix, kube.objects("fleets"))
+        state = await wait_converged(js, prefix, kube.objects("gameservers"), kind=Kind.GAMESERVER)
+    assert state[("default", "gs-1")].image == "game:7"
+    assert state[("default", "gs-1")].event_type == "gameserver.events.added"
 
 
 async def test_readyz_and_metrics_answer(

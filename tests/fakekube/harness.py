@@ -14,7 +14,7 @@ from nats.js import JetStreamContext
 from wire.contract import Event, Kind, decode_event
 from wire.eventlog import read_log, stream_name
 
-__all__ = ["LoggedObject", "fleet", "log_messages", "log_state", "wait_for_log"]
+__all__ = ["LoggedObject", "fleet", "gameserver", "log_messages", "log_state", "wait_for_log"]
 
 
 def fleet(
@@ -44,6 +44,17 @@ def fleet(
                 }
             },
         },
+    }
+
+
+def gameserver(
+    name: str, image: str = "registry.example/game:1", namespace: str = "default"
+) -> dict[str, Any]:
+    return {
+        "apiVersion": "agones.dev/v1",
+        "kind": "GameServer",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"template": {"spec": {"containers": [{"name": "game", "image": image}]}}},
     }
 
 
