@@ -65,6 +65,7 @@ async def run(settings: Settings, stopping: asyncio.Event, *, health: Health | N
     finally:
         server.close()
         await server.wait_closed()
+        api.api_client.close()
     log.info("broadcaster stopped")
     return 0
 

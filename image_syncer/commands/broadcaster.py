@@ -83,6 +83,14 @@ def broadcaster(
         float,
         Duration("On SIGTERM, how long to wait for queued events to be acked.", "DRAIN_TIMEOUT"),
     ] = "10s",  # type: ignore[assignment]
+    publish_timeout: Annotated[
+        float,
+        Duration("How long to wait for one JetStream ack before retrying.", "PUBLISH_TIMEOUT"),
+    ] = "5s",  # type: ignore[assignment]
+    max_backoff: Annotated[
+        float,
+        Duration("Longest wait between retries (NATS or API server down).", "MAX_BACKOFF"),
+    ] = "10s",  # type: ignore[assignment]
     metrics_addr: Annotated[
         str,
         typer.Option(envvar="METRICS_ADDR", help="Address of /healthz, /readyz and /metrics."),
@@ -109,6 +117,8 @@ def broadcaster(
         metrics_addr=metrics_addr,
         watch_timeout=watch_timeout,
         drain_timeout=drain_timeout,
+        publish_timeout=publish_timeout,
+        backoff_max=max_backoff,
     )
     try:
         code = run_until_signalled(lambda stopping: run(settings, stopping))
