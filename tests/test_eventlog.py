@@ -120,3 +120,14 @@ async def test_dotted_names_round_trip_through_the_log(
     )
     [(subject, _)] = await log_of(js, log_settings)
     assert subject == "fleet.events.added.eu_west.game_v2"
+
+
+async def test_read_log_with_a_filter_that_matches_nothing_ends(
+    js: JetStreamContext, log_settings: LogSettings
+) -> None:
+    await publish_event(js, log_settings, "fleet.events.added", fleet("a", 1))
+    stream = stream_name(log_settings.prefix, Kind.FLEET)
+    nothing = f"{log_settings.prefix}.fleet.events.*.elsewhere.*"
+    assert [m async for m in read_log(js, stream, subject=nothing, idle_timeout=0.5)] == []
+    only_a = f"{log_settings.prefix}.fleet.events.*.default.a"
+    assert [m.seq async for m in read_log(js, stream, subject=only_a)] == [1]

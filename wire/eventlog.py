@@ -214,14 +214,17 @@ async def read_log(
         pending_msgs_limit=batch * 64,
     )
     try:
+        if not follow and subject and await _caught_up(sub) and sub.pending_msgs == 0:
+            return
         while True:
             try:
                 msg = await sub.next_msg(timeout=idle_timeout if not follow else 3600.0)
             except nats.errors.TimeoutError:
                 if follow:
                     continue
-                # Everything up to last_seq may have been purged or expired meanwhile.
-                if await _nothing_left_before(js, stream, last_seq):
+                # Quiet for a while: done if nothing (matching) is left, e.g. a filter that
+                # matches nothing, or messages purged or expired since we looked.
+                if await _caught_up(sub):
                     return
                 continue
             meta = msg.metadata
@@ -240,9 +243,9 @@ async def read_log(
         await _quiet_unsubscribe(sub)
 
 
-async def _nothing_left_before(js: JetStreamContext, stream: str, last_seq: int) -> bool:
-    info = await js.stream_info(stream)
-    return info.state.messages == 0 or info.state.first_seq > last_seq
+async def _caught_up(sub: Any) -> bool:
+    info = await sub.consumer_info()
+    return info.num_pending == 0
 
 
 async def _quiet_unsubscribe(sub: Any) -> None:
