@@ -49,6 +49,8 @@ def _strip_userinfo(url: str) -> str:
 
 async def connect(settings: NatsSettings, *, name: str, retry_forever: bool = False) -> Client:
     """Connect with the project's defaults; raise NatsUnavailable unless ``retry_forever``."""
+    if not retry_forever:
+        return await _connect_once(settings, name)
     delay = 0.5
     while True:
         try:
@@ -66,6 +68,33 @@ async def connect(settings: NatsSettings, *, name: str, retry_forever: bool = Fa
             )
             await asyncio.sleep(delay)
             delay = min(delay * 2, 10.0)
+
+
+async def _connect_once(settings: NatsSettings, name: str) -> Client:
+    # nats-py retries the first connection forever when reconnects are unlimited (its server
+    # pool never runs dry), so a one-shot command bounds the attempt itself, stays quiet about
+    # the failed tries and reports the last one; once connected it reconnects like any client.
+    failures: list[BaseException] = []
+    connected = False
+    options = _options(settings, name)
+    report = options["error_cb"]
+
+    async def error(e: Exception) -> None:
+        if connected:
+            await report(e)
+        else:
+            failures.append(e)
+
+    options["error_cb"] = error
+    try:
+        client = await asyncio.wait_for(nats.connect(**options), settings.connect_timeout + 1)
+    except (TimeoutError, OSError, nats.errors.Error) as e:
+        cause = failures[-1] if failures else e
+        raise NatsUnavailable(
+            f"cannot connect to NATS at {settings.safe_servers()}: {_describe(cause)}"
+        ) from e
+    connected = True
+    return client
 
 
 def _describe(error: BaseException) -> str:
