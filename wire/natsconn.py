@@ -85,7 +85,16 @@ async def _connect_once(settings: NatsSettings, name: str) -> Client:
         else:
             failures.append(e)
 
+    report_disconnect = options["disconnected_cb"]
+    client: Client | None = None
+
+    async def disconnected() -> None:
+        # A one-shot command closing its own connection is not news.
+        if client is None or not client.is_closed:
+            await report_disconnect()
+
     options["error_cb"] = error
+    options["disconnected_cb"] = disconnected
     try:
         client = await asyncio.wait_for(nats.connect(**options), settings.connect_timeout + 1)
     except (TimeoutError, OSError, nats.errors.Error) as e:
