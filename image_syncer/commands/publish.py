@@ -1,9 +1,145 @@
-"""Commands: publish (placeholder until its issue lands)."""
+"""Command: ``publish added|updated|deleted``, Fleet events by hand, for testing without a cluster.
 
-from __future__ import annotations
+Events go through :func:`wire.eventlog.publish_event`, exactly as the broadcaster's do, so what
+lands in the log (subject, envelope, Nats-Msg-Id, tombstone TTL, compaction on delete) is what a
+real cluster would produce. Every Fleet is built or loaded and checked before the first publish:
+a bad document refuses the whole file.
+"""
 
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import nats.js.errors
 import typer
+from nats.js import JetStreamContext
+
+from image_syncer.commands.stream import (
+    CommandError,
+    PrefixOption,
+    fail,
+    jetstream,
+    run_nats_command,
+)
+from image_syncer.fleets import FleetError, build_fleet, load_fleets
+from image_syncer.options import Duration, with_nats_options
+from wire.contract import Action, ContractError, Kind, check_prefix, subject_for
+from wire.eventlog import LogSettings, ensure_streams, publish_event, stream_name
+from wire.natsconn import NatsSettings
+
+__all__ = ["register"]
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the root app."""
+    """Add ``publish`` to the root app."""
+    app.command("publish")(publish)
+
+
+@with_nats_options
+def publish(
+    nats: NatsSettings,
+    action: Annotated[Action, typer.Argument(help="The event to publish.")],
+    name: Annotated[
+        str | None, typer.Option("--name", help="Fleet name (builds a Fleet from --image).")
+    ] = None,
+    namespace: Annotated[
+        str | None,
+        typer.Option(
+            "--namespace", "-n", help="Fleet namespace; with -f, for documents without one."
+        ),
+    ] = None,
+    image: Annotated[
+        list[str] | None, typer.Option("--image", help="A container image (repeatable).")
+    ] = None,
+    init_image: Annotated[
+        list[str] | None, typer.Option("--init-image", help="An init container image (repeatable).")
+    ] = None,
+    replicas: Annotated[int, typer.Option(min=0, help="spec.replicas of a built Fleet.")] = 1,
+    resource_version: Annotated[
+        str | None,
+        typer.Option(help="resourceVersion of a built Fleet (default: new on every publish)."),
+    ] = None,
+    file: Annotated[
+        str | None,
+        typer.Option(
+            "--file", "-f", help="Fleet manifest(s), several YAML documents; - for stdin."
+        ),
+    ] = None,
+    subject_prefix: PrefixOption = "agones",
+    tombstone_ttl: Annotated[
+        float,
+        Duration("How long a deleted event's tombstone stays in the log.", "TOMBSTONE_TTL"),
+    ] = "24h",  # type: ignore[assignment]
+) -> None:
+    """Publish a Fleet event: a Fleet built around --image, or the Fleets of -f manifests."""
+    try:
+        check_prefix(subject_prefix)
+        fleets = _fleets(
+            name, namespace, image or [], init_image or [], replicas, resource_version, file
+        )
+    except (FleetError, ContractError, CommandError) as e:
+        fail(str(e), code=2)
+    settings = LogSettings(prefix=subject_prefix, tombstone_ttl=tombstone_ttl)
+    event_type = f"{Kind.FLEET}.events.{action}"
+    run_nats_command(_publish(nats, settings, event_type, fleets))
+
+
+def _fleets(
+    name: str | None,
+    namespace: str | None,
+    images: list[str],
+    init_images: list[str],
+    replicas: int,
+    resource_version: str | None,
+    file: str | None,
+) -> list[dict[str, Any]]:
+    if file is not None:
+        if name or images or init_images:
+            raise CommandError("-f cannot be combined with --name, --image or --init-image")
+        return load_fleets(_read(file), namespace=namespace)
+    if not name or not images:
+        raise CommandError("give --name and at least one --image, or -f FILE")
+    return [
+        build_fleet(
+            name,
+            images,
+            namespace=namespace or "default",
+            init_images=init_images,
+            replicas=replicas,
+            resource_version=resource_version,
+        )
+    ]
+
+
+def _read(file: str) -> str:
+    try:
+        return sys.stdin.read() if file == "-" else Path(file).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CommandError(f"cannot read {file}: {e}") from e
+
+
+async def _publish(
+    nats_settings: NatsSettings,
+    settings: LogSettings,
+    event_type: str,
+    fleets: list[dict[str, Any]],
+) -> None:
+    async with jetstream(nats_settings, "image-syncer-publish") as js:
+        await _ensure_stream_exists(js, settings)
+        for fleet in fleets:
+            ack = await publish_event(js, settings, event_type, fleet)
+            metadata = fleet["metadata"]
+            subject = subject_for(
+                settings.prefix, event_type, metadata["namespace"], metadata["name"]
+            )
+            duplicate = " duplicate" if ack.duplicate else ""
+            typer.echo(f"{subject} seq={ack.seq}{duplicate}")
+
+
+async def _ensure_stream_exists(js: JetStreamContext, settings: LogSettings) -> None:
+    # Create a missing stream with the defaults, but never "update" an existing one: that would
+    # reset replicas or windows an operator set with `stream init`.
+    try:
+        await js.stream_info(stream_name(settings.prefix, Kind.FLEET))
+    except nats.js.errors.NotFoundError:
+        await ensure_streams(js, settings, (Kind.FLEET,))
