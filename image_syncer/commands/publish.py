@@ -10,13 +10,12 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
-import nats.js.errors
 import typer
-from nats.js import JetStreamContext
 
 from image_syncer.commands.stream import (
     CommandError,
     PrefixOption,
+    ensure_stream_exists,
     fail,
     jetstream,
     run_nats_command,
@@ -24,7 +23,7 @@ from image_syncer.commands.stream import (
 from image_syncer.fleets import FleetError, build_fleet, load_fleets
 from image_syncer.options import Duration, with_nats_options
 from wire.contract import Action, ContractError, Kind, check_prefix, subject_for
-from wire.eventlog import LogSettings, ensure_streams, publish_event, stream_name
+from wire.eventlog import LogSettings, publish_event
 from wire.natsconn import NatsSettings
 
 __all__ = ["register"]
@@ -125,7 +124,7 @@ async def _publish(
     fleets: list[dict[str, Any]],
 ) -> None:
     async with jetstream(nats_settings, "image-syncer-publish") as js:
-        await _ensure_stream_exists(js, settings)
+        await ensure_stream_exists(js, settings, Kind.FLEET)
         for fleet in fleets:
             ack = await publish_event(js, settings, event_type, fleet)
             metadata = fleet["metadata"]
@@ -134,12 +133,3 @@ async def _publish(
             )
             duplicate = " duplicate" if ack.duplicate else ""
             typer.echo(f"{subject} seq={ack.seq}{duplicate}")
-
-
-async def _ensure_stream_exists(js: JetStreamContext, settings: LogSettings) -> None:
-    # Create a missing stream with the defaults, but never "update" an existing one: that would
-    # reset replicas or windows an operator set with `stream init`.
-    try:
-        await js.stream_info(stream_name(settings.prefix, Kind.FLEET))
-    except nats.js.errors.NotFoundError:
-        await ensure_streams(js, settings, (Kind.FLEET,))

@@ -30,6 +30,7 @@ from wire.natsconn import NatsSettings, NatsUnavailable, connect
 __all__ = [
     "CommandError",
     "PrefixOption",
+    "ensure_stream_exists",
     "fail",
     "jetstream",
     "parse_kinds",
@@ -83,6 +84,17 @@ async def jetstream(settings: NatsSettings, name: str) -> AsyncIterator[JetStrea
         yield nc.jetstream()
     finally:
         await nc.close()
+
+
+async def ensure_stream_exists(js: JetStreamContext, settings: LogSettings, kind: Kind) -> None:
+    """Create a missing stream with ``settings``, but never update an existing one.
+
+    Updating would reset the replicas or windows an operator chose with ``stream init``.
+    """
+    try:
+        await js.stream_info(stream_name(settings.prefix, kind))
+    except nats.js.errors.NotFoundError:
+        await ensure_streams(js, settings, (kind,))
 
 
 def parse_kinds(text: str) -> tuple[Kind, ...]:
