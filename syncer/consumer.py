@@ -172,7 +172,7 @@ class FleetConsumer:
                     await self._recover(stopping)
                 continue
             except Exception as e:
-                log.warning("fetch failed", extra={"error": repr(e)})
+                log.warning("fetch failed", extra={"error": repr(e), "consumer": self.durable})
                 await self._recover(stopping)
                 continue
             idle = 0
@@ -219,6 +219,7 @@ class FleetConsumer:
                 log.info(
                     "image already present", extra={"fleet": applied.fleet, "image": str(image)}
                 )
+                self._reconciler.mark_reported(applied.fleet, image)
             else:
                 pulls.append(self._puller.ensure(image))
         if not pulls:

@@ -36,6 +36,7 @@ class Reconciler:
         self._health = health
         self.present = PresentImages()
         self._kick = asyncio.Event()
+        self._reported: set[tuple[str, ImageRef]] = set()
 
     async def refresh(self) -> PresentImages:
         """One ListImages; raises RuntimeUnavailable/CriError after marking readiness."""
@@ -59,15 +60,28 @@ class Reconciler:
             present = await self.refresh()
             wanted = self._desired.by_image()
             missing = [image for image in sorted(wanted) if image not in present]
-            for image in sorted(set(wanted) - set(missing)):
-                for fleet in sorted(wanted[image]):
-                    log.debug("image already present", extra={"fleet": fleet, "image": str(image)})
+            self._report_present(wanted, set(missing))
             metrics.IMAGES.labels("desired").set(len(wanted))
             metrics.IMAGES.labels("present").set(len(wanted) - len(missing))
             metrics.IMAGES.labels("missing").set(len(missing))
             return [self._puller.ensure(image) for image in missing]
         finally:
             metrics.RECONCILE_DURATION.observe(time.perf_counter() - started)
+
+    def _report_present(self, wanted: dict[ImageRef, set[str]], missing: set[ImageRef]) -> None:
+        # Info once per (Fleet, image) becoming present, debug on every later pass: the seed's
+        # line stays visible without repeating itself every sync period.
+        seen: set[tuple[str, ImageRef]] = set()
+        for image in sorted(set(wanted) - missing):
+            for fleet in sorted(wanted[image]):
+                level = logging.DEBUG if (fleet, image) in self._reported else logging.INFO
+                log.log(level, "image already present", extra={"fleet": fleet, "image": str(image)})
+                seen.add((fleet, image))
+        self._reported = seen
+
+    def mark_reported(self, fleet: str, image: ImageRef) -> None:
+        """The event path logged ``image already present`` itself."""
+        self._reported.add((fleet, image))
 
     def on_pull_result(self, result: PullResult) -> None:
         """Called once per finished pull: record it and log it for every Fleet that wants it."""
@@ -76,6 +90,7 @@ class Reconciler:
         if result.ok:
             self.present.add(result.image)
             for fleet in fleets:
+                self._reported.add((fleet, result.image))
                 log.info("fleet synced", extra={"fleet": fleet, "image": image, "ref": result.ref})
             return
         if not result.deferred:

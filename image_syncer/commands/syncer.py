@@ -5,8 +5,6 @@ Every flag has an environment twin (the seed's ``CONN_TARGET`` among them) so th
 configure it either way.
 """
 
-from __future__ import annotations
-
 import socket
 from typing import Annotated
 
