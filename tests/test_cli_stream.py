@@ -1,0 +1,165 @@
+"""`image-syncer stream init|info` against a real nats-server: idempotent, and the settings stick."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+from nats.aio.client import Client
+from typer.testing import CliRunner, Result
+
+from image_syncer.cli import app
+from image_syncer.sandbox.nats_server import NatsServer
+from wire.contract import Kind
+from wire.eventlog import LogSettings, publish_event, stream_name
+
+
+async def cli(*args: str, stdin: str | None = None) -> Result:
+    """Run the CLI in a thread (it runs its own event loop) and keep pytest's log handlers."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        return await asyncio.to_thread(CliRunner().invoke, app, list(args), input=stdin)
+    finally:
+        root.handlers[:], root.level = handlers, level
+
+
+def fleet(name: str, rv: str) -> dict:
+    pod = {"spec": {"containers": [{"name": "gs", "image": "nginx"}]}}
+    return {
+        "apiVersion": "agones.dev/v1",
+        "kind": "Fleet",
+        "metadata": {
+            "name": name,
+            "namespace": "default",
+            "uid": f"uid-{name}",
+            "resourceVersion": rv,
+        },
+        "spec": {"template": {"spec": {"template": pod}}},
+    }
+
+
+async def test_stream_init_twice_is_idempotent_and_sets_the_log_settings(
+    nats_server: NatsServer, nc: Client, prefix: str
+) -> None:
+    args = ["stream", "init", "--nats-url", nats_server.url, "--subject-prefix", prefix]
+    args += ["--replicas", "1", "--duplicate-window", "30s", "--tombstone-ttl", "1h"]
+    args += ["--kinds", "fleet,gameserver"]
+    first = await cli(*args)
+    assert first.exit_code == 0, first.output
+    js = nc.jetstream()
+    await publish_event(js, LogSettings(prefix=prefix), "fleet.events.added", fleet("a", "1"))
+
+    second = await cli(*args)
+
+    assert second.exit_code == 0, second.output
+    assert second.stdout == first.stdout
+    assert f"stream {stream_name(prefix, Kind.FLEET)} ready" in second.stdout
+    for kind in Kind:
+        info = await js.stream_info(stream_name(prefix, kind))
+        assert info.config.subjects == [f"{prefix}.{kind}.events.*.*.*"]
+        assert info.config.max_msgs_per_subject == 1
+        assert info.config.allow_msg_ttl is True
+        assert info.config.duplicate_window == 30
+        assert info.config.num_replicas == 1
+    fleets = await js.stream_info(stream_name(prefix, Kind.FLEET))
+    assert fleets.state.messages == 1, "a second init must not touch the log"
+
+
+async def test_stream_init_brings_an_existing_stream_in_line(
+    nats_server: NatsServer, nc: Client, prefix: str
+) -> None:
+    base = ["stream", "init", "--nats-url", nats_server.url, "--subject-prefix", prefix]
+    assert (await cli(*base)).exit_code == 0
+    js = nc.jetstream()
+    assert (await js.stream_info(stream_name(prefix, Kind.FLEET))).config.duplicate_window == 120
+
+    result = await cli(*base, "--duplicate-window", "45s")
+
+    assert result.exit_code == 0, result.output
+    assert "duplicate_window=45s" in result.stdout
+    assert (await js.stream_info(stream_name(prefix, Kind.FLEET))).config.duplicate_window == 45
+
+
+async def test_stream_init_reads_its_settings_from_the_environment(
+    nats_server: NatsServer, nc: Client, prefix: str
+) -> None:
+    env = {"NATS_URL": nats_server.url, "SUBJECT_PREFIX": prefix, "DUPLICATE_WINDOW": "1m30s"}
+    root = logging.getLogger()
+    handlers = root.handlers[:]
+    try:
+        result = await asyncio.to_thread(CliRunner().invoke, app, ["stream", "init"], env=env)
+    finally:
+        root.handlers[:] = handlers
+    assert result.exit_code == 0, result.output
+    info = await nc.jetstream().stream_info(stream_name(prefix, Kind.FLEET))
+    assert info.config.duplicate_window == 90
+
+
+async def test_stream_init_reports_replicas_the_server_cannot_hold_in_one_line(
+    nats_server: NatsServer, prefix: str
+) -> None:
+    result = await cli(
+        "stream", "init", "--nats-url", nats_server.url, "--subject-prefix", prefix,
+        "--replicas", "3",
+    )  # fmt: skip
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    [line] = result.stderr.splitlines()
+    assert line.startswith("error: ") and "replicas" in line
+
+
+async def test_stream_init_refuses_an_unknown_kind(nats_server: NatsServer, prefix: str) -> None:
+    result = await cli(
+        "stream", "init", "--nats-url", nats_server.url, "--subject-prefix", prefix,
+        "--kinds", "fleet,pod",
+    )  # fmt: skip
+    assert result.exit_code == 2
+    [line] = result.stderr.splitlines()
+    assert "--kinds" in line and "fleet, gameserver" in line
+
+
+async def test_stream_info_shows_what_is_there_as_a_table_and_as_json(
+    nats_server: NatsServer, nc: Client, prefix: str
+) -> None:
+    url = ["--nats-url", nats_server.url, "--subject-prefix", prefix]
+    assert (await cli("stream", "init", *url, "--duplicate-window", "45s")).exit_code == 0
+    js = nc.jetstream()
+    settings = LogSettings(prefix=prefix)
+    await publish_event(js, settings, "fleet.events.added", fleet("a", "1"))
+    await publish_event(js, settings, "fleet.events.added", fleet("b", "1"))
+
+    as_json = await cli("stream", "info", *url, "--json")
+    table = await cli("stream", "info", *url)
+
+    assert as_json.exit_code == 0, as_json.output
+    [row] = json.loads(as_json.stdout)
+    expected = {
+        "name": stream_name(prefix, Kind.FLEET),
+        "subjects": [f"{prefix}.fleet.events.*.*.*"],
+        "messages": 2,
+        "first_seq": 1,
+        "last_seq": 2,
+        "replicas": 1,
+        "max_msgs_per_subject": 1,
+        "allow_msg_ttl": True,
+        "duplicate_window": "45s",
+    }
+    assert {k: row[k] for k in expected} == expected
+    assert row["bytes"] > 0
+    assert table.exit_code == 0, table.output
+    [line] = [x for x in table.stdout.splitlines() if stream_name(prefix, Kind.FLEET) in x]
+    cells = [c.strip() for c in line.strip("│ ").split("│")]
+    assert cells[0] == stream_name(prefix, Kind.FLEET)
+    assert cells[2:5] == ["2", str(row["bytes"]), "1"]
+    assert cells[-2:] == ["yes", "45s"]
+
+
+async def test_stream_info_without_streams_says_how_to_create_them(
+    nats_server: NatsServer, prefix: str
+) -> None:
+    result = await cli("stream", "info", "--nats-url", nats_server.url, "--subject-prefix", prefix)
+    assert result.exit_code == 1
+    [line] = result.stderr.splitlines()
+    assert "stream init" in line
