@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -26,6 +27,7 @@ from nats.js import JetStreamContext
 from prometheus_client import REGISTRY
 
 from image_syncer.sandbox.containerd import Containerd
+from image_syncer.sandbox.nats_server import NatsServer
 from image_syncer.sandbox.registry import Registry
 from ops.logs import fields_of
 from ops.serving import Health
@@ -33,8 +35,8 @@ from syncer.cri import CriClient
 from syncer.runner import run
 from syncer.settings import SyncerSettings
 from wire.contract import Kind, subject_for
-from wire.eventlog import LogSettings, publish_event, stream_name
-from wire.natsconn import NatsSettings
+from wire.eventlog import LogSettings, ensure_streams, publish_event, stream_name
+from wire.natsconn import NatsSettings, connect
 
 pytestmark = [pytest.mark.nats, pytest.mark.cri]
 
@@ -141,7 +143,7 @@ def info_logs(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
     caplog.set_level(logging.INFO)
     yield
     # On failure, the syncer's own account with its fields, as an operator would read it.
-    for record in caplog.records:
+    for record in caplog.get_records("call"):
         if record.name.startswith("syncer"):
             print(record.levelname, record.getMessage(), fields_of(record))
 
@@ -430,3 +432,54 @@ async def test_sigterm_of_the_cli_exits_zero(
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def test_nats_restart_consumer_recreated_and_events_followed(
+    settings: SyncerSettings, own_nats_server: NatsServer, push, containerd: Containerd
+) -> None:
+    nats = NatsSettings(servers=(own_nats_server.url,))
+    log_settings = LogSettings(prefix=settings.subject_prefix)
+    nc = await connect(nats, name="tests")
+    try:
+        js = nc.jetstream()
+        await ensure_streams(js, log_settings)
+        running = await RunningSyncer(replace(settings, nats=nats)).start()
+        try:
+            before = push()
+            await publish_event(js, log_settings, "fleet.events.added", fleet("pre", before))
+            await eventually(lambda: before in containerd.image_refs(), "pulled before restart")
+            # The memory-backed durable does not survive a server restart; the stream does.
+            await asyncio.to_thread(own_nats_server.restart)
+            after = push()
+            await eventually(lambda: nc.is_connected, "test client reconnected")
+            await publish_event(js, log_settings, "fleet.events.added", fleet("post", after))
+            await eventually(lambda: after in containerd.image_refs(), "followed after restart")
+        finally:
+            assert await running.stop() == 0
+    finally:
+        await nc.close()
+
+
+async def test_private_registry_credentials_from_a_dockerconfigjson(
+    settings: SyncerSettings,
+    js: JetStreamContext,
+    log_settings: LogSettings,
+    push,
+    auth_registry: Registry,
+    containerd: Containerd,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    user, password = auth_registry.credentials
+    auth_file = tmp_path / "config.json"
+    auth_file.write_text(
+        json.dumps({"auths": {auth_registry.address: {"username": user, "password": password}}})
+    )
+    image = push(into=auth_registry)
+    running = await RunningSyncer(replace(settings, registry_auth_file=str(auth_file))).start()
+    try:
+        await publish_event(js, log_settings, "fleet.events.added", fleet("private", image))
+        await eventually(lambda: image in containerd.image_refs(), "private image pulled")
+    finally:
+        assert await running.stop() == 0
+    assert password not in caplog.text
