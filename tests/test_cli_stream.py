@@ -5,14 +5,20 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
 
+import pytest
 from nats.aio.client import Client
 from typer.testing import CliRunner, Result
 
 from image_syncer.cli import app
 from image_syncer.sandbox.nats_server import NatsServer
+from image_syncer.sandbox.processes import free_port, wait_until
 from wire.contract import Kind
 from wire.eventlog import LogSettings, publish_event, stream_name
+from wire.natsconn import NatsSettings, connect
 
 
 async def cli(*args: str, stdin: str | None = None) -> Result:
@@ -163,3 +169,48 @@ async def test_stream_info_without_streams_says_how_to_create_them(
     assert result.exit_code == 1
     [line] = result.stderr.splitlines()
     assert "stream init" in line
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[list[NatsServer]]:
+    """Three clustered JetStream servers on loopback, ready once a meta leader is elected."""
+    ports = [free_port() for _ in range(3)]
+    routes = [f"nats-route://127.0.0.1:{port}" for port in ports]
+    servers = [
+        NatsServer(tmp_path / f"n{i}", cluster_port=port, routes=routes, server_name=f"n{i}")
+        for i, port in enumerate(ports)
+    ]
+    try:
+        for server in servers:
+            server.start(wait=False)
+        for server in servers:
+            server.wait_ready()
+        # Plain /healthz answers 200 only once JetStream has a meta leader.
+        wait_until(lambda: all(_healthy(s) for s in servers), timeout=30, what="nats cluster")
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def _healthy(server: NatsServer) -> bool:
+    with urllib.request.urlopen(f"{server.monitor_url}/healthz", timeout=1) as response:
+        return response.status == 200
+
+
+async def test_stream_init_sets_replicas_on_a_cluster(cluster: list[NatsServer]) -> None:
+    urls = ",".join(server.url for server in cluster)
+    result = await cli("stream", "init", "--nats-url", urls, "--replicas", "3")
+    info = await cli("stream", "info", "--nats-url", urls, "--json")
+
+    assert result.exit_code == 0, result.output
+    assert "replicas=3" in result.stdout
+    [row] = json.loads(info.stdout)
+    assert row["replicas"] == 3
+    nc = await connect(NatsSettings(servers=(cluster[1].url,)), name="tests")
+    try:
+        stream = await nc.jetstream().stream_info(stream_name("agones", Kind.FLEET))
+    finally:
+        await nc.close()
+    assert stream.config.num_replicas == 3
+    assert stream.cluster is not None and len(stream.cluster.replicas or []) == 2
