@@ -256,7 +256,8 @@ def _judge(view: dict[str, NodeStatus], fleet: str, now: datetime, stale_after: 
             continue
         verdict.live.append(node)
         turns_stale = stale_after - (now - status.reported_at).total_seconds()
-        verdict.next_change = min(turns_stale, verdict.next_change or turns_stale)
+        if verdict.next_change is None or turns_stale < verdict.next_change:
+            verdict.next_change = turns_stale
         if fleet in status.state.excluded:
             verdict.not_targeted.append(node)
             continue
@@ -320,8 +321,9 @@ async def _wait(
                 if remaining <= 0:
                     typer.echo(_timeout_report(fleet, timeout, verdict, settings.bucket), err=True)
                     return False
-                wake = min(remaining, verdict.next_change or remaining)
-                await watch.next(timeout=wake)
+                if verdict.next_change is not None:
+                    remaining = min(remaining, verdict.next_change)
+                await watch.next(timeout=remaining)
     finally:
         await nc.close()
 
