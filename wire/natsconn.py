@@ -98,7 +98,9 @@ async def _connect_once(settings: NatsSettings, name: str) -> Client:
     try:
         client = await asyncio.wait_for(nats.connect(**options), settings.connect_timeout + 1)
     except (TimeoutError, OSError, nats.errors.Error) as e:
-        cause = failures[-1] if failures else e
+        # A server's own refusal (authorization, TLS) says more than the reset that follows it.
+        refusals = [f for f in failures if isinstance(f, nats.errors.Error)]
+        cause = (refusals or failures or [e])[-1]
         raise NatsUnavailable(
             f"cannot connect to NATS at {settings.safe_servers()}: {_describe(cause)}"
         ) from e
