@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 
 import nats.js.errors
 import pytest
@@ -269,3 +271,30 @@ def test_build_fleet_and_load_fleets_agree() -> None:
     [loaded] = load_fleets(yaml.safe_dump(built))
     assert loaded == built
     assert built["spec"]["template"]["spec"]["container"] == "gs"
+
+
+@pytest.fixture
+def guarded_server(tmp_path) -> Iterator[NatsServer]:
+    config = 'authorization { user: "alice", password: "s3cret-pw" }'
+    with NatsServer(tmp_path / "nats", extra_config=config) as server:
+        yield server
+
+
+def test_credentials_come_from_the_environment_and_never_reach_the_error(
+    guarded_server: NatsServer,
+) -> None:
+    command = [sys.executable, "-m", "image_syncer", "publish", "added", "--name", "web"]
+    command += ["--image", "nginx", "--nats-url", guarded_server.url]
+    good = {**os.environ, "NATS_USER": "alice", "NATS_PASSWORD": "s3cret-pw"}
+    wrong = {**os.environ, "NATS_USER": "alice", "NATS_PASSWORD": "not-the-s3cret"}
+
+    ok = subprocess.run(command, env=good, capture_output=True, text=True, timeout=60)
+    refused = subprocess.run(command, env=wrong, capture_output=True, text=True, timeout=60)
+
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout == "agones.fleet.events.added.default.web seq=1\n"
+    assert refused.returncode == 1
+    [line] = refused.stderr.splitlines()
+    assert line.startswith(f"error: cannot connect to NATS at {guarded_server.url}")
+    assert "uthorization" in line
+    assert "s3cret" not in line
