@@ -132,7 +132,9 @@ def nats_settings_from(
 
 def with_nats_options(command: F) -> F:
     """Replace the command's ``nats: NatsSettings`` parameter by the ``--nats-*`` flags."""
-    signature = inspect.signature(command)
+    # eval_str: modules with `from __future__ import annotations` hold their hints as strings,
+    # and typer would silently drop their Annotated options.
+    signature = inspect.signature(command, eval_str=True)
     params = [p for p in signature.parameters.values() if p.name != "nats"]
 
     @functools.wraps(command)

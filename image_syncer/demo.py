@@ -1,0 +1,271 @@
+"""The demo: the whole loop on one machine, with real processes, narrated step by step.
+
+It starts an embedded NATS, a registry and one containerd per simulated node, runs one real
+``image-syncer syncer`` process per node, publishes Fleets through the real CLI, and shows images
+arriving in each node's runtime: first pulls, an image deleted behind the syncer's back coming
+back, a Fleet update, a Fleet delete. Everything it starts is stopped, and its directory removed,
+on the way out (Ctrl-C included).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+
+from image_syncer.sandbox.containerd import Containerd
+from image_syncer.sandbox.images import push_image
+from image_syncer.sandbox.nats_server import NatsServer
+from image_syncer.sandbox.processes import free_port, stop_process
+from image_syncer.sandbox.registry import Registry
+
+__all__ = ["DemoFailed", "run_demo"]
+
+console = Console(highlight=False, soft_wrap=True)
+
+# The syncer lines worth showing a newcomer; the rest stays in each node's log file.
+INTERESTING = ("fleet synced", "image already present", "fleet deleted", "pull failed")
+
+
+class DemoFailed(RuntimeError):
+    """A step did not converge in time; the message says which, and where the logs are."""
+
+
+@dataclass
+class Node:
+    name: str
+    containerd: Containerd
+    metrics_port: int = field(default_factory=free_port)
+    process: subprocess.Popen | None = None
+    log_path: Path | None = None
+
+    def images(self) -> set[str]:
+        return self.containerd.image_refs()
+
+
+def cli(*args: str, nats_url: str, capture: bool = True) -> str:
+    """Run the real ``image-syncer`` CLI, as a user would."""
+    # A wide virtual terminal, so tables print unwrapped into the demo's own output.
+    env = {**os.environ, "NATS_URL": nats_url, "COLUMNS": "200"}
+    result = subprocess.run(
+        [sys.executable, "-m", "image_syncer", *args],
+        env=env,
+        capture_output=capture,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise DemoFailed(f"image-syncer {' '.join(args)} failed: {result.stderr.strip()}")
+    return result.stdout
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout: float = 60.0) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if check():
+            return time.monotonic() - started
+        time.sleep(0.1)
+    raise DemoFailed(f"timed out after {timeout:.0f}s waiting for: {what}")
+
+
+def start_syncer(node: Node, nats_url: str, workdir: Path, sync_period: str) -> None:
+    node.log_path = workdir / f"syncer-{node.name}.log"
+    env = {
+        **os.environ,
+        "NODE_NAME": node.name,
+        "CONN_TARGET": node.containerd.endpoint,
+        "NATS_URL": nats_url,
+        "SYNC_PERIOD": sync_period,
+        "METRICS_ADDR": f"127.0.0.1:{node.metrics_port}",
+        "LOG_FORMAT": "logfmt",
+    }
+    log = node.log_path.open("ab")
+    node.process = subprocess.Popen(
+        [sys.executable, "-m", "image_syncer", "syncer"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    threading.Thread(target=_echo, args=(node,), daemon=True).start()
+
+
+def _echo(node: Node) -> None:
+    """Show the interesting lines of a node's syncer log as they are written."""
+    assert node.log_path is not None
+    with node.log_path.open(errors="replace") as log:
+        while node.process is not None:
+            line = log.readline()
+            if not line:
+                time.sleep(0.1)
+                continue
+            if any(f'msg="{m}"' in line for m in INTERESTING):
+                console.print(f"  [dim]{node.name}[/dim] {_short(line.strip())}")
+
+
+def _short(line: str) -> str:
+    # Drop the timestamp and logger: the demo reader wants the event and its fields.
+    parts = [p for p in line.split(" ") if not p.startswith(("ts=", "logger="))]
+    return " ".join(parts)
+
+
+@contextlib.contextmanager
+def sandbox(keep: bool) -> Iterator[Path]:
+    workdir = Path(tempfile.mkdtemp(prefix="image-syncer-demo-"))
+    try:
+        yield workdir
+    finally:
+        if keep:
+            console.print(f"[dim]kept {workdir}[/dim]")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def step(text: str) -> None:
+    console.print(f"\n[bold cyan]==>[/bold cyan] [bold]{text}[/bold]")
+
+
+def run_demo(*, nodes: int = 2, sync_period: str = "2s", keep: bool = False) -> None:
+    with sandbox(keep) as workdir, contextlib.ExitStack() as stack:
+        step("Starting an embedded NATS JetStream server, a registry and one containerd per node")
+        nats = stack.enter_context(NatsServer(workdir / "nats"))
+        registry = Registry(workdir / "registry")
+        registry.start()
+        stack.callback(registry.stop)
+        node_list = [_start_node(i, workdir, stack) for i in range(nodes)]
+        names = ", ".join(n.name for n in node_list)
+        console.print(f"  NATS {nats.url}, registry {registry.address}, nodes: {names}")
+
+        step("Pushing game-server images into the local registry")
+        images = _push_images(registry.address)
+        for name, ref in images.items():
+            console.print(f"  {name:<16} {ref}")
+
+        step("Creating the compacted event log: image-syncer stream init")
+        console.print(_indent(cli("stream", "init", nats_url=nats.url)))
+
+        step("Starting one syncer per node (image-syncer syncer, its own durable consumer each)")
+        for node in node_list:
+            start_syncer(node, nats.url, workdir, sync_period)
+            stack.callback(_stop_syncer, node)
+
+        _first_pulls(nats.url, images, node_list)
+        _deleted_behind_our_back(images["lobby"], node_list[-1], sync_period)
+        _rollout(nats.url, images, node_list)
+
+        step("Deleting a Fleet: image-syncer publish deleted --name lobby")
+        publish(nats.url, "deleted", "games/lobby", [images["lobby"]])
+
+        step("The event log (image-syncer events): compacted, one entry per Fleet and action")
+        console.print(_indent(cli("events", nats_url=nats.url)))
+        _show_status(nats.url)
+
+        step("Stopping the syncers with SIGTERM")
+        for node in node_list:
+            console.print(f"  {node.name}: exited {_stop_syncer(node)}")
+        console.print(
+            "\n[bold green]Demo complete.[/bold green] Everything it started is stopped "
+            "and its files removed."
+        )
+
+
+def _start_node(index: int, workdir: Path, stack: contextlib.ExitStack) -> Node:
+    containerd = Containerd(workdir / f"node-{index}")
+    containerd.start()
+    stack.callback(containerd.stop)
+    return Node(f"node-{chr(ord('a') + index)}", containerd)
+
+
+def publish(nats_url: str, action: str, fleet: str, images: list[str], init: str = "") -> None:
+    namespace, name = fleet.split("/")
+    args = ["publish", action, "--name", name, "--namespace", namespace]
+    args += [arg for image in images for arg in ("--image", image)]
+    args += ["--init-image", init] if init else []
+    cli(*args, nats_url=nats_url)
+
+
+def _first_pulls(nats_url: str, images: dict[str, str], nodes: list[Node]) -> None:
+    step("Publishing Fleets through the CLI: image-syncer publish added ...")
+    published = time.monotonic()
+    arena = [images["arena-server"], images["arena-sidecar"]]
+    publish(nats_url, "added", "default/arena", arena, init=images["arena-init"])
+    publish(nats_url, "added", "games/lobby", [images["lobby"]])
+    wanted = {*arena, images["arena-init"], images["lobby"]}
+    for node in nodes:
+        wait_for(f"{node.name} holds the images", lambda n=node: wanted <= n.images())
+        took = time.monotonic() - published
+        console.print(
+            f"  [green]{node.name}: all {len(wanted)} images present[/green] "
+            f"({took:.1f}s after the first publish, CLI start-up included)"
+        )
+
+
+def _deleted_behind_our_back(image: str, node: Node, sync_period: str) -> None:
+    step(f"Deleting {image} on {node.name} behind the syncer's back (ctr images rm)")
+    node.containerd.remove_image(image)
+    took = wait_for("the deleted image to come back", lambda: image in node.images())
+    console.print(
+        f"  [green]{node.name}: back after {took:.1f}s[/green] "
+        f"(the periodic reconcile, every {sync_period})"
+    )
+
+
+def _rollout(nats_url: str, images: dict[str, str], nodes: list[Node]) -> None:
+    step("Rolling out a new game-server version: image-syncer publish updated ...")
+    new = images["arena-server-v2"]
+    arena = [new, images["arena-sidecar"]]
+    published = time.monotonic()
+    publish(nats_url, "updated", "default/arena", arena, init=images["arena-init"])
+    for node in nodes:
+        wait_for(f"{node.name} pulls the new version", lambda n=node: new in n.images())
+        took = time.monotonic() - published
+        console.print(f"  [green]{node.name}: {new} present[/green] ({took:.1f}s after publishing)")
+
+
+def _show_status(nats_url: str) -> None:
+    step("Per-node status (image-syncer status)")
+    try:
+        console.print(_indent(cli("status", nats_url=nats_url)))
+    except DemoFailed as e:
+        console.print(f"  [yellow]{e}[/yellow]")
+
+
+def _stop_syncer(node: Node) -> int | None:
+    process, node.process = node.process, None
+    if process is None:
+        return None
+    stop_process(process)
+    return process.returncode
+
+
+def _push_images(address: str) -> dict[str, str]:
+    sizes = {
+        "arena-server": 4 << 20,
+        "arena-sidecar": 1 << 20,
+        "arena-init": 256 << 10,
+        "lobby": 2 << 20,
+        "arena-server-v2": 4 << 20,
+    }
+    refs = {}
+    for name, size in sizes.items():
+        repository, tag = (
+            ("demo/arena-server", "1.1") if name == "arena-server-v2" else (f"demo/{name}", "1.0")
+        )
+        push_image(address, repository, tag, layer_bytes=size)
+        refs[name] = f"{address}/{repository}:{tag}"
+    return refs
+
+
+def _indent(text: str) -> str:
+    return "\n".join("  " + line for line in text.rstrip().splitlines())
