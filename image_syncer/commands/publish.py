@@ -39,29 +39,40 @@ def publish(
     nats: NatsSettings,
     action: Annotated[Action, typer.Argument(help="The event to publish.")],
     name: Annotated[
-        str | None, typer.Option("--name", help="Fleet name (builds a Fleet from --image).")
+        str | None,
+        typer.Option("--name", metavar="NAME", help="Fleet name (builds a Fleet from --image)."),
     ] = None,
     namespace: Annotated[
         str | None,
         typer.Option(
-            "--namespace", "-n", help="Fleet namespace; with -f, for documents without one."
+            "--namespace",
+            "-n",
+            metavar="NAMESPACE",
+            help="Fleet namespace; with -f, for documents without one.",
         ),
     ] = None,
     image: Annotated[
-        list[str] | None, typer.Option("--image", help="A container image (repeatable).")
+        list[str] | None,
+        typer.Option("--image", metavar="IMAGE", help="A container image (repeatable)."),
     ] = None,
     init_image: Annotated[
-        list[str] | None, typer.Option("--init-image", help="An init container image (repeatable).")
+        list[str] | None,
+        typer.Option("--init-image", metavar="IMAGE", help="An init container image (repeatable)."),
     ] = None,
     replicas: Annotated[int, typer.Option(min=0, help="spec.replicas of a built Fleet.")] = 1,
     resource_version: Annotated[
         str | None,
-        typer.Option(help="resourceVersion of a built Fleet (default: new on every publish)."),
+        typer.Option(
+            metavar="RV", help="resourceVersion of a built Fleet (default: new on every publish)."
+        ),
     ] = None,
     file: Annotated[
         str | None,
         typer.Option(
-            "--file", "-f", help="Fleet manifest(s), several YAML documents; - for stdin."
+            "--file",
+            "-f",
+            metavar="FILE",
+            help="Fleet manifest(s), several YAML documents; - for stdin.",
         ),
     ] = None,
     subject_prefix: PrefixOption = "agones",

@@ -45,6 +45,7 @@ PrefixOption = Annotated[
     typer.Option(
         "--subject-prefix",
         envvar="SUBJECT_PREFIX",
+        metavar="PREFIX",
         help="First token(s) of every subject; each prefix has its own streams.",
     ),
 ]
