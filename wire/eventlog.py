@@ -214,7 +214,7 @@ async def read_log(
         pending_msgs_limit=batch * 64,
     )
     try:
-        if not follow and subject and await _caught_up(sub) and sub.pending_msgs == 0:
+        if not follow and subject and await _matches_nothing(sub):
             return
         while True:
             try:
@@ -241,6 +241,13 @@ async def read_log(
                 return
     finally:
         await _quiet_unsubscribe(sub)
+
+
+async def _matches_nothing(sub: Any) -> bool:
+    # num_pending alone is not enough: messages the server already pushed may still be on
+    # their way to us, and returning then would make a replay silently fold nothing.
+    info = await sub.consumer_info()
+    return info.num_pending == 0 and info.delivered.consumer_seq == 0 and sub.pending_msgs == 0
 
 
 async def _caught_up(sub: Any) -> bool:
