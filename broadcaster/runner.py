@@ -8,6 +8,13 @@ target's initial list has been caught up into the log.
 On ``stopping`` (SIGTERM): stop the watchers, give the forwarders ``drain_timeout`` to publish
 what they already hold, close NATS and return 0. Anything not drained is found by the next
 start's catch-up, so stopping early loses nothing for good.
+
+With ``ha`` (several replicas), all of the above but the watching and publishing happens in
+every replica; only the holder of the lease (:mod:`broadcaster.lease`) watches and publishes.
+A standby is ready but idle. Taking over starts with a fresh list and catch-up, so whatever the
+previous holder did not publish is published now; losing the lease stops at once, without
+draining, so a replica that is no longer active cannot append an older version of an object
+after the new holder's newer one.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from nats.js import JetStreamContext
 from broadcaster.catchup import recorded_state
 from broadcaster.forwarding import Forwarder
 from broadcaster.kubeapi import custom_objects_api
+from broadcaster.lease import LEADER, Lease
 from broadcaster.publishing import TRANSIENT, Backoff, Publisher
 from broadcaster.settings import Settings
 from broadcaster.watching import Watcher
@@ -59,7 +67,10 @@ async def run(settings: Settings, stopping: asyncio.Event, *, health: Health | N
             js = nc.jetstream()
             if not await _until_stopping(_ensure_streams(js, settings), stopping):
                 return 0
-            await _broadcast(settings, api, nc, js, health, stopping)
+            if settings.ha:
+                await _broadcast_when_leading(settings, api, nc, js, health, stopping)
+            else:
+                await _broadcast(settings, api, nc, js, health, stopping)
         finally:
             await nc.close()
     finally:
@@ -70,6 +81,57 @@ async def run(settings: Settings, stopping: asyncio.Event, *, health: Health | N
     return 0
 
 
+async def _broadcast_when_leading(
+    settings: Settings,
+    api: object,
+    nc: Client,
+    js: JetStreamContext,
+    health: Health,
+    stopping: asyncio.Event,
+) -> None:
+    """Stand by until this replica holds the lease, broadcast while it does; repeat."""
+    lease = Lease(
+        js, settings.log.prefix, settings.identity, settings.lease_ttl, settings.log.replicas
+    )
+    fields = {"identity": settings.identity, "lease": f"{lease.bucket}/{lease.key}"}
+    while not stopping.is_set():
+        _standby(health)
+        monitor = asyncio.create_task(_monitor(nc, [], health))
+        try:
+            if await _until_stopping(_acquired(lease), stopping) is None:
+                return
+        finally:
+            monitor.cancel()
+        LEADER.set(1)
+        log.info("leadership acquired", extra=fields)
+        lost = asyncio.Event()
+        reason = "stopping"
+        holding = asyncio.create_task(lease.hold())
+        holding.add_done_callback(lambda _, event=lost: event.set())
+        try:
+            await _broadcast(settings, api, nc, js, health, stopping, lost=lost)
+        finally:
+            if holding.done() and not holding.cancelled():
+                error = holding.exception()
+                reason = holding.result() if error is None else f"renewal failed: {error!r}"
+            holding.cancel()
+            LEADER.set(0)
+        if stopping.is_set():
+            await lease.release()
+        log.info("leadership lost", extra={**fields, "reason": reason})
+
+
+async def _acquired(lease: Lease) -> bool:
+    await lease.acquire()
+    return True
+
+
+def _standby(health: Health) -> None:
+    LEADER.set(0)
+    # Ready but idle: nothing to list while another replica broadcasts.
+    health.set("initial-list", True, "standby")
+
+
 async def _broadcast(
     settings: Settings,
     api: object,
@@ -77,6 +139,8 @@ async def _broadcast(
     js: JetStreamContext,
     health: Health,
     stopping: asyncio.Event,
+    *,
+    lost: asyncio.Event | None = None,
 ) -> None:
     loop = asyncio.get_running_loop()
     publisher = Publisher(js, settings)
@@ -103,10 +167,21 @@ async def _broadcast(
     )
     monitor = asyncio.create_task(_monitor(nc, forwarders, health))
     try:
-        await stopping.wait()
+        await _first_set(stopping, lost)
     finally:
         monitor.cancel()
-        await _drain(settings, watchers, forwarders, tasks)
+        # A replica that lost its lease must not publish what it still holds: drain nothing.
+        drain_for = 0.0 if lost is not None and lost.is_set() else settings.drain_timeout
+        await _drain(drain_for, watchers, forwarders, tasks)
+
+
+async def _first_set(*events: asyncio.Event | None) -> None:
+    waits = [asyncio.create_task(e.wait()) for e in events if e is not None]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
 
 
 async def _monitor(nc: Client, forwarders: list[Forwarder], health: Health) -> None:
@@ -119,7 +194,7 @@ async def _monitor(nc: Client, forwarders: list[Forwarder], health: Health) -> N
 
 
 async def _drain(
-    settings: Settings,
+    drain_timeout: float,
     watchers: list[Watcher],
     forwarders: list[Forwarder],
     tasks: list[asyncio.Task],
@@ -127,13 +202,16 @@ async def _drain(
     for watcher in watchers:
         watcher.stop()
     queued = sum(f.queue.qsize() for f in forwarders)
-    log.info("draining", extra={"queued": queued})
-    try:
-        async with asyncio.timeout(settings.drain_timeout):
-            await asyncio.gather(*(f.queue.join() for f in forwarders))
-    except TimeoutError:
-        left = sum(f.queue.qsize() for f in forwarders)
-        log.warning("drain timed out; the next start catches up", extra={"queued": left})
+    if drain_timeout <= 0:
+        log.info("not draining: the lease holder catches up", extra={"queued": queued})
+    else:
+        log.info("draining", extra={"queued": queued})
+        try:
+            async with asyncio.timeout(drain_timeout):
+                await asyncio.gather(*(f.queue.join() for f in forwarders))
+        except TimeoutError:
+            left = sum(f.queue.qsize() for f in forwarders)
+            log.warning("drain timed out; the next start catches up", extra={"queued": left})
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)

@@ -6,6 +6,8 @@ the environment, so a test can run several broadcasters in one process.
 
 from __future__ import annotations
 
+import os
+import socket
 from dataclasses import dataclass, field
 
 from wire.contract import Kind
@@ -47,6 +49,10 @@ class Settings:
     # How long SIGTERM waits for queued events to be acked before giving up on them (the next
     # start's catch-up publishes whatever was not).
     drain_timeout: float = 10.0
+    # High availability: replicas elect one active through a lease in NATS KV (broadcaster.lease).
+    ha: bool = False
+    lease_ttl: float = 10.0
+    identity: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
 
     def targets(self) -> tuple[WatchTarget, ...]:
         namespaces: tuple[str | None, ...] = tuple(dict.fromkeys(self.namespaces)) or (None,)

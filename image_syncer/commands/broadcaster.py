@@ -95,6 +95,25 @@ def broadcaster(
         str,
         typer.Option(envvar="METRICS_ADDR", help="Address of /healthz, /readyz and /metrics."),
     ] = ":8080",
+    ha: Annotated[
+        bool,
+        typer.Option(
+            "--ha/--no-ha",
+            envvar="BROADCASTER_HA",
+            help="Run as one of several replicas: only the lease holder watches and publishes.",
+        ),
+    ] = False,
+    lease_ttl: Annotated[
+        float,
+        Duration("With --ha: how long a dead active's lease outlives it.", "LEASE_TTL"),
+    ] = "10s",  # type: ignore[assignment]
+    identity: Annotated[
+        str,
+        typer.Option(
+            envvar="BROADCASTER_IDENTITY",
+            help="With --ha: this replica's name in the lease. Default: hostname-pid.",
+        ),
+    ] = "",
 ) -> None:
     """Publish every add/update/delete of Agones Fleets (and GameServers) to the event log."""
     try:
@@ -102,6 +121,9 @@ def broadcaster(
         parse_addr(metrics_addr)
     except (ContractError, ValueError) as e:
         raise typer.BadParameter(str(e)) from e
+    if ha and lease_ttl < 1.0:
+        # Renewals run every ttl/3; below a second they would race the server's expiry checks.
+        raise typer.BadParameter("--lease-ttl must be at least 1s", param_hint="--lease-ttl")
     settings = Settings(
         nats=nats,
         log=LogSettings(
@@ -119,6 +141,9 @@ def broadcaster(
         drain_timeout=drain_timeout,
         publish_timeout=publish_timeout,
         backoff_max=max_backoff,
+        ha=ha,
+        lease_ttl=lease_ttl,
+        **({"identity": identity} if identity else {}),
     )
     try:
         code = run_until_signalled(lambda stopping: run(settings, stopping))
