@@ -1,0 +1,62 @@
+"""The syncer's own objects, wired as ``syncer.runner`` wires them, for in-process benchmarks.
+
+Benchmarks measure the real replay and live paths (``FleetConsumer``), so they build the same
+graph the runner builds: desired state, puller, reconciler, consumer, with any CRI client.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nats.js import JetStreamContext
+
+from bench.services import PREFIX
+from ops.serving import Health
+from syncer.consumer import FleetConsumer
+from syncer.cri import CriClient
+from syncer.desired import DesiredState
+from syncer.puller import Backoff, Puller
+from syncer.reconcile import Reconciler
+from syncer.settings import SyncerSettings
+from wire.natsconn import NatsSettings
+
+__all__ = ["Node", "node"]
+
+# Replay never touches the runtime; a client to a socket that does not exist proves it.
+NO_RUNTIME = "unix:///nonexistent/bench-cri.sock"
+
+
+@dataclass
+class Node:
+    settings: SyncerSettings
+    desired: DesiredState
+    puller: Puller
+    reconciler: Reconciler
+    consumer: FleetConsumer
+    health: Health
+
+
+def node(
+    js: JetStreamContext,
+    nats: NatsSettings,
+    name: str = "bench",
+    cri: CriClient | None = None,
+    **overrides: object,
+) -> Node:
+    settings = SyncerSettings(
+        node_name=name, subject_prefix=PREFIX, metrics_addr="", nats=nats, **overrides
+    )
+    cri = cri or CriClient(NO_RUNTIME)
+    health = Health()
+    desired = DesiredState()
+    reconciler: Reconciler
+    puller = Puller(
+        cri,
+        max_parallel=settings.max_parallel_pulls,
+        pull_timeout=settings.pull_timeout,
+        backoff=Backoff(settings.backoff_min, settings.backoff_max),
+        on_result=lambda result: reconciler.on_pull_result(result),
+    )
+    reconciler = Reconciler(cri, desired, puller, health)
+    consumer = FleetConsumer(js, settings, desired, reconciler, puller, health)
+    return Node(settings, desired, puller, reconciler, consumer, health)
