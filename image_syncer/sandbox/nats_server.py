@@ -54,7 +54,9 @@ class NatsServer:
             f'server_name: "{self.server_name}"',
             f"listen: 127.0.0.1:{self.port}",
             f"http: 127.0.0.1:{self.monitor_port}",
-            f'jetstream {{ store_dir: "{self.store_dir / "js"}" }}',
+            # Streams reserve their max_bytes against max_file_store up front; a test session
+            # makes hundreds of short-lived streams, so the sandbox allows a generous total.
+            f'jetstream {{ store_dir: "{self.store_dir / "js"}", max_file_store: 1TB }}',
         ]
         if self.cluster_port is not None:
             routes = ", ".join(f'"{r}"' for r in self.routes)
