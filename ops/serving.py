@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 
+from ops.buildinfo import record_build_info
+
 __all__ = ["Health", "serve_http"]
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,7 @@ async def serve_http(
     host: str, port: int, health: Health, registry: CollectorRegistry = REGISTRY
 ) -> asyncio.Server:
     """Start serving; the caller closes the returned server on shutdown."""
+    record_build_info()
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

@@ -15,6 +15,11 @@ recorded and left to the retry machinery (backoff plus the periodic reconcile); 
 its message alive with in-progress signals. An unreachable runtime naks it with a delay.
 Messages that cannot be used are terminated with one log line and a metric; nothing stops the
 loop.
+
+Rebuild. An operator's replay request (``image-syncer replay --node``) folds the whole log again
+into a fresh state while the live loop is paused, swaps it in, and restarts the durable after the
+replayed sequence: whatever happened to the stream behind the syncer's back, the node's desired
+state is the fold of the log as it is now.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import nats.errors
@@ -32,14 +38,14 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from ops.serving import Health
 from syncer import metrics
-from syncer.desired import Applied, DesiredState, Outcome
+from syncer.desired import Applied, DesiredState, Outcome, Transition
 from syncer.puller import Puller, PullResult
 from syncer.reconcile import Reconciler
 from syncer.settings import SyncerSettings
 from wire.contract import ContractError, Event, Kind, decode_event, subject_filter
 from wire.eventlog import read_log, stream_name
 
-__all__ = ["FleetConsumer"]
+__all__ = ["FleetConsumer", "report_transition"]
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +65,13 @@ class FleetConsumer:
         reconciler: Reconciler,
         puller: Puller,
         health: Health,
+        *,
+        on_change: Callable[[], None] = lambda: None,
     ) -> None:
         self._js = js
+        self._on_change = on_change
+        # Held by the live loop around each fetch and by a rebuild, so they never interleave.
+        self._pause = asyncio.Lock()
         self._settings = settings
         self._desired = desired
         self._reconciler = reconciler
@@ -75,8 +86,17 @@ class FleetConsumer:
 
     # --- replay ---------------------------------------------------------------------------
 
-    async def replay(self) -> int:
-        """Fold the whole log; return the sequence the live consumer must start after."""
+    async def replay(self, into: DesiredState | None = None) -> int:
+        """Fold the whole log (into ``into``, default the live state); return the sequence the
+        live consumer must start after."""
+        desired = self._desired if into is None else into
+        try:
+            return await self._replay(desired)
+        except Exception:
+            metrics.NATS_ERRORS.labels("replay").inc()
+            raise
+
+    async def _replay(self, desired: DesiredState) -> int:
         info = await self._js.stream_info(self.stream)
         count = 0
         async for stored in read_log(self._js, self.stream, subject=self.subject):
@@ -90,15 +110,47 @@ class FleetConsumer:
                     extra={"seq": stored.seq, "subject": stored.subject, "reason": str(e)},
                 )
                 continue
-            applied = self._desired.apply(event, stored.seq)
+            applied = desired.apply(event, stored.seq)
             if applied.outcome is not Outcome.DELETED:  # a replayed tombstone is old news
                 self._report(applied, event)
         self.last_seq = max(self.last_seq, info.state.last_seq)
         log.info(
             "replay done",
-            extra={"events": count, "fleets": len(self._desired), "last_seq": self.last_seq},
+            extra={
+                "events": count,
+                "fleets": len(desired),
+                "excluded": len(desired.excluded()),
+                "last_seq": self.last_seq,
+            },
         )
         return self.last_seq
+
+    async def rebuild(self) -> None:
+        """Replay the whole log into a fresh state, swap it in, restart the durable after it.
+
+        The live loop is paused meanwhile; an error leaves the current state untouched.
+        """
+        async with self._pause:
+            fresh = DesiredState(admit=self._desired.admit)
+            before = len(self._desired)
+            await self.replay(into=fresh)
+            self._desired.replace_with(fresh)
+            await self.start_durable()
+        log.info(
+            "desired state rebuilt from the whole log",
+            extra={"fleets_before": before, "fleets": len(self._desired)},
+        )
+        self._on_change()
+
+    async def refresh_lag(self) -> None:
+        """Publish the durable's num_pending / num_ack_pending as gauges."""
+        try:
+            info = await self._js.consumer_info(self.stream, self.durable)
+        except Exception:
+            metrics.NATS_ERRORS.labels("consumer_info").inc()
+            raise
+        metrics.CONSUMER_LAG.set(info.num_pending or 0)
+        metrics.CONSUMER_ACK_PENDING.set(info.num_ack_pending or 0)
 
     # --- the durable ----------------------------------------------------------------------
 
@@ -122,9 +174,13 @@ class FleetConsumer:
     async def start_durable(self) -> None:
         """(Re)create the durable to deliver what comes after ``last_seq``, and bind to it."""
         # The start sequence of an existing consumer cannot be changed: replace it.
-        with contextlib.suppress(nats.js.errors.NotFoundError):
-            await self._js.delete_consumer(self.stream, self.durable)
-        await self._js.add_consumer(self.stream, self.consumer_config(self.last_seq + 1))
+        try:
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                await self._js.delete_consumer(self.stream, self.durable)
+            await self._js.add_consumer(self.stream, self.consumer_config(self.last_seq + 1))
+        except Exception:
+            metrics.NATS_ERRORS.labels("consumer_create").inc()
+            raise
         if self._sub is not None:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
@@ -151,6 +207,8 @@ class FleetConsumer:
                 self._health.set("nats", True)
                 return
             except (nats.errors.Error, TimeoutError, OSError) as e:
+                # Waiting for NATS is not a stuck loop: a pod restart would not help.
+                self._health.beat("consumer", allowance=60.0)
                 self._health.set("nats", False, str(e) or type(e).__name__)
                 log.warning("consumer unavailable", extra={"error": repr(e), "retry_in": delay})
                 with contextlib.suppress(TimeoutError):
@@ -165,21 +223,26 @@ class FleetConsumer:
         batch = min(64, self._settings.max_ack_pending)
         while not stopping.is_set():
             self._health.beat("consumer", allowance=60.0)
-            try:
-                messages = await self._sub.fetch(batch=batch, timeout=_FETCH_TIMEOUT)
-            except nats.errors.TimeoutError:
-                idle += 1
-                if idle % _IDLE_CHECK_EVERY == 0:
-                    await self._recover(stopping)
-                continue
-            except Exception as e:
-                log.warning("fetch failed", extra={"error": repr(e), "consumer": self.durable})
-                await self._recover(stopping)
-                continue
-            idle = 0
-            for msg in messages:
-                self.dispatch(msg)
+            async with self._pause:
+                idle = await self._fetch_once(batch, idle, stopping)
         self._health.forget("consumer")
+
+    async def _fetch_once(self, batch: int, idle: int, stopping: asyncio.Event) -> int:
+        try:
+            messages = await self._sub.fetch(batch=batch, timeout=_FETCH_TIMEOUT)
+        except nats.errors.TimeoutError:
+            idle += 1
+            if idle % _IDLE_CHECK_EVERY == 0:
+                await self._recover(stopping)
+            return idle
+        except Exception as e:
+            metrics.NATS_ERRORS.labels("fetch").inc()
+            log.warning("fetch failed", extra={"error": repr(e), "consumer": self.durable})
+            await self._recover(stopping)
+            return idle
+        for msg in messages:
+            self.dispatch(msg)
+        return 0
 
     async def drain(self) -> None:
         if self._settling:
@@ -199,6 +262,7 @@ class FleetConsumer:
         self.last_seq = max(self.last_seq, seq)
         applied = self._desired.apply(event, seq)
         self._report(applied, event)
+        self._on_change()
         if applied.outcome is Outcome.NOT_A_FLEET:
             self._terminate(msg, "not_a_fleet", f"{event.event_type} on the Fleet stream")
             return
@@ -250,13 +314,16 @@ class FleetConsumer:
             await msg.ack()
         except nats.errors.Error as e:
             # Redelivered later and folded again: harmless, the fold is idempotent.
+            metrics.NATS_ERRORS.labels("ack").inc()
             log.warning("ack failed", extra={"error": repr(e)})
             result = "ack_failed"
         metrics.EVENTS.labels(event_type, result).inc()
 
     async def _nak(self, msg: Msg, event_type: str, delay: float) -> None:
-        with contextlib.suppress(nats.errors.Error):
+        try:
             await msg.nak(delay=delay or None)
+        except nats.errors.Error:
+            metrics.NATS_ERRORS.labels("nak").inc()
         metrics.EVENTS.labels(event_type, "nakked").inc()
 
     def _terminate(self, msg: Msg, reason: str, detail: str) -> None:
@@ -275,6 +342,8 @@ class FleetConsumer:
         self._spawn(term())
 
     def _report(self, applied: Applied, event: Event) -> None:
+        if applied.transition is not None:
+            report_transition(applied.transition)
         for skipped in applied.skipped:
             log.warning(
                 "invalid image reference",
@@ -293,3 +362,14 @@ class FleetConsumer:
             log.warning(
                 "not a fleet, skipped", extra={"object": applied.fleet, "type": event.event_type}
             )
+
+
+def report_transition(change: Transition) -> None:
+    """One line per change of a Fleet's admission on this node."""
+    if change.admitted:
+        log.info("fleet included", extra={"fleet": change.fleet, "reason": change.reason})
+    else:
+        log.info(
+            "fleet excluded, treated as deleted on this node",
+            extra={"fleet": change.fleet, "reason": change.reason},
+        )

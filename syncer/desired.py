@@ -8,18 +8,33 @@ its reason, for the caller to log and count; it never raises.
 
 Each Fleet remembers the stream sequence of the event that last set it, so an older event seen
 again (a redelivery, a replay overlapping the live consumer) cannot roll a Fleet back.
+
+Admission. Not every Fleet is for this node: an opted-out Fleet, one outside ``--fleet-selector``,
+one whose game servers cannot be scheduled here (``--respect-scheduling``). The ``admit`` rule
+decides on every event, and again on :meth:`DesiredState.reevaluate` when the rule's inputs (the
+node's labels and taints) change. A Fleet not admitted is *excluded*: kept, with its reason, so it
+can come back without a new event, but treated as gone everywhere else (no pulls, removable).
+Every change of admission is reported once as a :class:`Transition`.
 """
 
 from __future__ import annotations
 
 import enum
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from syncer.references import ImageRef, InvalidImageReference, normalize
-from wire.contract import Action, Event, Kind, images_of
+from wire.contract import Action, Event, Fleet, Kind, images_of
 
-__all__ = ["Applied", "DesiredState", "Outcome", "SkippedImage"]
+__all__ = ["Admit", "Applied", "DesiredState", "Outcome", "SkippedImage", "Transition", "admit_all"]
+
+# (admitted, reason): the reason is a short phrase for the log line and the node status.
+Admit = Callable[[Fleet], tuple[bool, str]]
+
+
+def admit_all(_: Fleet) -> tuple[bool, str]:
+    return True, "admitted"
 
 
 class Outcome(enum.StrEnum):
@@ -28,12 +43,22 @@ class Outcome(enum.StrEnum):
     STALE = "stale"  # an older event than one already folded: ignored
     NOT_A_FLEET = "not_a_fleet"
     NO_IMAGES = "no_images"  # the Fleet names no usable image: it wants nothing
+    EXCLUDED = "excluded"  # the Fleet is not for this node (``Applied.reason``): as if gone
 
 
 @dataclass(frozen=True)
 class SkippedImage:
     container: str
     image: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Transition:
+    """A Fleet's admission changed: ``admitted`` is the new verdict, ``reason`` says why."""
+
+    fleet: str
+    admitted: bool
     reason: str
 
 
@@ -45,11 +70,17 @@ class Applied:
     fleet: str
     images: frozenset[ImageRef] = frozenset()
     skipped: tuple[SkippedImage, ...] = ()
+    reason: str = ""
+    transition: Transition | None = None
 
 
 @dataclass
 class DesiredState:
+    admit: Admit = admit_all
     _fleets: dict[str, frozenset[ImageRef]] = field(default_factory=dict)
+    # Excluded Fleets: their object (to re-judge), images and the reason they are excluded.
+    _excluded: dict[str, tuple[Fleet, frozenset[ImageRef], str]] = field(default_factory=dict)
+    _objects: dict[str, Fleet] = field(default_factory=dict)
     # Last folded sequence per Fleet, kept after a delete so a stale added cannot resurrect it.
     _seqs: dict[str, int] = field(default_factory=dict)
     last_seq: int = 0
@@ -65,14 +96,62 @@ class DesiredState:
             self._seqs[fleet] = seq
             self.last_seq = max(self.last_seq, seq)
         if event.action is Action.DELETED:
-            self._fleets.pop(fleet, None)
+            self._forget(fleet)
             return Applied(Outcome.DELETED, fleet)
         images, skipped = _images(event)
         if not images:
-            self._fleets.pop(fleet, None)
+            self._forget(fleet)
             return Applied(Outcome.NO_IMAGES, fleet, skipped=skipped)
-        self._fleets[fleet] = images
-        return Applied(Outcome.APPLIED, fleet, images, skipped)
+        assert isinstance(event.obj, Fleet)
+        return self._place(fleet, event.obj, images, skipped)
+
+    def _forget(self, fleet: str) -> None:
+        self._fleets.pop(fleet, None)
+        self._excluded.pop(fleet, None)
+        self._objects.pop(fleet, None)
+
+    def _place(
+        self,
+        fleet: str,
+        obj: Fleet,
+        images: frozenset[ImageRef],
+        skipped: tuple[SkippedImage, ...] = (),
+    ) -> Applied:
+        was_excluded = fleet in self._excluded
+        admitted, reason = self.admit(obj)
+        self._objects[fleet] = obj
+        if admitted:
+            self._excluded.pop(fleet, None)
+            self._fleets[fleet] = images
+            change = Transition(fleet, True, reason) if was_excluded else None
+            return Applied(Outcome.APPLIED, fleet, images, skipped, reason, change)
+        self._fleets.pop(fleet, None)
+        self._excluded[fleet] = (obj, images, reason)
+        # A new Fleet excluded from the start is a transition too: one line says why.
+        change = None if was_excluded else Transition(fleet, False, reason)
+        return Applied(Outcome.EXCLUDED, fleet, images, skipped, reason, change)
+
+    def reevaluate(self) -> list[Transition]:
+        """Judge every known Fleet again (the rule's inputs changed); return what changed."""
+        changes = []
+        for fleet, obj in sorted(self._objects.items()):
+            images = self._fleets.get(fleet) or self._excluded[fleet][1]
+            applied = self._place(fleet, obj, images)
+            if applied.transition is not None:
+                changes.append(applied.transition)
+        return changes
+
+    def excluded(self) -> dict[str, str]:
+        """Fleets known here but not for this node -> why."""
+        return {fleet: reason for fleet, (_, _, reason) in self._excluded.items()}
+
+    def replace_with(self, other: DesiredState) -> None:
+        """Take ``other``'s content (a fresh fold of the whole log) in place."""
+        self._fleets = other._fleets
+        self._excluded = other._excluded
+        self._objects = other._objects
+        self._seqs = other._seqs
+        self.last_seq = other.last_seq
 
     def fleets(self) -> dict[str, frozenset[ImageRef]]:
         return dict(self._fleets)

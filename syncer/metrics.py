@@ -9,12 +9,18 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram
 
 __all__ = [
+    "CONSUMER_ACK_PENDING",
+    "CONSUMER_LAG",
     "CRI_ERRORS",
     "EVENTS",
+    "FLEETS",
     "IMAGES",
+    "IMAGES_REMOVED",
+    "NATS_ERRORS",
     "PULLS",
     "PULL_DURATION",
     "RECONCILE_DURATION",
+    "REPLAYS",
     "TERMINATED",
 ]
 
@@ -51,4 +57,33 @@ CRI_ERRORS = Counter(
     "image_syncer_syncer_cri_errors_total",
     "Failed calls to the container runtime, by rpc.",
     ["rpc"],
+)
+NATS_ERRORS = Counter(
+    "image_syncer_syncer_nats_errors_total",
+    "Failed NATS operations, by operation (fetch, ack, consumer_info, replay, status_write, ...).",
+    ["op"],
+)
+CONSUMER_LAG = Gauge(
+    "image_syncer_syncer_consumer_pending_messages",
+    "Events in the stream not yet delivered to this node's durable (num_pending), refreshed "
+    "periodically.",
+)
+CONSUMER_ACK_PENDING = Gauge(
+    "image_syncer_syncer_consumer_ack_pending_messages",
+    "Events delivered to this node's durable but not acked yet (num_ack_pending).",
+)
+FLEETS = Gauge(
+    "image_syncer_syncer_fleets",
+    "Fleets known to this node, by state (admitted, excluded).",
+    ["state"],
+)
+IMAGES_REMOVED = Counter(
+    "image_syncer_syncer_images_removed_total",
+    "Unused images the syncer handled (--remove-unused), by outcome (removed, refused, gone).",
+    ["outcome"],
+)
+REPLAYS = Counter(
+    "image_syncer_syncer_replays_total",
+    "Whole-log replays, by trigger (start, request).",
+    ["trigger"],
 )

@@ -104,6 +104,10 @@ class Puller:
     def inflight(self) -> int:
         return len(self._inflight)
 
+    def pulling(self) -> frozenset[ImageRef]:
+        """Images being pulled or queued for a slot right now."""
+        return frozenset(self._inflight)
+
     async def close(self) -> None:
         """Start no new pulls; let running ones finish or time out (queued ones give up)."""
         self._closing = True

@@ -6,6 +6,7 @@ import re
 import socket
 from dataclasses import dataclass, field
 
+from syncer.filtering import FleetFilter
 from wire.natsconn import NatsSettings
 
 __all__ = ["SyncerSettings", "durable_name"]
@@ -31,6 +32,21 @@ class SyncerSettings:
     # Docker config.json files ({"auths": {...}}): a mounted pull Secret, the kubelet's own.
     registry_auth_file: str | None = None
     kubelet_config_json: str | None = None
+    # Node status (issue 6): written at most every status_interval, aged out after status_ttl.
+    status_interval: float = 5.0
+    status_replicas: int = 1
+    status_ttl: float = 3600.0
+    # How often the durable's num_pending is read for the lag gauge.
+    lag_interval: float = 30.0
+    # /healthz fails once the runtime has not answered for this long (stale hostPath socket).
+    runtime_unhealthy_after: float = 300.0
+    # Which Fleets (issue 5): a label selector on Fleet labels; empty selects all.
+    fleet_selector: str = ""
+    respect_scheduling: bool = False
+    kube_api_url: str | None = None
+    node_refresh: float = 60.0
+    remove_unused: bool = False
+    remove_grace: float = 600.0
     nats: NatsSettings = field(default_factory=NatsSettings)
 
     def __post_init__(self) -> None:
@@ -44,6 +60,21 @@ class SyncerSettings:
             raise ValueError("max_ack_pending must be at least 1")
         if not self.node_name:
             raise ValueError("node_name must not be empty")
+        positive = {
+            "status_interval": self.status_interval,
+            "status_ttl": self.status_ttl,
+            "lag_interval": self.lag_interval,
+            "runtime_unhealthy_after": self.runtime_unhealthy_after,
+            "node_refresh": self.node_refresh,
+        }
+        for name, value in positive.items():
+            if value <= 0:
+                raise ValueError(f"{name} must be positive")
+        if self.remove_grace < 0:
+            raise ValueError("remove_grace must not be negative")
+        if self.status_replicas < 1:
+            raise ValueError("status_replicas must be at least 1")
+        FleetFilter.parse(self.fleet_selector)  # SelectorError (a ValueError) names the problem
 
     @property
     def durable(self) -> str:

@@ -75,6 +75,58 @@ def syncer(
         str | None,
         typer.Option(envvar="KUBELET_CONFIG_JSON", help="The kubelet's config.json, if mounted."),
     ] = None,
+    status_interval: Annotated[
+        float, Duration("Write this node's status at most this often.", "STATUS_INTERVAL")
+    ] = "5s",  # type: ignore[assignment]
+    status_replicas: Annotated[
+        int,
+        typer.Option(
+            envvar="STATUS_REPLICAS", min=1, help="Replicas of the status and pulled-image buckets."
+        ),
+    ] = 1,
+    status_ttl: Annotated[
+        float, Duration("A vanished node's status entry expires after this.", "STATUS_TTL")
+    ] = "1h",  # type: ignore[assignment]
+    lag_interval: Annotated[
+        float, Duration("How often to read this node's consumer lag.", "LAG_INTERVAL")
+    ] = "30s",  # type: ignore[assignment]
+    runtime_unhealthy_after: Annotated[
+        float,
+        Duration(
+            "Fail /healthz once the runtime has been unreachable this long.",
+            "RUNTIME_UNHEALTHY_AFTER",
+        ),
+    ] = "5m",  # type: ignore[assignment]
+    fleet_selector: Annotated[
+        str,
+        typer.Option(
+            envvar="FLEET_SELECTOR", help="Label selector on Fleet labels; empty selects all."
+        ),
+    ] = "",
+    respect_scheduling: Annotated[
+        bool,
+        typer.Option(
+            envvar="RESPECT_SCHEDULING",
+            help="Pull a Fleet's images only where its game servers could be scheduled.",
+        ),
+    ] = False,
+    kube_api_url: Annotated[
+        str | None,
+        typer.Option(envvar="KUBE_API_URL", help="API server URL; in-cluster by default."),
+    ] = None,
+    node_refresh: Annotated[
+        float, Duration("How often to re-read the node's labels and taints.", "NODE_REFRESH")
+    ] = "1m",  # type: ignore[assignment]
+    remove_unused: Annotated[
+        bool,
+        typer.Option(
+            envvar="REMOVE_UNUSED",
+            help="Remove images this syncer pulled once no live Fleet references them.",
+        ),
+    ] = False,
+    remove_grace: Annotated[
+        float, Duration("How long an image must stay unused before removal.", "REMOVE_GRACE")
+    ] = "10m",  # type: ignore[assignment]
 ) -> None:
     """Pre-pull the images of every Fleet onto this node and keep them there."""
     from syncer.runner import run
@@ -97,6 +149,17 @@ def syncer(
             cri_call_timeout=cri_call_timeout,
             registry_auth_file=registry_auth_file,
             kubelet_config_json=kubelet_config_json,
+            status_interval=status_interval,
+            status_replicas=status_replicas,
+            status_ttl=status_ttl,
+            lag_interval=lag_interval,
+            runtime_unhealthy_after=runtime_unhealthy_after,
+            fleet_selector=fleet_selector,
+            respect_scheduling=respect_scheduling,
+            kube_api_url=kube_api_url,
+            node_refresh=node_refresh,
+            remove_unused=remove_unused,
+            remove_grace=remove_grace,
             nats=nats,
         )
     except ValueError as e:

@@ -1,0 +1,202 @@
+"""A running syncer's node status, seen through the real CLI: status, wait and replay.
+
+Real nats-server, containerd and docker-registry; the syncer runs in-process (its log records
+are the observable of a replay), the CLI as a subprocess, as an operator or a CD pipeline runs it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import uuid
+
+import pytest
+from nats.js import JetStreamContext
+from syncer_harness import (  # noqa: F401  (fixtures)
+    RunningSyncer,
+    cli,
+    eventually,
+    fleet,
+    info_logs_fixture,
+    logged,
+    norm,
+    settings_fixture,
+    status_json,
+)
+
+from image_syncer.sandbox.containerd import Containerd
+from image_syncer.sandbox.registry import Registry
+from syncer.settings import SyncerSettings
+from wire.contract import Kind, subject_for
+from wire.eventlog import LogSettings, publish_event, stream_name
+from wire.nodestatus import StatusSettings, open_status_bucket, replay_key, request_replay
+
+pytestmark = [pytest.mark.nats, pytest.mark.cri]
+
+
+async def _until_status(settings: SyncerSettings, check, what: str) -> dict:  # type: ignore[no-untyped-def]
+    deadline = asyncio.get_running_loop().time() + 60
+    while True:
+        doc = await status_json(settings)
+        if check(doc):
+            return doc
+        assert asyncio.get_running_loop().time() < deadline, f"{what}; last: {doc}"
+        await asyncio.sleep(0.3)
+
+
+async def test_running_syncer_appears_in_status_with_the_fleets_images_present(
+    settings: SyncerSettings, js: JetStreamContext, log_settings: LogSettings, push
+) -> None:
+    image, sidecar = push(), push()
+    running = await RunningSyncer(settings).start()
+    try:
+        await publish_event(js, log_settings, "fleet.events.added", fleet("game", image, sidecar))
+        node = settings.node_name
+
+        def complete(doc: dict) -> bool:
+            return doc["fleets"].get("default/game", {}).get(node, {}).get("complete", False)
+
+        doc = await _until_status(settings, complete, "the node reports the Fleet complete")
+        state = doc["nodes"][node]["status"]["state"]
+        assert sorted(state["desired"]["default/game"]) == sorted([norm(image), norm(sidecar)])
+        assert {norm(image), norm(sidecar)} <= set(state["present"])
+        assert state["last_reconcile"]
+        assert doc["nodes"][node]["stale"] is False
+        code, table, err = await cli(settings, "status")
+        assert code == 0, err
+        row = next(line for line in table.splitlines() if node in line)
+        assert "2/2" in row
+    finally:
+        assert await running.stop() == 0
+
+
+async def test_wait_exits_zero_once_a_real_syncer_pulled_the_images(
+    settings: SyncerSettings,
+    js: JetStreamContext,
+    log_settings: LogSettings,
+    push,
+    containerd: Containerd,
+) -> None:
+    image = push(layer_bytes=512 << 10)
+    running = await RunningSyncer(settings).start()
+    try:
+        waiter = asyncio.create_task(
+            cli(settings, "wait", "--fleet", "default/rollout", "--timeout", "60s")
+        )
+        await publish_event(js, log_settings, "fleet.events.added", fleet("rollout", image))
+        code, out, err = await waiter
+        assert code == 0, err
+        assert "default/rollout: all images present on 1 live nodes" in out
+        # wait said so because the image really is on the node.
+        assert image in containerd.image_refs()
+    finally:
+        assert await running.stop() == 0
+
+
+async def test_wait_times_out_naming_the_node_that_cannot_pull(
+    settings: SyncerSettings, js: JetStreamContext, log_settings: LogSettings, registry: Registry
+) -> None:
+    missing = f"{registry.address}/test/never-pushed-{uuid.uuid4().hex[:8]}:v1"
+    running = await RunningSyncer(settings).start()
+    try:
+        await publish_event(js, log_settings, "fleet.events.added", fleet("broken", missing))
+
+        def failed(doc: dict) -> bool:
+            state = doc["nodes"].get(settings.node_name, {}).get("status", {}).get("state", {})
+            return norm(missing) in state.get("failed", {})
+
+        await _until_status(settings, failed, "the failure reaches the node status")
+        code, out, err = await cli(settings, "wait", "--fleet", "default/broken", "--timeout", "2s")
+        assert code == 1, out + err
+        assert "default/broken not ready after 2s: 1 of 1 live nodes miss images" in err
+        line = next(line for line in err.splitlines() if settings.node_name in line)
+        assert norm(missing) in line and "failed:" in line
+    finally:
+        assert await running.stop() == 0
+
+
+async def test_replay_command_makes_a_running_syncer_rebuild_from_the_log(
+    settings: SyncerSettings,
+    js: JetStreamContext,
+    log_settings: LogSettings,
+    push,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    kept, purged = push(), push()
+    running = await RunningSyncer(settings).start()
+    node = settings.node_name
+    try:
+        await publish_event(js, log_settings, "fleet.events.added", fleet("kept", kept))
+        await publish_event(js, log_settings, "fleet.events.added", fleet("purged", purged))
+
+        def both(doc: dict) -> bool:
+            desired = doc["nodes"].get(node, {}).get("status", {}).get("state", {}).get("desired")
+            return bool(desired) and {"default/kept", "default/purged"} <= set(desired)
+
+        await _until_status(settings, both, "both Fleets desired")
+        # Behind the syncer's back: the Fleet's message vanishes from the stream (no event).
+        stream = stream_name(log_settings.prefix, Kind.FLEET)
+        subject = subject_for(log_settings.prefix, "fleet.events.added", "default", "purged")
+        await js.purge_stream(stream, subject=subject)
+
+        code, out, err = await cli(settings, "replay", "--node", node)
+        assert code == 0, err
+        request = re.search(r"request=(\w+)", out).group(1)  # type: ignore[union-attr]
+        await eventually(
+            lambda: logged(caplog, "replaying the whole log on request", request=request),
+            "the running syncer heard the request",
+        )
+
+        def rebuilt(doc: dict) -> bool:
+            state = doc["nodes"][node]["status"]["state"]
+            return state.get("replayed_request") == request
+
+        doc = await _until_status(settings, rebuilt, "the node reports the replay done")
+        assert set(doc["nodes"][node]["status"]["state"]["desired"]) == {"default/kept"}
+        assert logged(caplog, "desired state rebuilt from the whole log")
+        kv = await open_status_bucket(js, StatusSettings(prefix=settings.subject_prefix))
+        assert kv is not None
+        keys = await kv.keys()
+        assert replay_key(node) not in keys, "the honoured request is deleted"
+        # The live consumer still follows the log after the rebuild.
+        later = push()
+        await publish_event(js, log_settings, "fleet.events.added", fleet("later", later))
+
+        def follows(doc: dict) -> bool:
+            return "default/later" in doc["nodes"][node]["status"]["state"]["desired"]
+
+        await _until_status(settings, follows, "events after the rebuild are folded")
+    finally:
+        assert await running.stop() == 0
+
+
+async def test_replay_requested_while_stopped_is_honoured_at_start(
+    settings: SyncerSettings,
+    js: JetStreamContext,
+    log_settings: LogSettings,
+    push,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    status_settings = StatusSettings(prefix=settings.subject_prefix)
+    request = await request_replay(js, status_settings, settings.node_name, requested_by="test")
+    await publish_event(js, log_settings, "fleet.events.added", fleet("early", push()))
+    running = await RunningSyncer(settings).start()
+    try:
+        await eventually(
+            lambda: logged(
+                caplog, "replay requested, honoured by the start-up replay", request=request.id
+            ),
+            "the pending request is seen at start",
+        )
+
+        def done(doc: dict) -> bool:
+            state = doc["nodes"].get(settings.node_name, {}).get("status", {}).get("state", {})
+            return state.get("replayed_request") == request.id
+
+        await _until_status(settings, done, "the status names the honoured request")
+        kv = await open_status_bucket(js, status_settings)
+        assert kv is not None
+        assert replay_key(settings.node_name) not in await kv.keys()
+        assert not logged(caplog, "replaying the whole log on request")
+    finally:
+        assert await running.stop() == 0
