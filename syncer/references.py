@@ -9,6 +9,7 @@ fully qualified form. A reference pinned by digest is matched against the runtim
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -52,8 +53,14 @@ class ImageRef:
         return self.name.split("/", 1)[0]
 
 
+@functools.lru_cache(maxsize=16384)
 def normalize(text: str) -> ImageRef:
-    """``nginx`` -> ``docker.io/library/nginx:latest``; raise InvalidImageReference if not one."""
+    """``nginx`` -> ``docker.io/library/nginx:latest``; raise InvalidImageReference if not one.
+
+    Cached: every event, replay and reconcile normalizes the same few hundred strings, and the
+    grammar costs several regular expressions per call (the largest share of replay time).
+    ImageRef is frozen, so sharing one instance is safe; failures are not cached.
+    """
     if not text or text != text.strip():
         raise InvalidImageReference(f"invalid image reference {text!r}: empty or padded")
     try:
