@@ -89,6 +89,8 @@ def start_syncer(node: Node, nats_url: str, workdir: Path, sync_period: str) -> 
         "SYNC_PERIOD": sync_period,
         "METRICS_ADDR": f"127.0.0.1:{node.metrics_port}",
         "LOG_FORMAT": "logfmt",
+        # The demo moves faster than the default 5s status throttle.
+        "STATUS_INTERVAL": "1s",
     }
     log = node.log_path.open("ab")
     node.process = subprocess.Popen(
@@ -234,8 +236,12 @@ def _rollout(nats_url: str, images: dict[str, str], nodes: list[Node]) -> None:
 
 
 def _show_status(nats_url: str) -> None:
-    step("Per-node status (image-syncer status)")
+    step("What a CD pipeline runs before scaling: image-syncer wait --fleet default/arena")
     try:
+        console.print(
+            _indent(cli("wait", "--fleet", "default/arena", "--timeout", "30s", nats_url=nats_url))
+        )
+        step("Per-node status (image-syncer status)")
         console.print(_indent(cli("status", nats_url=nats_url)))
     except DemoFailed as e:
         console.print(f"  [yellow]{e}[/yellow]")
