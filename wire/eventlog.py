@@ -14,6 +14,7 @@ stays bounded by the number of live objects.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import re
@@ -24,6 +25,7 @@ from typing import Any
 
 import nats.errors
 import nats.js.errors
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
@@ -205,26 +207,32 @@ async def read_log(
     last_seq = info.state.last_seq
     if not follow and info.state.messages == 0:
         return
+    # A callback feeding our own queue, rather than next_msg(): next_msg creates a task and a
+    # wait_for per message, which doubled the cost of a replay. Here a message that is already
+    # buffered is taken without awaiting anything.
+    inbox: asyncio.Queue[Msg] = asyncio.Queue()
+
+    async def deliver(msg: Msg) -> None:
+        inbox.put_nowait(msg)
+
     sub = await js.subscribe(
         subject or ">",
         stream=stream,
+        cb=deliver,
         ordered_consumer=True,
         deliver_policy=DeliverPolicy.ALL,
         config=ConsumerConfig(ack_policy=AckPolicy.NONE, max_ack_pending=-1),
         pending_msgs_limit=batch * 64,
     )
     try:
-        if not follow and subject and await _matches_nothing(sub):
+        if not follow and subject and await _matches_nothing(sub, inbox):
             return
         while True:
-            try:
-                msg = await sub.next_msg(timeout=idle_timeout if not follow else 3600.0)
-            except nats.errors.TimeoutError:
-                if follow:
-                    continue
+            msg = await _next(inbox, None if follow else idle_timeout)
+            if msg is None:
                 # Quiet for a while: done if nothing (matching) is left, e.g. a filter that
                 # matches nothing, or messages purged or expired since we looked.
-                if await _caught_up(sub):
+                if inbox.empty() and await _caught_up(sub):
                     return
                 continue
             meta = msg.metadata
@@ -243,11 +251,22 @@ async def read_log(
         await _quiet_unsubscribe(sub)
 
 
-async def _matches_nothing(sub: Any) -> bool:
+async def _next(inbox: asyncio.Queue[Msg], timeout: float | None) -> Msg | None:
+    try:
+        return inbox.get_nowait()
+    except asyncio.QueueEmpty:
+        pass
+    try:
+        return await asyncio.wait_for(inbox.get(), timeout)
+    except TimeoutError:
+        return None
+
+
+async def _matches_nothing(sub: Any, inbox: asyncio.Queue[Msg]) -> bool:
     # num_pending alone is not enough: messages the server already pushed may still be on
     # their way to us, and returning then would make a replay silently fold nothing.
     info = await sub.consumer_info()
-    return info.num_pending == 0 and info.delivered.consumer_seq == 0 and sub.pending_msgs == 0
+    return info.num_pending == 0 and info.delivered.consumer_seq == 0 and inbox.empty()
 
 
 async def _caught_up(sub: Any) -> bool:
