@@ -345,13 +345,15 @@ async def test_garbage_is_terminated_counted_and_the_consumer_goes_on(
     caplog,
 ) -> None:
     before = metric("image_syncer_syncer_messages_terminated_total", reason="malformed")
-    subject = subject_for(log_settings.prefix, "fleet.events.added", "default", "junk")
     garbage = [
         b"\x00\xffnot json",
         b'{"header":{"headers":{"event_type":"fleet.events.exploded"}},"message":{}}',
         b'{"header":{"headers":{"event_type":"fleet.events.added"}},"message":{"metadata":{}}}',
     ]
-    for payload in garbage:
+    # One subject each: the stream keeps one message per subject, so garbage published on one
+    # subject could be compacted away before the consumer ever saw it.
+    for i, payload in enumerate(garbage):
+        subject = subject_for(log_settings.prefix, "fleet.events.added", "default", f"junk-{i}")
         await js.publish(subject, payload)
     image = push()
     await publish_event(js, log_settings, "fleet.events.added", fleet("after-junk", image))
