@@ -15,7 +15,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from image_syncer.sandbox.processes import MissingComponent, stop_process, wait_until
+from image_syncer.sandbox.processes import ManagedProcess, MissingComponent
 
 __all__ = ["CRI_NAMESPACE", "Containerd", "short_dir"]
 
@@ -42,7 +42,7 @@ def short_dir(directory: Path) -> Path:
 
 
 @dataclass
-class Containerd:
+class Containerd(ManagedProcess):
     """One containerd; ``restart()`` keeps its store and socket, as a node's restart would."""
 
     state_dir: Path
@@ -126,23 +126,10 @@ state = "{d / "state"}"
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.socket_dir.mkdir(parents=True, exist_ok=True)
         self.config_file.write_text(self._config())
-        with self.log_file.open("ab") as log:
-            self.process = subprocess.Popen(
-                [containerd, "--config", str(self.config_file)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
+        self._spawn([containerd, "--config", str(self.config_file)])
 
     def _wait_ready(self, timeout: float) -> None:
-        wait_until(
-            self._cri_settled,
-            timeout=timeout,
-            what=f"containerd at {self.socket}",
-            process=self.process,
-            log_file=self.log_file,
-        )
+        self._await_ready(self._cri_settled, timeout=timeout, what=f"containerd at {self.socket}")
         if not self._plugin_ok("io.containerd.grpc.v1", "cri"):
             raise RuntimeError(f"containerd CRI plugin failed: {self._plugins_text()}")
 
@@ -161,15 +148,6 @@ state = "{d / "state"}"
         if not self.socket.exists():
             return ""
         return self.ctr("plugins", "ls", namespace=None).stdout
-
-    def stop(self, *, kill: bool = False) -> None:
-        stop_process(self.process, kill=kill)
-        self.process = None
-
-    def restart(self, *, kill: bool = False) -> None:
-        self.stop(kill=kill)
-        self._launch()
-        self._wait_ready(60)
 
     def ctr(
         self, *args: str, namespace: str | None = CRI_NAMESPACE, check: bool = True

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -10,7 +9,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from image_syncer.sandbox.processes import MissingComponent, free_port, stop_process, wait_until
+from image_syncer.sandbox.processes import ManagedProcess, MissingComponent, free_port
 
 __all__ = ["NatsServer", "nats_server_binary"]
 
@@ -27,7 +26,7 @@ def nats_server_binary() -> str:
 
 
 @dataclass
-class NatsServer:
+class NatsServer(ManagedProcess):
     """One JetStream server. ``restart()`` keeps its ports and store, as a real restart would."""
 
     store_dir: Path
@@ -74,43 +73,15 @@ class NatsServer:
         return self.store_dir / "nats.log"
 
     def start(self, *, wait: bool = True) -> NatsServer:
-        config = self._config()
-        with self.log_file.open("ab") as log:
-            self.process = subprocess.Popen(
-                [nats_server_binary(), "-c", str(config)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                env={**os.environ},
-            )
+        self._spawn([nats_server_binary(), "-c", str(self._config())])
         if wait:
             self.wait_ready()
         return self
 
     def wait_ready(self, timeout: float = 30) -> None:
-        wait_until(
-            self._healthy,
-            timeout=timeout,
-            what=f"nats-server {self.server_name}",
-            process=self.process,
-            log_file=self.log_file,
-        )
+        self._await_ready(self._healthy, timeout=timeout, what=f"nats-server {self.server_name}")
 
     def _healthy(self) -> bool:
         url = f"{self.monitor_url}/healthz?js-enabled-only=true"
         with urllib.request.urlopen(url, timeout=1) as response:
             return response.status == 200
-
-    def stop(self, *, kill: bool = False) -> None:
-        stop_process(self.process, kill=kill)
-        self.process = None
-
-    def restart(self, *, kill: bool = False) -> None:
-        self.stop(kill=kill)
-        self.start()
-
-    def __enter__(self) -> NatsServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

@@ -10,8 +10,9 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Self
 
-__all__ = ["MissingComponent", "free_port", "stop_process", "wait_until"]
+__all__ = ["ManagedProcess", "MissingComponent", "free_port", "stop_process", "wait_until"]
 
 
 class MissingComponent(RuntimeError):
@@ -65,3 +66,47 @@ def stop_process(
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=timeout)
+
+
+class ManagedProcess:
+    """What every sandbox daemon shares: spawn with a log file, wait, stop, restart, ``with``.
+
+    Subclasses hold ``process`` and ``log_file`` and implement ``start()``, which spawns with
+    :meth:`_spawn` and waits with :meth:`_await_ready`.
+    """
+
+    process: subprocess.Popen | None
+    log_file: Path
+
+    def start(self) -> ManagedProcess:
+        raise NotImplementedError
+
+    def _spawn(self, command: list[str], env: dict[str, str] | None = None) -> None:
+        with self.log_file.open("ab") as log:
+            self.process = subprocess.Popen(
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                env=env,
+            )
+
+    def _await_ready(self, check: Callable[[], bool], *, timeout: float, what: str) -> None:
+        wait_until(check, timeout=timeout, what=what, process=self.process, log_file=self.log_file)
+
+    def stop(self, *, kill: bool = False) -> None:
+        stop_process(self.process, kill=kill)
+        self.process = None
+
+    def restart(self, *, kill: bool = False) -> None:
+        """Stop and start again with the same ports and state, as a real restart would."""
+        self.stop(kill=kill)
+        self.start()
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -15,7 +15,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from image_syncer.sandbox.processes import MissingComponent, free_port, stop_process, wait_until
+from image_syncer.sandbox.processes import ManagedProcess, MissingComponent, free_port
 
 __all__ = ["Registry", "basic_auth_header"]
 
@@ -33,7 +33,7 @@ def basic_auth_header(credentials: tuple[str, str]) -> str:
 
 
 @dataclass
-class Registry:
+class Registry(ManagedProcess):
     """One registry; ``restart()`` keeps its port and its blobs, as a real restart would."""
 
     data_dir: Path
@@ -105,22 +105,8 @@ class Registry:
 
     def start(self) -> Registry:
         binary = _binary("docker-registry", "docker-registry")
-        config = self._config()
-        with self.log_file.open("ab") as log:
-            self.process = subprocess.Popen(
-                [binary, "serve", str(config)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        wait_until(
-            self._answers,
-            timeout=30,
-            what=f"docker-registry on {self.address}",
-            process=self.process,
-            log_file=self.log_file,
-        )
+        self._spawn([binary, "serve", str(self._config())])
+        self._await_ready(self._answers, timeout=30, what=f"docker-registry on {self.address}")
         return self
 
     def _answers(self) -> bool:
@@ -129,17 +115,3 @@ class Registry:
                 return response.status == 200
         except urllib.error.HTTPError as e:
             return e.code == 401 and self.htpasswd is not None
-
-    def stop(self, *, kill: bool = False) -> None:
-        stop_process(self.process, kill=kill)
-        self.process = None
-
-    def restart(self, *, kill: bool = False) -> None:
-        self.stop(kill=kill)
-        self.start()
-
-    def __enter__(self) -> Registry:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
