@@ -145,6 +145,14 @@ class DesiredState:
         """Fleets known here but not for this node -> why."""
         return {fleet: reason for fleet, (_, _, reason) in self._excluded.items()}
 
+    def fleet_seqs(self) -> dict[str, int]:
+        """Desired and excluded Fleets -> the stream sequence of the last event folded for each.
+
+        Fleets folded without a sequence (``apply(event)`` alone) are left out.
+        """
+        known = (*self._fleets, *self._excluded)
+        return {fleet: self._seqs[fleet] for fleet in known if fleet in self._seqs}
+
     def replace_with(self, other: DesiredState) -> None:
         """Take ``other``'s content (a fresh fold of the whole log) in place."""
         self._fleets = other._fleets

@@ -3,7 +3,8 @@
 Built from what the syncer already holds in memory (the fold, the last ListImages answer, the
 puller's in-flight set, the last failures), so taking one costs no I/O and can run every few
 seconds. Images are written in normalized form, and only desired ones: the node's other images
-are none of the cluster's business.
+are none of the cluster's business. Each desired or excluded Fleet carries the sequence of the
+event it was last folded from, so readers know which version of the Fleet the entry speaks of.
 """
 
 from __future__ import annotations
@@ -30,4 +31,5 @@ def node_state(
         excluded=frozenset(desired.excluded()),
         last_reconcile=reconciler.last_reconcile,
         replayed_request=replayed_request,
+        fleet_seqs=desired.fleet_seqs(),
     )

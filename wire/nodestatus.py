@@ -14,11 +14,18 @@ requests carry no TTL: a node that is down for a week still replays when it come
 why the bucket has no max age. Readers judge liveness from ``reported_at``, which the syncer
 refreshes at least every heartbeat, so a node that stopped writing is *stale* long before its
 entry expires. History is 1: only the newest state of a node matters.
+
+Schema evolution. Fields are only ever added, each with a default, so an entry written by an
+older syncer still decodes (the new field reads as its default) and an older reader ignores
+fields it does not know. ``NodeStatus.schema`` says which fields the writer knew of: a default
+value from a writer that knew the field means "none", from an older writer "not reported".
+Schema 2 added ``NodeState.fleet_seqs``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
 import re
 import uuid
 from dataclasses import dataclass
@@ -36,8 +43,11 @@ from wire.contract import check_prefix
 __all__ = [
     "DEFAULT_BUCKET",
     "FleetProgress",
+    "FleetTarget",
+    "NodeReadiness",
     "NodeState",
     "NodeStatus",
+    "Readiness",
     "ReplayRequest",
     "StatusError",
     "StatusSettings",
@@ -54,17 +64,21 @@ __all__ = [
     "is_stale",
     "list_statuses",
     "node_key",
+    "node_readiness",
     "open_status_bucket",
     "parse_fleet",
     "put_status",
     "replay_key",
+    "reports_fleet_seqs",
     "request_replay",
 ]
 
 DEFAULT_BUCKET = "IMAGE_SYNCER_NODES"
 NODE_KEY_PREFIX = "node."
 REPLAY_KEY_PREFIX = "replay."
-SCHEMA = 1
+SCHEMA = 2
+# The first schema whose writers report ``NodeState.fleet_seqs``.
+FLEET_SEQS_SCHEMA = 2
 
 # Kubernetes node names are DNS-1123 subdomains; all of their characters are valid in KV keys.
 _NODE_RE = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
@@ -142,6 +156,10 @@ class NodeState(msgspec.Struct, frozen=True, omit_defaults=True):
     last_reconcile: datetime | None = None
     # The replay request this node honoured last, so `status` can show it was done.
     replayed_request: str = ""
+    # "namespace/name" -> stream sequence of the last event the node folded for that Fleet, for
+    # every desired and excluded Fleet: which version of the Fleet ``desired`` and ``excluded``
+    # reflect, so `wait` can tell "not updated yet" from "done" right after a publish.
+    fleet_seqs: dict[str, int] = {}
 
 
 class NodeStatus(msgspec.Struct, frozen=True, kw_only=True):
@@ -187,14 +205,92 @@ def fleet_progress(status: NodeStatus, fleet: str) -> FleetProgress | None:
     images = status.state.desired.get(fleet)
     if images is None:
         return None
+    return _progress(status.state, images)
+
+
+def _progress(state: NodeState, images: list[str] | tuple[str, ...]) -> FleetProgress:
     unique = tuple(dict.fromkeys(images))
-    state = status.state
     return FleetProgress(
         images=unique,
         present=tuple(i for i in unique if i in state.present),
         pulling=tuple(i for i in unique if i in state.pulling and i not in state.present),
         failed={i: state.failed[i] for i in unique if i in state.failed and i not in state.present},
     )
+
+
+# --- Readiness: a node against the Fleet as the event log has it -----------------------------
+
+
+class FleetTarget(msgspec.Struct, frozen=True):
+    """A live Fleet as the event log has it now: its newest event's sequence and its images.
+
+    ``images`` are normalized the way the syncer normalizes them, so they compare with
+    ``NodeState.present``.
+    """
+
+    seq: int
+    images: tuple[str, ...]
+
+
+class Readiness(enum.StrEnum):
+    DONE = "done"  # at (or past) the target, every image present
+    NOT_TARGETED = "not_targeted"  # at (or past) the target, and the Fleet is not for this node
+    BEHIND = "behind"  # has not folded the target event yet (or the Fleet at all)
+    MISSING = "missing"  # at (or past) the target, images still missing
+
+
+@dataclass(frozen=True)
+class NodeReadiness:
+    verdict: Readiness
+    # The node's sequence for the Fleet; None when it reports none (older syncer, or unseen).
+    seq: int | None
+    # Written by a syncer that reports no sequences: judged by its images alone.
+    legacy: bool
+    # Progress on the images judged, for MISSING (and DONE); None otherwise.
+    progress: FleetProgress | None = None
+
+    @property
+    def counts_as_done(self) -> bool:
+        return self.verdict in (Readiness.DONE, Readiness.NOT_TARGETED)
+
+
+def reports_fleet_seqs(status: NodeStatus) -> bool:
+    """Whether the writer knew ``fleet_seqs``: an empty map then means "folded no Fleet"."""
+    return status.schema >= FLEET_SEQS_SCHEMA
+
+
+def node_readiness(status: NodeStatus, fleet: str, target: FleetTarget) -> NodeReadiness:
+    """Is ``fleet`` as of ``target`` ready on this node? What a CD pipeline's ``wait`` asks.
+
+    A node is done only once it folded the target event (its sequence for the Fleet is at least
+    ``target.seq``) and holds every image, or excludes the Fleet as of that event. Before that
+    its entry may speak of an older version whose images are all present. A node past the
+    target folded a newer version, so its own images for the Fleet are judged: ``present``
+    covers only desired images, and the target's may no longer be. Entries of older syncers
+    carry no sequences: they are judged by the target's images alone, as before (``legacy``).
+    """
+    state = status.state
+    if not reports_fleet_seqs(status):
+        return _legacy_readiness(state, fleet, target)
+    seq = state.fleet_seqs.get(fleet)
+    if seq is None or seq < target.seq:
+        return NodeReadiness(Readiness.BEHIND, seq, legacy=False)
+    if fleet in state.excluded:
+        return NodeReadiness(Readiness.NOT_TARGETED, seq, legacy=False)
+    images = target.images if seq == target.seq else state.desired.get(fleet, [])
+    progress = _progress(state, images)
+    verdict = Readiness.DONE if progress.complete else Readiness.MISSING
+    return NodeReadiness(verdict, seq, legacy=False, progress=progress)
+
+
+def _legacy_readiness(state: NodeState, fleet: str, target: FleetTarget) -> NodeReadiness:
+    if fleet in state.excluded:
+        return NodeReadiness(Readiness.NOT_TARGETED, None, legacy=True)
+    if fleet not in state.desired:
+        return NodeReadiness(Readiness.BEHIND, None, legacy=True)
+    progress = _progress(state, target.images)
+    verdict = Readiness.DONE if progress.complete else Readiness.MISSING
+    return NodeReadiness(verdict, None, legacy=True, progress=progress)
 
 
 def is_stale(status: NodeStatus, now: datetime, stale_after: float) -> bool:
