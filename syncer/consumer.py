@@ -39,8 +39,9 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from ops.serving import Health
 from syncer import metrics
 from syncer.desired import Applied, DesiredState, Outcome, Transition
-from syncer.puller import Puller, PullResult
+from syncer.puller import Puller
 from syncer.reconcile import Reconciler
+from syncer.references import ImageRef
 from syncer.settings import SyncerSettings
 from wire.contract import ContractError, Event, Kind, decode_event, subject_filter
 from wire.eventlog import read_log, stream_name
@@ -53,6 +54,7 @@ _FETCH_TIMEOUT = 1.0
 # Check that the durable still exists after this many idle fetches (a NATS restart drops it);
 # rare enough that thousands of idle nodes do not load the JetStream API.
 _IDLE_CHECK_EVERY = 30
+_UNANSWERED_MEANS_GONE = 3
 _NAK_DELAY = 5.0
 
 
@@ -82,6 +84,7 @@ class FleetConsumer:
         self.durable = settings.durable
         self.last_seq = 0
         self._settling: set[asyncio.Task[None]] = set()
+        self._unanswered = 0  # consecutive unanswered durable checks
         self._sub: Any = None
 
     # --- replay ---------------------------------------------------------------------------
@@ -175,7 +178,9 @@ class FleetConsumer:
         """(Re)create the durable to deliver what comes after ``last_seq``, and bind to it."""
         # The start sequence of an existing consumer cannot be changed: replace it.
         try:
-            with contextlib.suppress(nats.js.errors.NotFoundError):
+            # A consumer whose only server is gone cannot be deleted (the request times out);
+            # creating it again places it on a live server.
+            with contextlib.suppress(nats.js.errors.NotFoundError, nats.errors.TimeoutError):
                 await self._js.delete_consumer(self.stream, self.durable)
             await self._js.add_consumer(self.stream, self.consumer_config(self.last_seq + 1))
         except Exception:
@@ -191,10 +196,22 @@ class FleetConsumer:
         )
 
     async def _durable_exists(self) -> bool:
+        """Whether the durable is there; raises while that cannot be told yet.
+
+        An R1 consumer whose only server died never answers, not even "not found": when we are
+        connected and three checks in a row went unanswered, it is treated as gone.
+        """
         try:
             await self._js.consumer_info(self.stream, self.durable)
         except nats.js.errors.NotFoundError:
             return False
+        except nats.errors.TimeoutError:
+            self._unanswered += 1
+            if self._unanswered < _UNANSWERED_MEANS_GONE or not self._js._nc.is_connected:
+                raise
+            self._unanswered = 0
+            return False
+        self._unanswered = 0
         return True
 
     async def _recover(self, stopping: asyncio.Event) -> None:
@@ -241,7 +258,7 @@ class FleetConsumer:
             await self._recover(stopping)
             return idle
         for msg in messages:
-            self.dispatch(msg)
+            await self.dispatch(msg)
         return 0
 
     async def drain(self) -> None:
@@ -251,8 +268,13 @@ class FleetConsumer:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
 
-    def dispatch(self, msg: Msg) -> None:
-        """Fold one message in delivery order; settle its pulls in the background."""
+    async def dispatch(self, msg: Msg) -> None:
+        """Fold one message in delivery order; ack it at once when its images are all present.
+
+        Only an event that needs pulls gets a task of its own (settled in the background, so a
+        slow pull never holds up the events behind it); the common case, images already on the
+        node, costs no task at all.
+        """
         try:
             event = decode_event(msg.data)
         except ContractError as e:
@@ -268,17 +290,17 @@ class FleetConsumer:
             return
         if applied.outcome is not Outcome.APPLIED:
             result = "stale" if applied.outcome is Outcome.STALE else "acked"
-            self._spawn(self._ack(msg, event.event_type, result))
+            await self._ack(msg, event.event_type, result)
             return
-        self._spawn(self._settle(msg, event, applied))
+        missing = self._missing(applied)
+        if not missing:
+            await self._ack(msg, event.event_type, "acked")
+            return
+        self._spawn(self._settle(msg, event, missing))
 
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.create_task(coro)
-        self._settling.add(task)
-        task.add_done_callback(self._settling.discard)
-
-    async def _settle(self, msg: Msg, event: Event, applied: Applied) -> None:
-        pulls: list[asyncio.Future[PullResult]] = []
+    def _missing(self, applied: Applied) -> list[ImageRef]:
+        """The event's images the node lacks; the present ones get the seed's log line."""
+        missing = []
         for image in sorted(applied.images):
             if self._reconciler.is_present(image):
                 log.info(
@@ -286,10 +308,16 @@ class FleetConsumer:
                 )
                 self._reconciler.mark_reported(applied.fleet, image)
             else:
-                pulls.append(self._puller.ensure(image))
-        if not pulls:
-            await self._ack(msg, event.event_type, "acked")
-            return
+                missing.append(image)
+        return missing
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
+    async def _settle(self, msg: Msg, event: Event, missing: list[ImageRef]) -> None:
+        pulls = [self._puller.ensure(image) for image in missing]
         heartbeat = asyncio.create_task(self._keep_alive(msg))
         try:
             results = await asyncio.gather(*(asyncio.shield(p) for p in pulls))

@@ -136,11 +136,6 @@ async def _leader_of(js: JetStreamContext, stream: str, consumer: str | None = N
     return info.cluster.leader
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="syncer bug: an R1 durable whose server died is never re-created (consumer_info and "
-    "delete_consumer time out forever in FleetConsumer._recover/start_durable); fix in report",
-)
 async def test_r3_cluster_loses_the_node_holding_the_syncers_consumer(
     kube: FakeKube,
     cluster: Cluster,
