@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import os
 import statistics
@@ -16,7 +15,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from ops.logs import LogfmtFormatter
+from ops.logs import configure
 
 __all__ = ["Clock", "arguments", "emit", "median", "percentile", "production_logging"]
 
@@ -90,13 +89,7 @@ def production_logging() -> None:
     A syncer writes ``image already present`` per event in production; measuring with logging
     off would flatter it.
     """
-    handler = logging.StreamHandler(open(os.devnull, "w"))  # noqa: SIM115 - lives as long as us
-    handler.setFormatter(LogfmtFormatter())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.INFO)
-    for noisy in ("kubernetes", "urllib3", "grpc", "asyncio"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    configure("info", "logfmt", stream=open(os.devnull, "w"))  # noqa: SIM115 - lives as long as us
 
 
 class Clock:

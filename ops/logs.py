@@ -12,11 +12,13 @@ Only the CLI calls :func:`configure`.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import re
 import sys
 import time
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 __all__ = ["LogFormat", "configure", "fields_of"]
 
@@ -30,48 +32,65 @@ def fields_of(record: logging.LogRecord) -> dict[str, Any]:
     return {k: v for k, v in record.__dict__.items() if k not in _STANDARD}
 
 
+_NEEDS_QUOTES = re.compile(r'[\s="\\]')
+
+
+@functools.lru_cache(maxsize=4)
+def _second(created: int) -> str:
+    # A busy process logs many lines per second; format each second once.
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))
+
+
 def _timestamp(record: logging.LogRecord) -> str:
-    ms = int(record.msecs)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{ms:03d}Z"
+    return f"{_second(int(record.created))}.{int(record.msecs):03d}Z"
+
+
+def _document(record: logging.LogRecord, formatter: logging.Formatter) -> dict[str, Any]:
+    """The line's facts in order: time, level, logger, message, then the ``extra`` fields."""
+    doc = {
+        "ts": _timestamp(record),
+        "level": record.levelname.lower(),
+        "logger": record.name,
+        "msg": record.getMessage(),
+        **fields_of(record),
+    }
+    if record.exc_info:
+        doc["exc"] = formatter.formatException(record.exc_info)
+    return doc
 
 
 def _logfmt_value(value: Any) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, default=str)
-    if text == "" or any(c in text for c in ' ="\\\n\t'):
+    if isinstance(value, str):
+        text = value
+    elif isinstance(value, bool | int | float):
+        text = str(value).lower() if isinstance(value, bool) else str(value)
+    else:
+        text = json.dumps(value, default=str)
+    if not text or _NEEDS_QUOTES.search(text):
         return json.dumps(text)
     return text
 
 
 class LogfmtFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        pairs = {
-            "ts": _timestamp(record),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-            **fields_of(record),
-        }
-        if record.exc_info:
-            pairs["exc"] = self.formatException(record.exc_info)
-        return " ".join(f"{k}={_logfmt_value(v)}" for k, v in pairs.items())
+        doc = _document(record, self)
+        return " ".join(f"{k}={_logfmt_value(v)}" for k, v in doc.items())
 
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        doc = {
-            "ts": _timestamp(record),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-            **fields_of(record),
-        }
-        if record.exc_info:
-            doc["exc"] = self.formatException(record.exc_info)
-        return json.dumps(doc, default=str)
+        return json.dumps(_document(record, self), default=str)
 
 
-def configure(level: str = "info", fmt: LogFormat = "logfmt") -> None:
-    handler = logging.StreamHandler(sys.stderr)
+def configure(
+    level: str = "info", fmt: LogFormat = "logfmt", stream: IO[str] | None = None
+) -> None:
+    """Send every log line to ``stream`` (stderr by default); calling it again replaces it.
+
+    Lines are written in the caller's thread on purpose: a writer thread (QueueHandler) was
+    measured slower for a syncer, whose formatting is CPU work that contends for the GIL.
+    """
+    handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else LogfmtFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
