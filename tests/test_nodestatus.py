@@ -25,20 +25,26 @@ from syncer.status import StatusReporter
 from wire.natsconn import NatsSettings, connect
 from wire.nodestatus import (
     DEFAULT_BUCKET,
+    FleetTarget,
     NodeState,
     NodeStatus,
+    Readiness,
     StatusError,
     StatusSettings,
     StatusWatch,
     bucket_name,
+    decode_status,
+    encode_status,
     ensure_status_bucket,
     fleet_progress,
     get_status,
     is_stale,
     list_statuses,
     node_key,
+    node_readiness,
     parse_fleet,
     put_status,
+    reports_fleet_seqs,
     request_replay,
 )
 
@@ -126,6 +132,95 @@ def test_fleet_progress_counts_only_the_fleets_images() -> None:
     assert fleet_progress(status, "default/c") is None
     assert not is_stale(status, T0 + timedelta(seconds=60), 60)
     assert is_stale(status, T0 + timedelta(seconds=61), 60)
+
+
+# --- Readiness against the log's newest event (what `wait` decides) ----------------------------
+
+FLEET = "default/a"
+TARGET = FleetTarget(seq=20, images=("img1", "img-new"))
+
+
+def _node(schema: int = 2, **state: object) -> NodeStatus:
+    return NodeStatus(
+        node="n",
+        version="v",
+        reported_at=T0,
+        started_at=T0,
+        state=NodeState(**state),  # type: ignore[arg-type]
+        schema=schema,
+    )
+
+
+def test_a_node_on_the_previous_version_is_behind_even_with_all_its_images() -> None:
+    # The entry written just before the node folded v2: v1's images, all present.
+    node = _node(desired={FLEET: ["img1"]}, present=frozenset({"img1"}), fleet_seqs={FLEET: 12})
+    readiness = node_readiness(node, FLEET, TARGET)
+    assert readiness.verdict is Readiness.BEHIND and readiness.seq == 12
+    assert not readiness.counts_as_done and not readiness.legacy
+
+
+def test_a_node_that_never_folded_the_fleet_is_behind() -> None:
+    readiness = node_readiness(_node(), FLEET, TARGET)
+    assert readiness.verdict is Readiness.BEHIND and readiness.seq is None
+
+
+def test_at_the_target_every_target_image_must_be_present() -> None:
+    images = ["img1", "img-new"]
+    pulling = _node(
+        desired={FLEET: images},
+        present=frozenset({"img1"}),
+        pulling=frozenset({"img-new"}),
+        fleet_seqs={FLEET: 20},
+    )
+    readiness = node_readiness(pulling, FLEET, TARGET)
+    assert readiness.verdict is Readiness.MISSING and readiness.progress is not None
+    assert readiness.progress.missing == ("img-new",)
+    assert readiness.progress.pulling == ("img-new",)
+    done = _node(desired={FLEET: images}, present=frozenset(images), fleet_seqs={FLEET: 20})
+    assert node_readiness(done, FLEET, TARGET).verdict is Readiness.DONE
+
+
+def test_past_the_target_the_nodes_own_images_for_the_fleet_count() -> None:
+    # v3 (seq 25) dropped img-new: the node no longer wants it, so it is not in `present`.
+    node = _node(desired={FLEET: ["img1"]}, present=frozenset({"img1"}), fleet_seqs={FLEET: 25})
+    readiness = node_readiness(node, FLEET, TARGET)
+    assert readiness.verdict is Readiness.DONE and readiness.seq == 25
+
+
+def test_exclusion_counts_only_as_of_the_target() -> None:
+    now = _node(excluded=frozenset({FLEET}), fleet_seqs={FLEET: 20})
+    assert node_readiness(now, FLEET, TARGET).verdict is Readiness.NOT_TARGETED
+    before = _node(excluded=frozenset({FLEET}), fleet_seqs={FLEET: 19})
+    assert node_readiness(before, FLEET, TARGET).verdict is Readiness.BEHIND
+
+
+def test_an_older_syncer_is_judged_by_the_target_images_alone() -> None:
+    done = _node(schema=1, desired={FLEET: ["img1", "img-new"]}, present=frozenset(TARGET.images))
+    readiness = node_readiness(done, FLEET, TARGET)
+    assert readiness.verdict is Readiness.DONE and readiness.legacy and readiness.seq is None
+    # Still on v1 (which it cannot say): the new image is not desired, hence not present.
+    old = _node(schema=1, desired={FLEET: ["img1"]}, present=frozenset({"img1"}))
+    assert node_readiness(old, FLEET, TARGET).verdict is Readiness.MISSING
+    unseen = node_readiness(_node(schema=1), FLEET, TARGET)
+    assert unseen.verdict is Readiness.BEHIND and unseen.legacy
+    excluded = _node(schema=1, excluded=frozenset({FLEET}))
+    assert node_readiness(excluded, FLEET, TARGET).verdict is Readiness.NOT_TARGETED
+
+
+def test_entries_of_older_syncers_still_decode() -> None:
+    # Written by a schema-1 syncer: no fleet_seqs, schema 1.
+    old = (
+        b'{"node":"n","version":"0.1.0","reported_at":"2025-01-01T00:00:00Z",'
+        b'"started_at":"2025-01-01T00:00:00Z","state":{"desired":{"default/a":["img1"]},'
+        b'"present":["img1"]},"schema":1}'
+    )
+    status = decode_status(old)
+    assert status.state.fleet_seqs == {} and not reports_fleet_seqs(status)
+    assert status.state.desired == {FLEET: ["img1"]}
+    new = _node(desired={FLEET: ["img1"]}, fleet_seqs={FLEET: 7})
+    assert reports_fleet_seqs(new) and new.schema == 2
+    assert decode_status(encode_status(new)) == new
+    assert b'"fleet_seqs":{"default/a":7}' in encode_status(new)
 
 
 async def test_bucket_keeps_one_revision_and_entries_expire_per_key(

@@ -7,6 +7,7 @@ are the observable of a replay), the CLI as a subprocess, as an operator or a CD
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 import uuid
 
@@ -29,7 +30,13 @@ from image_syncer.sandbox.registry import Registry
 from syncer.settings import SyncerSettings
 from wire.contract import Kind, subject_for
 from wire.eventlog import LogSettings, publish_event, stream_name
-from wire.nodestatus import StatusSettings, open_status_bucket, replay_key, request_replay
+from wire.nodestatus import (
+    StatusSettings,
+    get_status,
+    open_status_bucket,
+    replay_key,
+    request_replay,
+)
 
 pytestmark = [pytest.mark.nats, pytest.mark.cri]
 
@@ -42,6 +49,13 @@ async def _until_status(settings: SyncerSettings, check, what: str) -> dict:  # 
             return doc
         assert asyncio.get_running_loop().time() < deadline, f"{what}; last: {doc}"
         await asyncio.sleep(0.3)
+
+
+async def _until(check, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = asyncio.get_running_loop().time() + 60
+    while not await check():
+        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.1)
 
 
 async def test_running_syncer_appears_in_status_with_the_fleets_images_present(
@@ -80,15 +94,89 @@ async def test_wait_exits_zero_once_a_real_syncer_pulled_the_images(
     image = push(layer_bytes=512 << 10)
     running = await RunningSyncer(settings).start()
     try:
+        # The CD pipeline's order: publish, then wait at once.
+        ack = await publish_event(js, log_settings, "fleet.events.added", fleet("rollout", image))
+        code, out, err = await cli(
+            settings, "wait", "--fleet", "default/rollout", "--timeout", "60s"
+        )
+        # wait said so because the image really is on the node.
+        assert image in containerd.image_refs()
+        assert code == 0, err
+        assert (
+            f"default/rollout: all images present on 1 live nodes as of event seq {ack.seq}" in out
+        )
+        doc = await status_json(settings)
+        fleet_seqs = doc["nodes"][settings.node_name]["status"]["state"]["fleet_seqs"]
+        assert fleet_seqs == {"default/rollout": ack.seq}
+
+        deleted = await publish_event(
+            js, log_settings, "fleet.events.deleted", fleet("rollout", image, rv="2")
+        )
+        code, out, err = await cli(settings, "wait", "--fleet", "default/rollout")
+        assert (code, out) == (1, "")
+        assert err == (
+            f"error: fleet default/rollout was deleted (event seq {deleted.seq}): "
+            "there is nothing to wait for\n"
+        )
+        code, out, err = await cli(settings, "wait", "--fleet", "default/never-published")
+        assert (code, out) == (1, "")
+        assert err.startswith("error: fleet default/never-published is not in the event log")
+        assert err.count("\n") == 1
+    finally:
+        assert await running.stop() == 0
+
+
+async def test_wait_right_after_an_update_waits_for_the_new_version_not_the_old_entry(
+    settings: SyncerSettings,
+    js: JetStreamContext,
+    log_settings: LogSettings,
+    push,
+    registry: Registry,
+    containerd: Containerd,
+) -> None:
+    # Status written at most every 3s: for seconds after publishing v2 the node's entry still
+    # speaks of v1, all present, which a wait that ignored sequences took for "done".
+    settings = dataclasses.replace(settings, status_interval=3.0)
+    status_settings = StatusSettings(prefix=settings.subject_prefix)
+    v1_image = push()
+    # v2's new image is not in the registry yet: nothing can make it present before we push it.
+    late = f"test/late-{uuid.uuid4().hex[:8]}"
+    new_image = f"{registry.address}/{late}:v1"
+    running = await RunningSyncer(settings).start()
+    node = settings.node_name
+    try:
+        v1 = fleet("rollout", v1_image)
+        await publish_event(js, log_settings, "fleet.events.added", v1)
+
+        def v1_done(doc: dict) -> bool:
+            return doc["fleets"].get("default/rollout", {}).get(node, {}).get("complete", False)
+
+        await _until_status(settings, v1_done, "v1 present on the node")
+        v2 = fleet("rollout", v1_image, new_image, rv="2")
+        ack = await publish_event(js, log_settings, "fleet.events.updated", v2, v1)
         waiter = asyncio.create_task(
             cli(settings, "wait", "--fleet", "default/rollout", "--timeout", "60s")
         )
-        await publish_event(js, log_settings, "fleet.events.added", fleet("rollout", image))
+        kv = await open_status_bucket(js, status_settings)
+        assert kv is not None
+
+        async def v2_failing() -> bool:
+            status = await get_status(kv, node)
+            assert status is not None
+            state = status.state
+            return (
+                state.fleet_seqs.get("default/rollout") == ack.seq
+                and norm(new_image) in state.failed
+            )
+
+        await _until(v2_failing, "the node folded v2 and failed to pull the missing image")
+        assert not waiter.done(), "wait returned while the new image cannot be on the node"
+        assert push(late) == new_image
         code, out, err = await waiter
+        present_when_wait_returned = containerd.image_refs()
         assert code == 0, err
-        assert "default/rollout: all images present on 1 live nodes" in out
-        # wait said so because the image really is on the node.
-        assert image in containerd.image_refs()
+        assert new_image in present_when_wait_returned
+        assert f"as of event seq {ack.seq}" in out
     finally:
         assert await running.stop() == 0
 
@@ -108,7 +196,8 @@ async def test_wait_times_out_naming_the_node_that_cannot_pull(
         await _until_status(settings, failed, "the failure reaches the node status")
         code, out, err = await cli(settings, "wait", "--fleet", "default/broken", "--timeout", "2s")
         assert code == 1, out + err
-        assert "default/broken not ready after 2s: 1 of 1 live nodes miss images" in err
+        assert "default/broken (event seq " in err
+        assert "not ready after 2s: 1 of 1 live nodes not done" in err
         line = next(line for line in err.splitlines() if settings.node_name in line)
         assert norm(missing) in line and "failed:" in line
     finally:
