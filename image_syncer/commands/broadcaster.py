@@ -9,8 +9,6 @@ from typing import Annotated
 
 import typer
 
-from broadcaster.kubeapi import KubeConfigError
-from broadcaster.runner import run
 from broadcaster.settings import Settings
 from image_syncer.options import Duration, with_nats_options
 from ops.lifecycle import run_until_signalled
@@ -145,6 +143,11 @@ def broadcaster(
         lease_ttl=lease_ttl,
         **({"identity": identity} if identity else {}),
     )
+    # Imported here: the Kubernetes client is heavy, and every other command (the syncer first of
+    # all, one per node) would pay for it in memory just by loading the CLI.
+    from broadcaster.kubeapi import KubeConfigError
+    from broadcaster.runner import run
+
     try:
         code = run_until_signalled(lambda stopping: run(settings, stopping))
     except KubeConfigError as e:

@@ -6,9 +6,6 @@ from typing import Annotated
 
 import typer
 
-from image_syncer.demo import DemoFailed, run_demo
-from image_syncer.sandbox.processes import MissingComponent
-
 __all__ = ["register"]
 
 
@@ -22,6 +19,9 @@ def demo(
     keep: Annotated[bool, typer.Option(help="Keep the demo's directory (logs, stores).")] = False,
 ) -> None:
     """Run NATS, a registry, containerd and syncers locally; publish Fleets; watch images arrive."""
+    from image_syncer.demo import DemoFailed, run_demo  # the sandbox is for the demo alone
+    from image_syncer.sandbox.processes import MissingComponent
+
     try:
         run_demo(nodes=nodes, sync_period=sync_period, keep=keep)
     except (DemoFailed, MissingComponent) as e:
