@@ -16,7 +16,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import typer.main
-from test_deploy_support import (
+from deploy_support import (
     ALL_BUILDS,
     NATS_BUILDS,
     ROOT,

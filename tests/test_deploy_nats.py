@@ -20,9 +20,7 @@ from pathlib import Path
 import nats
 import nats.errors
 import pytest
-from nats.aio.client import Client
-from nats.js.api import ConsumerConfig
-from test_deploy_support import (
+from deploy_support import (
     DEPLOY,
     NATS_BUILDS,
     SYNCER_OVERLAYS,
@@ -32,6 +30,8 @@ from test_deploy_support import (
     nats_config_files,
     one,
 )
+from nats.aio.client import Client
+from nats.js.api import ConsumerConfig
 
 from image_syncer.sandbox.nats_server import nats_server_binary
 from image_syncer.sandbox.processes import free_port, stop_process, wait_until

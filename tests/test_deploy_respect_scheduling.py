@@ -7,8 +7,8 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
+from deploy_support import build_overlay, container, env_value, of_kind, one, pod_spec
 from test_deploy_manifests import _role_envvars
-from test_deploy_support import build_overlay, container, env_value, of_kind, one, pod_spec
 
 SYNCER = "image-syncer-syncer"
 READER = "image-syncer-node-reader"

@@ -1,7 +1,7 @@
 """Faults on the Kubernetes side: watches dropped and expired under churn, the broadcaster killed.
 
 Both end with the log holding exactly the cluster's Fleets and the node holding exactly their
-images (``test_faults_harness.wait_all_converged``).
+images (``faults_harness.wait_all_converged``).
 """
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 from fakekube import FakeKube
 from fakekube.harness import log_messages, wait_converged
-from nats.js import JetStreamContext
-from test_faults_harness import (
+from faults_harness import (
     Churn,
     Images,
     InProcessBroadcaster,
@@ -29,6 +28,7 @@ from test_faults_harness import (
     syncer_settings,
     wait_all_converged,
 )
+from nats.js import JetStreamContext
 
 from broadcaster import metrics
 from image_syncer.sandbox.containerd import Containerd

@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 from fakekube import FakeKube
 from fakekube.harness import wait_converged
-from nats.js import JetStreamContext
-from test_faults_harness import (
+from faults_harness import (
     Churn,
     Images,
     InProcessBroadcaster,
@@ -30,6 +29,7 @@ from test_faults_harness import (
     syncer_settings,
     wait_all_converged,
 )
+from nats.js import JetStreamContext
 
 from image_syncer.sandbox.containerd import Containerd
 from image_syncer.sandbox.nats_server import NatsServer
