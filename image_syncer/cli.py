@@ -6,6 +6,7 @@ of its own lives here. Each group of commands sits in its own module under ``com
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated
 
 import typer
@@ -41,4 +42,16 @@ for module in (stream, publish, events, broadcaster, syncer, status, demo):
 
 
 def main() -> None:
-    app()
+    """The console script: usage errors are one ``error:`` line, as every other refusal is."""
+    # typer vendors click and exports only BadParameter; its base class is click's UsageError.
+    usage_error = typer.BadParameter.__mro__[1]
+    try:
+        code = app(standalone_mode=False)
+    except usage_error as e:
+        hint = f" (see: {e.ctx.command_path} --help)" if e.ctx is not None else ""
+        typer.echo(f"error: {e.format_message()}{hint}", err=True)
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

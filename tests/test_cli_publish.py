@@ -298,3 +298,24 @@ def test_credentials_come_from_the_environment_and_never_reach_the_error(
     assert line.startswith(f"error: cannot connect to NATS at {guarded_server.url}")
     assert "uthorization" in line
     assert "s3cret" not in line
+
+
+def test_usage_errors_of_the_console_script_are_one_line() -> None:
+    import subprocess
+    import sys
+
+    for args, expected in (
+        (["publish", "foo"], "'foo' is not one of"),
+        (["syncer", "--sync-period", "10x"], "invalid duration '10x'"),
+        (["no-such-command"], "No such command"),
+    ):
+        result = subprocess.run(
+            [sys.executable, "-m", "image_syncer", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
