@@ -301,9 +301,6 @@ def test_credentials_come_from_the_environment_and_never_reach_the_error(
 
 
 def test_usage_errors_of_the_console_script_are_one_line() -> None:
-    import subprocess
-    import sys
-
     for args, expected in (
         (["publish", "foo"], "'foo' is not one of"),
         (["syncer", "--sync-period", "10x"], "invalid duration '10x'"),
