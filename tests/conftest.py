@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from fakekube import FakeKube
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
@@ -30,6 +31,13 @@ def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer
 def own_nats_server(tmp_path: Path) -> Iterator[NatsServer]:
     """A server of the test's own, for tests that stop or restart it."""
     with NatsServer(tmp_path / "nats") as server:
+        yield server
+
+
+@pytest.fixture
+def kube(tmp_path: Path) -> Iterator[FakeKube]:
+    """A fake Kubernetes API server of the test's own (see tests/fakekube), with a kubeconfig."""
+    with FakeKube(tmp_path / "kube") as server:
         yield server
 
 

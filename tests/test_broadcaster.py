@@ -9,10 +9,9 @@ from __future__ import annotations
 import asyncio
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 from fakekube import FakeKube
@@ -30,12 +29,6 @@ from wire.eventlog import LogSettings, stream_name
 from wire.natsconn import NatsSettings, connect
 
 pytestmark = pytest.mark.nats
-
-
-@pytest.fixture
-def kube(tmp_path: Path) -> Iterator[FakeKube]:
-    with FakeKube(tmp_path / "kube") as server:
-        yield server
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,12 +19,6 @@ from image_syncer.sandbox.nats_server import NatsServer
 from image_syncer.sandbox.processes import free_port, stop_process, wait_until
 
 pytestmark = pytest.mark.nats
-
-
-@pytest.fixture
-def kube(tmp_path: Path) -> Iterator[FakeKube]:
-    with FakeKube(tmp_path / "kube") as server:
-        yield server
 
 
 def _ready(url: str) -> bool:

@@ -115,12 +115,6 @@ async def test_the_buckets_ttl_wins_over_the_flag(js: JetStreamContext, prefix: 
 
 
 @pytest.fixture
-def kube(tmp_path: Path) -> Iterator[FakeKube]:
-    with FakeKube(tmp_path / "kube") as server:
-        yield server
-
-
-@pytest.fixture
 def settings(kube: FakeKube, nats_settings: NatsSettings, log_settings: LogSettings) -> Settings:
     return Settings(
         nats=nats_settings,

@@ -10,7 +10,7 @@ import asyncio
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -38,12 +38,6 @@ from wire.eventlog import LogSettings
 from wire.natsconn import NatsSettings
 
 pytestmark = [pytest.mark.nats, pytest.mark.cri]
-
-
-@pytest.fixture
-def kube(tmp_path: Path) -> Iterator[FakeKube]:
-    with FakeKube(tmp_path / "kube") as server:
-        yield server
 
 
 @pytest.fixture

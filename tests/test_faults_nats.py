@@ -37,12 +37,6 @@ from wire.natsconn import NatsSettings, connect
 pytestmark = [pytest.mark.nats, pytest.mark.cri]
 
 
-@pytest.fixture
-def kube(tmp_path: Path) -> Iterator[FakeKube]:
-    with FakeKube(tmp_path / "kube") as server:
-        yield server
-
-
 async def _churn_while(churn: Churn, fault: asyncio.Future, pace: float = 0.05) -> None:
     """Keep changing Fleets until the fault (running in a thread) is over."""
     while not fault.done():

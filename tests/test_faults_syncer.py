@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -39,12 +39,6 @@ from wire.natsconn import NatsSettings
 from wire.nodestatus import StatusSettings, get_status, open_status_bucket
 
 pytestmark = [pytest.mark.nats, pytest.mark.cri]
-
-
-@pytest.fixture
-def kube(tmp_path: Path) -> Iterator[FakeKube]:
-    with FakeKube(tmp_path / "kube") as server:
-        yield server
 
 
 @pytest.fixture
