@@ -13,14 +13,8 @@ import nats.js.errors
 import typer
 from nats.js import JetStreamContext
 
-from image_syncer.commands.stream import (
-    CommandError,
-    PrefixOption,
-    ensure_stream_exists,
-    fail,
-    jetstream,
-    run_nats_command,
-)
+from image_syncer.commands.stream import PrefixOption, ensure_stream_exists
+from image_syncer.oneshot import CommandError, fail, jetstream, run_nats_command
 from image_syncer.options import with_nats_options
 from wire.contract import (
     ContractError,

@@ -12,15 +12,9 @@ from typing import Annotated, Any
 
 import typer
 
-from image_syncer.commands.stream import (
-    CommandError,
-    PrefixOption,
-    ensure_stream_exists,
-    fail,
-    jetstream,
-    run_nats_command,
-)
+from image_syncer.commands.stream import PrefixOption, ensure_stream_exists
 from image_syncer.fleets import FleetError, build_fleet, load_fleets
+from image_syncer.oneshot import CommandError, fail, jetstream, run_nats_command
 from image_syncer.options import Duration, with_nats_options
 from wire.contract import Action, ContractError, Kind, check_prefix, subject_for
 from wire.eventlog import LogSettings, publish_event

@@ -21,10 +21,10 @@ import asyncio
 import getpass
 import json
 import socket
-from collections.abc import AsyncIterable, Coroutine
+from collections.abc import AsyncIterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 import nats.errors
@@ -36,6 +36,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from image_syncer.oneshot import CommandError, fail, run_nats_command
 from image_syncer.options import Duration, with_nats_options
 from ops.durations import format_duration
 from syncer.references import InvalidImageReference, normalize
@@ -50,7 +51,7 @@ from wire.contract import (
     subject_for,
 )
 from wire.eventlog import StoredMessage, read_log, stream_name
-from wire.natsconn import NatsSettings, NatsUnavailable, connect
+from wire.natsconn import NatsSettings, connect
 from wire.nodestatus import (
     FleetProgress,
     FleetTarget,
@@ -88,30 +89,10 @@ StaleAfterOption = Annotated[
 ]
 
 
-class _UserError(Exception):
-    """A mistake or situation the user can fix; one line, no traceback."""
-
-
-def _fail(message: str, code: int = 1) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
-
-
-def _run(work: Coroutine[Any, Any, T]) -> T:
-    try:
-        return asyncio.run(work)
-    except KeyboardInterrupt:
-        raise typer.Exit(130) from None
-    except nats.errors.NoRespondersError:
-        _fail("no JetStream responded: is the server started with JetStream enabled (-js)?")
-    except (NatsUnavailable, _UserError, StatusError, ContractError, nats.errors.Error) as e:
-        _fail(" ".join(str(e).split()) or type(e).__name__)
-
-
 async def _bucket(js: JetStreamContext, settings: StatusSettings) -> KeyValue:
     kv = await open_status_bucket(js, settings)
     if kv is None:
-        raise _UserError(
+        raise CommandError(
             f"no node has reported status: bucket {settings.bucket} does not exist "
             f"(is a syncer running with --subject-prefix {settings.prefix}?)"
         )
@@ -123,7 +104,7 @@ def _settings(prefix: str) -> StatusSettings:
         settings = StatusSettings(prefix=prefix)
         _ = settings.bucket
     except ContractError as e:
-        _fail(str(e), code=2)
+        fail(str(e), code=2)
     return settings
 
 
@@ -192,10 +173,10 @@ async def _wait_target(js: JetStreamContext, prefix: str, fleet: str) -> FleetTa
     newest = await _read_fleets(js, prefix, fleet_filter(prefix, fleet))
     if not newest or fleet not in newest:
         stream = stream_name(prefix, Kind.FLEET)
-        raise _UserError(f"fleet {fleet} is not in the event log (stream {stream})")
+        raise CommandError(f"fleet {fleet} is not in the event log (stream {stream})")
     target = target_of(fleet, *newest[fleet])
     if isinstance(target, str):
-        raise _UserError(target)
+        raise CommandError(target)
     return target
 
 
@@ -377,7 +358,7 @@ def status(
     subject_prefix: PrefixOption = "agones",
 ) -> None:
     """Show every node's progress on every Fleet, with stale nodes marked."""
-    _run(_status(nats, _settings(subject_prefix), stale_after, as_json, check_log))
+    run_nats_command(_status(nats, _settings(subject_prefix), stale_after, as_json, check_log))
 
 
 # --- wait -----------------------------------------------------------------------------------
@@ -532,9 +513,9 @@ def wait(
     try:
         fleet = parse_fleet(fleet)
     except StatusError as e:
-        _fail(f"--fleet: {e}", code=2)
+        fail(f"--fleet: {e}", code=2)
     settings = _settings(subject_prefix)
-    if not _run(_wait(nats, settings, fleet, timeout, stale_after)):
+    if not run_nats_command(_wait(nats, settings, fleet, timeout, stale_after)):
         raise typer.Exit(1)
 
 
@@ -551,7 +532,7 @@ async def _replay(
             view, invalid = await list_statuses(await _bucket(js, settings))
             nodes = sorted({*view, *invalid})
             if not nodes:
-                raise _UserError("no node reports status; name the nodes with --node")
+                raise CommandError("no node reports status; name the nodes with --node")
         by = f"{getpass.getuser()}@{socket.gethostname()}"
         for node in nodes:
             request = await request_replay(js, settings, node, requested_by=by)
@@ -575,13 +556,13 @@ def replay(
     """Make a node's syncer re-read the whole event log and rebuild its desired state."""
     nodes = list(dict.fromkeys(node or []))
     if bool(nodes) == every:
-        _fail("name nodes with --node, or use --all (not both)", code=2)
+        fail("name nodes with --node, or use --all (not both)", code=2)
     for name in nodes:
         try:
             check_node(name)
         except StatusError as e:
-            _fail(f"--node: {e}", code=2)
-    _run(_replay(nats, _settings(subject_prefix), nodes, every))
+            fail(f"--node: {e}", code=2)
+    run_nats_command(_replay(nats, _settings(subject_prefix), nodes, every))
 
 
 def register(app: typer.Typer) -> None:

@@ -6,11 +6,8 @@ result. This module also holds what every one-shot NATS command shares: connecti
 and turning the errors a user can cause into one line on stderr and a non-zero exit.
 """
 
-import asyncio
 import json
-from collections.abc import AsyncIterator, Coroutine
-from contextlib import asynccontextmanager
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import nats.errors
 import nats.js.errors
@@ -20,23 +17,14 @@ from nats.js.api import StreamInfo
 from rich.console import Console
 from rich.table import Table
 
-from image_syncer.fleets import FleetError
+from image_syncer.oneshot import fail, jetstream, run_nats_command
 from image_syncer.options import Duration, with_nats_options
 from ops.durations import format_duration
 from wire.contract import ContractError, Kind, check_prefix
 from wire.eventlog import LogSettings, ensure_streams, stream_name
-from wire.natsconn import NatsSettings, NatsUnavailable, connect
+from wire.natsconn import NatsSettings
 
-__all__ = [
-    "CommandError",
-    "PrefixOption",
-    "ensure_stream_exists",
-    "fail",
-    "jetstream",
-    "parse_kinds",
-    "register",
-    "run_nats_command",
-]
+__all__ = ["PrefixOption", "ensure_stream_exists", "parse_kinds", "register"]
 
 T = TypeVar("T")
 
@@ -49,42 +37,6 @@ PrefixOption = Annotated[
         help="First token(s) of every subject; each prefix has its own streams.",
     ),
 ]
-
-
-class CommandError(Exception):
-    """A mistake the user can fix; shown as one line, without a traceback."""
-
-
-def fail(message: str, code: int = 1) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
-
-
-# What a user can cause (wrong URL, no JetStream, bad input, a server refusing a setting):
-# one line each. Anything else is a bug and keeps its traceback.
-_USER_ERRORS = (NatsUnavailable, CommandError, FleetError, ContractError, nats.errors.Error)
-
-
-def run_nats_command(work: Coroutine[Any, Any, T]) -> T:
-    """Run a command's coroutine; user errors become one stderr line and exit 1, Ctrl-C exit 130."""
-    try:
-        return asyncio.run(work)
-    except KeyboardInterrupt:
-        raise typer.Exit(130) from None
-    except nats.errors.NoRespondersError:
-        fail("no JetStream responded: is the server started with JetStream enabled (-js)?")
-    except _USER_ERRORS as e:
-        fail(" ".join(str(e).split()) or type(e).__name__)
-
-
-@asynccontextmanager
-async def jetstream(settings: NatsSettings, name: str) -> AsyncIterator[JetStreamContext]:
-    """A JetStream context on a fresh connection that fails fast, closed on the way out."""
-    nc = await connect(settings, name=name, retry_forever=False)
-    try:
-        yield nc.jetstream()
-    finally:
-        await nc.close()
 
 
 async def ensure_stream_exists(js: JetStreamContext, settings: LogSettings, kind: Kind) -> None:
