@@ -11,7 +11,17 @@ from typing import Annotated
 
 import typer
 
-from image_syncer.commands import broadcaster, demo, events, publish, status, stream, syncer
+from image_syncer.commands import (
+    broadcaster,
+    demo,
+    events,
+    publish,
+    replay,
+    status,
+    stream,
+    syncer,
+    wait,
+)
 from ops.logs import configure
 
 app = typer.Typer(
@@ -37,7 +47,7 @@ def root(
     configure(log_level, log_format)  # type: ignore[arg-type]
 
 
-for module in (stream, publish, events, broadcaster, syncer, status, demo):
+for module in (stream, publish, events, broadcaster, syncer, status, wait, replay, demo):
     module.register(app)
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from nats.js import JetStreamContext
 
-from image_syncer.commands.status import fleet_filter, fold_fleet_log, target_of
+from image_syncer.fleetlog import fleet_filter, fold_fleet_log, target_of
 from image_syncer.sandbox.nats_server import NatsServer
 from image_syncer.sandbox.processes import free_port
 from syncer.replaycontrol import pending_replay

@@ -1,0 +1,107 @@
+"""The Fleets as the event log has them now: what ``wait`` and ``status --check-log`` compare to.
+
+A node's status may still speak of a Fleet's previous version right after a publish, so the
+commands that judge nodes read the Fleet's newest event from the log itself, decoded and
+normalized exactly as the syncer does, and judge nodes against its sequence and images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable
+
+import nats.js.errors
+from nats.js import JetStreamContext
+
+from image_syncer.oneshot import CommandError
+from syncer.references import InvalidImageReference, normalize
+from wire.contract import (
+    Action,
+    ContractError,
+    Event,
+    Kind,
+    decode_event,
+    images_of,
+    subject_filter,
+    subject_for,
+)
+from wire.eventlog import StoredMessage, read_log, stream_name
+from wire.nodestatus import FleetTarget, parse_fleet
+
+__all__ = [
+    "fleet_filter",
+    "fold_fleet_log",
+    "log_targets",
+    "read_fleets",
+    "target_of",
+    "wait_target",
+]
+
+
+def fleet_filter(prefix: str, fleet: str) -> str:
+    """Every event of one Fleet, any action: ``<prefix>.fleet.events.*.<namespace>.<name>``."""
+    namespace, _, name = parse_fleet(fleet).partition("/")
+    # subject_for encodes namespace and name as the log does ('.' in names); their two tokens
+    # then replace the last two wildcards of the kind's filter.
+    encoded = subject_for(prefix, f"{Kind.FLEET}.events.{Action.ADDED}", namespace, name)
+    tokens = encoded.rsplit(".", 2)[1:]
+    return ".".join([subject_filter(prefix, Kind.FLEET).rsplit(".", 2)[0], *tokens])
+
+
+async def fold_fleet_log(messages: AsyncIterable[StoredMessage]) -> dict[str, tuple[int, Event]]:
+    """Fleet -> (sequence, event) of its newest event, folded in sequence order as a syncer does.
+
+    Messages that do not decode are skipped: syncers terminate them unfolded, so they move no
+    node's sequence and waiting for them would never end.
+    """
+    newest: dict[str, tuple[int, Event]] = {}
+    async for stored in messages:
+        try:
+            event = decode_event(stored.data)
+        except ContractError:
+            continue
+        if event.kind is Kind.FLEET and stored.seq > newest.get(event.key, (0, None))[0]:
+            newest[event.key] = (stored.seq, event)
+    return newest
+
+
+def target_of(fleet: str, seq: int, event: Event) -> FleetTarget | str:
+    """What nodes must reach for ``fleet``, or why nothing can be waited for (one line)."""
+    if event.action is Action.DELETED:
+        return f"fleet {fleet} was deleted (event seq {seq}): there is nothing to wait for"
+    images = []
+    for _, image in images_of(event.obj):
+        try:
+            images.append(str(normalize(image)))
+        except InvalidImageReference:
+            continue  # the syncer skips it too (and logs why)
+    if not images:
+        return f"fleet {fleet} names no image a syncer can pull (event seq {seq})"
+    return FleetTarget(seq=seq, images=tuple(dict.fromkeys(images)))
+
+
+async def read_fleets(
+    js: JetStreamContext, prefix: str, subject: str | None = None
+) -> dict[str, tuple[int, Event]] | None:
+    """The fold of the Fleet log (or of one Fleet's subjects); None when the stream is missing."""
+    try:
+        return await fold_fleet_log(read_log(js, stream_name(prefix, Kind.FLEET), subject=subject))
+    except nats.js.errors.NotFoundError:
+        return None
+
+
+async def wait_target(js: JetStreamContext, prefix: str, fleet: str) -> FleetTarget:
+    newest = await read_fleets(js, prefix, fleet_filter(prefix, fleet))
+    if not newest or fleet not in newest:
+        stream = stream_name(prefix, Kind.FLEET)
+        raise CommandError(f"fleet {fleet} is not in the event log (stream {stream})")
+    target = target_of(fleet, *newest[fleet])
+    if isinstance(target, str):
+        raise CommandError(target)
+    return target
+
+
+async def log_targets(js: JetStreamContext, prefix: str) -> dict[str, FleetTarget]:
+    """Every live Fleet of the log that names images: what ``status --check-log`` compares to."""
+    newest = await read_fleets(js, prefix) or {}
+    targets = {fleet: target_of(fleet, seq, event) for fleet, (seq, event) in newest.items()}
+    return {fleet: t for fleet, t in targets.items() if isinstance(t, FleetTarget)}
