@@ -87,17 +87,22 @@ async def test_add_update_delete_reach_the_stream(
         created = kube.create("fleets", fleet("simple.game", "game:1", namespace="team-a"))
         updated = kube.update("fleets", with_image(created, "game:2"))
         deleted = kube.delete("fleets", "default", "before")
+        fresh = kube.create("fleets", fleet("fresh", "game:3"))
         await wait_converged(js, prefix, kube.objects())
 
     messages = await log_messages(js, prefix)
     by_subject = {m.subject: m for m in messages}
+    # An update supersedes the object's added message and a delete all of them: the log keeps
+    # one message per object.
     assert sorted(by_subject) == sorted(
         [
-            f"{prefix}.fleet.events.added.team-a.simple_game",
+            f"{prefix}.fleet.events.added.default.fresh",
             f"{prefix}.fleet.events.updated.team-a.simple_game",
             f"{prefix}.fleet.events.deleted.default.before",
         ]
     )
+    added = by_subject[f"{prefix}.fleet.events.added.default.fresh"]
+    assert added.event.obj.metadata.uid == fresh["metadata"]["uid"]
     update = by_subject[f"{prefix}.fleet.events.updated.team-a.simple_game"]
     assert update.event.obj.metadata.resource_version == updated["metadata"]["resourceVersion"]
     assert update.event.old is not None
@@ -162,7 +167,7 @@ async def test_compaction_keeps_the_newest_event_per_fleet(
 
     messages = await log_messages(js, prefix)
     busy = [m for m in messages if m.subject.endswith(".default.busy")]
-    assert [m.event.action for m in busy] == ["added", "updated"]
+    assert [m.event.action for m in busy] == ["updated"]
     assert busy[-1].event.obj.metadata.resource_version == obj["metadata"]["resourceVersion"]
     assert busy[-1].event.obj.pod_spec.containers[0].image == "game:5"
     quiet = [m for m in messages if m.subject.endswith(".default.quiet")]

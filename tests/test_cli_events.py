@@ -57,7 +57,9 @@ async def test_events_lists_the_log_as_text_and_as_json(
     lobby = build_fleet("lobby.v2", ["127.0.0.1:5000/lobby:3"], namespace="games")
     await publish_event(js, log_settings, "fleet.events.added", web)
     await publish_event(js, log_settings, "fleet.events.added", lobby)
-    await publish_event(js, log_settings, "fleet.events.updated", build_fleet("web", ["nginx:2"]))
+    await publish_event(js, log_settings, "fleet.events.added", build_fleet("arena", ["nginx:1"]))
+    # The update supersedes arena's added message, which the log then purges.
+    await publish_event(js, log_settings, "fleet.events.updated", build_fleet("arena", ["nginx:2"]))
 
     text = await events()
     as_json = await events("--json")
@@ -67,12 +69,12 @@ async def test_events_lists_the_log_as_text_and_as_json(
     assert [(r[0], r[2], r[3], r[4]) for r in listed] == [
         ("1", "fleet.events.added", "default/web", "busybox,nginx:1.27,redis"),
         ("2", "fleet.events.added", "games/lobby.v2", "127.0.0.1:5000/lobby:3"),
-        ("3", "fleet.events.updated", "default/web", "nginx:2"),
+        ("4", "fleet.events.updated", "default/arena", "nginx:2"),
     ]
     assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", r[1]) for r in listed)
     assert as_json.exit_code == 0, as_json.output
     docs = [json.loads(line) for line in as_json.stdout.splitlines()]
-    assert [d["seq"] for d in docs] == [1, 2, 3]
+    assert [d["seq"] for d in docs] == [1, 2, 4]
     assert docs[0]["time"] == listed[0][1]
     assert docs[0]["event_type"] == "fleet.events.added"
     assert docs[0]["fleet"] == "default/web"
@@ -95,8 +97,8 @@ async def test_events_filters_by_fleet(
     nothing = await events("--fleet", "games/absent")
     malformed = await events("--fleet", "lobby")
 
+    # web's added message was superseded (and purged) by its update.
     assert [(d["seq"], d["fleet"]) for d in map(json.loads, web.stdout.splitlines())] == [
-        (1, "default/web"),
         (4, "default/web"),
     ]
     assert [(r[0], r[3]) for r in rows(dotted.stdout)] == [("2", "games/lobby.v2")]

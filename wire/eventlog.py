@@ -5,11 +5,12 @@ broadcaster's catch-up and the ``events`` command read through :func:`read_log`.
 means the compaction rules below hold whoever writes.
 
 Compaction. A stream keeps one message per subject (``max_msgs_per_subject=1``) and the subject
-names the action, so an object has at most three messages: its newest ``added``, ``updated`` and
-``deleted``. Folding them in sequence order gives the object's current state. A ``deleted``
-message carries a per-message TTL and, once it is stored, the object's ``added`` and ``updated``
-messages are purged: when the tombstone expires nothing of the object is left, and replay cost
-stays bounded by the number of live objects.
+names the action, so an object could hold three messages: its newest ``added``, ``updated`` and
+``deleted``. Every message carries the whole object, so a newer one makes the older ones
+redundant: once an ``updated`` is stored the object's ``added`` is purged, and once a ``deleted``
+(which carries a per-message TTL) is stored its ``added`` and ``updated`` are. A live object thus
+has exactly one message, a deleted one only its tombstone until that expires, and replay cost is
+bounded by the number of live objects.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ __all__ = [
     "StoredMessage",
     "ensure_streams",
     "publish_event",
+    "purge_superseded",
     "read_log",
     "stream_config",
     "stream_name",
@@ -161,19 +163,36 @@ async def publish_event(
         headers=headers,
         msg_ttl=ttl,
     )
-    if action is Action.DELETED:
-        await _purge_live_messages(js, settings, kind, namespace, name)
+    await purge_superseded(js, settings, kind, action, namespace, name)
     return ack
 
 
-async def _purge_live_messages(
-    js: JetStreamContext, settings: LogSettings, kind: Kind, namespace: str, name: str
+# What each stored action makes redundant. Every message carries the whole object, so once an
+# update is stored the object's added message says nothing more, and once a tombstone is stored
+# neither does anything else: a reader that never sees them still ends in the right state.
+_SUPERSEDES = {
+    Action.ADDED: (),
+    Action.UPDATED: (Action.ADDED,),
+    Action.DELETED: (Action.ADDED, Action.UPDATED),
+}
+
+
+async def purge_superseded(
+    js: JetStreamContext,
+    settings: LogSettings,
+    kind: Kind,
+    action: Action,
+    namespace: str,
+    name: str,
 ) -> None:
-    # The tombstone is stored, so a reader who sees neither the added nor the updated message
-    # still ends in the right state; purging them keeps replay bounded once the tombstone expires.
+    """Purge the object's messages that ``action``, just stored, supersedes. Idempotent.
+
+    This keeps the log at one message per live object (replay costs what the live Fleets
+    cost), and at nothing once a tombstone expires.
+    """
     stream = stream_name(settings.prefix, kind)
-    for action in (Action.ADDED, Action.UPDATED):
-        subject = subject_for(settings.prefix, f"{kind}.events.{action}", namespace, name)
+    for older in _SUPERSEDES[action]:
+        subject = subject_for(settings.prefix, f"{kind}.events.{older}", namespace, name)
         await js.purge_stream(stream, subject=subject)
 
 
