@@ -169,7 +169,7 @@ def run_demo(*, nodes: int = 2, sync_period: str = "2s", keep: bool = False) -> 
         step("Deleting a Fleet: image-syncer publish deleted --name lobby")
         publish(nats.url, "deleted", "games/lobby", [images["lobby"]])
 
-        step("The event log (image-syncer events): compacted, one entry per Fleet and action")
+        step("The event log (image-syncer events): compacted, one entry per Fleet")
         console.print(_indent(cli("events", nats_url=nats.url)))
         _show_status(nats.url)
 
