@@ -33,6 +33,16 @@ def test_method_paths_are_the_cri_ones() -> None:
     ]
 
 
+def test_list_containers_is_the_cri_runtime_service_method() -> None:
+    service = api_pb2.DESCRIPTOR.services_by_name["RuntimeService"]
+
+    assert service.full_name == "runtime.v1.RuntimeService"
+    (method,) = service.methods
+    assert method.name == "ListContainers"
+    assert method.input_type.full_name == "runtime.v1.ListContainersRequest"
+    assert method.output_type.full_name == "runtime.v1.ListContainersResponse"
+
+
 def _numbers(message: str) -> dict[str, int]:
     fields = api_pb2.DESCRIPTOR.message_types_by_name[message].fields
     return {f.name: f.number for f in fields}
@@ -88,6 +98,36 @@ def test_field_numbers_match_k8s_cri_api() -> None:
         "log_directory": 3,
         "labels": 6,
         "annotations": 7,
+    }
+
+    assert _numbers("ListContainersRequest") == {"filter": 1}
+    assert _numbers("ContainerFilter") == {
+        "id": 1,
+        "state": 2,
+        "pod_sandbox_id": 3,
+        "label_selector": 4,
+    }
+    assert _numbers("ContainerStateValue") == {"state": 1}
+    assert _numbers("ListContainersResponse") == {"containers": 1}
+    assert _numbers("ContainerMetadata") == {"name": 1, "attempt": 2}
+    assert _numbers("Container") == {
+        "id": 1,
+        "pod_sandbox_id": 2,
+        "metadata": 3,
+        "image": 4,
+        "image_ref": 5,
+        "state": 6,
+        "created_at": 7,
+        "labels": 8,
+        "annotations": 9,
+        "image_id": 10,
+    }
+    states = api_pb2.DESCRIPTOR.enum_types_by_name["ContainerState"]
+    assert {v.name: v.number for v in states.values} == {
+        "CONTAINER_CREATED": 0,
+        "CONTAINER_RUNNING": 1,
+        "CONTAINER_EXITED": 2,
+        "CONTAINER_UNKNOWN": 3,
     }
 
 

@@ -1,4 +1,4 @@
-"""Generated Python stubs for the CRI ImageService (runtime.v1); regenerate with `just proto`.
+"""Generated CRI stubs (runtime.v1: ImageService, ListContainers); regenerate: `just proto`.
 
 The stubs are committed so that the syncer needs no protoc at run time; tests/test_proto_stubs.py
 fails when they drift from proto/runtime/v1/api.proto.

@@ -25,6 +25,85 @@ if _version_not_supported:
     )
 
 
+class RuntimeServiceStub:
+    """Runtime service defines the public APIs for remote container runtimes.
+    Subset: only ListContainers is declared.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ListContainers = channel.unary_unary(
+                '/runtime.v1.RuntimeService/ListContainers',
+                request_serializer=runtime_dot_v1_dot_api__pb2.ListContainersRequest.SerializeToString,
+                response_deserializer=runtime_dot_v1_dot_api__pb2.ListContainersResponse.FromString,
+                _registered_method=True)
+
+
+class RuntimeServiceServicer:
+    """Runtime service defines the public APIs for remote container runtimes.
+    Subset: only ListContainers is declared.
+    """
+
+    def ListContainers(self, request, context):
+        """ListContainers lists all containers by filters.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_RuntimeServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ListContainers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListContainers,
+                    request_deserializer=runtime_dot_v1_dot_api__pb2.ListContainersRequest.FromString,
+                    response_serializer=runtime_dot_v1_dot_api__pb2.ListContainersResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'runtime.v1.RuntimeService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('runtime.v1.RuntimeService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class RuntimeService:
+    """Runtime service defines the public APIs for remote container runtimes.
+    Subset: only ListContainers is declared.
+    """
+
+    @staticmethod
+    def ListContainers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runtime.v1.RuntimeService/ListContainers',
+            runtime_dot_v1_dot_api__pb2.ListContainersRequest.SerializeToString,
+            runtime_dot_v1_dot_api__pb2.ListContainersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
 class ImageServiceStub:
     """ImageService defines the public APIs for managing images.
     """
