@@ -1,5 +1,8 @@
 """An asyncio client for the CRI ImageService (runtime.v1), the syncer's only way to touch images.
 
+Of the RuntimeService it calls ListContainers alone: containerd does not refuse to remove an image
+a running container uses, so ``--remove-unused`` asks which images containers hold first.
+
 It hides gRPC behind a few coroutines and two exceptions: ``RuntimeUnavailable`` when the runtime
 cannot be reached (socket absent, runtime restarting: the caller retries and reports not-ready) and
 ``CriError`` for everything the runtime answered with an error (bad reference, registry refused,
@@ -17,13 +20,14 @@ import grpc
 import grpc.aio
 
 from syncer.cri_api import api_pb2
-from syncer.cri_api.api_pb2_grpc import ImageServiceStub
+from syncer.cri_api.api_pb2_grpc import ImageServiceStub, RuntimeServiceStub
 
 __all__ = [
     "CriClient",
     "CriError",
     "ImageFilesystem",
     "RegistryAuth",
+    "RuntimeContainer",
     "RuntimeImage",
     "RuntimeUnavailable",
 ]
@@ -38,6 +42,8 @@ _CHANNEL_OPTIONS = (
 )
 _UNREACHABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
 _REDACTED = "<redacted>"
+_RUNTIME_SERVICE_RPCS = frozenset({"ListContainers"})
+_EXITED = "CONTAINER_EXITED"
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,47 @@ class RuntimeImage:
             repo_digests=tuple(image.repo_digests),
             size=image.size,
         )
+
+
+@dataclass(frozen=True)
+class RuntimeContainer:
+    """A container as ListContainers reports it; ``state`` is the CRI name (CONTAINER_RUNNING)."""
+
+    id: str
+    image: str  # the spec's image: a reference or an image id, as the kubelet asked for it
+    image_ref: str  # what the runtime resolved it to (containerd: the image id)
+    state: str
+    image_id: str = ""  # newer runtimes only
+
+    @classmethod
+    def from_proto(cls, container: api_pb2.Container) -> RuntimeContainer:
+        return cls(
+            id=container.id,
+            image=container.image.image,
+            image_ref=container.image_ref,
+            state=_state_name(container.state),
+            image_id=container.image_id,
+        )
+
+    @property
+    def exited(self) -> bool:
+        return self.state == _EXITED
+
+    def image_names(self) -> frozenset[str]:
+        """Every non-empty way this container names its image (ids and references)."""
+        return frozenset(n for n in (self.image, self.image_ref, self.image_id) if n)
+
+
+def _state_name(state: int) -> str:
+    try:
+        return api_pb2.ContainerState.Name(state)
+    except ValueError:  # a state newer than our proto: not known to be exited
+        return "CONTAINER_UNKNOWN"
+
+
+def images_in_use(containers: list[RuntimeContainer]) -> frozenset[str]:
+    """Image ids and references held by containers not EXITED (created, running or unknown)."""
+    return frozenset(name for c in containers if not c.exited for name in c.image_names())
 
 
 @dataclass(frozen=True)
@@ -134,18 +181,28 @@ class CriClient:
         self._socket = socket_path(target)
         self._channel: grpc.aio.Channel | None = None
         self._stub: ImageServiceStub | None = None
+        self._runtime_stub: RuntimeServiceStub | None = None
 
     def __repr__(self) -> str:
         return f"CriClient({self.target!r})"
 
-    def _service(self) -> ImageServiceStub:
+    def _open(self) -> grpc.aio.Channel:
         # Created lazily so the channel binds to the loop that uses it, not to the constructor's.
-        if self._stub is None:
+        if self._channel is None:
             self._channel = grpc.aio.insecure_channel(
                 grpc_target(self.target), options=_CHANNEL_OPTIONS
             )
-            self._stub = ImageServiceStub(self._channel)
+        return self._channel
+
+    def _service(self) -> ImageServiceStub:
+        if self._stub is None:
+            self._stub = ImageServiceStub(self._open())
         return self._stub
+
+    def _runtime_service(self) -> RuntimeServiceStub:
+        if self._runtime_stub is None:
+            self._runtime_stub = RuntimeServiceStub(self._open())
+        return self._runtime_stub
 
     async def check(self, *, timeout: float | None = None) -> None:
         """Raise RuntimeUnavailable, with the reason, unless the runtime answers ImageService."""
@@ -191,8 +248,18 @@ class CriClient:
             for usage in response.image_filesystems
         ]
 
+    async def list_containers(self) -> list[RuntimeContainer]:
+        """Every container the runtime knows, in any state (RuntimeService.ListContainers)."""
+        response = await self._call("ListContainers", "", api_pb2.ListContainersRequest())
+        return [RuntimeContainer.from_proto(c) for c in response.containers]
+
+    async def images_in_use(self) -> frozenset[str]:
+        """Ids and references of the images held by containers that have not exited."""
+        return images_in_use(await self.list_containers())
+
     async def close(self) -> None:
-        channel, self._channel, self._stub = self._channel, None, None
+        channel, self._channel = self._channel, None
+        self._stub = self._runtime_stub = None
         if channel is not None:
             await channel.close()
 
@@ -215,7 +282,8 @@ class CriClient:
         timeout: float | None = None,
         secrets: tuple[str, ...] = (),
     ) -> Any:  # the response message type depends on the rpc
-        method = getattr(self._service(), rpc)
+        service = self._runtime_service() if rpc in _RUNTIME_SERVICE_RPCS else self._service()
+        method = getattr(service, rpc)
         deadline = self.call_timeout if timeout is None else timeout
         try:
             return await method(request, timeout=deadline)

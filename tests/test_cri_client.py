@@ -18,7 +18,16 @@ from image_syncer.sandbox.containerd import Containerd
 from image_syncer.sandbox.images import PushFailed, build_image, push_image
 from image_syncer.sandbox.processes import MissingComponent
 from image_syncer.sandbox.registry import Registry
-from syncer.cri import CriClient, CriError, RegistryAuth, RuntimeUnavailable, socket_path
+from syncer.cri import (
+    CriClient,
+    CriError,
+    RegistryAuth,
+    RuntimeContainer,
+    RuntimeUnavailable,
+    images_in_use,
+    socket_path,
+)
+from syncer.cri_api import api_pb2
 
 pytestmark = pytest.mark.cri
 
@@ -297,6 +306,8 @@ async def test_a_hung_runtime_is_unavailable_not_an_image_error(
         try:
             with pytest.raises(RuntimeUnavailable, match="did not answer within 1s"):
                 await client.list_images()
+            with pytest.raises(RuntimeUnavailable, match="ListContainers: runtime at"):
+                await client.list_containers()
         finally:
             os.kill(pid, signal.SIGCONT)
         await _until(client.check)
@@ -318,6 +329,60 @@ async def test_registry_down_is_an_image_error_and_a_restart_serves_it_again(
     own_registry.start()  # same port, same storage
     await cri.pull_image(ref, timeout=60)
     assert await cri.image_status(ref) is not None
+
+
+async def test_list_containers_answers_on_the_real_runtime(cri: CriClient, push) -> None:
+    # The fixture runs no CRI containers (no pod sandboxes), so the answer is empty but real:
+    # containerd implements RuntimeService on the same socket as ImageService.
+    await cri.pull_image(push(), timeout=60)  # images alone are not containers
+
+    assert await cri.list_containers() == []
+    assert await cri.images_in_use() == frozenset()
+
+
+def test_a_container_maps_from_cri_with_every_name_of_its_image() -> None:
+    proto = api_pb2.Container(
+        id="c1",
+        image=api_pb2.ImageSpec(image="registry.example.com/games/arena:1.0"),
+        image_ref="sha256:" + "a" * 64,
+        state=api_pb2.CONTAINER_RUNNING,
+    )
+
+    container = RuntimeContainer.from_proto(proto)
+
+    assert container == RuntimeContainer(
+        id="c1",
+        image="registry.example.com/games/arena:1.0",
+        image_ref="sha256:" + "a" * 64,
+        state="CONTAINER_RUNNING",
+    )
+    assert container.image_names() == {"registry.example.com/games/arena:1.0", "sha256:" + "a" * 64}
+    assert RuntimeContainer.from_proto(api_pb2.Container(id="c2", state=99)).state == (
+        "CONTAINER_UNKNOWN"
+    )
+
+
+def test_images_in_use_are_those_of_containers_that_have_not_exited() -> None:
+    def container(name: str, state: str) -> RuntimeContainer:
+        return RuntimeContainer(
+            id=name, image=f"img-{name}", image_ref=f"sha256:{name}", state=state
+        )
+
+    containers = [
+        container("created", "CONTAINER_CREATED"),
+        container("running", "CONTAINER_RUNNING"),
+        container("unknown", "CONTAINER_UNKNOWN"),
+        container("exited", "CONTAINER_EXITED"),
+    ]
+
+    assert images_in_use(containers) == {
+        "img-created",
+        "sha256:created",
+        "img-running",
+        "sha256:running",
+        "img-unknown",
+        "sha256:unknown",
+    }
 
 
 async def test_close_is_idempotent_and_the_client_reopens(containerd: Containerd) -> None:
