@@ -11,7 +11,8 @@ What the syncer pulled is recorded durably in the NATS KV bucket ``IMAGE_SYNCER_
 on the node by anyone else (the kubelet, an operator, a system DaemonSet) are never touched.
 Removing by reference drops every name of that image in containerd, so an image still reachable
 from a live Fleet under another name is kept too. A removal the runtime refuses (CRI-O refuses
-images in use; containerd does not check, hence ``in_use``) is logged and retried next cycle.
+images in use; containerd does not check, hence ``in_use``, which the syncer fills from CRI
+ListContainers on every runtime) is logged and retried next cycle.
 
 The grace clock is in memory: after a restart it starts again, which only ever delays removal.
 """
@@ -183,9 +184,12 @@ class Cleaner:
         in_use: Collection[str] = (),
     ) -> list[Removal]:
         """One cleanup cycle: ``desired`` refs of live Fleets, ``images`` from one ListImages,
-        ``in_use`` image ids of running containers when known. Returns what it did."""
+        ``in_use`` the images containers still use: ids or references (an image is in use when
+        its id or any of its names matches one). Returns what it did."""
         now = self.clock()
+        images = list(images)
         owner = _image_index(images)
+        busy = _busy_ids(images, owner, in_use)
         wanted = {_key_of(r) for r in _normalized(desired)}
         kept_ids = {owner[k] for k in wanted if k in owner}
         done: list[Removal] = []
@@ -198,7 +202,7 @@ class Cleaner:
                 await self._forget(text)
                 done.append(Removal(text, "gone"))
             elif self._due(text, now):
-                removal = await self._remove(text, image_id in in_use)
+                removal = await self._remove(text, image_id in busy)
                 if removal is not None:
                     done.append(removal)
         return done
@@ -244,6 +248,15 @@ def _normalized(refs: Iterable[str]) -> list[ImageRef]:
         except InvalidImageReference:
             continue  # the fold already reported it; an unparsable ref protects nothing
     return found
+
+
+def _busy_ids(
+    images: Iterable[RuntimeImageLike], owner: dict[str, str], in_use: Collection[str]
+) -> set[str]:
+    """Ids of the images ``in_use`` names, by id (``sha256:...``) or by any tag or digest."""
+    busy = {image.id for image in images if image.id in in_use}
+    busy.update(owner[k] for k in map(_key_of, _normalized(in_use)) if k in owner)
+    return busy
 
 
 def _image_index(images: Iterable[RuntimeImageLike]) -> dict[str, str]:

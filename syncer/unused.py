@@ -2,8 +2,12 @@
 
 :class:`~syncer.cleanup.Cleaner` holds the rules; this adapter gives it what the running syncer
 has: every successful pull of its own, and each reconcile's single ListImages answer with the
-desired images. Cleanup is a convenience, never a reason to stop pulling: the bucket is opened
-lazily (NATS may be down at start), and a NATS failure is one log line per outage and a metric.
+desired images, plus the images containers still use (CRI ListContainers, asked before every
+pass, since containerd removes an image under a running container without complaint). Cleanup is
+a convenience, never a reason to stop pulling: the bucket is opened lazily (NATS may be down at
+start), and a NATS failure is one log line per outage and a metric. When the runtime cannot say
+which images are in use (ListContainers unimplemented or failing) the pass removes nothing: a
+removal skipped is retried next cycle, one done blind could kill a game server's restart.
 """
 
 from __future__ import annotations
@@ -11,12 +15,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Collection
+from typing import Protocol
 
+import grpc
 from nats.js import JetStreamContext
 
 from syncer import metrics
 from syncer.cleanup import BUCKET, Cleaner, Remover
-from syncer.cri import RuntimeImage
+from syncer.cri import CriError, RuntimeImage
 from syncer.puller import PullResult
 from syncer.references import ImageRef
 from wire.permissions import bucket_for
@@ -24,6 +30,12 @@ from wire.permissions import bucket_for
 __all__ = ["UnusedImages"]
 
 log = logging.getLogger(__name__)
+
+
+class ContainerImages(Protocol):
+    """What the runtime says containers use: :meth:`syncer.cri.CriClient.images_in_use`."""
+
+    async def images_in_use(self) -> frozenset[str]: ...
 
 
 class UnusedImages:
@@ -36,6 +48,7 @@ class UnusedImages:
         grace: float,
         prefix: str = "agones",
         replicas: int = 1,
+        containers: ContainerImages | None = None,
     ) -> None:
         self._js = js
         self._node = node
@@ -47,6 +60,10 @@ class UnusedImages:
         self._unrecorded: set[str] = set()
         self._failing = False
         self._tasks: set[asyncio.Task[None]] = set()
+        # The runner hands over its CriClient's bound remove_image; that client also answers
+        # ListContainers, so it is the default source of in-use images.
+        self._containers = containers or _owner_of(remover)
+        self._blind = False
 
     async def _open(self) -> Cleaner:
         if self._cleaner is None:
@@ -95,13 +112,47 @@ class UnusedImages:
             for ref in sorted(self._unrecorded):
                 await cleaner.record_pulled(ref)
                 self._unrecorded.discard(ref)
-            removals = await cleaner.observe([str(r) for r in desired], images)
+        except Exception as e:
+            self._failed("cleanup", e)
+            return
+        in_use = await self._in_use()
+        if in_use is None:
+            return
+        try:
+            removals = await cleaner.observe([str(r) for r in desired], images, in_use)
         except Exception as e:
             self._failed("cleanup", e)
             return
         self._recovered()
         for removal in removals:
             metrics.IMAGES_REMOVED.labels(removal.outcome).inc()
+
+    async def _in_use(self) -> frozenset[str] | None:
+        """Images containers use, or None (after one log line per outage) when unknown."""
+        if self._containers is None:
+            self._skip("no source of running containers", None)
+            return None
+        try:
+            in_use = await self._containers.images_in_use()
+        except CriError as e:
+            metrics.CRI_ERRORS.labels("ListContainers").inc()
+            if e.code is grpc.StatusCode.UNIMPLEMENTED:
+                self._skip("the runtime does not implement CRI ListContainers", e)
+            else:
+                self._skip("CRI ListContainers failed", e)
+            return None
+        if self._blind:
+            self._blind = False
+            log.info("images in use known again, unused-image removal resumes")
+        return in_use
+
+    def _skip(self, reason: str, error: CriError | None) -> None:
+        if not self._blind:
+            self._blind = True
+            log.warning(
+                "unused-image removal skipped: images in use by containers unknown",
+                extra={"reason": reason, "error": str(error) if error else ""},
+            )
 
     def _failed(self, op: str, error: Exception) -> None:
         metrics.NATS_ERRORS.labels(op).inc()
@@ -113,3 +164,8 @@ class UnusedImages:
         if self._failing:
             self._failing = False
             log.info("unused-image bookkeeping recovered")
+
+
+def _owner_of(remover: Remover) -> ContainerImages | None:
+    owner = getattr(remover, "__self__", None)
+    return owner if callable(getattr(owner, "images_in_use", None)) else None

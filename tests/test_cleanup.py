@@ -181,6 +181,33 @@ async def test_images_used_by_running_containers_are_not_removed(
     assert await cleaner.observe([], runtime.list_images()) == [Removal(GAME_V1, "removed")]
 
 
+@pytest.mark.parametrize(
+    "container_image",
+    [
+        pytest.param(GAME_V1, id="by-tag"),
+        pytest.param("registry.example.com/games/arena:1.0", id="as-written"),
+        pytest.param(f"registry.example.com/games/arena@{DIGEST}", id="by-repo-digest"),
+        pytest.param("sha256:v1", id="by-id"),
+    ],
+)
+async def test_an_image_in_use_under_any_of_its_names_is_not_removed(
+    nc: Client, bucket: str, runtime: Runtime, clock: Clock, container_image: str
+) -> None:
+    # ListContainers reports the spec image as the kubelet asked and image_ref as the runtime
+    # resolved it: either may be an id, a tag or a digest reference.
+    cleaner = await _cleaner(nc, bucket, runtime, clock)
+    runtime.add("sha256:v1", GAME_V1, f"registry.example.com/games/arena@{DIGEST}")
+    runtime.add("sha256:other", "registry.example.com/games/other:1.0")
+    await cleaner.record_pulled(GAME_V1)
+    await cleaner.observe([], runtime.list_images())
+    clock.advance(GRACE)
+
+    removals = await cleaner.observe([], runtime.list_images(), in_use={container_image})
+
+    assert removals == [Removal(GAME_V1, "refused", "in use by a container")]
+    assert runtime.removed == []
+
+
 async def test_an_image_still_wanted_under_another_name_is_kept(
     nc: Client, bucket: str, runtime: Runtime, clock: Clock
 ) -> None:
