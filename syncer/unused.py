@@ -57,6 +57,7 @@ class UnusedImages:
         self._bucket = bucket_for(BUCKET, prefix)
         self._replicas = replicas
         self._cleaner: Cleaner | None = None
+        self._opening = asyncio.Lock()  # a pull's background record and a pass may both open
         self._unrecorded: set[str] = set()
         self._failing = False
         self._tasks: set[asyncio.Task[None]] = set()
@@ -66,6 +67,10 @@ class UnusedImages:
         self._blind = False
 
     async def _open(self) -> Cleaner:
+        async with self._opening:
+            return await self._open_once()
+
+    async def _open_once(self) -> Cleaner:
         if self._cleaner is None:
             self._cleaner = await Cleaner.open(
                 self._js,
