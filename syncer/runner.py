@@ -193,6 +193,7 @@ class _Syncer:
             self.js,
             self.settings.node_name,
             self.cri.remove_image,
+            containers=self.cri,  # images running containers use are never removed
             grace=self.settings.remove_grace,
             prefix=self.settings.subject_prefix,
             replicas=self.settings.status_replicas,
