@@ -99,3 +99,15 @@ def test_unknown_kind_is_refused(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "kinds are fleet, gameserver" in result.stderr
+
+
+def test_bad_label_selector_is_refused_at_start_with_its_position() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "image_syncer", "broadcaster", "--label-selector", "team in (red"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("error: ") and "--label-selector" in line and "character 13" in line

@@ -15,6 +15,7 @@ from ops.lifecycle import run_until_signalled
 from ops.serving import parse_addr
 from wire.contract import ContractError, Kind, check_prefix
 from wire.eventlog import LogSettings
+from wire.labelselector import LabelSelector, SelectorError
 from wire.natsconn import NatsSettings
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,11 @@ def broadcaster(
         parse_addr(metrics_addr)
     except (ContractError, ValueError) as e:
         raise typer.BadParameter(str(e)) from e
+    try:
+        # The API server would refuse it on every list, retried forever: refuse it here, once.
+        LabelSelector.parse(label_selector)
+    except SelectorError as e:
+        raise typer.BadParameter(str(e), param_hint="--label-selector") from e
     if ha and lease_ttl < 1.0:
         # Renewals run every ttl/3; below a second they would race the server's expiry checks.
         raise typer.BadParameter("--lease-ttl must be at least 1s", param_hint="--lease-ttl")
