@@ -17,7 +17,7 @@ import typer
 from ops.durations import DurationError, parse_duration
 from wire.natsconn import DEFAULT_URL, NatsSettings
 
-__all__ = ["Duration", "with_nats_options"]
+__all__ = ["Duration", "split_values", "with_nats_options"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -109,6 +109,11 @@ _NATS_PARAMS = [
 ]
 
 
+def split_values(values: list[str]) -> tuple[str, ...]:
+    """Repeated flags and comma- or space-separated env values mean the same list."""
+    return tuple(v for raw in values for v in raw.replace(" ", ",").split(",") if v)
+
+
 def nats_settings_from(
     nats_url: list[str],
     nats_user: str | None,
@@ -117,11 +122,8 @@ def nats_settings_from(
     nats_creds: str | None,
     nats_tls_ca: str | None,
 ) -> NatsSettings:
-    servers = tuple(
-        u.strip() for raw in nats_url for u in raw.replace(" ", ",").split(",") if u.strip()
-    )
     return NatsSettings(
-        servers=servers or (DEFAULT_URL,),
+        servers=split_values(nats_url) or (DEFAULT_URL,),
         user=nats_user,
         password=nats_password,
         token=nats_token,

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from broadcaster.settings import Settings
-from image_syncer.options import Duration, with_nats_options
+from image_syncer.options import Duration, split_values, with_nats_options
 from ops.lifecycle import run_until_signalled
 from ops.serving import parse_addr
 from wire.contract import ContractError, Kind, check_prefix
@@ -21,14 +21,9 @@ from wire.natsconn import NatsSettings
 log = logging.getLogger(__name__)
 
 
-def _split(values: list[str]) -> tuple[str, ...]:
-    # Repeated flags and comma- or space-separated env values mean the same thing.
-    return tuple(v.strip() for raw in values for v in raw.replace(" ", ",").split(",") if v.strip())
-
-
 def _kinds(text: str) -> tuple[Kind, ...]:
     try:
-        return tuple(dict.fromkeys(Kind(k) for k in _split([text]))) or (Kind.FLEET,)
+        return tuple(dict.fromkeys(Kind(k) for k in split_values([text]))) or (Kind.FLEET,)
     except ValueError as e:
         raise typer.BadParameter(
             f"{text!r}: kinds are {', '.join(k.value for k in Kind)}", param_hint="--kinds"
@@ -137,7 +132,7 @@ def broadcaster(
             tombstone_ttl=tombstone_ttl,
         ),
         kubeconfig=kubeconfig or None,
-        namespaces=_split(namespace),
+        namespaces=split_values(namespace),
         label_selector=label_selector,
         kinds=_kinds(kinds),
         metrics_addr=metrics_addr,
