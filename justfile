@@ -17,9 +17,10 @@ lint:
     {{python}} -m ruff format --check .
     .venv/bin/lint-imports
 
-# Regenerate the CRI stubs from proto/ (a test fails when they are stale).
+# Regenerate the CRI and containerd stubs from proto/ (a test fails when they are stale).
 proto:
     {{python}} -m syncer.cri_api.generate
+    {{python}} -m syncer.containerd_api.generate
 
 # Benchmarks: each prints one JSON line with its figure and ratio to a raw baseline.
 bench *ARGS:

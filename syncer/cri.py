@@ -1,7 +1,8 @@
 """An asyncio client for the CRI ImageService (runtime.v1), the syncer's only way to touch images.
 
-Of the RuntimeService it calls ListContainers alone: containerd does not refuse to remove an image
-a running container uses, so ``--remove-unused`` asks which images containers hold first.
+Of the RuntimeService it calls Version (which runtime this is: pinning differs per runtime) and
+ListContainers: containerd does not refuse to remove an image a running container uses, so
+``--remove-unused`` asks which images containers hold first.
 
 It hides gRPC behind a few coroutines and two exceptions: ``RuntimeUnavailable`` when the runtime
 cannot be reached (socket absent, runtime restarting: the caller retries and reports not-ready) and
@@ -30,6 +31,7 @@ __all__ = [
     "RuntimeContainer",
     "RuntimeImage",
     "RuntimeUnavailable",
+    "RuntimeVersion",
 ]
 
 # Reconnect quickly after a runtime restart: gRPC's default backoff grows to two minutes.
@@ -42,7 +44,9 @@ _CHANNEL_OPTIONS = (
 )
 _UNREACHABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
 _REDACTED = "<redacted>"
-_RUNTIME_SERVICE_RPCS = frozenset({"ListContainers"})
+_RUNTIME_SERVICE_RPCS = frozenset({"ListContainers", "Version"})
+# The CRI API version the syncer speaks, sent in VersionRequest as the kubelet does.
+_CRI_API_VERSION = "v1"
 _EXITED = "CONTAINER_EXITED"
 
 
@@ -104,6 +108,15 @@ def _state_name(state: int) -> str:
 def images_in_use(containers: list[RuntimeContainer]) -> frozenset[str]:
     """Image ids and references held by containers not EXITED (created, running or unknown)."""
     return frozenset(name for c in containers if not c.exited for name in c.image_names())
+
+
+@dataclass(frozen=True)
+class RuntimeVersion:
+    """Which runtime answers (CRI Version): ``name`` is e.g. ``containerd`` or ``cri-o``."""
+
+    name: str
+    version: str
+    api_version: str
 
 
 @dataclass(frozen=True)
@@ -247,6 +260,16 @@ class CriClient:
             )
             for usage in response.image_filesystems
         ]
+
+    async def version(self) -> RuntimeVersion:
+        """The runtime's name and version (RuntimeService.Version)."""
+        request = api_pb2.VersionRequest(version=_CRI_API_VERSION)
+        response = await self._call("Version", "", request)
+        return RuntimeVersion(
+            name=response.runtime_name,
+            version=response.runtime_version,
+            api_version=response.runtime_api_version,
+        )
 
     async def list_containers(self) -> list[RuntimeContainer]:
         """Every container the runtime knows, in any state (RuntimeService.ListContainers)."""

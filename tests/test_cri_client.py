@@ -142,6 +142,14 @@ async def test_image_fs_info_reports_the_image_filesystem(
     assert filesystems[0].mountpoint.startswith(str(containerd.state_dir))
 
 
+async def test_version_names_the_runtime(cri: CriClient) -> None:
+    version = await cri.version()
+
+    assert version.name == "containerd"
+    assert version.version
+    assert version.api_version.startswith("v1")
+
+
 async def test_right_credentials_pull_from_a_private_registry(
     cri: CriClient, auth_registry: Registry, push
 ) -> None:

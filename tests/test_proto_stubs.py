@@ -1,9 +1,12 @@
-"""The committed CRI stubs are exactly what proto/ generates, and speak CRI's wire format."""
+"""The committed CRI and containerd stubs are exactly what proto/ generates, with upstream numbers."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from syncer import containerd_api
+from syncer.containerd_api import images_pb2
+from syncer.containerd_api import generate as containerd_generate
 from syncer.cri_api import api_pb2
 from syncer.cri_api.generate import GENERATED, PACKAGE_DIR, generate
 
@@ -33,14 +36,17 @@ def test_method_paths_are_the_cri_ones() -> None:
     ]
 
 
-def test_list_containers_is_the_cri_runtime_service_method() -> None:
+def test_version_and_list_containers_are_the_cri_runtime_service_methods() -> None:
     service = api_pb2.DESCRIPTOR.services_by_name["RuntimeService"]
 
     assert service.full_name == "runtime.v1.RuntimeService"
-    (method,) = service.methods
-    assert method.name == "ListContainers"
-    assert method.input_type.full_name == "runtime.v1.ListContainersRequest"
-    assert method.output_type.full_name == "runtime.v1.ListContainersResponse"
+    version, list_containers = service.methods
+    assert version.name == "Version"
+    assert version.input_type.full_name == "runtime.v1.VersionRequest"
+    assert version.output_type.full_name == "runtime.v1.VersionResponse"
+    assert list_containers.name == "ListContainers"
+    assert list_containers.input_type.full_name == "runtime.v1.ListContainersRequest"
+    assert list_containers.output_type.full_name == "runtime.v1.ListContainersResponse"
 
 
 def _numbers(message: str) -> dict[str, int]:
@@ -100,6 +106,13 @@ def test_field_numbers_match_k8s_cri_api() -> None:
         "annotations": 7,
     }
 
+    assert _numbers("VersionRequest") == {"version": 1}
+    assert _numbers("VersionResponse") == {
+        "version": 1,
+        "runtime_name": 2,
+        "runtime_version": 3,
+        "runtime_api_version": 4,
+    }
     assert _numbers("ListContainersRequest") == {"filter": 1}
     assert _numbers("ContainerFilter") == {
         "id": 1,
@@ -139,3 +152,77 @@ def test_a_pull_request_encodes_as_cri_expects() -> None:
 
     # field 1 (ImageSpec, length-delimited) holding field 1 "nginx"; field 2 (AuthConfig) "u".
     assert request.SerializeToString() == b"\n\x07\n\x05nginx\x12\x03\n\x01u"
+
+
+def test_committed_containerd_stubs_match_a_fresh_generation(tmp_path: Path) -> None:
+    containerd_generate.generate(tmp_path)
+    package = Path(containerd_api.__file__).parent
+
+    stale = [
+        name
+        for name in containerd_generate.GENERATED
+        if (tmp_path / name).read_bytes() != (package / name).read_bytes()
+    ]
+
+    assert not stale, f"stale containerd stubs {stale}: run `just proto` and commit the result"
+
+
+def test_containerd_images_service_is_upstreams() -> None:
+    service = images_pb2.DESCRIPTOR.services_by_name["Images"]
+
+    # containerd routes by these paths: /containerd.services.images.v1.Images/<Rpc>.
+    assert service.full_name == "containerd.services.images.v1.Images"
+    assert [(m.name, m.input_type.name, m.output_type.name) for m in service.methods] == [
+        ("Get", "GetImageRequest", "GetImageResponse"),
+        ("List", "ListImagesRequest", "ListImagesResponse"),
+        ("Update", "UpdateImageRequest", "UpdateImageResponse"),
+    ]
+
+
+def _containerd_numbers(message: str) -> dict[str, int]:
+    fields = images_pb2.DESCRIPTOR.message_types_by_name[message].fields
+    return {f.name: f.number for f in fields}
+
+
+def test_containerd_field_numbers_match_upstream() -> None:
+    # Pinned from containerd/containerd api/services/images/v1/images.proto and
+    # api/types/descriptor.proto; a renumbering breaks the wire.
+    assert _containerd_numbers("Image") == {
+        "name": 1,
+        "labels": 2,
+        "target": 3,
+        "created_at": 7,
+        "updated_at": 8,
+    }
+    assert _containerd_numbers("GetImageRequest") == {"name": 1}
+    assert _containerd_numbers("GetImageResponse") == {"image": 1}
+    assert _containerd_numbers("UpdateImageRequest") == {"image": 1, "update_mask": 2}
+    assert _containerd_numbers("UpdateImageResponse") == {"image": 1}
+    assert _containerd_numbers("ListImagesRequest") == {"filters": 1}
+    assert _containerd_numbers("ListImagesResponse") == {"images": 1}
+    image = images_pb2.DESCRIPTOR.message_types_by_name["Image"]
+    descriptor = image.fields_by_name["target"].message_type
+    assert descriptor.full_name == "containerd.types.Descriptor"
+    assert {f.name: f.number for f in descriptor.fields} == {
+        "media_type": 1,
+        "digest": 2,
+        "size": 3,
+        "annotations": 5,
+    }
+    mask = images_pb2.DESCRIPTOR.message_types_by_name["UpdateImageRequest"].fields_by_name[
+        "update_mask"
+    ]
+    assert mask.message_type.full_name == "google.protobuf.FieldMask"
+
+
+def test_a_label_update_encodes_as_containerd_expects() -> None:
+    request = images_pb2.UpdateImageRequest(
+        image=images_pb2.Image(name="n", labels={"k": "v"}),
+    )
+    request.update_mask.paths.append("labels.k")
+
+    # field 1 (Image): name (1) "n", labels (2) one map entry {key 1: "k", value 2: "v"};
+    # field 2 (FieldMask): paths (1) "labels.k".
+    assert request.SerializeToString() == (
+        b"\n\x0b\n\x01n\x12\x06\n\x01k\x12\x01v\x12\n\n\x08labels.k"
+    )

@@ -27,7 +27,7 @@ if _version_not_supported:
 
 class RuntimeServiceStub:
     """Runtime service defines the public APIs for remote container runtimes.
-    Subset: only ListContainers is declared.
+    Subset: only Version and ListContainers are declared.
     """
 
     def __init__(self, channel):
@@ -36,6 +36,11 @@ class RuntimeServiceStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.Version = channel.unary_unary(
+                '/runtime.v1.RuntimeService/Version',
+                request_serializer=runtime_dot_v1_dot_api__pb2.VersionRequest.SerializeToString,
+                response_deserializer=runtime_dot_v1_dot_api__pb2.VersionResponse.FromString,
+                _registered_method=True)
         self.ListContainers = channel.unary_unary(
                 '/runtime.v1.RuntimeService/ListContainers',
                 request_serializer=runtime_dot_v1_dot_api__pb2.ListContainersRequest.SerializeToString,
@@ -45,8 +50,15 @@ class RuntimeServiceStub:
 
 class RuntimeServiceServicer:
     """Runtime service defines the public APIs for remote container runtimes.
-    Subset: only ListContainers is declared.
+    Subset: only Version and ListContainers are declared.
     """
+
+    def Version(self, request, context):
+        """Version returns the runtime name, runtime version, and runtime API version.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
 
     def ListContainers(self, request, context):
         """ListContainers lists all containers by filters.
@@ -58,6 +70,11 @@ class RuntimeServiceServicer:
 
 def add_RuntimeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'Version': grpc.unary_unary_rpc_method_handler(
+                    servicer.Version,
+                    request_deserializer=runtime_dot_v1_dot_api__pb2.VersionRequest.FromString,
+                    response_serializer=runtime_dot_v1_dot_api__pb2.VersionResponse.SerializeToString,
+            ),
             'ListContainers': grpc.unary_unary_rpc_method_handler(
                     servicer.ListContainers,
                     request_deserializer=runtime_dot_v1_dot_api__pb2.ListContainersRequest.FromString,
@@ -73,8 +90,35 @@ def add_RuntimeServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class RuntimeService:
     """Runtime service defines the public APIs for remote container runtimes.
-    Subset: only ListContainers is declared.
+    Subset: only Version and ListContainers are declared.
     """
+
+    @staticmethod
+    def Version(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runtime.v1.RuntimeService/Version',
+            runtime_dot_v1_dot_api__pb2.VersionRequest.SerializeToString,
+            runtime_dot_v1_dot_api__pb2.VersionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def ListContainers(request,

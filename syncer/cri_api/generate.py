@@ -1,9 +1,10 @@
 """Regenerate the committed CRI stubs from proto/ (`python -m syncer.cri_api.generate`).
 
-protoc names the generated module after the proto's path (``runtime/v1/api.proto``) and makes the
-gRPC stub import it absolutely (``from runtime.v1 import api_pb2``), which would only resolve with
-proto/'s output root on sys.path. The stubs live flat inside this package instead, so the import is
-rewritten into a relative one.
+protoc names the generated modules after the proto's path (``runtime/v1/api.proto``) and makes
+them import each other absolutely (``from runtime.v1 import api_pb2``), which would only resolve
+with proto/'s output root on sys.path. The stubs live flat inside a package instead, so those
+imports are rewritten into relative ones. :func:`generate_stubs` does this for any :class:`Stubs`
+(``syncer.containerd_api.generate`` uses it for containerd's images service).
 """
 
 from __future__ import annotations
@@ -11,53 +12,81 @@ from __future__ import annotations
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+
+__all__ = ["GENERATED", "PACKAGE_DIR", "PROTO_ROOT", "GenerationFailed", "Stubs", "generate"]
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 PROTO_ROOT = PACKAGE_DIR.parents[1] / "proto"
 PROTO_FILE = "runtime/v1/api.proto"
 GENERATED = ("api_pb2.py", "api_pb2_grpc.py")
 
-_ABSOLUTE_IMPORT = "from runtime.v1 import api_pb2 as"
-_RELATIVE_IMPORT = "from . import api_pb2 as"
-
 
 class GenerationFailed(RuntimeError):
-    """protoc rejected the proto file; the message carries its diagnostics."""
+    """protoc rejected a proto file; the message carries its diagnostics."""
 
 
-def generate(out_dir: Path, *, proto_root: Path = PROTO_ROOT) -> list[Path]:
-    """Write the stubs for PROTO_FILE into ``out_dir`` (flat) and return their paths."""
+@dataclass(frozen=True)
+class Stubs:
+    """Proto files compiled into one flat package, and the imports made relative there."""
+
+    proto_files: tuple[str, ...]
+    # Generated file name -> the proto file (relative to proto/) it comes from.
+    generated: dict[str, str]
+    # Generated file name -> the proto packages whose absolute imports it must lose.
+    relative_imports: dict[str, tuple[str, ...]]
+
+
+CRI = Stubs(
+    proto_files=(PROTO_FILE,),
+    generated={"api_pb2.py": PROTO_FILE, "api_pb2_grpc.py": PROTO_FILE},
+    relative_imports={"api_pb2_grpc.py": ("runtime.v1",)},
+)
+
+
+def generate_stubs(stubs: Stubs, out_dir: Path, *, proto_root: Path = PROTO_ROOT) -> list[Path]:
+    """Write ``stubs`` into ``out_dir`` (flat) and return their paths."""
     from grpc_tools import protoc  # dev-only dependency: imported here so the stubs never need it
 
+    # protoc's own copies of google/protobuf/*.proto (well-known types such as FieldMask).
+    well_known = Path(protoc.__file__).resolve().parent / "_proto"
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as scratch:
         status = protoc.main(
             [
                 "grpc_tools.protoc",
                 f"-I{proto_root}",
+                f"-I{well_known}",
                 f"--python_out={scratch}",
                 f"--grpc_python_out={scratch}",
-                str(proto_root / PROTO_FILE),
+                *(str(proto_root / f) for f in stubs.proto_files),
             ]
         )
         if status != 0:
-            raise GenerationFailed(f"protoc exited with {status} for {proto_root / PROTO_FILE}")
-        produced = Path(scratch) / Path(PROTO_FILE).parent
+            raise GenerationFailed(f"protoc exited with {status} for {stubs.proto_files}")
         written = []
-        for name in GENERATED:
+        for name, proto in stubs.generated.items():
             target = out_dir / name
-            shutil.copyfile(produced / name, target)
+            shutil.copyfile(Path(scratch) / Path(proto).parent / name, target)
             written.append(target)
-    _make_import_relative(out_dir / "api_pb2_grpc.py")
+    for name, packages in stubs.relative_imports.items():
+        for package in packages:
+            _make_import_relative(out_dir / name, package)
     return written
 
 
-def _make_import_relative(path: Path) -> None:
+def generate(out_dir: Path, *, proto_root: Path = PROTO_ROOT) -> list[Path]:
+    """Write the CRI stubs into ``out_dir`` (flat) and return their paths."""
+    return generate_stubs(CRI, out_dir, proto_root=proto_root)
+
+
+def _make_import_relative(path: Path, package: str) -> None:
+    absolute = f"from {package} import "
     text = path.read_text()
-    if _ABSOLUTE_IMPORT not in text:
-        raise GenerationFailed(f"expected {_ABSOLUTE_IMPORT!r} in {path}; did protoc change?")
-    path.write_text(text.replace(_ABSOLUTE_IMPORT, _RELATIVE_IMPORT))
+    if absolute not in text:
+        raise GenerationFailed(f"expected {absolute!r} in {path}; did protoc change?")
+    path.write_text(text.replace(absolute, "from . import "))
 
 
 def main() -> int:
