@@ -76,16 +76,21 @@ def record_key(node: str, ref: str) -> str:
 
 
 async def ensure_pulled_bucket(
-    js: JetStreamContext, bucket: str = BUCKET, replicas: int = 1
+    js: JetStreamContext,
+    bucket: str = BUCKET,
+    replicas: int = 1,
+    *,
+    description: str = "image-syncer: images each node's syncer pulled itself",
 ) -> KeyValue:
-    """The bucket, created on first use by whichever syncer gets there first."""
+    """The bucket (or another per-node ledger), created on first use by whichever syncer gets
+    there first."""
     try:
         return await js.key_value(bucket)
     except nats.js.errors.BucketNotFoundError:
         pass
     config = KeyValueConfig(
         bucket=bucket,
-        description="image-syncer: images each node's syncer pulled itself",
+        description=description,
         history=1,
         storage=StorageType.FILE,
         replicas=replicas,

@@ -17,6 +17,8 @@ __all__ = [
     "IMAGES",
     "IMAGES_REMOVED",
     "NATS_ERRORS",
+    "PINS",
+    "PIN_ERRORS",
     "PULLS",
     "PULL_DURATION",
     "RECONCILE_DURATION",
@@ -86,4 +88,14 @@ REPLAYS = Counter(
     "image_syncer_syncer_replays_total",
     "Whole-log replays, by trigger (start, request).",
     ["trigger"],
+)
+PINS = Counter(
+    "image_syncer_syncer_pins_total",
+    "Images this syncer pinned or unpinned (label io.cri-containerd.pinned), by action.",
+    ["action"],
+)
+PIN_ERRORS = Counter(
+    "image_syncer_syncer_pin_errors_total",
+    "Failed pinning work, by what failed (containerd, ledger).",
+    ["op"],
 )

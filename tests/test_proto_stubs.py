@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from syncer import containerd_api
-from syncer.containerd_api import images_pb2
 from syncer.containerd_api import generate as containerd_generate
+from syncer.containerd_api import images_pb2
 from syncer.cri_api import api_pb2
 from syncer.cri_api.generate import GENERATED, PACKAGE_DIR, generate
 

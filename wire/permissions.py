@@ -7,11 +7,12 @@ stale, so the permissions the server enforces and the subjects the code uses can
 Every list is an allow-list: whatever is not named is denied. The broadcaster may publish only on
 the event subjects and manage (create, update, read, purge) its own streams; it may never delete a
 stream. A syncer may only read the fleet stream through consumers, pull and ack on it, and write
-the node-status and pulled-image buckets; it can publish no event, purge nothing, delete nothing.
+the node-status, pulled-image and pinned-image buckets; it can publish no event, purge nothing,
+delete nothing.
 
 NATS wildcards match whole tokens, so a static config cannot say "consumer names starting with
 ``syncer-``": the shared syncer user may create, pull from, ack and delete any consumer *of the
-fleet stream*, and write any key of its two buckets. Per-node users would close that gap, but a
+fleet stream*, and write any key of its buckets. Per-node users would close that gap, but a
 DaemonSet cannot hand each pod its own password; NATS' decentralized JWT auth (templated
 permissions) can, at the price of an operator/account/user toolchain. The residual risk is one
 node disturbing another node's cursor (that node then replays the whole log, which is always
@@ -34,6 +35,7 @@ __all__ = [
     "LEASE_BUCKET",
     "NODES_BUCKET",
     "PASSWORD_ENV",
+    "PINNED_BUCKET",
     "PULLED_BUCKET",
     "SYNCER_CONSUMER_PREFIX",
     "RolePermissions",
@@ -48,6 +50,8 @@ ACCOUNT = "IMAGE_SYNCER"
 NODES_BUCKET = nodestatus.DEFAULT_BUCKET
 # The syncer's cleanup records (syncer.cleanup.BUCKET; a test keeps the two equal).
 PULLED_BUCKET = "IMAGE_SYNCER_PULLED"
+# The names each syncer pinned itself (syncer.pinning.BUCKET; a test keeps the two equal).
+PINNED_BUCKET = "IMAGE_SYNCER_PINNED"
 LEASE_BUCKET = "IMAGE_SYNCER_LEASE"
 _DEFAULT_PREFIX = "agones"
 SYNCER_CONSUMER_PREFIX = "syncer-"
@@ -137,6 +141,7 @@ def syncer_permissions(prefix: str = _DEFAULT_PREFIX) -> RolePermissions:
         f"$JS.ACK.{stream}.>",
         *_kv_bucket(nodestatus.bucket_name(prefix)),
         *_kv_bucket(bucket_for(PULLED_BUCKET, prefix)),
+        *_kv_bucket(bucket_for(PINNED_BUCKET, prefix)),
     ]
     return RolePermissions("syncer", tuple(publish), (_INBOX,))
 

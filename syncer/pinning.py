@@ -1,0 +1,258 @@
+"""Pin pre-pulled images so the kubelet's image garbage collector leaves them alone.
+
+The kubelet deletes images no container uses once the image filesystem passes its high threshold
+(or they outlive ``imageMaximumGCAge``): pre-pulled images are exactly those. It skips images the
+runtime reports as pinned (CRI ``Image.pinned``), and containerd pins an image whose record carries
+``io.cri-containerd.pinned=pinned``. So, on containerd, every desired image that is present gets
+that label on each of its names (tag, repo digest, id), and loses it again once no admitted Fleet
+(nor extra image) wants it, and before ``--remove-unused`` removes it.
+
+Pins set by anyone else (containerd pins its sandbox image itself; an operator may pin by hand)
+are never removed: the names *this* syncer labelled are recorded in the NATS KV bucket
+``IMAGE_SYNCER_PINNED`` (key ``<node>.<sha256 of the normalized reference>``, like the pulled-image
+ledger), before the label is set, so a restart forgets nothing, and only recorded names are ever
+unlabelled. A name already pinned when first seen is someone else's and is left alone, though the
+image counts as pinned.
+
+Pinning is a safety net, never a reason to stop pulling: a NATS or containerd failure is one log
+line per outage and a metric, and the work is retried at the next reconcile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Collection, Container, Iterable
+from typing import Protocol
+
+import msgspec
+from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
+
+from syncer import metrics
+from syncer.cleanup import ensure_pulled_bucket, record_key
+from syncer.containerd_images import PIN_LABEL, PIN_VALUE, ImageRecord
+from syncer.cri import CriError
+from syncer.references import ImageRef, InvalidImageReference, normalize
+
+__all__ = ["BUCKET", "ImageLabels", "PinLedger", "Pinner"]
+
+log = logging.getLogger(__name__)
+
+BUCKET = "IMAGE_SYNCER_PINNED"
+_DESCRIPTION = "image-syncer: image names each node's syncer pinned itself"
+
+
+class ImageLabels(Protocol):
+    """What pinning needs of the runtime: :class:`syncer.containerd_images.ContainerdImages`."""
+
+    async def names_of(self, name: str) -> list[ImageRecord]: ...
+
+    async def set_label(self, name: str, key: str, value: str) -> None: ...
+
+    async def remove_label(self, name: str, key: str) -> None: ...
+
+
+class _Record(msgspec.Struct):
+    ref: str
+    names: list[str]
+    pinned_at: float
+
+
+class PinLedger:
+    """Which names of which images this node's syncer pinned itself (durable, per node)."""
+
+    def __init__(self, kv: KeyValue, node: str) -> None:
+        self.kv = kv
+        self.node = node
+        self.names: dict[str, frozenset[str]] = {}  # normalized reference -> names we labelled
+
+    @classmethod
+    async def open(
+        cls, js: JetStreamContext, node: str, *, bucket: str = BUCKET, replicas: int = 1
+    ) -> PinLedger:
+        kv = await ensure_pulled_bucket(js, bucket, replicas, description=_DESCRIPTION)
+        ledger = cls(kv, node)
+        await ledger.load()
+        return ledger
+
+    async def load(self) -> None:
+        # "<node>.*" is exactly this node's keys even when its name has dots (one hash token).
+        watcher = await self.kv.watch(f"{self.node}.*", ignore_deletes=True)
+        try:
+            async for entry in watcher:
+                if entry is None:
+                    break
+                self._load(entry.key, entry.value or b"")
+        finally:
+            await watcher.stop()
+
+    def _load(self, key: str, value: bytes) -> None:
+        try:
+            record = msgspec.json.decode(value, type=_Record)
+            ref = str(normalize(record.ref))
+        except (msgspec.DecodeError, InvalidImageReference) as e:
+            log.warning("unreadable pin record ignored", extra={"key": key, "error": str(e)})
+            return
+        self.names[ref] = frozenset(record.names)
+
+    def ours(self) -> frozenset[str]:
+        """Every name this syncer labelled, whichever reference it was for."""
+        return frozenset(name for names in self.names.values() for name in names)
+
+    async def record(self, ref: str, names: Iterable[str]) -> None:
+        names = frozenset(names)
+        if self.names.get(ref) == names:
+            return
+        value = msgspec.json.encode(_Record(ref=ref, names=sorted(names), pinned_at=time.time()))
+        await self.kv.put(record_key(self.node, ref), value)
+        self.names[ref] = names
+
+    async def forget(self, ref: str) -> None:
+        if ref in self.names:
+            await self.kv.delete(record_key(self.node, ref))
+            del self.names[ref]
+
+
+class Pinner:
+    """Keeps the pin label on the desired images that are present, and only on those it set."""
+
+    def __init__(
+        self,
+        images: ImageLabels,
+        js: JetStreamContext,
+        node: str,
+        *,
+        bucket: str = BUCKET,
+        replicas: int = 1,
+    ) -> None:
+        self._images = images
+        self._js = js
+        self._node = node
+        self._bucket = bucket
+        self._replicas = replicas
+        self._ledger: PinLedger | None = None
+        self._lock = asyncio.Lock()  # pulls finishing and reconciles must not interleave
+        # Desired images known to be pinned (by us or by someone else) since last seen present.
+        self._verified: set[ImageRef] = set()
+        self._failing = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def pinned(self, wanted: Collection[ImageRef]) -> int:
+        """How many of ``wanted`` are pinned, as far as this syncer knows."""
+        return sum(1 for image in wanted if image in self._verified)
+
+    def on_pulled(self, image: ImageRef) -> None:
+        """Pin right after a successful pull (in the background: pulls never wait for it)."""
+        self._verified.discard(image)
+        task = asyncio.create_task(self._guarded(self._pin_one(image)), name=f"pin {image}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def sync(self, wanted: Collection[ImageRef], present: Container[ImageRef]) -> None:
+        """After each ListImages: unpin what is no longer wanted, pin what is and lacks it."""
+        await self._guarded(self._sync(wanted, present))
+
+    async def release(self, ref: str) -> None:
+        """Unpin ``ref`` before it is removed; raises (so the removal waits) when that fails."""
+        image = normalize(ref)
+        async with self._lock:
+            ledger = await self._open()
+            await self._unpin(ledger, str(image))
+            self._verified.discard(image)
+
+    async def close(self) -> None:
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _sync(self, wanted: Collection[ImageRef], present: Container[ImageRef]) -> None:
+        async with self._lock:
+            ledger = await self._open()
+            wanted_text = {str(image) for image in wanted}
+            for ref in sorted(set(ledger.names) - wanted_text):
+                await self._unpin(ledger, ref)
+            self._verified &= set(wanted)
+            for image in sorted(wanted):
+                if image not in present:
+                    # Gone (GC, an operator): when it is back its new records need the label.
+                    self._verified.discard(image)
+                elif image not in self._verified:
+                    await self._pin(ledger, image)
+
+    async def _pin_one(self, image: ImageRef) -> None:
+        async with self._lock:
+            await self._pin(await self._open(), image)
+
+    async def _pin(self, ledger: PinLedger, image: ImageRef) -> None:
+        records = await self._images.names_of(_record_name(image))
+        if not records:
+            return  # not there (yet, or any more): the next reconcile looks again
+        ref = str(image)
+        ours = ledger.ours()
+        # A name pinned before we ever labelled it is someone else's pin: never ours to remove.
+        mine = {r.name for r in records if not r.pinned or r.name in ours}
+        if mine:
+            await ledger.record(ref, mine | ledger.names.get(ref, frozenset()))
+        labelled = 0
+        for record in records:
+            if record.name in mine and not record.pinned:
+                await self._images.set_label(record.name, PIN_LABEL, PIN_VALUE)
+                labelled += 1
+        self._verified.add(image)
+        if labelled:
+            metrics.PINS.labels("pinned").inc()
+            log.info("image pinned", extra={"image": ref, "names": labelled})
+        elif not mine:
+            log.info("image already pinned by someone else, left as it is", extra={"image": ref})
+
+    async def _unpin(self, ledger: PinLedger, ref: str) -> None:
+        names = ledger.names.get(ref)
+        if names is None:
+            return
+        # Another wanted reference of ours may name the same image (a tag and its digest).
+        still_needed = {n for other, ns in ledger.names.items() if other != ref for n in ns}
+        for name in sorted(names - still_needed):
+            await self._images.remove_label(name, PIN_LABEL)
+        await ledger.forget(ref)
+        metrics.PINS.labels("unpinned").inc()
+        log.info("image unpinned", extra={"image": ref})
+
+    async def _open(self) -> PinLedger:
+        if self._ledger is None:
+            self._ledger = await PinLedger.open(
+                self._js, self._node, bucket=self._bucket, replicas=self._replicas
+            )
+            log.info(
+                "image pinning enabled",
+                extra={"bucket": self._bucket, "recorded": len(self._ledger.names)},
+            )
+        return self._ledger
+
+    async def _guarded(self, work: Awaitable[None]) -> None:
+        try:
+            await work
+        except CriError as e:
+            self._failed("containerd", e)
+            return
+        except Exception as e:  # NATS: the ledger could not be read or written
+            self._failed("ledger", e)
+            return
+        if self._failing:
+            self._failing = False
+            log.info("image pinning recovered")
+
+    def _failed(self, op: str, error: Exception) -> None:
+        metrics.PIN_ERRORS.labels(op).inc()
+        if not self._failing:
+            self._failing = True
+            text = str(error) if isinstance(error, CriError) else repr(error)
+            log.warning(
+                "image pinning failed, retrying at the next reconcile",
+                extra={"op": op, "error": text},
+            )
+
+
+def _record_name(image: ImageRef) -> str:
+    # As the runtime names it: by digest when the reference has one, else by tag.
+    return image.canonical or image.tagged or str(image)

@@ -1,0 +1,193 @@
+"""Pinning on a real containerd with the ledger in a real JetStream KV bucket.
+
+Labels are checked through containerd itself (``ctr -n k8s.io images ls``), because Debian's
+containerd 1.6 sets the label but does not report ``pinned`` back through CRI.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+from nats.js import JetStreamContext
+
+from image_syncer.sandbox.containerd import Containerd
+from syncer.containerd_images import PIN_LABEL, PIN_VALUE, ContainerdImages
+from syncer.cri import CriClient
+from syncer.pinning import BUCKET, Pinner
+from syncer.references import ImageRef, PresentImages, normalize
+from wire.permissions import bucket_for
+
+pytestmark = pytest.mark.cri
+
+PINNED = f"{PIN_LABEL}={PIN_VALUE}"
+
+
+@pytest.fixture
+async def cri(containerd: Containerd) -> AsyncIterator[CriClient]:
+    client = CriClient(containerd.endpoint)
+    yield client
+    await client.close()
+
+
+@pytest.fixture
+async def images(containerd: Containerd) -> AsyncIterator[ContainerdImages]:
+    client = ContainerdImages(containerd.endpoint)
+    yield client
+    await client.close()
+
+
+@pytest.fixture
+def make_pinner(images: ContainerdImages, js: JetStreamContext, prefix: str):
+    def make(node: str = "node-a.example") -> Pinner:
+        return Pinner(images, js, node, bucket=bucket_for(BUCKET, prefix))
+
+    return make
+
+
+def labels_by_name(containerd: Containerd) -> dict[str, str]:
+    """Each image name in k8s.io -> its LABELS column, as ``ctr images ls`` prints it."""
+    rows = containerd.ctr("images", "ls").stdout.splitlines()[1:]
+    return {row.split()[0]: row.split()[-1] for row in rows if row.strip()}
+
+
+def names_of(containerd: Containerd, ref: str) -> set[str]:
+    targets = containerd.image_targets()
+    return {name for name, target in targets.items() if target == targets[ref]}
+
+
+def pinned_names(containerd: Containerd, ref: str) -> set[str]:
+    labels = labels_by_name(containerd)
+    return {name for name in names_of(containerd, ref) if PINNED in labels[name]}
+
+
+async def present(cri: CriClient) -> PresentImages:
+    return PresentImages.of(await cri.list_images())
+
+
+async def pulled(cri: CriClient, push) -> tuple[str, ImageRef]:
+    ref = push()
+    await cri.pull_image(ref, timeout=60)
+    return ref, normalize(ref)
+
+
+async def test_a_pulled_image_is_pinned_on_every_name_and_unpinned_when_unwanted(
+    cri: CriClient, containerd: Containerd, make_pinner, push
+) -> None:
+    ref, image = await pulled(cri, push)
+    pinner = make_pinner()
+
+    pinner.on_pulled(image)
+    await pinner.close()
+
+    assert pinned_names(containerd, ref) == names_of(containerd, ref)
+    assert len(names_of(containerd, ref)) == 3  # tag, repo digest, image id
+    assert pinner.pinned([image]) == 1
+
+    await pinner.sync(wanted=[], present=await present(cri))
+
+    assert pinned_names(containerd, ref) == set()
+    assert pinner.pinned([image]) == 0
+
+
+async def test_someone_elses_pin_is_kept(
+    cri: CriClient, containerd: Containerd, make_pinner, push
+) -> None:
+    ref, image = await pulled(cri, push)
+    # An operator pinned the tag by hand before the syncer got to it.
+    containerd.ctr("images", "label", ref, PINNED)
+    pinner = make_pinner()
+
+    await pinner.sync(wanted=[image], present=await present(cri))
+
+    assert pinned_names(containerd, ref) == names_of(containerd, ref)
+    assert pinner.pinned([image]) == 1
+
+    await pinner.sync(wanted=[], present=await present(cri))
+
+    assert pinned_names(containerd, ref) == {ref}
+
+
+async def test_an_image_pinned_entirely_by_someone_else_counts_and_stays(
+    cri: CriClient, containerd: Containerd, make_pinner, push
+) -> None:
+    ref, image = await pulled(cri, push)
+    for name in names_of(containerd, ref):
+        containerd.ctr("images", "label", name, PINNED)
+    pinner = make_pinner()
+
+    await pinner.sync(wanted=[image], present=await present(cri))
+    assert pinner.pinned([image]) == 1
+    await pinner.sync(wanted=[], present=await present(cri))
+
+    assert pinned_names(containerd, ref) == names_of(containerd, ref)
+
+
+async def test_the_ledger_survives_a_restart(
+    cri: CriClient, containerd: Containerd, make_pinner, push
+) -> None:
+    ref, image = await pulled(cri, push)
+    first = make_pinner()
+    await first.sync(wanted=[image], present=await present(cri))
+    assert pinned_names(containerd, ref) == names_of(containerd, ref)
+
+    restarted = make_pinner()
+    await restarted.sync(wanted=[], present=await present(cri))
+
+    assert pinned_names(containerd, ref) == set()
+
+
+async def test_ledgers_are_per_node(
+    cri: CriClient, containerd: Containerd, make_pinner, push
+) -> None:
+    ref, image = await pulled(cri, push)
+    await make_pinner("node-a.example").sync(wanted=[image], present=await present(cri))
+
+    # Another node's syncer never pinned this image here: it has nothing to unpin.
+    await make_pinner("node-b.example").sync(wanted=[], present=await present(cri))
+
+    assert pinned_names(containerd, ref) == names_of(containerd, ref)
+
+
+async def test_a_tag_and_its_digest_share_names_until_both_are_unwanted(
+    cri: CriClient, containerd: Containerd, make_pinner, push
+) -> None:
+    ref, tagged = await pulled(cri, push)
+    digest_name = next(n for n in names_of(containerd, ref) if "@sha256:" in n)
+    by_digest = normalize(digest_name)
+    pinner = make_pinner()
+    await pinner.sync(wanted=[tagged, by_digest], present=await present(cri))
+
+    await pinner.sync(wanted=[by_digest], present=await present(cri))
+
+    assert pinned_names(containerd, ref) == names_of(containerd, ref)
+    await pinner.sync(wanted=[], present=await present(cri))
+    assert pinned_names(containerd, ref) == set()
+
+
+async def test_release_unpins_before_a_removal(
+    cri: CriClient, containerd: Containerd, make_pinner, push
+) -> None:
+    ref, image = await pulled(cri, push)
+    pinner = make_pinner()
+    await pinner.sync(wanted=[image], present=await present(cri))
+
+    await pinner.release(ref)
+
+    assert pinned_names(containerd, ref) == set()
+
+
+async def test_an_image_removed_and_pulled_again_is_pinned_again(
+    cri: CriClient, containerd: Containerd, make_pinner, push
+) -> None:
+    ref, image = await pulled(cri, push)
+    pinner = make_pinner()
+    await pinner.sync(wanted=[image], present=await present(cri))
+    containerd.remove_image(ref)
+    await pinner.sync(wanted=[image], present=await present(cri))
+    assert pinner.pinned([image]) == 0
+
+    await cri.pull_image(ref, timeout=60)
+    await pinner.sync(wanted=[image], present=await present(cri))
+
+    assert pinned_names(containerd, ref) == names_of(containerd, ref)
