@@ -1,11 +1,15 @@
-"""A fake Kubernetes API server for the agones.dev/v1 resources, speaking the real wire protocol.
+"""A fake Kubernetes API server for the resources image-syncer uses, speaking the real protocol.
 
 No kube-apiserver can be installed here, so broadcaster tests drive this one through the real
-``kubernetes`` client: the same URLs, query parameters, list and watch bodies and status codes as
-a real API server, for the parts the broadcaster uses. What it models:
+``kubernetes`` client, and syncer tests through the syncer's own HTTP calls: the same URLs, query
+parameters, list and watch bodies and status codes as a real API server, for the parts the two
+use. What it models:
 
-- ``fleets`` and ``gameservers``, cluster-wide and namespaced: list, get, watch, create (POST),
-  update (PUT, with resourceVersion conflict checks) and delete (DELETE);
+- ``fleets`` and ``gameservers`` (agones.dev/v1), ``deployments`` (apps/v1, namespaced) and
+  ``nodes`` (v1, cluster-scoped): list, get, watch, create (POST), update (PUT, with
+  resourceVersion conflict checks), delete (DELETE), and PATCH with a JSON merge patch or a JSON
+  patch (RFC 6902, ``test`` included): a ``metadata.resourceVersion`` in the patched object is a
+  precondition (409 Conflict when stale), a failed ``test`` is 422, as in the real server;
 - one global, monotonically increasing resourceVersion, and a uid per object;
 - watch from a resourceVersion (history replay), from nothing or ``0`` (synthetic ADDED of the
   current state), ``timeoutSeconds``, ``allowWatchBookmarks``; a label-selected watch sends
@@ -14,7 +18,8 @@ a real API server, for the parts the broadcaster uses. What it models:
   ERROR event with an ``Expired`` Status, both on reconnect and mid-stream for a lagging watch;
   an exact list at a compacted resourceVersion gets HTTP 410;
 - test controls: :meth:`hold_watches` (freeze delivery, to make a gap), :meth:`drop_watches`
-  (end every open watch), :meth:`bookmark` (ask open watches for a BOOKMARK now).
+  (end every open watch), :meth:`bookmark` (ask open watches for a BOOKMARK now),
+  :meth:`before_next_patch` (a concurrent writer, run between a client's read and its patch).
 """
 
 from __future__ import annotations
@@ -40,10 +45,23 @@ from .selectors import SelectorError, parse_selector
 __all__ = ["FakeKube"]
 
 GROUP_VERSION = "agones.dev/v1"
-KINDS = {"fleets": "Fleet", "gameservers": "GameServer"}
+KINDS = {
+    "fleets": "Fleet",
+    "gameservers": "GameServer",
+    "deployments": "Deployment",
+    "nodes": "Node",
+}
+GROUP_VERSIONS = {
+    "fleets": GROUP_VERSION,
+    "gameservers": GROUP_VERSION,
+    "deployments": "apps/v1",
+    "nodes": "v1",
+}
+CLUSTER_SCOPED = frozenset({"nodes"})
 
 _PATH = re.compile(
-    r"^/apis/agones\.dev/v1(?:/namespaces/(?P<ns>[^/]+))?/(?P<plural>[a-z]+)(?:/(?P<name>[^/]+))?$"
+    r"^/(?:api/(?P<core>v1)|apis/(?P<group>[a-z.]+/v1))"
+    r"(?:/namespaces/(?P<ns>[^/]+))?/(?P<plural>[a-z]+)(?:/(?P<name>[^/]+))?$"
 )
 
 
@@ -74,7 +92,7 @@ class _Change:
 
 
 def _key(obj: dict[str, Any]) -> tuple[str, str]:
-    return obj["metadata"].get("namespace", "default"), obj["metadata"]["name"]
+    return obj["metadata"].get("namespace", ""), obj["metadata"]["name"]
 
 
 def _now() -> str:
@@ -99,6 +117,7 @@ class FakeKube:
         self.open_watches = 0
         self.bookmarks_sent = 0
         self.requests: list[tuple[str, str]] = []
+        self._before_patch: list[Any] = []
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -164,14 +183,14 @@ class FakeKube:
     def create(self, plural: str, obj: dict[str, Any]) -> dict[str, Any]:
         obj = copy.deepcopy(obj)
         meta = obj.setdefault("metadata", {})
-        meta.setdefault("namespace", "default")
+        _scope(plural, meta)
         if not meta.get("name"):
             raise ApiError(422, "Invalid", "metadata.name: Required value")
         with self._cond:
             if _key(obj) in self._objects[plural]:
                 raise ApiError(409, "AlreadyExists", f'{plural} "{meta["name"]}" already exists')
             self._rv += 1
-            obj["apiVersion"], obj["kind"] = GROUP_VERSION, KINDS[plural]
+            obj["apiVersion"], obj["kind"] = GROUP_VERSIONS[plural], KINDS[plural]
             meta.update(
                 uid=str(uuid.uuid4()),
                 resourceVersion=str(self._rv),
@@ -184,7 +203,7 @@ class FakeKube:
 
     def update(self, plural: str, obj: dict[str, Any]) -> dict[str, Any]:
         obj = copy.deepcopy(obj)
-        obj["metadata"].setdefault("namespace", "default")
+        _scope(plural, obj["metadata"])
         with self._cond:
             current = self._objects[plural].get(_key(obj))
             if current is None:
@@ -193,7 +212,7 @@ class FakeKube:
             if wanted and wanted != current["metadata"]["resourceVersion"]:
                 raise ApiError(409, "Conflict", "the object has been modified; please retry")
             self._rv += 1
-            obj["apiVersion"], obj["kind"] = GROUP_VERSION, KINDS[plural]
+            obj["apiVersion"], obj["kind"] = GROUP_VERSIONS[plural], KINDS[plural]
             meta = obj["metadata"]
             for kept in ("uid", "creationTimestamp", "generation"):
                 meta[kept] = current["metadata"][kept]
@@ -214,6 +233,43 @@ class FakeKube:
             gone["metadata"]["resourceVersion"] = str(self._rv)
             self._record(plural, "DELETED", current, gone)
             return copy.deepcopy(gone)
+
+    def patch(
+        self, plural: str, namespace: str, name: str, content_type: str, patch: Any
+    ) -> dict[str, Any]:
+        """Apply a merge or JSON patch to the stored object, as the API server's PATCH does."""
+        if plural in CLUSTER_SCOPED:
+            namespace = ""
+        with self._cond:
+            hooks, self._before_patch = self._before_patch, []
+        for hook in hooks:
+            hook()
+        with self._cond:
+            current = self._objects[plural].get((namespace, name))
+            if current is None:
+                raise ApiError(404, "NotFound", f'{plural} "{name}" not found')
+            if content_type == "application/merge-patch+json":
+                patched = _merge_patch(current, patch)
+            elif content_type == "application/json-patch+json":
+                patched = _json_patch(current, patch)
+            else:
+                raise ApiError(
+                    415,
+                    "UnsupportedMediaType",
+                    f"the body of the request was in an unknown format: {content_type}",
+                )
+            patched["metadata"]["name"] = name
+            if namespace:
+                patched["metadata"]["namespace"] = namespace
+            # A resourceVersion the patch left in the object is a precondition; none means "any".
+            if patched["metadata"].get("resourceVersion") == current["metadata"]["resourceVersion"]:
+                patched["metadata"].pop("resourceVersion")
+            return self.update(plural, patched)
+
+    def before_next_patch(self, hook: Any) -> None:
+        """Run ``hook`` (e.g. another writer's update) when the next PATCH arrives, before it applies."""
+        with self._cond:
+            self._before_patch.append(hook)
 
     def get(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
         with self._cond:
@@ -277,7 +333,7 @@ class FakeKube:
                 raise ApiError(410, "Expired", f"too old resource version: {rv} ({self._rv})")
             items = [copy.deepcopy(o) for _, o in sorted(self._objects[plural].items())]
             return {
-                "apiVersion": GROUP_VERSION,
+                "apiVersion": GROUP_VERSIONS[plural],
                 "kind": f"{KINDS[plural]}List",
                 "metadata": {"resourceVersion": str(self._rv), "continue": ""},
                 "items": [o for o in items if matches(o)],
@@ -346,6 +402,78 @@ class FakeKube:
         return ApiError(410, "Expired", message).status()
 
 
+def _scope(plural: str, meta: dict[str, Any]) -> None:
+    if plural in CLUSTER_SCOPED:
+        meta.pop("namespace", None)
+    else:
+        meta.setdefault("namespace", "default")
+
+
+def _merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386: objects merge key by key, null deletes, anything else (lists too) replaces."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    result = copy.deepcopy(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = _merge_patch(result.get(key), value)
+    return result
+
+
+def _json_patch(target: dict[str, Any], ops: Any) -> dict[str, Any]:
+    """RFC 6902 add, remove, replace and test; a failed op is 422, as the API server answers."""
+    doc = copy.deepcopy(target)
+    if not isinstance(ops, list):
+        raise ApiError(400, "BadRequest", "a JSON patch must be a list of operations")
+    for op in ops:
+        parent, last = _pointer(doc, op.get("path", ""))
+        kind = op.get("op")
+        try:
+            if kind == "test":
+                if _get(parent, last) != op.get("value"):
+                    raise ApiError(422, "Invalid", f"testing value {op['path']} failed")
+            elif kind == "remove":
+                del parent[int(last) if isinstance(parent, list) else last]
+            elif kind in ("add", "replace"):
+                if isinstance(parent, list):
+                    index = len(parent) if last == "-" else int(last)
+                    if kind == "add":
+                        parent.insert(index, op["value"])
+                    else:
+                        parent[index] = op["value"]
+                else:
+                    if kind == "replace" and last not in parent:
+                        raise KeyError(last)
+                    parent[last] = op["value"]
+            else:
+                raise ApiError(400, "BadRequest", f"unknown JSON patch op {kind!r}")
+        except (KeyError, IndexError, ValueError, TypeError):
+            raise ApiError(422, "Invalid", f"{kind} {op.get('path')}: path not found") from None
+    return doc
+
+
+def _pointer(doc: Any, path: str) -> tuple[Any, str]:
+    tokens = [t.replace("~1", "/").replace("~0", "~") for t in path.split("/")[1:]]
+    if not tokens:
+        raise ApiError(422, "Invalid", "a JSON patch may not replace the whole object")
+    node = doc
+    try:
+        for token in tokens[:-1]:
+            node = node[int(token)] if isinstance(node, list) else node[token]
+    except (KeyError, IndexError, ValueError, TypeError):
+        raise ApiError(422, "Invalid", f"path {path} not found") from None
+    return node, tokens[-1]
+
+
+def _get(parent: Any, last: str) -> Any:
+    try:
+        return parent[int(last)] if isinstance(parent, list) else parent[last]
+    except (KeyError, IndexError, ValueError, TypeError):
+        return None
+
+
 def _rv(change: _Change) -> int:
     return change.rv
 
@@ -353,7 +481,7 @@ def _rv(change: _Change) -> int:
 def _bookmark(plural: str, rv: int) -> dict[str, Any]:
     return {
         "kind": KINDS[plural],
-        "apiVersion": GROUP_VERSION,
+        "apiVersion": GROUP_VERSIONS[plural],
         "metadata": {"resourceVersion": str(rv)},
     }
 
@@ -408,7 +536,7 @@ class _Handler(BaseHTTPRequestHandler):
         parts = urlsplit(self.path)
         query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
         match = _PATH.match(parts.path)
-        if not match or match["plural"] not in KINDS:
+        if not match or GROUP_VERSIONS.get(match["plural"]) != (match["core"] or match["group"]):
             raise ApiError(
                 404, "NotFound", f"the server could not find the requested resource {parts.path}"
             )
@@ -452,7 +580,7 @@ class _Handler(BaseHTTPRequestHandler):
         if method == "GET" and name is None:
             return 200, kube.list(plural, ns, query)
         if method == "GET":
-            obj = kube.get(plural, ns or "default", name)
+            obj = kube.get(plural, ns or "", name)
             if obj is None:
                 raise ApiError(404, "NotFound", f'{plural} "{name}" not found')
             return 200, obj
@@ -464,6 +592,9 @@ class _Handler(BaseHTTPRequestHandler):
             body = self._body()
             body.setdefault("metadata", {}).update(namespace=ns, name=name)
             return 200, kube.update(plural, body)
+        if method == "PATCH" and name is not None:
+            content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip()
+            return 200, kube.patch(plural, ns or "", name, content_type, self._body())
         if method == "DELETE" and name is not None and ns is not None:
             return 200, kube.delete(plural, ns, name)
         raise ApiError(405, "MethodNotAllowed", f"{method} is not supported on {self.path}")
@@ -495,3 +626,6 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_DELETE(self) -> None:
         self._serve("DELETE")
+
+    def do_PATCH(self) -> None:
+        self._serve("PATCH")
