@@ -14,6 +14,10 @@ __all__ = [
     "CRI_ERRORS",
     "EVENTS",
     "FLEETS",
+    "GATE_CLOSED",
+    "GATE_ERRORS",
+    "GATE_OPEN_LATENCY",
+    "GATE_TIMEOUTS",
     "IMAGES",
     "IMAGES_REMOVED",
     "NATS_ERRORS",
@@ -98,4 +102,21 @@ PIN_ERRORS = Counter(
     "image_syncer_syncer_pin_errors_total",
     "Failed pinning work, by what failed (containerd, ledger).",
     ["op"],
+)
+GATE_CLOSED = Gauge(
+    "image_syncer_syncer_gate_closed",
+    "1 while this node carries the startup taint and the syncer keeps it (--startup-taint).",
+)
+GATE_OPEN_LATENCY = Gauge(
+    "image_syncer_syncer_gate_open_latency_seconds",
+    "Seconds from syncer start to the removal of the startup taint, at the last removal.",
+)
+GATE_TIMEOUTS = Counter(
+    "image_syncer_syncer_gate_timeouts_total",
+    "Startup taints removed by --startup-taint-timeout while images were still missing.",
+)
+GATE_ERRORS = Counter(
+    "image_syncer_syncer_gate_errors_total",
+    "Failed or repeated startup-taint removals, by reason (conflict, forbidden, api).",
+    ["reason"],
 )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -30,7 +31,15 @@ import msgspec
 from syncer.scheduling import NodeInfo, Taint, schedulable
 from wire.contract import PodSpec
 
-__all__ = ["ApiEndpoint", "NodeInfoError", "NodeWatcher", "fetch_node"]
+__all__ = [
+    "ApiCallError",
+    "ApiEndpoint",
+    "NodeInfoError",
+    "NodeWatcher",
+    "api_call",
+    "fetch_node",
+    "node_path",
+]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +50,14 @@ _MAX_BODY = 4 * 1024 * 1024
 
 class NodeInfoError(RuntimeError):
     """The Node could not be read; the text names the URL and the cause, never the token."""
+
+
+class ApiCallError(NodeInfoError):
+    """The API server answered with an error status (``code``: 404, 409, 403, ...)."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -109,10 +126,22 @@ def parse_node(body: bytes) -> NodeInfo:
     return NodeInfo(node.metadata.name, dict(node.metadata.labels or {}), taints)
 
 
-def fetch_node(endpoint: ApiEndpoint, name: str, *, timeout: float = 10.0) -> NodeInfo:
-    """Blocking ``GET /api/v1/nodes/<name>``; run it in a thread."""
-    url = f"{endpoint.url}/api/v1/nodes/{urllib.parse.quote(name, safe='')}"
-    request = urllib.request.Request(url, headers={"Accept": "application/json"})
+def api_call(
+    endpoint: ApiEndpoint,
+    path: str,
+    *,
+    method: str = "GET",
+    body: bytes | None = None,
+    content_type: str | None = None,
+    timeout: float = 10.0,
+) -> bytes:
+    """Blocking request to the API server; run it in a thread. Errors are :class:`ApiCallError`."""
+    url = f"{endpoint.url}{path}"
+    request = urllib.request.Request(
+        url, data=body, method=method, headers={"Accept": "application/json"}
+    )
+    if content_type is not None:
+        request.add_header("Content-Type", content_type)
     if endpoint.token_file is not None:
         # Re-read every time: bound service-account tokens are rotated in place by the kubelet.
         try:
@@ -126,13 +155,21 @@ def fetch_node(endpoint: ApiEndpoint, name: str, *, timeout: float = 10.0) -> No
         context = ssl.create_default_context(cafile=cafile)
     try:
         with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
-            body = response.read(_MAX_BODY)
+            return response.read(_MAX_BODY)
     except urllib.error.HTTPError as e:
-        raise NodeInfoError(f"GET {url}: {e.code} {_status_message(e)}") from None
+        raise ApiCallError(f"{method} {url}: {e.code} {_status_message(e)}", e.code) from None
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
-        raise NodeInfoError(f"GET {url}: {reason}") from None
-    return parse_node(body)
+        raise NodeInfoError(f"{method} {url}: {reason}") from None
+
+
+def node_path(name: str) -> str:
+    return f"/api/v1/nodes/{urllib.parse.quote(name, safe='')}"
+
+
+def fetch_node(endpoint: ApiEndpoint, name: str, *, timeout: float = 10.0) -> NodeInfo:
+    """Blocking ``GET /api/v1/nodes/<name>``; run it in a thread."""
+    return parse_node(api_call(endpoint, node_path(name), timeout=timeout))
 
 
 def _status_message(error: urllib.error.HTTPError) -> str:
@@ -156,8 +193,11 @@ class NodeWatcher:
         refresh: float = DEFAULT_REFRESH,
         timeout: float = 10.0,
         on_change: Callable[[NodeInfo], None] | None = None,
+        ignored_taints: frozenset[str] = frozenset(),
     ) -> None:
         self.endpoint = endpoint
+        # The startup taint says "images not here yet"; a Fleet is not unschedulable for it.
+        self.ignored_taints = ignored_taints
         self.name = name
         self.refresh = refresh
         self.timeout = timeout
@@ -203,4 +243,8 @@ class NodeWatcher:
         """:func:`schedulable` against the last known node; admits all until one is known."""
         if self.current is None:
             return True, "node labels and taints not known yet"
-        return schedulable(pod_spec, self.current)
+        node = self.current
+        if self.ignored_taints:
+            kept = tuple(t for t in node.taints if t.key not in self.ignored_taints)
+            node = dataclasses.replace(node, taints=kept)
+        return schedulable(pod_spec, node)

@@ -44,6 +44,7 @@ __all__ = [
     "DEFAULT_BUCKET",
     "FleetProgress",
     "FleetTarget",
+    "GateStatus",
     "NodeReadiness",
     "NodeState",
     "NodeStatus",
@@ -137,6 +138,23 @@ def parse_fleet(text: str) -> str:
 # --- Shapes ---------------------------------------------------------------------------------
 
 
+class GateStatus(msgspec.Struct, frozen=True, omit_defaults=True):
+    """The startup-taint gate of a node (``--startup-taint``): is the node open for game servers?
+
+    ``state`` is ``waiting`` (the syncer has not yet read its Node or the log), ``closed`` (the
+    node carries the taint; ``missing`` lists the images still to come) or ``open`` (no taint;
+    ``opened_at`` is set when this syncer removed it, ``by_timeout`` when images were still
+    missing then).
+    """
+
+    taint: str
+    state: str = "waiting"
+    missing: list[str] = []
+    closed_since: datetime | None = None
+    opened_at: datetime | None = None
+    by_timeout: bool = False
+
+
 class NodeState(msgspec.Struct, frozen=True, omit_defaults=True):
     """What the syncer knows about its node at one moment; the reporter's input.
 
@@ -160,6 +178,12 @@ class NodeState(msgspec.Struct, frozen=True, omit_defaults=True):
     # every desired and excluded Fleet: which version of the Fleet ``desired`` and ``excluded``
     # reflect, so `wait` can tell "not updated yet" from "done" right after a publish.
     fleet_seqs: dict[str, int] = {}
+    # Images every game server or the node itself needs besides the Fleets', by source
+    # ("agones-sdk": the SDK sidecar the broadcaster found, "extra": --extra-image). Their
+    # presence is in ``present``/``pulling``/``failed`` like a Fleet image's.
+    node_images: dict[str, list[str]] = {}
+    # None when the syncer runs without --startup-taint (or is older than the gate).
+    gate: GateStatus | None = None
 
 
 class NodeStatus(msgspec.Struct, frozen=True, kw_only=True):

@@ -1,0 +1,241 @@
+"""The startup-taint gate: a node takes no game server before the images they need are there.
+
+A node that joins a cluster is schedulable at once, and the first game servers placed on it wait
+for the very pulls this project exists to avoid. With ``--startup-taint KEY`` the node registers
+with a taint of that key (kubelet ``--register-with-taints``, Karpenter ``startupTaints``, a
+managed node pool's taints) and the syncer removes it once every image this node must hold is
+present: the images of every Fleet admitted here, the Agones SDK sidecar and ``--extra-image``.
+
+The gate is evaluated whenever the node's images change (a pull finished, a reconcile ran, a
+Fleet came or went) and whenever the node's taints change; while the node carries no taint it
+costs nothing but the periodic Node read. A taint added again later, by an operator, closes the
+gate again and is handled the same way.
+
+The timeout (``--startup-taint-timeout``, default 15m) bounds how long a broken registry can keep
+a node out of service: past it the taint goes anyway, with one warning naming the missing images
+and a metric. Its clock starts when this syncer first saw the taint, or earlier when the node's
+previous status entry says the gate was already closed (a syncer restarted mid-gate resumes its
+clock instead of starting over).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+
+from syncer import metrics
+from syncer.nodeinfo import ApiCallError, ApiEndpoint, NodeInfoError, NodeWatcher
+from syncer.nodetaints import Removal, remove_taint
+from wire.nodestatus import GateStatus
+
+__all__ = ["DEFAULT_TIMEOUT", "StartupGate"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = 15 * 60.0
+# After a failed removal (API server down, RBAC or admission policy refusing): retry this often.
+_RETRY_MIN, _RETRY_MAX = 1.0, 60.0
+_MISSING_SHOWN = 20
+
+
+class StartupGate:
+    """Removes the startup taint ``key`` from ``node`` once ``missing()`` is empty (or on timeout).
+
+    ``ready()`` says whether ``missing()`` can be trusted yet: before the log was replayed and the
+    runtime listed, "nothing missing" would only mean "nothing known".
+    """
+
+    def __init__(
+        self,
+        key: str,
+        watcher: NodeWatcher,
+        *,
+        missing: Callable[[], Sequence[str]],
+        ready: Callable[[], bool],
+        timeout: float = DEFAULT_TIMEOUT,
+        endpoint: ApiEndpoint | None = None,
+        on_change: Callable[[], None] | None = None,
+    ) -> None:
+        self.key = key
+        self.watcher = watcher
+        self.endpoint = endpoint or watcher.endpoint
+        self.missing = missing
+        self.ready = ready
+        self.timeout = timeout
+        self.on_change = on_change
+        self.started = time.monotonic()
+        self.status = GateStatus(taint=key)
+        self._closed_at: float | None = None  # monotonic twin of status.closed_since
+        self._kicked = asyncio.Event()
+        self._retry = _RETRY_MIN
+        self._retry_at: float | None = None
+        self._failing = False
+        metrics.GATE_CLOSED.set(0)
+
+    # --- inputs -------------------------------------------------------------------------------
+
+    def resume(self, previous: GateStatus | None) -> None:
+        """Continue the timeout of a gate the previous run of this syncer left closed."""
+        if previous is None or previous.taint != self.key or previous.state != "closed":
+            return
+        if previous.closed_since is None:
+            return
+        age = (datetime.now(UTC) - previous.closed_since).total_seconds()
+        if age < 0:
+            return
+        self._closed_at = time.monotonic() - age
+        self.status = GateStatus(
+            taint=self.key, state="waiting", closed_since=previous.closed_since
+        )
+        log.info(
+            "startup gate was closed before this start, resuming its timeout",
+            extra={"taint": self.key, "closed_for": round(age, 1)},
+        )
+
+    def kick(self) -> None:
+        """Something that may open or close the gate changed: look again soon."""
+        self._kicked.set()
+
+    # --- the loop -----------------------------------------------------------------------------
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        while not stopping.is_set():
+            await self.step()
+            self._kicked.clear()
+            wait = self._next_wakeup()
+            with contextlib.suppress(TimeoutError):
+                kicked = asyncio.ensure_future(self._kicked.wait())
+                stop = asyncio.ensure_future(stopping.wait())
+                try:
+                    await asyncio.wait(
+                        (kicked, stop), timeout=wait, return_when=asyncio.FIRST_COMPLETED
+                    )
+                finally:
+                    kicked.cancel()
+                    stop.cancel()
+
+    def _next_wakeup(self) -> float | None:
+        deadlines = []
+        now = time.monotonic()
+        if self.status.state == "closed" and self._closed_at is not None:
+            deadlines.append(self._closed_at + self.timeout - now)
+        if self._retry_at is not None:
+            deadlines.append(self._retry_at - now)
+        return max(0.0, min(deadlines)) if deadlines else None
+
+    async def step(self) -> None:
+        """Look at the node and the images once; remove the taint if it is time."""
+        node = self.watcher.current
+        if node is None or not self.ready():
+            return
+        if not any(t.key == self.key for t in node.taints):
+            self._open_seen()
+            return
+        missing = list(dict.fromkeys(self.missing()))
+        now = time.monotonic()
+        if self._closed_at is None:
+            self._closed_at = now
+        closed_since = self.status.closed_since if self.status.state != "open" else None
+        closed_since = closed_since or datetime.now(UTC)
+        timed_out = now - self._closed_at >= self.timeout
+        if missing and not timed_out:
+            self._set(GateStatus(
+                taint=self.key, state="closed", missing=missing[:_MISSING_SHOWN],
+                closed_since=closed_since,
+            ))  # fmt: skip
+            return
+        if self._retry_at is not None and now < self._retry_at:
+            return
+        await self._remove(missing, closed_since)
+
+    async def _remove(self, missing: list[str], closed_since: datetime) -> None:
+        try:
+            outcome = await asyncio.to_thread(
+                remove_taint,
+                self.endpoint,
+                self.watcher.name,
+                self.key,
+                timeout=self.watcher.timeout,
+                on_conflict=lambda: metrics.GATE_ERRORS.labels("conflict").inc(),
+            )
+        except NodeInfoError as e:
+            reason = "forbidden" if isinstance(e, ApiCallError) and e.code in (401, 403) else "api"
+            metrics.GATE_ERRORS.labels(reason).inc()
+            now = time.monotonic()
+            self._retry_at = now + self._retry
+            self._retry = min(self._retry * 2, _RETRY_MAX)
+            if not self._failing:
+                self._failing = True
+                log.warning(
+                    "cannot remove the startup taint, will retry",
+                    extra={"taint": self.key, "node": self.watcher.name, "error": str(e)},
+                )
+            self._set(GateStatus(
+                taint=self.key, state="closed", missing=missing[:_MISSING_SHOWN],
+                closed_since=closed_since,
+            ))  # fmt: skip
+            return
+        self._failing, self._retry, self._retry_at = False, _RETRY_MIN, None
+        by_timeout = bool(missing)
+        if by_timeout:
+            metrics.GATE_TIMEOUTS.inc()
+            log.warning(
+                "startup taint timeout: opening the node with images missing",
+                extra={
+                    "taint": self.key,
+                    "timeout": self.timeout,
+                    "missing": missing[:_MISSING_SHOWN],
+                    "missing_count": len(missing),
+                },
+            )
+        latency = time.monotonic() - self.started
+        if outcome is Removal.REMOVED:
+            metrics.GATE_OPEN_LATENCY.set(latency)
+            log.info(
+                "startup taint removed, node open for game servers",
+                extra={
+                    "taint": self.key,
+                    "node": self.watcher.name,
+                    "since_start": round(latency, 3),
+                    "by_timeout": by_timeout,
+                },
+            )
+            self._set(GateStatus(
+                taint=self.key, state="open", opened_at=datetime.now(UTC),
+                closed_since=closed_since, by_timeout=by_timeout,
+            ))  # fmt: skip
+        # Read the node again: the cached copy still shows the taint we just removed.
+        await self.watcher.refresh_once()
+        self._closed_at = None
+        if outcome is Removal.ABSENT:
+            self._open_seen()
+
+    def _open_seen(self) -> None:
+        """The node carries no taint: open, whoever removed it."""
+        if self.status.state == "open":
+            return
+        if self.status.state == "closed":
+            log.info("startup taint gone (removed by someone else)", extra={"taint": self.key})
+        self._closed_at = None
+        self._set(GateStatus(taint=self.key, state="open"))
+
+    def _set(self, status: GateStatus) -> None:
+        if status.state == "closed" and self.status.state != "closed":
+            since = status.closed_since or datetime.now(UTC)
+            log.info(
+                "startup taint present, node closed until its images are here",
+                extra={
+                    "taint": self.key,
+                    "missing_count": len(status.missing),
+                    "timeout_at": (since + timedelta(seconds=self.timeout)).isoformat(),
+                },
+            )
+        metrics.GATE_CLOSED.set(1 if status.state == "closed" else 0)
+        changed = status != self.status
+        self.status = status
+        if changed and self.on_change is not None:
+            self.on_change()
