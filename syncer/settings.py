@@ -7,11 +7,17 @@ import socket
 from dataclasses import dataclass, field
 
 from syncer.filtering import FleetFilter
+from syncer.references import normalize
 from wire.natsconn import NatsSettings
 
 __all__ = ["SyncerSettings", "durable_name"]
 
 DEFAULT_CRI_ENDPOINT = "unix:///run/containerd/containerd.sock"
+# A label key, as taint keys are: an optional DNS subdomain prefix and a name of 63 at most.
+_TAINT_KEY = re.compile(
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+)
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,12 @@ class SyncerSettings:
     node_refresh: float = 60.0
     remove_unused: bool = False
     remove_grace: float = 600.0
+    # The startup-taint gate: the taint key to remove once the node's images are here ("" = off),
+    # and how long to wait for them at most.
+    startup_taint: str = ""
+    startup_taint_timeout: float = 900.0
+    # Images every node keeps besides the Fleets' (a log shipper, a game-wide base image).
+    extra_images: tuple[str, ...] = ()
     nats: NatsSettings = field(default_factory=NatsSettings)
 
     def __post_init__(self) -> None:
@@ -66,6 +78,7 @@ class SyncerSettings:
             "lag_interval": self.lag_interval,
             "runtime_unhealthy_after": self.runtime_unhealthy_after,
             "node_refresh": self.node_refresh,
+            "startup_taint_timeout": self.startup_taint_timeout,
         }
         for name, value in positive.items():
             if value <= 0:
@@ -74,6 +87,12 @@ class SyncerSettings:
             raise ValueError("remove_grace must not be negative")
         if self.status_replicas < 1:
             raise ValueError("status_replicas must be at least 1")
+        if self.startup_taint and not _TAINT_KEY.match(self.startup_taint):
+            raise ValueError(
+                f"startup taint {self.startup_taint!r} is not a taint key ([prefix/]name)"
+            )
+        for image in self.extra_images:
+            normalize(image)  # InvalidImageReference (a ValueError) names the bad one
         FleetFilter.parse(self.fleet_selector)  # SelectorError (a ValueError) names the problem
 
     @property

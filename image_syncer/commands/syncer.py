@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from image_syncer.options import Duration, with_nats_options
+from image_syncer.options import Duration, split_values, with_nats_options
 from ops.lifecycle import run_until_signalled
 from wire.natsconn import NatsSettings
 
@@ -127,6 +127,27 @@ def syncer(
     remove_grace: Annotated[
         float, Duration("How long an image must stay unused before removal.", "REMOVE_GRACE")
     ] = "10m",  # type: ignore[assignment]
+    startup_taint: Annotated[
+        str,
+        typer.Option(
+            envvar="STARTUP_TAINT",
+            help="Taint key to remove from this node once its images are here; empty: off.",
+        ),
+    ] = "",
+    startup_taint_timeout: Annotated[
+        float,
+        Duration(
+            "Remove the startup taint anyway after this long, images or not.",
+            "STARTUP_TAINT_TIMEOUT",
+        ),
+    ] = "15m",  # type: ignore[assignment]
+    extra_image: Annotated[
+        list[str],
+        typer.Option(
+            envvar="EXTRA_IMAGES",
+            help="Image every node keeps besides the Fleets' (repeatable, comma-separated).",
+        ),
+    ] = [],  # noqa: B006 - typer reads the default, never mutates it
 ) -> None:
     """Pre-pull the images of every Fleet onto this node and keep them there."""
     from syncer.runner import run
@@ -160,6 +181,9 @@ def syncer(
             node_refresh=node_refresh,
             remove_unused=remove_unused,
             remove_grace=remove_grace,
+            startup_taint=startup_taint,
+            startup_taint_timeout=startup_taint_timeout,
+            extra_images=split_values(extra_image),
             nats=nats,
         )
     except ValueError as e:
