@@ -1,7 +1,10 @@
 """The syncer's Prometheus metrics, declared once so every module counts the same series.
 
-Labels are closed sets (event types, results, reasons, rpc names): never an image or Fleet
-name, which would grow without bound and could leak private registry paths.
+Labels are closed sets (event types, results, reasons, rpc names): never a Fleet name, which
+would grow without bound. The one exception is ``image`` on IMAGES_REMOVED_EXTERNALLY, because
+knowing *which* image the garbage collector keeps deleting is the point of that counter: it is
+bounded by the node's desired images (a series is dropped when its image stops being desired)
+and carries the normalized reference the Fleets already publish on the log.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ __all__ = [
     "CONSUMER_ACK_PENDING",
     "CONSUMER_LAG",
     "CRI_ERRORS",
+    "DISK_BUDGET_EXCEEDED",
     "EVENTS",
     "FLEETS",
     "GATE_CLOSED",
@@ -20,10 +24,13 @@ __all__ = [
     "GATE_TIMEOUTS",
     "IMAGES",
     "IMAGES_REMOVED",
+    "IMAGES_REMOVED_EXTERNALLY",
+    "IMAGE_FS_USAGE",
     "NATS_ERRORS",
     "PINS",
     "PIN_ERRORS",
     "PULLS",
+    "PULLS_SKIPPED",
     "PULL_DURATION",
     "RECONCILE_DURATION",
     "REPLAYS",
@@ -119,4 +126,25 @@ GATE_ERRORS = Counter(
     "image_syncer_syncer_gate_errors_total",
     "Failed or repeated startup-taint removals, by reason (conflict, forbidden, api).",
     ["reason"],
+)
+PULLS_SKIPPED = Counter(
+    "image_syncer_syncer_pulls_skipped_total",
+    "Pulls not started, by reason (disk_budget: the image filesystem is over "
+    "--max-image-fs-usage; gc_backoff: the image keeps being removed behind the syncer's back).",
+    ["reason"],
+)
+IMAGE_FS_USAGE = Gauge(
+    "image_syncer_syncer_image_fs_usage_ratio",
+    "Used fraction of the fullest image filesystem (capacity - available) / capacity, as last read "
+    "before a pull.",
+)
+DISK_BUDGET_EXCEEDED = Gauge(
+    "image_syncer_syncer_disk_budget_exceeded",
+    "1 while pulls are paused because the image filesystem is at or above --max-image-fs-usage.",
+)
+IMAGES_REMOVED_EXTERNALLY = Counter(
+    "image_syncer_images_removed_externally_total",
+    "Desired images this node held that disappeared without the syncer removing them (kubelet "
+    "image GC, an operator), by image.",
+    ["image"],
 )

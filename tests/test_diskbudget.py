@@ -1,0 +1,130 @@
+"""The disk budget reads a real containerd's image filesystem (root on a small tmpfs)."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client import REGISTRY
+from tmpfs_support import fill_to, tmpfs_containerd
+
+from image_syncer.sandbox.containerd import Containerd
+from syncer.cri import CriClient
+from syncer.diskbudget import DiskBudget, parse_percent
+
+pytestmark = pytest.mark.cri
+
+
+@pytest.fixture
+def small_containerd(tmp_path: Path) -> Iterator[Containerd]:
+    with tmpfs_containerd(tmp_path / "ctrd") as runtime:
+        yield runtime
+
+
+@pytest.fixture
+async def cri(small_containerd: Containerd) -> AsyncIterator[CriClient]:
+    client = CriClient(small_containerd.endpoint)
+    yield client
+    await client.close()
+
+
+def always_fresh() -> itertools.count[float]:
+    # Each call is a second later: every refuse() takes a new reading.
+    return itertools.count(0.0, 10.0)
+
+
+def skipped() -> float:
+    value = REGISTRY.get_sample_value(
+        "image_syncer_syncer_pulls_skipped_total", {"reason": "disk_budget"}
+    )
+    return value or 0.0
+
+
+async def test_usage_is_that_of_the_filesystem_the_runtime_names(
+    cri: CriClient, small_containerd: Containerd
+) -> None:
+    budget = DiskBudget(cri.image_fs_info, max_usage=0.8)
+
+    assert await budget.refuse() == ""
+
+    assert budget.usage is not None
+    assert budget.usage.mountpoint.startswith(str(small_containerd.state_dir / "root"))
+    assert budget.usage.capacity == 128 * 1024 * 1024
+    assert budget.usage.ratio < 0.8
+
+
+async def test_pulls_are_refused_at_the_threshold_and_allowed_once_space_frees(
+    cri: CriClient, small_containerd: Containerd, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="syncer.diskbudget")
+    clock = always_fresh()
+    budget = DiskBudget(cri.image_fs_info, max_usage=0.8, clock=lambda: next(clock))
+    ballast = fill_to(small_containerd.state_dir / "root", 0.9)
+    before = skipped()
+
+    first = await budget.refuse()
+    second = await budget.refuse()
+
+    assert "at or above --max-image-fs-usage 80%" in first
+    assert second == first
+    assert skipped() == before + 2
+    paused = [r for r in caplog.records if r.getMessage().startswith("pulls paused")]
+    assert len(paused) == 1  # once per transition, not once per pull
+
+    os.remove(ballast)
+
+    assert await budget.refuse() == ""
+    assert [r for r in caplog.records if r.getMessage().startswith("pulls resume")]
+    assert REGISTRY.get_sample_value("image_syncer_syncer_disk_budget_exceeded") == 0
+
+
+async def test_host_root_maps_the_runtimes_mount_point_into_this_container(
+    cri: CriClient, tmp_path: Path
+) -> None:
+    (mountpoint,) = [fs.mountpoint for fs in await cri.image_fs_info()]
+    # /host/<mount point> as a DaemonSet's read-only hostPath mount would show it.
+    host_root = tmp_path / "host"
+    seen = host_root / mountpoint.lstrip("/")
+    seen.parent.mkdir(parents=True)
+    seen.symlink_to(mountpoint)
+    direct = DiskBudget(cri.image_fs_info)
+    mapped = DiskBudget(cri.image_fs_info, host_root=str(host_root))
+
+    await direct.refuse()
+    await mapped.refuse()
+
+    assert mapped.host_path(mountpoint) == seen
+    assert mapped.usage is not None
+    assert direct.usage is not None
+    assert mapped.usage.capacity == direct.usage.capacity
+
+
+async def test_an_unreadable_filesystem_does_not_block_pulls_and_is_logged_once(
+    cri: CriClient, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = always_fresh()
+    budget = DiskBudget(
+        cri.image_fs_info, host_root=str(tmp_path / "no-host"), clock=lambda: next(clock)
+    )
+
+    assert await budget.refuse() == ""
+    assert await budget.refuse() == ""
+
+    unknown = [r for r in caplog.records if r.getMessage().startswith("disk budget not enforced")]
+    assert len(unknown) == 1
+    assert "cannot statvfs" in unknown[0].reason  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(("text", "ratio"), [("80%", 0.8), ("80", 0.8), (" 95.5% ", 0.955)])
+def test_percentages_parse(text: str, ratio: float) -> None:
+    assert parse_percent(text) == pytest.approx(ratio)
+
+
+@pytest.mark.parametrize("text", ["0%", "101%", "eighty", ""])
+def test_bad_percentages_are_refused_with_the_value(text: str) -> None:
+    with pytest.raises(ValueError, match=repr(text).replace("(", r"\(")):
+        parse_percent(text)
