@@ -13,6 +13,7 @@ import typer
 
 from image_syncer.commands import (
     broadcaster,
+    crio,
     demo,
     events,
     publish,
@@ -47,7 +48,7 @@ def root(
     configure(log_level, log_format)  # type: ignore[arg-type]
 
 
-for module in (stream, publish, events, broadcaster, syncer, status, wait, replay, demo):
+for module in (stream, publish, events, broadcaster, syncer, status, wait, replay, crio, demo):
     module.register(app)
 
 
