@@ -1,17 +1,24 @@
 # syntax=docker/dockerfile:1
 # One image for both roles: `image-syncer broadcaster` and `image-syncer syncer` (the manifests in
 # deploy/syncer pick the role through the container's args). Build: `just image`.
+# `--target syncer` builds a smaller image without the Kubernetes client, for the DaemonSet only.
+#
+# Every Python dependency is pinned with its hashes in locks/ (`just lock` regenerates them from
+# pyproject.toml) and installed with --require-hashes: a build resolves nothing and trusts no
+# index for what it downloads.
 
-# Pinned to a patch release; bump deliberately (and the runtime stage with it).
+# Pinned to a patch release; bump deliberately (and the runtime stages with it).
 ARG PYTHON_IMAGE=python:3.11.13-slim-bookworm
 
-# --- builder: resolves and installs the package and its dependencies into a venv ------------
-FROM ${PYTHON_IMAGE} AS builder
+# --- wheel: the project's own wheel, built offline with a hash-pinned backend ---------------
+FROM ${PYTHON_IMAGE} AS wheel
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
-RUN python -m venv /opt/venv
+COPY locks/build.txt ./locks/
+RUN python -m venv /opt/build \
+ && /opt/build/bin/pip install --require-hashes --no-deps -r locks/build.txt
 # Sources only: .dockerignore keeps out .git, tests, the local venv and anything secret.
 COPY pyproject.toml README.md ./
 COPY wire ./wire
@@ -19,20 +26,38 @@ COPY ops ./ops
 COPY broadcaster ./broadcaster
 COPY syncer ./syncer
 COPY image_syncer ./image_syncer
-# The broadcaster extra brings the Kubernetes client; the syncer simply never imports it.
-RUN /opt/venv/bin/pip wheel --no-deps --wheel-dir /wheels . \
- && /opt/venv/bin/pip install "$(ls /wheels/image_syncer-*.whl)[broadcaster]" \
+RUN /opt/build/bin/pip wheel --no-deps --no-build-isolation --wheel-dir /wheels .
+
+# --- builder: both roles; the broadcaster extra brings the Kubernetes client ----------------
+FROM ${PYTHON_IMAGE} AS builder
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
+COPY locks/image.txt /tmp/lock.txt
+COPY --from=wheel /wheels /wheels
+RUN python -m venv /opt/venv \
+ && /opt/venv/bin/pip install --require-hashes --no-deps -r /tmp/lock.txt \
+ && /opt/venv/bin/pip install --no-deps /wheels/image_syncer-*.whl \
+ && /opt/venv/bin/pip check \
  && /opt/venv/bin/pip uninstall --yes pip setuptools wheel
 
-# --- runtime: the interpreter and the venv, nothing to build or fetch with ------------------
-FROM ${PYTHON_IMAGE} AS runtime
+# --- builder-syncer: the syncer role only (no Kubernetes client, no aiohttp) ---------------
+FROM ${PYTHON_IMAGE} AS builder-syncer
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
+COPY locks/syncer.txt /tmp/lock.txt
+COPY --from=wheel /wheels /wheels
+RUN python -m venv /opt/venv \
+ && /opt/venv/bin/pip install --require-hashes --no-deps -r /tmp/lock.txt \
+ && /opt/venv/bin/pip install --no-deps /wheels/image_syncer-*.whl \
+ && /opt/venv/bin/pip check \
+ && /opt/venv/bin/pip uninstall --yes pip setuptools wheel
+
+# --- runtime-base: what both images share; they add only their venv ------------------------
+FROM ${PYTHON_IMAGE} AS runtime-base
 LABEL org.opencontainers.image.title="image-syncer" \
       org.opencontainers.image.description="Pre-pulls the images of Agones Fleets onto every node" \
       org.opencontainers.image.licenses="Apache-2.0"
 RUN groupadd --system --gid 10001 image-syncer \
  && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
       --shell /usr/sbin/nologin image-syncer
-COPY --from=builder /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
@@ -42,3 +67,11 @@ USER 10001:10001
 EXPOSE 8080
 ENTRYPOINT ["image-syncer"]
 CMD ["--help"]
+
+# --- syncer: `docker build --target syncer`, for the DaemonSet --------------------------------
+FROM runtime-base AS syncer
+COPY --from=builder-syncer /opt/venv /opt/venv
+
+# --- runtime (default target): both roles ---------------------------------------------------
+FROM runtime-base AS runtime
+COPY --from=builder /opt/venv /opt/venv

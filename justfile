@@ -2,6 +2,9 @@
 set shell := ["bash", "-euo", "pipefail", "-c"]
 
 python := justfile_directory() / ".venv/bin/python"
+uv := justfile_directory() / ".venv/bin/uv"
+# The image's interpreter (Dockerfile); universal, so one lock serves amd64 and arm64 builds.
+lock_flags := "--universal --python-version 3.11 --generate-hashes --quiet"
 
 # The whole loop on this machine: embedded NATS, a local containerd and registry, the syncer.
 demo *ARGS:
@@ -21,6 +24,12 @@ lint:
 proto:
     {{python}} -m syncer.cri_api.generate
     {{python}} -m syncer.containerd_api.generate
+
+# Re-pin the image's dependencies with their hashes (locks/) after changing pyproject.toml.
+lock:
+    {{uv}} pip compile pyproject.toml --extra broadcaster {{lock_flags}} -o locks/image.txt
+    {{uv}} pip compile pyproject.toml {{lock_flags}} -o locks/syncer.txt
+    {{uv}} pip compile locks/build.in {{lock_flags}} -o locks/build.txt
 
 # Benchmarks: each prints one JSON line with its figure and ratio to a raw baseline.
 bench *ARGS:

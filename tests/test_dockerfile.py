@@ -82,32 +82,87 @@ def test_multi_stage_on_one_pinned_slim_python(stages: list[Stage]) -> None:
     assert (int(match.group(1)), int(match.group(2))) >= minimum
 
 
-def test_runtime_stage_builds_nothing(stages: list[Stage]) -> None:
-    runtime = stages[-1]
-    runs = " ".join(runtime.all("RUN"))
-    for tool in ("apt-get install", "gcc", "build-essential", "pip install", "pip wheel"):
-        assert tool not in runs, f"the runtime stage runs {tool!r}"
-    copies = runtime.all("COPY")
-    assert copies and all(c.startswith("--from=") for c in copies), "runtime copies the venv only"
+def test_runtime_stages_build_nothing(stages: list[Stage]) -> None:
+    for final in _final_stages(stages):
+        for stage in _lineage(stages, final):
+            runs = " ".join(stage.all("RUN"))
+            for tool in ("apt-get install", "gcc", "build-essential", "pip install", "pip wheel"):
+                assert tool not in runs, f"the {stage.name} stage runs {tool!r}"
+            copies = stage.all("COPY")
+            assert all(c.startswith("--from=") for c in copies), "runtime copies the venv only"
+        assert final.all("COPY"), f"{final.name} copies its venv"
+
+
+def _lineage(stages: list[Stage], stage: Stage) -> list[Stage]:
+    """The stage and the stages it is built FROM, nearest first."""
+    by_name = {s.name: s for s in stages}
+    chain = [stage]
+    while chain[-1].base in by_name:
+        chain.append(by_name[chain[-1].base])
+    return chain
+
+
+def _effective(stages: list[Stage], stage: Stage, keyword: str) -> list[str]:
+    for ancestor in _lineage(stages, stage):
+        if found := ancestor.all(keyword):
+            return found
+    return []
+
+
+def _final_stages(stages: list[Stage]) -> list[Stage]:
+    """The images one can build: the default (last) stage and the `syncer` target."""
+    return [s for s in stages if s.name in ("syncer", stages[-1].name)]
 
 
 def test_entrypoint_is_the_cli_for_both_roles(stages: list[Stage]) -> None:
-    entrypoints = stages[-1].all("ENTRYPOINT")
-    assert len(entrypoints) == 1
-    entrypoint = json.loads(entrypoints[0])
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert entrypoint == ["image-syncer"], "exec form, so SIGTERM reaches the process"
     assert "image-syncer" in scripts
-    installs = " ".join(stages[0].all("RUN"))
-    assert "[broadcaster]" in installs, "the broadcaster role needs its extra in the one image"
+    assert [s.name for s in _final_stages(stages)] == ["syncer", "runtime"]
+    for stage in _final_stages(stages):
+        entrypoints = _effective(stages, stage, "ENTRYPOINT")
+        assert len(entrypoints) == 1
+        # Exec form, so SIGTERM reaches the process.
+        assert json.loads(entrypoints[0]) == ["image-syncer"], stage.name
+
+
+def test_default_image_carries_both_roles_and_the_syncer_target_only_one(
+    stages: list[Stage],
+) -> None:
+    def lock_of(final: Stage) -> str:
+        (source,) = [c for c in final.all("COPY") if "/opt/venv" in c]
+        builder = next(s for s in stages if s.name == source.split()[0].removeprefix("--from="))
+        (lock,) = [c.split()[0] for c in builder.all("COPY") if c.startswith("locks/")]
+        return (ROOT / lock).read_text()
+
+    assert re.search(r"^kubernetes==", lock_of(stages[-1]), re.M), "the broadcaster role"
+    syncer = next(s for s in stages if s.name == "syncer")
+    assert not re.search(r"^(kubernetes|aiohttp)==", lock_of(syncer), re.M)
+
+
+def test_every_dependency_is_installed_by_hash(stages: list[Stage]) -> None:
+    for stage in stages:
+        for run in stage.all("RUN"):
+            for command in re.split(r"&&|;", run):
+                words = command.split()
+                if "pip" not in " ".join(words[:1]) or "install" not in words:
+                    continue
+                if "uninstall" in words:
+                    continue
+                hashed = "--require-hashes" in words and "-r" in words
+                own_wheel = "--no-deps" in words and any(w.startswith("/wheels/") for w in words)
+                assert hashed or own_wheel, f"{stage.name}: {command.strip()!r}"
+            if "pip wheel" in run:
+                # No build isolation: the backend comes from the hash-pinned build lock.
+                assert "--no-build-isolation" in run and "--no-deps" in run
 
 
 def test_runs_as_a_numeric_non_root_user(stages: list[Stage]) -> None:
-    users = stages[-1].all("USER")
-    assert users, "USER must be set in the runtime stage"
-    user = users[-1].split(":")[0]
-    # Numeric, so the kubelet can check runAsNonRoot without reading /etc/passwd.
-    assert user.isdigit() and int(user) != 0
+    for final in _final_stages(stages):
+        users = _effective(stages, final, "USER")
+        assert users, f"USER must be set for the {final.name} image"
+        user = users[-1].split(":")[0]
+        # Numeric, so the kubelet can check runAsNonRoot without reading /etc/passwd.
+        assert user.isdigit() and int(user) != 0
 
 
 def _pattern_regex(pattern: str) -> re.Pattern[str]:
@@ -146,7 +201,13 @@ def test_dockerignore_keeps_secrets_and_history_out_of_the_context() -> None:
         "wire/__pycache__/contract.cpython-311.pyc",
     ):
         assert _ignored(patterns, path), f"{path} would reach the build context"
-    for path in ("pyproject.toml", "README.md", "wire/contract.py", "syncer/cri_api/api_pb2.py"):
+    for path in (
+        "pyproject.toml",
+        "README.md",
+        "locks/image.txt",
+        "wire/contract.py",
+        "syncer/cri_api/api_pb2.py",
+    ):
         assert not _ignored(patterns, path), f"{path} is needed by the build"
 
 
