@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -25,7 +26,10 @@ SYNCER_OVERLAYS = {
     "syncer/overlays/containerd": "/run/containerd/containerd.sock",
     "syncer/overlays/k3s": "/run/k3s/containerd/containerd.sock",
     "syncer/overlays/crio": "/var/run/crio/crio.sock",
+    "syncer/overlays/openshift": "/var/run/crio/crio.sock",
 }
+# Kinds that are not Kubernetes' own (no schema in kubernetes-validate); checked field by field.
+FOREIGN_KINDS = {"SecurityContextConstraints"}
 ALL_BUILDS = [*NATS_BUILDS, *SYNCER_OVERLAYS]
 
 INSTALL_HINT = (
@@ -112,3 +116,45 @@ def nats_config_files(name: str) -> dict[str, str]:
     for map_name in _config_maps_mounted(one(resources, "StatefulSet", "nats")):
         files.update(one(resources, "ConfigMap", map_name)["data"])
     return files
+
+
+def resolved_env(workload: dict[str, Any], c: dict[str, Any], name: str) -> str:
+    """An env var's value as the kubelet gives it: ``$(VAR)`` expanded from the variables
+    declared before it, ``metadata.namespace`` from the downward API."""
+    values: dict[str, str] = {}
+    for entry in c.get("env", []):
+        if "value" in entry:
+            value = re.sub(r"\$\((\w+)\)", lambda m: values.get(m[1], m[0]), entry["value"])
+        elif (
+            entry.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "metadata.namespace"
+        ):
+            value = workload["metadata"]["namespace"]
+        else:
+            continue
+        values[entry["name"]] = value
+    return values[name]
+
+
+def _matches(expression: dict[str, Any], labels: dict[str, str]) -> bool:
+    key, operator, values = expression["key"], expression["operator"], expression.get("values")
+    return {
+        "In": lambda: labels.get(key) in values,
+        "NotIn": lambda: labels.get(key) not in values,
+        "Exists": lambda: key in labels,
+        "DoesNotExist": lambda: key not in labels,
+    }[operator]()
+
+
+def placement_refuses(spec: dict[str, Any], labels: dict[str, str]) -> bool:
+    """Whether the scheduler would keep a pod of ``spec`` off a node with ``labels``
+    (nodeSelector and required node affinity; taints aside)."""
+    if any(labels.get(k) != v for k, v in spec.get("nodeSelector", {}).items()):
+        return True
+    affinity = spec.get("affinity", {}).get("nodeAffinity", {})
+    required = affinity.get("requiredDuringSchedulingIgnoredDuringExecution")
+    if not required:
+        return False
+    return not any(
+        all(_matches(e, labels) for e in term.get("matchExpressions", []))
+        for term in required["nodeSelectorTerms"]
+    )
