@@ -25,7 +25,8 @@ from wire.contract import (
     subject_for,
 )
 from wire.eventlog import StoredMessage, read_log, stream_name
-from wire.nodestatus import FleetTarget, parse_fleet
+from wire.nodestatus import parse_fleet
+from wire.readiness import FleetTarget
 
 __all__ = [
     "fleet_filter",

@@ -2,9 +2,8 @@
 
 Built from what the syncer already holds in memory (the fold, the last ListImages answer, the
 puller's in-flight set, the last failures), so taking one costs no I/O and can run every few
-seconds. Images are written in normalized form, and only desired ones: the node's other images
-are none of the cluster's business. Each desired or excluded Fleet carries the sequence of the
-event it was last folded from, so readers know which version of the Fleet the entry speaks of.
+seconds. It is the compact form of :func:`wire.nodestatus.summarize`: per Fleet the sequence of
+the event it was folded from, and image strings only for what is missing, with why.
 """
 
 from __future__ import annotations
@@ -12,7 +11,7 @@ from __future__ import annotations
 from syncer.desired import DesiredState
 from syncer.puller import Puller
 from syncer.reconcile import Reconciler
-from wire.nodestatus import NodeState
+from wire.nodestatus import NodeState, summarize
 
 __all__ = ["node_state"]
 
@@ -22,14 +21,15 @@ def node_state(
 ) -> NodeState:
     fleets = desired.fleets()
     wanted = {image for images in fleets.values() for image in images}
+    missing = {image for image in wanted if not reconciler.is_present(image)}
     pulling = puller.pulling()
-    return NodeState(
-        desired={fleet: sorted(str(i) for i in images) for fleet, images in fleets.items()},
-        present=frozenset(str(i) for i in wanted if reconciler.is_present(i)),
-        pulling=frozenset(str(i) for i in wanted if i in pulling),
-        failed={str(i): error for i, error in reconciler.failed.items() if i in wanted},
-        excluded=frozenset(desired.excluded()),
+    return summarize(
+        desired={fleet: [str(i) for i in images] for fleet, images in fleets.items()},
+        present={str(i) for i in wanted - missing},
+        fleet_seqs=desired.fleet_seqs(),
+        excluded=desired.excluded(),
+        pulling={str(i) for i in missing if i in pulling},
+        failed={str(i): error for i, error in reconciler.failed.items() if i in missing},
         last_reconcile=reconciler.last_reconcile,
         replayed_request=replayed_request,
-        fleet_seqs=desired.fleet_seqs(),
     )

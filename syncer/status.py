@@ -1,11 +1,15 @@
 """Publishing this node's status to the cluster, without ever getting in the syncer's way.
 
 The reporter asks the syncer for a :class:`~wire.nodestatus.NodeState` (a cheap, synchronous
-callable) and writes it to the node's KV entry when it changed, at most once per ``interval``,
-and at least once per ``heartbeat`` even when nothing changed, so readers can tell a quiet node
-from a dead one. Status is a convenience for operators: a NATS outage must not slow down or stop
-pulling, so nothing here raises into the caller; failures are counted and logged once per
-transition (failing, recovered), not once per attempt.
+callable) and writes it to the node's KV entry when it changed, at most once per ``interval``.
+When nothing changed it writes only a heartbeat of a few dozen bytes every ``heartbeat``, so
+readers can tell a quiet node from a dead one while thousands of quiet nodes cost the cluster
+almost nothing; the full entry is rewritten now and then all the same (``refresh``, a quarter of
+its TTL) so it never expires under a live node.
+
+Status is a convenience for operators: a NATS outage must not slow down or stop pulling, so
+nothing here raises into the caller; failures are counted and logged once per transition
+(failing, recovered), not once per attempt.
 """
 
 from __future__ import annotations
@@ -21,11 +25,13 @@ from datetime import UTC, datetime
 from nats.js import JetStreamContext
 
 from wire.nodestatus import (
+    Heartbeat,
     NodeState,
     NodeStatus,
     StatusSettings,
     check_node,
     ensure_status_bucket,
+    put_heartbeat,
     put_status,
 )
 
@@ -52,8 +58,9 @@ class StatusReporter:
     """Keeps ``node.<node>`` in the status bucket in step with ``snapshot()``.
 
     Run :meth:`run` as a task; call :meth:`poke` after a change for a prompt write (otherwise
-    the change is noticed at the next ``interval`` poll). ``writes`` and ``errors`` count
-    attempts; ``on_error`` (e.g. a metric's ``inc``) is called for every failed write.
+    the change is noticed at the next ``interval`` poll). ``writes`` counts full entries,
+    ``beats`` heartbeats, ``errors`` failed attempts of either; ``on_error`` (e.g. a metric's
+    ``inc``) is called for every failed write.
     """
 
     def __init__(
@@ -88,10 +95,14 @@ class StatusReporter:
         self._poked = asyncio.Event()
         self._last_attempt: float | None = None
         self._last_success: float | None = None
+        self._last_full: float | None = None
+        # The full entry is rewritten this often even unchanged, long before its TTL runs out.
+        self.refresh = max(heartbeat, settings.node_ttl / 4)
         self._written: NodeState | None = None
         self._failing = False
         self._bucket_ready = False
         self.writes = 0
+        self.beats = 0
         self.errors = 0
 
     def poke(self) -> None:
@@ -99,13 +110,18 @@ class StatusReporter:
         self._poked.set()
 
     async def tick(self) -> bool:
-        """Write if a write is due (changed or heartbeat, and not throttled); True if written."""
+        """Write what is due (the entry if changed, else a heartbeat); True if written."""
         self._poked.clear()
         now = self._clock()
         state = self._take_snapshot()
-        if state is None or not self._due(state, now):
+        if state is None:
             return False
-        return await self._write(state, now)
+        due = self._due(state, now)
+        if due == "full":
+            return await self._write(state, now)
+        if due == "beat":
+            return await self._beat(now)
+        return False
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Report until ``stopping`` is set."""
@@ -113,12 +129,16 @@ class StatusReporter:
             await self.tick()
             await self._sleep(self._delay(), stopping)
 
-    def _due(self, state: NodeState, now: float) -> bool:
+    def _due(self, state: NodeState, now: float) -> str | None:
         if self._last_attempt is not None and now - self._last_attempt < self.interval:
-            return False
-        if self._written is None or state != self._written or self._last_success is None:
-            return True
-        return now - self._last_success >= self.heartbeat
+            return None
+        if self._written is None or state != self._written or self._last_full is None:
+            return "full"
+        if now - self._last_full >= self.refresh:
+            return "full"
+        if self._last_success is None or now - self._last_success >= self.heartbeat:
+            return "beat"
+        return None
 
     def _delay(self) -> float:
         if self._last_attempt is None:
@@ -154,24 +174,46 @@ class StatusReporter:
             version=self.version,
             reported_at=self._wall_clock(),
             started_at=self._started_at,
-            state=state,
+            summary=state,
         )
         try:
-            if not self._bucket_ready:
-                # Lazily, so a NATS outage at start-up is one more failed write, not a crash.
-                await ensure_status_bucket(self._js, self._settings)
-                self._bucket_ready = True
+            await self._ensure_bucket()
             await put_status(self._js, self._settings, status, timeout=self._write_timeout)
         except Exception as e:
             self._record_failure(e)
             return False
         self.writes += 1
         self._written = state
+        self._last_full = now
+        self._succeeded(now)
+        return True
+
+    async def _beat(self, now: float) -> bool:
+        self._last_attempt = now
+        beat = Heartbeat(at=self._wall_clock())
+        try:
+            await self._ensure_bucket()
+            await put_heartbeat(
+                self._js, self._settings, self.node, beat, timeout=self._write_timeout
+            )
+        except Exception as e:
+            self._record_failure(e)
+            return False
+        self.beats += 1
+        self._succeeded(now)
+        return True
+
+    async def _ensure_bucket(self) -> None:
+        if not self._bucket_ready:
+            # Lazily, so a NATS outage at start-up is one more failed write, not a crash.
+            await ensure_status_bucket(self._js, self._settings)
+            self._bucket_ready = True
+
+    def _succeeded(self, now: float) -> None:
         self._last_success = now
         if self._failing:
             self._failing = False
             log.info("node status write recovered", extra={"node": self.node})
-        return True
 
     def _record_failure(self, error: Exception) -> None:
         self.errors += 1

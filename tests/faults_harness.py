@@ -293,9 +293,9 @@ async def node_converged(
     status = await get_status(kv, node) if kv is not None else None
     if status is None:
         return False
-    reported = {fleet: set(imgs) for fleet, imgs in status.state.desired.items()}
+    summary = status.summary
     on_node = await asyncio.to_thread(images.on, containerd)
-    return reported == desired and on_node == wanted
+    return set(summary.fleets) == set(desired) and not summary.gaps and on_node == wanted
 
 
 async def wait_all_converged(

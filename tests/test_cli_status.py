@@ -27,15 +27,14 @@ from wire.contract import encode_event, subject_for
 from wire.eventlog import LogSettings, StoredMessage, publish_event
 from wire.nodestatus import (
     SCHEMA,
-    FleetTarget,
-    NodeState,
     NodeStatus,
     StatusSettings,
-    encode_status,
     ensure_status_bucket,
     node_key,
     put_status,
+    summarize,
 )
+from wire.readiness import FleetTarget
 
 FLEET = "default/simple"
 IMAGES = ["registry.local/game:1", "registry.local/sidecar:2", "registry.local/init:3"]
@@ -89,31 +88,37 @@ async def report(
 ) -> NodeStatus:
     """Write a node's entry as its syncer would, ``age`` seconds after its last heartbeat.
 
-    ``seqs``: the event each Fleet was last folded from (``fleet_seqs``); ``schema=1`` writes
-    an entry as an older syncer did, without them.
+    ``seqs``: the event each Fleet was last folded from; ``schema=2`` writes the entry an older
+    syncer wrote: every image string, no compact summary.
     """
     now = datetime.now(UTC)
+    desired = desired if desired is not None else {FLEET: IMAGES}
     status = NodeStatus(
         node=node,
         version="9.9.9",
         reported_at=now - timedelta(seconds=age),
         started_at=now - timedelta(hours=2),
-        state=NodeState(
-            desired=desired if desired is not None else {FLEET: IMAGES},
-            present=frozenset(present),
-            pulling=frozenset(pulling),
-            failed=failed or {},
-            excluded=frozenset(excluded),
-            last_reconcile=now - timedelta(seconds=age + 3),
+        summary=summarize(
+            desired=desired,
+            present=present,
+            pulling=pulling,
+            failed=failed,
+            excluded=excluded,
             fleet_seqs=seqs or {},
+            last_reconcile=now - timedelta(seconds=age + 3),
         ),
-        schema=schema,
     )
     await ensure_status_bucket(js, settings)
     if schema < SCHEMA:
-        # Exactly the bytes an older syncer wrote: a field it did not know is not there at all.
-        doc = json.loads(encode_status(status))
-        doc["state"].pop("fleet_seqs", None)
+        # Exactly the shape an older syncer wrote.
+        doc = {
+            "node": node,
+            "version": "0.9.0",
+            "reported_at": status.reported_at.isoformat(),
+            "started_at": status.started_at.isoformat(),
+            "state": {"desired": desired, "present": sorted(present), "fleet_seqs": seqs or {}},
+            "schema": schema,
+        }
         subject = f"$KV.{settings.bucket}.{node_key(node)}"
         await js.publish(subject, json.dumps(doc).encode())
     else:
@@ -182,22 +187,76 @@ async def two_nodes(js: JetStreamContext, settings: StatusSettings) -> None:
     )
 
 
-async def test_status_table_marks_stale_nodes_and_failures(
+def table_rows(out: str, title: str) -> dict[str, str]:
+    """The rows of one rich table of ``out`` by their first cell (continuation lines joined)."""
+    section = re.split(rf"^{re.escape(title)} *$", out, maxsplit=1, flags=re.M)[1]
+    section = section.split("┡", 1)[1]
+    rows: dict[str, str] = {}
+    last = None
+    for line in section.splitlines()[1:]:
+        if not line.startswith("│"):
+            break
+        first = line.split("│")[1].strip()
+        if first:
+            last = first.split()[0]
+            rows[last] = line
+        elif last is not None:
+            rows[last] += line
+    return rows
+
+
+async def test_status_shows_fleets_ready_and_nodes_with_their_problems(
     js: JetStreamContext, nats_server: NatsServer, prefix: str, settings: StatusSettings
 ) -> None:
     await two_nodes(js, settings)
+    await report(js, settings, "node-c", present=set(IMAGES))
+    await report(js, settings, "node-z", schema=2)
     code, out, err = await run_cli(*cli_args(nats_server, prefix, "status"))
     assert code == 0, err
-    rows = {line.split()[1]: line for line in out.splitlines() if "node-" in line and "│" in line}
-    assert set(rows) == {"node-a", "node-b"}
-    assert "2/3 (1 failed)" in rows["node-a"] and " - " in rows["node-a"]
-    assert "(stale)" in rows["node-b"] and "(stale)" not in rows["node-a"]
-    assert rows["node-b"].count("3/3") == 1 and "1/1" in rows["node-b"]
-    assert re.search(r"│ 1h\d+s ago", rows["node-b"]) and "9.9.9" in rows["node-a"]
-    assert f"node-a: {IMAGES[2]}: 401 Unauthorized" in out
+    fleets = table_rows(out, "Fleets (live nodes)")
+    assert set(fleets) == {FLEET}  # games/other only on the stale node-b
+    assert "1/2" in fleets[FLEET]
+    assert f"node-a: 2/3 images; missing {IMAGES[2]} (failed: 401 Unauthorized)" in fleets[FLEET]
+    nodes = table_rows(out, "Nodes")
+    assert set(nodes) == {"node-a", "node-b", "node-c"}
+    assert "0/1" in nodes["node-a"] and "1 failed" in nodes["node-a"]
+    assert "(stale)" in nodes["node-b"] and "2/2" in nodes["node-b"]
+    assert re.search(r"│ 1h\d+s ago", nodes["node-b"]) and "9.9.9" in nodes["node-a"]
+    assert "(stale)" not in nodes["node-a"] and "1/1" in nodes["node-c"]
+    assert (
+        "unreadable entry for node node-z: status schema 2 written by image-syncer 0.9.0; this "
+        "image-syncer reads schema 3: upgrade the syncer on node node-z"
+    ) in " ".join(out.split())
 
 
-async def test_status_json_is_the_raw_view(
+async def test_status_drills_down_to_one_fleet_or_node_and_draws_the_matrix_on_request(
+    js: JetStreamContext, nats_server: NatsServer, prefix: str, settings: StatusSettings
+) -> None:
+    await two_nodes(js, settings)
+    await report(js, settings, "node-c", present=set(IMAGES), seqs={FLEET: 7})
+    code, out, err = await run_cli(*cli_args(nats_server, prefix, "status", "--fleet", FLEET))
+    assert code == 0, err
+    rows = table_rows(out, f"{FLEET}: 1/2 live nodes ready")
+    assert set(rows) == {"node-a", "node-c"}  # node-b is stale
+    assert "2/3 images; missing" in rows["node-a"] and "│ 7 " in rows["node-c"]
+
+    code, out, err = await run_cli(*cli_args(nats_server, prefix, "status", "--node", "node-c"))
+    assert code == 0, err
+    assert re.match(r"node node-c: image-syncer 9\.9\.9, started 2h[\dms]* ago, heartbeat ", out)
+    rows = table_rows(out, "Fleets on node-c")
+    assert "│ 7 " in rows[FLEET] and "ready" in rows[FLEET]
+    code, _, err = await run_cli(*cli_args(nats_server, prefix, "status", "--node", "node-x"))
+    assert code == 1 and err == "error: node node-x reports no status\n"
+    code, _, err = await run_cli(*cli_args(nats_server, prefix, "status", "--fleet", "x"))
+    assert code == 2 and err.startswith("error: Fleet 'x' is not NAMESPACE/NAME")
+
+    code, out, err = await run_cli(*cli_args(nats_server, prefix, "status", "--matrix"))
+    assert code == 0, err
+    rows = table_rows(out, "image-syncer nodes x Fleets")
+    assert "2/3" in rows["node-a"] and "ok" in rows["node-c"] and "(stale)" in rows["node-b"]
+
+
+async def test_status_json_has_the_rollups_and_the_raw_entries(
     js: JetStreamContext, nats_server: NatsServer, prefix: str, settings: StatusSettings
 ) -> None:
     await two_nodes(js, settings)
@@ -205,19 +264,23 @@ async def test_status_json_is_the_raw_view(
     assert code == 0, err
     doc = json.loads(out)
     assert doc["bucket"] == settings.bucket
-    assert doc["nodes"]["node-a"]["stale"] is False
-    assert doc["nodes"]["node-b"]["stale"] is True
-    assert doc["nodes"]["node-a"]["status"]["state"]["failed"] == {IMAGES[2]: "401 Unauthorized"}
-    assert doc["nodes"]["node-b"]["status"]["version"] == "9.9.9"
-    fleet = doc["fleets"][FLEET]
-    assert fleet["node-a"]["missing"] == [IMAGES[2]] and not fleet["node-a"]["complete"]
-    assert fleet["node-b"]["complete"]
-    assert set(doc["fleets"]["games/other"]) == {"node-b"}
+    node_a, node_b = doc["nodes"]["node-a"], doc["nodes"]["node-b"]
+    assert node_a["stale"] is False and node_b["stale"] is True
+    assert node_a["status"]["summary"]["missing"] == {
+        IMAGES[2]: {"state": "failed", "error": "401 Unauthorized"}
+    }
+    assert node_a["status"]["summary"]["gaps"] == {FLEET: [3, [IMAGES[2]]]}
+    assert node_a["fleets_ready"] == 0 and node_a["problems"] == ["1 failed"]
+    assert node_b["status"]["version"] == "9.9.9" and node_b["fleets_ready"] == 2
+    assert doc["fleets"][FLEET]["ready"] == 0 and doc["fleets"][FLEET]["total"] == 1
+    assert list(doc["fleets"][FLEET]["not_ready"]) == ["node-a"]
 
     code, out, _ = await run_cli(
         *cli_args(nats_server, prefix, "status", "--json", "--stale-after", "2h")
     )
-    assert json.loads(out)["nodes"]["node-b"]["stale"] is False
+    doc = json.loads(out)
+    assert doc["nodes"]["node-b"]["stale"] is False
+    assert doc["fleets"]["games/other"] == {"ready": 1, "total": 1, "not_ready": {}}
 
 
 async def test_status_check_log_marks_nodes_behind_the_log(
@@ -234,27 +297,23 @@ async def test_status_check_log_marks_nodes_behind_the_log(
         seqs={FLEET: v1},
     )
     await report(js, settings, "node-b", present=set(IMAGES), seqs={FLEET: v2})
-    await report(
-        js, settings, "node-c", desired={FLEET: IMAGES[:2]}, present=set(IMAGES[:2]), schema=1
-    )
     code, out, err = await run_cli(*cli_args(nats_server, prefix, "status", "--check-log"))
     assert code == 0, err
-    rows = {line.split()[1]: line for line in out.splitlines() if "node-" in line and "│" in line}
-    assert "2/2 (behind)" in rows["node-a"]
-    assert "3/3" in rows["node-b"] and "behind" not in rows["node-b"]
-    assert "behind" not in rows["node-c"]  # an older syncer cannot say which version it has
+    fleets = table_rows(out, "Fleets (live nodes)")
+    assert "1/2" in fleets[FLEET] and f"node-a: behind: seq {v1} < {v2}" in fleets[FLEET]
+    nodes = table_rows(out, "Nodes")
+    assert "behind the log on 1 Fleets" in nodes["node-a"] and "behind" not in nodes["node-b"]
 
     code, out, err = await run_cli(
         *cli_args(nats_server, prefix, "status", "--json", "--check-log")
     )
     assert code == 0, err
     doc = json.loads(out)
-    assert doc["log"] == {FLEET: {"seq": v2, "images": IMAGES, "behind": ["node-a"]}}
-    assert doc["nodes"]["node-b"]["status"]["state"]["fleet_seqs"] == {FLEET: v2}
+    assert doc["fleets"][FLEET]["log_seq"] == v2
+    assert doc["fleets"][FLEET]["not_ready"] == {"node-a": f"behind: seq {v1} < {v2}"}
+    assert doc["nodes"]["node-b"]["status"]["summary"]["fleets"] == {FLEET: v2}
     code, out, _ = await run_cli(*cli_args(nats_server, prefix, "status"))
     assert "behind" not in out
-    code, out, _ = await run_cli(*cli_args(nats_server, prefix, "status", "--json"))
-    assert "log" not in json.loads(out)
 
 
 async def test_status_without_any_node_says_so(nats_server: NatsServer, prefix: str) -> None:
@@ -379,7 +438,7 @@ async def test_wait_does_not_count_a_node_still_on_the_previous_version(
     )
     code, _, err = await run_cli(*args)
     assert code == 1
-    assert err.splitlines()[1] == f"  node-a: 2/3 present; missing {IMAGES[2]} (pulling)"
+    assert err.splitlines()[1] == f"  node-a: 2/3 images; missing {IMAGES[2]} (pulling)"
     await report(js, settings, "node-a", present=set(IMAGES), seqs={FLEET: v2})
     code, out, err = await run_cli(*args)
     assert code == 0, err
@@ -407,34 +466,40 @@ async def test_wait_times_out_naming_the_missing_nodes_and_why(
     await report(
         js, settings, "node-e", desired={FLEET: IMAGES[:1]}, present={IMAGES[0]}, seqs={FLEET: old}
     )
-    await report(js, settings, "node-f", desired={FLEET: IMAGES[:1]}, present={IMAGES[0]}, schema=1)
+    await report(js, settings, "node-f", present=set(IMAGES), schema=2)
     code, out, err = await run_cli(
         *cli_args(nats_server, prefix, "wait", "--fleet", FLEET, "--timeout", "500ms")
     )
     assert code == 1 and out == ""
     assert err.splitlines() == [
         f"{FLEET} (event seq {seq}) not ready after 500ms: 4 of 5 live nodes not done",
-        f"  node-b: 1/3 present; missing {IMAGES[1]} (pulling), {IMAGES[2]} (failed: not found)",
+        f"  node-b: 1/3 images; missing {IMAGES[2]} (failed: not found), {IMAGES[1]} (pulling)",
         f"  node-c: behind: has not folded the Fleet yet (log at seq {seq})",
         f"  node-e: behind: seq {old} < {seq}",
-        f"  node-f: 1/3 present; missing {IMAGES[1]}, {IMAGES[2]} (older syncer: judged by images alone)",
-        "  older syncers, judged by images alone: node-f",
+        "  node-f: status schema 2 written by image-syncer 0.9.0; this image-syncer reads schema "
+        "3: upgrade the syncer on node node-f",
         "  ignored stale nodes: node-d",
     ]
 
 
-async def test_wait_accepts_entries_of_older_syncers_by_their_images(
+async def test_wait_before_any_syncer_reported_waits_for_the_bucket(
     js: JetStreamContext, nats_server: NatsServer, prefix: str, settings: StatusSettings
 ) -> None:
+    # A fresh install: the Fleet is published, no syncer has created the status bucket yet.
     seq = await publish(js, prefix, "added")
-    await report(js, settings, "node-old", present=set(IMAGES), schema=1)
-    await report(js, settings, "node-new", present=set(IMAGES), seqs={FLEET: seq})
-    code, out, err = await run_cli(*cli_args(nats_server, prefix, "wait", "--fleet", FLEET))
-    assert code == 0, err
-    assert out.strip() == (
-        f"{FLEET}: all images present on 2 live nodes as of event seq {seq} "
-        "(1 older syncers judged by images alone)"
+    code, out, err = await run_cli(
+        *cli_args(nats_server, prefix, "wait", "--fleet", FLEET, "--timeout", "300ms")
     )
+    assert code == 1 and out == ""
+    assert err == (
+        f"no node reported status within 300ms: bucket {settings.bucket} does not exist "
+        f"(is a syncer running with --subject-prefix {prefix}?)\n"
+    )
+    process = await start_cli(*cli_args(nats_server, prefix, "wait", "--fleet", FLEET))
+    await report(js, settings, "node-a", present=set(IMAGES), seqs={FLEET: seq})
+    code, out, err = await finish(process)
+    assert code == 0, err
+    assert out.strip() == f"{FLEET}: all images present on 1 live nodes as of event seq {seq}"
 
 
 async def test_wait_fails_at_once_for_a_fleet_not_in_the_log(

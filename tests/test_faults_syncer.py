@@ -36,7 +36,7 @@ from image_syncer.sandbox.nats_server import NatsServer
 from image_syncer.sandbox.registry import Registry
 from wire.eventlog import LogSettings
 from wire.natsconn import NatsSettings
-from wire.nodestatus import StatusSettings, get_status, open_status_bucket
+from wire.nodestatus import MissingState, StatusSettings, get_status, open_status_bucket
 
 pytestmark = [pytest.mark.nats, pytest.mark.cri]
 
@@ -55,7 +55,9 @@ async def broadcaster(
 async def _pulling(js: JetStreamContext, prefix: str, node: str) -> bool:
     kv = await open_status_bucket(js, StatusSettings(prefix=prefix))
     status = await get_status(kv, node) if kv is not None else None
-    return bool(status and status.state.pulling)
+    return bool(
+        status and MissingState.PULLING in {m.state for m in status.summary.missing.values()}
+    )
 
 
 async def test_syncer_sigkilled_mid_pull_converges_after_restart(

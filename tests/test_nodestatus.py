@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
+import msgspec
 import pytest
 from nats.js import JetStreamContext
 
@@ -25,10 +27,13 @@ from syncer.status import StatusReporter
 from wire.natsconn import NatsSettings, connect
 from wire.nodestatus import (
     DEFAULT_BUCKET,
-    FleetTarget,
+    FleetGap,
+    Heartbeat,
+    Missing,
+    MissingState,
     NodeState,
     NodeStatus,
-    Readiness,
+    OutdatedEntry,
     StatusError,
     StatusSettings,
     StatusWatch,
@@ -36,17 +41,17 @@ from wire.nodestatus import (
     decode_status,
     encode_status,
     ensure_status_bucket,
-    fleet_progress,
     get_status,
     is_stale,
     list_statuses,
     node_key,
-    node_readiness,
     parse_fleet,
+    put_heartbeat,
     put_status,
-    reports_fleet_seqs,
     request_replay,
+    summarize,
 )
+from wire.readiness import FleetTarget, Readiness, fleet_progress, node_readiness
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
 
@@ -113,25 +118,48 @@ def test_fleet_and_node_names_are_checked() -> None:
         node_key("bad node")
 
 
-def test_fleet_progress_counts_only_the_fleets_images() -> None:
-    state = NodeState(
-        desired={"default/a": ["img1", "img2", "img3", "img1"], "default/b": ["img4"]},
-        present=frozenset({"img1", "img4", "unrelated"}),
-        pulling=frozenset({"img2"}),
+def test_the_summary_names_only_what_is_missing_and_why() -> None:
+    state = summarize(
+        desired={"default/a": ["img1", "img2", "img3", "img4", "img1"], "default/b": ["img5"]},
+        present={"img1", "img5", "unrelated"},
+        pulling={"img2"},
+        waiting_slot={"img4"},
         failed={"img3": "401 Unauthorized"},
+        fleet_seqs={"default/a": 4, "default/b": 5, "default/c": 6},
+        excluded={"default/c"},
     )
-    status = NodeStatus(node="n", version="v", reported_at=T0, started_at=T0, state=state)
+    assert state.fleets == {"default/a": 4, "default/b": 5}
+    assert state.excluded == {"default/c": 6}
+    assert state.gaps == {"default/a": FleetGap(total=4, missing=("img2", "img3", "img4"))}
+    assert state.missing == {
+        "img2": Missing(MissingState.PULLING),
+        "img3": Missing(MissingState.FAILED, "401 Unauthorized"),
+        "img4": Missing(MissingState.WAITING_SLOT),
+    }
+    status = NodeStatus(node="n", version="v", reported_at=T0, started_at=T0, summary=state)
     progress = fleet_progress(status, "default/a")
-    assert progress is not None
-    assert progress.images == ("img1", "img2", "img3")
-    assert progress.present == ("img1",)
-    assert progress.pulling == ("img2",)
-    assert progress.failed == {"img3": "401 Unauthorized"}
-    assert progress.missing == ("img2", "img3") and not progress.complete
+    assert progress is not None and progress.total == 4 and progress.ready == 1
+    assert list(progress.missing) == ["img2", "img3", "img4"] and not progress.complete
     assert fleet_progress(status, "default/b").complete  # type: ignore[union-attr]
-    assert fleet_progress(status, "default/c") is None
+    assert fleet_progress(status, "default/c") is None  # excluded
     assert not is_stale(status, T0 + timedelta(seconds=60), 60)
     assert is_stale(status, T0 + timedelta(seconds=61), 60)
+
+
+def test_an_entry_stays_small_with_many_fleets_all_present() -> None:
+    images = {
+        f"default/fleet-{i:03}": [f"registry.example.com/game-{i}:v1.2.3"] for i in range(200)
+    }
+    state = summarize(
+        desired=images,
+        present={i for imgs in images.values() for i in imgs},
+        fleet_seqs={fleet: 100_000 + i for i, fleet in enumerate(images)},
+    )
+    status = NodeStatus(node="ip-10-0-0-1", version="1.0", reported_at=T0, started_at=T0)
+    data = encode_status(msgspec.structs.replace(status, summary=state))
+    # Per Fleet its name and sequence, nothing per image: about 30 bytes a Fleet.
+    assert b"registry.example.com" not in data
+    assert len(data) < 200 * 32 + 400
 
 
 # --- Readiness against the log's newest event (what `wait` decides) ----------------------------
@@ -140,14 +168,22 @@ FLEET = "default/a"
 TARGET = FleetTarget(seq=20, images=("img1", "img-new"))
 
 
-def _node(schema: int = 2, **state: object) -> NodeStatus:
+def _node(
+    desired: dict[str, list[str]] | None = None,
+    present: frozenset[str] = frozenset(),
+    **rest: object,
+) -> NodeStatus:
     return NodeStatus(
         node="n",
         version="v",
         reported_at=T0,
         started_at=T0,
-        state=NodeState(**state),  # type: ignore[arg-type]
-        schema=schema,
+        summary=summarize(
+            desired=desired or {},
+            present=present,
+            fleet_seqs=rest.pop("fleet_seqs", {}),  # type: ignore[arg-type]
+            **rest,  # type: ignore[arg-type]
+        ),
     )
 
 
@@ -156,7 +192,7 @@ def test_a_node_on_the_previous_version_is_behind_even_with_all_its_images() -> 
     node = _node(desired={FLEET: ["img1"]}, present=frozenset({"img1"}), fleet_seqs={FLEET: 12})
     readiness = node_readiness(node, FLEET, TARGET)
     assert readiness.verdict is Readiness.BEHIND and readiness.seq == 12
-    assert not readiness.counts_as_done and not readiness.legacy
+    assert not readiness.counts_as_done
 
 
 def test_a_node_that_never_folded_the_fleet_is_behind() -> None:
@@ -164,7 +200,7 @@ def test_a_node_that_never_folded_the_fleet_is_behind() -> None:
     assert readiness.verdict is Readiness.BEHIND and readiness.seq is None
 
 
-def test_at_the_target_every_target_image_must_be_present() -> None:
+def test_at_the_target_every_image_must_be_present() -> None:
     images = ["img1", "img-new"]
     pulling = _node(
         desired={FLEET: images},
@@ -174,14 +210,13 @@ def test_at_the_target_every_target_image_must_be_present() -> None:
     )
     readiness = node_readiness(pulling, FLEET, TARGET)
     assert readiness.verdict is Readiness.MISSING and readiness.progress is not None
-    assert readiness.progress.missing == ("img-new",)
-    assert readiness.progress.pulling == ("img-new",)
+    assert readiness.progress.missing == {"img-new": Missing(MissingState.PULLING)}
     done = _node(desired={FLEET: images}, present=frozenset(images), fleet_seqs={FLEET: 20})
     assert node_readiness(done, FLEET, TARGET).verdict is Readiness.DONE
 
 
-def test_past_the_target_the_nodes_own_images_for_the_fleet_count() -> None:
-    # v3 (seq 25) dropped img-new: the node no longer wants it, so it is not in `present`.
+def test_past_the_target_the_nodes_own_state_for_the_fleet_counts() -> None:
+    # v3 (seq 25) dropped img-new: the node no longer wants it.
     node = _node(desired={FLEET: ["img1"]}, present=frozenset({"img1"}), fleet_seqs={FLEET: 25})
     readiness = node_readiness(node, FLEET, TARGET)
     assert readiness.verdict is Readiness.DONE and readiness.seq == 25
@@ -194,33 +229,48 @@ def test_exclusion_counts_only_as_of_the_target() -> None:
     assert node_readiness(before, FLEET, TARGET).verdict is Readiness.BEHIND
 
 
-def test_an_older_syncer_is_judged_by_the_target_images_alone() -> None:
-    done = _node(schema=1, desired={FLEET: ["img1", "img-new"]}, present=frozenset(TARGET.images))
-    readiness = node_readiness(done, FLEET, TARGET)
-    assert readiness.verdict is Readiness.DONE and readiness.legacy and readiness.seq is None
-    # Still on v1 (which it cannot say): the new image is not desired, hence not present.
-    old = _node(schema=1, desired={FLEET: ["img1"]}, present=frozenset({"img1"}))
-    assert node_readiness(old, FLEET, TARGET).verdict is Readiness.MISSING
-    unseen = node_readiness(_node(schema=1), FLEET, TARGET)
-    assert unseen.verdict is Readiness.BEHIND and unseen.legacy
-    excluded = _node(schema=1, excluded=frozenset({FLEET}))
-    assert node_readiness(excluded, FLEET, TARGET).verdict is Readiness.NOT_TARGETED
+OLD_ENTRY = (
+    b'{"node":"n","version":"0.1.0","reported_at":"2025-01-01T00:00:00Z",'
+    b'"started_at":"2025-01-01T00:00:00Z","state":{"desired":{"default/a":["img1"]},'
+    b'"present":["img1"],"fleet_seqs":{"default/a":7}},"schema":2}'
+)
 
 
-def test_entries_of_older_syncers_still_decode() -> None:
-    # Written by a schema-1 syncer: no fleet_seqs, schema 1.
-    old = (
-        b'{"node":"n","version":"0.1.0","reported_at":"2025-01-01T00:00:00Z",'
-        b'"started_at":"2025-01-01T00:00:00Z","state":{"desired":{"default/a":["img1"]},'
-        b'"present":["img1"]},"schema":1}'
-    )
-    status = decode_status(old)
-    assert status.state.fleet_seqs == {} and not reports_fleet_seqs(status)
-    assert status.state.desired == {FLEET: ["img1"]}
+def test_entries_of_an_older_schema_fail_clearly_and_keep_their_header() -> None:
+    with pytest.raises(
+        OutdatedEntry,
+        match=re.escape(
+            "status schema 2 written by image-syncer 0.1.0; this image-syncer reads schema 3: "
+            "upgrade the syncer on node n"
+        ),
+    ) as caught:
+        decode_status(OLD_ENTRY)
+    assert caught.value.status.reported_at == T0 and caught.value.status.summary == NodeState()
+    schema1 = OLD_ENTRY.replace(b',"schema":2', b"")
+    with pytest.raises(OutdatedEntry, match="status schema 1 "):
+        decode_status(schema1)
+    with pytest.raises(StatusError, match="not a node status entry"):
+        decode_status(b'{"node": 1}')
     new = _node(desired={FLEET: ["img1"]}, fleet_seqs={FLEET: 7})
-    assert reports_fleet_seqs(new) and new.schema == 2
     assert decode_status(encode_status(new)) == new
-    assert b'"fleet_seqs":{"default/a":7}' in encode_status(new)
+
+
+class _Schema2State(msgspec.Struct, frozen=True):
+    """What a schema-2 reader decodes ``$.state`` with (trimmed to what matters here)."""
+
+    desired: dict[str, list[str]] = {}
+
+
+class _Schema2Status(msgspec.Struct, frozen=True, kw_only=True):
+    node: str
+    state: _Schema2State = _Schema2State()
+
+
+def test_an_older_reader_fails_on_a_new_entry_instead_of_reading_an_empty_node() -> None:
+    data = encode_status(_node(desired={FLEET: ["img1"]}, fleet_seqs={FLEET: 7}))
+    with pytest.raises(msgspec.ValidationError, match=r"got `str` - at `\$\.state`"):
+        msgspec.json.decode(data, type=_Schema2Status)
+    assert b'"state":"status schema 3: upgrade image-syncer to read this entry"' in data
 
 
 async def test_bucket_keeps_one_revision_and_entries_expire_per_key(
@@ -276,36 +326,36 @@ async def test_reporter_writes_on_change_and_throttles(
     js: JetStreamContext, settings: StatusSettings
 ) -> None:
     clocks = Clocks()
-    state = [NodeState(desired={"default/a": ["img1"]})]
+    state = [NodeState(fleets={"default/a": 1})]
     rep = reporter(js, settings, state, clocks)
     kv = await ensure_status_bucket(js, settings)
 
     assert await rep.tick()  # the first state is always written
     first = await get_status(kv, "node-a")
-    assert first is not None and first.state == state[0] and first.version == "1.2.3"
+    assert first is not None and first.summary == state[0] and first.version == "1.2.3"
     assert first.reported_at == T0
 
     clocks.now = 1.0
     assert not await rep.tick()  # nothing changed, heartbeat not due
 
-    state[0] = NodeState(desired={"default/a": ["img1"]}, present=frozenset({"img1"}))
+    state[0] = NodeState(fleets={"default/a": 2})
     clocks.now = 4.9
     assert not await rep.tick()  # changed, but within the interval
-    assert (await get_status(kv, "node-a")).state.present == frozenset()  # type: ignore[union-attr]
+    assert (await get_status(kv, "node-a")).summary.fleets == {"default/a": 1}  # type: ignore[union-attr]
 
     clocks.now = 5.0
     assert await rep.tick()
     second = await get_status(kv, "node-a")
-    assert second is not None and second.state.present == frozenset({"img1"})
+    assert second is not None and second.summary.fleets == {"default/a": 2}
     assert second.started_at == T0 and second.reported_at == T0 + timedelta(seconds=5)
     assert rep.writes == 2 and rep.errors == 0
 
 
-async def test_reporter_heartbeats_an_unchanged_state(
+async def test_reporter_heartbeats_an_unchanged_state_cheaply(
     js: JetStreamContext, settings: StatusSettings
 ) -> None:
     clocks = Clocks()
-    state = [NodeState()]
+    state = [NodeState(fleets={f"default/f{i}": i for i in range(100)})]
     rep = reporter(js, settings, state, clocks)
     kv = await ensure_status_bucket(js, settings)
     assert await rep.tick()
@@ -313,8 +363,38 @@ async def test_reporter_heartbeats_an_unchanged_state(
     assert not await rep.tick()
     clocks.now = 30.0
     assert await rep.tick()
+    assert rep.writes == 1 and rep.beats == 1
     status = await get_status(kv, "node-a")
-    assert status is not None and status.reported_at == T0 + timedelta(seconds=30)
+    assert status is not None and status.reported_at == T0  # the entry itself is untouched
+    beat = await kv.get("beat.node-a")
+    assert beat.value is not None and len(beat.value) < 60
+    async with StatusWatch(kv) as watch:  # readers see the heartbeat as the node's liveness
+        assert watch.view["node-a"].reported_at == T0 + timedelta(seconds=30)
+        assert watch.view["node-a"].summary == state[0]
+        # The full entry is rewritten long before its TTL, even unchanged.
+        clocks.now = rep.refresh
+        assert await rep.tick() and rep.writes == 2
+        assert await watch.next(timeout=10)
+        assert watch.view["node-a"].reported_at == T0 + timedelta(seconds=rep.refresh)
+    assert rep.refresh == settings.node_ttl / 4
+
+
+async def test_a_heartbeat_before_the_entry_and_a_deleted_entry(
+    js: JetStreamContext, settings: StatusSettings
+) -> None:
+    kv = await ensure_status_bucket(js, settings)
+    later = T0 + timedelta(seconds=10)
+    await put_heartbeat(js, settings, "node-a", Heartbeat(at=later))
+    async with StatusWatch(kv) as watch:
+        assert watch.view == {}
+        await put_status(
+            js, settings, NodeStatus(node="node-a", version="v", reported_at=T0, started_at=T0)
+        )
+        assert await watch.next(timeout=10)
+        assert watch.view["node-a"].reported_at == later
+        await kv.delete("node.node-a")
+        assert await watch.next(timeout=10)
+        assert watch.view == {}
 
 
 async def test_reporter_run_writes_promptly_when_poked(
@@ -329,14 +409,14 @@ async def test_reporter_run_writes_promptly_when_poked(
     task = asyncio.create_task(rep.run(stopping))
     try:
 
-        async def shows(present: frozenset[str]) -> bool:
+        async def shows(fleets: dict[str, int]) -> bool:
             status = await get_status(kv, "node-a")
-            return status is not None and status.state.present == present
+            return status is not None and status.summary.fleets == fleets
 
-        await eventually(lambda: shows(frozenset()), "the first write")
-        state[0] = NodeState(present=frozenset({"img1"}))
+        await eventually(lambda: shows({}), "the first write")
+        state[0] = NodeState(fleets={"default/a": 1})
         rep.poke()
-        await eventually(lambda: shows(frozenset({"img1"})), "the poked write")
+        await eventually(lambda: shows({"default/a": 1}), "the poked write")
     finally:
         stopping.set()
         await asyncio.wait_for(task, 10)

@@ -51,6 +51,15 @@ async def _until_status(settings: SyncerSettings, check, what: str) -> dict:  # 
         await asyncio.sleep(0.3)
 
 
+def _summary(doc: dict, node: str) -> dict:
+    return doc["nodes"].get(node, {}).get("status", {}).get("summary", {})
+
+
+def _ready(doc: dict, node: str, fleet: str) -> bool:
+    summary = _summary(doc, node)
+    return fleet in summary.get("fleets", {}) and fleet not in summary.get("gaps", {})
+
+
 async def _until(check, what: str) -> None:  # type: ignore[no-untyped-def]
     deadline = asyncio.get_running_loop().time() + 60
     while not await check():
@@ -68,18 +77,18 @@ async def test_running_syncer_appears_in_status_with_the_fleets_images_present(
         node = settings.node_name
 
         def complete(doc: dict) -> bool:
-            return doc["fleets"].get("default/game", {}).get(node, {}).get("complete", False)
+            return _ready(doc, node, "default/game")
 
         doc = await _until_status(settings, complete, "the node reports the Fleet complete")
-        state = doc["nodes"][node]["status"]["state"]
-        assert sorted(state["desired"]["default/game"]) == sorted([norm(image), norm(sidecar)])
-        assert {norm(image), norm(sidecar)} <= set(state["present"])
-        assert state["last_reconcile"]
+        summary = _summary(doc, node)
+        assert list(summary["fleets"]) == ["default/game"] and not summary.get("gaps")
+        assert summary["last_reconcile"]
         assert doc["nodes"][node]["stale"] is False
+        assert doc["fleets"]["default/game"]["ready"] == 1
         code, table, err = await cli(settings, "status")
         assert code == 0, err
-        row = next(line for line in table.splitlines() if node in line)
-        assert "2/2" in row
+        row = next(line for line in table.splitlines() if "default/game" in line)
+        assert "1/1" in row
     finally:
         assert await running.stop() == 0
 
@@ -106,8 +115,7 @@ async def test_wait_exits_zero_once_a_real_syncer_pulled_the_images(
             f"default/rollout: all images present on 1 live nodes as of event seq {ack.seq}" in out
         )
         doc = await status_json(settings)
-        fleet_seqs = doc["nodes"][settings.node_name]["status"]["state"]["fleet_seqs"]
-        assert fleet_seqs == {"default/rollout": ack.seq}
+        assert _summary(doc, settings.node_name)["fleets"] == {"default/rollout": ack.seq}
 
         deleted = await publish_event(
             js, log_settings, "fleet.events.deleted", fleet("rollout", image, rv="2")
@@ -149,7 +157,7 @@ async def test_wait_right_after_an_update_waits_for_the_new_version_not_the_old_
         await publish_event(js, log_settings, "fleet.events.added", v1)
 
         def v1_done(doc: dict) -> bool:
-            return doc["fleets"].get("default/rollout", {}).get(node, {}).get("complete", False)
+            return _ready(doc, node, "default/rollout")
 
         await _until_status(settings, v1_done, "v1 present on the node")
         v2 = fleet("rollout", v1_image, new_image, rv="2")
@@ -163,11 +171,9 @@ async def test_wait_right_after_an_update_waits_for_the_new_version_not_the_old_
         async def v2_failing() -> bool:
             status = await get_status(kv, node)
             assert status is not None
-            state = status.state
-            return (
-                state.fleet_seqs.get("default/rollout") == ack.seq
-                and norm(new_image) in state.failed
-            )
+            summary = status.summary
+            why = summary.missing.get(norm(new_image))
+            return summary.fleets.get("default/rollout") == ack.seq and bool(why and why.error)
 
         await _until(v2_failing, "the node folded v2 and failed to pull the missing image")
         assert not waiter.done(), "wait returned while the new image cannot be on the node"
@@ -190,8 +196,8 @@ async def test_wait_times_out_naming_the_node_that_cannot_pull(
         await publish_event(js, log_settings, "fleet.events.added", fleet("broken", missing))
 
         def failed(doc: dict) -> bool:
-            state = doc["nodes"].get(settings.node_name, {}).get("status", {}).get("state", {})
-            return norm(missing) in state.get("failed", {})
+            why = _summary(doc, settings.node_name).get("missing", {}).get(norm(missing), {})
+            return why.get("state") == "failed"
 
         await _until_status(settings, failed, "the failure reaches the node status")
         code, out, err = await cli(settings, "wait", "--fleet", "default/broken", "--timeout", "2s")
@@ -219,7 +225,7 @@ async def test_replay_command_makes_a_running_syncer_rebuild_from_the_log(
         await publish_event(js, log_settings, "fleet.events.added", fleet("purged", purged))
 
         def both(doc: dict) -> bool:
-            desired = doc["nodes"].get(node, {}).get("status", {}).get("state", {}).get("desired")
+            desired = _summary(doc, node).get("fleets")
             return bool(desired) and {"default/kept", "default/purged"} <= set(desired)
 
         await _until_status(settings, both, "both Fleets desired")
@@ -237,11 +243,10 @@ async def test_replay_command_makes_a_running_syncer_rebuild_from_the_log(
         )
 
         def rebuilt(doc: dict) -> bool:
-            state = doc["nodes"][node]["status"]["state"]
-            return state.get("replayed_request") == request
+            return _summary(doc, node).get("replayed_request") == request
 
         doc = await _until_status(settings, rebuilt, "the node reports the replay done")
-        assert set(doc["nodes"][node]["status"]["state"]["desired"]) == {"default/kept"}
+        assert set(_summary(doc, node)["fleets"]) == {"default/kept"}
         assert logged(caplog, "desired state rebuilt from the whole log")
         kv = await open_status_bucket(js, StatusSettings(prefix=settings.subject_prefix))
         assert kv is not None
@@ -252,7 +257,7 @@ async def test_replay_command_makes_a_running_syncer_rebuild_from_the_log(
         await publish_event(js, log_settings, "fleet.events.added", fleet("later", later))
 
         def follows(doc: dict) -> bool:
-            return "default/later" in doc["nodes"][node]["status"]["state"]["desired"]
+            return "default/later" in _summary(doc, node)["fleets"]
 
         await _until_status(settings, follows, "events after the rebuild are folded")
     finally:
@@ -279,8 +284,7 @@ async def test_replay_requested_while_stopped_is_honoured_at_start(
         )
 
         def done(doc: dict) -> bool:
-            state = doc["nodes"].get(settings.node_name, {}).get("status", {}).get("state", {})
-            return state.get("replayed_request") == request.id
+            return _summary(doc, settings.node_name).get("replayed_request") == request.id
 
         await _until_status(settings, done, "the status names the honoured request")
         kv = await open_status_bucket(js, status_settings)

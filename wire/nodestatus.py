@@ -1,25 +1,39 @@
 """The node status contract: what each syncer tells the cluster about its node, in NATS KV.
 
-Every syncer keeps one entry, ``node.<node>``, in the bucket ``IMAGE_SYNCER_NODES`` (other
-subject prefixes get ``IMAGE_SYNCER_NODES_<PREFIX>``, so installations sharing a server stay
-apart). The syncer writes it (``syncer.status``); ``image-syncer status`` and ``wait`` read it.
-Both import the shapes from here and nowhere else, so writer and readers cannot drift.
+Every syncer keeps two entries in the bucket ``IMAGE_SYNCER_NODES`` (other subject prefixes get
+``IMAGE_SYNCER_NODES_<PREFIX>``, so installations sharing a server stay apart):
+
+- ``node.<node>``, its :class:`NodeStatus`, written when something changed (and refreshed long
+  before its TTL runs out);
+- ``beat.<node>``, a :class:`Heartbeat` of a few dozen bytes, written every heartbeat, so a quiet
+  node costs the cluster almost nothing and readers can still tell it from a dead one.
+
+The syncer writes them (``syncer.status``); ``image-syncer status`` and ``wait`` read them. Both
+import the shapes from here and nowhere else, so writer and readers cannot drift.
+
+Compact by design. Thousands of nodes times hundreds of Fleets must fit in a read of a couple of
+seconds, so an entry says per Fleet only which event it was folded from and, if the node does not
+hold it completely yet, which images are missing; why an image is missing is said once per image.
+Image strings appear only for what is missing. Features that have something to say about a node
+(the pull budget, gates, pins, disk) each get one summary field on :class:`NodeState`, a Struct
+whose fields all have defaults.
 
 The same bucket holds replay requests, ``replay.<node>``: ``image-syncer replay`` writes one, the
 node's syncer honours it (``syncer.replaycontrol``) and deletes it.
 
-Ageing out. Status entries are written with a per-message TTL (``node_ttl``): a node that
-vanished without a word disappears from the bucket once its last heartbeat expires. Replay
-requests carry no TTL: a node that is down for a week still replays when it comes back. That is
-why the bucket has no max age. Readers judge liveness from ``reported_at``, which the syncer
-refreshes at least every heartbeat, so a node that stopped writing is *stale* long before its
-entry expires. History is 1: only the newest state of a node matters.
+Ageing out. Status entries and heartbeats are written with a per-message TTL (``node_ttl``): a
+node that vanished without a word disappears from the bucket once they expire. Replay requests
+carry no TTL: a node that is down for a week still replays when it comes back. That is why the
+bucket has no max age. Readers judge liveness from the newer of ``reported_at`` and the
+heartbeat, so a node that stopped writing is *stale* long before its entry expires. History is 1.
 
 Schema evolution. Fields are only ever added, each with a default, so an entry written by an
-older syncer still decodes (the new field reads as its default) and an older reader ignores
-fields it does not know. ``NodeStatus.schema`` says which fields the writer knew of: a default
-value from a writer that knew the field means "none", from an older writer "not reported".
-Schema 2 added ``NodeState.fleet_seqs``.
+older syncer of the same schema still decodes and an older reader ignores fields it does not
+know. Schema 3 replaced the image lists of schemas 1-2 (every desired and present image of every
+Fleet: tens of KB per node) with the compact form; a reader meeting such an entry names the node
+and says to upgrade its syncer (:class:`OutdatedEntry`), and a schema-2 reader meeting a schema-3
+entry fails on ``$.state``, which is a string telling it to upgrade, instead of reading an empty
+node.
 """
 
 from __future__ import annotations
@@ -28,6 +42,7 @@ import contextlib
 import enum
 import re
 import uuid
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -42,44 +57,51 @@ from wire.contract import check_prefix
 
 __all__ = [
     "DEFAULT_BUCKET",
-    "FleetProgress",
-    "FleetTarget",
+    "SCHEMA",
+    "BudgetSummary",
+    "FleetGap",
     "GateStatus",
-    "NodeReadiness",
+    "Heartbeat",
+    "Missing",
+    "MissingState",
     "NodeState",
     "NodeStatus",
-    "Readiness",
+    "OutdatedEntry",
     "ReplayRequest",
     "StatusError",
     "StatusSettings",
     "StatusWatch",
+    "beat_key",
     "bucket_name",
     "check_node",
+    "decode_heartbeat",
     "decode_replay_request",
     "decode_status",
+    "encode_heartbeat",
     "encode_replay_request",
     "encode_status",
     "ensure_status_bucket",
-    "fleet_progress",
     "get_status",
     "is_stale",
     "list_statuses",
     "node_key",
-    "node_readiness",
     "open_status_bucket",
     "parse_fleet",
+    "put_heartbeat",
     "put_status",
     "replay_key",
-    "reports_fleet_seqs",
     "request_replay",
+    "summarize",
 ]
 
 DEFAULT_BUCKET = "IMAGE_SYNCER_NODES"
 NODE_KEY_PREFIX = "node."
+BEAT_KEY_PREFIX = "beat."
 REPLAY_KEY_PREFIX = "replay."
-SCHEMA = 2
-# The first schema whose writers report ``NodeState.fleet_seqs``.
-FLEET_SEQS_SCHEMA = 2
+SCHEMA = 3
+# What a schema-2 reader finds in ``$.state`` of a newer entry; it expects an object there, so
+# its decode error quotes this instead of silently reading a node with no Fleets.
+OLD_READER_NOTICE = "status schema 3: upgrade image-syncer to read this entry"
 
 # Kubernetes node names are DNS-1123 subdomains; all of their characters are valid in KV keys.
 _NODE_RE = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
@@ -97,7 +119,7 @@ class StatusSettings:
     prefix: str = "agones"
     # 1 locally, 3 in production, like the streams.
     replicas: int = 1
-    # How long a node's entry outlives its last write: vanished nodes age out after this.
+    # How long a node's entries outlive its last write: vanished nodes age out after this.
     node_ttl: float = 3600.0
 
     @property
@@ -123,6 +145,10 @@ def node_key(node: str) -> str:
     return NODE_KEY_PREFIX + check_node(node)
 
 
+def beat_key(node: str) -> str:
+    return BEAT_KEY_PREFIX + check_node(node)
+
+
 def replay_key(node: str) -> str:
     return REPLAY_KEY_PREFIX + check_node(node)
 
@@ -136,6 +162,38 @@ def parse_fleet(text: str) -> str:
 
 
 # --- Shapes ---------------------------------------------------------------------------------
+
+
+class MissingState(enum.StrEnum):
+    """Why a desired image is not on the node (yet)."""
+
+    PENDING = "pending"  # not being pulled this moment: queued, or between retries
+    PULLING = "pulling"
+    WAITING_SLOT = "waiting_slot"  # waiting for a slot of the cluster-wide pull budget
+    FAILED = "failed"  # the last pull failed; retried with backoff and at every reconcile
+
+
+class Missing(msgspec.Struct, frozen=True, omit_defaults=True):
+    state: MissingState
+    # The last pull's error (never credentials: the puller's error text).
+    error: str = ""
+
+
+class FleetGap(msgspec.Struct, frozen=True, array_like=True):
+    """A desired Fleet the node does not hold completely: ``[total, [missing images...]]``."""
+
+    # How many distinct images the Fleet wants on this node.
+    total: int
+    missing: tuple[str, ...]
+
+
+class BudgetSummary(msgspec.Struct, frozen=True, omit_defaults=True):
+    """The node's share of the cluster-wide pull budget (``--max-cluster-pulls``)."""
+
+    # Images this node waits to pull until a cluster slot frees up.
+    waiting: tuple[str, ...] = ()
+    # While the registry answered 429, the cluster holds back pulls until this moment.
+    backoff_until: datetime | None = None
 
 
 class GateStatus(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -156,45 +214,134 @@ class GateStatus(msgspec.Struct, frozen=True, omit_defaults=True):
 
 
 class NodeState(msgspec.Struct, frozen=True, omit_defaults=True):
-    """What the syncer knows about its node at one moment; the reporter's input.
+    """What the syncer knows about its node at one moment, compactly; the reporter's input.
 
-    Images are written in the syncer's normalized form. ``present``, ``pulling`` and ``failed``
-    only speak of desired images: the node's other images are none of the cluster's business.
+    Build it with :func:`summarize`. Images are in the syncer's normalized form and only desired
+    ones appear: the node's other images are none of the cluster's business.
     """
 
-    # "namespace/name" -> the Fleet's images, in pod-spec order.
-    desired: dict[str, list[str]] = {}
-    present: frozenset[str] = frozenset()
-    pulling: frozenset[str] = frozenset()
-    # image -> why its last pull failed (never credentials: the puller's error text).
-    failed: dict[str, str] = {}
-    # Fleets the node knows of but that do not target it (node selector, affinity, taints):
-    # `wait` does not wait for them here, where "not desired" alone may mean "not seen yet".
-    excluded: frozenset[str] = frozenset()
+    # Desired Fleet ("namespace/name") -> stream sequence of the event the node folded it from,
+    # so ``wait`` can tell "not updated yet" from "done" right after a publish.
+    fleets: dict[str, int] = {}
+    # Fleets the node knows of but that do not target it (node selector, affinity, taints),
+    # with the same sequences: `wait` does not wait for them here.
+    excluded: dict[str, int] = {}
+    # Desired Fleets whose images are not all present; a Fleet not here is ready.
+    gaps: dict[str, FleetGap] = {}
+    # Every image some gap names -> why it is missing.
+    missing: dict[str, Missing] = {}
     last_reconcile: datetime | None = None
     # The replay request this node honoured last, so `status` can show it was done.
     replayed_request: str = ""
-    # "namespace/name" -> stream sequence of the last event the node folded for that Fleet, for
-    # every desired and excluded Fleet: which version of the Fleet ``desired`` and ``excluded``
-    # reflect, so `wait` can tell "not updated yet" from "done" right after a publish.
-    fleet_seqs: dict[str, int] = {}
+    # --- Summaries of other features: one field each, a Struct whose fields have defaults
+    # (None = the feature is off or the writer does not know it), shown by ``status --node``.
+    budget: BudgetSummary | None = None
     # Images every game server or the node itself needs besides the Fleets', by source
     # ("agones-sdk": the SDK sidecar the broadcaster found, "extra": --extra-image). Their
-    # presence is in ``present``/``pulling``/``failed`` like a Fleet image's.
+    # missing ones are in ``missing`` like a Fleet image's (``summarize`` puts them there).
     node_images: dict[str, list[str]] = {}
     # None when the syncer runs without --startup-taint (or is older than the gate).
     gate: GateStatus | None = None
 
 
+def summarize(
+    *,
+    desired: Mapping[str, Iterable[str]],
+    present: Collection[str],
+    fleet_seqs: Mapping[str, int],
+    excluded: Iterable[str] = (),
+    pulling: Collection[str] = (),
+    waiting_slot: Collection[str] = (),
+    failed: Mapping[str, str] | None = None,
+    **rest: object,
+) -> NodeState:
+    """The compact state of a node holding ``present`` against ``desired`` (Fleet -> images).
+
+    ``fleet_seqs`` covers desired and excluded Fleets; a Fleet without one gets 0 (seen by no
+    reader as folded). ``rest`` are further :class:`NodeState` fields, passed through.
+    """
+    failed = failed or {}
+    gaps: dict[str, FleetGap] = {}
+    missing: dict[str, Missing] = {}
+    for fleet, images in desired.items():
+        unique = tuple(sorted(set(images)))
+        absent = tuple(i for i in unique if i not in present)
+        if absent:
+            gaps[fleet] = FleetGap(total=len(unique), missing=absent)
+            missing.update((i, _why(i, pulling, waiting_slot, failed)) for i in absent)
+    node_images = rest.get("node_images") or {}
+    for images in node_images.values():  # type: ignore[attr-defined]
+        missing.update(
+            (i, _why(i, pulling, waiting_slot, failed)) for i in images if i not in present
+        )
+    return NodeState(
+        fleets={fleet: fleet_seqs.get(fleet, 0) for fleet in desired},
+        excluded={fleet: fleet_seqs.get(fleet, 0) for fleet in excluded},
+        gaps=gaps,
+        missing=missing,
+        **rest,  # type: ignore[arg-type]
+    )
+
+
+def _why(
+    image: str, pulling: Collection[str], waiting: Collection[str], failed: Mapping[str, str]
+) -> Missing:
+    error = failed.get(image, "")
+    if image in pulling:
+        return Missing(MissingState.PULLING, error)
+    if image in waiting:
+        return Missing(MissingState.WAITING_SLOT, error)
+    if error:
+        return Missing(MissingState.FAILED, error)
+    return Missing(MissingState.PENDING)
+
+
 class NodeStatus(msgspec.Struct, frozen=True, kw_only=True):
-    """One node's KV entry: its state plus who wrote it, when, and with which version."""
+    """One node's ``node.<node>`` entry: its state plus who wrote it, when, and which version.
+
+    ``reported_at`` is when this entry was written; a reader's view moves it forward with the
+    node's heartbeats (:class:`StatusWatch`).
+    """
 
     node: str
     version: str
     reported_at: datetime
     started_at: datetime
-    state: NodeState = NodeState()
+    summary: NodeState = NodeState()
     schema: int = SCHEMA
+    # Fixed; see OLD_READER_NOTICE.
+    state: str = OLD_READER_NOTICE
+
+
+class Heartbeat(msgspec.Struct, frozen=True):
+    """``beat.<node>``: the node's syncer was alive at ``at`` (by the node's clock)."""
+
+    at: datetime
+
+
+class OutdatedEntry(StatusError):
+    """An entry written by a syncer of an older schema, which this reader cannot judge.
+
+    ``status`` carries what every schema has (node, version, times), with an empty summary, so
+    a reader can still tell a live outdated node from a stale one.
+    """
+
+    def __init__(self, status: NodeStatus) -> None:
+        super().__init__(
+            f"status schema {status.schema} written by image-syncer {status.version}; this "
+            f"image-syncer reads schema {SCHEMA}: upgrade the syncer on node {status.node}"
+        )
+        self.status = status
+
+
+class _Header(msgspec.Struct, frozen=True, kw_only=True):
+    """What entries of every schema have in common."""
+
+    node: str
+    version: str
+    reported_at: datetime
+    started_at: datetime
+    schema: int = 1
 
 
 class ReplayRequest(msgspec.Struct, frozen=True, kw_only=True):
@@ -207,116 +354,6 @@ class ReplayRequest(msgspec.Struct, frozen=True, kw_only=True):
         return cls(id=uuid.uuid4().hex, requested_at=datetime.now(UTC), requested_by=requested_by)
 
 
-class FleetProgress(msgspec.Struct, frozen=True):
-    """How far one node is with one Fleet: what a status cell and ``wait`` look at."""
-
-    images: tuple[str, ...]
-    present: tuple[str, ...]
-    pulling: tuple[str, ...]
-    failed: dict[str, str]
-
-    @property
-    def missing(self) -> tuple[str, ...]:
-        return tuple(i for i in self.images if i not in self.present)
-
-    @property
-    def complete(self) -> bool:
-        return not self.missing
-
-
-def fleet_progress(status: NodeStatus, fleet: str) -> FleetProgress | None:
-    """The node's progress on ``fleet``, or None when the node does not want it."""
-    images = status.state.desired.get(fleet)
-    if images is None:
-        return None
-    return _progress(status.state, images)
-
-
-def _progress(state: NodeState, images: list[str] | tuple[str, ...]) -> FleetProgress:
-    unique = tuple(dict.fromkeys(images))
-    return FleetProgress(
-        images=unique,
-        present=tuple(i for i in unique if i in state.present),
-        pulling=tuple(i for i in unique if i in state.pulling and i not in state.present),
-        failed={i: state.failed[i] for i in unique if i in state.failed and i not in state.present},
-    )
-
-
-# --- Readiness: a node against the Fleet as the event log has it -----------------------------
-
-
-class FleetTarget(msgspec.Struct, frozen=True):
-    """A live Fleet as the event log has it now: its newest event's sequence and its images.
-
-    ``images`` are normalized the way the syncer normalizes them, so they compare with
-    ``NodeState.present``.
-    """
-
-    seq: int
-    images: tuple[str, ...]
-
-
-class Readiness(enum.StrEnum):
-    DONE = "done"  # at (or past) the target, every image present
-    NOT_TARGETED = "not_targeted"  # at (or past) the target, and the Fleet is not for this node
-    BEHIND = "behind"  # has not folded the target event yet (or the Fleet at all)
-    MISSING = "missing"  # at (or past) the target, images still missing
-
-
-@dataclass(frozen=True)
-class NodeReadiness:
-    verdict: Readiness
-    # The node's sequence for the Fleet; None when it reports none (older syncer, or unseen).
-    seq: int | None
-    # Written by a syncer that reports no sequences: judged by its images alone.
-    legacy: bool
-    # Progress on the images judged, for MISSING (and DONE); None otherwise.
-    progress: FleetProgress | None = None
-
-    @property
-    def counts_as_done(self) -> bool:
-        return self.verdict in (Readiness.DONE, Readiness.NOT_TARGETED)
-
-
-def reports_fleet_seqs(status: NodeStatus) -> bool:
-    """Whether the writer knew ``fleet_seqs``: an empty map then means "folded no Fleet"."""
-    return status.schema >= FLEET_SEQS_SCHEMA
-
-
-def node_readiness(status: NodeStatus, fleet: str, target: FleetTarget) -> NodeReadiness:
-    """Is ``fleet`` as of ``target`` ready on this node? What a CD pipeline's ``wait`` asks.
-
-    A node is done only once it folded the target event (its sequence for the Fleet is at least
-    ``target.seq``) and holds every image, or excludes the Fleet as of that event. Before that
-    its entry may speak of an older version whose images are all present. A node past the
-    target folded a newer version, so its own images for the Fleet are judged: ``present``
-    covers only desired images, and the target's may no longer be. Entries of older syncers
-    carry no sequences: they are judged by the target's images alone, as before (``legacy``).
-    """
-    state = status.state
-    if not reports_fleet_seqs(status):
-        return _legacy_readiness(state, fleet, target)
-    seq = state.fleet_seqs.get(fleet)
-    if seq is None or seq < target.seq:
-        return NodeReadiness(Readiness.BEHIND, seq, legacy=False)
-    if fleet in state.excluded:
-        return NodeReadiness(Readiness.NOT_TARGETED, seq, legacy=False)
-    images = target.images if seq == target.seq else state.desired.get(fleet, [])
-    progress = _progress(state, images)
-    verdict = Readiness.DONE if progress.complete else Readiness.MISSING
-    return NodeReadiness(verdict, seq, legacy=False, progress=progress)
-
-
-def _legacy_readiness(state: NodeState, fleet: str, target: FleetTarget) -> NodeReadiness:
-    if fleet in state.excluded:
-        return NodeReadiness(Readiness.NOT_TARGETED, None, legacy=True)
-    if fleet not in state.desired:
-        return NodeReadiness(Readiness.BEHIND, None, legacy=True)
-    progress = _progress(state, target.images)
-    verdict = Readiness.DONE if progress.complete else Readiness.MISSING
-    return NodeReadiness(verdict, None, legacy=True, progress=progress)
-
-
 def is_stale(status: NodeStatus, now: datetime, stale_after: float) -> bool:
     """No heartbeat within ``stale_after`` seconds (by the node's clock, NTP-close to ours)."""
     return (now - status.reported_at).total_seconds() > stale_after
@@ -325,6 +362,8 @@ def is_stale(status: NodeStatus, now: datetime, stale_after: float) -> bool:
 # Deterministic: sets sorted, so equal states encode to equal bytes and diffs read well.
 _encoder = msgspec.json.Encoder(order="deterministic")
 _status_decoder = msgspec.json.Decoder(NodeStatus)
+_header_decoder = msgspec.json.Decoder(_Header)
+_beat_decoder = msgspec.json.Decoder(Heartbeat)
 _replay_decoder = msgspec.json.Decoder(ReplayRequest)
 
 
@@ -333,10 +372,44 @@ def encode_status(status: NodeStatus) -> bytes:
 
 
 def decode_status(data: bytes) -> NodeStatus:
+    """Decode an entry; :class:`OutdatedEntry` for an older schema, StatusError for junk."""
     try:
-        return _status_decoder.decode(data)
+        status = _status_decoder.decode(data)
     except msgspec.DecodeError as e:
+        header = _outdated_header(data)
+        if header is not None:
+            raise OutdatedEntry(header) from None
         raise StatusError(f"not a node status entry: {e}") from e
+    if status.schema < SCHEMA:
+        raise OutdatedEntry(msgspec.structs.replace(status, summary=NodeState()))
+    return status
+
+
+def _outdated_header(data: bytes) -> NodeStatus | None:
+    try:
+        header = _header_decoder.decode(data)
+    except msgspec.DecodeError:
+        return None
+    if header.schema >= SCHEMA:
+        return None
+    return NodeStatus(
+        node=header.node,
+        version=header.version,
+        reported_at=header.reported_at,
+        started_at=header.started_at,
+        schema=header.schema,
+    )
+
+
+def encode_heartbeat(beat: Heartbeat) -> bytes:
+    return _encoder.encode(beat)
+
+
+def decode_heartbeat(data: bytes) -> Heartbeat:
+    try:
+        return _beat_decoder.decode(data)
+    except msgspec.DecodeError as e:
+        raise StatusError(f"not a heartbeat: {e}") from e
 
 
 def encode_replay_request(request: ReplayRequest) -> bytes:
@@ -403,6 +476,22 @@ async def put_status(
     return ack.seq
 
 
+async def put_heartbeat(
+    js: JetStreamContext,
+    settings: StatusSettings,
+    node: str,
+    beat: Heartbeat,
+    *,
+    timeout: float = 5.0,
+) -> int:
+    """Write a node's heartbeat with the per-key TTL; returns the revision. Raises nats errors."""
+    subject = f"$KV.{settings.bucket}.{beat_key(node)}"
+    ack = await js.publish(
+        subject, encode_heartbeat(beat), timeout=timeout, msg_ttl=settings.node_ttl
+    )
+    return ack.seq
+
+
 async def get_status(kv: KeyValue, node: str) -> NodeStatus | None:
     try:
         entry = await kv.get(node_key(node))
@@ -416,18 +505,25 @@ class StatusWatch:
 
     ``async with StatusWatch(kv) as watch`` reads every current entry first; then each
     ``await watch.next(timeout)`` applies one change (True) or times out (False), so a reader
-    can bound its waits by a deadline without polling. Entries that cannot be decoded are kept
-    in ``invalid`` (node -> reason), so a reader can name them instead of silently dropping them.
+    can bound its waits by a deadline without polling. A node's ``reported_at`` in the view is
+    the newer of its entry's and its heartbeat's. Entries of an older schema are kept in
+    ``outdated`` (node -> their header), entries that cannot be decoded in ``invalid`` (node ->
+    reason), so a reader can name them instead of silently dropping them.
     """
 
     def __init__(self, kv: KeyValue) -> None:
         self._kv = kv
         self._watcher: KeyValue.KeyWatcher | None = None
+        self._beats: dict[str, datetime] = {}
+        self._written: dict[str, NodeStatus] = {}
         self.view: dict[str, NodeStatus] = {}
+        self.outdated: dict[str, OutdatedEntry] = {}
         self.invalid: dict[str, str] = {}
 
     async def __aenter__(self) -> StatusWatch:
-        self._watcher = await self._kv.watch(NODE_KEY_PREFIX + ">")
+        # One watch over the whole bucket (node., beat. and replay. keys): one consumer, and
+        # node entries and heartbeats arrive in the order they were written.
+        self._watcher = await self._kv.watch(">")
         while (entry := await self._watcher.updates(timeout=None)) is not None:
             self._apply(entry)
         return self
@@ -442,28 +538,56 @@ class StatusWatch:
         assert self._watcher is not None, "use StatusWatch as an async context manager"
         try:
             entry = await self._watcher.updates(timeout=max(timeout, 0.001))
-        except nats.errors.TimeoutError:
+        except (nats.errors.TimeoutError, TimeoutError):
             return False
         if entry is not None:
             self._apply(entry)
         return True
 
     def _apply(self, entry: KeyValue.Entry) -> None:
-        node = entry.key[len(NODE_KEY_PREFIX) :]
+        gone = entry.operation in (KV_DEL, KV_PURGE)
+        if entry.key.startswith(NODE_KEY_PREFIX):
+            self._apply_status(entry.key[len(NODE_KEY_PREFIX) :], None if gone else entry.value)
+        elif entry.key.startswith(BEAT_KEY_PREFIX):
+            self._apply_beat(entry.key[len(BEAT_KEY_PREFIX) :], None if gone else entry.value)
+
+    def _apply_status(self, node: str, value: bytes | None) -> None:
+        self._written.pop(node, None)
         self.view.pop(node, None)
+        self.outdated.pop(node, None)
         self.invalid.pop(node, None)
-        if entry.operation in (KV_DEL, KV_PURGE):
+        if value is None:
             return
         try:
-            self.view[node] = decode_status(entry.value or b"")
+            self._written[node] = decode_status(value)
+        except OutdatedEntry as e:
+            self.outdated[node] = e
         except StatusError as e:
             self.invalid[node] = str(e)
+        else:
+            self._refresh(node)
+
+    def _apply_beat(self, node: str, value: bytes | None) -> None:
+        self._beats.pop(node, None)
+        if value is not None:
+            with contextlib.suppress(StatusError):
+                self._beats[node] = decode_heartbeat(value).at
+        if node in self._written:
+            self._refresh(node)
+
+    def _refresh(self, node: str) -> None:
+        status = self._written[node]
+        beat = self._beats.get(node)
+        if beat is not None and beat > status.reported_at:
+            status = msgspec.structs.replace(status, reported_at=beat)
+        self.view[node] = status
 
 
 async def list_statuses(kv: KeyValue) -> tuple[dict[str, NodeStatus], dict[str, str]]:
-    """The current view and the undecodable entries, read once."""
+    """The current view and the entries it cannot show (outdated or undecodable), read once."""
     async with StatusWatch(kv) as watch:
-        return watch.view, watch.invalid
+        unreadable = {node: str(e) for node, e in watch.outdated.items()}
+        return watch.view, {**unreadable, **watch.invalid}
 
 
 async def request_replay(

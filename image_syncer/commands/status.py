@@ -1,9 +1,12 @@
-"""Command: ``status``, every node's progress on every Fleet, from the node status bucket.
+"""Command: ``status``, the nodes' progress on the Fleets, from the node status bucket.
 
 It reads what the syncers write through :mod:`wire.nodestatus` and nothing else, so it shows
 exactly what the nodes report; ``--check-log`` also reads the log (:mod:`image_syncer.fleetlog`)
-to mark nodes that are behind the Fleet's newest event. The shared options and the bucket
-helpers here serve ``wait`` and ``replay`` too.
+to mark nodes that are behind the Fleet's newest event. By default it answers what a person asks
+first (:mod:`image_syncer.nodeview`): per Fleet, nodes ready and who misses what and why; per
+node, Fleets ready, heartbeat and problems. ``--fleet`` and ``--node`` drill down, ``--matrix``
+draws nodes x Fleets. The shared options and the bucket helpers here serve ``wait`` and
+``replay`` too.
 
 Exit codes: 0 shown, 1 an error the user can fix (one line on stderr), 2 bad input.
 """
@@ -23,6 +26,13 @@ from rich.table import Table
 from rich.text import Text
 
 from image_syncer.fleetlog import log_targets
+from image_syncer.nodeview import (
+    FleetRollup,
+    NodeRollup,
+    describe_progress,
+    fleet_rollups,
+    node_rollups,
+)
 from image_syncer.oneshot import CommandError, fail, run_nats_command
 from image_syncer.options import Duration, with_nats_options
 from ops.durations import format_duration
@@ -31,17 +41,16 @@ from wire.contract import (
 )
 from wire.natsconn import NatsSettings, connect
 from wire.nodestatus import (
-    FleetProgress,
-    FleetTarget,
     NodeStatus,
-    Readiness,
+    StatusError,
     StatusSettings,
-    fleet_progress,
+    check_node,
     is_stale,
     list_statuses,
-    node_readiness,
     open_status_bucket,
+    parse_fleet,
 )
+from wire.readiness import FleetTarget, fleet_progress
 
 __all__ = ["PrefixOption", "StaleAfterOption", "open_bucket", "register", "status_settings"]
 
@@ -86,123 +95,223 @@ def _ago(now: datetime, then: datetime | None) -> str:
 
 # --- status ---------------------------------------------------------------------------------
 
-
-def _fleets_of(view: dict[str, NodeStatus]) -> list[str]:
-    return sorted({fleet for status in view.values() for fleet in status.state.desired})
-
-
-def _is_behind(status: NodeStatus, fleet: str, targets: dict[str, FleetTarget] | None) -> bool:
-    """The node reports folding an older event of ``fleet`` than the log's newest (or none)."""
-    target = (targets or {}).get(fleet)
-    if target is None:
-        return False
-    readiness = node_readiness(status, fleet, target)
-    return readiness.verdict is Readiness.BEHIND and not readiness.legacy
+# Above this many rows a section lists only what needs attention, and says how many it left out.
+_MAX_ROWS = 30
+# Nodes named per Fleet in the overview before "+N more".
+_NAMED_PER_FLEET = 3
 
 
-def _cell(progress: FleetProgress | None, behind: bool = False) -> Text:
-    if progress is None:
-        return Text("- (behind)", style="yellow") if behind else Text("-", style="dim")
-    text = f"{len(progress.present)}/{len(progress.images)}"
-    notes = []
-    if progress.pulling:
-        notes.append(f"{len(progress.pulling)} pulling")
-    if progress.failed:
-        notes.append(f"{len(progress.failed)} failed")
-    if behind:
-        notes.append("behind")
-    if notes:
-        text += f" ({', '.join(notes)})"
-    style = "red" if progress.failed else "green" if progress.complete and not behind else "yellow"
-    return Text(text, style=style)
-
-
-def _table(
-    view: dict[str, NodeStatus],
-    now: datetime,
-    stale_after: float,
-    targets: dict[str, FleetTarget] | None = None,
-) -> Table:
-    fleets = sorted({*_fleets_of(view), *(targets or {})})
-    table = Table(title="image-syncer nodes", title_justify="left")
-    table.add_column("Node", no_wrap=True)
-    for fleet in fleets:
-        table.add_column(fleet, justify="center")
-    for column in ("Heartbeat", "Last reconcile", "Version"):
-        table.add_column(column)
-    for node in sorted(view):
-        status = view[node]
-        stale = is_stale(status, now, stale_after)
-        name = Text(f"{node} (stale)", style="bold red") if stale else Text(node)
-        heartbeat = Text(_ago(now, status.reported_at), style="red" if stale else "")
-        cells = [
-            _cell(fleet_progress(status, fleet), _is_behind(status, fleet, targets))
-            for fleet in fleets
-        ]
-        last = _ago(now, status.state.last_reconcile)
-        table.add_row(name, *cells, heartbeat, last, status.version)
-    return table
-
-
-def _failures(view: dict[str, NodeStatus]) -> list[str]:
-    lines = []
-    for node in sorted(view):
-        failed = view[node].state.failed
-        lines.extend(f"  {node}: {image}: {failed[image]}" for image in sorted(failed))
-    return lines
-
-
-def _json_log(
-    view: dict[str, NodeStatus], targets: dict[str, FleetTarget]
-) -> dict[str, dict[str, Any]]:
-    return {
+def _rollup_json(
+    fleets: dict[str, FleetRollup], nodes: dict[str, NodeRollup], now: datetime
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    fleet_doc = {
         fleet: {
-            "seq": target.seq,
-            "images": list(target.images),
-            "behind": [n for n, s in sorted(view.items()) if _is_behind(s, fleet, targets)],
+            "ready": len(r.ready),
+            "total": r.total,
+            "not_ready": r.not_ready,
+            **({"log_seq": r.target.seq} if r.target is not None else {}),
         }
-        for fleet, target in sorted(targets.items())
+        for fleet, r in fleets.items()
     }
+    node_doc = {
+        node: {
+            "stale": r.stale,
+            "heartbeat_age_seconds": round((now - r.status.reported_at).total_seconds(), 3),
+            "fleets_ready": r.fleets_ready,
+            "fleets_total": r.fleets_total,
+            "problems": r.problems,
+            "status": msgspec.to_builtins(r.status, order="deterministic"),
+        }
+        for node, r in nodes.items()
+    }
+    return fleet_doc, node_doc
 
 
 def _json_view(
     settings: StatusSettings,
     view: dict[str, NodeStatus],
-    invalid: dict[str, str],
+    unreadable: dict[str, str],
     now: datetime,
     stale_after: float,
-    targets: dict[str, FleetTarget] | None = None,
+    targets: dict[str, FleetTarget] | None,
 ) -> dict[str, Any]:
-    fleets: dict[str, dict[str, Any]] = {}
-    for fleet in _fleets_of(view):
-        per_node = fleets.setdefault(fleet, {})
-        for node, status in sorted(view.items()):
-            progress = fleet_progress(status, fleet)
-            if progress is not None:
-                per_node[node] = {
-                    **msgspec.to_builtins(progress),
-                    "missing": list(progress.missing),
-                    "complete": progress.complete,
-                }
-    nodes = {
-        node: {
-            "stale": is_stale(status, now, stale_after),
-            "heartbeat_age_seconds": round((now - status.reported_at).total_seconds(), 3),
-            "status": msgspec.to_builtins(status, order="deterministic"),
-        }
-        for node, status in sorted(view.items())
-    }
-    doc = {
+    fleets, nodes = _rollup_json(
+        fleet_rollups(view, now, stale_after, targets),
+        node_rollups(view, now, stale_after, targets),
+        now,
+    )
+    return {
         "bucket": settings.bucket,
         "generated_at": now.isoformat(),
         "stale_after_seconds": stale_after,
         "nodes": nodes,
         "fleets": fleets,
-        "invalid": invalid,
+        "invalid": unreadable,
     }
-    if targets is not None:
-        doc["log"] = _json_log(view, targets)
-    return doc
+
+
+def _fleet_detail(rollup: FleetRollup, view: dict[str, NodeStatus]) -> Table:
+    ready, total = len(rollup.ready), rollup.total
+    table = Table(title=f"{rollup.fleet}: {ready}/{total} live nodes ready", title_justify="left")
+    for column in ("Node", "Event seq", "State"):
+        table.add_column(column, no_wrap=column != "State")
+    rows = [(node, Text("ready", style="green")) for node in rollup.ready]
+    rows += [(node, Text(why, style="red")) for node, why in rollup.not_ready.items()]
+    for node, state in sorted(rows, key=lambda row: row[0]):
+        seq = view[node].summary.fleets.get(rollup.fleet)
+        table.add_row(node, "-" if seq is None else str(seq), state)
+    return table
+
+
+def _fleets_table(fleets: dict[str, FleetRollup]) -> Table:
+    table = Table(title="Fleets (live nodes)", title_justify="left")
+    for column in ("Fleet", "Nodes ready", "Not ready: node: why"):
+        table.add_column(column, no_wrap=column != "Not ready: node: why")
+    rows = list(fleets.values())
+    if len(rows) > _MAX_ROWS:
+        rows = [r for r in rows if r.not_ready]
+    for r in rows:
+        named = list(r.not_ready.items())[:_NAMED_PER_FLEET]
+        lines = [f"{node}: {why}" for node, why in named]
+        if len(named) < len(r.not_ready):
+            lines.append(f"+{len(r.not_ready) - len(named)} more (--fleet {r.fleet})")
+        style = "green" if not r.not_ready else "yellow"
+        table.add_row(r.fleet, Text(f"{len(r.ready)}/{r.total}", style=style), "\n".join(lines))
+    return table
+
+
+def _nodes_table(nodes: dict[str, NodeRollup], now: datetime) -> tuple[Table, int]:
+    """The nodes table, and how many healthy nodes it leaves out."""
+    table = Table(title="Nodes", title_justify="left")
+    for column in ("Node", "Fleets ready", "Heartbeat", "Problems", "Version"):
+        table.add_column(column, no_wrap=column != "Problems")
+    rows = list(nodes.values())
+    if len(rows) > _MAX_ROWS:
+        rows = [r for r in rows if not r.healthy]
+    for r in rows[:_MAX_ROWS]:
+        name = Text(f"{r.node} (stale)", style="bold red") if r.stale else Text(r.node)
+        ready = Text(
+            f"{r.fleets_ready}/{r.fleets_total}",
+            style="green" if r.fleets_ready == r.fleets_total else "yellow",
+        )
+        beat = Text(_ago(now, r.status.reported_at), style="red" if r.stale else "")
+        table.add_row(name, ready, beat, ", ".join(r.problems), r.status.version)
+    return table, len(nodes) - min(len(rows), _MAX_ROWS)
+
+
+def _node_detail(console: Console, r: NodeRollup, now: datetime, targets: dict | None) -> None:
+    status, summary = r.status, r.status.summary
+    console.print(
+        f"node {r.node}{' (stale)' if r.stale else ''}: image-syncer {status.version}, "
+        f"started {_ago(now, status.started_at)}, heartbeat {_ago(now, status.reported_at)}, "
+        f"last reconcile {_ago(now, summary.last_reconcile)}",
+        markup=False,
+        highlight=False,
+    )
+    table = Table(title=f"Fleets on {r.node}", title_justify="left")
+    for column in ("Fleet", "Event seq", "State"):
+        table.add_column(column, no_wrap=column != "State")
+    for fleet in sorted({*summary.fleets, *summary.excluded, *(targets or {})}):
+        progress = fleet_progress(status, fleet)
+        target = (targets or {}).get(fleet)
+        seq = summary.fleets.get(fleet, summary.excluded.get(fleet))
+        behind = target is not None and (seq is None or seq < target.seq)
+        if behind:
+            state = Text(f"behind the log (seq {target.seq})", style="yellow")  # type: ignore[union-attr]
+        elif progress is None:
+            state = Text("not targeted", style="dim")
+        elif progress.complete:
+            state = Text("ready", style="green")
+        else:
+            state = Text(describe_progress(progress), style="red")
+        table.add_row(fleet, "-" if seq is None else str(seq), state)
+    console.print(table)
+    if summary.budget is not None:
+        budget = summary.budget
+        until = (
+            f", registry backoff until {budget.backoff_until:%H:%M:%S}"
+            if budget.backoff_until
+            else ""
+        )
+        console.print(
+            f"pull budget: {len(budget.waiting)} waiting for a slot{until}",
+            markup=False,
+            highlight=False,
+        )
+    if summary.replayed_request:
+        console.print(f"last replay request honoured: {summary.replayed_request}", markup=False)
+
+
+def _matrix(view: dict[str, NodeStatus], now: datetime, stale_after: float) -> Table:
+    fleets = sorted({fleet for status in view.values() for fleet in status.summary.fleets})
+    table = Table(title="image-syncer nodes x Fleets", title_justify="left")
+    table.add_column("Node", no_wrap=True)
+    for fleet in fleets:
+        table.add_column(fleet, justify="center")
+    for node in sorted(view):
+        status = view[node]
+        stale = is_stale(status, now, stale_after)
+        cells = []
+        for fleet in fleets:
+            progress = fleet_progress(status, fleet)
+            if progress is None:
+                cells.append(Text("-", style="dim"))
+            elif progress.complete:
+                cells.append(Text("ok", style="green"))
+            else:
+                cells.append(Text(f"{progress.ready}/{progress.total}", style="red"))
+        name = Text(f"{node} (stale)", style="bold red") if stale else Text(node)
+        table.add_row(name, *cells)
+    return table
+
+
+async def _read(
+    nats_settings: NatsSettings, settings: StatusSettings, check_log: bool
+) -> tuple[dict[str, NodeStatus], dict[str, str], dict[str, FleetTarget] | None]:
+    nc = await connect(nats_settings, name="image-syncer-status")
+    try:
+        js = nc.jetstream()
+        view, unreadable = await list_statuses(await open_bucket(js, settings))
+        targets = await log_targets(js, settings.prefix) if check_log else None
+    finally:
+        await nc.close()
+    return view, unreadable, targets
+
+
+def _show(
+    console: Console,
+    settings: StatusSettings,
+    read: tuple[dict[str, NodeStatus], dict[str, str], dict[str, FleetTarget] | None],
+    stale_after: float,
+    fleet: str | None,
+    node: str | None,
+    matrix: bool,
+) -> None:
+    view, unreadable, targets = read
+    now = datetime.now(UTC)
+    if node is not None:
+        if node not in view:
+            raise CommandError(unreadable.get(node) or f"node {node} reports no status")
+        _node_detail(
+            console, node_rollups({node: view[node]}, now, stale_after)[node], now, targets
+        )
+        return
+    if not view:
+        console.print(f"no node reports status in bucket {settings.bucket}")
+    elif matrix:
+        console.print(_matrix(view, now, stale_after))
+    else:
+        fleets = fleet_rollups(view, now, stale_after, targets)
+        if fleet is not None:
+            console.print(_fleet_detail(fleets.get(fleet, FleetRollup(fleet)), view))
+        else:
+            console.print(_fleets_table(fleets))
+            table, left_out = _nodes_table(node_rollups(view, now, stale_after, targets), now)
+            console.print(table)
+            if left_out:
+                console.print(f"+{left_out} more nodes, all Fleets ready (--node NODE, --json)")
+    for name, reason in sorted(unreadable.items()):
+        console.print(f"unreadable entry for node {name}: {reason}", markup=False)
 
 
 async def _status(
@@ -211,37 +320,22 @@ async def _status(
     stale_after: float,
     as_json: bool,
     check_log: bool,
+    view_options: tuple[str | None, str | None, bool],
 ) -> None:
-    nc = await connect(nats_settings, name="image-syncer-status")
-    try:
-        js = nc.jetstream()
-        view, invalid = await list_statuses(await open_bucket(js, settings))
-        targets = await log_targets(js, settings.prefix) if check_log else None
-    finally:
-        await nc.close()
-    now = datetime.now(UTC)
+    read = await _read(nats_settings, settings, check_log)
     if as_json:
-        doc = _json_view(settings, view, invalid, now, stale_after, targets)
+        doc = _json_view(settings, *read[:2], datetime.now(UTC), stale_after, read[2])
         typer.echo(json.dumps(doc, indent=2, sort_keys=True))
         return
-    console = Console()
-    if not view:
-        console.print(f"no node reports status in bucket {settings.bucket}")
-    else:
-        console.print(_table(view, now, stale_after, targets))
-    failures = _failures(view)
-    if failures:
-        console.print("failed pulls:", style="red")
-        for line in failures:
-            console.print(line, markup=False, highlight=False)
-    for node, reason in sorted(invalid.items()):
-        console.print(f"unreadable entry for node {node}: {reason}", markup=False)
+    _show(Console(), settings, read, stale_after, *view_options)
 
 
 @with_nats_options
 def status(
     nats: NatsSettings,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the raw view as JSON.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the rollups and every raw entry as JSON.")
+    ] = False,
     stale_after: StaleAfterOption = "1m",  # type: ignore[assignment]
     check_log: Annotated[
         bool,
@@ -252,11 +346,33 @@ def status(
             "newest event (behind).",
         ),
     ] = False,
+    fleet: Annotated[
+        str | None,
+        typer.Option(
+            "--fleet", envvar="STATUS_FLEET", help="Only this Fleet (NAMESPACE/NAME), every node."
+        ),
+    ] = None,
+    node: Annotated[
+        str | None,
+        typer.Option("--node", envvar="STATUS_NODE", help="Only this node, each of its Fleets."),
+    ] = None,
+    matrix: Annotated[
+        bool,
+        typer.Option("--matrix", envvar="STATUS_MATRIX", help="Draw the nodes x Fleets matrix."),
+    ] = False,
     subject_prefix: PrefixOption = "agones",
 ) -> None:
-    """Show every node's progress on every Fleet, with stale nodes marked."""
+    """Per Fleet nodes ready and who misses what; per node Fleets ready, heartbeat, problems."""
+    try:
+        if fleet is not None:
+            fleet = parse_fleet(fleet)
+        if node is not None:
+            check_node(node)
+    except StatusError as e:
+        fail(str(e), code=2)
+    settings = status_settings(subject_prefix)
     run_nats_command(
-        _status(nats, status_settings(subject_prefix), stale_after, as_json, check_log)
+        _status(nats, settings, stale_after, as_json, check_log, (fleet, node, matrix))
     )
 
 

@@ -4,7 +4,8 @@
 previous version (whose images are all present). So it first reads the Fleet's newest event from
 the log itself (:mod:`image_syncer.fleetlog`) and counts a node as done only once the node
 reports having folded that event and holds its images. It follows the status bucket with a KV
-watch and wakes only on a change, on a node turning stale, or at its deadline.
+watch and wakes only on a change, on a node turning stale, or at its deadline. Started on a fresh
+install, before any syncer created the bucket, it waits for the bucket until its deadline too.
 
 Exit codes: 0 done, 1 not done in time or an error the user can fix (one line on stderr), 2 bad
 input (``--fleet`` syntax).
@@ -22,30 +23,33 @@ import typer
 from image_syncer.commands.status import (
     PrefixOption,
     StaleAfterOption,
-    open_bucket,
     status_settings,
 )
 from image_syncer.fleetlog import (
     wait_target,
 )
+from image_syncer.nodeview import describe_progress
 from image_syncer.oneshot import fail, run_nats_command
 from image_syncer.options import Duration, with_nats_options
 from ops.durations import format_duration
 from wire.natsconn import NatsSettings, connect
 from wire.nodestatus import (
-    FleetTarget,
-    NodeReadiness,
     NodeStatus,
-    Readiness,
+    OutdatedEntry,
     StatusError,
     StatusSettings,
     StatusWatch,
     is_stale,
-    node_readiness,
+    open_status_bucket,
     parse_fleet,
 )
+from wire.readiness import FleetTarget, NodeReadiness, Readiness, node_readiness
 
 __all__ = ["register"]
+
+
+# How often ``wait`` looks for the bucket on a fresh install, before any syncer created it.
+_BUCKET_POLL = 2.0
 
 
 @dataclass
@@ -53,59 +57,53 @@ class _Verdict:
     live: list[str]
     stale: list[str]
     not_targeted: list[str]
-    # Live nodes whose syncer reports no Fleet sequences: judged by images alone.
-    legacy: list[str]
-    missing: dict[str, NodeReadiness]
+    # Node -> why it is not done, one line.
+    missing: dict[str, str]
     # Seconds until the next live node turns stale: the view changes then even without news.
     next_change: float | None
 
+    def live_node(self, node: str, status: NodeStatus, now: datetime, stale_after: float) -> bool:
+        if is_stale(status, now, stale_after):
+            self.stale.append(node)
+            return False
+        self.live.append(node)
+        turns_stale = stale_after - (now - status.reported_at).total_seconds()
+        if self.next_change is None or turns_stale < self.next_change:
+            self.next_change = turns_stale
+        return True
+
 
 def _judge(
-    view: dict[str, NodeStatus],
+    watch: StatusWatch,
     fleet: str,
     target: FleetTarget,
     now: datetime,
     stale_after: float,
 ) -> _Verdict:
-    verdict = _Verdict([], [], [], [], {}, None)
-    for node, status in sorted(view.items()):
-        if is_stale(status, now, stale_after):
-            verdict.stale.append(node)
+    verdict = _Verdict([], [], [], {}, None)
+    for node, status in sorted(watch.view.items()):
+        if not verdict.live_node(node, status, now, stale_after):
             continue
-        verdict.live.append(node)
-        turns_stale = stale_after - (now - status.reported_at).total_seconds()
-        if verdict.next_change is None or turns_stale < verdict.next_change:
-            verdict.next_change = turns_stale
         readiness = node_readiness(status, fleet, target)
-        if readiness.legacy:
-            verdict.legacy.append(node)
         if readiness.verdict is Readiness.NOT_TARGETED:
             verdict.not_targeted.append(node)
         elif readiness.verdict is not Readiness.DONE:
-            verdict.missing[node] = readiness
+            verdict.missing[node] = _missing_line(readiness, target)
+    outdated: dict[str, OutdatedEntry] = watch.outdated
+    for node, entry in sorted(outdated.items()):
+        # A live node whose entry this reader cannot judge is not done: say why.
+        if verdict.live_node(node, entry.status, now, stale_after):
+            verdict.missing[node] = str(entry)
     return verdict
 
 
-def _missing_line(node: str, readiness: NodeReadiness, target: FleetTarget) -> str:
+def _missing_line(readiness: NodeReadiness, target: FleetTarget) -> str:
     if readiness.verdict is Readiness.BEHIND:
-        if readiness.legacy:
-            return f"  {node}: has not seen the Fleet yet (older syncer)"
         if readiness.seq is None:
-            return f"  {node}: behind: has not folded the Fleet yet (log at seq {target.seq})"
-        return f"  {node}: behind: seq {readiness.seq} < {target.seq}"
-    progress = readiness.progress
-    assert progress is not None, "MISSING always carries its progress"
-    parts = []
-    for image in progress.missing:
-        if image in progress.failed:
-            parts.append(f"{image} (failed: {progress.failed[image]})")
-        elif image in progress.pulling:
-            parts.append(f"{image} (pulling)")
-        else:
-            parts.append(image)
-    legacy = " (older syncer: judged by images alone)" if readiness.legacy else ""
-    present = f"{len(progress.present)}/{len(progress.images)} present"
-    return f"  {node}: {present}; missing {', '.join(parts)}{legacy}"
+            return f"behind: has not folded the Fleet yet (log at seq {target.seq})"
+        return f"behind: seq {readiness.seq} < {target.seq}"
+    assert readiness.progress is not None, "MISSING always carries its progress"
+    return describe_progress(readiness.progress)
 
 
 def _timeout_report(
@@ -121,9 +119,7 @@ def _timeout_report(
         f"{fleet} (event seq {target.seq}) not ready after {waited}: {len(verdict.missing)} of "
         f"{len(verdict.live)} live nodes not done"
     ]
-    lines.extend(_missing_line(n, r, target) for n, r in verdict.missing.items())
-    if verdict.legacy:
-        lines.append(f"  older syncers, judged by images alone: {', '.join(verdict.legacy)}")
+    lines.extend(f"  {node}: {why}" for node, why in verdict.missing.items())
     if verdict.stale:
         lines.append(f"  ignored stale nodes: {', '.join(verdict.stale)}")
     return "\n".join(lines)
@@ -143,10 +139,20 @@ async def _wait(
         js = nc.jetstream()
         # Read once: a CD pipeline waits for the version it just published (or a newer one).
         target = await wait_target(js, settings.prefix, fleet)
-        kv = await open_bucket(js, settings)
+        while (kv := await open_status_bucket(js, settings)) is None:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                typer.echo(
+                    f"no node reported status within {format_duration(timeout)}: bucket "
+                    f"{settings.bucket} does not exist (is a syncer running with "
+                    f"--subject-prefix {settings.prefix}?)",
+                    err=True,
+                )
+                return False
+            await asyncio.sleep(min(_BUCKET_POLL, remaining))
         async with StatusWatch(kv) as watch:
             while True:
-                verdict = _judge(watch.view, fleet, target, datetime.now(UTC), stale_after)
+                verdict = _judge(watch, fleet, target, datetime.now(UTC), stale_after)
                 if verdict.live and not verdict.missing:
                     _ready(fleet, target, verdict)
                     return True
@@ -167,8 +173,6 @@ def _ready(fleet: str, target: FleetTarget, verdict: _Verdict) -> None:
     notes = []
     if verdict.not_targeted:
         notes.append(f"{len(verdict.not_targeted)} not targeted")
-    if verdict.legacy:
-        notes.append(f"{len(verdict.legacy)} older syncers judged by images alone")
     if verdict.stale:
         notes.append(f"{len(verdict.stale)} stale ignored")
     suffix = f" ({', '.join(notes)})" if notes else ""

@@ -1,0 +1,148 @@
+"""The cluster's nodes rolled up the way a person asks about them: per Fleet and per node.
+
+``image-syncer status`` shows, by default, per Fleet how many nodes are ready and which are not
+and why, and per node how many of its Fleets are ready, its heartbeat and its problems. Thousands
+of nodes times hundreds of Fleets do not fit a nodes x Fleets matrix, so that one is only drawn
+on request. This module computes the rollups (plain data, also the ``--json`` document); the
+command renders them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from wire.nodestatus import Missing, MissingState, NodeStatus, is_stale
+from wire.readiness import FleetProgress, FleetTarget, Readiness, fleet_progress, node_readiness
+
+__all__ = [
+    "FleetRollup",
+    "NodeRollup",
+    "describe_missing",
+    "describe_progress",
+    "fleet_rollups",
+    "node_rollups",
+]
+
+_WHY = {
+    MissingState.PULLING: "pulling",
+    MissingState.WAITING_SLOT: "waiting for a cluster pull slot",
+    MissingState.PENDING: "pending",
+    MissingState.FAILED: "failed",
+}
+
+
+def describe_missing(image: str, why: Missing) -> str:
+    """``image (failed: 401 Unauthorized)``: one missing image and why, for a person."""
+    reason = _WHY.get(why.state, str(why.state))
+    if why.error and why.state is MissingState.FAILED:
+        reason = f"{reason}: {why.error}"
+    elif why.error:
+        reason = f"{reason}; last error: {why.error}"
+    return f"{image} ({reason})"
+
+
+def describe_progress(progress: FleetProgress) -> str:
+    missing = ", ".join(describe_missing(i, w) for i, w in sorted(progress.missing.items()))
+    return f"{progress.ready}/{progress.total} images; missing {missing}"
+
+
+@dataclass
+class FleetRollup:
+    """One Fleet across the live nodes that want it (or, with the log, should have seen it)."""
+
+    fleet: str
+    ready: list[str] = field(default_factory=list)
+    # Node -> why it is not ready, one line.
+    not_ready: dict[str, str] = field(default_factory=dict)
+    target: FleetTarget | None = None
+
+    @property
+    def total(self) -> int:
+        return len(self.ready) + len(self.not_ready)
+
+
+@dataclass
+class NodeRollup:
+    node: str
+    status: NodeStatus
+    stale: bool
+    fleets_ready: int = 0
+    fleets_total: int = 0
+    # One short line per problem: missing images by reason, Fleets behind the log.
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def healthy(self) -> bool:
+        return not self.stale and not self.problems and self.fleets_ready == self.fleets_total
+
+
+def _behind(status: NodeStatus, fleet: str, target: FleetTarget | None) -> str | None:
+    if target is None:
+        return None
+    readiness = node_readiness(status, fleet, target)
+    if readiness.verdict is not Readiness.BEHIND:
+        return None
+    if readiness.seq is None:
+        return f"behind: has not folded the Fleet (log at seq {target.seq})"
+    return f"behind: seq {readiness.seq} < {target.seq}"
+
+
+def fleet_rollups(
+    view: dict[str, NodeStatus],
+    now: datetime,
+    stale_after: float,
+    targets: dict[str, FleetTarget] | None = None,
+) -> dict[str, FleetRollup]:
+    """Per Fleet: the live nodes ready and not ready (stale nodes are counted nowhere)."""
+    targets = targets or {}
+    rollups = {fleet: FleetRollup(fleet, target=target) for fleet, target in targets.items()}
+    for node, status in sorted(view.items()):
+        if is_stale(status, now, stale_after):
+            continue
+        summary = status.summary
+        for fleet in {*summary.fleets, *targets}:
+            behind = _behind(status, fleet, targets.get(fleet))
+            progress = fleet_progress(status, fleet)
+            if behind is None and progress is None:
+                continue  # not for this node
+            rollup = rollups.setdefault(fleet, FleetRollup(fleet))
+            if behind is not None:
+                rollup.not_ready[node] = behind
+            elif progress is not None and progress.complete:
+                rollup.ready.append(node)
+            elif progress is not None:
+                rollup.not_ready[node] = describe_progress(progress)
+    return dict(sorted(rollups.items()))
+
+
+def node_rollups(
+    view: dict[str, NodeStatus],
+    now: datetime,
+    stale_after: float,
+    targets: dict[str, FleetTarget] | None = None,
+) -> dict[str, NodeRollup]:
+    """Per node: its Fleets ready/total, and its problems in a few words each."""
+    targets = targets or {}
+    rollups = {}
+    for node, status in sorted(view.items()):
+        summary = status.summary
+        rollup = NodeRollup(node, status, is_stale(status, now, stale_after))
+        rollup.fleets_total = len(summary.fleets)
+        rollup.fleets_ready = rollup.fleets_total - len(summary.gaps)
+        counts: dict[MissingState, int] = {}
+        for why in summary.missing.values():
+            counts[why.state] = counts.get(why.state, 0) + 1
+        for state in (MissingState.FAILED, MissingState.WAITING_SLOT, MissingState.PULLING):
+            if counts.get(state):
+                rollup.problems.append(f"{counts[state]} {_WHY[state]}")
+        if counts.get(MissingState.PENDING):
+            rollup.problems.append(f"{counts[MissingState.PENDING]} pending")
+        behind = [f for f, t in targets.items() if _behind(status, f, t) is not None]
+        if behind:
+            rollup.problems.append(f"behind the log on {len(behind)} Fleets")
+        budget = summary.budget
+        if budget is not None and budget.backoff_until is not None and budget.backoff_until > now:
+            rollup.problems.append("registry rate limit: cluster pulls held back")
+        rollups[node] = rollup
+    return rollups

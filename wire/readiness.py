@@ -1,0 +1,110 @@
+"""Is a Fleet ready on a node? The one judgement ``status`` and ``wait`` both make.
+
+A node's entry (:mod:`wire.nodestatus`) says per Fleet which event it was folded from and what is
+still missing; the event log says which event is the Fleet's newest (:class:`FleetTarget`, read
+by ``image_syncer.fleetlog``). Right after a publish a node's entry may still speak of the
+previous version, whose images are all present: so a node is done only once it folded the
+target event (or a newer one) and holds the Fleet completely, or excludes it as of that event.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import msgspec
+
+from wire.nodestatus import Missing, MissingState, NodeStatus
+
+__all__ = [
+    "FleetProgress",
+    "FleetTarget",
+    "NodeReadiness",
+    "Readiness",
+    "fleet_progress",
+    "node_readiness",
+]
+
+
+class FleetTarget(msgspec.Struct, frozen=True):
+    """A live Fleet as the event log has it now: its newest event's sequence and its images.
+
+    ``images`` are normalized the way the syncer normalizes them.
+    """
+
+    seq: int
+    images: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class FleetProgress:
+    """How far one node is with one desired Fleet: what a status cell and ``wait`` show."""
+
+    # The event the node folded the Fleet from.
+    seq: int
+    # Distinct images the Fleet wants on the node.
+    total: int
+    # Image -> why it is not on the node; empty when the Fleet is ready.
+    missing: dict[str, Missing] = field(default_factory=dict)
+
+    @property
+    def ready(self) -> int:
+        return self.total - len(self.missing)
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing
+
+
+def fleet_progress(status: NodeStatus, fleet: str) -> FleetProgress | None:
+    """The node's progress on ``fleet``, or None when the node does not want it."""
+    summary = status.summary
+    seq = summary.fleets.get(fleet)
+    if seq is None:
+        return None
+    gap = summary.gaps.get(fleet)
+    if gap is None:
+        # Ready; the entry does not say how many images that took, and nobody asks.
+        return FleetProgress(seq=seq, total=0)
+    pending = Missing(MissingState.PENDING)
+    missing = {image: summary.missing.get(image, pending) for image in gap.missing}
+    return FleetProgress(seq=seq, total=gap.total, missing=missing)
+
+
+class Readiness(enum.StrEnum):
+    DONE = "done"  # at (or past) the target, every image present
+    NOT_TARGETED = "not_targeted"  # at (or past) the target, and the Fleet is not for this node
+    BEHIND = "behind"  # has not folded the target event yet (or the Fleet at all)
+    MISSING = "missing"  # at (or past) the target, images still missing
+
+
+@dataclass(frozen=True)
+class NodeReadiness:
+    verdict: Readiness
+    # The node's sequence for the Fleet; None when it reports none (unseen).
+    seq: int | None
+    # Progress, for MISSING (and DONE); None otherwise.
+    progress: FleetProgress | None = None
+
+    @property
+    def counts_as_done(self) -> bool:
+        return self.verdict in (Readiness.DONE, Readiness.NOT_TARGETED)
+
+
+def node_readiness(status: NodeStatus, fleet: str, target: FleetTarget) -> NodeReadiness:
+    """Is ``fleet`` as of ``target`` ready on this node? What a CD pipeline's ``wait`` asks.
+
+    A node past the target folded a newer version: what it reports for the Fleet is judged,
+    since that is what it now holds.
+    """
+    summary = status.summary
+    excluded_seq = summary.excluded.get(fleet)
+    seq = summary.fleets.get(fleet, excluded_seq)
+    if seq is None or seq < target.seq:
+        return NodeReadiness(Readiness.BEHIND, seq)
+    if excluded_seq is not None:
+        return NodeReadiness(Readiness.NOT_TARGETED, seq)
+    progress = fleet_progress(status, fleet)
+    assert progress is not None, "a Fleet with a sequence is desired or excluded"
+    verdict = Readiness.DONE if progress.complete else Readiness.MISSING
+    return NodeReadiness(verdict, seq, progress=progress)
