@@ -14,11 +14,12 @@ demo *ARGS:
 test *ARGS:
     {{python}} -m pytest -q {{ARGS}}
 
-# Lint, format check and the import layering contract.
+# Lint, format check, the import layering contract and the type checker (config: pyproject.toml).
 lint:
     {{python}} -m ruff check .
     {{python}} -m ruff format --check .
     .venv/bin/lint-imports
+    {{python}} -m mypy
 
 # Regenerate the CRI and containerd stubs from proto/ (a test fails when they are stale).
 proto:

@@ -76,8 +76,9 @@ async def recorded_state(
 
 def _raw_object(data: bytes, action: Action) -> Object:
     # decode_event validated the envelope; the raw dict is what gets re-published, untouched.
-    message = msgspec.json.decode(data)["message"]
-    return message["new_obj"] if action is Action.UPDATED else message
+    message: Object = msgspec.json.decode(data)["message"]
+    obj: Object = message["new_obj"] if action is Action.UPDATED else message
+    return obj
 
 
 def plan(

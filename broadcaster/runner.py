@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from kubernetes import client
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
@@ -83,7 +85,7 @@ async def run(settings: Settings, stopping: asyncio.Event, *, health: Health | N
 
 async def _broadcast_when_leading(
     settings: Settings,
-    api: object,
+    api: client.CustomObjectsApi,
     nc: Client,
     js: JetStreamContext,
     health: Health,
@@ -107,7 +109,7 @@ async def _broadcast_when_leading(
         lost = asyncio.Event()
         reason = "stopping"
         holding = asyncio.create_task(lease.hold())
-        holding.add_done_callback(lambda _, event=lost: event.set())
+        holding.add_done_callback(_setting(lost))
         try:
             await _broadcast(settings, api, nc, js, health, stopping, lost=lost)
         finally:
@@ -134,7 +136,7 @@ def _standby(health: Health) -> None:
 
 async def _broadcast(
     settings: Settings,
-    api: object,
+    api: client.CustomObjectsApi,
     nc: Client,
     js: JetStreamContext,
     health: Health,
@@ -150,9 +152,9 @@ async def _broadcast(
             target,
             settings,
             publisher,
-            lambda kind=target.kind: recorded_state(js, settings.log, kind),
+            functools.partial(recorded_state, js, settings.log, target.kind),
         )
-        watcher = Watcher(api, target, settings, forwarder.queue, loop)  # type: ignore[arg-type]
+        watcher = Watcher(api, target, settings, forwarder.queue, loop)
         forwarders.append(forwarder)
         watchers.append(watcher)
         tasks.append(asyncio.create_task(forwarder.run(), name=f"forward {target}"))
@@ -193,11 +195,16 @@ async def _monitor(nc: Client, forwarders: list[Forwarder], health: Health) -> N
         await asyncio.sleep(_MONITOR_PERIOD)
 
 
+def _setting(event: asyncio.Event) -> Callable[[object], None]:
+    """A done-callback that sets ``event`` however the task ended."""
+    return lambda _task: event.set()
+
+
 async def _drain(
     drain_timeout: float,
     watchers: list[Watcher],
     forwarders: list[Forwarder],
-    tasks: list[asyncio.Task],
+    tasks: list[asyncio.Task[None]],
 ) -> None:
     for watcher in watchers:
         watcher.stop()

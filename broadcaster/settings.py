@@ -14,7 +14,12 @@ from wire.contract import Kind
 from wire.eventlog import LogSettings
 from wire.natsconn import NatsSettings
 
-__all__ = ["Settings", "WatchTarget"]
+__all__ = ["Settings", "WatchTarget", "default_identity"]
+
+
+def default_identity() -> str:
+    """This replica's name in the lease when none is given: unique per process on a host."""
+    return f"{socket.gethostname()}-{os.getpid()}"
 
 
 @dataclass(frozen=True)
@@ -52,7 +57,7 @@ class Settings:
     # High availability: replicas elect one active through a lease in NATS KV (broadcaster.lease).
     ha: bool = False
     lease_ttl: float = 10.0
-    identity: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    identity: str = field(default_factory=default_identity)
 
     def targets(self) -> tuple[WatchTarget, ...]:
         namespaces: tuple[str | None, ...] = tuple(dict.fromkeys(self.namespaces)) or (None,)

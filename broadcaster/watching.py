@@ -129,7 +129,7 @@ class Watcher:
                 self._stopping.wait(backoff.next_delay())
 
     def _call(self, **kwargs: Any) -> Any:
-        common = {
+        common: dict[str, Any] = {
             "group": GROUP,
             "version": VERSION,
             "plural": PLURALS[self.target.kind],

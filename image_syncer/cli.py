@@ -7,7 +7,7 @@ of its own lives here. Each group of commands sits in its own module under ``com
 from __future__ import annotations
 
 import sys
-from typing import Annotated
+from typing import Annotated, Protocol, cast
 
 import typer
 
@@ -23,7 +23,9 @@ from image_syncer.commands import (
     syncer,
     wait,
 )
-from ops.logs import configure
+from ops.logs import LogFormat, configure
+
+_LOG_FORMATS: dict[str, LogFormat] = {"logfmt": "logfmt", "json": "json"}
 
 app = typer.Typer(
     name="image-syncer",
@@ -43,25 +45,38 @@ def root(
         str, typer.Option(envvar="LOG_FORMAT", help="logfmt or json.")
     ] = "logfmt",
 ) -> None:
-    if log_format not in ("logfmt", "json"):
+    fmt = _LOG_FORMATS.get(log_format)
+    if fmt is None:
         raise typer.BadParameter("must be logfmt or json", param_hint="--log-format")
-    configure(log_level, log_format)  # type: ignore[arg-type]
+    configure(log_level, fmt)
 
 
 for module in (stream, publish, events, broadcaster, syncer, status, wait, replay, crio, demo):
     module.register(app)
 
 
+class _UsageError(Protocol):
+    """What the handler below reads of click's UsageError."""
+
+    ctx: typer.Context | None
+    exit_code: int
+
+    def format_message(self) -> str: ...
+
+
+# typer vendors click and exports only BadParameter; its base class is click's UsageError.
+_USAGE_ERROR: type[Exception] = typer.BadParameter.__mro__[1]
+
+
 def main() -> None:
     """The console script: usage errors are one ``error:`` line, as every other refusal is."""
-    # typer vendors click and exports only BadParameter; its base class is click's UsageError.
-    usage_error = typer.BadParameter.__mro__[1]
     try:
         code = app(standalone_mode=False)
-    except usage_error as e:
-        hint = f" (see: {e.ctx.command_path} --help)" if e.ctx is not None else ""
-        typer.echo(f"error: {e.format_message()}{hint}", err=True)
-        sys.exit(e.exit_code)
+    except _USAGE_ERROR as e:
+        error = cast(_UsageError, e)
+        hint = f" (see: {error.ctx.command_path} --help)" if error.ctx is not None else ""
+        typer.echo(f"error: {error.format_message()}{hint}", err=True)
+        sys.exit(error.exit_code)
     except typer.Abort:
         typer.echo("aborted", err=True)
         sys.exit(130)

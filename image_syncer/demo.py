@@ -10,6 +10,7 @@ on the way out (Ctrl-C included).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import subprocess
@@ -46,7 +47,7 @@ class Node:
     name: str
     containerd: Containerd
     metrics_port: int = field(default_factory=free_port)
-    process: subprocess.Popen | None = None
+    process: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
 
     def images(self) -> set[str]:
@@ -205,12 +206,16 @@ def _first_pulls(nats_url: str, images: dict[str, str], nodes: list[Node]) -> No
     publish(nats_url, "added", "games/lobby", [images["lobby"]])
     wanted = {*arena, images["arena-init"], images["lobby"]}
     for node in nodes:
-        wait_for(f"{node.name} holds the images", lambda n=node: wanted <= n.images())
+        wait_for(f"{node.name} holds the images", functools.partial(_holds, node, wanted))
         took = time.monotonic() - published
         console.print(
             f"  [green]{node.name}: all {len(wanted)} images present[/green] "
             f"({took:.1f}s after the first publish, CLI start-up included)"
         )
+
+
+def _holds(node: Node, images: set[str]) -> bool:
+    return images <= node.images()
 
 
 def _deleted_behind_our_back(image: str, node: Node, sync_period: str) -> None:
@@ -230,7 +235,7 @@ def _rollout(nats_url: str, images: dict[str, str], nodes: list[Node]) -> None:
     published = time.monotonic()
     publish(nats_url, "updated", "default/arena", arena, init=images["arena-init"])
     for node in nodes:
-        wait_for(f"{node.name} pulls the new version", lambda n=node: new in n.images())
+        wait_for(f"{node.name} pulls the new version", functools.partial(_holds, node, {new}))
         took = time.monotonic() - published
         console.print(f"  [green]{node.name}: {new} present[/green] ({took:.1f}s after publishing)")
 

@@ -46,9 +46,12 @@ Remover = Callable[[str], Awaitable[None]]
 
 
 class RuntimeImageLike(Protocol):
-    id: str
-    repo_tags: Collection[str]
-    repo_digests: Collection[str]
+    @property
+    def id(self) -> str: ...
+    @property
+    def repo_tags(self) -> Collection[str]: ...
+    @property
+    def repo_digests(self) -> Collection[str]: ...
 
 
 class _Record(msgspec.Struct):

@@ -15,6 +15,7 @@ caller handles one family of runtime errors.
 
 from __future__ import annotations
 
+import builtins  # in the class below, `list` names a method
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -103,7 +104,7 @@ class ContainerdImages:
         response = await self._call("List", "", request)
         return [ImageRecord.from_proto(image) for image in response.images]
 
-    async def names_of(self, name: str) -> list[ImageRecord]:
+    async def names_of(self, name: str) -> builtins.list[ImageRecord]:
         """Every record pointing at the same content as ``name`` (itself included); [] if absent."""
         record = await self.get(name)
         if record is None:

@@ -100,7 +100,7 @@ class RuntimeContainer:
 
 def _state_name(state: int) -> str:
     try:
-        return api_pb2.ContainerState.Name(state)
+        return api_pb2.ContainerState.Name(api_pb2.ContainerState.ValueType(state))
     except ValueError:  # a state newer than our proto: not known to be exited
         return "CONTAINER_UNKNOWN"
 
@@ -242,7 +242,9 @@ class CriClient:
         if auth is not None:
             request.auth.CopyFrom(auth.to_proto())
         secrets = auth.secrets() if auth is not None else ()
-        response = await self._call("PullImage", ref, request, timeout=timeout, secrets=secrets)
+        response: api_pb2.PullImageResponse = await self._call(
+            "PullImage", ref, request, timeout=timeout, secrets=secrets
+        )
         return response.image_ref
 
     async def remove_image(self, ref: str) -> None:

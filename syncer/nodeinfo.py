@@ -155,7 +155,8 @@ def api_call(
         context = ssl.create_default_context(cafile=cafile)
     try:
         with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
-            return response.read(_MAX_BODY)
+            answer: bytes = response.read(_MAX_BODY)
+            return answer
     except urllib.error.HTTPError as e:
         raise ApiCallError(f"{method} {url}: {e.code} {_status_message(e)}", e.code) from None
     except (urllib.error.URLError, OSError) as e:

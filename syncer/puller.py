@@ -50,7 +50,7 @@ class Backoff:
     rng: Callable[[], float] = random.random
 
     def delay(self, failures: int) -> float:
-        base = min(self.maximum, self.minimum * 2 ** max(0, failures - 1))
+        base = min(self.maximum, self.minimum * 2.0 ** max(0, failures - 1))
         return base * (0.5 + self.rng() / 2)
 
 

@@ -77,9 +77,10 @@ class _Entry:
 def image_name(image: str) -> str:
     """The repository name the kubelet matches on: ``nginx:1`` -> ``docker.io/library/nginx``."""
     try:
-        return Reference.parse_normalized_named(image)["name"]
+        name: str = Reference.parse_normalized_named(image)["name"]
     except InvalidReference as e:
         raise ValueError(f"invalid image reference {image!r}: {e}") from e
+    return name
 
 
 class Keyring:

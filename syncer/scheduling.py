@@ -91,9 +91,11 @@ def _required_terms(affinity: dict[str, Any] | None) -> list[_Term] | None:
     if not affinity:
         return None
     parsed = msgspec.convert(affinity, _Affinity)
+    node_affinity = parsed.node_affinity
     required = (
-        parsed.node_affinity
-        and parsed.node_affinity.required_during_scheduling_ignored_during_execution
+        None
+        if node_affinity is None
+        else node_affinity.required_during_scheduling_ignored_during_execution
     )
     if required is None:
         return None

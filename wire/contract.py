@@ -202,7 +202,7 @@ class _Update(msgspec.Struct):
 
 _envelope_decoder = msgspec.json.Decoder(_Envelope)
 _update_decoder = msgspec.json.Decoder(_Update)
-_object_decoders = {
+_object_decoders: dict[Kind, msgspec.json.Decoder[AgonesObject]] = {
     Kind.FLEET: msgspec.json.Decoder(Fleet),
     Kind.GAMESERVER: msgspec.json.Decoder(GameServer),
 }

@@ -281,19 +281,22 @@ async def _next(inbox: asyncio.Queue[Msg], timeout: float | None) -> Msg | None:
         return None
 
 
-async def _matches_nothing(sub: Any, inbox: asyncio.Queue[Msg]) -> bool:
+async def _matches_nothing(
+    sub: JetStreamContext.PushSubscription, inbox: asyncio.Queue[Msg]
+) -> bool:
     # num_pending alone is not enough: messages the server already pushed may still be on
     # their way to us, and returning then would make a replay silently fold nothing.
     info = await sub.consumer_info()
-    return info.num_pending == 0 and info.delivered.consumer_seq == 0 and inbox.empty()
+    nothing_delivered = info.delivered is None or info.delivered.consumer_seq == 0
+    return info.num_pending == 0 and nothing_delivered and inbox.empty()
 
 
-async def _caught_up(sub: Any) -> bool:
+async def _caught_up(sub: JetStreamContext.PushSubscription) -> bool:
     info = await sub.consumer_info()
     return info.num_pending == 0
 
 
-async def _quiet_unsubscribe(sub: Any) -> None:
+async def _quiet_unsubscribe(sub: JetStreamContext.PushSubscription) -> None:
     gone = (nats.errors.ConnectionClosedError, nats.errors.BadSubscriptionError)
     with contextlib.suppress(*gone):
         await sub.unsubscribe()

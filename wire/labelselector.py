@@ -11,6 +11,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import NoReturn
 
 __all__ = ["LabelSelector", "Operator", "Requirement", "SelectorError"]
 
@@ -105,7 +106,7 @@ class _Parser:
             position = match.end()
         self.index = 0
 
-    def _fail(self, position: int, problem: str) -> None:
+    def _fail(self, position: int, problem: str) -> NoReturn:
         raise SelectorError(
             f"invalid label selector {self.text!r} at character {position + 1}: {problem}"
         )
@@ -121,7 +122,7 @@ class _Parser:
         if token is None:
             self._fail(len(self.text), f"expected {what}, found the end")
         self.index += 1
-        return token  # type: ignore[return-value]
+        return token
 
     def requirements(self) -> list[Requirement]:
         found: list[Requirement] = []
@@ -163,9 +164,9 @@ class _Parser:
         if key in _OPERATOR_TOKENS:
             self._fail(position, f"expected a label key, found {key!r}")
         prefix, slash, name = key.rpartition("/")
-        valid = _NAME_RE.match(name) and len(name) <= 63
+        valid = len(name) <= 63 and _NAME_RE.match(name) is not None
         if slash:
-            valid = valid and len(prefix) <= 253 and _PREFIX_RE.match(prefix)
+            valid = valid and len(prefix) <= 253 and _PREFIX_RE.match(prefix) is not None
         if not valid:
             self._fail(position, f"{key!r} is not a valid label key")
         return key

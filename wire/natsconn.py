@@ -10,6 +10,7 @@ import asyncio
 import logging
 import ssl
 from dataclasses import dataclass, field
+from typing import Any
 
 import nats
 import nats.errors
@@ -113,7 +114,7 @@ def _describe(error: BaseException) -> str:
     return text.replace("\n", " ")
 
 
-def _options(settings: NatsSettings, name: str) -> dict:
+def _options(settings: NatsSettings, name: str) -> dict[str, Any]:
     async def disconnected() -> None:
         log.warning("nats disconnected servers=%s", settings.safe_servers())
 
@@ -123,7 +124,7 @@ def _options(settings: NatsSettings, name: str) -> dict:
     async def error(e: Exception) -> None:
         log.warning("nats error error=%r", _describe(e))
 
-    options: dict = {
+    options: dict[str, Any] = {
         "servers": list(settings.servers),
         "name": name,
         "connect_timeout": settings.connect_timeout,

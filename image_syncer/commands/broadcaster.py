@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from broadcaster.settings import Settings
+from broadcaster.settings import Settings, default_identity
 from image_syncer.options import Duration, split_values, with_nats_options
 from ops.lifecycle import run_until_signalled
 from ops.serving import parse_addr
@@ -142,7 +142,7 @@ def broadcaster(
         backoff_max=max_backoff,
         ha=ha,
         lease_ttl=lease_ttl,
-        **({"identity": identity} if identity else {}),
+        identity=identity or default_identity(),
     )
     # Imported here: the Kubernetes client is heavy, and every other command (the syncer first of
     # all, one per node) would pay for it in memory just by loading the CLI.

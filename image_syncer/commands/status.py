@@ -199,7 +199,9 @@ def _nodes_table(nodes: dict[str, NodeRollup], now: datetime) -> tuple[Table, in
     return table, len(nodes) - min(len(rows), _MAX_ROWS)
 
 
-def _node_detail(console: Console, r: NodeRollup, now: datetime, targets: dict | None) -> None:
+def _node_detail(
+    console: Console, r: NodeRollup, now: datetime, targets: dict[str, FleetTarget] | None
+) -> None:
     status, summary = r.status, r.status.summary
     console.print(
         f"node {r.node}{' (stale)' if r.stale else ''}: image-syncer {status.version}, "

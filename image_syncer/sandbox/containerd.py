@@ -47,7 +47,7 @@ class Containerd(ManagedProcess):
 
     state_dir: Path
     snapshotter: str = "overlayfs"
-    process: subprocess.Popen | None = None
+    process: subprocess.Popen[bytes] | None = None
     socket_dir: Path = field(init=False)
 
     def __post_init__(self) -> None:

@@ -21,6 +21,7 @@ import urllib.parse
 import urllib.request
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 from image_syncer.sandbox.registry import basic_auth_header
 
@@ -98,7 +99,7 @@ def build_image(*, layer_bytes: int | None = None, unique: bool = True) -> OciIm
     return OciImage(layer=layer, config=config, manifest=manifest)
 
 
-def _json(document: dict) -> bytes:
+def _json(document: dict[str, Any]) -> bytes:
     return json.dumps(document, separators=(",", ":"), sort_keys=True).encode()
 
 
@@ -149,6 +150,7 @@ class _RegistrySession:
             url, data=body, method=method, headers={**self.headers, **headers}
         )
         try:
+            response: http.client.HTTPResponse
             with urllib.request.urlopen(request, timeout=60) as response:
                 response.read()
                 return response

@@ -37,7 +37,7 @@ class NatsServer(ManagedProcess):
     server_name: str = "n1"
     cluster_name: str = "image-syncer"
     extra_config: str = ""
-    process: subprocess.Popen | None = None
+    process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
@@ -84,4 +84,5 @@ class NatsServer(ManagedProcess):
     def _healthy(self) -> bool:
         url = f"{self.monitor_url}/healthz?js-enabled-only=true"
         with urllib.request.urlopen(url, timeout=1) as response:
-            return response.status == 200
+            status: int = response.status
+            return status == 200

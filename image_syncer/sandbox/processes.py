@@ -22,7 +22,8 @@ class MissingComponent(RuntimeError):
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 def wait_until(
@@ -30,7 +31,7 @@ def wait_until(
     *,
     timeout: float,
     what: str,
-    process: subprocess.Popen | None = None,
+    process: subprocess.Popen[bytes] | None = None,
     log_file: Path | None = None,
 ) -> None:
     """Poll ``check`` until it is true; fail with the process' log tail if it dies or times out."""
@@ -52,7 +53,7 @@ def _tail(log_file: Path | None, lines: int = 15) -> str:
 
 
 def stop_process(
-    process: subprocess.Popen | None, *, kill: bool = False, timeout: float = 10
+    process: subprocess.Popen[bytes] | None, *, kill: bool = False, timeout: float = 10
 ) -> None:
     """SIGTERM (or SIGKILL) the process group and reap it; safe to call twice."""
     if process is None or process.poll() is not None:
@@ -75,8 +76,11 @@ class ManagedProcess:
     :meth:`_spawn` and waits with :meth:`_await_ready`.
     """
 
-    process: subprocess.Popen | None
-    log_file: Path
+    process: subprocess.Popen[bytes] | None
+
+    @property
+    def log_file(self) -> Path:
+        raise NotImplementedError
 
     def start(self) -> ManagedProcess:
         raise NotImplementedError

@@ -39,7 +39,7 @@ class Registry(ManagedProcess):
     data_dir: Path
     htpasswd: tuple[str, str] | None = field(default=None, repr=False)
     port: int = field(default_factory=free_port)
-    process: subprocess.Popen | None = None
+    process: subprocess.Popen[bytes] | None = None
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
@@ -112,6 +112,7 @@ class Registry(ManagedProcess):
     def _answers(self) -> bool:
         try:
             with urllib.request.urlopen(f"{self.url}/v2/", timeout=1) as response:
-                return response.status == 200
+                status: int = response.status
+                return status == 200
         except urllib.error.HTTPError as e:
             return e.code == 401 and self.htpasswd is not None

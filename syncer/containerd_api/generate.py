@@ -29,7 +29,7 @@ CONTAINERD = Stubs(
         "images_pb2_grpc.py": ("containerd.services.images.v1",),
     },
 )
-GENERATED = tuple(CONTAINERD.generated)
+GENERATED = CONTAINERD.files()
 
 
 def generate(out_dir: Path, *, proto_root: Path = PROTO_ROOT) -> list[Path]:
