@@ -1,47 +1,53 @@
 """Turning one watch target's snapshots and events into publications, strictly in order.
 
 One forwarder consumes one watcher's queue, one item at a time, so the events of an object are
-published in the order the API server produced them, each only after the previous one was acked.
-It remembers the last object published per key, which gives ``updated`` events their ``old_obj``
-and lets it skip what the log already holds: a resync or a replayed event whose resourceVersion
-did not change.
+published in the order the API server produced them, each only after the previous one settled.
+
+It remembers, per object, the newest message the log holds as far as it knows (the object, its
+sequence, whether it is a tombstone). That gives ``updated`` events their ``old_obj``, lets it
+skip what the log already holds or has newer (a resync, a replayed event, a watch that lags
+another broadcaster's), and is what each publish is conditioned on: the event is stored only if
+the object's newest message is still that sequence. When it is not (another broadcaster, or a
+former leader's late retry, wrote since), the forwarder reads the object's newest message again
+and publishes only if its event is still newer: the log never goes backwards, whoever else
+writes, and no lease or clock is trusted for it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TypeVar
 
 from broadcaster import metrics
-from broadcaster.catchup import Key, Object, key_of, plan
-from broadcaster.publishing import TRANSIENT, Backoff, Publisher
+from broadcaster.catchup import Key, LogView, Object, Publication, key_of, plan
+from broadcaster.ordering import Recorded, newer
+from broadcaster.publishing import TRANSIENT, Backoff, Outcome, Publisher
 from broadcaster.settings import Settings, WatchTarget
 from broadcaster.watching import Change, Listed
+from wire.contract import Action, parse_event_type
 
 __all__ = ["Forwarder"]
 
 log = logging.getLogger(__name__)
 
-RecordedReader = Callable[[], Awaitable[dict[Key, Object]]]
-_ACTIONS = {"ADDED": "added", "MODIFIED": "updated", "DELETED": "deleted"}
+_ACTIONS = {"ADDED": Action.ADDED, "MODIFIED": Action.UPDATED, "DELETED": Action.DELETED}
+
+T = TypeVar("T")
 
 
 class Forwarder:
     def __init__(
-        self,
-        target: WatchTarget,
-        settings: Settings,
-        publisher: Publisher,
-        read_recorded: RecordedReader,
+        self, target: WatchTarget, settings: Settings, publisher: Publisher, view: LogView
     ) -> None:
         self.target, self.settings = target, settings
         self.publisher = publisher
-        self.read_recorded = read_recorded
+        self.view = view
         self.queue: asyncio.Queue[Listed | Change] = asyncio.Queue(maxsize=256)
         self.caught_up = asyncio.Event()
-        self._known: dict[Key, Object] = {}
+        self._known: dict[Key, Recorded] = {}
 
     async def run(self) -> None:
         while True:
@@ -55,11 +61,17 @@ class Forwarder:
                 self.queue.task_done()
 
     async def _catch_up(self, listed: Listed) -> None:
-        recorded = await self._recorded_with_retry()
-        publications = plan(self.target, recorded, listed.objects)
+        kind = self.target.kind
+        recorded = await self._with_retry("read the log", lambda: self.view.recorded(kind))
+        for key, entry in sorted(recorded.items()):
+            if entry.leftovers:
+                await self._with_retry(
+                    "purge leftovers", functools.partial(self.view.compact, kind, key, entry.seq)
+                )
+        self._known = dict(recorded)
+        publications = plan(self.target, recorded, listed.objects, listed.resource_version)
         for publication in publications:
-            await self.publisher.publish(publication.event_type, publication.obj, publication.old)
-        self._known = {key_of(obj): obj for obj in listed.objects}
+            await self._settle(publication)
         self.caught_up.set()
         log.info(
             "caught up",
@@ -72,15 +84,67 @@ class Forwarder:
             },
         )
 
-    async def _recorded_with_retry(self) -> dict[Key, Object]:
+    async def _forward(self, change: Change) -> None:
+        action = _ACTIONS.get(change.type)
+        if action is None:
+            log.warning("unknown watch event type", extra={"type": change.type})
+            return
+        known = self._known.get(key_of(change.obj))
+        if not newer(change.obj, action is Action.DELETED, known):
+            metrics.EVENTS_SKIPPED.labels(kind=str(self.target.kind)).inc()
+            return
+        live = known is not None and not known.deleted
+        old = known.obj if action is Action.UPDATED and live and known is not None else None
+        await self._settle(Publication(f"{self.target.kind}.events.{action}", change.obj, old))
+
+    async def _settle(self, publication: Publication) -> None:
+        """Publish, conditioned on the newest message we know of; on a conflict, re-decide."""
+        key = key_of(publication.obj)
+        _, action = parse_event_type(publication.event_type)
+        deleted = action is Action.DELETED
+        while True:
+            known = self._known.get(key)
+            result = await self.publisher.publish(
+                publication.event_type,
+                publication.obj,
+                publication.old,
+                expected_last_seq=known.seq if known is not None else 0,
+            )
+            if result.outcome in (Outcome.STORED, Outcome.DUPLICATE):
+                self._known[key] = Recorded(publication.obj, result.seq, deleted)
+                return
+            if result.outcome is Outcome.REFUSED:
+                return
+            current = await self._with_retry(
+                "read the object", lambda: self.view.recorded_object(self.target.kind, key)
+            )
+            if current is None:
+                self._known.pop(key, None)
+            else:
+                self._known[key] = current
+            if not newer(publication.obj, deleted, current):
+                metrics.EVENTS_SUPERSEDED.labels(kind=str(self.target.kind)).inc()
+                log.info(
+                    "event superseded by the log, not published",
+                    extra={
+                        "event_type": publication.event_type,
+                        "object": "/".join(key),
+                        "resource_version": _version(publication.obj),
+                        "log_seq": current.seq if current is not None else 0,
+                        "log_resource_version": _version(current.obj) if current else "",
+                    },
+                )
+                return
+
+    async def _with_retry(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
         backoff = Backoff(self.settings.backoff_initial, self.settings.backoff_max)
         while True:
             try:
-                return await self.read_recorded()
+                return await call()
             except TRANSIENT as e:
                 delay = backoff.next_delay()
                 log.warning(
-                    "cannot read the log, retrying",
+                    f"cannot {what}, retrying",
                     extra={
                         "target": str(self.target),
                         "error": repr(e),
@@ -89,28 +153,6 @@ class Forwarder:
                 )
                 await asyncio.sleep(delay)
 
-    async def _forward(self, change: Change) -> None:
-        action = _ACTIONS.get(change.type)
-        if action is None:
-            log.warning("unknown watch event type", extra={"type": change.type})
-            return
-        key = key_of(change.obj)
-        previous = self._known.get(key)
-        if action != "deleted" and _same_version(previous, change.obj):
-            metrics.EVENTS_SKIPPED.labels(kind=str(self.target.kind)).inc()
-            return
-        old = previous if action == "updated" else None
-        await self.publisher.publish(f"{self.target.kind}.events.{action}", change.obj, old)
-        if action == "deleted":
-            self._known.pop(key, None)
-        else:
-            self._known[key] = change.obj
 
-
-def _same_version(previous: dict[str, Any] | None, current: dict[str, Any]) -> bool:
-    if previous is None:
-        return False
-    before, after = previous.get("metadata") or {}, current.get("metadata") or {}
-    return before.get("uid") == after.get("uid") and (
-        before.get("resourceVersion") == after.get("resourceVersion")
-    )
+def _version(obj: Object) -> str:
+    return str((obj.get("metadata") or {}).get("resourceVersion", ""))

@@ -10,10 +10,13 @@ from prometheus_client import Counter, Gauge
 
 __all__ = [
     "EVENTS_PUBLISHED",
+    "EVENTS_REFUSED",
     "EVENTS_SKIPPED",
+    "EVENTS_SUPERSEDED",
     "INVALID_LOG_MESSAGES",
     "INVALID_OBJECTS",
     "LAST_PUBLISH",
+    "PUBLISH_CONFLICTS",
     "PUBLISH_ERRORS",
     "WATCH_RESTARTS",
 ]
@@ -25,12 +28,32 @@ EVENTS_PUBLISHED = Counter(
 )
 EVENTS_SKIPPED = Counter(
     "image_syncer_broadcaster_events_skipped",
-    "Watch events not published because the object's resourceVersion had not changed.",
+    "Watch events not published because the log already holds that version of the object or a"
+    " newer one, as far as this broadcaster knows (a resync, a replayed or lagging event).",
     ["kind"],
 )
 PUBLISH_ERRORS = Counter(
     "image_syncer_broadcaster_publish_errors",
     "Failed publish attempts; each is retried with backoff.",
+)
+PUBLISH_CONFLICTS = Counter(
+    "image_syncer_broadcaster_publish_conflicts",
+    "Publishes refused because the object's newest message in the log was not the expected one"
+    " (another broadcaster or a former leader wrote since); the log is read again and the event"
+    " published only if it is still newer.",
+)
+EVENTS_REFUSED = Counter(
+    "image_syncer_broadcaster_events_refused",
+    "Events given up on because no retry can succeed: the wire contract refuses the object"
+    " (contract), it is too large for a message even trimmed (too_large), or JetStream rejects"
+    " the request (rejected).",
+    ["kind", "reason"],
+)
+EVENTS_SUPERSEDED = Counter(
+    "image_syncer_broadcaster_events_superseded",
+    "Events not published because the log already held that version of the object or a newer"
+    " one (written by another broadcaster, or seen in a stale list).",
+    ["kind"],
 )
 INVALID_OBJECTS = Counter(
     "image_syncer_broadcaster_invalid_objects",

@@ -1,33 +1,70 @@
-"""Appending one event to the log until JetStream acks it: retry with backoff, never drop.
+"""Appending one event to the log until JetStream settles it: stored, refused for good, or stale.
 
-An event is done only when the ack is back. Transient failures (NATS down, a timeout, the stream
-missing after a server lost its store) are retried forever with capped exponential backoff and
-jitter; only an object the wire contract refuses is given up on, with one log line and a metric,
-because retrying cannot make it valid. Retries are safe: the deterministic Nats-Msg-Id makes a
-re-sent event a duplicate that JetStream stores once.
+An event is done only when JetStream has answered. Transient failures (NATS down, a timeout, the
+stream missing after a server lost its store) are retried forever with capped exponential backoff
+and jitter; retries are safe because the deterministic Nats-Msg-Id makes a re-sent event a
+duplicate that JetStream stores once. Two answers end the attempt instead:
+
+- a conflict: the object's newest message is no longer the one the caller expected, so the event
+  was computed from a stale view; the caller reads the log again and decides (see forwarding);
+- a permanent refusal, which no retry can change: an object the wire contract refuses, one too
+  large for a message even trimmed, a JetStream API error of the 4xx kind (bad request, over the
+  stream's max message size). One log line, one metric, and the forwarder moves on, so one bad
+  object never holds back the events behind it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import random
+from dataclasses import dataclass
 from typing import Any
 
 import nats.errors
+import nats.js.errors
 from nats.js import JetStreamContext
 
 from broadcaster import metrics
 from broadcaster.settings import Settings
 from wire.contract import ContractError, parse_event_type
-from wire.eventlog import ensure_streams, publish_event
+from wire.eventlog import EventTooLarge, LogConflict, ensure_streams, publish_event
 
-__all__ = ["Backoff", "Publisher"]
+__all__ = ["Backoff", "Outcome", "Published", "Publisher", "refusal"]
 
 log = logging.getLogger(__name__)
 
 # What a lost connection, a restarting server or a missing stream look like from nats-py.
 TRANSIENT = (nats.errors.Error, TimeoutError, OSError)
+
+
+class Outcome(enum.StrEnum):
+    STORED = "stored"
+    DUPLICATE = "duplicate"  # stored before (a retry, another broadcaster): nothing new
+    CONFLICT = "conflict"  # the log moved on since the caller looked: not stored
+    REFUSED = "refused"  # permanently: logged and counted, not stored
+
+
+@dataclass(frozen=True)
+class Published:
+    outcome: Outcome
+    seq: int = 0
+
+
+def refusal(error: BaseException) -> str | None:
+    """Why ``error`` can never succeed on a retry (a metric label), None when it may."""
+    if isinstance(error, ContractError):
+        return "contract"
+    if isinstance(error, EventTooLarge | nats.errors.MaxPayloadError):
+        return "too_large"
+    if isinstance(error, nats.js.errors.APIError):
+        # 4xx: the request itself is wrong (over the stream's max message size, a header the
+        # stream does not allow). 404 is left to retry: the stream may come back.
+        code = error.code or 0
+        if 400 <= code < 500 and code != 404:
+            return "rejected"
+    return None
 
 
 class Backoff:
@@ -53,9 +90,14 @@ class Publisher:
         self.settings = settings
 
     async def publish(
-        self, event_type: str, obj: dict[str, Any], old: dict[str, Any] | None = None
-    ) -> bool:
-        """Publish until acked; False when the contract refuses the object (logged, counted)."""
+        self,
+        event_type: str,
+        obj: dict[str, Any],
+        old: dict[str, Any] | None = None,
+        *,
+        expected_last_seq: int | None = None,
+    ) -> Published:
+        """Publish until JetStream settles it; ``expected_last_seq`` as in publish_event."""
         backoff = Backoff(self.settings.backoff_initial, self.settings.backoff_max)
         while True:
             try:
@@ -66,16 +108,16 @@ class Publisher:
                     obj,
                     old,
                     timeout=self.settings.publish_timeout,
+                    expected_last_seq=expected_last_seq,
                 )
-            except ContractError as e:
-                kind, _ = parse_event_type(event_type)
-                metrics.INVALID_OBJECTS.labels(kind=str(kind)).inc()
-                log.error(
-                    "object refused by the wire contract, skipped",
-                    extra={"event_type": event_type, "object": _name(obj), "error": str(e)},
-                )
-                return False
-            except TRANSIENT as e:
+            except LogConflict:
+                metrics.PUBLISH_CONFLICTS.inc()
+                return Published(Outcome.CONFLICT)
+            except (ContractError, EventTooLarge, *TRANSIENT) as e:
+                reason = refusal(e)
+                if reason is not None:
+                    self._refused(event_type, obj, reason, e)
+                    return Published(Outcome.REFUSED)
                 metrics.PUBLISH_ERRORS.inc()
                 delay = backoff.next_delay()
                 log.warning(
@@ -103,7 +145,24 @@ class Publisher:
                     "duplicate": bool(ack.duplicate),
                 },
             )
-            return True
+            return Published(Outcome.DUPLICATE if ack.duplicate else Outcome.STORED, ack.seq)
+
+    def _refused(
+        self, event_type: str, obj: dict[str, Any], reason: str, error: BaseException
+    ) -> None:
+        kind, _ = parse_event_type(event_type)
+        if reason == "contract":
+            metrics.INVALID_OBJECTS.labels(kind=str(kind)).inc()
+        metrics.EVENTS_REFUSED.labels(kind=str(kind), reason=reason).inc()
+        log.error(
+            "event refused for good, skipped",
+            extra={
+                "event_type": event_type,
+                "object": _name(obj),
+                "reason": reason,
+                "error": _describe(error),
+            },
+        )
 
     async def _recreate_streams(self) -> None:
         # No responders on a stream subject: the stream is gone (a server lost its store).

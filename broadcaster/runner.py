@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -30,7 +29,7 @@ from kubernetes import client
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
-from broadcaster.catchup import recorded_state
+from broadcaster.catchup import LogView
 from broadcaster.forwarding import Forwarder
 from broadcaster.kubeapi import custom_objects_api
 from broadcaster.lease import LEADER, Lease
@@ -146,14 +145,10 @@ async def _broadcast(
 ) -> None:
     loop = asyncio.get_running_loop()
     publisher = Publisher(js, settings)
+    view = LogView(js, settings.log)
     forwarders, watchers, tasks = [], [], []
     for target in settings.targets():
-        forwarder = Forwarder(
-            target,
-            settings,
-            publisher,
-            functools.partial(recorded_state, js, settings.log, target.kind),
-        )
+        forwarder = Forwarder(target, settings, publisher, view)
         watcher = Watcher(api, target, settings, forwarder.queue, loop)
         forwarders.append(forwarder)
         watchers.append(watcher)

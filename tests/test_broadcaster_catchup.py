@@ -15,6 +15,7 @@ from kubernetes import client, config
 from kubernetes.watch.watch import iter_resp_lines
 
 from broadcaster.catchup import plan
+from broadcaster.ordering import Recorded, newer
 from broadcaster.settings import Settings, WatchTarget
 from wire.contract import Kind
 
@@ -30,24 +31,31 @@ def obj(name: str, rv: str, uid: str = "u", namespace: str = "default") -> dict[
     }
 
 
-def summary(target: WatchTarget, recorded: dict, listed: list) -> list[tuple[str, str, str]]:
+def logged(*objects: dict[str, Any], deleted: bool = False) -> dict:
+    """What the log records: the newest message of each object, as the catch-up reads it."""
+    return {
+        (o["metadata"]["namespace"], o["metadata"]["name"]): Recorded(o, seq, deleted)
+        for seq, o in enumerate(objects, 1)
+    }
+
+
+def summary(
+    target: WatchTarget, recorded: dict, listed: list, list_rv: str = ""
+) -> list[tuple[str, str, str]]:
     return [
         (
             p.event_type.split(".")[-1],
             p.obj["metadata"]["name"],
             p.obj["metadata"]["resourceVersion"],
         )
-        for p in plan(target, recorded, listed)
+        for p in plan(target, recorded, listed, list_rv)
     ]
 
 
 def test_plan_publishes_adds_updates_and_missed_deletes_only() -> None:
-    recorded = {
-        ("default", "same"): obj("same", "1"),
-        ("default", "changed"): obj("changed", "2"),
-        ("default", "gone"): obj("gone", "3"),
-        ("default", "recreated"): obj("recreated", "4"),
-    }
+    recorded = logged(
+        obj("same", "1"), obj("changed", "2"), obj("gone", "3"), obj("recreated", "4")
+    )
     listed = [
         obj("same", "1"),
         obj("changed", "7"),
@@ -62,14 +70,42 @@ def test_plan_publishes_adds_updates_and_missed_deletes_only() -> None:
         ("deleted", "gone", "3"),
     ]
     update = plan(WatchTarget(Kind.FLEET), recorded, listed)[0]
-    assert update.old == recorded[("default", "changed")]
+    assert update.old == recorded[("default", "changed")].obj
+
+
+def test_plan_publishes_nothing_the_log_already_has_newer() -> None:
+    recorded = {
+        **logged(obj("ahead", "7"), obj("recreated-later", "9", uid="new")),
+        **logged(obj("deleted", "5"), deleted=True),
+    }
+    listed = [obj("ahead", "6"), obj("recreated-later", "4"), obj("deleted", "5")]
+    # Another broadcaster published past this list: nothing here is news for the log.
+    assert summary(WatchTarget(Kind.FLEET), recorded, listed, list_rv="6") == []
+
+
+def test_plan_deletes_only_what_is_older_than_the_list() -> None:
+    recorded = logged(obj("missed", "3"), obj("created-after-the-list", "8"))
+    assert summary(WatchTarget(Kind.FLEET), recorded, [], list_rv="6") == [
+        ("deleted", "missed", "3")
+    ]
+
+
+def test_a_deleted_uid_never_comes_back_and_a_later_uid_is_newer() -> None:
+    tombstone = Recorded(obj("f", "5"), 3, deleted=True)
+    assert not newer(obj("f", "4"), False, tombstone)
+    assert not newer(obj("f", "6"), True, tombstone)
+    assert newer(obj("f", "6", uid="new"), False, tombstone)
+    live = Recorded(obj("f", "5"), 3)
+    assert newer(obj("f", "5"), True, live), "the delete of a live object is news"
+    assert not newer(obj("f", "5"), False, live) and newer(obj("f", "10"), False, live)
+    assert not newer(obj("f", "4", uid="older"), True, live), "a lagging delete of another uid"
+    opaque = {"metadata": {"uid": "u", "resourceVersion": "b", "generation": 2}}
+    assert not newer(opaque, False, Recorded({**opaque}, 1))
+    assert newer(opaque, False, Recorded({"metadata": {"uid": "u", "generation": 1}}, 1))
 
 
 def test_plan_deletes_only_inside_the_watched_namespace() -> None:
-    recorded = {
-        ("a", "x"): obj("x", "1", namespace="a"),
-        ("b", "y"): obj("y", "2", namespace="b"),
-    }
+    recorded = logged(obj("x", "1", namespace="a"), obj("y", "2", namespace="b"))
     assert summary(WatchTarget(Kind.FLEET, "a"), recorded, []) == [("deleted", "x", "1")]
     assert summary(WatchTarget(Kind.GAMESERVER), recorded, [])[0][0] == "deleted"
 

@@ -6,11 +6,20 @@ means the compaction rules below hold whoever writes.
 
 Compaction. A stream keeps one message per subject (``max_msgs_per_subject=1``) and the subject
 names the action, so an object could hold three messages: its newest ``added``, ``updated`` and
-``deleted``. Every message carries the whole object, so a newer one makes the older ones
-redundant: once an ``updated`` is stored the object's ``added`` is purged, and once a ``deleted``
-(which carries a per-message TTL) is stored its ``added`` and ``updated`` are. A live object thus
-has exactly one message, a deleted one only its tombstone until that expires, and replay cost is
-bounded by the number of live objects.
+``deleted``. Every message carries the whole object, so the newest one makes every older one of
+the same object redundant: once a message is stored, the object's messages older than it are
+purged (:func:`compact_object`, bounded by the new message's sequence, so it can never remove a
+newer one). A live object thus has exactly one message, a deleted one only its tombstone (which
+carries a per-message TTL) until that expires, and replay cost is bounded by the number of live
+objects. A purge that did not happen (the writer stopped between the ack and the purge) leaves
+older messages behind; a reader that finds them (the broadcaster's catch-up) purges them.
+
+Optimistic concurrency. A writer may say which message it believes is the object's newest
+(``expected_last_seq``, 0 for none): JetStream then stores the event only if that still holds,
+across all of the object's subjects (``Nats-Expected-Last-Subject-Sequence`` with
+``Nats-Expected-Last-Subject-Sequence-Subject`` set to :func:`object_filter`, server 2.11+), and
+:class:`LogConflict` tells the writer its view is stale. A publish computed from an old view (a
+second broadcaster, a deposed leader's buffered retry) can therefore never land over a newer one.
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ from nats.js.api import (
 )
 
 from wire.contract import (
+    MAX_EVENT_BYTES,
     Action,
     Kind,
     check_prefix,
@@ -52,11 +62,15 @@ from wire.contract import (
 )
 
 __all__ = [
+    "EventTooLarge",
+    "LogConflict",
     "LogSettings",
     "StoredMessage",
+    "compact_object",
     "ensure_streams",
+    "last_message",
+    "object_filter",
     "publish_event",
-    "purge_superseded",
     "read_log",
     "stream_config",
     "stream_name",
@@ -132,6 +146,33 @@ async def ensure_streams(
     return infos
 
 
+class LogConflict(Exception):
+    """The object's newest message is not the one the writer expected: its view is stale."""
+
+
+class EventTooLarge(ValueError):
+    """Even trimmed of what no reader needs, the event is over the size a message may have."""
+
+
+# JetStream's API error code for a failed Nats-Expected-Last-*-Sequence check.
+_WRONG_LAST_SEQUENCE = 10071
+_HEADER_EXPECTED_SEQ = "Nats-Expected-Last-Subject-Sequence"
+_HEADER_EXPECTED_SUBJECT = "Nats-Expected-Last-Subject-Sequence-Subject"
+# Room left for the headers (ours, JetStream's TTL) within MAX_EVENT_BYTES.
+_HEADER_ROOM = 1024
+# What no reader of the log needs, dropped in this order from an event too large to store:
+# the previous object of an update (the syncer folds new objects only), the status the
+# controller rewrites all the time, and kubectl's copy of the whole last applied object.
+_LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
+
+
+def object_filter(prefix: str, kind: Kind, namespace: str, name: str) -> str:
+    """The wildcard over every subject of one object: ``<prefix>.fleet.events.*.<ns>.<name>``."""
+    added = subject_for(prefix, f"{kind}.events.{Action.ADDED}", namespace, name)
+    head, tail = added.split(f".{kind}.events.{Action.ADDED}.", 1)
+    return f"{head}.{kind}.events.*.{tail}"
+
+
 async def publish_event(
     js: JetStreamContext,
     settings: LogSettings,
@@ -140,60 +181,141 @@ async def publish_event(
     old: dict[str, Any] | None = None,
     *,
     timeout: float = 5.0,
+    expected_last_seq: int | None = None,
 ) -> PubAck:
-    """Append one event and wait for JetStream's ack; on a delete, compact the object away.
+    """Append one event and wait for JetStream's ack; then compact the object's older messages.
 
-    Raises nats errors (timeouts, no responders) to the caller, which owns the retry policy.
-    A duplicate (same uid, resourceVersion and type inside the window) is acked as
-    ``duplicate=True`` and stored once.
+    With ``expected_last_seq`` (the sequence of the object's newest message as the caller saw
+    it, 0 for none) the event is stored only if that is still true, else :class:`LogConflict`.
+    Raises :class:`EventTooLarge` for an object that cannot fit a message, ContractError for
+    one the contract refuses, and nats errors (timeouts, no responders, API errors) to the
+    caller, which owns the retry policy. A duplicate (same uid, resourceVersion and type inside
+    the window) is acked as ``duplicate=True`` with the original's sequence and stored once.
+
+    The compaction runs after a duplicate too, which is what completes it when the first attempt
+    was stored but its purge failed: bounded by the original's sequence, it removes only what
+    that message (or a newer one) already supersedes, never the object's newest message.
     """
     kind, action = parse_event_type(event_type)
     metadata = obj.get("metadata") or {}
     namespace = metadata.get("namespace") or "default"
     name = metadata.get("name", "")
     subject = subject_for(settings.prefix, event_type, namespace, name)
-    payload = encode_event(event_type, obj, old)
+    payload = _fitting_payload(event_type, obj, old, f"{namespace}/{name}")
     headers = event_headers(event_type, obj)
+    if expected_last_seq is not None:
+        headers[_HEADER_EXPECTED_SEQ] = str(expected_last_seq)
+        headers[_HEADER_EXPECTED_SUBJECT] = object_filter(settings.prefix, kind, namespace, name)
     ttl = settings.tombstone_ttl if action is Action.DELETED else None
-    ack = await js.publish(
-        subject,
-        payload,
-        timeout=timeout,
-        stream=stream_name(settings.prefix, kind),
-        headers=headers,
-        msg_ttl=ttl,
-    )
-    await purge_superseded(js, settings, kind, action, namespace, name)
+    try:
+        ack = await js.publish(
+            subject,
+            payload,
+            timeout=timeout,
+            stream=stream_name(settings.prefix, kind),
+            headers=headers,
+            msg_ttl=ttl,
+        )
+    except nats.js.errors.APIError as e:
+        if e.err_code == _WRONG_LAST_SEQUENCE:
+            raise LogConflict(f"{namespace}/{name}: {e.description}") from e
+        raise
+    await compact_object(js, settings, kind, namespace, name, ack.seq)
     return ack
 
 
-# What each stored action makes redundant. Every message carries the whole object, so once an
-# update is stored the object's added message says nothing more, and once a tombstone is stored
-# neither does anything else: a reader that never sees them still ends in the right state.
-_SUPERSEDES = {
-    Action.ADDED: (),
-    Action.UPDATED: (Action.ADDED,),
-    Action.DELETED: (Action.ADDED, Action.UPDATED),
-}
+def _fitting_payload(
+    event_type: str, obj: dict[str, Any], old: dict[str, Any] | None, what: str
+) -> bytes:
+    limit = MAX_EVENT_BYTES - _HEADER_ROOM
+    payload = encode_event(event_type, obj, old)
+    if len(payload) <= limit:
+        return payload
+    dropped = []
+    for part, trim in _TRIMS:
+        obj, old, changed = trim(obj, old)
+        if not changed:
+            continue
+        dropped.append(part)
+        payload = encode_event(event_type, obj, old)
+        if len(payload) <= limit:
+            log.warning(
+                "event trimmed to fit a message object=%s event_type=%s dropped=%s bytes=%d",
+                what,
+                event_type,
+                ",".join(dropped),
+                len(payload),
+            )
+            return payload
+    raise EventTooLarge(
+        f"{event_type} of {what} is {len(payload)} bytes without {','.join(dropped) or 'nothing'}"
+        f", over the {limit} byte limit"
+    )
 
 
-async def purge_superseded(
+Trim = tuple[dict[str, Any], dict[str, Any] | None, bool]
+
+
+def _drop_old(obj: dict[str, Any], old: dict[str, Any] | None) -> Trim:
+    return obj, None, old is not None
+
+
+def _drop_status(obj: dict[str, Any], old: dict[str, Any] | None) -> Trim:
+    if "status" not in obj:
+        return obj, old, False
+    return {k: v for k, v in obj.items() if k != "status"}, old, True
+
+
+def _drop_last_applied(obj: dict[str, Any], old: dict[str, Any] | None) -> Trim:
+    metadata = obj.get("metadata") or {}
+    annotations = metadata.get("annotations") or {}
+    if _LAST_APPLIED not in annotations:
+        return obj, old, False
+    kept = {k: v for k, v in annotations.items() if k != _LAST_APPLIED}
+    return {**obj, "metadata": {**metadata, "annotations": kept}}, old, True
+
+
+_TRIMS = (("old_obj", _drop_old), ("status", _drop_status), (_LAST_APPLIED, _drop_last_applied))
+
+
+async def compact_object(
     js: JetStreamContext,
     settings: LogSettings,
     kind: Kind,
-    action: Action,
     namespace: str,
     name: str,
+    newest_seq: int,
 ) -> None:
-    """Purge the object's messages that ``action``, just stored, supersedes. Idempotent.
+    """Purge the object's messages older than ``newest_seq`` (its newest). Idempotent.
 
-    This keeps the log at one message per live object (replay costs what the live Fleets
-    cost), and at nothing once a tombstone expires.
+    Bounded by the sequence, so a purge sent late (a retry, a slow writer) can only remove what
+    the message at ``newest_seq`` supersedes, never a newer message of the same object.
     """
-    stream = stream_name(settings.prefix, kind)
-    for older in _SUPERSEDES[action]:
-        subject = subject_for(settings.prefix, f"{kind}.events.{older}", namespace, name)
-        await js.purge_stream(stream, subject=subject)
+    await js.purge_stream(
+        stream_name(settings.prefix, kind),
+        seq=newest_seq,
+        subject=object_filter(settings.prefix, kind, namespace, name),
+    )
+
+
+async def last_message(
+    js: JetStreamContext, settings: LogSettings, kind: Kind, namespace: str, name: str
+) -> StoredMessage | None:
+    """The object's newest message (any action), or None when the log holds none."""
+    try:
+        msg = await js.get_last_msg(
+            stream_name(settings.prefix, kind),
+            object_filter(settings.prefix, kind, namespace, name),
+        )
+    except nats.js.errors.NotFoundError:
+        return None
+    return StoredMessage(
+        seq=msg.seq or 0,
+        time=None,
+        subject=msg.subject or "",
+        data=msg.data or b"",
+        headers=dict(msg.headers or {}),
+    )
 
 
 @dataclass(frozen=True)
