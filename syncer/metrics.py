@@ -12,6 +12,7 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram
 
 __all__ = [
+    "CLUSTER_BACKOFFS",
     "CONSUMER_ACK_PENDING",
     "CONSUMER_LAG",
     "CRI_ERRORS",
@@ -34,6 +35,7 @@ __all__ = [
     "PULL_DURATION",
     "RECONCILE_DURATION",
     "REPLAYS",
+    "SLOT_WAITS",
     "TERMINATED",
 ]
 
@@ -147,4 +149,12 @@ IMAGES_REMOVED_EXTERNALLY = Counter(
     "Desired images this node held that disappeared without the syncer removing them (kubelet "
     "image GC, an operator), by image.",
     ["image"],
+)
+SLOT_WAITS = Counter(
+    "image_syncer_syncer_pull_slot_waits_total",
+    "Pulls that had to wait for a slot of the cluster-wide pull budget (--max-cluster-pulls).",
+)
+CLUSTER_BACKOFFS = Counter(
+    "image_syncer_syncer_registry_backoffs_total",
+    "Registry 429 answers this node turned into a cluster-wide pull backoff.",
 )

@@ -13,6 +13,7 @@ the failure there), so a pull awaited by three askers is logged once, not three 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 
 from syncer import metrics
 from syncer.cri import CriClient, CriError, RegistryAuth, RuntimeUnavailable
+from syncer.pullbudget import PullBudget
 from syncer.references import ImageRef
 
 __all__ = ["Backoff", "PullResult", "Puller"]
@@ -65,8 +67,11 @@ class Puller:
         auth_for: Callable[[ImageRef], Sequence[RegistryAuth]] = lambda _: (),
         on_result: Callable[[PullResult], None] = lambda _: None,
         clock: Callable[[], float] = time.monotonic,
+        budget: PullBudget | None = None,
     ) -> None:
         self._cri = cri
+        # The cluster-wide pull budget (--max-cluster-pulls), taken before the node's own slot.
+        self._budget = budget
         self._slots = asyncio.Semaphore(max_parallel)
         self._timeout = pull_timeout
         self._backoff = backoff
@@ -111,16 +116,22 @@ class Puller:
     async def close(self) -> None:
         """Start no new pulls; let running ones finish or time out (queued ones give up)."""
         self._closing = True
+        if self._budget is not None:
+            self._budget.stop()
         if self._inflight:
             await asyncio.gather(*self._inflight.values(), return_exceptions=True)
 
     async def _pull(self, image: ImageRef) -> PullResult:
-        async with self._slots:
+        budget = self._budget
+        cluster_slot = budget.slot(image) if budget is not None else contextlib.nullcontext()
+        async with cluster_slot, self._slots:
             if self._closing:
                 return PullResult(image, False, error="stopping", deferred=True)
             started = self._clock()
             result = await self._attempt(image)
             metrics.PULL_DURATION.observe(max(0.0, self._clock() - started))
+        if budget is not None and not result.ok:
+            await budget.observe(image, result.error)
         result = self._account(result)
         try:
             self._on_result(result)

@@ -1,0 +1,318 @@
+"""The cluster-wide pull budget: at most N nodes pull one image at a time, and a 429 stops all.
+
+A thousand nodes pulling one new 5 GB image at once is a registry outage or a rate-limit ban
+(Docker Hub: 10 anonymous pulls per hour per IP). With ``--max-cluster-pulls N`` a node takes
+one of N slots of the image before it pulls and gives it back after; the others wait their turn,
+retrying with jittered, growing pauses so they do not stampede the moment a slot frees.
+
+A slot is a key ``slot.<image>.<i>`` in the KV bucket ``IMAGE_SYNCER_PULL_SLOTS``, taken with
+``create`` (which fails if the key exists) and written with a per-message TTL (``lease``). The
+holder renews it while it pulls; a holder that dies stops renewing, and its slot frees itself
+when the TTL runs out. No clocks are compared, no one has to clean up after the dead.
+
+A registry that answers 429 / Too Many Requests (the runtime's pull error says so) gets a key
+``backoff.<registry>`` with a TTL of ``backoff``: every node reads it before taking a slot for an
+image of that registry and waits until it has expired, so the whole cluster backs off, not just
+the node that was told.
+
+The budget never stops pulling for good: if NATS cannot be reached, the node pulls without a
+slot (one warning per outage, a metric) rather than leave its images missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import random
+import re
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import msgspec
+import nats.js.errors
+from nats.js import JetStreamContext
+from nats.js.api import DiscardPolicy, StorageType, StreamConfig
+from nats.js.kv import KeyValue
+
+from syncer import metrics
+from syncer.references import ImageRef
+from wire.contract import check_prefix
+
+__all__ = ["BudgetSettings", "PullBudget", "budget_bucket", "is_rate_limited"]
+
+log = logging.getLogger(__name__)
+
+BUCKET = "IMAGE_SYNCER_PULL_SLOTS"
+_RATE_LIMITED = re.compile(r"\b429\b|too many requests", re.IGNORECASE)
+# Waiting for a slot: the first retry after about this long, doubling up to the cap.
+_FIRST_RETRY = 1.0
+_MAX_RETRY = 10.0
+# NATS' "wrong last sequence": someone else wrote the key since.
+_WRONG_LAST_SEQUENCE = (10071, 10164)
+
+
+def budget_bucket(prefix: str) -> str:
+    """``IMAGE_SYNCER_PULL_SLOTS`` for the default prefix, else suffixed like the status bucket."""
+    if check_prefix(prefix) == "agones":
+        return BUCKET
+    return f"{BUCKET}_{re.sub(r'[^A-Za-z0-9]', '_', prefix).upper()}"
+
+
+def is_rate_limited(error: str) -> bool:
+    """The runtime's pull error says the registry answered 429 / Too Many Requests."""
+    return bool(_RATE_LIMITED.search(error))
+
+
+@dataclass(frozen=True)
+class BudgetSettings:
+    # Slots per image across the cluster; 0 turns the budget off.
+    max_pulls: int
+    prefix: str = "agones"
+    replicas: int = 1
+    # A slot's TTL; renewed every third of it while the pull runs.
+    lease: float = 30.0
+    # How long the cluster holds back pulls from a registry that answered 429.
+    backoff: float = 60.0
+
+
+class _Backoff(msgspec.Struct, frozen=True):
+    until: datetime
+    node: str
+    error: str = ""
+
+
+def _slot_prefix(image: ImageRef) -> str:
+    return "slot." + hashlib.sha256(str(image).encode()).hexdigest()[:24]
+
+
+def _backoff_key(image: ImageRef) -> str:
+    return "backoff." + re.sub(r"[^A-Za-z0-9_-]", "_", image.domain)
+
+
+class PullBudget:
+    """One node's side of the budget: ``async with budget.slot(image): pull``."""
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        settings: BudgetSettings,
+        node: str,
+        *,
+        rng: Callable[[], float] = random.random,
+        wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._js = js
+        self._settings = settings
+        self._node = node
+        self._rng = rng
+        self._wall_clock = wall_clock
+        self._kv: KeyValue | None = None
+        self._waiting: set[ImageRef] = set()
+        self._failing = False
+        self._stopping = asyncio.Event()
+        # Until when this node last saw the cluster hold back pulls (for its status).
+        self.backoff_until: datetime | None = None
+
+    def stop(self) -> None:
+        """Stop waiting: pulls still waiting for a slot go ahead at once (and see the syncer
+        is stopping)."""
+        self._stopping.set()
+
+    def waiting(self) -> frozenset[ImageRef]:
+        """Images this node waits to pull until a slot (or the registry) frees up."""
+        return frozenset(self._waiting)
+
+    @contextlib.asynccontextmanager
+    async def slot(self, image: ImageRef) -> AsyncIterator[None]:
+        """Hold one of the image's cluster slots for the body; waits for one as long as needed."""
+        self._waiting.add(image)
+        try:
+            key, revision = await self._acquire(image)
+        finally:
+            self._waiting.discard(image)
+        if key is None:  # NATS unreachable: pull without a slot
+            yield
+            return
+        renew = asyncio.create_task(self._renew(key, revision), name=f"renew {key}")
+        try:
+            yield
+        finally:
+            renew.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renew
+            await self._release(key)
+
+    async def observe(self, image: ImageRef, error: str) -> None:
+        """A pull of ``image`` failed with ``error``: if the registry rate-limits, tell all."""
+        if not is_rate_limited(error):
+            return
+        until = self._wall_clock() + timedelta(seconds=self._settings.backoff)
+        value = msgspec.json.encode(_Backoff(until=until, node=self._node, error=error[:200]))
+        try:
+            await self._bucket()
+            # With a TTL, so a backoff ends even if nobody is left to lift it.
+            await self._js.publish(
+                self._subject(_backoff_key(image)), value, msg_ttl=self._ttl(self._settings.backoff)
+            )
+        except Exception as e:
+            self._record_failure(e)
+            return
+        self.backoff_until = until
+        metrics.CLUSTER_BACKOFFS.inc()
+        log.warning(
+            "registry rate limit: cluster pulls held back",
+            extra={"registry": image.domain, "for": self._settings.backoff, "error": error},
+        )
+
+    # --- internals ------------------------------------------------------------------------
+
+    async def _acquire(self, image: ImageRef) -> tuple[str | None, int]:
+        attempt = 0
+        while not self._stopping.is_set():
+            try:
+                await self._respect_backoff(image)
+                taken = await self._try_take(image)
+            except Exception as e:
+                self._record_failure(e)
+                return None, 0
+            self._recovered()
+            if taken is not None:
+                return taken
+            if attempt == 0:
+                metrics.SLOT_WAITS.inc()
+                log.info(
+                    "waiting for a cluster pull slot",
+                    extra={"image": str(image), "slots": self._settings.max_pulls},
+                )
+            attempt += 1
+            await self._sleep(self._jitter(_FIRST_RETRY * 2 ** min(attempt, 4)))
+        return None, 0
+
+    async def _try_take(self, image: ImageRef) -> tuple[str, int] | None:
+        kv = await self._bucket()
+        prefix = _slot_prefix(image)
+        order = list(range(self._settings.max_pulls))
+        random.Random(self._rng()).shuffle(order)
+        for index in order:
+            key = f"{prefix}.{index}"
+            try:
+                revision = await kv.create(
+                    key, self._node.encode(), msg_ttl=self._ttl(self._settings.lease)
+                )
+            except nats.js.errors.KeyWrongLastSequenceError:
+                continue
+            return key, revision
+        return None
+
+    async def _respect_backoff(self, image: ImageRef) -> None:
+        kv = await self._bucket()
+        while not self._stopping.is_set():
+            try:
+                entry = await kv.get(_backoff_key(image))
+            except nats.js.errors.KeyNotFoundError:
+                return
+            try:
+                until = msgspec.json.decode(entry.value or b"", type=_Backoff).until
+            except msgspec.DecodeError:
+                return
+            left = (until - self._wall_clock()).total_seconds()
+            if left <= 0:
+                return
+            self.backoff_until = until
+            await self._sleep(min(left, _MAX_RETRY) + self._jitter(_FIRST_RETRY))
+
+    async def _renew(self, key: str, revision: int) -> None:
+        while True:
+            await asyncio.sleep(self._settings.lease / 3)
+            try:
+                ack = await self._js.publish(
+                    self._subject(key),
+                    self._node.encode(),
+                    headers={"Nats-Expected-Last-Subject-Sequence": str(revision)},
+                    msg_ttl=self._ttl(self._settings.lease),
+                )
+                revision = ack.seq
+            except nats.js.errors.APIError as e:
+                if e.err_code not in _WRONG_LAST_SEQUENCE:
+                    self._record_failure(e)
+                    continue
+                # Our lease ran out (a long stall) and someone else holds the slot now: pull
+                # on, the budget is exceeded by one for a moment, rather than abort a pull.
+                log.warning("cluster pull slot lost while pulling", extra={"slot": key})
+                return
+            except Exception as e:
+                self._record_failure(e)
+
+    def _subject(self, key: str) -> str:
+        return f"$KV.{budget_bucket(self._settings.prefix)}.{key}"
+
+    @staticmethod
+    def _ttl(seconds: float) -> float:
+        # Per-message TTLs are whole seconds, at least one.
+        return float(max(1, round(seconds)))
+
+    async def _release(self, key: str) -> None:
+        try:
+            kv = await self._bucket()
+            # The purge marker expires too, so used slots leave nothing behind.
+            await kv.purge(key, msg_ttl=self._ttl(self._settings.lease))
+        except Exception as e:
+            # The TTL frees it anyway.
+            self._record_failure(e)
+
+    async def _bucket(self) -> KeyValue:
+        if self._kv is None:
+            self._kv = await _ensure_bucket(self._js, self._settings)
+        return self._kv
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+
+    def _jitter(self, seconds: float) -> float:
+        return seconds * (0.5 + self._rng())
+
+    def _record_failure(self, error: Exception) -> None:
+        metrics.NATS_ERRORS.labels("pull_budget").inc()
+        if not self._failing:
+            self._failing = True
+            log.warning(
+                "cluster pull budget unavailable, pulling without a slot",
+                extra={"error": repr(error)},
+            )
+
+    def _recovered(self) -> None:
+        if self._failing:
+            self._failing = False
+            log.info("cluster pull budget available again")
+
+
+async def _ensure_bucket(js: JetStreamContext, settings: BudgetSettings) -> KeyValue:
+    name = budget_bucket(settings.prefix)
+    config = StreamConfig(
+        name=f"KV_{name}",
+        description="image-syncer: cluster-wide pull slots and registry backoffs",
+        subjects=[f"$KV.{name}.>"],
+        storage=StorageType.FILE,
+        num_replicas=settings.replicas,
+        max_msgs_per_subject=1,
+        max_msgs=-1,
+        max_consumers=-1,
+        discard=DiscardPolicy.NEW,
+        duplicate_window=120.0,
+        allow_rollup_hdrs=True,
+        allow_msg_ttl=True,
+        allow_direct=True,
+        deny_delete=True,
+        deny_purge=False,
+    )
+    try:
+        return await js.key_value(name)
+    except nats.js.errors.BucketNotFoundError:
+        pass
+    with contextlib.suppress(nats.js.errors.BadRequestError):
+        await js.add_stream(config)
+    return await js.key_value(name)

@@ -1,0 +1,175 @@
+"""The cluster-wide pull budget against the real nats-server: slots, dead holders, 429 backoff.
+
+Each "node" is a PullBudget on a NATS connection of its own, as separate syncers would be. A
+holder that dies is a connection closed without giving its slot back: the slot must free itself
+through its TTL. Nothing here measures time; every wait polls for the state with a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+
+from syncer.cri import CriError
+from syncer.pullbudget import BudgetSettings, PullBudget, budget_bucket, is_rate_limited
+from syncer.puller import Backoff, Puller
+from syncer.references import normalize
+from wire.natsconn import NatsSettings, connect
+
+pytestmark = pytest.mark.nats
+
+IMAGE = normalize("registry.example:5000/game/server:v1")
+OTHER_REGISTRY_IMAGE = normalize("other.example/game/server:v1")
+
+
+async def eventually(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not check():
+        if asyncio.get_running_loop().time() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+async def node_connections(nats_settings: NatsSettings) -> AsyncIterator[list[Client]]:
+    clients: list[Client] = []
+    yield clients
+    for client in clients:
+        with contextlib.suppress(Exception):
+            await client.close()
+
+
+@pytest.fixture
+def make_node(
+    nats_settings: NatsSettings, node_connections: list[Client], prefix: str
+) -> Callable[..., object]:
+    async def make(node: str, **settings: float) -> PullBudget:
+        client = await connect(nats_settings, name=node)
+        node_connections.append(client)
+        options = {"max_pulls": 1, "prefix": prefix, "lease": 2.0, "backoff": 2.0, **settings}
+        return PullBudget(client.jetstream(), BudgetSettings(**options), node)  # type: ignore[arg-type]
+
+    return make
+
+
+class Holder:
+    """Holds a slot in a task until released (or its node dies)."""
+
+    def __init__(self, budget: PullBudget) -> None:
+        self.budget = budget
+        self.holding = asyncio.Event()
+        self.release = asyncio.Event()
+        self.task = asyncio.create_task(self._hold())
+
+    async def _hold(self) -> None:
+        async with self.budget.slot(IMAGE):
+            self.holding.set()
+            await self.release.wait()
+
+
+def test_rate_limit_answers_are_recognised() -> None:
+    assert is_rate_limited("CRI PullImage x: UNKNOWN: ... 429 Too Many Requests")
+    assert is_rate_limited("toomanyrequests: too many requests, rate limit")
+    assert not is_rate_limited("401 Unauthorized") and not is_rate_limited("port 14290")
+    assert budget_bucket("agones") == "IMAGE_SYNCER_PULL_SLOTS"
+    assert budget_bucket("t1.dev") == "IMAGE_SYNCER_PULL_SLOTS_T1_DEV"
+
+
+async def test_a_node_waits_for_the_slot_until_the_holder_gives_it_back(make_node) -> None:  # type: ignore[no-untyped-def]
+    a, b, c = await make_node("node-a"), await make_node("node-b"), await make_node("node-c")
+    first = Holder(a)
+    await asyncio.wait_for(first.holding.wait(), 30)
+    second = Holder(b)
+    await eventually(lambda: IMAGE in b.waiting(), "node-b to wait for the slot")
+    assert not second.holding.is_set()
+    # Another image has slots of its own.
+    async with c.slot(OTHER_REGISTRY_IMAGE):
+        pass
+    first.release.set()
+    await first.task
+    await asyncio.wait_for(second.holding.wait(), 30)
+    assert b.waiting() == frozenset()
+    second.release.set()
+    await second.task
+
+
+async def test_two_slots_let_two_nodes_pull_at_once(make_node) -> None:  # type: ignore[no-untyped-def]
+    nodes = [await make_node(f"node-{i}", max_pulls=2) for i in range(3)]
+    holders = [Holder(node) for node in nodes]
+    await eventually(
+        lambda: sum(h.holding.is_set() for h in holders) == 2, "two nodes to hold a slot"
+    )
+    waiting = next(h for h in holders if not h.holding.is_set())
+    await eventually(lambda: IMAGE in waiting.budget.waiting(), "the third node to wait")
+    next(h for h in holders if h.holding.is_set()).release.set()
+    await asyncio.wait_for(waiting.holding.wait(), 30)
+    for holder in holders:
+        holder.release.set()
+    await asyncio.gather(*(h.task for h in holders))
+
+
+async def test_a_dead_holders_slot_frees_itself(make_node, node_connections) -> None:  # type: ignore[no-untyped-def]
+    dead = await make_node("node-dead")
+    holder = Holder(dead)
+    await asyncio.wait_for(holder.holding.wait(), 30)
+    survivor = await make_node("node-b")
+    waiter = Holder(survivor)
+    await eventually(lambda: IMAGE in survivor.waiting(), "node-b to wait for the slot")
+    # The holder's node dies: its connection is gone, it neither renews nor releases.
+    holder.task.cancel()
+    await node_connections[0].close()
+    await asyncio.wait_for(waiter.holding.wait(), 60)
+    waiter.release.set()
+    await waiter.task
+
+
+async def test_a_429_holds_back_the_whole_cluster_for_that_registry(make_node) -> None:  # type: ignore[no-untyped-def]
+    a, b = await make_node("node-a"), await make_node("node-b", max_pulls=5)
+    await a.observe(IMAGE, "CRI PullImage: UNKNOWN: unexpected status: 429 Too Many Requests")
+    assert a.backoff_until is not None
+    await a.observe(IMAGE, "401 Unauthorized")  # not a rate limit: changes nothing
+    # Another registry is not held back.
+    async with b.slot(OTHER_REGISTRY_IMAGE):
+        pass
+    waiter = Holder(b)
+    await eventually(lambda: IMAGE in b.waiting(), "node-b to hold back its pull")
+    assert b.backoff_until == a.backoff_until
+    # The backoff's TTL runs out: the pull goes ahead.
+    await asyncio.wait_for(waiter.holding.wait(), 60)
+    waiter.release.set()
+    await waiter.task
+
+
+async def test_the_puller_takes_a_slot_and_reports_429s(make_node, js: JetStreamContext) -> None:  # type: ignore[no-untyped-def]
+    budget = await make_node("node-a", backoff=600.0)
+
+    class RateLimitedCri:
+        calls = 0
+
+        async def pull_image(self, ref: str, auth: object = None, *, timeout: float) -> str:
+            self.calls += 1
+            raise CriError(f"CRI PullImage {ref}: UNKNOWN: 429 Too Many Requests")
+
+    cri = RateLimitedCri()
+    puller = Puller(
+        cri,  # type: ignore[arg-type]
+        max_parallel=2,
+        pull_timeout=30.0,
+        backoff=Backoff(1.0, 60.0),
+        budget=budget,
+    )
+    result = await puller.ensure(IMAGE)
+    assert not result.ok and cri.calls == 1
+    assert budget.backoff_until is not None
+    # The next pull of that registry waits, and stopping the puller ends the wait at once.
+    other = normalize("registry.example:5000/game/other:v1")
+    pending = puller.ensure(other)
+    await eventually(lambda: other in budget.waiting(), "the next pull to wait out the 429")
+    await puller.close()
+    result = await asyncio.wait_for(pending, 30)
+    assert result.deferred and result.error == "stopping" and cri.calls == 1
