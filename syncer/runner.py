@@ -32,6 +32,7 @@ from syncer.cri import CriClient, CriError
 from syncer.desired import DesiredState
 from syncer.filtering import FleetFilter
 from syncer.nodeinfo import ApiEndpoint, NodeInfoError, NodeWatcher
+from syncer.pullbudget import BudgetSettings, PullBudget
 from syncer.puller import Backoff, Puller, PullResult
 from syncer.reconcile import Reconciler
 from syncer.registryauth import RegistryCredentials
@@ -148,6 +149,7 @@ class _Syncer:
         self.fleet_filter = FleetFilter.parse(settings.fleet_selector)
         self.desired = DesiredState(admit=self.admit)
         self.unused = self._unused()
+        self.budget = self._budget()
         self.puller = Puller(
             cri,
             max_parallel=settings.max_parallel_pulls,
@@ -155,6 +157,7 @@ class _Syncer:
             backoff=Backoff(settings.backoff_min, settings.backoff_max),
             auth_for=lambda image: credentials.for_image(str(image)),
             on_result=self.on_pull_result,
+            budget=self.budget,
         )
         self.reconciler = Reconciler(
             cri,
@@ -199,6 +202,17 @@ class _Syncer:
             replicas=self.settings.status_replicas,
         )
 
+    def _budget(self) -> PullBudget | None:
+        if not self.settings.max_cluster_pulls:
+            return None
+        settings = BudgetSettings(
+            max_pulls=self.settings.max_cluster_pulls,
+            prefix=self.settings.subject_prefix,
+            replicas=self.settings.status_replicas,
+            backoff=self.settings.registry_backoff,
+        )
+        return PullBudget(self.js, settings, self.settings.node_name)
+
     def _reporter(self) -> StatusReporter | None:
         try:
             check_node(self.settings.node_name)
@@ -210,7 +224,9 @@ class _Syncer:
             self.js,
             self.status_settings,
             self.settings.node_name,
-            lambda: node_state(self.desired, self.reconciler, self.puller, self.replayed.request),
+            lambda: node_state(
+                self.desired, self.reconciler, self.puller, self.replayed.request, self.budget
+            ),
             interval=interval,
             heartbeat=max(30.0, interval),
             on_error=lambda _: metrics.NATS_ERRORS.labels("status_write").inc(),

@@ -59,6 +59,10 @@ class SyncerSettings:
     startup_taint_timeout: float = 900.0
     # Images every node keeps besides the Fleets' (a log shipper, a game-wide base image).
     extra_images: tuple[str, ...] = ()
+    # The cluster-wide pull budget: slots per image across all nodes (0 = off), and how long the
+    # cluster holds back pulls from a registry that answered 429.
+    max_cluster_pulls: int = 0
+    registry_backoff: float = 60.0
     nats: NatsSettings = field(default_factory=NatsSettings)
 
     def __post_init__(self) -> None:
@@ -85,6 +89,10 @@ class SyncerSettings:
                 raise ValueError(f"{name} must be positive")
         if self.remove_grace < 0:
             raise ValueError("remove_grace must not be negative")
+        if self.max_cluster_pulls < 0:
+            raise ValueError("max_cluster_pulls must not be negative (0 turns the budget off)")
+        if self.registry_backoff <= 0:
+            raise ValueError("registry_backoff must be positive")
         if self.status_replicas < 1:
             raise ValueError("status_replicas must be at least 1")
         if self.startup_taint and not _TAINT_KEY.match(self.startup_taint):

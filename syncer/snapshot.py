@@ -9,27 +9,41 @@ the event it was folded from, and image strings only for what is missing, with w
 from __future__ import annotations
 
 from syncer.desired import DesiredState
+from syncer.pullbudget import PullBudget
 from syncer.puller import Puller
 from syncer.reconcile import Reconciler
-from wire.nodestatus import NodeState, summarize
+from wire.nodestatus import BudgetSummary, NodeState, summarize
 
 __all__ = ["node_state"]
 
 
 def node_state(
-    desired: DesiredState, reconciler: Reconciler, puller: Puller, replayed_request: str = ""
+    desired: DesiredState,
+    reconciler: Reconciler,
+    puller: Puller,
+    replayed_request: str = "",
+    budget: PullBudget | None = None,
 ) -> NodeState:
     fleets = desired.fleets()
     wanted = {image for images in fleets.values() for image in images}
     missing = {image for image in wanted if not reconciler.is_present(image)}
-    pulling = puller.pulling()
+    # A pull waiting for a cluster slot is in flight for the puller, but not pulling yet.
+    waiting = budget.waiting() if budget is not None else frozenset()
+    pulling = puller.pulling() - waiting
+    summary = None
+    if budget is not None:
+        summary = BudgetSummary(
+            waiting=tuple(sorted(str(i) for i in waiting)), backoff_until=budget.backoff_until
+        )
     return summarize(
         desired={fleet: [str(i) for i in images] for fleet, images in fleets.items()},
         present={str(i) for i in wanted - missing},
         fleet_seqs=desired.fleet_seqs(),
         excluded=desired.excluded(),
         pulling={str(i) for i in missing if i in pulling},
+        waiting_slot={str(i) for i in missing if i in waiting},
         failed={str(i): error for i, error in reconciler.failed.items() if i in missing},
         last_reconcile=reconciler.last_reconcile,
         replayed_request=replayed_request,
+        budget=summary,
     )

@@ -35,7 +35,7 @@ from nats.js.api import ConsumerConfig
 
 from image_syncer.sandbox.nats_server import nats_server_binary
 from image_syncer.sandbox.processes import free_port, stop_process, wait_until
-from syncer import cleanup, pinning
+from syncer import cleanup, pinning, pullbudget
 from wire import nodestatus
 from wire.contract import Kind
 from wire.eventlog import LogSettings, ensure_streams, publish_event, read_log, stream_name
@@ -45,6 +45,7 @@ from wire.permissions import (
     PASSWORD_ENV,
     PINNED_BUCKET,
     PULLED_BUCKET,
+    SLOTS_BUCKET,
     broadcaster_permissions,
     bucket_for,
     render_accounts,
@@ -83,6 +84,7 @@ def test_bucket_names_are_the_ones_the_roles_use(prefix: str) -> None:
     assert bucket_for(NODES_BUCKET, prefix) == nodestatus.bucket_name(prefix)
     assert PULLED_BUCKET == cleanup.BUCKET
     assert PINNED_BUCKET == pinning.BUCKET
+    assert bucket_for(SLOTS_BUCKET, prefix) == pullbudget.budget_bucket(prefix)
 
 
 @pytest.mark.parametrize("name", list(NATS_BUILDS))
@@ -292,7 +294,7 @@ async def test_syncer_consumes_through_its_durable_and_writes_its_buckets(
     # A replay replaces the durable to move its start sequence.
     await sub.unsubscribe()
     assert await js.delete_consumer(FLEETS, "syncer-node-1")
-    for bucket in (NODES_BUCKET, PULLED_BUCKET, PINNED_BUCKET):
+    for bucket in (NODES_BUCKET, PULLED_BUCKET, PINNED_BUCKET, SLOTS_BUCKET):
         kv = await js.create_key_value(bucket=bucket, history=1)
         await kv.put("node.node-1", b"{}")
         assert (await kv.get("node.node-1")).value == b"{}"

@@ -37,6 +37,7 @@ __all__ = [
     "PASSWORD_ENV",
     "PINNED_BUCKET",
     "PULLED_BUCKET",
+    "SLOTS_BUCKET",
     "SYNCER_CONSUMER_PREFIX",
     "RolePermissions",
     "admin_user",
@@ -52,6 +53,9 @@ NODES_BUCKET = nodestatus.DEFAULT_BUCKET
 PULLED_BUCKET = "IMAGE_SYNCER_PULLED"
 # The names each syncer pinned itself (syncer.pinning.BUCKET; a test keeps the two equal).
 PINNED_BUCKET = "IMAGE_SYNCER_PINNED"
+# The cluster-wide pull slots and registry backoffs (syncer.pullbudget.BUCKET; a test keeps the
+# two equal).
+SLOTS_BUCKET = "IMAGE_SYNCER_PULL_SLOTS"
 LEASE_BUCKET = "IMAGE_SYNCER_LEASE"
 _DEFAULT_PREFIX = "agones"
 SYNCER_CONSUMER_PREFIX = "syncer-"
@@ -142,6 +146,7 @@ def syncer_permissions(prefix: str = _DEFAULT_PREFIX) -> RolePermissions:
         *_kv_bucket(nodestatus.bucket_name(prefix)),
         *_kv_bucket(bucket_for(PULLED_BUCKET, prefix)),
         *_kv_bucket(bucket_for(PINNED_BUCKET, prefix)),
+        *_kv_bucket(bucket_for(SLOTS_BUCKET, prefix)),
     ]
     return RolePermissions("syncer", tuple(publish), (_INBOX,))
 

@@ -148,6 +148,22 @@ def syncer(
             help="Image every node keeps besides the Fleets' (repeatable, comma-separated).",
         ),
     ] = [],  # noqa: B006 - typer reads the default, never mutates it
+    max_cluster_pulls: Annotated[
+        int,
+        typer.Option(
+            envvar="MAX_CLUSTER_PULLS",
+            min=0,
+            help="At most this many nodes pull one image at a time, cluster-wide; 0: no limit.",
+        ),
+    ] = 0,
+    registry_backoff: Annotated[
+        float,
+        Duration(
+            "With --max-cluster-pulls: hold back every node's pulls from a registry that "
+            "answered 429 for this long.",
+            "REGISTRY_BACKOFF",
+        ),
+    ] = "1m",  # type: ignore[assignment]
 ) -> None:
     """Pre-pull the images of every Fleet onto this node and keep them there."""
     from syncer.runner import run
@@ -184,6 +200,8 @@ def syncer(
             startup_taint=startup_taint,
             startup_taint_timeout=startup_taint_timeout,
             extra_images=split_values(extra_image),
+            max_cluster_pulls=max_cluster_pulls,
+            registry_backoff=registry_backoff,
             nats=nats,
         )
     except ValueError as e:
