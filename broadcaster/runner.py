@@ -35,6 +35,7 @@ from broadcaster.kubeapi import custom_objects_api
 from broadcaster.lease import LEADER, Lease
 from broadcaster.publishing import TRANSIENT, Backoff, Publisher
 from broadcaster.settings import Settings
+from broadcaster.sidecar import SidecarWatcher
 from broadcaster.watching import Watcher
 from ops.serving import Health, parse_addr, serve_http
 from wire.eventlog import ensure_streams
@@ -154,6 +155,9 @@ async def _broadcast(
         watchers.append(watcher)
         tasks.append(asyncio.create_task(forwarder.run(), name=f"forward {target}"))
         watcher.start()
+    if settings.sidecar.namespace:
+        sidecar = SidecarWatcher(api.api_client, js, settings.log, settings.sidecar)  # type: ignore[attr-defined]
+        tasks.append(asyncio.create_task(sidecar.run(), name="follow the sdk sidecar image"))
     log.info(
         "broadcasting",
         extra={

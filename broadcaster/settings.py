@@ -14,7 +14,7 @@ from wire.contract import Kind
 from wire.eventlog import LogSettings
 from wire.natsconn import NatsSettings
 
-__all__ = ["Settings", "WatchTarget", "default_identity"]
+__all__ = ["Settings", "SidecarSettings", "WatchTarget", "default_identity"]
 
 
 def default_identity() -> str:
@@ -31,6 +31,17 @@ class WatchTarget:
 
     def __str__(self) -> str:
         return f"{self.kind}/{self.namespace or '*'}"
+
+
+@dataclass(frozen=True)
+class SidecarSettings:
+    """Where the Agones SDK sidecar's image is found (``broadcaster.sidecar``)."""
+
+    # Empty: do not follow the sidecar image.
+    namespace: str = "agones-system"
+    deployment: str = "agones-controller"
+    refresh: float = 60.0
+    request_timeout: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -58,6 +69,7 @@ class Settings:
     ha: bool = False
     lease_ttl: float = 10.0
     identity: str = field(default_factory=default_identity)
+    sidecar: SidecarSettings = field(default_factory=SidecarSettings)
 
     def targets(self) -> tuple[WatchTarget, ...]:
         namespaces: tuple[str | None, ...] = tuple(dict.fromkeys(self.namespaces)) or (None,)

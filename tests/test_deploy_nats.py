@@ -37,8 +37,18 @@ from image_syncer.sandbox.nats_server import nats_server_binary
 from image_syncer.sandbox.processes import free_port, stop_process, wait_until
 from syncer import cleanup, pinning, pullbudget
 from wire import nodestatus
-from wire.contract import Kind
-from wire.eventlog import LogSettings, ensure_streams, publish_event, read_log, stream_name
+from wire.contract import AGONES_SDK_SOURCE, Kind, NodeImages
+from wire.eventlog import (
+    LogSettings,
+    ensure_node_images_stream,
+    ensure_streams,
+    node_images_stream_name,
+    publish_event,
+    publish_node_images,
+    read_log,
+    read_node_images,
+    stream_name,
+)
 from wire.permissions import (
     LEASE_BUCKET,
     NODES_BUCKET,
@@ -324,6 +334,30 @@ async def test_syncer_cannot_publish_events_or_damage_the_log(
     await _violation(server, "syncer", "agones.>")
     stored = [m.subject async for m in read_log(admin.jetstream(), FLEETS)]
     assert not [s for s in stored if s.endswith(".evil")]
+
+
+async def test_node_images_published_by_the_broadcaster_read_by_syncers(
+    server: Server, syncer: Client, broadcaster: Client
+) -> None:
+    settings = LogSettings()
+    await ensure_node_images_stream(broadcaster.jetstream(timeout=5), settings)
+    await ensure_node_images_stream(broadcaster.jetstream(timeout=5), settings)  # the update path
+    sdk = NodeImages(AGONES_SDK_SOURCE, ["registry.example/agones-sdk:1.44.0"], "agones-system/x")
+    await publish_node_images(broadcaster.jetstream(), settings, sdk)
+    assert await read_node_images(syncer.jetstream(timeout=5), "agones") == {AGONES_SDK_SOURCE: sdk}
+    for subject in (
+        f"agones.nodeimages.{AGONES_SDK_SOURCE}",
+        f"$JS.API.STREAM.PURGE.{node_images_stream_name('agones')}",
+        f"$JS.API.STREAM.UPDATE.{node_images_stream_name('agones')}",
+    ):
+        await _denied(server, syncer, "syncer", subject)
+    # (The server is shared: earlier tests' deliberate violations are not this test's.)
+    mine = [
+        e
+        for u, e in server.errors
+        if u == "broadcaster" and ("node_images" in e.lower() or "nodeimages" in e.lower())
+    ]
+    assert not mine
 
 
 async def test_a_wrong_password_is_refused(server: Server) -> None:

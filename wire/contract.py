@@ -24,6 +24,7 @@ from typing import Any, Literal
 import msgspec
 
 __all__ = [
+    "AGONES_SDK_SOURCE",
     "MAX_EVENT_BYTES",
     "Action",
     "Container",
@@ -33,13 +34,19 @@ __all__ = [
     "Fleet",
     "GameServer",
     "Kind",
+    "NodeImages",
     "ObjectMeta",
     "PodSpec",
     "decode_event",
+    "decode_node_images",
     "decode_subject",
     "encode_event",
+    "encode_node_images",
     "event_headers",
     "message_id",
+    "node_images_filter",
+    "node_images_message_id",
+    "node_images_subject",
     "subject_for",
 ]
 
@@ -372,3 +379,76 @@ def images_of(obj: AgonesObject) -> list[tuple[str, str]]:
     spec = obj.pod_spec
     containers = (*(spec.init_containers or ()), *(spec.containers or ()))
     return [(c.name, c.image) for c in containers if c.image]
+
+
+# --- Node images: what every node needs besides the Fleets' images ---------------------------
+#
+# The Agones SDK sidecar runs in every GameServer pod, so every node needs its image; the
+# broadcaster finds it (the agones-controller Deployment's SIDECAR_IMAGE) and publishes it here.
+# These messages have their own subject and stream (``wire.eventlog.node_images_stream_name``):
+# nothing that reads the Fleet or GameServer streams, including Go consumers of Octops'
+# broadcaster, ever sees a message that is not a Kubernetes object event.
+#
+#   subject  <prefix>.nodeimages.<source>          e.g. agones.nodeimages.agones-sdk
+#   payload  {"source": "agones-sdk",
+#             "images": ["us-docker.pkg.dev/agones-images/release/agones-sdk:1.44.0"],
+#             "origin": "agones-system/agones-controller", "resource_version": "812"}
+#
+# One message per source (the stream keeps the newest per subject), so replay is one message.
+
+AGONES_SDK_SOURCE = "agones-sdk"
+_SOURCE_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
+class NodeImages(msgspec.Struct, frozen=True, omit_defaults=True):
+    """The images of one source that every node should hold (newest message per source wins)."""
+
+    source: str
+    images: list[str] = []
+    # Where the broadcaster found them ("namespace/name" of the Deployment), for status and logs.
+    origin: str = ""
+    resource_version: str = ""
+
+
+_node_images_decoder = msgspec.json.Decoder(NodeImages)
+
+
+def check_source(source: str) -> str:
+    if not _SOURCE_RE.match(source):
+        raise ContractError(f"node-images source {source!r} must be a DNS label")
+    return source
+
+
+def node_images_subject(prefix: str, source: str) -> str:
+    return f"{check_prefix(prefix)}.nodeimages.{check_source(source)}"
+
+
+def node_images_filter(prefix: str) -> str:
+    return f"{check_prefix(prefix)}.nodeimages.*"
+
+
+def encode_node_images(message: NodeImages) -> bytes:
+    check_source(message.source)
+    if any(not image or len(image) > 4096 for image in message.images):
+        raise ContractError("node images must be non-empty references")
+    return _encoder.encode(message)
+
+
+def decode_node_images(data: bytes) -> NodeImages:
+    """Raises ContractError naming the offending field."""
+    if len(data) > MAX_EVENT_BYTES:
+        raise ContractError(
+            f"message of {len(data)} bytes exceeds the {MAX_EVENT_BYTES} byte limit"
+        )
+    try:
+        message = _node_images_decoder.decode(data)
+    except msgspec.DecodeError as e:
+        raise ContractError(f"not a node-images message: {e}") from e
+    check_source(message.source)
+    return message
+
+
+def node_images_message_id(message: NodeImages) -> str:
+    """Deterministic: two broadcasters publishing the same finding store it once."""
+    text = "\x00".join((message.source, message.resource_version, *message.images))
+    return hashlib.sha256(text.encode()).hexdigest()[:40]

@@ -50,12 +50,20 @@ from nats.js.api import (
 )
 
 from wire.contract import (
+    HEADER_MSG_ID,
     MAX_EVENT_BYTES,
     Action,
+    ContractError,
     Kind,
+    NodeImages,
     check_prefix,
+    decode_node_images,
     encode_event,
+    encode_node_images,
     event_headers,
+    node_images_filter,
+    node_images_message_id,
+    node_images_subject,
     parse_event_type,
     subject_filter,
     subject_for,
@@ -67,11 +75,16 @@ __all__ = [
     "LogSettings",
     "StoredMessage",
     "compact_object",
+    "ensure_node_images_stream",
     "ensure_streams",
     "last_message",
+    "node_images_stream_config",
+    "node_images_stream_name",
     "object_filter",
     "publish_event",
+    "publish_node_images",
     "read_log",
+    "read_node_images",
     "stream_config",
     "stream_name",
 ]
@@ -422,3 +435,72 @@ async def _quiet_unsubscribe(sub: JetStreamContext.PushSubscription) -> None:
     gone = (nats.errors.ConnectionClosedError, nats.errors.BadSubscriptionError)
     with contextlib.suppress(*gone):
         await sub.unsubscribe()
+
+
+# --- The node-images stream ---------------------------------------------------------------------
+#
+# Its own stream, so the Fleet stream's consumers never meet a message that is not an object
+# event. One message per source (max_msgs_per_subject=1): a reader folds at most a handful.
+
+
+def node_images_stream_name(prefix: str) -> str:
+    """``AGONES_NODE_IMAGES`` for the default prefix."""
+    base = re.sub(r"[^A-Za-z0-9]", "_", check_prefix(prefix)).upper()
+    return f"{base}_NODE_IMAGES"
+
+
+def node_images_stream_config(settings: LogSettings) -> StreamConfig:
+    return StreamConfig(
+        name=node_images_stream_name(settings.prefix),
+        description="image-syncer: images every node needs besides the Fleets' (one per source)",
+        subjects=[node_images_filter(settings.prefix)],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        num_replicas=settings.replicas,
+        max_msgs_per_subject=1,
+        discard=DiscardPolicy.OLD,
+        duplicate_window=settings.duplicate_window,
+    )
+
+
+async def ensure_node_images_stream(js: JetStreamContext, settings: LogSettings) -> StreamInfo:
+    """Create the stream, or bring its settings in line. Idempotent."""
+    config = node_images_stream_config(settings)
+    try:
+        return await js.update_stream(config)
+    except nats.js.errors.NotFoundError:
+        log.info("stream created stream=%s", config.name)
+        return await js.add_stream(config)
+
+
+async def publish_node_images(
+    js: JetStreamContext, settings: LogSettings, message: NodeImages, *, timeout: float = 5.0
+) -> PubAck:
+    """Store ``message`` as the newest of its source; a duplicate is acked and stored once."""
+    return await js.publish(
+        node_images_subject(settings.prefix, message.source),
+        encode_node_images(message),
+        timeout=timeout,
+        stream=node_images_stream_name(settings.prefix),
+        headers={HEADER_MSG_ID: node_images_message_id(message)},
+    )
+
+
+async def read_node_images(js: JetStreamContext, prefix: str) -> dict[str, NodeImages]:
+    """The newest message of every source; empty when the stream does not exist (yet).
+
+    A message that does not decode is logged and skipped: one bad writer must not hide the
+    other sources.
+    """
+    found: dict[str, NodeImages] = {}
+    try:
+        async for stored in read_log(js, node_images_stream_name(prefix)):
+            try:
+                message = decode_node_images(stored.data)
+            except ContractError as e:
+                log.warning("node-images message skipped: %s (seq %d)", e, stored.seq)
+                continue
+            found[message.source] = message
+    except nats.js.errors.NotFoundError:
+        return {}
+    return found

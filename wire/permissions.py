@@ -27,8 +27,8 @@ import sys
 from dataclasses import dataclass
 
 from wire import nodestatus
-from wire.contract import Kind, check_prefix, subject_filter
-from wire.eventlog import stream_name
+from wire.contract import Kind, check_prefix, node_images_filter, subject_filter
+from wire.eventlog import node_images_stream_name, stream_name
 
 __all__ = [
     "ACCOUNT",
@@ -128,6 +128,13 @@ def broadcaster_permissions(prefix: str = _DEFAULT_PREFIX) -> RolePermissions:
             f"{_API}.STREAM.PURGE.{stream}",
             *_stream_reader(stream),
         ]
+    # The node-images stream (the Agones SDK sidecar's image): publish and keep it in line.
+    images = node_images_stream_name(prefix)
+    publish += [
+        node_images_filter(prefix),
+        f"{_API}.STREAM.CREATE.{images}",
+        f"{_API}.STREAM.UPDATE.{images}",
+    ]
     publish += _kv_bucket(bucket_for(LEASE_BUCKET, prefix))
     return RolePermissions("broadcaster", tuple(publish), (_INBOX,))
 
@@ -143,6 +150,8 @@ def syncer_permissions(prefix: str = _DEFAULT_PREFIX) -> RolePermissions:
         f"{_API}.CONSUMER.DELETE.{stream}.*",
         f"{_API}.CONSUMER.MSG.NEXT.{stream}.*",
         f"$JS.ACK.{stream}.>",
+        # Read (never write) the images every node needs besides the Fleets'.
+        *_stream_reader(node_images_stream_name(prefix)),
         *_kv_bucket(nodestatus.bucket_name(prefix)),
         *_kv_bucket(bucket_for(PULLED_BUCKET, prefix)),
         *_kv_bucket(bucket_for(PINNED_BUCKET, prefix)),

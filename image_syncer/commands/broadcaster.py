@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from broadcaster.settings import Settings, default_identity
+from broadcaster.settings import Settings, SidecarSettings, default_identity
 from image_syncer.options import Duration, split_values, with_nats_options
 from ops.lifecycle import run_until_signalled
 from ops.serving import parse_addr
@@ -108,6 +108,18 @@ def broadcaster(
             help="With --ha: this replica's name in the lease. Default: hostname-pid.",
         ),
     ] = "",
+    agones_namespace: Annotated[
+        str,
+        typer.Option(
+            envvar="AGONES_NAMESPACE",
+            help="Namespace of the agones-controller Deployment, whose SIDECAR_IMAGE every "
+            "node pre-pulls; empty: do not follow it.",
+        ),
+    ] = "agones-system",
+    sidecar_refresh: Annotated[
+        float,
+        Duration("How often to re-read the agones-controller's SIDECAR_IMAGE.", "SIDECAR_REFRESH"),
+    ] = "1m",  # type: ignore[assignment]
 ) -> None:
     """Publish every add/update/delete of Agones Fleets (and GameServers) to the event log."""
     try:
@@ -143,6 +155,7 @@ def broadcaster(
         ha=ha,
         lease_ttl=lease_ttl,
         identity=identity or default_identity(),
+        sidecar=SidecarSettings(namespace=agones_namespace, refresh=sidecar_refresh),
     )
     # Imported here: the Kubernetes client is heavy, and every other command (the syncer first of
     # all, one per node) would pay for it in memory just by loading the CLI.
