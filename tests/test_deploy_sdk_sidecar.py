@@ -23,7 +23,13 @@ def test_every_overlay_follows_the_sidecar_with_one_read(name: str) -> None:
             "verbs": ["get"],
         }
     ]
-    assert [r["metadata"]["name"] for r in of_kind(resources, "Role")] == [ROLE]
+    # The only Role the broadcaster is bound to.
+    bound = [
+        b["roleRef"]["name"]
+        for b in of_kind(resources, "RoleBinding")
+        if any(s["name"] == BROADCASTER for s in b["subjects"])
+    ]
+    assert bound == [ROLE]
     binding = one(resources, "RoleBinding", ROLE)
     deployment = one(resources, "Deployment", BROADCASTER)
     assert binding["metadata"]["namespace"] == "agones-system"
