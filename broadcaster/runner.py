@@ -156,7 +156,7 @@ async def _broadcast(
         tasks.append(asyncio.create_task(forwarder.run(), name=f"forward {target}"))
         watcher.start()
     if settings.sidecar.namespace:
-        sidecar = SidecarWatcher(api.api_client, js, settings.log, settings.sidecar)  # type: ignore[attr-defined]
+        sidecar = SidecarWatcher(api.api_client, js, settings.log, settings.sidecar)
         tasks.append(asyncio.create_task(sidecar.run(), name="follow the sdk sidecar image"))
     log.info(
         "broadcasting",

@@ -116,13 +116,15 @@ class SidecarWatcher:
         return self._recovered()
 
     def _read(self) -> dict[str, Any]:
-        response = self.apps.read_namespaced_deployment(
+        # The raw body: the typed model would turn the env list into objects we only search.
+        response: Any = self.apps.read_namespaced_deployment(
             self.settings.deployment,
             self.settings.namespace,
             _preload_content=False,
             _request_timeout=self.settings.request_timeout,
         )
-        return json.loads(response.data)
+        doc: dict[str, Any] = json.loads(response.data)
+        return doc
 
     def _previous(self) -> str:
         return self.published.images[0] if self.published and self.published.images else ""
