@@ -10,13 +10,13 @@ from typing import Any
 import pytest
 from fakekube import FakeKube
 from fakekube.harness import fleet
-from fakekube.selectors import SelectorError, parse_selector
 from kubernetes import client, config
 from kubernetes.watch.watch import iter_resp_lines
 
 from broadcaster.catchup import plan
 from broadcaster.ordering import Recorded, newer
 from broadcaster.settings import Settings, WatchTarget
+from image_syncer.sandbox.fakekube.selectors import SelectorError, parse_selector
 from wire.contract import Kind
 
 

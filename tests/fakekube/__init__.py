@@ -1,5 +1,5 @@
-"""A protocol-faithful fake Kubernetes API server for agones.dev/v1, for broadcaster tests."""
+"""The fake Kubernetes API server (image_syncer/sandbox/fakekube), and what broadcaster tests share."""
 
-from .server import FakeKube
+from image_syncer.sandbox.fakekube import FakeKube
 
 __all__ = ["FakeKube"]

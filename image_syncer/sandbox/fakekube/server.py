@@ -176,7 +176,9 @@ class FakeKube:
         with self._cond:
             return self._rv
 
-    def _record(self, plural: str, type_: str, old: dict | None, new: dict) -> None:
+    def _record(
+        self, plural: str, type_: str, old: dict[str, Any] | None, new: dict[str, Any]
+    ) -> None:
         self._history.append(_Change(self._rv, plural, type_, old, copy.deepcopy(new)))
         self._cond.notify_all()
 
@@ -267,7 +269,7 @@ class FakeKube:
             return self.update(plural, patched)
 
     def before_next_patch(self, hook: Any) -> None:
-        """Run ``hook`` (e.g. another writer's update) when the next PATCH arrives, before it applies."""
+        """Run ``hook`` (another writer) when the next PATCH arrives, before it applies."""
         with self._cond:
             self._before_patch.append(hook)
 
@@ -339,7 +341,9 @@ class FakeKube:
                 "items": [o for o in items if matches(o)],
             }
 
-    def watch(self, plural: str, namespace: str | None, query: dict[str, str]) -> Iterator[dict]:
+    def watch(
+        self, plural: str, namespace: str | None, query: dict[str, str]
+    ) -> Iterator[dict[str, Any]]:
         """The events of one watch request, ending on timeout, drop, expiry or shutdown."""
         matches = _matcher(namespace, query.get("labelSelector"))
         bookmarks = query.get("allowWatchBookmarks") == "true"
@@ -553,7 +557,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _body(self) -> dict[str, Any]:
         length = int(self.headers.get("Content-Length") or 0)
         try:
-            return json.loads(self.rfile.read(length) or b"{}")
+            body: dict[str, Any] = json.loads(self.rfile.read(length) or b"{}")
+            return body
         except json.JSONDecodeError as e:
             raise ApiError(400, "BadRequest", f"invalid JSON body: {e}") from e
 
@@ -579,7 +584,7 @@ class _Handler(BaseHTTPRequestHandler):
         kube = self.kube
         if method == "GET" and name is None:
             return 200, kube.list(plural, ns, query)
-        if method == "GET":
+        if method == "GET" and name is not None:
             obj = kube.get(plural, ns or "", name)
             if obj is None:
                 raise ApiError(404, "NotFound", f'{plural} "{name}" not found')

@@ -27,7 +27,9 @@ class SelectorError(ValueError):
 
 def _terms(selector: str) -> list[str]:
     # Commas separate requirements except inside the parentheses of a set.
-    terms, depth, current = [], 0, []
+    terms: list[str] = []
+    current: list[str] = []
+    depth = 0
     for char in selector:
         depth += {"(": 1, ")": -1}.get(char, 0)
         if char == "," and depth == 0:
