@@ -25,7 +25,9 @@ def custom_objects_api(kubeconfig: str | None) -> client.CustomObjectsApi:
             configuration = client.Configuration()
             config.load_incluster_config(client_configuration=configuration)
             api_client = client.ApiClient(configuration)
-    except (ConfigException, OSError, ValueError) as e:
+    except (ConfigException, OSError, ValueError, TypeError, AttributeError, KeyError) as e:
+        # The client walks the YAML without checking its shape: a file of the wrong shape
+        # surfaces as TypeError/AttributeError/KeyError from deep inside it.
         source = f"kubeconfig {kubeconfig}" if kubeconfig else "in-cluster config"
         raise KubeConfigError(f"cannot load {source}: {e}") from e
     return client.CustomObjectsApi(api_client)

@@ -78,13 +78,23 @@ def _in(kube: FakeKube, *namespaces: str) -> list[dict]:
 
 
 def test_bad_kubeconfig_is_one_clear_line(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "image_syncer", "broadcaster"],
-        env={**os.environ, "KUBECONFIG": str(tmp_path / "missing"), "METRICS_ADDR": "127.0.0.1:0"},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    def broadcaster(kubeconfig: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "image_syncer", "broadcaster"],
+            env={**os.environ, "KUBECONFIG": str(kubeconfig), "METRICS_ADDR": "127.0.0.1:0"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    # Missing: refused with the other flags, before anything starts.
+    result = broadcaster(tmp_path / "missing")
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: Invalid value for --kubeconfig: cannot read ")
+    # Readable but not a kubeconfig: refused when the client loads it.
+    malformed = tmp_path / "malformed"
+    malformed.write_text("clusters: 7\n")
+    result = broadcaster(malformed)
     assert result.returncode == 1
     assert "error: cannot load kubeconfig" in result.stderr
     assert "Traceback" not in result.stderr

@@ -5,14 +5,16 @@ Flags only become :class:`broadcaster.settings.Settings` here; the process itsel
 """
 
 import logging
+import os
 from typing import Annotated
 
 import typer
 
 from broadcaster.settings import Settings, SidecarSettings, default_identity
+from image_syncer.oneshot import fail
 from image_syncer.options import Duration, split_values, with_nats_options
+from image_syncer.preflight import check_listen, check_readable, missing_extra
 from ops.lifecycle import run_until_signalled
-from ops.serving import parse_addr
 from wire.contract import ContractError, Kind, check_prefix
 from wire.eventlog import LogSettings
 from wire.labelselector import LabelSelector, SelectorError
@@ -124,9 +126,13 @@ def broadcaster(
     """Publish every add/update/delete of Agones Fleets (and GameServers) to the event log."""
     try:
         check_prefix(subject_prefix)
-        parse_addr(metrics_addr)
-    except (ContractError, ValueError) as e:
-        raise typer.BadParameter(str(e)) from e
+    except ContractError as e:
+        raise typer.BadParameter(str(e), param_hint="--subject-prefix") from e
+    check_listen(metrics_addr, "--metrics-addr")
+    for path in (kubeconfig or "").split(os.pathsep):  # KUBECONFIG may list several files
+        check_readable(path, "--kubeconfig")
+    check_readable(nats.creds_file, "--nats-creds")
+    check_readable(nats.tls_ca, "--nats-tls-ca")
     try:
         # The API server would refuse it on every list, retried forever: refuse it here, once.
         LabelSelector.parse(label_selector)
@@ -158,7 +164,11 @@ def broadcaster(
         sidecar=SidecarSettings(namespace=agones_namespace, refresh=sidecar_refresh),
     )
     # Imported here: the Kubernetes client is heavy, and every other command (the syncer first of
-    # all, one per node) would pay for it in memory just by loading the CLI.
+    # all, one per node) would pay for it in memory just by loading the CLI. A syncer-only
+    # install has none: say which extra to install instead of a traceback.
+    problem = missing_extra("kubernetes", "broadcaster", "broadcaster")
+    if problem is not None:
+        fail(problem)
     from broadcaster.kubeapi import KubeConfigError
     from broadcaster.runner import run
 

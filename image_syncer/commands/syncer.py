@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from image_syncer.options import Duration, split_values, with_nats_options
+from image_syncer.preflight import check_listen, check_readable
 from ops.lifecycle import run_until_signalled
 from wire.natsconn import NatsSettings
 
@@ -166,6 +167,11 @@ def syncer(
     ] = "1m",  # type: ignore[assignment]
 ) -> None:
     """Pre-pull the images of every Fleet onto this node and keep them there."""
+    check_listen(metrics_addr, "--metrics-addr")
+    check_readable(registry_auth_file, "--registry-auth-file")
+    check_readable(kubelet_config_json, "--kubelet-config-json")
+    check_readable(nats.creds_file, "--nats-creds")
+    check_readable(nats.tls_ca, "--nats-tls-ca")
     from syncer.runner import run
     from syncer.settings import SyncerSettings
 
