@@ -207,6 +207,15 @@ def test_image_syncer_probes_hit_the_health_endpoints_on_the_metrics_port(name: 
 
 
 @pytest.mark.parametrize("name", list(SYNCER_OVERLAYS))
+def test_a_rollout_never_runs_two_broadcasters_without_a_lease(name: str) -> None:
+    broadcaster, _ = _syncer_workloads(name)
+    ha = env_of(container(broadcaster, "broadcaster")).get("BROADCASTER_HA", {})
+    if ha.get("value") not in ("true", "1"):
+        assert broadcaster["spec"]["replicas"] == 1
+        assert broadcaster["spec"]["strategy"] == {"type": "Recreate"}
+
+
+@pytest.mark.parametrize("name", list(SYNCER_OVERLAYS))
 def test_one_image_for_both_roles_at_the_package_version(name: str) -> None:
     version = _pyproject()["project"]["version"]
     broadcaster, syncer = _syncer_workloads(name)
