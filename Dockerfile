@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1
-# One image for both roles: `image-syncer broadcaster` and `image-syncer syncer` (the manifests in
+# One image for every role: `image-syncer broadcaster`, `syncer` and `auth` (the manifests in
 # deploy/syncer pick the role through the container's args). Build: `just image`.
 # `--target syncer` builds a smaller image without the Kubernetes client, for the DaemonSet only.
 #
@@ -25,6 +25,7 @@ COPY wire ./wire
 COPY ops ./ops
 COPY broadcaster ./broadcaster
 COPY syncer ./syncer
+COPY authcallout ./authcallout
 COPY image_syncer ./image_syncer
 RUN /opt/build/bin/pip wheel --no-deps --no-build-isolation --wheel-dir /wheels .
 

@@ -40,6 +40,7 @@ from broadcaster.watching import Watcher
 from ops.serving import Health, parse_addr, serve_http
 from wire.eventlog import ensure_streams
 from wire.natsconn import connect
+from wire.permissions import BROADCASTER_INBOX, inbox_prefix
 
 __all__ = ["run"]
 
@@ -61,7 +62,12 @@ async def run(settings: Settings, stopping: asyncio.Event, *, health: Health | N
     server = await serve_http(host, port, health)
     try:
         nc = await _until_stopping(
-            connect(settings.nats, name="broadcaster", retry_forever=True), stopping
+            connect(
+                settings.nats.with_inbox(inbox_prefix(BROADCASTER_INBOX)),
+                name="broadcaster",
+                retry_forever=True,
+            ),
+            stopping,
         )
         if nc is None:
             return 0

@@ -12,6 +12,7 @@ from typing import Annotated, Protocol, cast
 import typer
 
 from image_syncer.commands import (
+    auth,
     broadcaster,
     crio,
     demo,
@@ -51,7 +52,9 @@ def root(
     configure(log_level, fmt)
 
 
-for module in (stream, publish, events, broadcaster, syncer, status, wait, replay, crio, demo):
+for module in (
+    stream, publish, events, broadcaster, syncer, auth, status, wait, replay, crio, demo
+):
     module.register(app)
 
 

@@ -87,6 +87,20 @@ _NATS_PARAMS = [
         ],
     ),
     inspect.Parameter(
+        "nats_token_file",
+        inspect.Parameter.KEYWORD_ONLY,
+        default=None,
+        annotation=Annotated[
+            str | None,
+            typer.Option(
+                envvar="NATS_TOKEN_FILE",
+                help="File holding the NATS auth token (a projected ServiceAccount token), "
+                "read again on every reconnect.",
+                rich_help_panel="NATS",
+            ),
+        ],
+    ),
+    inspect.Parameter(
         "nats_creds",
         inspect.Parameter.KEYWORD_ONLY,
         default=None,
@@ -119,6 +133,7 @@ def nats_settings_from(
     nats_user: str | None,
     nats_password: str | None,
     nats_token: str | None,
+    nats_token_file: str | None,
     nats_creds: str | None,
     nats_tls_ca: str | None,
 ) -> NatsSettings:
@@ -127,6 +142,7 @@ def nats_settings_from(
         user=nats_user,
         password=nats_password,
         token=nats_token,
+        token_file=nats_token_file,
         creds_file=nats_creds,
         tls_ca=nats_tls_ca,
     )

@@ -49,6 +49,7 @@ from syncer.unused import UnusedImages
 from wire.contract import Fleet
 from wire.natsconn import connect
 from wire.nodestatus import StatusError, StatusSettings, check_node
+from wire.permissions import inbox_prefix
 
 __all__ = ["run"]
 
@@ -90,7 +91,12 @@ async def run(
     try:
         nc = await _until(
             stopping,
-            connect(settings.nats, name=f"syncer {settings.node_name}", retry_forever=True),
+            connect(
+                # Per-node NATS identities may only read replies under their own inbox prefix.
+                settings.nats.with_inbox(inbox_prefix(settings.durable)),
+                name=f"syncer {settings.node_name}",
+                retry_forever=True,
+            ),
         )
         if nc is None or not await _wait_for_runtime(cri, health, stopping, settings):
             return 0

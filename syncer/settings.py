@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import re
 import socket
 from dataclasses import dataclass, field
 
 from syncer.filtering import FleetFilter
 from syncer.references import normalize
 from wire.natsconn import NatsSettings
+
+# The durable is named where the per-node NATS permissions are: one rule for both.
+from wire.permissions import durable_name
 
 __all__ = ["SyncerSettings", "durable_name"]
 
@@ -106,8 +108,3 @@ class SyncerSettings:
     @property
     def durable(self) -> str:
         return durable_name(self.node_name)
-
-
-def durable_name(node_name: str) -> str:
-    """``syncer-<node>``: JetStream names may not hold ``.``, ``*``, ``>`` or whitespace."""
-    return "syncer-" + re.sub(r"[^A-Za-z0-9_-]", "_", node_name)

@@ -2,6 +2,11 @@
 
 Long-running processes retry the first connection (NATS may start after them in a cluster) and
 reconnect forever; one-shot CLI commands fail fast with one clear line instead.
+
+With a token file (a Kubernetes projected ServiceAccount token, rotated by the kubelet) the file is
+read again on every (re)connect, and a session that the server ends because its authorization
+expired (the auth callout bounds it by the token's lifetime) reconnects with the fresh token
+instead of closing the client for good, as nats-py would on any other server error.
 """
 
 from __future__ import annotations
@@ -9,14 +14,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import nats
 import nats.errors
 from nats.aio.client import Client
 
-__all__ = ["NatsSettings", "NatsUnavailable", "connect"]
+__all__ = ["NatsSettings", "NatsUnavailable", "connect", "read_token_file"]
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +39,50 @@ class NatsSettings:
     password: str | None = field(default=None, repr=False)
     token: str | None = field(default=None, repr=False)
     creds_file: str | None = None
+    token_file: str | None = None
     tls_ca: str | None = None
+    # Reply subjects start here; per-identity permissions admit only the identity's own prefix.
+    inbox_prefix: str | None = None
     connect_timeout: float = 2.0
+
+    def with_inbox(self, prefix: str) -> NatsSettings:
+        """These settings with a role's inbox prefix, unless one was set explicitly."""
+        return self if self.inbox_prefix else replace(self, inbox_prefix=prefix)
 
     def safe_servers(self) -> str:
         """The servers for logs, without any user:password@ that a URL may carry."""
         return ",".join(_strip_userinfo(s) for s in self.servers)
+
+
+def read_token_file(path: str) -> str:
+    """The token as the file holds it now; an unreadable file is an empty token (refused)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip()
+    except OSError as e:
+        log.warning("nats token file unreadable path=%s error=%r", path, _describe(e))
+        return ""
+
+
+# What nats-server says before it closes a connection whose user JWT expired.
+_EXPIRED = "authentication expired"
+
+
+class _Client(Client):
+    """nats-py's client, except that an expired session reconnects instead of closing."""
+
+    async def _process_err(self, err_msg: str) -> None:
+        if _EXPIRED in err_msg.lower():
+            # The server closes the socket next; the read loop's reconnect takes over from there.
+            log.info("nats session expired, reconnecting with a fresh token")
+            return
+        await super()._process_err(err_msg)
+
+
+async def _open(options: dict) -> Client:
+    client = _Client()
+    await client.connect(**options)
+    return client
 
 
 def _strip_userinfo(url: str) -> str:
@@ -55,7 +98,7 @@ async def connect(settings: NatsSettings, *, name: str, retry_forever: bool = Fa
     delay = 0.5
     while True:
         try:
-            return await nats.connect(**_options(settings, name))
+            return await _open(_options(settings, name))
         except (TimeoutError, OSError, nats.errors.Error) as e:
             if not retry_forever:
                 raise NatsUnavailable(
@@ -97,7 +140,7 @@ async def _connect_once(settings: NatsSettings, name: str) -> Client:
     options["error_cb"] = error
     options["disconnected_cb"] = disconnected
     try:
-        client = await asyncio.wait_for(nats.connect(**options), settings.connect_timeout + 1)
+        client = await asyncio.wait_for(_open(options), settings.connect_timeout + 1)
     except (TimeoutError, OSError, nats.errors.Error) as e:
         # A server's own refusal (authorization, TLS) says more than the reset that follows it.
         refusals = [f for f in failures if isinstance(f, nats.errors.Error)]
@@ -140,6 +183,11 @@ def _options(settings: NatsSettings, name: str) -> dict[str, Any]:
         options["password"] = settings.password or ""
     if settings.token:
         options["token"] = settings.token
+    if settings.token_file:
+        token_file = settings.token_file
+        options["token"] = lambda: read_token_file(token_file)
+    if settings.inbox_prefix:
+        options["inbox_prefix"] = settings.inbox_prefix
     if settings.creds_file:
         options["user_credentials"] = settings.creds_file
     if settings.tls_ca:

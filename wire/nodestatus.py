@@ -452,9 +452,11 @@ async def ensure_status_bucket(js: JetStreamContext, settings: StatusSettings) -
     """Create the bucket, or bring an existing one's settings in line. Idempotent."""
     config = _bucket_stream_config(settings)
     try:
-        await js.update_stream(config)
-    except nats.js.errors.NotFoundError:
+        # Creating is idempotent for an identical config, and all that a per-node NATS identity
+        # may do to the bucket; only a differing bucket needs the (operator's) update.
         await js.add_stream(config)
+    except nats.js.errors.BadRequestError:
+        await js.update_stream(config)
     return await js.key_value(settings.bucket)
 
 

@@ -12,11 +12,10 @@ delete nothing.
 
 NATS wildcards match whole tokens, so a static config cannot say "consumer names starting with
 ``syncer-``": the shared syncer user may create, pull from, ack and delete any consumer *of the
-fleet stream*, and write any key of its buckets. Per-node users would close that gap, but a
-DaemonSet cannot hand each pod its own password; NATS' decentralized JWT auth (templated
-permissions) can, at the price of an operator/account/user toolchain. The residual risk is one
-node disturbing another node's cursor (that node then replays the whole log, which is always
-safe) or status, never the event log itself.
+fleet stream*, and write any key of its buckets. That is the static install's residual risk.
+With the auth callout (:mod:`authcallout`) every syncer connects as its own node instead, and
+:func:`node_syncer_permissions` names that node's durable, keys and inbox literally: the per-node
+lists are derived from the same building blocks as the static ones, so both stay in step.
 """
 
 from __future__ import annotations
@@ -32,6 +31,11 @@ from wire.eventlog import node_images_stream_name, stream_name
 
 __all__ = [
     "ACCOUNT",
+    "AUTH_ACCOUNT",
+    "AUTH_PASSWORD_ENV",
+    "AUTH_USER",
+    "BROADCASTER_INBOX",
+    "CALLOUT_ISSUER_ENV",
     "LEASE_BUCKET",
     "NODES_BUCKET",
     "PASSWORD_ENV",
@@ -40,10 +44,15 @@ __all__ = [
     "SLOTS_BUCKET",
     "SYNCER_CONSUMER_PREFIX",
     "RolePermissions",
+    "admin_permissions",
     "admin_user",
     "broadcaster_permissions",
     "bucket_for",
+    "durable_name",
+    "inbox_prefix",
+    "node_syncer_permissions",
     "render_accounts",
+    "render_callout_accounts",
     "syncer_permissions",
 ]
 
@@ -68,6 +77,13 @@ PASSWORD_ENV = {
     "admin": "NATS_ADMIN_PASSWORD",
 }
 
+# With the auth callout: the callout service's own account and user (it alone bypasses the
+# callout), and the server's environment variables for its password and the issuer's public key.
+AUTH_ACCOUNT = "AUTH"
+AUTH_USER = "auth"
+AUTH_PASSWORD_ENV = "NATS_AUTH_PASSWORD"
+CALLOUT_ISSUER_ENV = "NATS_CALLOUT_ISSUER"
+
 _API = "$JS.API"
 # Request/reply responses and push-consumer deliveries both land on the client's inbox.
 _INBOX = "_INBOX.>"
@@ -82,15 +98,30 @@ class RolePermissions:
     subscribe: tuple[str, ...]
 
 
-def _stream_reader(stream: str) -> list[str]:
-    """Read a stream through ephemeral ordered consumers, as ``read_log`` does."""
+def _stream_reader(stream: str, *, named: bool = True) -> list[str]:
+    """Read a stream through ephemeral ordered consumers, as ``read_log`` does.
+
+    nats-py creates those on the bare ``CONSUMER.CREATE.<stream>`` subject; ``named`` also admits
+    the named form, which a per-node identity must not get: a name there could be another node's.
+    """
     return [
         f"{_API}.STREAM.INFO.{stream}",
         f"{_API}.CONSUMER.CREATE.{stream}",
-        f"{_API}.CONSUMER.CREATE.{stream}.>",
+        *([f"{_API}.CONSUMER.CREATE.{stream}.>"] if named else []),
         f"{_API}.CONSUMER.INFO.{stream}.*",
         # Flow-control replies of push consumers.
         f"$JS.FC.{stream}.>",
+    ]
+
+
+def _kv_reader(bucket: str, *, named: bool = True) -> list[str]:
+    """Get and watch any key of one KV bucket."""
+    stream = f"KV_{bucket}"
+    return [
+        f"{_API}.DIRECT.GET.{stream}",
+        f"{_API}.DIRECT.GET.{stream}.>",
+        f"{_API}.STREAM.MSG.GET.{stream}",
+        *_stream_reader(stream, named=named),
     ]
 
 
@@ -102,10 +133,7 @@ def _kv_bucket(bucket: str) -> list[str]:
         # Create and bring in line (replicas, limits); never delete or purge.
         f"{_API}.STREAM.CREATE.{stream}",
         f"{_API}.STREAM.UPDATE.{stream}",
-        f"{_API}.DIRECT.GET.{stream}",
-        f"{_API}.DIRECT.GET.{stream}.>",
-        f"{_API}.STREAM.MSG.GET.{stream}",
-        *_stream_reader(stream),
+        *_kv_reader(bucket),
     ]
 
 
@@ -116,7 +144,33 @@ def bucket_for(base: str, prefix: str) -> str:
     return f"{base}_{re.sub(r'[^A-Za-z0-9]', '_', prefix).upper()}"
 
 
-def broadcaster_permissions(prefix: str = _DEFAULT_PREFIX) -> RolePermissions:
+def durable_name(node: str) -> str:
+    """``syncer-<node>``: JetStream names may not hold ``.``, ``*``, ``>`` or whitespace.
+
+    Node names are DNS subdomains (no ``_``), so the mapping is one-to-one: no two nodes share a
+    durable, nor an inbox prefix, which is built from it.
+    """
+    return SYNCER_CONSUMER_PREFIX + re.sub(r"[^A-Za-z0-9_-]", "_", node)
+
+
+def inbox_prefix(identity: str) -> str:
+    """The reply-subject prefix of one identity (a single token, e.g. ``syncer-node-1``).
+
+    Every role connects with its own prefix; a per-node identity may subscribe to its own only,
+    so it can read no other client's replies or deliveries.
+    """
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", identity):
+        raise ValueError(f"inbox identity {identity!r} must be one token of [A-Za-z0-9_-]")
+    return f"{_INBOX[:-2]}.{identity}"
+
+
+BROADCASTER_INBOX = "broadcaster"
+
+
+def broadcaster_permissions(
+    prefix: str = _DEFAULT_PREFIX, *, own_inbox: bool = False
+) -> RolePermissions:
+    """``own_inbox``: replies only on the broadcaster's own prefix (per-identity auth)."""
     publish = [f"{_API}.INFO"]
     for kind in Kind:
         stream = stream_name(prefix, kind)
@@ -136,10 +190,12 @@ def broadcaster_permissions(prefix: str = _DEFAULT_PREFIX) -> RolePermissions:
         f"{_API}.STREAM.UPDATE.{images}",
     ]
     publish += _kv_bucket(bucket_for(LEASE_BUCKET, prefix))
-    return RolePermissions("broadcaster", tuple(publish), (_INBOX,))
+    inbox = f"{inbox_prefix(BROADCASTER_INBOX)}.>" if own_inbox else _INBOX
+    return RolePermissions("broadcaster", tuple(publish), (inbox,))
 
 
 def syncer_permissions(prefix: str = _DEFAULT_PREFIX) -> RolePermissions:
+    """The static install's one syncer user, shared by every node."""
     stream = stream_name(prefix, Kind.FLEET)
     publish = [
         f"{_API}.INFO",
@@ -158,6 +214,46 @@ def syncer_permissions(prefix: str = _DEFAULT_PREFIX) -> RolePermissions:
         *_kv_bucket(bucket_for(SLOTS_BUCKET, prefix)),
     ]
     return RolePermissions("syncer", tuple(publish), (_INBOX,))
+
+
+def node_syncer_permissions(node: str, prefix: str = _DEFAULT_PREFIX) -> RolePermissions:
+    """One node's syncer: the static syncer's subjects, narrowed to this node's names.
+
+    Reads stay open (the Fleet stream, any key of the two buckets: nothing there is secret).
+    Writes name this node literally: its durable ``syncer-<node>`` (create, pull, ack, delete),
+    its status and replay keys, its pulled-image records ``<node>.<hash>`` (one token after the
+    node, so node ``a`` cannot reach node ``a.b``'s), and its inbox. A bucket may be created when
+    missing (the server refuses a create that differs from an existing bucket) but never updated,
+    purged or deleted.
+    """
+    nodestatus.check_node(node)
+    stream = stream_name(prefix, Kind.FLEET)
+    durable = durable_name(node)
+    status = nodestatus.bucket_name(prefix)
+    pulled = bucket_for(PULLED_BUCKET, prefix)
+    publish = [
+        f"{_API}.INFO",
+        *_stream_reader(stream, named=False),
+        f"{_API}.CONSUMER.DURABLE.CREATE.{stream}.{durable}",
+        f"{_API}.CONSUMER.CREATE.{stream}.{durable}",
+        f"{_API}.CONSUMER.CREATE.{stream}.{durable}.>",
+        f"{_API}.CONSUMER.DELETE.{stream}.{durable}",
+        f"{_API}.CONSUMER.MSG.NEXT.{stream}.{durable}",
+        f"$JS.ACK.{stream}.{durable}.>",
+        f"{_API}.STREAM.CREATE.KV_{status}",
+        f"$KV.{status}.{nodestatus.node_key(node)}",
+        f"$KV.{status}.{nodestatus.replay_key(node)}",
+        *_kv_reader(status, named=False),
+        f"{_API}.STREAM.CREATE.KV_{pulled}",
+        f"$KV.{pulled}.{node}.*",
+        *_kv_reader(pulled, named=False),
+    ]
+    return RolePermissions(f"syncer:{node}", tuple(publish), (f"{inbox_prefix(durable)}.>",))
+
+
+def admin_permissions() -> RolePermissions:
+    """The operator: the whole account (streams, buckets, resets, other nodes' state)."""
+    return RolePermissions(admin_user(), (">",), (">",))
 
 
 def admin_user() -> str:
@@ -203,11 +299,42 @@ def render_accounts(prefix: str = _DEFAULT_PREFIX) -> str:
     )
 
 
+def render_callout_accounts() -> str:
+    """The accounts and ``auth_callout`` blocks for per-identity auth through the callout.
+
+    No user of the application account is listed: every client but the callout service's own
+    user is handed to the callout, which answers with that client's permissions
+    (:func:`node_syncer_permissions`, :func:`broadcaster_permissions`, :func:`admin_permissions`).
+    """
+    return (
+        "# Generated by `python -m wire.permissions --callout`; do not edit by hand.\n"
+        "# The callout's password and issuer key come from the server's environment.\n"
+        "accounts {\n"
+        f"  {AUTH_ACCOUNT} {{\n"
+        f"    users: [ {{ user: {AUTH_USER}, password: ${AUTH_PASSWORD_ENV} }} ]\n"
+        "  }\n"
+        f"  {ACCOUNT} {{\n"
+        "    jetstream: enabled\n"
+        "  }\n"
+        "}\n"
+        "authorization {\n"
+        "  auth_callout {\n"
+        f"    issuer: ${CALLOUT_ISSUER_ENV}\n"
+        f"    auth_users: [ {AUTH_USER} ]\n"
+        f"    account: {AUTH_ACCOUNT}\n"
+        "  }\n"
+        "}\n"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Print the NATS accounts block for image-syncer.")
     parser.add_argument("--prefix", default=_DEFAULT_PREFIX, help="subject prefix (SUBJECT_PREFIX)")
+    parser.add_argument(
+        "--callout", action="store_true", help="per-identity auth through the auth callout"
+    )
     args = parser.parse_args(argv)
-    sys.stdout.write(render_accounts(args.prefix))
+    sys.stdout.write(render_callout_accounts() if args.callout else render_accounts(args.prefix))
 
 
 if __name__ == "__main__":

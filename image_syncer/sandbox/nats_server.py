@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -37,6 +38,12 @@ class NatsServer(ManagedProcess):
     server_name: str = "n1"
     cluster_name: str = "image-syncer"
     extra_config: str = ""
+    # Inside the cluster block, e.g. route ``authorization``; ``routes`` may then name an
+    # environment variable (``$NATS_ROUTES``) instead of the listed URLs, as deploy/nats does.
+    cluster_config: str = ""
+    routes_from: str = ""
+    # Added to the server's environment: the config's ``$VARIABLES`` (passwords, keys).
+    env: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -58,10 +65,10 @@ class NatsServer(ManagedProcess):
             f'jetstream {{ store_dir: "{self.store_dir / "js"}", max_file_store: 1TB }}',
         ]
         if self.cluster_port is not None:
-            routes = ", ".join(f'"{r}"' for r in self.routes)
+            routes = self.routes_from or "[" + ", ".join(f'"{r}"' for r in self.routes) + "]"
             lines.append(
                 f'cluster {{ name: "{self.cluster_name}", listen: 127.0.0.1:{self.cluster_port},'
-                f" routes: [{routes}] }}"
+                f" routes: {routes}\n{self.cluster_config} }}"
             )
         lines.append(self.extra_config)
         path = self.store_dir / "nats.conf"
@@ -73,7 +80,8 @@ class NatsServer(ManagedProcess):
         return self.store_dir / "nats.log"
 
     def start(self, *, wait: bool = True) -> NatsServer:
-        self._spawn([nats_server_binary(), "-c", str(self._config())])
+        env = {**os.environ, **self.env} if self.env else None
+        self._spawn([nats_server_binary(), "-c", str(self._config())], env=env)
         if wait:
             self.wait_ready()
         return self

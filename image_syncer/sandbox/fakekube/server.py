@@ -19,11 +19,17 @@ use. What it models:
   an exact list at a compacted resourceVersion gets HTTP 410;
 - test controls: :meth:`hold_watches` (freeze delivery, to make a gap), :meth:`drop_watches`
   (end every open watch), :meth:`bookmark` (ask open watches for a BOOKMARK now),
-  :meth:`before_next_patch` (a concurrent writer, run between a client's read and its patch).
+  :meth:`before_next_patch` (a concurrent writer, run between a client's read and its patch);
+- ``TokenReview`` (``authentication.k8s.io/v1``): tokens made by :meth:`issue_token` are
+  ServiceAccount tokens bound to a pod on a node, JWT-shaped with their audiences and expiry; the
+  review answers as the API server does: the user, its groups and pod-binding ``extra`` fields,
+  and ``authenticated: false`` with an ``invalid bearer token`` error for an unknown or expired
+  token or one whose audiences do not meet the requested ones.
 """
 
 from __future__ import annotations
 
+import base64
 import bisect
 import contextlib
 import copy
@@ -91,6 +97,22 @@ class _Change:
     new: dict[str, Any]
 
 
+_TOKENREVIEWS = "/apis/authentication.k8s.io/v1/tokenreviews"
+
+
+@dataclass(frozen=True)
+class _Token:
+    namespace: str
+    service_account: str
+    node: str | None
+    audiences: tuple[str, ...]
+    expires: float
+
+
+def _b64(data: dict[str, Any]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+
+
 def _key(obj: dict[str, Any]) -> tuple[str, str]:
     return obj["metadata"].get("namespace", ""), obj["metadata"]["name"]
 
@@ -118,6 +140,7 @@ class FakeKube:
         self.bookmarks_sent = 0
         self.requests: list[tuple[str, str]] = []
         self._before_patch: list[Any] = []
+        self._tokens: dict[str, _Token] = {}
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -324,6 +347,73 @@ class FakeKube:
         with self._cond:
             return sum(1 for method, path in self.requests if method == "LIST" and plural in path)
 
+    # --- ServiceAccount tokens and TokenReview ----------------------------------------------
+
+    def issue_token(
+        self,
+        namespace: str,
+        service_account: str,
+        *,
+        node: str | None = None,
+        audiences: tuple[str, ...] = ("nats",),
+        expires_in: float = 3600.0,
+    ) -> str:
+        """A projected token for a pod of ``service_account`` on ``node`` (as the kubelet gets)."""
+        expires = time.time() + expires_in
+        claims = {
+            "aud": list(audiences),
+            "exp": int(expires),
+            "iat": int(time.time()),
+            "iss": "https://kubernetes.default.svc",
+            "sub": f"system:serviceaccount:{namespace}:{service_account}",
+            "kubernetes.io": {
+                "namespace": namespace,
+                "serviceaccount": {"name": service_account, "uid": str(uuid.uuid4())},
+                **({"node": {"name": node, "uid": str(uuid.uuid4())}} if node else {}),
+            },
+        }
+        signature = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        token = f"{_b64({'alg': 'RS256', 'kid': 'fake'})}.{_b64(claims)}.{signature}"
+        with self._cond:
+            self._tokens[token] = _Token(namespace, service_account, node, audiences, expires)
+        return token
+
+    def review(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """The ``status`` of a TokenReview for ``spec`` (``token``, optional ``audiences``)."""
+        with self._cond:
+            token = self._tokens.get(spec.get("token") or "")
+        wanted = list(spec.get("audiences") or ["https://kubernetes.default.svc"])
+        if token is None:
+            return _refused("token has been invalidated")
+        if token.expires <= time.time():
+            return _refused("square/go-jose/jwt: validation failed, token is expired (exp)")
+        granted = [a for a in wanted if a in token.audiences]
+        if not granted:
+            return _refused(
+                f"token audiences {json.dumps(list(token.audiences))} is invalid for the target "
+                f"audiences {json.dumps(wanted)}"
+            )
+        extra: dict[str, list[str]] = {
+            "authentication.kubernetes.io/pod-name": [f"{token.service_account}-pod"],
+            "authentication.kubernetes.io/pod-uid": [str(uuid.uuid4())],
+        }
+        if token.node:
+            extra["authentication.kubernetes.io/node-name"] = [token.node]
+        return {
+            "authenticated": True,
+            "user": {
+                "username": f"system:serviceaccount:{token.namespace}:{token.service_account}",
+                "uid": str(uuid.uuid4()),
+                "groups": [
+                    "system:serviceaccounts",
+                    f"system:serviceaccounts:{token.namespace}",
+                    "system:authenticated",
+                ],
+                "extra": extra,
+            },
+            "audiences": granted,
+        }
+
     # --- list and watch ---------------------------------------------------------------------
 
     def list(self, plural: str, namespace: str | None, query: dict[str, str]) -> dict[str, Any]:
@@ -490,6 +580,10 @@ def _bookmark(plural: str, rv: int) -> dict[str, Any]:
     }
 
 
+def _refused(reason: str) -> dict[str, Any]:
+    return {"user": {}, "error": f"[invalid bearer token, {reason}]"}
+
+
 def _matcher(namespace: str | None, selector: str | None) -> Any:
     try:
         labels_match = parse_selector(selector)
@@ -564,6 +658,13 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _serve(self, method: str) -> None:
         try:
+            if urlsplit(self.path).path == _TOKENREVIEWS and method == "POST":
+                with self.kube._cond:
+                    self.kube.requests.append(("CREATE", self.path))
+                body = self._body()
+                body["status"] = self.kube.review(body.get("spec") or {})
+                body.setdefault("metadata", {})
+                return self._send_json(201, body)
             plural, namespace, name, query = self._route()
             kind = "WATCH" if query.get("watch") in ("true", "1") else method
             if method == "GET" and name is None and kind == "GET":

@@ -1,0 +1,332 @@
+"""Per-node NATS identities through the auth callout, on a real nats-server and real containerd.
+
+The server runs the callout configuration deploy/nats uses (``render_callout_accounts``); the
+callout (``authcallout.service.run``) reviews tokens against the fake API server's TokenReview.
+The hostile-node test proves every refusal from the server's own log ("Violation" lines), and that
+nothing of the other node changed, while the node's own syncer pulls through the same identity.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nats.errors
+import pytest
+from fakekube import FakeKube
+from nats.aio.client import Client
+from nats.js.api import ConsumerConfig, StorageType, StreamConfig
+from test_syncer import DEADLINE, RunningSyncer, eventually, fleet, logged
+
+from authcallout.natsjwt import Signer, new_account_seed
+from authcallout.service import CalloutSettings, run
+from image_syncer.sandbox.containerd import Containerd
+from image_syncer.sandbox.nats_server import NatsServer
+from syncer import cleanup
+from syncer.settings import SyncerSettings
+from wire import nodestatus
+from wire.contract import Kind
+from wire.eventlog import LogSettings, ensure_streams, publish_event, stream_name
+from wire.natsconn import NatsSettings, connect
+from wire.permissions import (
+    AUTH_PASSWORD_ENV,
+    AUTH_USER,
+    CALLOUT_ISSUER_ENV,
+    PULLED_BUCKET,
+    bucket_for,
+    durable_name,
+    inbox_prefix,
+    render_callout_accounts,
+)
+
+pytestmark = pytest.mark.nats
+
+NS = "image-syncer"
+SYNCER_SA = "image-syncer-syncer"
+
+
+@dataclass
+class Callout:
+    server: NatsServer
+    kube: FakeKube
+    directory: Path
+    prefix: str
+    stoppers: list[asyncio.Event] = field(default_factory=list)
+
+    def token_file(self, token: str) -> str:
+        path = self.directory / f"token-{uuid.uuid4().hex[:8]}"
+        path.write_text(token)
+        return str(path)
+
+    def settings(self, token: str, *, inbox: str | None = None) -> NatsSettings:
+        return NatsSettings(
+            servers=(self.server.url,), token_file=self.token_file(token), inbox_prefix=inbox
+        )
+
+    def node_settings(self, node: str) -> NatsSettings:
+        token = self.kube.issue_token(NS, SYNCER_SA, node=node)
+        return self.settings(token, inbox=inbox_prefix(durable_name(node)))
+
+    async def admin(self) -> Client:
+        token = self.kube.issue_token(NS, "image-syncer-admin")
+        return await connect(self.settings(token), name="admin")
+
+    def violations(self, client_name: str) -> list[str]:
+        """The server's own log of what it refused to the named connection."""
+        lines = self.server.log_file.read_text(errors="replace").splitlines()
+        return [line for line in lines if "Violation" in line and f':{client_name}"' in line]
+
+
+async def _start_callout(
+    directory: Path, server: NatsServer, kube: FakeKube, prefix: str, password: str, seed_file: Path
+) -> tuple[asyncio.Event, asyncio.Task]:
+    settings = CalloutSettings(
+        nats=NatsSettings(servers=(server.url,), user=AUTH_USER, password=password),
+        issuer_seed_file=str(seed_file),
+        kubeconfig=str(kube.kubeconfig),
+        subject_prefix=prefix,
+        metrics_addr="",
+    )
+    stopping = asyncio.Event()
+    return stopping, asyncio.create_task(run(settings, stopping))
+
+
+@pytest.fixture
+async def callout(
+    tmp_path: Path, kube: FakeKube, prefix: str, caplog: pytest.LogCaptureFixture
+) -> AsyncIterator[Callout]:
+    caplog.set_level(logging.INFO)
+    seed = new_account_seed()
+    seed_file = tmp_path / "issuer.seed"
+    seed_file.write_text(seed)
+    password = f"auth-{uuid.uuid4().hex}"
+    server = NatsServer(
+        tmp_path / "nats",
+        extra_config=render_callout_accounts(),
+        env={AUTH_PASSWORD_ENV: password, CALLOUT_ISSUER_ENV: Signer(seed).public_key},
+    ).start()
+    tasks = []
+    result = Callout(server, kube, tmp_path, prefix)
+    try:
+        # Two replicas in one queue group, as deployed.
+        for _ in range(2):
+            stopping, task = await _start_callout(
+                tmp_path, server, kube, prefix, password, seed_file
+            )
+            result.stoppers.append(stopping)
+            tasks.append(task)
+        await eventually(
+            lambda: len(logged(caplog, "auth callout serving")) == 2, "callouts serving"
+        )
+        yield result
+    finally:
+        for stopping in result.stoppers:
+            stopping.set()
+        for task in tasks:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(DEADLINE):
+                    await task
+        server.stop()
+
+
+def _refusals(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return logged(caplog, "nats client refused")
+
+
+# --- the hostile node -----------------------------------------------------------------------
+
+
+async def _attempt(action: Callable[[], object]) -> None:
+    """Run one hostile operation; the server drops it, so the client sees a timeout or error."""
+    with contextlib.suppress(nats.errors.Error, TimeoutError, OSError):
+        async with asyncio.timeout(10):
+            await action()  # type: ignore[misc]
+
+
+async def test_a_node_can_touch_only_itself(
+    callout: Callout, containerd: Containerd, push, caplog: pytest.LogCaptureFixture
+) -> None:
+    prefix = callout.prefix
+    log_settings = LogSettings(prefix=prefix)
+    fleets = stream_name(prefix, Kind.FLEET)
+    status = nodestatus.StatusSettings(prefix=prefix)
+    pulled_bucket = bucket_for(PULLED_BUCKET, prefix)
+    node_a, node_b = f"node-a-{uuid.uuid4().hex[:4]}.example", "node-b.example"
+    durable_b = durable_name(node_b)
+
+    # Node B's state, made by the admin: its durable with one event pending, status, ledger.
+    admin = await callout.admin()
+    js = admin.jetstream()
+    await ensure_streams(js, log_settings)
+    image = push()
+    await publish_event(js, log_settings, "fleet.events.added", fleet("game", image))
+    await js.add_consumer(
+        fleets, ConsumerConfig(durable_name=durable_b, mem_storage=True, num_replicas=1)
+    )
+    status_kv = await nodestatus.ensure_status_bucket(js, status)
+    await status_kv.put(nodestatus.node_key(node_b), b'{"b": "status"}')
+    pulled_kv = await cleanup.ensure_pulled_bucket(js, pulled_bucket)
+    ledger_b = cleanup.record_key(node_b, "registry.example/b:1")
+    await pulled_kv.put(ledger_b, b"b-ledger")
+
+    async def snapshot() -> object:
+        info = await js.consumer_info(fleets, durable_b)
+        streams = [
+            (await js.stream_info(s)).config.as_dict()
+            for s in (fleets, f"KV_{status.bucket}", f"KV_{pulled_bucket}")
+        ]
+        return (
+            (info.delivered.stream_seq, info.ack_floor.stream_seq, info.num_pending),
+            info.config.as_dict(),
+            (await status_kv.get(nodestatus.node_key(node_b))).revision,
+            (await pulled_kv.get(ledger_b)).revision,
+            streams,
+        )
+
+    before = await snapshot()
+
+    # A's own syncer works end to end through its per-node identity.
+    settings = SyncerSettings(
+        node_name=node_a,
+        cri_endpoint=containerd.endpoint,
+        sync_period=1.0,
+        pull_timeout=30.0,
+        subject_prefix=prefix,
+        metrics_addr="",
+        status_interval=0.2,
+        remove_unused=True,
+        nats=callout.node_settings(node_a),
+    )
+    syncer = await RunningSyncer(settings).start()
+    try:
+        await eventually(lambda: image in containerd.image_refs(), f"{image} pulled by A")
+        own_record = cleanup.record_key(node_a, image)
+        await _until(lambda: _exists(pulled_kv, own_record), "A recorded its pull")
+        await _until(lambda: _exists(status_kv, nodestatus.node_key(node_a)), "A wrote its status")
+
+        # The same identity, used by an attacker on node A.
+        attacker = await connect(callout.node_settings(node_a), name="attacker")
+        # Refused requests get no answer: a short timeout keeps the test quick.
+        ajs = attacker.jetstream(timeout=1)
+        a_status = await ajs.key_value(status.bucket)
+        a_pulled = await ajs.key_value(pulled_bucket)
+
+        async def fetch_b() -> None:
+            sub = await ajs.pull_subscribe_bind(durable=durable_b, stream=fleets)
+            await sub.fetch(1, timeout=1)
+
+        async def raw_create(config: dict) -> dict:
+            body = json.dumps({"stream_name": fleets, "config": config}).encode()
+            reply = await attacker.request(f"$JS.API.CONSUMER.CREATE.{fleets}", body, timeout=5)
+            return json.loads(reply.data)
+
+        hostile: list[tuple[str, Callable[[], object]]] = [
+            (f"$JS.API.CONSUMER.MSG.NEXT.{fleets}.{durable_b}", fetch_b),
+            (
+                f"$JS.ACK.{fleets}.{durable_b}.1.1.1.0.0",
+                lambda: attacker.publish(f"$JS.ACK.{fleets}.{durable_b}.1.1.1.0.0", b"+ACK"),
+            ),
+            (
+                f"$JS.API.CONSUMER.DELETE.{fleets}.{durable_b}",
+                lambda: ajs.delete_consumer(fleets, durable_b),
+            ),
+            (
+                f"$JS.API.CONSUMER.DURABLE.CREATE.{fleets}.{durable_b}",
+                lambda: ajs.add_consumer(fleets, durable_name=durable_b),
+            ),
+            (
+                f"$JS.API.CONSUMER.CREATE.{fleets}.{durable_b}",
+                lambda: ajs.add_consumer(fleets, name=durable_b, durable_name=durable_b),
+            ),
+            (
+                f"$KV.{status.bucket}.{nodestatus.node_key(node_b)}",
+                lambda: a_status.put(nodestatus.node_key(node_b), b"forged"),
+            ),
+            (
+                f"$KV.{status.bucket}.{nodestatus.node_key(node_b)}",
+                lambda: a_status.delete(nodestatus.node_key(node_b)),
+            ),
+            (f"$KV.{pulled_bucket}.{ledger_b}", lambda: a_pulled.put(ledger_b, b"forged")),
+            (
+                f"{prefix}.fleet.events.added.default.evil",
+                lambda: ajs.publish(f"{prefix}.fleet.events.added.default.evil", b"{}"),
+            ),
+            (
+                f"{prefix}.fleet.events.deleted.default.game",
+                lambda: attacker.publish(f"{prefix}.fleet.events.deleted.default.game", b"{}"),
+            ),
+            (
+                f"{inbox_prefix(durable_b)}.>",
+                lambda: attacker.subscribe(f"{inbox_prefix(durable_b)}.>"),
+            ),
+            ("_INBOX.>", lambda: attacker.subscribe("_INBOX.>")),
+            (
+                f"$JS.API.STREAM.UPDATE.{fleets}",
+                lambda: ajs.update_stream(StreamConfig(name=fleets, max_msgs=1)),
+            ),
+            (
+                f"$JS.API.STREAM.UPDATE.KV_{status.bucket}",
+                lambda: ajs.update_stream(StreamConfig(name=f"KV_{status.bucket}", max_msgs=1)),
+            ),
+            (f"$JS.API.STREAM.PURGE.{fleets}", lambda: ajs.purge_stream(fleets)),
+            (
+                f"$JS.API.STREAM.DELETE.KV_{pulled_bucket}",
+                lambda: ajs.delete_stream(f"KV_{pulled_bucket}"),
+            ),
+        ]
+        for subject, action in hostile:
+            await _attempt(action)
+            await eventually(
+                lambda s=subject: any(f'"{s}"' in v for v in callout.violations("attacker")),
+                f"server refused {subject}",
+            )
+
+        # What permissions cannot name, the server refuses itself: the bare create subject
+        # (nats-py's ordered reads) cannot make or take over a durable, and a create that
+        # differs from an existing bucket is no update.
+        for config in (
+            {"durable_name": durable_b, "ack_policy": "explicit"},
+            {"name": durable_b, "ack_policy": "explicit"},
+        ):
+            assert "error" in await raw_create(config), config
+        with pytest.raises(nats.errors.Error):
+            await ajs.add_stream(
+                StreamConfig(
+                    name=f"KV_{status.bucket}",
+                    subjects=[f"$KV.{status.bucket}.>"],
+                    storage=StorageType.MEMORY,
+                )
+            )
+        await attacker.close()
+
+        assert await snapshot() == before, "node B's durable, keys or a stream changed"
+        # A's own syncer needed nothing it was not given.
+        assert not callout.violations(f"syncer {node_a}")
+        assert not syncer.task.done()
+    finally:
+        assert await syncer.stop() == 0
+        await admin.close()
+
+
+async def _until(check: Callable[[], Awaitable[bool]], what: str) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + DEADLINE
+    while loop.time() < deadline:
+        if await check():
+            return
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"not true within {DEADLINE:.0f}s: {what}")
+
+
+async def _exists(kv: object, key: str) -> bool:
+    try:
+        await kv.get(key)  # type: ignore[attr-defined]
+    except nats.js.errors.KeyNotFoundError:
+        return False
+    return True
