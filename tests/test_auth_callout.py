@@ -14,7 +14,7 @@ import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import nats.errors
@@ -33,7 +33,7 @@ from syncer.settings import SyncerSettings
 from wire import nodestatus
 from wire.contract import Kind
 from wire.eventlog import LogSettings, ensure_streams, publish_event, stream_name
-from wire.natsconn import NatsSettings, connect
+from wire.natsconn import NatsSettings, NatsUnavailable, connect
 from wire.permissions import (
     AUTH_PASSWORD_ENV,
     AUTH_USER,
@@ -330,3 +330,115 @@ async def _exists(kv: object, key: str) -> bool:
     except nats.js.errors.KeyNotFoundError:
         return False
     return True
+
+
+# --- refusals, recovery, rotation, replicas --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("case", "reason"),
+    [
+        ("expired", "token is expired"),
+        ("wrong-audience", "is invalid for the target audiences"),
+        ("unknown-account", "service account default/intruder has no role here"),
+        ("not-node-bound", "token not bound to a pod on a node"),
+        ("not-a-token", "token has been invalidated"),
+    ],
+)
+async def test_a_bad_token_is_refused_with_one_clear_line(
+    callout: Callout, case: str, reason: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    kube = callout.kube
+    token = {
+        "expired": lambda: kube.issue_token(NS, SYNCER_SA, node="n1", expires_in=-1),
+        "wrong-audience": lambda: kube.issue_token(
+            NS, SYNCER_SA, node="n1", audiences=("https://kubernetes.default.svc",)
+        ),
+        "unknown-account": lambda: kube.issue_token("default", "intruder", node="n1"),
+        "not-node-bound": lambda: kube.issue_token(NS, SYNCER_SA),
+        "not-a-token": lambda: "not-a-token",
+    }[case]()
+    with pytest.raises(NatsUnavailable, match="Authorization Violation"):
+        await connect(replace(callout.settings(token), connect_timeout=1.0), name="refused")
+    refusals = _refusals(caplog)
+    assert refusals, "no refusal logged"
+    for record in refusals:
+        assert reason in record.reason, record.reason
+        assert record.client_host == "127.0.0.1"
+    for record in caplog.records:
+        assert token not in record.getMessage() and token not in str(vars(record))
+    assert not logged(caplog, "nats client authorized", role="syncer")
+
+
+async def test_syncer_retries_and_recovers_once_given_a_valid_token(
+    callout: Callout, containerd: Containerd, push, caplog: pytest.LogCaptureFixture
+) -> None:
+    node = f"node-{uuid.uuid4().hex[:6]}"
+    settings = SyncerSettings(
+        node_name=node,
+        cri_endpoint=containerd.endpoint,
+        sync_period=1.0,
+        subject_prefix=callout.prefix,
+        metrics_addr="",
+        nats=callout.settings(
+            callout.kube.issue_token(NS, SYNCER_SA, node=node, expires_in=-1),
+            inbox=inbox_prefix(durable_name(node)),
+        ),
+    )
+    admin = await callout.admin()
+    js = admin.jetstream()
+    log_settings = LogSettings(prefix=callout.prefix)
+    await ensure_streams(js, log_settings)
+    starting = asyncio.create_task(RunningSyncer(settings).start())
+    try:
+        await eventually(lambda: _refusals(caplog), "the expired token refused")
+        assert not starting.done()
+        assert settings.nats.token_file is not None
+        # The kubelet writes the rotated token into the same file.
+        fresh = callout.kube.issue_token(NS, SYNCER_SA, node=node)
+        await asyncio.to_thread(Path(settings.nats.token_file).write_text, fresh)
+        syncer = await starting
+    except BaseException:
+        starting.cancel()
+        await admin.close()
+        raise
+    try:
+        image = push()
+        await publish_event(js, log_settings, "fleet.events.added", fleet("late", image))
+        await eventually(lambda: image in containerd.image_refs(), f"{image} pulled")
+    finally:
+        assert await syncer.stop() == 0
+        await admin.close()
+
+
+async def test_a_session_ends_with_its_token_and_resumes_with_the_rotated_one(
+    callout: Callout, caplog: pytest.LogCaptureFixture
+) -> None:
+    node = "rotating.example"
+    kube = callout.kube
+    settings = callout.settings(
+        kube.issue_token(NS, SYNCER_SA, node=node, expires_in=3),
+        inbox=inbox_prefix(durable_name(node)),
+    )
+    nc = await connect(settings, name="rotating", retry_forever=True)
+    try:
+        assert settings.token_file is not None
+        fresh = kube.issue_token(NS, SYNCER_SA, node=node)
+        await asyncio.to_thread(Path(settings.token_file).write_text, fresh)
+        # The server ends the session when the first token expires; the client comes back with
+        # the file's new token instead of closing for good.
+        await eventually(lambda: nc.stats["reconnects"] >= 1, "reconnected")
+        await eventually(lambda: nc.is_connected, "connected again")
+        authorized = logged(caplog, "nats client authorized", node=node)
+        assert len(authorized) >= 2
+        assert int(authorized[-1].expires_in.rstrip("s")) > 60
+        assert (await nc.jetstream().account_info()) is not None
+    finally:
+        await nc.close()
+
+
+async def test_one_callout_replica_down_leaves_the_other_answering(callout: Callout) -> None:
+    callout.stoppers[0].set()
+    for _ in range(3):
+        nc = await callout.admin()
+        await nc.close()
