@@ -29,7 +29,7 @@ COPY authcallout ./authcallout
 COPY image_syncer ./image_syncer
 RUN /opt/build/bin/pip wheel --no-deps --no-build-isolation --wheel-dir /wheels .
 
-# --- builder: both roles; the broadcaster extra brings the Kubernetes client ----------------
+# --- builder: every role; the broadcaster and auth extras bring the Kubernetes client, nkeys -
 FROM ${PYTHON_IMAGE} AS builder
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
 COPY locks/image.txt /tmp/lock.txt

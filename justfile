@@ -28,7 +28,7 @@ proto:
 
 # Re-pin the image's dependencies with their hashes (locks/) after changing pyproject.toml.
 lock:
-    {{uv}} pip compile pyproject.toml --extra broadcaster {{lock_flags}} -o locks/image.txt
+    {{uv}} pip compile pyproject.toml --extra broadcaster --extra auth {{lock_flags}} -o locks/image.txt
     {{uv}} pip compile pyproject.toml {{lock_flags}} -o locks/syncer.txt
     {{uv}} pip compile locks/build.in {{lock_flags}} -o locks/build.txt
 

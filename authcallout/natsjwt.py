@@ -48,7 +48,8 @@ def _unb64(text: str) -> bytes:
 
 def new_account_seed() -> str:
     """A fresh account nkey seed (``SA...``): the callout's signing key."""
-    return nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_ACCOUNT).decode()
+    seed: bytes = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_ACCOUNT)
+    return seed.decode()
 
 
 class Signer:
@@ -57,7 +58,7 @@ class Signer:
     def __init__(self, seed: str) -> None:
         try:
             self._keys = nkeys.from_seed(seed.strip().encode())
-            self.public_key = self._keys.public_key.decode()
+            self.public_key: str = self._keys.public_key.decode()
         except (nkeys.NkeysError, ValueError) as e:
             raise JwtError("the issuer seed is not an nkey seed") from e
         if not self.public_key.startswith("A"):

@@ -53,7 +53,17 @@ def root(
 
 
 for module in (
-    stream, publish, events, broadcaster, syncer, auth, status, wait, replay, crio, demo
+    stream,
+    publish,
+    events,
+    broadcaster,
+    syncer,
+    auth,
+    status,
+    wait,
+    replay,
+    crio,
+    demo,
 ):
     module.register(app)
 

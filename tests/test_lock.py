@@ -55,7 +55,7 @@ def direct_requirements(extras: tuple[str, ...]) -> list[Requirement]:
     return [Requirement(s) for s in specs]
 
 
-LOCKS = [("image.txt", ("broadcaster",)), ("syncer.txt", ())]
+LOCKS = [("image.txt", ("broadcaster", "auth")), ("syncer.txt", ())]
 
 
 @pytest.mark.parametrize(("lock", "extras"), LOCKS)

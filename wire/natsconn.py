@@ -79,7 +79,7 @@ class _Client(Client):
         await super()._process_err(err_msg)
 
 
-async def _open(options: dict) -> Client:
+async def _open(options: dict[str, Any]) -> Client:
     client = _Client()
     await client.connect(**options)
     return client

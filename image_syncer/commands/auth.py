@@ -6,7 +6,7 @@ Flags only become :class:`authcallout.service.CalloutSettings` here; the service
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -26,7 +26,7 @@ def _accounts(value: str, flag: str) -> tuple[str, ...]:
     return accounts
 
 
-def _account_option(role: str, envvar: str) -> typer.models.OptionInfo:
+def _account_option(role: str, envvar: str) -> Any:
     return typer.Option(
         f"--{role}-accounts",
         envvar=envvar,
