@@ -10,8 +10,8 @@ newer than the log (:func:`broadcaster.ordering.newer`) is published:
 - listed with a version the log already has, or an older one (another broadcaster published
   past our list) -> nothing;
 - live in the log, in the watched scope, not listed, and older than the list -> ``deleted``
-  (the delete we missed); newer than the list -> nothing: it was created after we listed and
-  our watch will report it.
+  (the delete we missed, stamped with the list's resourceVersion: the object was gone by then);
+  newer than the list -> nothing: it was created after we listed and our watch will report it.
 
 An object recreated under the same name (new uid) is published as the old one's delete, then
 the new one's add. The scope is the watch target's namespace (or all namespaces): objects of
@@ -33,7 +33,7 @@ import msgspec
 from nats.js import JetStreamContext
 
 from broadcaster import metrics
-from broadcaster.ordering import Recorded, newer, resource_version
+from broadcaster.ordering import Recorded, newer, observed_at, resource_version
 from broadcaster.settings import WatchTarget
 from wire.contract import Action, ContractError, Kind, decode_event
 from wire.eventlog import LogSettings, compact_object, last_message, read_log, stream_name
@@ -152,7 +152,8 @@ def plan(
         version = resource_version(before.obj)
         if list_rv is not None and version is not None and version > list_rv:
             continue
-        publications.append(Publication(f"{kind}.events.deleted", before.obj))
+        gone = observed_at(before.obj, list_version)
+        publications.append(Publication(f"{kind}.events.deleted", gone))
     return publications
 
 

@@ -1,9 +1,11 @@
 """One active broadcaster among several replicas: a lease held in a NATS KV bucket.
 
-Two broadcasters publishing at once store each change once (deterministic message ids), but a
-lagging one could still put an older version of an object last on its subject, and both would
-load the API server with watches. So with ``--ha`` only the holder of a lease watches and
-publishes; the others stand by, ready, and take over when the holder stops renewing.
+Two broadcasters publishing at once cannot move the log backwards (every publish is conditioned
+on the object's newest message, see :mod:`broadcaster.forwarding`), but both would load the API
+server with watches and race each other's publishes. So with ``--ha`` only the holder of a lease
+watches and publishes; the others stand by, ready, and take over when the holder stops renewing.
+The lease is about load and speed of takeover, not correctness: a holder that does not know yet
+that it lost the lease is fenced by the log itself.
 
 The lease is one key (``broadcaster.<prefix>``) in the bucket ``IMAGE_SYNCER_LEASE`` (suffixed
 for other prefixes, as :func:`wire.permissions.bucket_for` says, which is also what the

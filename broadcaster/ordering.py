@@ -4,10 +4,13 @@ Several observers feed the log: this broadcaster's list and watch, another broad
 a rolling update, or a deposed HA leader), and the log itself. One that is behind must never
 overwrite one that is ahead, so every decision to publish asks :func:`newer` first.
 
-- Same uid: a delete is final (a uid never comes back), otherwise the higher resourceVersion
-  wins; a resourceVersion that is not a number (an API server not backed by etcd may use
-  opaque ones) falls back to ``generation``, and when nothing can tell, the fresher observation
-  is trusted, as before.
+- Same uid: the higher resourceVersion wins, and a delete wins a tie (it is the delete of that
+  version). A tombstone is not final: an object that leaves a label selector is reported deleted
+  and comes back, same uid, at a higher resourceVersion. The catch-up stamps the deletes it
+  infers with the list's resourceVersion (the object was gone by then), so a list older than
+  that cannot bring the object back. A resourceVersion that is not a number (an API server not
+  backed by etcd may use opaque ones) falls back to ``generation``; when nothing can tell, a
+  delete wins over a live object, a tombstone stays, and a live observation is trusted.
 - Different uids under one name: the object created later is newer. Both resourceVersions come
   from the same etcd revision counter, and the later object was created after the earlier one
   was deleted, so its every resourceVersion is higher; without numbers, ``creationTimestamp``.
@@ -18,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Recorded", "newer", "resource_version"]
+__all__ = ["Recorded", "newer", "observed_at", "resource_version"]
 
 Object = dict[str, Any]
 
@@ -51,11 +54,14 @@ def newer(obj: Object, deleted: bool, than: Recorded | None) -> bool:
         return True
     uid, recorded_uid = _meta(obj).get("uid", ""), _meta(than.obj).get("uid", "")
     if uid and uid == recorded_uid:
+        order = _compare_numbers(resource_version(obj), resource_version(than.obj))
+        if order is None:
+            if than.deleted or deleted:
+                return not than.deleted
+            return _compare_versions(obj, than.obj) > 0
         if than.deleted:
-            return False
-        if deleted:
-            return True
-        return _compare_versions(obj, than.obj) > 0
+            return order > 0 and not deleted
+        return order > 0 or (order == 0 and deleted)
     order = _compare_numbers(resource_version(obj), resource_version(than.obj))
     if order is None:
         created, recorded_created = (
@@ -84,3 +90,11 @@ def _compare_numbers(a: int | None, b: int | None) -> int | None:
     if a is None or b is None:
         return None
     return (a > b) - (a < b)
+
+
+def observed_at(obj: Object, list_version: str) -> Object:
+    """``obj`` as a delete inferred from a list at ``list_version``: gone by that version."""
+    listed, own = (int(list_version) if list_version.isdigit() else None), resource_version(obj)
+    if listed is None or own is None or listed <= own:
+        return obj
+    return {**obj, "metadata": {**_meta(obj), "resourceVersion": str(listed)}}

@@ -13,8 +13,9 @@ With ``ha`` (several replicas), all of the above but the watching and publishing
 every replica; only the holder of the lease (:mod:`broadcaster.lease`) watches and publishes.
 A standby is ready but idle. Taking over starts with a fresh list and catch-up, so whatever the
 previous holder did not publish is published now; losing the lease stops at once, without
-draining, so a replica that is no longer active cannot append an older version of an object
-after the new holder's newer one.
+draining. A publish of the old holder still on its way (even one the NATS client buffered while
+cut off, which cancelling the forwarders does not remove) was conditioned on the object's newest
+message as the old holder saw it, so JetStream refuses it once the new holder has published.
 """
 
 from __future__ import annotations

@@ -85,14 +85,16 @@ def test_plan_publishes_nothing_the_log_already_has_newer() -> None:
 
 def test_plan_deletes_only_what_is_older_than_the_list() -> None:
     recorded = logged(obj("missed", "3"), obj("created-after-the-list", "8"))
+    # The missed delete is stamped with the list's version: the Fleet was gone by then.
     assert summary(WatchTarget(Kind.FLEET), recorded, [], list_rv="6") == [
-        ("deleted", "missed", "3")
+        ("deleted", "missed", "6")
     ]
 
 
-def test_a_deleted_uid_never_comes_back_and_a_later_uid_is_newer() -> None:
+def test_versions_order_by_uid_then_resource_version() -> None:
     tombstone = Recorded(obj("f", "5"), 3, deleted=True)
-    assert not newer(obj("f", "4"), False, tombstone)
+    assert not newer(obj("f", "4"), False, tombstone) and not newer(obj("f", "5"), False, tombstone)
+    assert newer(obj("f", "6"), False, tombstone), "back in the label selector"
     assert not newer(obj("f", "6"), True, tombstone)
     assert newer(obj("f", "6", uid="new"), False, tombstone)
     live = Recorded(obj("f", "5"), 3)

@@ -179,6 +179,35 @@ async def test_a_delete_planned_from_a_stale_read_does_not_remove_the_recreated_
     assert await versions(js, prefix) == {F: ("u2", "8")}
 
 
+async def test_a_fleet_that_leaves_and_reenters_the_label_selector_is_published_again(
+    js: JetStreamContext, settings: Settings, prefix: str
+) -> None:
+    async with broadcaster(js, settings) as one:
+        await one.feed(listed(fleet("u1", 5), rv=5))
+        # A label-selected watch reports leaving the selector as a delete of the same uid...
+        await one.feed(Change("DELETED", fleet("u1", 6)))
+        assert await versions(js, prefix) == {}
+        # ...and coming back as an add: a tombstone is final only up to its resourceVersion.
+        await one.feed(Change("ADDED", fleet("u1", 7)))
+    assert await versions(js, prefix) == {F: ("u1", "7")}
+
+
+async def test_a_list_older_than_a_missed_delete_does_not_bring_the_fleet_back(
+    js: JetStreamContext, settings: Settings, prefix: str
+) -> None:
+    async with broadcaster(js, settings) as first:
+        await first.feed(listed(fleet("u1", 5), rv=5))
+    # F changed at rv 6 and was deleted at rv 7 while nobody watched. One broadcaster lists at
+    # rv 9 and publishes the delete it missed; another, which listed at rv 6, catches up after.
+    async with broadcaster(js, settings) as current, broadcaster(js, settings) as stale:
+        await current.feed(listed(rv=9))
+        seq = (await js.stream_info(stream_name(prefix, Kind.FLEET))).state.last_seq
+        await stale.feed(listed(fleet("u1", 6), rv=6))
+        assert (await js.stream_info(stream_name(prefix, Kind.FLEET))).state.last_seq == seq
+        await stale.feed(Change("DELETED", fleet("u1", 7)))
+    assert await versions(js, prefix) == {}
+
+
 # --- bug 2: an HA leader cut off from NATS, its publish buffered by the client ----------------
 
 

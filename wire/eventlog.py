@@ -233,7 +233,9 @@ async def publish_event(
         if e.err_code == _WRONG_LAST_SEQUENCE:
             raise LogConflict(f"{namespace}/{name}: {e.description}") from e
         raise
-    await compact_object(js, settings, kind, namespace, name, ack.seq)
+    if expected_last_seq != 0:
+        # Stored against "no message yet", the object has nothing older to purge.
+        await compact_object(js, settings, kind, namespace, name, ack.seq)
     return ack
 
 
