@@ -32,6 +32,11 @@ lock:
     {{uv}} pip compile pyproject.toml {{lock_flags}} -o locks/syncer.txt
     {{uv}} pip compile locks/build.in {{lock_flags}} -o locks/build.txt
 
+# Mutation testing of the pure modules, per module (mutmut; [tool.mutmut] in pyproject.toml).
+# `./dev mutate syncer/desired.py` for one; `./dev mutate --report --survivors` for the last results.
+mutate *ARGS:
+    {{python}} tests/mutation.py {{ARGS}}
+
 # Benchmarks: each prints one JSON line with its figure and ratio to a raw baseline.
 bench *ARGS:
     {{python}} -m bench {{ARGS}}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from syncer.desired import DesiredState, Outcome
+from syncer.desired import Applied, DesiredState, Outcome, SkippedImage
 from syncer.references import normalize
 from wire.contract import Event, decode_event, encode_event
 
@@ -25,6 +25,18 @@ def fleet(name: str, *images: str, init: tuple[str, ...] = (), ns: str = "defaul
 
 def event(action: str, obj: dict, kind: str = "fleet") -> Event:
     return decode_event(encode_event(f"{kind}.events.{action}", obj))
+
+
+def whole(state: DesiredState) -> dict[str, object]:
+    """Everything a reader of the state can see, to compare in one assert."""
+    return {
+        "fleets": state.fleets(),
+        "excluded": state.excluded(),
+        "seqs": state.fleet_seqs(),
+        "last_seq": state.last_seq,
+        "by_image": state.by_image(),
+        "len": len(state),
+    }
 
 
 def test_every_container_and_init_container_counts() -> None:
@@ -62,6 +74,7 @@ def test_bad_reference_is_skipped_with_reason_others_kept() -> None:
     assert applied.images == {normalize("good:1")}
     assert [s.image for s in applied.skipped] == ["Bad Image"]
     assert "invalid image reference" in applied.skipped[0].reason
+    assert applied.skipped == (SkippedImage("c1", "Bad Image", applied.skipped[0].reason),)
 
 
 def test_fleet_without_images_wants_nothing() -> None:
@@ -92,3 +105,67 @@ def test_by_image_groups_fleets() -> None:
         normalize("redis"): {"default/a"},
     }
     assert state.fleets_of(normalize("nginx")) == ["default/a", "prod/b"]
+
+
+def test_each_outcome_names_its_fleet_and_changes_only_what_it_says() -> None:
+    state = DesiredState()
+    nginx = frozenset({normalize("nginx:1")})
+
+    added = state.apply(event("added", fleet("f", "nginx:1")), 3)
+    assert added == Applied(Outcome.APPLIED, "default/f", nginx, reason="admitted")
+    holding = {
+        "fleets": {"default/f": nginx},
+        "excluded": {},
+        "seqs": {"default/f": 3},
+        "last_seq": 3,
+        "by_image": {normalize("nginx:1"): {"default/f"}},
+        "len": 1,
+    }
+    assert whole(state) == holding
+
+    # A stale event reports what the Fleet still wants, and changes nothing.
+    stale = state.apply(event("updated", fleet("f", "nginx:0")), 2)
+    assert stale == Applied(Outcome.STALE, "default/f", nginx)
+    assert whole(state) == holding
+
+    gs = {"kind": "GameServer", "metadata": {"name": "gs", "namespace": "default"}}
+    not_a_fleet = state.apply(event("added", gs, kind="gameserver"), 4)
+    assert not_a_fleet == Applied(Outcome.NOT_A_FLEET, "default/gs")
+    assert whole(state) == holding
+
+    emptied = state.apply(event("updated", fleet("f")), 5)
+    assert emptied == Applied(Outcome.NO_IMAGES, "default/f")
+    gone = {"fleets": {}, "excluded": {}, "seqs": {}, "last_seq": 5, "by_image": {}, "len": 0}
+    assert whole(state) == gone
+
+    state.apply(event("added", fleet("f", "nginx:1")), 6)
+    deleted = state.apply(event("deleted", fleet("f", "nginx:1")), 7)
+    assert deleted == Applied(Outcome.DELETED, "default/f")
+    assert whole(state) == {**gone, "last_seq": 7}
+    # Stale after the delete: the Fleet wants nothing, and stays deleted.
+    late = state.apply(event("updated", fleet("f", "nginx:1")), 6)
+    assert late == Applied(Outcome.STALE, "default/f", frozenset())
+    assert whole(state) == {**gone, "last_seq": 7}
+
+
+def test_events_without_a_sequence_always_apply_and_record_none() -> None:
+    state = DesiredState()
+    state.apply(event("added", fleet("f", "app:2")))
+    state.apply(event("updated", fleet("f", "app:1")))
+
+    assert whole(state) == {
+        "fleets": {"default/f": {normalize("app:1")}},
+        "excluded": {},
+        "seqs": {},
+        "last_seq": 0,
+        "by_image": {normalize("app:1"): {"default/f"}},
+        "len": 1,
+    }
+
+
+def test_an_unknown_fleet_wants_nothing() -> None:
+    state = DesiredState()
+    state.apply(event("added", fleet("f", "nginx")), 1)
+
+    assert state.images_of("default/other") == frozenset()
+    assert state.fleets_of(normalize("redis")) == []

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from test_desired import event, fleet
+from test_desired import event, fleet, whole
 
-from syncer.desired import DesiredState, Outcome, Transition
+from syncer.desired import Applied, DesiredState, Outcome, Transition
 from syncer.references import normalize
 from wire.contract import Fleet
 
@@ -35,6 +35,15 @@ def test_excluded_fleet_is_gone_until_admitted_again() -> None:
     allowed.clear()
     changes = state.reevaluate()
     assert [c.fleet for c in changes] == ["default/b"] and not changes[0].admitted
+    # Excluded again: gone from everything a reader sees, remembered with its reason.
+    assert whole(state) == {
+        "fleets": {},
+        "excluded": {"default/b": "not on this node"},
+        "seqs": {"default/b": 2},
+        "last_seq": 2,
+        "by_image": {},
+        "len": 0,
+    }
     state.apply(event("deleted", fleet("b", "nginx:2")), 3)
     assert state.excluded() == {} and state.reevaluate() == []
 
@@ -46,3 +55,57 @@ def test_replace_with_takes_a_fresh_fold() -> None:
     fresh.apply(event("added", fleet("new", "redis")), 7)
     state.replace_with(fresh)
     assert set(state.fleets()) == {"default/new"} and state.last_seq == 7
+
+
+def test_applied_says_what_admission_decided() -> None:
+    verdict = (False, "not on this node")
+    state = DesiredState(admit=lambda _: verdict)
+    nginx = frozenset({normalize("nginx:1")})
+
+    excluded = state.apply(event("added", fleet("a", "nginx:1", "Bad Image")), 1)
+    assert excluded == Applied(
+        Outcome.EXCLUDED,
+        "default/a",
+        nginx,
+        excluded.skipped,
+        "not on this node",
+        Transition("default/a", False, "not on this node"),
+    )
+    assert [s.image for s in excluded.skipped] == ["Bad Image"]
+
+    verdict = (True, "labels match")
+    admitted = state.apply(event("updated", fleet("a", "nginx:1")), 2)
+    assert admitted == Applied(
+        Outcome.APPLIED,
+        "default/a",
+        nginx,
+        (),
+        "labels match",
+        Transition("default/a", True, "labels match"),
+    )
+
+
+def test_replace_with_takes_everything_of_the_fresh_fold() -> None:
+    allowed = {"default/in"}
+
+    def admit(obj: Fleet) -> tuple[bool, str]:
+        ok = f"{obj.metadata.namespace}/{obj.metadata.name}" in allowed
+        return ok, "ok" if ok else "no"
+
+    state = DesiredState(admit=admit)
+    state.apply(event("added", fleet("old", "nginx")), 5)
+    fresh = DesiredState(admit=admit)
+    fresh.apply(event("added", fleet("in", "redis")), 7)
+    fresh.apply(event("added", fleet("out", "memcached")), 8)
+
+    state.replace_with(fresh)
+
+    assert whole(state) == whole(fresh)
+    assert state.excluded() == {"default/out": "no"}
+    assert state.fleet_seqs() == {"default/in": 7, "default/out": 8}
+    # The excluded Fleet's object came along: it can be admitted without a new event.
+    allowed.add("default/out")
+    assert state.reevaluate() == [Transition("default/out", True, "ok")]
+    assert state.images_of("default/out") == {normalize("memcached")}
+    # And the sequences did: an older event of it is stale.
+    assert state.apply(event("updated", fleet("out", "x")), 6).outcome is Outcome.STALE
