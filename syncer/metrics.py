@@ -33,6 +33,7 @@ __all__ = [
     "PULLS",
     "PULLS_SKIPPED",
     "PULL_DURATION",
+    "PULL_FAILURES",
     "RECONCILE_DURATION",
     "REPLAYS",
     "SLOT_WAITS",
@@ -53,6 +54,12 @@ PULLS = Counter(
     "image_syncer_syncer_pulls_total",
     "Image pulls, by result (success, failure, timeout, unavailable).",
     ["result"],
+)
+PULL_FAILURES = Counter(
+    "image_syncer_syncer_pull_failures_total",
+    "Failed pulls by reason: auth, not_found, rate_limited, registry_unreachable, disk_full, "
+    "timeout, runtime_unavailable, other (syncer/pullfailures.py).",
+    ["reason"],
 )
 PULL_DURATION = Histogram(
     "image_syncer_syncer_pull_duration_seconds",

@@ -40,13 +40,13 @@ from nats.js.kv import KeyValue
 from syncer import metrics
 from syncer.references import ImageRef
 from wire.contract import check_prefix
+from wire.pullfailures import PullFailure, classify
 
 __all__ = ["BudgetSettings", "PullBudget", "budget_bucket", "is_rate_limited"]
 
 log = logging.getLogger(__name__)
 
 BUCKET = "IMAGE_SYNCER_PULL_SLOTS"
-_RATE_LIMITED = re.compile(r"\b429\b|too many requests", re.IGNORECASE)
 # Waiting for a slot: the first retry after about this long, doubling up to the cap.
 _FIRST_RETRY = 1.0
 _MAX_RETRY = 10.0
@@ -63,7 +63,7 @@ def budget_bucket(prefix: str) -> str:
 
 def is_rate_limited(error: str) -> bool:
     """The runtime's pull error says the registry answered 429 / Too Many Requests."""
-    return bool(_RATE_LIMITED.search(error))
+    return classify(error) is PullFailure.RATE_LIMITED
 
 
 @dataclass(frozen=True)

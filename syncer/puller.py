@@ -24,6 +24,7 @@ from syncer import metrics
 from syncer.cri import CriClient, CriError, RegistryAuth, RuntimeUnavailable
 from syncer.pullbudget import PullBudget
 from syncer.references import ImageRef
+from wire.pullfailures import PullFailure, classify
 
 __all__ = ["Backoff", "PullResult", "Puller"]
 
@@ -145,13 +146,16 @@ class Puller:
                 ref = await self._pull_with_credentials(image)
         except TimeoutError:
             metrics.PULLS.labels("timeout").inc()
+            metrics.PULL_FAILURES.labels(PullFailure.TIMEOUT).inc()
             return PullResult(image, False, error=f"pull timed out after {self._timeout:g}s")
         except RuntimeUnavailable as e:
             metrics.PULLS.labels("unavailable").inc()
+            metrics.PULL_FAILURES.labels(PullFailure.RUNTIME_UNAVAILABLE).inc()
             metrics.CRI_ERRORS.labels("PullImage").inc()
             return PullResult(image, False, error=str(e), transient=True)
         except CriError as e:
             metrics.PULLS.labels("failure").inc()
+            metrics.PULL_FAILURES.labels(classify(str(e))).inc()
             metrics.CRI_ERRORS.labels("PullImage").inc()
             return PullResult(image, False, error=str(e))
         metrics.PULLS.labels("success").inc()
