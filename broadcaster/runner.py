@@ -31,6 +31,7 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from broadcaster.catchup import LogView
+from broadcaster.fleetevents import FleetEvents, FleetReporter
 from broadcaster.forwarding import Forwarder
 from broadcaster.kubeapi import custom_objects_api
 from broadcaster.lease import LEADER, Lease
@@ -41,6 +42,7 @@ from broadcaster.watching import Watcher
 from ops.serving import Health, parse_addr, serve_http
 from wire.eventlog import ensure_streams
 from wire.natsconn import connect
+from wire.nodestatus import StatusSettings
 from wire.permissions import BROADCASTER_INBOX, inbox_prefix
 
 __all__ = ["run"]
@@ -79,7 +81,12 @@ async def run(settings: Settings, stopping: asyncio.Event, *, health: Health | N
             if settings.ha:
                 await _broadcast_when_leading(settings, api, nc, js, health, stopping)
             else:
-                await _broadcast(settings, api, nc, js, health, stopping)
+                # The only replica is the active one (the no-broadcaster alert watches this).
+                LEADER.set(1)
+                try:
+                    await _broadcast(settings, api, nc, js, health, stopping)
+                finally:
+                    LEADER.set(0)
         finally:
             await nc.close()
     finally:
@@ -173,6 +180,9 @@ async def _broadcast(
             "prefix": settings.log.prefix,
         },
     )
+    if settings.fleet_events:
+        reporter = _fleet_reporter(settings, api, js)
+        tasks.append(asyncio.create_task(reporter.run(), name="fleet events"))
     monitor = asyncio.create_task(_monitor(nc, forwarders, health))
     try:
         await _first_set(stopping, lost)
@@ -181,6 +191,19 @@ async def _broadcast(
         # A replica that lost its lease must not publish what it still holds: drain nothing.
         drain_for = 0.0 if lost is not None and lost.is_set() else settings.drain_timeout
         await _drain(drain_for, watchers, forwarders, tasks)
+
+
+def _fleet_reporter(
+    settings: Settings, api: client.CustomObjectsApi, js: JetStreamContext
+) -> FleetReporter:
+    events = FleetEvents(client.CoreV1Api(api.api_client), settings.identity)
+    return FleetReporter(
+        js,
+        events,
+        StatusSettings(prefix=settings.log.prefix),
+        interval=settings.fleet_events_interval,
+        stale_after=settings.node_stale_after,
+    )
 
 
 async def _first_set(*events: asyncio.Event | None) -> None:

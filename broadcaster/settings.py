@@ -70,6 +70,10 @@ class Settings:
     lease_ttl: float = 10.0
     identity: str = field(default_factory=default_identity)
     sidecar: SidecarSettings = field(default_factory=SidecarSettings)
+    # Kubernetes Events on Fleets from the nodes' status (broadcaster.fleetevents).
+    fleet_events: bool = True
+    fleet_events_interval: float = 30.0
+    node_stale_after: float = 60.0
 
     def targets(self) -> tuple[WatchTarget, ...]:
         namespaces: tuple[str | None, ...] = tuple(dict.fromkeys(self.namespaces)) or (None,)

@@ -68,7 +68,7 @@ def test_every_object_validates_against_the_kubernetes_schema(name: str, version
 
 
 @pytest.mark.parametrize("name", list(SYNCER_OVERLAYS))
-def test_broadcaster_may_only_read_fleets_and_gameservers(name: str) -> None:
+def test_broadcaster_may_only_read_agones_objects_and_write_events(name: str) -> None:
     resources = build(name)
     # Besides, a Role to read agones-controller alone (tests/test_deploy_sdk_sidecar.py).
     bindings = of_kind(resources, "ClusterRoleBinding")
@@ -85,7 +85,8 @@ def test_broadcaster_may_only_read_fleets_and_gameservers(name: str) -> None:
             "apiGroups": ["agones.dev"],
             "resources": ["fleets", "gameservers"],
             "verbs": ["get", "list", "watch"],
-        }
+        },
+        {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]},
     ]
     account = one(resources, "ServiceAccount", BROADCASTER)
     deployment = one(resources, "Deployment", BROADCASTER)

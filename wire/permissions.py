@@ -137,6 +137,17 @@ def _kv_bucket(bucket: str) -> list[str]:
     ]
 
 
+def _kv_reader(bucket: str) -> list[str]:
+    """Read and watch one KV bucket someone else writes; nothing more."""
+    stream = f"KV_{bucket}"
+    return [
+        f"{_API}.DIRECT.GET.{stream}",
+        f"{_API}.DIRECT.GET.{stream}.>",
+        f"{_API}.STREAM.MSG.GET.{stream}",
+        *_stream_reader(stream),
+    ]
+
+
 def bucket_for(base: str, prefix: str) -> str:
     """``base`` for the default prefix, else suffixed: the rule of ``nodestatus.bucket_name``."""
     if check_prefix(prefix) == _DEFAULT_PREFIX:
@@ -190,6 +201,8 @@ def broadcaster_permissions(
         f"{_API}.STREAM.UPDATE.{images}",
     ]
     publish += _kv_bucket(bucket_for(LEASE_BUCKET, prefix))
+    # The nodes' status, read to record Events on Fleets (broadcaster.fleetevents).
+    publish += _kv_reader(nodestatus.bucket_name(prefix))
     inbox = f"{inbox_prefix(BROADCASTER_INBOX)}.>" if own_inbox else _INBOX
     return RolePermissions("broadcaster", tuple(publish), (inbox,))
 

@@ -122,6 +122,26 @@ def broadcaster(
         float,
         Duration("How often to re-read the agones-controller's SIDECAR_IMAGE.", "SIDECAR_REFRESH"),
     ] = "1m",  # type: ignore[assignment]
+    fleet_events: Annotated[
+        bool,
+        typer.Option(
+            "--fleet-events/--no-fleet-events",
+            envvar="FLEET_EVENTS",
+            help="Record Kubernetes Events on Fleets when their nodes' convergence changes "
+            "(ImagesPrePulled, ImagePullFailing); needs create/patch on events.",
+        ),
+    ] = True,
+    fleet_events_interval: Annotated[
+        float,
+        Duration("How often the nodes' status is folded per Fleet.", "FLEET_EVENTS_INTERVAL"),
+    ] = "30s",  # type: ignore[assignment]
+    node_stale_after: Annotated[
+        float,
+        Duration(
+            "A node whose status has no heartbeat this long is left out of the convergence.",
+            "NODE_STALE_AFTER",
+        ),
+    ] = "1m",  # type: ignore[assignment]
 ) -> None:
     """Publish every add/update/delete of Agones Fleets (and GameServers) to the event log."""
     try:
@@ -162,6 +182,9 @@ def broadcaster(
         lease_ttl=lease_ttl,
         identity=identity or default_identity(),
         sidecar=SidecarSettings(namespace=agones_namespace, refresh=sidecar_refresh),
+        fleet_events=fleet_events,
+        fleet_events_interval=fleet_events_interval,
+        node_stale_after=node_stale_after,
     )
     # Imported here: the Kubernetes client is heavy, and every other command (the syncer first of
     # all, one per node) would pay for it in memory just by loading the CLI. A syncer-only

@@ -5,11 +5,12 @@ No kube-apiserver can be installed here, so broadcaster tests drive this one thr
 parameters, list and watch bodies and status codes as a real API server, for the parts the two
 use. What it models:
 
-- ``fleets`` and ``gameservers`` (agones.dev/v1), ``deployments`` (apps/v1, namespaced) and
-  ``nodes`` (v1, cluster-scoped): list, get, watch, create (POST), update (PUT, with
-  resourceVersion conflict checks), delete (DELETE), and PATCH with a JSON merge patch or a JSON
-  patch (RFC 6902, ``test`` included): a ``metadata.resourceVersion`` in the patched object is a
-  precondition (409 Conflict when stale), a failed ``test`` is 422, as in the real server;
+- ``fleets`` and ``gameservers`` (agones.dev/v1), ``deployments`` and ``events`` (apps/v1 and
+  v1, namespaced) and ``nodes`` (v1, cluster-scoped): list, get, watch, create (POST), update
+  (PUT, with resourceVersion conflict checks), delete (DELETE), and PATCH with a JSON merge
+  patch or a JSON patch (RFC 6902, ``test`` included): a ``metadata.resourceVersion`` in the
+  patched object is a precondition (409 Conflict when stale), a failed ``test`` is 422, as in
+  the real server;
 - one global, monotonically increasing resourceVersion, and a uid per object;
 - watch from a resourceVersion (history replay), from nothing or ``0`` (synthetic ADDED of the
   current state), ``timeoutSeconds``, ``allowWatchBookmarks``; a label-selected watch sends
@@ -56,12 +57,14 @@ KINDS = {
     "gameservers": "GameServer",
     "deployments": "Deployment",
     "nodes": "Node",
+    "events": "Event",
 }
 GROUP_VERSIONS = {
     "fleets": GROUP_VERSION,
     "gameservers": GROUP_VERSION,
     "deployments": "apps/v1",
     "nodes": "v1",
+    "events": "v1",
 }
 CLUSTER_SCOPED = frozenset({"nodes"})
 
