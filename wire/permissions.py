@@ -137,17 +137,6 @@ def _kv_bucket(bucket: str) -> list[str]:
     ]
 
 
-def _kv_reader(bucket: str) -> list[str]:
-    """Read and watch one KV bucket someone else writes; nothing more."""
-    stream = f"KV_{bucket}"
-    return [
-        f"{_API}.DIRECT.GET.{stream}",
-        f"{_API}.DIRECT.GET.{stream}.>",
-        f"{_API}.STREAM.MSG.GET.{stream}",
-        *_stream_reader(stream),
-    ]
-
-
 def bucket_for(base: str, prefix: str) -> str:
     """``base`` for the default prefix, else suffixed: the rule of ``nodestatus.bucket_name``."""
     if check_prefix(prefix) == _DEFAULT_PREFIX:
