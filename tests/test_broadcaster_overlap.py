@@ -29,7 +29,7 @@ from broadcaster.publishing import Publisher
 from broadcaster.settings import Settings, WatchTarget
 from broadcaster.watching import Change, Listed
 from image_syncer.sandbox.nats_server import NatsServer
-from wire.contract import Kind, encode_event, event_headers, subject_for
+from wire.contract import Kind
 from wire.eventlog import LogSettings, ensure_streams, stream_name
 from wire.natsconn import NatsSettings, connect
 
@@ -84,10 +84,14 @@ class PausedView(LogView):
 
 @asynccontextmanager
 async def broadcaster(
-    js: JetStreamContext, settings: Settings, view: LogView | None = None
+    js: JetStreamContext,
+    settings: Settings,
+    view: LogView | None = None,
+    publisher: Publisher | None = None,
 ) -> AsyncIterator[Driven]:
     view = view or LogView(js, settings.log)
-    driven = Driven(Forwarder(WatchTarget(Kind.FLEET), settings, Publisher(js, settings), view))
+    publisher = publisher or Publisher(js, settings)
+    driven = Driven(Forwarder(WatchTarget(Kind.FLEET), settings, publisher, view))
     try:
         yield driven
     finally:
@@ -240,6 +244,23 @@ async def test_a_deposed_leaders_buffered_publish_cannot_land_over_the_new_leade
 # --- bug 6: stopped between a tombstone's ack and the purge ------------------------------------
 
 
+class PurgeGate:
+    """The real JetStream context, except that a purge waits at the door until the test says."""
+
+    def __init__(self, js: JetStreamContext) -> None:
+        self._js = js
+        self.reached = asyncio.Event()
+        self.opened = asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._js, name)
+
+    async def purge_stream(self, *args: Any, **kwargs: Any) -> bool:
+        self.reached.set()
+        await self.opened.wait()
+        return bool(await self._js.purge_stream(*args, **kwargs))
+
+
 async def test_a_purge_interrupted_after_the_tombstone_is_repaired_by_the_next_catch_up(
     nats_settings: NatsSettings, prefix: str
 ) -> None:
@@ -251,16 +272,18 @@ async def test_a_purge_interrupted_after_the_tombstone_is_repaired_by_the_next_c
         await ensure_streams(js, short)
         async with broadcaster(js, settings) as first:
             await first.feed(listed(fleet("u1", 5), rv=5))
-        # What a broadcaster stopped right after the tombstone's ack leaves behind: the tombstone
-        # stored, the Fleet's added message not purged yet.
-        tombstone = "fleet.events.deleted"
-        await js.publish(
-            subject_for(prefix, tombstone, *F),
-            encode_event(tombstone, fleet("u1", 6)),
-            stream=stream_name(prefix, Kind.FLEET),
-            headers=event_headers(tombstone, fleet("u1", 6)),
-            msg_ttl=short.tombstone_ttl,
-        )
+        gate = PurgeGate(js)
+        async with broadcaster(js, settings, publisher=Publisher(gate, settings)) as stopping:  # type: ignore[arg-type]
+            await stopping.feed(listed(fleet("u1", 5), rv=5))
+            await stopping.forwarder.queue.put(Change("DELETED", fleet("u1", 6)))
+            # The tombstone is acked; the broadcaster is stopped (drain timeout, lease lost)
+            # before its purge of the Fleet's older messages goes out.
+            await asyncio.wait_for(gate.reached.wait(), DEADLINE)
+        subjects = await js.stream_info(stream_name(prefix, Kind.FLEET), subjects_filter=">")
+        assert sorted(s.split(".")[3] for s in subjects.state.subjects or {}) == [
+            "added",
+            "deleted",
+        ], "the interleaving under test: the tombstone stored, the added message left over"
         async with broadcaster(js, settings) as restarted:
             await restarted.feed(listed(rv=9))
         await until_async(lambda: tombstone_gone(js, prefix), "the tombstone to expire")

@@ -255,11 +255,13 @@ def _fitting_payload(
         payload = encode_event(event_type, obj, old)
         if len(payload) <= limit:
             log.warning(
-                "event trimmed to fit a message object=%s event_type=%s dropped=%s bytes=%d",
-                what,
-                event_type,
-                ",".join(dropped),
-                len(payload),
+                "event trimmed to fit a message",
+                extra={
+                    "object": what,
+                    "event_type": event_type,
+                    "dropped": ",".join(dropped),
+                    "bytes": len(payload),
+                },
             )
             return payload
     raise EventTooLarge(
