@@ -33,6 +33,7 @@ from wire.contract import Kind  # noqa: F401  (the CLI's package must import: th
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 BROADCASTER, SYNCER = "image-syncer-broadcaster", "image-syncer-syncer"
 RESTRICTED, PRIVILEGED = "image-syncer", "image-syncer-node"
+AGONES = "agones-system"
 
 
 def _namespaces() -> dict[str, dict[str, str]]:
@@ -60,6 +61,8 @@ def test_only_the_syncer_lands_in_the_privileged_namespace(name: str) -> None:
         namespace = resource["metadata"].get("namespace")
         if namespace is None:
             continue  # cluster-scoped
+        if namespace == AGONES and resource["kind"] in ("Role", "RoleBinding"):
+            continue  # reading agones-controller's SIDECAR_IMAGE: RBAC where that Deployment is
         expected = PRIVILEGED if resource["metadata"]["name"].startswith(SYNCER) else RESTRICTED
         assert namespace == expected, f"{resource['kind']}/{resource['metadata']['name']}"
     for name_ in NATS_BUILDS:
@@ -112,10 +115,15 @@ def test_clients_dial_the_nats_service_by_its_fully_qualified_name(name: str) ->
 
 
 MOVED = "games-infra"
+# `namespace:` moves every object, the Role that reads agones-controller in agones-system too
+# (kustomize applies it after patches), so the move is one level and the patches the next.
 MOVE_SYNCER = f"""\
 resources: [{{deploy}}/syncer/overlays/containerd]
 components: [{{deploy}}/syncer/components/respect-scheduling]
 namespace: {MOVED}
+"""
+PATCH_MOVED = f"""\
+resources: [namespaced]
 patches:
   - target: {{kind: DaemonSet, name: {SYNCER}}}
     patch: |-
@@ -127,6 +135,16 @@ patches:
             containers:
               - name: syncer
                 env: [{{name: NATS_NAMESPACE, value: {MOVED}}}]
+  - target: {{kind: "Role|RoleBinding", name: image-syncer-sdk-sidecar}}
+    patch: |-
+      - op: replace
+        path: /metadata/namespace
+        value: {AGONES}
+  - target: {{kind: RoleBinding, name: image-syncer-sdk-sidecar}}
+    patch: |-
+      - op: replace
+        path: /subjects/0/namespace
+        value: {MOVED}
 """
 
 
@@ -137,7 +155,9 @@ def moved(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], list[di
     nats = build_overlay(
         tmp_path_factory.mktemp("nats"), f"resources: [{{deploy}}/nats/base]\nnamespace: {MOVED}\n"
     )
-    syncer = build_overlay(tmp_path_factory.mktemp("syncer"), MOVE_SYNCER)
+    root = tmp_path_factory.mktemp("syncer")
+    build_overlay(root / "namespaced", MOVE_SYNCER)
+    syncer = build_overlay(root, PATCH_MOVED)
     return nats, syncer
 
 
@@ -146,12 +166,16 @@ def test_a_moved_install_keeps_every_namespaced_reference(
 ) -> None:
     nats, syncer = moved
     for resource in nats + syncer:
-        if resource["kind"] not in ("ClusterRole", "ClusterRoleBinding"):
-            assert resource["metadata"]["namespace"] == MOVED, resource["metadata"]["name"]
+        if resource["kind"] in ("ClusterRole", "ClusterRoleBinding"):
+            continue
+        # The Role that reads agones-controller's SIDECAR_IMAGE stays where that Deployment is.
+        stays = resource["metadata"]["name"] == "image-syncer-sdk-sidecar"
+        expected = AGONES if stays else MOVED
+        assert resource["metadata"]["namespace"] == expected, resource["metadata"]["name"]
     accounts = {
         a["metadata"]["name"]: a["metadata"]["namespace"] for a in of_kind(syncer, "ServiceAccount")
     }
-    for binding in of_kind(syncer, "ClusterRoleBinding"):
+    for binding in of_kind(syncer, "ClusterRoleBinding") + of_kind(syncer, "RoleBinding"):
         for subject in binding["subjects"]:
             assert accounts[subject["name"]] == subject["namespace"], binding["metadata"]["name"]
     service = one(nats, "Service", "nats")
