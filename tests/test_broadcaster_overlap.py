@@ -30,7 +30,7 @@ from broadcaster.settings import Settings, WatchTarget
 from broadcaster.watching import Change, Listed
 from image_syncer.sandbox.nats_server import NatsServer
 from wire.contract import Kind
-from wire.eventlog import LogSettings, ensure_streams, stream_name
+from wire.eventlog import LogSettings, ensure_streams, publish_event, stream_name
 from wire.natsconn import NatsSettings, connect
 
 pytestmark = pytest.mark.nats
@@ -234,11 +234,14 @@ async def test_a_deposed_leaders_buffered_publish_cannot_land_over_the_new_leade
                 await new.feed(listed(fleet("u1", 7), rv=7))
                 link.restore()
                 await until(lambda: cut_off.is_connected, "the old leader to reconnect")
-                await cut_off.flush(timeout=DEADLINE)
+                # The stream handles one connection's messages in order: once a probe sent
+                # after the buffer is acked, the buffered publish has been stored or refused.
+                probe = fleet("p1", 1, name="probe")
+                await publish_event(old_js, settings.log, "fleet.events.added", probe)
                 await new.feed(Change("MODIFIED", fleet("u1", 7)))
         finally:
             await cut_off.close()
-    assert await versions(js, prefix) == {F: ("u1", "7")}
+    assert await versions(js, prefix) == {F: ("u1", "7"), ("default", "probe"): ("p1", "1")}
 
 
 # --- bug 6: stopped between a tombstone's ack and the purge ------------------------------------
