@@ -6,38 +6,37 @@ of its own lives here. Each group of commands sits in its own module under ``com
 
 from __future__ import annotations
 
+import importlib
 import sys
 from typing import Annotated, Protocol, cast
 
 import typer
 
-from image_syncer.commands import (
-    auth,
-    broadcaster,
-    crio,
-    demo,
-    events,
-    publish,
-    replay,
-    status,
-    stream,
-    syncer,
-    wait,
-)
 from ops.logs import LogFormat, configure
 
 _LOG_FORMATS: dict[str, LogFormat] = {"logfmt": "logfmt", "json": "json"}
 
-app = typer.Typer(
-    name="image-syncer",
-    help="Pre-pull the images of Agones Fleets onto every node, from a NATS JetStream event log.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-)
+# Command name -> the module under image_syncer.commands that registers it. Only the module of
+# the command being run is imported: one syncer per node must not pay in memory for the status
+# tables, the publisher or the broadcaster's settings it never uses.
+COMMANDS = {
+    "stream": "stream",
+    "publish": "publish",
+    "events": "events",
+    "broadcaster": "broadcaster",
+    "syncer": "syncer",
+    "auth": "auth",
+    "auth-keygen": "auth",
+    "status": "status",
+    "wait": "wait",
+    "replay": "replay",
+    "crio-pinned-config": "crio",
+    "demo": "demo",
+}
+# Options of the root callback that take a value (so the value is not taken for a command).
+_ROOT_VALUE_OPTIONS = ("--log-level", "--log-format")
 
 
-@app.callback()
 def root(
     log_level: Annotated[
         str, typer.Option(envvar="LOG_LEVEL", help="debug, info, warning or error.")
@@ -52,20 +51,41 @@ def root(
     configure(log_level, fmt)
 
 
-for module in (
-    stream,
-    publish,
-    events,
-    broadcaster,
-    syncer,
-    auth,
-    status,
-    wait,
-    replay,
-    crio,
-    demo,
-):
-    module.register(app)
+def build_app(command: str | None = None) -> typer.Typer:
+    """The CLI with every command, or only ``command``'s module when it is one we know."""
+    app = typer.Typer(
+        name="image-syncer",
+        help="Pre-pull the images of Agones Fleets onto every node, from a NATS JetStream event "
+        "log.",
+        no_args_is_help=True,
+        pretty_exceptions_enable=False,
+        add_completion=False,
+    )
+    app.callback()(root)
+    modules = [COMMANDS[command]] if command in COMMANDS else list(dict.fromkeys(COMMANDS.values()))
+    for module in modules:
+        importlib.import_module(f"image_syncer.commands.{module}").register(app)
+    return app
+
+
+def command_of(args: list[str]) -> str | None:
+    """The command named on the command line, skipping the root options before it."""
+    skip = False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg in _ROOT_VALUE_OPTIONS:
+            skip = True
+        elif not arg.startswith("-"):
+            return arg
+    return None
+
+
+def __getattr__(name: str) -> typer.Typer:
+    # ``from image_syncer.cli import app``: the whole CLI, built on first use.
+    if name == "app":
+        return build_app()
+    raise AttributeError(name)
 
 
 class _UsageError(Protocol):
@@ -83,6 +103,7 @@ _USAGE_ERROR: type[Exception] = typer.BadParameter.__mro__[1]
 
 def main() -> None:
     """The console script: usage errors are one ``error:`` line, as every other refusal is."""
+    app = build_app(command_of(sys.argv[1:]))
     try:
         code = app(standalone_mode=False)
     except _USAGE_ERROR as e:

@@ -20,9 +20,18 @@ import sys
 import time
 from typing import IO, Any, Literal
 
-__all__ = ["LogFormat", "configure", "fields_of"]
+__all__ = ["LogFormat", "configure", "configured", "fields_of"]
 
 LogFormat = Literal["logfmt", "json"]
+
+# What the last configure() was asked for, so a process that re-executes itself can pass it on.
+_configured: tuple[str, LogFormat] = ("info", "logfmt")
+
+
+def configured() -> tuple[str, LogFormat]:
+    """The level and format of the last :func:`configure`."""
+    return _configured
+
 
 # Attributes every LogRecord has; anything else on a record came from ``extra``.
 _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
@@ -90,6 +99,8 @@ def configure(
     Lines are written in the caller's thread on purpose: a writer thread (QueueHandler) was
     measured slower for a syncer, whose formatting is CPU work that contends for the GIL.
     """
+    global _configured
+    _configured = (level, fmt)
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else LogfmtFormatter())
     root = logging.getLogger()

@@ -77,9 +77,15 @@ class Applied:
 @dataclass
 class DesiredState:
     admit: Admit = admit_all
+    # Keep each Fleet's object, to judge it again when the node changes (``reevaluate``). Only
+    # a rule that depends on the node needs that; without one a Fleet is judged once per event,
+    # and not keeping a thousand Fleet objects saves the syncer megabytes.
+    keep_objects: bool = True
     _fleets: dict[str, frozenset[ImageRef]] = field(default_factory=dict)
-    # Excluded Fleets: their object (to re-judge), images and the reason they are excluded.
-    _excluded: dict[str, tuple[Fleet, frozenset[ImageRef], str]] = field(default_factory=dict)
+    # Excluded Fleets: their object (to re-judge; None when not kept), images and the reason.
+    _excluded: dict[str, tuple[Fleet | None, frozenset[ImageRef], str]] = field(
+        default_factory=dict
+    )
     _objects: dict[str, Fleet] = field(default_factory=dict)
     # Last folded sequence per Fleet, kept after a delete so a stale added cannot resurrect it.
     _seqs: dict[str, int] = field(default_factory=dict)
@@ -119,14 +125,15 @@ class DesiredState:
     ) -> Applied:
         was_excluded = fleet in self._excluded
         admitted, reason = self.admit(obj)
-        self._objects[fleet] = obj
+        if self.keep_objects:
+            self._objects[fleet] = obj
         if admitted:
             self._excluded.pop(fleet, None)
             self._fleets[fleet] = images
             change = Transition(fleet, True, reason) if was_excluded else None
             return Applied(Outcome.APPLIED, fleet, images, skipped, reason, change)
         self._fleets.pop(fleet, None)
-        self._excluded[fleet] = (obj, images, reason)
+        self._excluded[fleet] = (obj if self.keep_objects else None, images, reason)
         # A new Fleet excluded from the start is a transition too: one line says why.
         change = None if was_excluded else Transition(fleet, False, reason)
         return Applied(Outcome.EXCLUDED, fleet, images, skipped, reason, change)
@@ -157,7 +164,9 @@ class DesiredState:
         """Take ``other``'s content (a fresh fold of the whole log) in place."""
         self._fleets = other._fleets
         self._excluded = other._excluded
-        self._objects = other._objects
+        self._objects = other._objects if self.keep_objects else {}
+        if not self.keep_objects:
+            self._excluded = {f: (None, i, r) for f, (_, i, r) in other._excluded.items()}
         self._seqs = other._seqs
         self.last_seq = other.last_seq
 

@@ -153,7 +153,8 @@ class _Syncer:
             node_ttl=settings.status_ttl,
         )
         self.fleet_filter = FleetFilter.parse(settings.fleet_selector)
-        self.desired = DesiredState(admit=self.admit)
+        # Fleets are judged again only when the node changes, which only a node watcher sees.
+        self.desired = DesiredState(admit=self.admit, keep_objects=node_watcher is not None)
         self.unused = self._unused()
         self.budget = self._budget()
         self.puller = Puller(

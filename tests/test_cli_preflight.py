@@ -79,3 +79,17 @@ def test_the_broadcaster_without_its_extra_says_which_to_install() -> None:
         prelude="import sys; sys.modules['kubernetes'] = None; ",
     )
     one_error(result, 1, "pip install 'image-syncer[broadcaster]'", "no module 'kubernetes'")
+
+
+def test_the_syncer_command_loads_only_what_it_runs() -> None:
+    # One syncer per node: the status tables, the publisher, the broadcaster are not its weight.
+    result = run(
+        "syncer",
+        "--help",
+        prelude="import atexit, sys; atexit.register(lambda: print(*sorted(sys.modules)))\n",
+    )
+    assert result.returncode == 0, result.stderr
+    loaded = set(result.stdout.split())
+    assert "image_syncer.commands.syncer" in loaded
+    for heavy in ("image_syncer.commands.status", "broadcaster", "kubernetes", "aiohttp.web"):
+        assert heavy not in loaded

@@ -79,6 +79,13 @@ async def test_syncer_sigkilled_mid_pull_converges_after_restart(
     try:
         kube.create("fleets", game_fleet("first", images.pool[0]))
         await wait_all_converged(js, prefix, kube, nodes, images)
+        # `image-syncer syncer` became the lean syncer process (same pid: signals reach it),
+        # without the CLI's libraries nor aiohttp.
+        assert syncer.process is not None
+        cmdline = Path(f"/proc/{syncer.process.pid}/cmdline").read_bytes().split(b"\0")
+        assert b"image_syncer.syncerproc" in cmdline
+        maps = Path(f"/proc/{syncer.process.pid}/maps").read_text()
+        assert "pydantic_core" not in maps and "/aiohttp/" not in maps
         # Freeze the registry: the next pull hangs half-way, and the syncer dies during it.
         assert own_registry.process is not None
         os.killpg(own_registry.process.pid, signal.SIGSTOP)

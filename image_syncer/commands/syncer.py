@@ -12,7 +12,6 @@ import typer
 
 from image_syncer.options import Duration, split_values, with_nats_options
 from image_syncer.preflight import check_listen, check_readable
-from ops.lifecycle import run_until_signalled
 from wire.natsconn import NatsSettings
 
 __all__ = ["register"]
@@ -172,7 +171,7 @@ def syncer(
     check_readable(kubelet_config_json, "--kubelet-config-json")
     check_readable(nats.creds_file, "--nats-creds")
     check_readable(nats.tls_ca, "--nats-tls-ca")
-    from syncer.runner import run
+    from image_syncer.syncerproc import exec_syncer
     from syncer.settings import SyncerSettings
 
     try:
@@ -212,7 +211,8 @@ def syncer(
         )
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e
-    raise typer.Exit(run_until_signalled(lambda stopping: run(settings, stopping)))
+    # The long-running process sheds the CLI's libraries (see image_syncer.syncerproc).
+    exec_syncer(settings)
 
 
 def register(app: typer.Typer) -> None:
