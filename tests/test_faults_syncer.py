@@ -60,6 +60,11 @@ async def _pulling(js: JetStreamContext, prefix: str, node: str) -> bool:
     )
 
 
+def _proc(pid: int) -> tuple[bytes, str]:
+    """A process's command line and memory map."""
+    return Path(f"/proc/{pid}/cmdline").read_bytes(), Path(f"/proc/{pid}/maps").read_text()
+
+
 async def test_syncer_sigkilled_mid_pull_converges_after_restart(
     kube: FakeKube,
     broadcaster: InProcessBroadcaster,
@@ -82,9 +87,8 @@ async def test_syncer_sigkilled_mid_pull_converges_after_restart(
         # `image-syncer syncer` became the lean syncer process (same pid: signals reach it),
         # without the CLI's libraries nor aiohttp.
         assert syncer.process is not None
-        cmdline = Path(f"/proc/{syncer.process.pid}/cmdline").read_bytes().split(b"\0")
-        assert b"image_syncer.syncerproc" in cmdline
-        maps = Path(f"/proc/{syncer.process.pid}/maps").read_text()
+        cmdline, maps = _proc(syncer.process.pid)
+        assert b"image_syncer.syncerproc" in cmdline.split(b"\0")
         assert "pydantic_core" not in maps and "/aiohttp/" not in maps
         # Freeze the registry: the next pull hangs half-way, and the syncer dies during it.
         assert own_registry.process is not None
