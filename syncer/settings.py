@@ -66,6 +66,18 @@ class SyncerSettings:
     # cluster holds back pulls from a registry that answered 429.
     max_cluster_pulls: int = 0
     registry_backoff: float = 60.0
+    # Pinning: label what the syncer keeps so the kubelet's image GC skips it (containerd only;
+    # off with one log line on other runtimes).
+    pin_images: bool = True
+    # The disk budget: no pull while the image filesystem is this full (a fraction); its capacity
+    # is read with statvfs under host_root ("" = the runtime's mount point as is).
+    max_image_fs_usage: float = 0.80
+    host_root: str = ""
+    # The GC fight: after removal_backoff_after removals behind the syncer's back within
+    # removal_window, an image's re-pull backs off, up to removal_backoff_max.
+    removal_backoff_after: int = 3
+    removal_window: float = 3600.0
+    removal_backoff_max: float = 1800.0
     nats: NatsSettings = field(default_factory=NatsSettings)
 
     def __post_init__(self) -> None:
@@ -86,6 +98,8 @@ class SyncerSettings:
             "runtime_unhealthy_after": self.runtime_unhealthy_after,
             "node_refresh": self.node_refresh,
             "startup_taint_timeout": self.startup_taint_timeout,
+            "removal_window": self.removal_window,
+            "removal_backoff_max": self.removal_backoff_max,
         }
         for name, value in positive.items():
             if value <= 0:
@@ -98,6 +112,10 @@ class SyncerSettings:
             raise ValueError("registry_backoff must be positive")
         if self.status_replicas < 1:
             raise ValueError("status_replicas must be at least 1")
+        if not 0 < self.max_image_fs_usage <= 1:
+            raise ValueError("max_image_fs_usage must be above 0% and at most 100%")
+        if self.removal_backoff_after < 1:
+            raise ValueError("removal_backoff_after must be at least 1")
         if self.startup_taint and not _TAINT_KEY.match(self.startup_taint):
             raise ValueError(
                 f"startup taint {self.startup_taint!r} is not a taint key ([prefix/]name)"

@@ -17,6 +17,15 @@ from wire.natsconn import NatsSettings
 __all__ = ["register"]
 
 
+def _percent(text: str) -> float:
+    from syncer.diskbudget import parse_percent
+
+    try:
+        return parse_percent(text)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
+
+
 @with_nats_options
 def syncer(
     *,
@@ -164,6 +173,44 @@ def syncer(
             "REGISTRY_BACKOFF",
         ),
     ] = "1m",  # type: ignore[assignment]
+    pin_images: Annotated[
+        bool,
+        typer.Option(
+            envvar="PIN_IMAGES",
+            help="Pin the images kept here so the kubelet's image GC skips them (containerd).",
+        ),
+    ] = True,
+    max_image_fs_usage: Annotated[
+        float,
+        typer.Option(
+            envvar="MAX_IMAGE_FS_USAGE",
+            parser=_percent,
+            metavar="PERCENT",
+            help="Start no pull while the image filesystem is this full.",
+        ),
+    ] = "80%",  # type: ignore[assignment]
+    host_root: Annotated[
+        str,
+        typer.Option(
+            envvar="HOST_ROOT",
+            help="Where the host's filesystems are mounted (read-only), e.g. /host.",
+        ),
+    ] = "",
+    removal_backoff_after: Annotated[
+        int,
+        typer.Option(
+            envvar="REMOVAL_BACKOFF_AFTER",
+            min=1,
+            help="Back off re-pulling an image removed behind our back this often per window.",
+        ),
+    ] = 3,
+    removal_window: Annotated[
+        float, Duration("The window removals are counted in.", "REMOVAL_WINDOW")
+    ] = "1h",  # type: ignore[assignment]
+    removal_backoff_max: Annotated[
+        float,
+        Duration("Longest wait before re-pulling such an image.", "REMOVAL_BACKOFF_MAX"),
+    ] = "30m",  # type: ignore[assignment]
 ) -> None:
     """Pre-pull the images of every Fleet onto this node and keep them there."""
     check_listen(metrics_addr, "--metrics-addr")
@@ -207,6 +254,12 @@ def syncer(
             extra_images=split_values(extra_image),
             max_cluster_pulls=max_cluster_pulls,
             registry_backoff=registry_backoff,
+            pin_images=pin_images,
+            max_image_fs_usage=max_image_fs_usage,
+            host_root=host_root,
+            removal_backoff_after=removal_backoff_after,
+            removal_window=removal_window,
+            removal_backoff_max=removal_backoff_max,
             nats=nats,
         )
     except ValueError as e:
