@@ -24,6 +24,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Collection, Container, Iterable
+from dataclasses import dataclass
 from typing import Protocol
 
 import msgspec
@@ -33,14 +34,16 @@ from nats.js.kv import KeyValue
 from syncer import metrics
 from syncer.cleanup import ensure_pulled_bucket, record_key
 from syncer.containerd_images import PIN_LABEL, PIN_VALUE, ImageRecord
-from syncer.cri import CriError
+from syncer.cri import CriError, RuntimeVersion
 from syncer.references import ImageRef, InvalidImageReference, normalize
 
-__all__ = ["BUCKET", "ImageLabels", "PinLedger", "Pinner"]
+__all__ = ["BUCKET", "ImageLabels", "PinLedger", "Pinner", "PinningSupport", "pinning_support"]
 
 log = logging.getLogger(__name__)
 
 BUCKET = "IMAGE_SYNCER_PINNED"
+# A name no image has: asking for it shows the images service answers (NOT_FOUND is an answer).
+_PROBE_NAME = "image-syncer.invalid/probe:pinning"
 _DESCRIPTION = "image-syncer: image names each node's syncer pinned itself"
 
 
@@ -52,6 +55,47 @@ class ImageLabels(Protocol):
     async def set_label(self, name: str, key: str, value: str) -> None: ...
 
     async def remove_label(self, name: str, key: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class PinningSupport:
+    """Whether this node's runtime can be told to pin, and in words why (for logs and status)."""
+
+    enabled: bool
+    reason: str
+
+    def describe(self) -> str:
+        return self.reason if self.enabled else f"off: {self.reason}"
+
+
+class _Probe(Protocol):
+    async def get(self, name: str) -> ImageRecord | None: ...
+
+
+async def pinning_support(
+    wanted: bool, version: RuntimeVersion | CriError, images: _Probe
+) -> PinningSupport:
+    """Decide once at start: pin on containerd whose images service answers, else say why not.
+
+    ``version`` is the CRI Version answer, or the error asking for it raised.
+    """
+    if not wanted:
+        return PinningSupport(False, "disabled by --pin-images=false")
+    if isinstance(version, CriError):
+        return PinningSupport(False, f"the runtime did not say which it is: {version}")
+    runtime = f"{version.name} {version.version}".strip()
+    if version.name == "containerd":
+        try:
+            await images.get(_PROBE_NAME)
+        except CriError as e:
+            return PinningSupport(False, f"{runtime}: its images service does not answer: {e}")
+        return PinningSupport(True, f"{runtime}: label {PIN_LABEL}={PIN_VALUE}")
+    if version.name == "cri-o":
+        return PinningSupport(
+            False,
+            f"{runtime} pins by configuration only: roll out `image-syncer crio-pinned-config`",
+        )
+    return PinningSupport(False, f"{runtime or 'this runtime'} offers no way to pin images")
 
 
 class _Record(msgspec.Struct):

@@ -13,8 +13,8 @@ from nats.js import JetStreamContext
 
 from image_syncer.sandbox.containerd import Containerd
 from syncer.containerd_images import PIN_LABEL, PIN_VALUE, ContainerdImages
-from syncer.cri import CriClient
-from syncer.pinning import BUCKET, Pinner
+from syncer.cri import CriClient, RuntimeVersion
+from syncer.pinning import BUCKET, Pinner, pinning_support
 from syncer.references import ImageRef, PresentImages, normalize
 from wire.permissions import bucket_for
 
@@ -191,3 +191,46 @@ async def test_an_image_removed_and_pulled_again_is_pinned_again(
     await pinner.sync(wanted=[image], present=await present(cri))
 
     assert pinned_names(containerd, ref) == names_of(containerd, ref)
+
+
+# --- which runtimes pin ---------------------------------------------------------------------
+
+
+async def test_containerd_whose_images_service_answers_pins(
+    cri: CriClient, images: ContainerdImages
+) -> None:
+    support = await pinning_support(True, await cri.version(), images)
+
+    assert support.enabled
+    assert support.describe().startswith("containerd ")
+
+
+async def test_pinning_can_be_turned_off(cri: CriClient, images: ContainerdImages) -> None:
+    support = await pinning_support(False, await cri.version(), images)
+
+    assert not support.enabled
+    assert support.describe() == "off: disabled by --pin-images=false"
+
+
+async def test_crio_points_at_its_configuration_and_others_say_why(
+    images: ContainerdImages,
+) -> None:
+    # CRI-O cannot run here; its Version answer is all this decision reads.
+    crio = await pinning_support(True, RuntimeVersion("cri-o", "1.30.2", "v1"), images)
+    other = await pinning_support(True, RuntimeVersion("cri-dockerd", "0.3.9", "v1"), images)
+
+    assert not crio.enabled
+    assert "crio-pinned-config" in crio.reason
+    assert not other.enabled
+    assert other.reason == "cri-dockerd 0.3.9 offers no way to pin images"
+
+
+async def test_containerd_without_an_images_service_is_off(tmp_path) -> None:
+    gone = ContainerdImages(f"unix://{tmp_path}/no.sock", call_timeout=2)
+    try:
+        support = await pinning_support(True, RuntimeVersion("containerd", "1.7.20", "v1"), gone)
+    finally:
+        await gone.close()
+
+    assert not support.enabled
+    assert "images service does not answer" in support.reason
