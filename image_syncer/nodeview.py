@@ -144,5 +144,11 @@ def node_rollups(
         budget = summary.budget
         if budget is not None and budget.backoff_until is not None and budget.backoff_until > now:
             rollup.problems.append("registry rate limit: cluster pulls held back")
+        disk = summary.disk
+        if disk is not None and disk.paused:
+            usage = f" {disk.usage:.0%}" if disk.usage is not None else ""
+            rollup.problems.append(f"disk{usage} full: pulls paused")
+        if disk is not None and disk.gc_backoff:
+            rollup.problems.append(f"{len(disk.gc_backoff)} removed repeatedly (image GC?)")
         rollups[node] = rollup
     return rollups

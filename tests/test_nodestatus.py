@@ -27,6 +27,7 @@ from syncer.status import StatusReporter
 from wire.natsconn import NatsSettings, connect
 from wire.nodestatus import (
     DEFAULT_BUCKET,
+    DiskSummary,
     FleetGap,
     Heartbeat,
     Missing,
@@ -34,6 +35,7 @@ from wire.nodestatus import (
     NodeState,
     NodeStatus,
     OutdatedEntry,
+    PinSummary,
     StatusError,
     StatusSettings,
     StatusWatch,
@@ -144,6 +146,28 @@ def test_the_summary_names_only_what_is_missing_and_why() -> None:
     assert fleet_progress(status, "default/c") is None  # excluded
     assert not is_stale(status, T0 + timedelta(seconds=60), 60)
     assert is_stale(status, T0 + timedelta(seconds=61), 60)
+
+
+def test_held_images_are_pending_with_the_reason_and_summaries_round_trip() -> None:
+    paused = "image filesystem / 91% used, at or above --max-image-fs-usage 80%"
+    state = summarize(
+        desired={"default/a": ["img1", "img2", "img3"]},
+        present={"img1"},
+        failed={"img3": "401 Unauthorized"},
+        held={"img2": paused, "img3": "removed 3 times within 1h; re-pull in 60s"},
+        fleet_seqs={"default/a": 1},
+        pins=PinSummary(enabled=True, runtime="containerd 1.7.20", images=1, pinned=1),
+        disk=DiskSummary(usage=0.91, max_usage=0.8, paused=paused, gc_backoff=("img3",)),
+    )
+
+    assert state.missing == {
+        "img2": Missing(MissingState.PENDING, paused),
+        "img3": Missing(MissingState.PENDING, "removed 3 times within 1h; re-pull in 60s"),
+    }
+    status = NodeStatus(node="n", version="v", reported_at=T0, started_at=T0, summary=state)
+    decoded = decode_status(encode_status(status))
+    assert decoded.summary.pins == state.pins
+    assert decoded.summary.disk == state.disk
 
 
 def test_an_entry_stays_small_with_many_fleets_all_present() -> None:

@@ -59,6 +59,7 @@ __all__ = [
     "DEFAULT_BUCKET",
     "SCHEMA",
     "BudgetSummary",
+    "DiskSummary",
     "FleetGap",
     "GateStatus",
     "Heartbeat",
@@ -67,6 +68,7 @@ __all__ = [
     "NodeState",
     "NodeStatus",
     "OutdatedEntry",
+    "PinSummary",
     "ReplayRequest",
     "StatusError",
     "StatusSettings",
@@ -196,6 +198,30 @@ class BudgetSummary(msgspec.Struct, frozen=True, omit_defaults=True):
     backoff_until: datetime | None = None
 
 
+class PinSummary(msgspec.Struct, frozen=True, omit_defaults=True):
+    """Pinning of the node's images (``--pin-images``), so the kubelet's image GC skips them."""
+
+    # False when the runtime cannot be told to pin (CRI-O, others) or pinning is turned off.
+    enabled: bool = False
+    # In words: the runtime and how it pins, or why pinning is off.
+    runtime: str = ""
+    # Desired images present on the node, and how many of them are pinned.
+    images: int = 0
+    pinned: int = 0
+
+
+class DiskSummary(msgspec.Struct, frozen=True, omit_defaults=True):
+    """The image filesystem and what it does to pulls (``--max-image-fs-usage``, GC backoff)."""
+
+    # Used fraction of the fullest image filesystem at the last reading; None when unknown.
+    usage: float | None = None
+    max_usage: float = 0.0
+    # Why pulls are paused now (the disk is over budget); empty when they may run.
+    paused: str = ""
+    # Images removed repeatedly behind the syncer's back, whose re-pull backs off now.
+    gc_backoff: tuple[str, ...] = ()
+
+
 class GateStatus(msgspec.Struct, frozen=True, omit_defaults=True):
     """The startup-taint gate of a node (``--startup-taint``): is the node open for game servers?
 
@@ -242,6 +268,9 @@ class NodeState(msgspec.Struct, frozen=True, omit_defaults=True):
     node_images: dict[str, list[str]] = {}
     # None when the syncer runs without --startup-taint (or is older than the gate).
     gate: GateStatus | None = None
+    # None when the writer does not know the feature.
+    pins: PinSummary | None = None
+    disk: DiskSummary | None = None
 
 
 def summarize(
@@ -253,14 +282,18 @@ def summarize(
     pulling: Collection[str] = (),
     waiting_slot: Collection[str] = (),
     failed: Mapping[str, str] | None = None,
+    held: Mapping[str, str] | None = None,
     **rest: object,
 ) -> NodeState:
     """The compact state of a node holding ``present`` against ``desired`` (Fleet -> images).
 
     ``fleet_seqs`` covers desired and excluded Fleets; a Fleet without one gets 0 (seen by no
-    reader as folded). ``rest`` are further :class:`NodeState` fields, passed through.
+    reader as folded). ``held`` are images not pulled on purpose for now, with why (the disk is
+    over budget, they keep being removed): pending, with that reason. ``rest`` are further
+    :class:`NodeState` fields, passed through.
     """
     failed = failed or {}
+    held = held or {}
     gaps: dict[str, FleetGap] = {}
     missing: dict[str, Missing] = {}
     for fleet, images in desired.items():
@@ -268,11 +301,11 @@ def summarize(
         absent = tuple(i for i in unique if i not in present)
         if absent:
             gaps[fleet] = FleetGap(total=len(unique), missing=absent)
-            missing.update((i, _why(i, pulling, waiting_slot, failed)) for i in absent)
+            missing.update((i, _why(i, pulling, waiting_slot, failed, held)) for i in absent)
     node_images = rest.get("node_images") or {}
     for images in node_images.values():  # type: ignore[attr-defined]
         missing.update(
-            (i, _why(i, pulling, waiting_slot, failed)) for i in images if i not in present
+            (i, _why(i, pulling, waiting_slot, failed, held)) for i in images if i not in present
         )
     return NodeState(
         fleets={fleet: fleet_seqs.get(fleet, 0) for fleet in desired},
@@ -284,8 +317,14 @@ def summarize(
 
 
 def _why(
-    image: str, pulling: Collection[str], waiting: Collection[str], failed: Mapping[str, str]
+    image: str,
+    pulling: Collection[str],
+    waiting: Collection[str],
+    failed: Mapping[str, str],
+    held: Mapping[str, str],
 ) -> Missing:
+    if image in held and image not in pulling:
+        return Missing(MissingState.PENDING, held[image])
     error = failed.get(image, "")
     if image in pulling:
         return Missing(MissingState.PULLING, error)

@@ -41,7 +41,9 @@ from wire.contract import (
 )
 from wire.natsconn import NatsSettings, connect
 from wire.nodestatus import (
+    NodeState,
     NodeStatus,
+    PinSummary,
     StatusError,
     StatusSettings,
     check_node,
@@ -183,7 +185,7 @@ def _fleets_table(fleets: dict[str, FleetRollup]) -> Table:
 def _nodes_table(nodes: dict[str, NodeRollup], now: datetime) -> tuple[Table, int]:
     """The nodes table, and how many healthy nodes it leaves out."""
     table = Table(title="Nodes", title_justify="left")
-    for column in ("Node", "Fleets ready", "Heartbeat", "Problems", "Version"):
+    for column in ("Node", "Fleets ready", "Pinned", "Heartbeat", "Problems", "Version"):
         table.add_column(column, no_wrap=column != "Problems")
     rows = list(nodes.values())
     if len(rows) > _MAX_ROWS:
@@ -195,8 +197,39 @@ def _nodes_table(nodes: dict[str, NodeRollup], now: datetime) -> tuple[Table, in
             style="green" if r.fleets_ready == r.fleets_total else "yellow",
         )
         beat = Text(_ago(now, r.status.reported_at), style="red" if r.stale else "")
-        table.add_row(name, ready, beat, ", ".join(r.problems), r.status.version)
+        pins = _pins_cell(r.status.summary.pins)
+        table.add_row(name, ready, pins, beat, ", ".join(r.problems), r.status.version)
     return table, len(nodes) - min(len(rows), _MAX_ROWS)
+
+
+def _pins_cell(pins: PinSummary | None) -> Text:
+    if pins is None:
+        return Text("-", style="dim")
+    if not pins.enabled:
+        return Text("off", style="dim")
+    style = "green" if pins.pinned == pins.images else "yellow"
+    return Text(f"{pins.pinned}/{pins.images}", style=style)
+
+
+def _keeping_lines(summary: NodeState) -> list[str]:
+    """Pinning and the image filesystem of one node, for ``status --node``."""
+    lines = []
+    if summary.pins is not None:
+        pins = summary.pins
+        counted = f"{pins.pinned}/{pins.images} images pinned, " if pins.enabled else ""
+        lines.append(f"pinning: {counted}{pins.runtime}")
+    if summary.disk is not None:
+        disk = summary.disk
+        usage = "unknown" if disk.usage is None else f"{disk.usage:.0%} used"
+        lines.append(f"image filesystem: {usage} (pulls pause at {disk.max_usage:.0%})")
+        if disk.paused:
+            lines.append(f"pulls paused: {disk.paused}")
+        if disk.gc_backoff:
+            lines.append(
+                "re-pull backing off, removed repeatedly behind the syncer's back (image GC?): "
+                + ", ".join(disk.gc_backoff)
+            )
+    return lines
 
 
 def _node_detail(
@@ -240,6 +273,8 @@ def _node_detail(
             markup=False,
             highlight=False,
         )
+    for line in _keeping_lines(summary):
+        console.print(line, markup=False, highlight=False)
     if summary.replayed_request:
         console.print(f"last replay request honoured: {summary.replayed_request}", markup=False)
 
