@@ -111,8 +111,9 @@ def test_syncer_mounts_the_runtime_socket_and_dials_it(name: str) -> None:
     _, daemonset = _syncer_workloads(name)
     spec = pod_spec(daemonset)
     syncer = container(daemonset, "syncer")
-    sockets = [v for v in spec["volumes"] if "hostPath" in v]
-    assert len(sockets) == 1, "exactly one host path: the runtime socket's directory"
+    host_paths = {v["name"] for v in spec["volumes"] if "hostPath" in v}
+    assert host_paths == {"cri-socket", "image-fs"}, "host paths: the socket's and image directory"
+    sockets = [v for v in spec["volumes"] if v["name"] == "cri-socket"]
     # The directory, not the socket file: a restarted runtime re-creates its socket, and only a
     # directory mount shows the new one (tests/test_socket_mount.py).
     host_dir, _, socket_name = SYNCER_OVERLAYS[name].rpartition("/")
@@ -124,6 +125,27 @@ def test_syncer_mounts_the_runtime_socket_and_dials_it(name: str) -> None:
     node_name = env_of(syncer)["NODE_NAME"]
     assert node_name["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
     assert syncer["args"] == ["syncer"]
+
+
+# The runtime's image directory on the host, whose filesystem the disk budget measures.
+IMAGE_DIRS = {
+    "syncer/overlays/containerd": "/var/lib/containerd",
+    "syncer/overlays/k3s": "/var/lib/rancher/k3s/agent/containerd",
+    "syncer/overlays/crio": "/var/lib/containers/storage",
+    "syncer/overlays/openshift": "/var/lib/containers/storage",
+}
+
+
+@pytest.mark.parametrize("name", list(SYNCER_OVERLAYS))
+def test_syncer_sees_the_image_filesystem_read_only_where_host_root_maps_it(name: str) -> None:
+    _, daemonset = _syncer_workloads(name)
+    syncer = container(daemonset, "syncer")
+    (volume,) = [v for v in pod_spec(daemonset)["volumes"] if v["name"] == "image-fs"]
+    assert volume["hostPath"] == {"path": IMAGE_DIRS[name], "type": "Directory"}
+    (mount,) = [m for m in syncer["volumeMounts"] if m["name"] == "image-fs"]
+    assert mount["readOnly"] is True
+    # The runtime reports /var/lib/...; the syncer reads it at HOST_ROOT + that path.
+    assert mount["mountPath"] == env_value(syncer, "HOST_ROOT") + IMAGE_DIRS[name]
 
 
 @pytest.mark.parametrize("name", list(SYNCER_OVERLAYS))
