@@ -131,7 +131,7 @@ def test_permissions_follow_the_prefix_and_never_grant_destruction(prefix: str) 
 @pytest.mark.parametrize("name", list(NATS_BUILDS))
 def test_server_config_parses_and_fails_closed_without_passwords(name: str, tmp_path: Path) -> None:
     config = _write_config(name, tmp_path)
-    env = {**os.environ, "SERVER_NAME": "nats-0", **_password_env()}
+    env = {**os.environ, "SERVER_NAME": "nats-0", **_password_env(), **_route_env()}
     checked = subprocess.run(
         [nats_server_binary(), "-t", "-c", str(config)], env=env, capture_output=True, text=True
     )
@@ -149,6 +149,15 @@ def test_server_config_parses_and_fails_closed_without_passwords(name: str, tmp_
 
 def _password_env() -> dict[str, str]:
     return {PASSWORD_ENV[user]: password for user, password in PASSWORDS.items()}
+
+
+def _route_env() -> dict[str, str]:
+    # What the StatefulSet composes from the Secret (test_deploy_nats_routes runs it for real).
+    password = f"route-{os.getpid()}"
+    return {
+        "NATS_ROUTE_PASSWORD": password,
+        "NATS_ROUTES": f"[nats://route:{password}@127.0.0.1:{free_port()}]",
+    }
 
 
 def _write_config(name: str, directory: Path) -> Path:
