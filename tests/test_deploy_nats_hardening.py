@@ -159,7 +159,7 @@ def test_routes_authenticate_and_clients_get_no_server_addresses() -> None:
 
 
 def _peers(policy: dict[str, Any], port: int) -> list[dict[str, Any]]:
-    rules = [r for r in policy["spec"]["ingress"] if {p["port"] for p in r["ports"]} == {port}]
+    rules = [r for r in policy["spec"]["ingress"] if port in {p["port"] for p in r["ports"]}]
     assert len(rules) == 1, f"one rule for port {port}"
     peers: list[dict[str, Any]] = rules[0]["from"]
     return peers
@@ -181,9 +181,10 @@ def test_each_nats_port_admits_only_its_own_clients() -> None:
             assert set(expression["values"]) == names
     admin = [p for p in clients if "podSelector" not in p]
     assert admin == [{"namespaceSelector": {"matchLabels": {"image-syncer.io/nats-admin": "true"}}}]
-    assert _peers(policy, 8222) == [
-        {"namespaceSelector": {"matchLabels": {"image-syncer.io/nats-monitoring": "true"}}}
-    ]
+    for port in (8222, 7777):  # the server's monitoring, the exporter sidecar's metrics
+        assert _peers(policy, port) == [
+            {"namespaceSelector": {"matchLabels": {"image-syncer.io/nats-monitoring": "true"}}}
+        ]
     assert _peers(policy, 6222) == [
         {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "nats"}}}
     ]
