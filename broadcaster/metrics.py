@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge
 
+from wire.contract import Kind
+
 __all__ = [
     "EVENTS_PUBLISHED",
     "EVENTS_REFUSED",
@@ -18,6 +20,7 @@ __all__ = [
     "LAST_PUBLISH",
     "PUBLISH_CONFLICTS",
     "PUBLISH_ERRORS",
+    "REFUSAL_REASONS",
     "WATCH_RESTARTS",
 ]
 
@@ -49,6 +52,11 @@ EVENTS_REFUSED = Counter(
     " the request (rejected).",
     ["kind", "reason"],
 )
+# Every series exists from the start at 0, so an alert on increase() sees the first refusal too.
+REFUSAL_REASONS = ("contract", "too_large", "rejected")
+for _kind in Kind:
+    for _reason in REFUSAL_REASONS:
+        EVENTS_REFUSED.labels(kind=str(_kind), reason=_reason)
 EVENTS_SUPERSEDED = Counter(
     "image_syncer_broadcaster_events_superseded",
     "Events not published because the log already held that version of the object or a newer"
