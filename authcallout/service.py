@@ -62,7 +62,7 @@ REQUESTS = Counter(
 class Roles:
     """Which ServiceAccounts (``namespace/name``) hold which role; any other is refused."""
 
-    syncer: tuple[str, ...] = ("image-syncer/image-syncer-syncer",)
+    syncer: tuple[str, ...] = ("image-syncer-node/image-syncer-syncer",)
     broadcaster: tuple[str, ...] = ("image-syncer/image-syncer-broadcaster",)
     admin: tuple[str, ...] = ("image-syncer/image-syncer-admin",)
 

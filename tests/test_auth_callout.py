@@ -48,6 +48,7 @@ from wire.permissions import (
 pytestmark = pytest.mark.nats
 
 NS = "image-syncer"
+NODE_NS = "image-syncer-node"
 SYNCER_SA = "image-syncer-syncer"
 
 
@@ -70,7 +71,7 @@ class Callout:
         )
 
     def node_settings(self, node: str) -> NatsSettings:
-        token = self.kube.issue_token(NS, SYNCER_SA, node=node)
+        token = self.kube.issue_token(NODE_NS, SYNCER_SA, node=node)
         return self.settings(token, inbox=inbox_prefix(durable_name(node)))
 
     async def admin(self) -> Client:
@@ -350,12 +351,12 @@ async def test_a_bad_token_is_refused_with_one_clear_line(
 ) -> None:
     kube = callout.kube
     token = {
-        "expired": lambda: kube.issue_token(NS, SYNCER_SA, node="n1", expires_in=-1),
+        "expired": lambda: kube.issue_token(NODE_NS, SYNCER_SA, node="n1", expires_in=-1),
         "wrong-audience": lambda: kube.issue_token(
             NS, SYNCER_SA, node="n1", audiences=("https://kubernetes.default.svc",)
         ),
         "unknown-account": lambda: kube.issue_token("default", "intruder", node="n1"),
-        "not-node-bound": lambda: kube.issue_token(NS, SYNCER_SA),
+        "not-node-bound": lambda: kube.issue_token(NODE_NS, SYNCER_SA),
         "not-a-token": lambda: "not-a-token",
     }[case]()
     with pytest.raises(NatsUnavailable, match="Authorization Violation"):
@@ -381,7 +382,7 @@ async def test_syncer_retries_and_recovers_once_given_a_valid_token(
         subject_prefix=callout.prefix,
         metrics_addr="",
         nats=callout.settings(
-            callout.kube.issue_token(NS, SYNCER_SA, node=node, expires_in=-1),
+            callout.kube.issue_token(NODE_NS, SYNCER_SA, node=node, expires_in=-1),
             inbox=inbox_prefix(durable_name(node)),
         ),
     )
@@ -395,7 +396,7 @@ async def test_syncer_retries_and_recovers_once_given_a_valid_token(
         assert not starting.done()
         assert settings.nats.token_file is not None
         # The kubelet writes the rotated token into the same file.
-        fresh = callout.kube.issue_token(NS, SYNCER_SA, node=node)
+        fresh = callout.kube.issue_token(NODE_NS, SYNCER_SA, node=node)
         await asyncio.to_thread(Path(settings.nats.token_file).write_text, fresh)
         syncer = await starting
     except BaseException:
@@ -417,13 +418,13 @@ async def test_a_session_ends_with_its_token_and_resumes_with_the_rotated_one(
     node = "rotating.example"
     kube = callout.kube
     settings = callout.settings(
-        kube.issue_token(NS, SYNCER_SA, node=node, expires_in=3),
+        kube.issue_token(NODE_NS, SYNCER_SA, node=node, expires_in=3),
         inbox=inbox_prefix(durable_name(node)),
     )
     nc = await connect(settings, name="rotating", retry_forever=True)
     try:
         assert settings.token_file is not None
-        fresh = kube.issue_token(NS, SYNCER_SA, node=node)
+        fresh = kube.issue_token(NODE_NS, SYNCER_SA, node=node)
         await asyncio.to_thread(Path(settings.token_file).write_text, fresh)
         # The server ends the session when the first token expires; the client comes back with
         # the file's new token instead of closing for good.

@@ -55,7 +55,7 @@ def auth(
     ] = None,
     syncer_accounts: Annotated[
         str, _account_option("syncer", "AUTH_SYNCER_ACCOUNTS")
-    ] = "image-syncer/image-syncer-syncer",
+    ] = "image-syncer-node/image-syncer-syncer",
     broadcaster_accounts: Annotated[
         str, _account_option("broadcaster", "AUTH_BROADCASTER_ACCOUNTS")
     ] = "image-syncer/image-syncer-broadcaster",
