@@ -63,7 +63,7 @@ async def measure(argv: Sequence[str] | None) -> dict:
     runs = repeats(args, 9)
     production_logging()
     synced = Synced()
-    logging.getLogger("syncer.reconcile").addHandler(synced)
+    logging.getLogger("syncer.inventory").addHandler(synced)
     ours, direct = [], []
     with nats_server() as server, registry() as reg, containerd() as runtime:
         refs = [f"{reg.address}/bench/e2e-{i}:v1" for i in range(2 * runs)]

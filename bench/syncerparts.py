@@ -1,7 +1,8 @@
 """The syncer's own objects, wired as ``syncer.runner`` wires them, for in-process benchmarks.
 
 Benchmarks measure the real replay and live paths (``FleetConsumer``), so they build the same
-graph the runner builds: desired state, puller, reconciler, consumer, with any CRI client.
+graph the runner builds: desired state, puller, inventory, reconciler, consumer, with any CRI
+client.
 """
 
 from __future__ import annotations
@@ -11,12 +12,15 @@ from dataclasses import dataclass
 from nats.js import JetStreamContext
 
 from bench.services import PREFIX
+from ops.retry import Backoff
 from ops.serving import Health
 from syncer.consumer import FleetConsumer
 from syncer.cri import CriClient
 from syncer.desired import DesiredState
-from syncer.puller import Backoff, Puller
+from syncer.inventory import Inventory
+from syncer.puller import Puller
 from syncer.reconcile import Reconciler
+from syncer.runtimehealth import RuntimeHealth
 from syncer.settings import SyncerSettings
 from wire.natsconn import NatsSettings
 
@@ -31,6 +35,7 @@ class Node:
     settings: SyncerSettings
     desired: DesiredState
     puller: Puller
+    inventory: Inventory
     reconciler: Reconciler
     consumer: FleetConsumer
     health: Health
@@ -49,14 +54,15 @@ def node(
     cri = cri or CriClient(NO_RUNTIME)
     health = Health()
     desired = DesiredState()
-    reconciler: Reconciler
     puller = Puller(
         cri,
         max_parallel=settings.max_parallel_pulls,
         pull_timeout=settings.pull_timeout,
         backoff=Backoff(settings.backoff_min, settings.backoff_max),
-        on_result=lambda result: reconciler.on_pull_result(result),
     )
-    reconciler = Reconciler(cri, desired, puller, health)
-    consumer = FleetConsumer(js, settings, desired, reconciler, puller, health)
-    return Node(settings, desired, puller, reconciler, consumer, health)
+    inventory = Inventory(desired, puller)
+    runtime = RuntimeHealth(cri, health)
+    puller.subscribe(runtime.on_pull_result)
+    reconciler = Reconciler(cri, desired, inventory, runtime, health)
+    consumer = FleetConsumer(js, settings, desired, inventory, health)
+    return Node(settings, desired, puller, inventory, reconciler, consumer, health)

@@ -24,10 +24,12 @@ from typing import TypeVar
 from broadcaster import metrics
 from broadcaster.catchup import Key, LogView, Object, Publication, key_of, plan
 from broadcaster.ordering import Recorded, newer
-from broadcaster.publishing import TRANSIENT, Backoff, Outcome, Publisher
+from broadcaster.publishing import Outcome, Publisher
 from broadcaster.settings import Settings, WatchTarget
 from broadcaster.watching import Change, Listed
+from ops.retry import Backoff, retry
 from wire.contract import Action, parse_event_type
+from wire.natsconn import RETRYABLE
 
 __all__ = ["Forwarder"]
 
@@ -137,21 +139,18 @@ class Forwarder:
                 return
 
     async def _with_retry(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        def report(error: BaseException, delay: float) -> None:
+            log.warning(
+                f"cannot {what}, retrying",
+                extra={
+                    "target": str(self.target),
+                    "error": repr(error),
+                    "retry_in": round(delay, 2),
+                },
+            )
+
         backoff = Backoff(self.settings.backoff_initial, self.settings.backoff_max)
-        while True:
-            try:
-                return await call()
-            except TRANSIENT as e:
-                delay = backoff.next_delay()
-                log.warning(
-                    f"cannot {what}, retrying",
-                    extra={
-                        "target": str(self.target),
-                        "error": repr(e),
-                        "retry_in": round(delay, 2),
-                    },
-                )
-                await asyncio.sleep(delay)
+        return await retry(call, retry_on=RETRYABLE, backoff=backoff, on_retry=report)
 
 
 def _version(obj: Object) -> str:

@@ -35,6 +35,8 @@ from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 from prometheus_client import Gauge
 
+from ops.logs import describe_error
+from wire.natsconn import RETRYABLE
 from wire.permissions import LEASE_BUCKET, bucket_for
 
 __all__ = ["LEADER", "Lease", "lease_key"]
@@ -45,9 +47,6 @@ LEADER = Gauge(
     "image_syncer_broadcaster_leader",
     "1 while this replica holds the lease and broadcasts, 0 while it stands by.",
 )
-
-# What a lost connection or a restarting server look like from nats-py.
-_TRANSIENT = (nats.errors.Error, TimeoutError, OSError)
 
 
 def lease_key(prefix: str) -> str:
@@ -116,7 +115,7 @@ class Lease:
 
     async def holder(self) -> str:
         """Who holds the lease now, for logs; empty when nobody does or it cannot be read."""
-        with contextlib.suppress(*_TRANSIENT):
+        with contextlib.suppress(*RETRYABLE):
             entry = await (await self._bucket()).get(self.key)
             return str(json.loads(entry.value or b"{}").get("identity", ""))
         return ""
@@ -125,7 +124,7 @@ class Lease:
         """Give the lease up (best effort) so a standby need not wait for it to expire."""
         if not self._revision:
             return
-        with contextlib.suppress(*_TRANSIENT):
+        with contextlib.suppress(*RETRYABLE):
             await asyncio.wait_for(
                 (await self._bucket()).delete(self.key, last=self._revision), 2.0
             )
@@ -145,8 +144,8 @@ class Lease:
                         "standing by",
                         extra={"identity": self.identity, "holder": await self.holder()},
                     )
-            except _TRANSIENT as e:
-                log.warning("cannot reach the lease, retrying", extra={"error": _describe(e)})
+            except RETRYABLE as e:
+                log.warning("cannot reach the lease, retrying", extra={"error": describe_error(e)})
             await asyncio.sleep(period)
 
     async def hold(self) -> str:
@@ -160,11 +159,11 @@ class Lease:
                     self._revision = 0
                     return f"taken over by {await self.holder() or 'nobody (expired)'}"
                 last_ok = attempt
-            except _TRANSIENT as e:
+            except RETRYABLE as e:
                 if time.monotonic() - last_ok >= self.ttl * 2 / 3:
                     self._revision = 0
-                    return f"cannot renew: {_describe(e)}"
-                log.warning("lease renewal failed, retrying", extra={"error": _describe(e)})
+                    return f"cannot renew: {describe_error(e)}"
+                log.warning("lease renewal failed, retrying", extra={"error": describe_error(e)})
 
     async def _bucket(self) -> KeyValue:
         if self._kv is None:
@@ -174,7 +173,3 @@ class Lease:
 
     def _value(self) -> bytes:
         return json.dumps({"identity": self.identity, "renewed": time.time()}).encode()
-
-
-def _describe(error: BaseException) -> str:
-    return (str(error) or type(error).__name__).replace("\n", " ")

@@ -15,28 +15,27 @@ duplicate that JetStream stores once. Two answers end the attempt instead:
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import logging
-import random
 from dataclasses import dataclass
 from typing import Any
 
 import nats.errors
 import nats.js.errors
 from nats.js import JetStreamContext
+from nats.js.api import PubAck
 
 from broadcaster import metrics
 from broadcaster.settings import Settings
+from ops.logs import describe_error
+from ops.retry import Backoff, retry
 from wire.contract import ContractError, parse_event_type
 from wire.eventlog import EventTooLarge, LogConflict, ensure_streams, publish_event
+from wire.natsconn import RETRYABLE
 
-__all__ = ["Backoff", "Outcome", "Published", "Publisher", "refusal"]
+__all__ = ["Outcome", "Published", "Publisher", "refusal"]
 
 log = logging.getLogger(__name__)
-
-# What a lost connection, a restarting server or a missing stream look like from nats-py.
-TRANSIENT = (nats.errors.Error, TimeoutError, OSError)
 
 
 class Outcome(enum.StrEnum):
@@ -67,21 +66,12 @@ def refusal(error: BaseException) -> str | None:
     return None
 
 
-class Backoff:
-    """Capped exponential backoff with jitter; :meth:`reset` after a success."""
+class _Refused(Exception):
+    """Raised out of an attempt that no retry can make succeed; ``reason`` is the label."""
 
-    def __init__(self, initial: float, maximum: float) -> None:
-        self.initial, self.maximum = initial, maximum
-        self._next = initial
-
-    def next_delay(self) -> float:
-        delay = self._next
-        self._next = min(self._next * 2, self.maximum)
-        # Half fixed, half random: spread retries of many processes without ever going to zero.
-        return delay / 2 + random.uniform(0, delay / 2)
-
-    def reset(self) -> None:
-        self._next = self.initial
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 class Publisher:
@@ -98,10 +88,13 @@ class Publisher:
         expected_last_seq: int | None = None,
     ) -> Published:
         """Publish until JetStream settles it; ``expected_last_seq`` as in publish_event."""
-        backoff = Backoff(self.settings.backoff_initial, self.settings.backoff_max)
-        while True:
+        streams_lost = False
+
+        async def attempt() -> PubAck:
+            if streams_lost:
+                await self._recreate_streams()
             try:
-                ack = await publish_event(
+                return await publish_event(
                     self.js,
                     self.settings.log,
                     event_type,
@@ -110,42 +103,49 @@ class Publisher:
                     timeout=self.settings.publish_timeout,
                     expected_last_seq=expected_last_seq,
                 )
-            except LogConflict:
-                metrics.PUBLISH_CONFLICTS.inc()
-                return Published(Outcome.CONFLICT)
-            except (ContractError, EventTooLarge, *TRANSIENT) as e:
+            except (ContractError, EventTooLarge, *RETRYABLE) as e:
                 reason = refusal(e)
                 if reason is not None:
-                    self._refused(event_type, obj, reason, e)
-                    return Published(Outcome.REFUSED)
-                metrics.PUBLISH_ERRORS.inc()
-                delay = backoff.next_delay()
-                log.warning(
-                    "publish failed, retrying",
-                    extra={
-                        "event_type": event_type,
-                        "object": _name(obj),
-                        "error": _describe(e),
-                        "retry_in": round(delay, 2),
-                    },
-                )
-                await asyncio.sleep(delay)
-                if isinstance(e, nats.errors.NoRespondersError):
-                    await self._recreate_streams()
-                continue
-            metrics.EVENTS_PUBLISHED.labels(event_type=event_type).inc()
-            metrics.LAST_PUBLISH.set_to_current_time()
-            log.info(
-                "event published",
+                    raise _Refused(reason) from e
+                raise
+
+        def report(error: BaseException, delay: float) -> None:
+            nonlocal streams_lost
+            # No responders on a stream subject: the stream is gone (a server lost its store).
+            streams_lost = isinstance(error, nats.errors.NoRespondersError)
+            metrics.PUBLISH_ERRORS.inc()
+            log.warning(
+                "publish failed, retrying",
                 extra={
                     "event_type": event_type,
                     "object": _name(obj),
-                    "resource_version": (obj.get("metadata") or {}).get("resourceVersion", ""),
-                    "seq": ack.seq,
-                    "duplicate": bool(ack.duplicate),
+                    "error": describe_error(error),
+                    "retry_in": round(delay, 2),
                 },
             )
-            return Published(Outcome.DUPLICATE if ack.duplicate else Outcome.STORED, ack.seq)
+
+        backoff = Backoff(self.settings.backoff_initial, self.settings.backoff_max)
+        try:
+            ack = await retry(attempt, retry_on=RETRYABLE, backoff=backoff, on_retry=report)
+        except LogConflict:
+            metrics.PUBLISH_CONFLICTS.inc()
+            return Published(Outcome.CONFLICT)
+        except _Refused as e:
+            self._refused(event_type, obj, e.reason, e.__cause__ or e)
+            return Published(Outcome.REFUSED)
+        metrics.EVENTS_PUBLISHED.labels(event_type=event_type).inc()
+        metrics.LAST_PUBLISH.set_to_current_time()
+        log.info(
+            "event published",
+            extra={
+                "event_type": event_type,
+                "object": _name(obj),
+                "resource_version": (obj.get("metadata") or {}).get("resourceVersion", ""),
+                "seq": ack.seq,
+                "duplicate": bool(ack.duplicate),
+            },
+        )
+        return Published(Outcome.DUPLICATE if ack.duplicate else Outcome.STORED, ack.seq)
 
     def _refused(
         self, event_type: str, obj: dict[str, Any], reason: str, error: BaseException
@@ -160,22 +160,17 @@ class Publisher:
                 "event_type": event_type,
                 "object": _name(obj),
                 "reason": reason,
-                "error": _describe(error),
+                "error": describe_error(error),
             },
         )
 
     async def _recreate_streams(self) -> None:
-        # No responders on a stream subject: the stream is gone (a server lost its store).
         try:
             await ensure_streams(self.js, self.settings.log, self.settings.kinds)
-        except TRANSIENT as e:
-            log.warning("cannot recreate streams", extra={"error": _describe(e)})
+        except RETRYABLE as e:
+            log.warning("cannot recreate streams", extra={"error": describe_error(e)})
 
 
 def _name(obj: dict[str, Any]) -> str:
     meta = obj.get("metadata") or {}
     return f"{meta.get('namespace', 'default')}/{meta.get('name', '?')}"
-
-
-def _describe(error: BaseException) -> str:
-    return (str(error) or type(error).__name__).replace("\n", " ")

@@ -21,10 +21,8 @@ message as the old holder saw it, so JetStream refuses it once the new holder ha
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import Callable
 
 from kubernetes import client
 from nats.aio.client import Client
@@ -35,13 +33,15 @@ from broadcaster.fleetevents import FleetEvents, FleetReporter
 from broadcaster.forwarding import Forwarder
 from broadcaster.kubeapi import custom_objects_api
 from broadcaster.lease import LEADER, Lease
-from broadcaster.publishing import TRANSIENT, Backoff, Publisher
+from broadcaster.publishing import Publisher
 from broadcaster.settings import Settings
 from broadcaster.sidecar import SidecarWatcher
 from broadcaster.watching import Watcher
+from ops.lifecycle import until_stopping, wait_any
+from ops.retry import Backoff, retry
 from ops.serving import Health, parse_addr, serve_http
 from wire.eventlog import ensure_streams
-from wire.natsconn import connect
+from wire.natsconn import RETRYABLE, connect
 from wire.nodestatus import StatusSettings
 from wire.permissions import BROADCASTER_INBOX, inbox_prefix
 
@@ -50,8 +50,6 @@ __all__ = ["run"]
 log = logging.getLogger(__name__)
 
 _MONITOR_PERIOD = 1.0
-
-T = TypeVar("T")
 
 
 async def run(settings: Settings, stopping: asyncio.Event, *, health: Health | None = None) -> int:
@@ -64,19 +62,19 @@ async def run(settings: Settings, stopping: asyncio.Event, *, health: Health | N
     host, port = parse_addr(settings.metrics_addr)
     server = await serve_http(host, port, health)
     try:
-        nc = await _until_stopping(
+        nc = await until_stopping(
+            stopping,
             connect(
                 settings.nats.with_inbox(inbox_prefix(BROADCASTER_INBOX)),
                 name="broadcaster",
                 retry_forever=True,
             ),
-            stopping,
         )
         if nc is None:
             return 0
         try:
             js = nc.jetstream()
-            if not await _until_stopping(_ensure_streams(js, settings), stopping):
+            if not await until_stopping(stopping, _ensure_streams(js, settings)):
                 return 0
             if settings.ha:
                 await _broadcast_when_leading(settings, api, nc, js, health, stopping)
@@ -114,7 +112,7 @@ async def _broadcast_when_leading(
         _standby(health)
         monitor = asyncio.create_task(_monitor(nc, [], health))
         try:
-            if await _until_stopping(_acquired(lease), stopping) is None:
+            if await until_stopping(stopping, _acquired(lease)) is None:
                 return
         finally:
             monitor.cancel()
@@ -185,7 +183,7 @@ async def _broadcast(
         tasks.append(asyncio.create_task(reporter.run(), name="fleet events"))
     monitor = asyncio.create_task(_monitor(nc, forwarders, health))
     try:
-        await _first_set(stopping, lost)
+        await wait_any(*(e for e in (stopping, lost) if e is not None))
     finally:
         monitor.cancel()
         # A replica that lost its lease must not publish what it still holds: drain nothing.
@@ -204,15 +202,6 @@ def _fleet_reporter(
         interval=settings.fleet_events_interval,
         stale_after=settings.node_stale_after,
     )
-
-
-async def _first_set(*events: asyncio.Event | None) -> None:
-    waits = [asyncio.create_task(e.wait()) for e in events if e is not None]
-    try:
-        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for wait in waits:
-            wait.cancel()
 
 
 async def _monitor(nc: Client, forwarders: list[Forwarder], health: Health) -> None:
@@ -255,29 +244,15 @@ async def _drain(
 
 
 async def _ensure_streams(js: JetStreamContext, settings: Settings) -> bool:
+    def report(error: BaseException, delay: float) -> None:
+        log.warning(
+            "cannot ensure streams, retrying",
+            extra={"error": repr(error), "retry_in": round(delay, 2)},
+        )
+
+    async def attempt() -> bool:
+        await ensure_streams(js, settings.log, settings.kinds)
+        return True
+
     backoff = Backoff(settings.backoff_initial, settings.backoff_max)
-    while True:
-        try:
-            await ensure_streams(js, settings.log, settings.kinds)
-            return True
-        except TRANSIENT as e:
-            delay = backoff.next_delay()
-            log.warning(
-                "cannot ensure streams, retrying",
-                extra={"error": repr(e), "retry_in": round(delay, 2)},
-            )
-            await asyncio.sleep(delay)
-
-
-async def _until_stopping(work: Awaitable[T], stopping: asyncio.Event) -> T | None:
-    """Run ``work`` unless ``stopping`` comes first; then cancel it and return None."""
-    task = asyncio.ensure_future(work)
-    stop = asyncio.create_task(stopping.wait())
-    done, _ = await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
-    stop.cancel()
-    if task in done:
-        return task.result()
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, *TRANSIENT):
-        await task
-    return None
+    return await retry(attempt, retry_on=RETRYABLE, backoff=backoff, on_retry=report)

@@ -25,10 +25,10 @@ from kubernetes.client.exceptions import ApiException
 from nats.js import JetStreamContext
 from prometheus_client import Counter
 
-from broadcaster.publishing import TRANSIENT
 from broadcaster.settings import SidecarSettings
 from wire.contract import AGONES_SDK_SOURCE, ContractError, NodeImages
 from wire.eventlog import LogSettings, ensure_node_images_stream, publish_node_images
+from wire.natsconn import RETRYABLE
 
 __all__ = ["SIDECAR_ENV", "SidecarWatcher", "sidecar_image"]
 
@@ -103,7 +103,7 @@ class SidecarWatcher:
         try:
             await ensure_node_images_stream(self.js, self.log_settings)
             await publish_node_images(self.js, self.log_settings, message)
-        except TRANSIENT as e:
+        except RETRYABLE as e:
             return self._failed("publish", repr(e))
         except ContractError as e:
             return self._failed("no_variable", str(e))

@@ -28,8 +28,9 @@ from kubernetes import client
 from kubernetes.watch.watch import iter_resp_lines
 
 from broadcaster import metrics
-from broadcaster.publishing import Backoff
 from broadcaster.settings import Settings, WatchTarget
+from ops.logs import describe_error
+from ops.retry import Backoff
 from wire.contract import Kind
 
 __all__ = ["Change", "Listed", "Watcher"]
@@ -238,4 +239,4 @@ def _describe(error: BaseException) -> str:
     if isinstance(error, client.ApiException):
         # Never the body or headers: they may echo request details.
         return f"HTTP {error.status}: {error.reason}"
-    return (str(error) or type(error).__name__).replace("\n", " ")
+    return describe_error(error)

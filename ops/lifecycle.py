@@ -1,19 +1,29 @@
-"""Running a long-lived asyncio process until SIGTERM or SIGINT, then stopping it in one place.
+"""Running a long-lived asyncio process until SIGTERM or SIGINT, and waiting without outliving it.
 
 A signal sets the ``stopping`` event; the main coroutine watches it, stops taking work, finishes
 what is in flight and returns. A second signal means "now": the main task is cancelled.
+
+Every loop of the processes waits through the helpers here, so that none of them keeps a
+stopping process alive for a whole period: :func:`sleep_unless_stopping` for a loop's pause,
+:func:`wait_any` for a pause that something else may cut short too (a poke, a kick), and
+:func:`until_stopping` for one piece of work that stopping abandons (connecting, acquiring), and
+:func:`every` for a periodic chore (refresh a gauge, look at a connection).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
-__all__ = ["run_until_signalled"]
+__all__ = ["every", "run_until_signalled", "sleep_unless_stopping", "until_stopping", "wait_any"]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 def run_until_signalled(main: Callable[[asyncio.Event], Awaitable[int | None]]) -> int:
@@ -42,3 +52,61 @@ async def _run(main: Callable[[asyncio.Event], Awaitable[int | None]]) -> int | 
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+
+
+async def wait_any(*events: asyncio.Event, timeout: float | None = None) -> None:
+    """Return once any of ``events`` is set, or after ``timeout`` seconds (None: no limit)."""
+    waits = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waits:
+            waiter.cancel()
+        await asyncio.gather(*waits, return_exceptions=True)
+
+
+async def sleep_unless_stopping(stopping: asyncio.Event, seconds: float) -> bool:
+    """Sleep ``seconds``, cut short by ``stopping``; True when the process is stopping."""
+    await wait_any(stopping, timeout=max(0.0, seconds))
+    return stopping.is_set()
+
+
+async def until_stopping(stopping: asyncio.Event, work: Awaitable[T]) -> T | None:
+    """``work``'s result, or None if ``stopping`` is set first (``work`` is then cancelled).
+
+    An error ``work`` raises after it was cancelled is of no interest to a stopping process and
+    is dropped; one raised before comes through.
+    """
+    task = asyncio.ensure_future(work)
+    stop = asyncio.ensure_future(stopping.wait())
+    try:
+        await asyncio.wait((task, stop), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
+    return None
+
+
+async def every(
+    period: float, stopping: asyncio.Event, tick: Callable[[], Awaitable[object]]
+) -> None:
+    """Run ``tick`` now and then every ``period`` seconds until ``stopping``.
+
+    A failing tick is logged at debug level and retried next period: a chore reports its own
+    failures (a metric, a readiness check), and its loop must outlive them.
+    """
+    while not stopping.is_set():
+        try:
+            await tick()
+        except Exception as e:
+            log.debug("periodic task failed", extra={"task": _name_of(tick), "error": repr(e)})
+        if await sleep_unless_stopping(stopping, period):
+            return
+
+
+def _name_of(tick: Callable[..., object]) -> str:
+    return getattr(tick, "__qualname__", None) or repr(tick)

@@ -20,7 +20,7 @@ import sys
 import time
 from typing import IO, Any, Literal
 
-__all__ = ["LogFormat", "configure", "configured", "fields_of"]
+__all__ = ["LogFormat", "configure", "configured", "describe_error", "fields_of"]
 
 LogFormat = Literal["logfmt", "json"]
 
@@ -39,6 +39,11 @@ _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "ta
 
 def fields_of(record: logging.LogRecord) -> dict[str, Any]:
     return {k: v for k, v in record.__dict__.items() if k not in _STANDARD}
+
+
+def describe_error(error: BaseException) -> str:
+    """An exception as one log field: its message on one line, its type when it has none."""
+    return (str(error) or type(error).__name__).replace("\n", " ")
 
 
 _NEEDS_QUOTES = re.compile(r'[\s="\\]')

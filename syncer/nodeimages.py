@@ -13,7 +13,6 @@ an Agones upgrade reaches every node as one message.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 
@@ -21,10 +20,12 @@ import nats.errors
 import nats.js.errors
 from nats.js import JetStreamContext
 
+from ops.lifecycle import sleep_unless_stopping
 from syncer import metrics
 from syncer.references import ImageRef, InvalidImageReference, normalize
 from wire.contract import ContractError, NodeImages, decode_node_images
 from wire.eventlog import node_images_stream_name, read_log, read_node_images
+from wire.natsconn import RETRYABLE
 
 __all__ = ["EXTRA_SOURCE", "NodeImageSet"]
 
@@ -96,7 +97,7 @@ class NodeImageSet:
         stream = node_images_stream_name(prefix)
         while not stopping.is_set():
             if not self.loaded and not await self.load(js, prefix):
-                await _sleep(stopping, _RETRY)
+                await sleep_unless_stopping(stopping, _RETRY)
                 continue
             try:
                 async for stored in read_log(js, stream, follow=True):
@@ -112,12 +113,7 @@ class NodeImageSet:
                         self.on_change()
             except nats.js.errors.NotFoundError:
                 pass  # no broadcaster has published any yet; look again later
-            except (nats.errors.Error, TimeoutError, OSError) as e:
+            except RETRYABLE as e:
                 metrics.NATS_ERRORS.labels("node_images").inc()
                 log.warning("following the node images failed, retrying", extra={"error": repr(e)})
-            await _sleep(stopping, _RETRY)
-
-
-async def _sleep(stopping: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stopping.wait(), timeout=seconds)
+            await sleep_unless_stopping(stopping, _RETRY)

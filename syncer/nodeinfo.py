@@ -13,7 +13,6 @@ unschedulable. The failure is logged once, and the recovery once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import json
 import logging
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import msgspec
 
+from ops.lifecycle import sleep_unless_stopping
 from syncer.scheduling import NodeInfo, Taint, schedulable
 from wire.contract import PodSpec
 
@@ -237,8 +237,7 @@ class NodeWatcher:
         """Refresh until ``stopping`` is set."""
         while not stopping.is_set():
             await self.refresh_once()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stopping.wait(), timeout=self.refresh)
+            await sleep_unless_stopping(stopping, self.refresh)
 
     def schedulable(self, pod_spec: PodSpec) -> tuple[bool, str]:
         """:func:`schedulable` against the last known node; admits all until one is known."""

@@ -1,13 +1,15 @@
 """Pulling images: a bounded pool, a timeout per pull, backoff per image, one pull per image.
 
-The seed pulled one image at a time with no timeout, so one slow registry stalled every Fleet.
-Here each image is pulled by its own task: at most ``max_parallel`` run at once, each is cut off
-after ``pull_timeout``, and an image that failed waits out an exponential, jittered backoff before
-it is tried again while the others carry on. However many Fleets, events and reconcile passes ask
-for an image at the same time, it is pulled once and every asker awaits the same result.
+Octops image-syncer (Go) pulled one image at a time with no timeout, so one slow registry stalled
+every Fleet. Here each image is pulled by its own task: at most ``max_parallel`` run at once, each
+is cut off after ``pull_timeout``, and an image that failed waits out an exponential, jittered
+backoff before it is tried again while the others carry on. However many Fleets, events and
+reconcile passes ask for an image at the same time, it is pulled once and every asker awaits the
+same result.
 
-Outcomes are reported once per pull through ``on_result`` (the runner logs ``fleet synced`` or
-the failure there), so a pull awaited by three askers is logged once, not three times.
+Outcomes are handed once per pull to every subscriber (:meth:`Puller.subscribe`; the node's
+:class:`~syncer.inventory.Inventory` records and logs them), so a pull awaited by three askers is
+logged once, not three times.
 """
 
 from __future__ import annotations
@@ -15,18 +17,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from ops.retry import Backoff
 from syncer import metrics
 from syncer.cri import CriClient, CriError, RegistryAuth, RuntimeUnavailable
 from syncer.pullbudget import PullBudget
 from syncer.references import ImageRef
 from wire.pullfailures import PullFailure, classify
 
-__all__ = ["Backoff", "PullResult", "Puller"]
+__all__ = ["PullResult", "Puller"]
 
 log = logging.getLogger(__name__)
 
@@ -44,19 +46,6 @@ class PullResult:
     retry_in: float = 0.0
 
 
-@dataclass
-class Backoff:
-    """Exponential backoff with jitter: min * 2^(failures-1), capped, scaled by [0.5, 1)."""
-
-    minimum: float
-    maximum: float
-    rng: Callable[[], float] = random.random
-
-    def delay(self, failures: int) -> float:
-        base = min(self.maximum, self.minimum * 2.0 ** max(0, failures - 1))
-        return base * (0.5 + self.rng() / 2)
-
-
 class Puller:
     def __init__(
         self,
@@ -66,7 +55,7 @@ class Puller:
         pull_timeout: float,
         backoff: Backoff,
         auth_for: Callable[[ImageRef], Sequence[RegistryAuth]] = lambda _: (),
-        on_result: Callable[[PullResult], None] = lambda _: None,
+        on_result: Callable[[PullResult], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         budget: PullBudget | None = None,
     ) -> None:
@@ -77,12 +66,18 @@ class Puller:
         self._timeout = pull_timeout
         self._backoff = backoff
         self._auth_for = auth_for
-        self._on_result = on_result
+        self._subscribers: list[Callable[[PullResult], None]] = []
+        if on_result is not None:
+            self.subscribe(on_result)
         self._clock = clock
         self._inflight: dict[ImageRef, asyncio.Task[PullResult]] = {}
         self._failures: dict[ImageRef, int] = {}
         self._not_before: dict[ImageRef, float] = {}
         self._closing = False
+
+    def subscribe(self, on_result: Callable[[PullResult], None]) -> None:
+        """Call ``on_result`` with every pull's outcome, in subscription order."""
+        self._subscribers.append(on_result)
 
     def ensure(self, image: ImageRef) -> asyncio.Future[PullResult]:
         """The pull of ``image``: the one already running, a new one, or a deferred result."""
@@ -134,10 +129,11 @@ class Puller:
         if budget is not None and not result.ok:
             await budget.observe(image, result.error)
         result = self._account(result)
-        try:
-            self._on_result(result)
-        except Exception:
-            log.exception("pull result handler failed", extra={"image": str(image)})
+        for on_result in self._subscribers:
+            try:
+                on_result(result)
+            except Exception:
+                log.exception("pull result handler failed", extra={"image": str(image)})
         return result
 
     async def _attempt(self, image: ImageRef) -> PullResult:

@@ -1,17 +1,18 @@
 """This node's state as the cluster sees it: the input of the status reporter.
 
-Built from what the syncer already holds in memory (the fold, the last ListImages answer, the
-puller's in-flight set, the last failures), so taking one costs no I/O and can run every few
-seconds. It is the compact form of :func:`wire.nodestatus.summarize`: per Fleet the sequence of
+Built from what the syncer already holds in memory (the fold, and the node's inventory: the last
+ListImages answer, the pulls in flight, the last failures), so taking one costs no I/O and can
+run every few seconds. It is the compact form of :func:`wire.nodestatus.summarize`: per Fleet the sequence of
 the event it was folded from, and image strings only for what is missing, with why.
 """
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from syncer.desired import DesiredState
+from syncer.inventory import Inventory
 from syncer.pullbudget import PullBudget
-from syncer.puller import Puller
-from syncer.reconcile import Reconciler
 from wire.nodestatus import BudgetSummary, NodeState, summarize
 
 __all__ = ["node_state"]
@@ -19,17 +20,18 @@ __all__ = ["node_state"]
 
 def node_state(
     desired: DesiredState,
-    reconciler: Reconciler,
-    puller: Puller,
+    inventory: Inventory,
+    *,
+    last_reconcile: datetime | None = None,
     replayed_request: str = "",
     budget: PullBudget | None = None,
 ) -> NodeState:
     fleets = desired.fleets()
     wanted = {image for images in fleets.values() for image in images}
-    missing = {image for image in wanted if not reconciler.is_present(image)}
+    missing = {image for image in wanted if not inventory.is_present(image)}
     # A pull waiting for a cluster slot is in flight for the puller, but not pulling yet.
     waiting = budget.waiting() if budget is not None else frozenset()
-    pulling = puller.pulling() - waiting
+    pulling = inventory.pulling() - waiting
     summary = None
     if budget is not None:
         summary = BudgetSummary(
@@ -42,8 +44,8 @@ def node_state(
         excluded=desired.excluded(),
         pulling={str(i) for i in missing if i in pulling},
         waiting_slot={str(i) for i in missing if i in waiting},
-        failed={str(i): error for i, error in reconciler.failed.items() if i in missing},
-        last_reconcile=reconciler.last_reconcile,
+        failed={str(i): error for i, error in inventory.failed.items() if i in missing},
+        last_reconcile=last_reconcile,
         replayed_request=replayed_request,
         budget=summary,
     )

@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 
 from nats.js import JetStreamContext
 
+from ops.lifecycle import wait_any
 from wire.nodestatus import (
     Heartbeat,
     NodeState,
@@ -127,7 +128,7 @@ class StatusReporter:
         """Report until ``stopping`` is set."""
         while not stopping.is_set():
             await self.tick()
-            await self._sleep(self._delay(), stopping)
+            await wait_any(self._poked, stopping, timeout=self._delay())
 
     def _due(self, state: NodeState, now: float) -> str | None:
         if self._last_attempt is not None and now - self._last_attempt < self.interval:
@@ -148,16 +149,6 @@ class StatusReporter:
             return max(remaining, 0.0)
         # Without a poke, still look at the snapshot every interval: changes nobody announced.
         return remaining if remaining > 0 else self.interval
-
-    async def _sleep(self, delay: float, stopping: asyncio.Event) -> None:
-        waits = [asyncio.ensure_future(self._poked.wait()), asyncio.ensure_future(stopping.wait())]
-        try:
-            await asyncio.wait(waits, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for waiter in waits:
-                waiter.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await waiter
 
     def _take_snapshot(self) -> NodeState | None:
         try:

@@ -13,8 +13,9 @@ from collections.abc import Callable
 
 import pytest
 
+from ops.retry import Backoff
 from syncer.cri import CriError, RegistryAuth, RuntimeUnavailable
-from syncer.puller import Backoff, Puller, PullResult
+from syncer.puller import Puller, PullResult
 from syncer.references import ImageRef, normalize
 
 

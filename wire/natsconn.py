@@ -7,6 +7,9 @@ With a token file (a Kubernetes projected ServiceAccount token, rotated by the k
 read again on every (re)connect, and a session that the server ends because its authorization
 expired (the auth callout bounds it by the token's lifetime) reconnects with the fresh token
 instead of closing the client for good, as nats-py would on any other server error.
+
+What nats.py raises when a server is unreachable, restarting or lost its store is one tuple,
+:data:`RETRYABLE`, so every retry loop agrees on which failures are worth another try.
 """
 
 from __future__ import annotations
@@ -20,12 +23,26 @@ from typing import Any
 import nats
 import nats.errors
 from nats.aio.client import Client
+from nats.js import JetStreamContext
 
-__all__ = ["NatsSettings", "NatsUnavailable", "connect", "read_token_file"]
+from ops.logs import describe_error
+from ops.retry import Backoff, retry
+
+__all__ = [
+    "RETRYABLE",
+    "NatsSettings",
+    "NatsUnavailable",
+    "connect",
+    "is_connected",
+    "read_token_file",
+]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
+
+# What a lost connection, a restarting server or a missing stream look like from nats.py.
+RETRYABLE: tuple[type[BaseException], ...] = (nats.errors.Error, TimeoutError, OSError)
 
 
 class NatsUnavailable(ConnectionError):
@@ -60,7 +77,7 @@ def read_token_file(path: str) -> str:
         with open(path, encoding="utf-8") as f:
             return f.read().strip()
     except OSError as e:
-        log.warning("nats token file unreadable path=%s error=%r", path, _describe(e))
+        log.warning("nats token file unreadable path=%s error=%r", path, describe_error(e))
         return ""
 
 
@@ -95,23 +112,26 @@ async def connect(settings: NatsSettings, *, name: str, retry_forever: bool = Fa
     """Connect with the project's defaults; raise NatsUnavailable unless ``retry_forever``."""
     if not retry_forever:
         return await _connect_once(settings, name)
-    delay = 0.5
-    while True:
-        try:
-            return await _open(_options(settings, name))
-        except (TimeoutError, OSError, nats.errors.Error) as e:
-            if not retry_forever:
-                raise NatsUnavailable(
-                    f"cannot connect to NATS at {settings.safe_servers()}: {_describe(e)}"
-                ) from e
-            log.warning(
-                "nats unreachable, retrying servers=%s error=%r retry_in=%.1fs",
-                settings.safe_servers(),
-                _describe(e),
-                delay,
-            )
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 10.0)
+
+    def report(error: BaseException, delay: float) -> None:
+        log.warning(
+            "nats unreachable, retrying servers=%s error=%r retry_in=%.1fs",
+            settings.safe_servers(),
+            describe_error(error),
+            delay,
+        )
+
+    return await retry(
+        lambda: _open(_options(settings, name)),
+        retry_on=RETRYABLE,
+        backoff=Backoff(0.5, 10.0, jitter=False),
+        on_retry=report,
+    )
+
+
+def is_connected(js: JetStreamContext) -> bool:
+    """Whether the connection under ``js`` is up (nats.py keeps it in a private attribute)."""
+    return bool(js._nc.is_connected)
 
 
 async def _connect_once(settings: NatsSettings, name: str) -> Client:
@@ -141,20 +161,15 @@ async def _connect_once(settings: NatsSettings, name: str) -> Client:
     options["disconnected_cb"] = disconnected
     try:
         client = await asyncio.wait_for(_open(options), settings.connect_timeout + 1)
-    except (TimeoutError, OSError, nats.errors.Error) as e:
+    except RETRYABLE as e:
         # A server's own refusal (authorization, TLS) says more than the reset that follows it.
         refusals = [f for f in failures if isinstance(f, nats.errors.Error)]
         cause = (refusals or failures or [e])[-1]
         raise NatsUnavailable(
-            f"cannot connect to NATS at {settings.safe_servers()}: {_describe(cause)}"
+            f"cannot connect to NATS at {settings.safe_servers()}: {describe_error(cause)}"
         ) from e
     connected = True
     return client
-
-
-def _describe(error: BaseException) -> str:
-    text = str(error) or type(error).__name__
-    return text.replace("\n", " ")
 
 
 def _options(settings: NatsSettings, name: str) -> dict[str, Any]:
@@ -165,7 +180,7 @@ def _options(settings: NatsSettings, name: str) -> dict[str, Any]:
         log.info("nats reconnected servers=%s", settings.safe_servers())
 
     async def error(e: Exception) -> None:
-        log.warning("nats error error=%r", _describe(e))
+        log.warning("nats error error=%r", describe_error(e))
 
     options: dict[str, Any] = {
         "servers": list(settings.servers),

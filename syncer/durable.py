@@ -1,0 +1,142 @@
+"""The node's durable pull consumer ``syncer-<node>``: create it, bind to it, keep it there.
+
+It is (re)created to start right after the sequence the node has folded. It is memory-backed
+with one replica (thousands of R3 durables are JetStream clustering's known pressure point) and
+expires after ``inactive_threshold`` when its node disappears. If it is lost (a NATS restart
+drops memory consumers) it is re-created after the last folded sequence, so nothing is skipped.
+Its pending counts are the node's lag, published as gauges.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import nats.errors
+import nats.js.errors
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from ops.retry import Backoff, retry
+from ops.serving import Health
+from syncer import metrics
+from syncer.settings import SyncerSettings
+from wire.natsconn import RETRYABLE, is_connected
+
+__all__ = ["Durable"]
+
+log = logging.getLogger(__name__)
+
+# An R1 consumer whose only server died never answers, not even "not found": when connected and
+# this many checks in a row went unanswered, it is treated as gone.
+_UNANSWERED_MEANS_GONE = 3
+
+
+class Durable:
+    def __init__(
+        self, js: JetStreamContext, settings: SyncerSettings, stream: str, subject: str
+    ) -> None:
+        self._js = js
+        self._settings = settings
+        self.stream = stream
+        self.subject = subject
+        self.name = settings.durable
+        self._unanswered = 0  # consecutive unanswered existence checks
+        self._sub: Any = None
+
+    def config(self, start_seq: int) -> ConsumerConfig:
+        s = self._settings
+        return ConsumerConfig(
+            durable_name=self.name,
+            description=f"image-syncer node {s.node_name}",
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=max(1, start_seq),
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=s.ack_wait,
+            max_deliver=-1,
+            max_ack_pending=s.max_ack_pending,
+            filter_subject=self.subject,
+            inactive_threshold=s.inactive_threshold,
+            mem_storage=True,
+            num_replicas=1,
+        )
+
+    async def start(self, after_seq: int) -> None:
+        """(Re)create the durable to deliver what comes after ``after_seq``, and bind to it."""
+        # The start sequence of an existing consumer cannot be changed: replace it.
+        try:
+            # A consumer whose only server is gone cannot be deleted (the request times out);
+            # creating it again places it on a live server.
+            with contextlib.suppress(nats.js.errors.NotFoundError, nats.errors.TimeoutError):
+                await self._js.delete_consumer(self.stream, self.name)
+            await self._js.add_consumer(self.stream, self.config(after_seq + 1))
+        except Exception:
+            metrics.NATS_ERRORS.labels("consumer_create").inc()
+            raise
+        await self.unbind()
+        self._sub = await self._js.pull_subscribe_bind(durable=self.name, stream=self.stream)
+        log.info(
+            "consumer ready",
+            extra={"consumer": self.name, "stream": self.stream, "start_seq": after_seq + 1},
+        )
+
+    async def fetch(self, batch: int, timeout: float) -> list[Msg]:
+        return list(await self._sub.fetch(batch=batch, timeout=timeout))
+
+    async def unbind(self) -> None:
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+
+    async def recover(self, after_seq: int, health: Health, stopping: asyncio.Event) -> None:
+        """Make sure the durable exists (re-create it after ``after_seq`` if lost); retried
+        until NATS answers or the syncer stops."""
+
+        async def attempt() -> bool:
+            if not await self._exists():
+                log.warning("consumer lost, re-creating", extra={"consumer": self.name})
+                await self.start(after_seq)
+            health.set("nats", True)
+            return True
+
+        def report(error: BaseException, delay: float) -> None:
+            # Waiting for NATS is not a stuck loop: a pod restart would not help.
+            health.beat("consumer", allowance=60.0)
+            health.set("nats", False, str(error) or type(error).__name__)
+            log.warning("consumer unavailable", extra={"error": repr(error), "retry_in": delay})
+
+        await retry(
+            attempt,
+            retry_on=RETRYABLE,
+            backoff=Backoff(0.5, 10.0, jitter=False),
+            on_retry=report,
+            stopping=stopping,
+        )
+
+    async def _exists(self) -> bool:
+        """Whether the durable is there; raises while that cannot be told yet."""
+        try:
+            await self._js.consumer_info(self.stream, self.name)
+        except nats.js.errors.NotFoundError:
+            return False
+        except nats.errors.TimeoutError:
+            self._unanswered += 1
+            if self._unanswered < _UNANSWERED_MEANS_GONE or not is_connected(self._js):
+                raise
+            self._unanswered = 0
+            return False
+        self._unanswered = 0
+        return True
+
+    async def refresh_lag(self) -> None:
+        """Publish the durable's num_pending / num_ack_pending as gauges."""
+        try:
+            info = await self._js.consumer_info(self.stream, self.name)
+        except Exception:
+            metrics.NATS_ERRORS.labels("consumer_info").inc()
+            raise
+        metrics.CONSUMER_LAG.set(info.num_pending or 0)
+        metrics.CONSUMER_ACK_PENDING.set(info.num_ack_pending or 0)

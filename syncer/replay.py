@@ -1,0 +1,98 @@
+"""Replaying the whole Fleet log into a desired state: at start, and on an operator's request.
+
+The whole compacted Fleet stream is read with an ordered ephemeral consumer and folded, so the
+desired state equals the fold of the whole log whatever happened while the syncer was down;
+compaction bounds this by the number of live Fleets. The live consumer then starts right after
+the sequence the replay returns. At start the replay is retried until it succeeds (the stream
+may not exist yet, NATS may be away), with ``replay`` readiness false and saying why meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+import nats.js.errors
+from nats.js import JetStreamContext
+
+from ops.retry import Backoff, retry
+from ops.serving import Health
+from syncer import metrics
+from syncer.desired import DesiredState
+from syncer.folding import fold
+from wire.contract import ContractError, decode_event
+from wire.eventlog import read_log
+from wire.natsconn import RETRYABLE
+
+__all__ = ["replay_log", "replay_until_done"]
+
+log = logging.getLogger(__name__)
+
+
+async def replay_log(js: JetStreamContext, stream: str, subject: str, desired: DesiredState) -> int:
+    """Fold every event of ``stream`` into ``desired``; the last sequence the stream holds."""
+    try:
+        return await _replay(js, stream, subject, desired)
+    except Exception:
+        metrics.NATS_ERRORS.labels("replay").inc()
+        raise
+
+
+async def _replay(js: JetStreamContext, stream: str, subject: str, desired: DesiredState) -> int:
+    info = await js.stream_info(stream)
+    count = 0
+    last_seq = 0
+    async for stored in read_log(js, stream, subject=subject):
+        count += 1
+        last_seq = max(last_seq, stored.seq)
+        try:
+            event = decode_event(stored.data)
+        except ContractError as e:
+            log.warning(
+                "skipping malformed event",
+                extra={"seq": stored.seq, "subject": stored.subject, "reason": str(e)},
+            )
+            continue
+        fold(desired, event, stored.seq, replayed=True)
+    last_seq = max(last_seq, info.state.last_seq)
+    log.info(
+        "replay done",
+        extra={
+            "events": count,
+            "fleets": len(desired),
+            "excluded": len(desired.excluded()),
+            "last_seq": last_seq,
+        },
+    )
+    return last_seq
+
+
+async def replay_until_done(
+    replay: Callable[[], Awaitable[int]], stream: str, health: Health, stopping: asyncio.Event
+) -> bool:
+    """Run ``replay`` until it succeeds (True) or the syncer stops (False)."""
+
+    def report(error: BaseException, delay: float) -> None:
+        if isinstance(error, nats.js.errors.NotFoundError):
+            reason = f"stream {stream} does not exist yet"
+        else:
+            reason = f"replay failed: {error!r}"
+        health.set("replay", False, reason)
+        log.warning("waiting to replay the log", extra={"reason": reason, "retry_in": delay})
+
+    async def attempt() -> bool:
+        await replay()
+        return True
+
+    done = await retry(
+        attempt,
+        retry_on=RETRYABLE,
+        backoff=Backoff(0.5, 10.0, jitter=False),
+        on_retry=report,
+        stopping=stopping,
+    )
+    if not done:
+        return False
+    health.set("replay", True)
+    return True
