@@ -43,7 +43,7 @@ class Backoff:
     def delay(self, failures: int) -> float:
         """The wait after ``failures`` failures in a row (1 for the first)."""
         doublings = min(max(0, failures - 1), _MAX_DOUBLINGS)
-        base = min(self.maximum, self.minimum * 2**doublings)
+        base = min(self.maximum, self.minimum * 2.0**doublings)
         return base * (0.5 + self.rng() / 2) if self.jitter else base
 
     def next_delay(self) -> float:

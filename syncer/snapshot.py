@@ -2,8 +2,8 @@
 
 Built from what the syncer already holds in memory (the fold, and the node's inventory: the last
 ListImages answer, the pulls in flight, the last failures), so taking one costs no I/O and can
-run every few seconds. It is the compact form of :func:`wire.nodestatus.summarize`: per Fleet the sequence of
-the event it was folded from, and image strings only for what is missing, with why.
+run every few seconds. It is the compact form of :func:`wire.nodestatus.summarize`: per Fleet the
+sequence of the event it was folded from, and image strings only for what is missing, with why.
 """
 
 from __future__ import annotations

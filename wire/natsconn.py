@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 DEFAULT_URL = "nats://127.0.0.1:4222"
 
 # What a lost connection, a restarting server or a missing stream look like from nats.py.
-RETRYABLE: tuple[type[BaseException], ...] = (nats.errors.Error, TimeoutError, OSError)
+RETRYABLE = (nats.errors.Error, TimeoutError, OSError)
 
 
 class NatsUnavailable(ConnectionError):
