@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from syncer.cri import RuntimeImage
@@ -65,3 +67,36 @@ def test_present_add_records_a_pull() -> None:
     assert ref not in present
     present.add(ref)
     assert ref in present
+
+
+def test_present_add_of_a_digest_reference_records_the_content() -> None:
+    present = PresentImages()
+    present.add(normalize(f"redis:7@{DIGEST}"))
+
+    assert normalize(f"redis@{DIGEST}") in present
+    assert normalize(f"redis:8@{DIGEST}") in present
+    assert normalize(f"postgres@{DIGEST}") not in present
+    assert normalize(f"redis@sha256:{'b' * 64}") not in present
+    # The digest was recorded, not the tag beside it (which may have moved since).
+    assert normalize("redis:7") not in present
+    assert len(present) == 1
+
+
+def test_present_counts_tags_and_digests_and_skips_what_does_not_parse() -> None:
+    present = PresentImages(
+        tags=["nginx:1", "docker.io/library/nginx:1", "redis:7", "Bad Tag!"],
+        digests=[f"redis@{DIGEST}", "Not A Reference"],
+    )
+
+    # nginx:1 twice in two spellings is one image.
+    assert len(present) == 3
+
+
+def test_present_of_objects_that_lack_tags_or_digests() -> None:
+    present = PresentImages.of(
+        [SimpleNamespace(repo_tags=["nginx:1"]), SimpleNamespace(repo_digests=[f"redis@{DIGEST}"])]
+    )
+
+    assert normalize("nginx:1") in present
+    assert normalize(f"redis@{DIGEST}") in present
+    assert len(present) == 2
