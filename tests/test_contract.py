@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
 
 from wire.contract import (
+    MAX_EVENT_BYTES,
     Action,
     ContractError,
     Kind,
+    NodeImages,
     decode_event,
+    decode_node_images,
     decode_subject,
     encode_event,
+    encode_node_images,
     event_headers,
     images_of,
     message_id,
+    node_images_filter,
+    node_images_message_id,
+    node_images_subject,
+    subject_filter,
     subject_for,
 )
 
@@ -208,3 +217,253 @@ def test_message_id_is_deterministic_and_distinguishes_changes() -> None:
 def test_encode_refuses_what_the_reader_would_refuse() -> None:
     with pytest.raises(ContractError):
         encode_event("fleet.events.added", {"kind": "Fleet", "metadata": {}})
+
+
+def _fleet_named(name: object) -> dict[str, object]:
+    return {"metadata": {"name": name}}
+
+
+@pytest.mark.parametrize(
+    ("payload", "error"),
+    [
+        (b'{"header":{"headers":{}},"message":{}}', "envelope has no header.headers.event_type"),
+        (go_envelope("fleet.events.added", _fleet_named("")), "$.message.metadata.name is empty"),
+        (
+            go_envelope("fleet.events.updated", {"metadata": {"name": "x"}}),
+            "updated event without new_obj/old_obj: Object missing required field `new_obj` - at `$.message`",
+        ),
+        (
+            go_envelope("fleet.events.updated", {"new_obj": _fleet_named(7)}),
+            "invalid Fleet: Expected `str`, got `int` - at `$.message.new_obj.metadata.name`",
+        ),
+        (
+            go_envelope("fleet.events.updated", {"new_obj": {"kind": "Pod", **_fleet_named("x")}}),
+            "$.message.new_obj.kind is 'Pod', expected 'Fleet'",
+        ),
+        (
+            go_envelope(
+                "fleet.events.updated",
+                {"new_obj": _fleet_named("x"), "old_obj": _fleet_named(7)},
+            ),
+            "invalid Fleet: Expected `str`, got `int` - at `$.message.old_obj.metadata.name`",
+        ),
+        (
+            go_envelope(
+                "fleet.events.updated", {"new_obj": _fleet_named("x"), "old_obj": _fleet_named("")}
+            ),
+            "$.message.old_obj.metadata.name is empty",
+        ),
+        (
+            go_envelope("fleet.events.added", "not an object"),
+            "invalid Fleet: Expected `object`, got `str` - at `$.message`",
+        ),
+        (
+            b'{"header":{"headers":{"event_type":"fleet.events.added"}},"message":'
+            + b"[" * 100_000
+            + b"]" * 100_000
+            + b"}",
+            "not an event envelope: JSON nested too deeply",
+        ),
+    ],
+)
+def test_decode_errors_are_one_exact_line(payload: bytes, error: str) -> None:
+    with pytest.raises(ContractError) as raised:
+        decode_event(payload)
+
+    assert str(raised.value) == error
+
+
+def test_updated_event_without_an_old_object_has_none() -> None:
+    event = decode_event(
+        go_envelope("fleet.events.updated", {"new_obj": GO_FLEET, "old_obj": None})
+    )
+
+    assert event.old is None
+    assert event.obj.metadata.name == "simple-game-server"
+
+
+def test_the_size_limit_is_inclusive() -> None:
+    envelope = go_envelope("fleet.events.added", GO_FLEET)
+    padded = envelope + b" " * (MAX_EVENT_BYTES - len(envelope))
+
+    assert decode_event(padded).key == "default/simple-game-server"
+    with pytest.raises(ContractError) as raised:
+        decode_event(padded + b" ")
+    assert str(raised.value) == (
+        f"event of {MAX_EVENT_BYTES + 1} bytes exceeds the {MAX_EVENT_BYTES} byte limit"
+    )
+
+
+@pytest.mark.parametrize(
+    ("obj", "error"),
+    [
+        ({"kind": "Fleet", "metadata": {"name": ""}}, "$.metadata.name is empty"),
+        (
+            {"kind": "Fleet", "metadata": None},
+            "invalid Fleet: Expected `object`, got `null` - at `$.metadata`",
+        ),
+        ({"kind": "Fleet"}, "invalid Fleet: Object missing required field `metadata` - at `$`"),
+        (
+            {"kind": "Fleet", "metadata": ["managedFields"]},
+            "invalid Fleet: Expected `object`, got `array` - at `$.metadata`",
+        ),
+    ],
+)
+def test_encode_refuses_with_the_readers_reason(obj: dict[str, object], error: str) -> None:
+    with pytest.raises(ContractError) as raised:
+        encode_event("fleet.events.added", obj)
+
+    assert str(raised.value) == error
+
+
+def test_names_up_to_253_characters_make_subjects() -> None:
+    longest = "a" * 253
+
+    subject = subject_for("agones", "fleet.events.added", longest, longest)
+
+    assert subject == f"agones.fleet.events.added.{longest}.{longest}"
+    assert decode_subject("agones", subject) == ("fleet.events.added", longest, longest)
+    with pytest.raises(ContractError) as raised:
+        subject_for("agones", "fleet.events.added", "default", longest + "a")
+    assert str(raised.value) == f"name {longest + 'a'!r} is not a valid Kubernetes name"
+    with pytest.raises(ContractError) as raised:
+        subject_for("agones", "fleet.events.added", longest + "a", "x")
+    assert str(raised.value) == f"namespace {longest + 'a'!r} is not a valid Kubernetes name"
+
+
+def test_subject_prefix_is_checked_with_a_reason() -> None:
+    with pytest.raises(ContractError) as raised:
+        subject_for("agones.*", "fleet.events.added", "default", "x")
+
+    assert str(raised.value) == (
+        "subject prefix 'agones.*' must be dot-separated [A-Za-z0-9_-] tokens"
+    )
+
+
+def test_decode_subject_needs_the_prefix_itself() -> None:
+    # Same length, other prefix: not ours.
+    with pytest.raises(ContractError) as raised:
+        decode_subject("agones", "agonez.fleet.events.added.default.x")
+
+    assert str(raised.value) == (
+        "subject 'agonez.fleet.events.added.default.x' is not "
+        "<agones>.<kind>.events.<action>.<namespace>.<name>"
+    )
+    with pytest.raises(ContractError):
+        decode_subject("agones", "agones.fleet.events.added.default")
+    with pytest.raises(ContractError):
+        decode_subject("agones", "agones.pod.events.added.default.x")
+
+
+def test_decode_subject_restores_dots_in_namespace_and_name() -> None:
+    subject = subject_for("a.b", "gameserver.events.deleted", "team.eu", "gs.1")
+
+    assert subject == "a.b.gameserver.events.deleted.team_eu.gs_1"
+    assert decode_subject("a.b", subject) == ("gameserver.events.deleted", "team.eu", "gs.1")
+
+
+def test_subject_filter_per_kind_and_action() -> None:
+    assert subject_filter("agones", Kind.FLEET) == "agones.fleet.events.*.*.*"
+    assert subject_filter("a.b", Kind.GAMESERVER, Action.UPDATED) == (
+        "a.b.gameserver.events.updated.*.*"
+    )
+    with pytest.raises(ContractError):
+        subject_filter("a..b", Kind.FLEET)
+
+
+def test_headers_of_an_object_without_uid_or_version_are_empty() -> None:
+    headers = event_headers("fleet.events.deleted", {"metadata": {"name": "x"}})
+
+    assert headers == {
+        "Nats-Msg-Id": message_id("", "", "fleet.events.deleted"),
+        "Agones-Event-Type": "fleet.events.deleted",
+        "Agones-Uid": "",
+        "Agones-Resource-Version": "",
+    }
+
+
+def test_message_id_is_40_hex_characters_of_sha256() -> None:
+    expected = hashlib.sha256(b"uid\x00rv\x00fleet.events.added").hexdigest()[:40]
+
+    assert message_id("uid", "rv", "fleet.events.added") == expected
+    assert len(expected) == 40
+
+
+SDK = NodeImages(
+    source="agones-sdk",
+    images=["us-docker.pkg.dev/agones-images/release/agones-sdk:1.44.0"],
+    origin="agones-system/agones-controller",
+    resource_version="812",
+)
+
+
+def test_node_images_round_trip_in_the_documented_shape() -> None:
+    data = encode_node_images(SDK)
+
+    assert json.loads(data) == {
+        "source": "agones-sdk",
+        "images": ["us-docker.pkg.dev/agones-images/release/agones-sdk:1.44.0"],
+        "origin": "agones-system/agones-controller",
+        "resource_version": "812",
+    }
+    assert decode_node_images(data) == SDK
+
+
+def test_node_images_subjects() -> None:
+    assert node_images_subject("agones", "agones-sdk") == "agones.nodeimages.agones-sdk"
+    assert node_images_filter("a.b") == "a.b.nodeimages.*"
+    longest = "s" * 63
+    assert node_images_subject("agones", longest) == f"agones.nodeimages.{longest}"
+    with pytest.raises(ContractError) as raised:
+        node_images_subject("agones", longest + "s")
+    assert str(raised.value) == f"node-images source {longest + 's'!r} must be a DNS label"
+    for bad_prefix in ("a..b", ""):
+        with pytest.raises(ContractError):
+            node_images_subject(bad_prefix, "agones-sdk")
+        with pytest.raises(ContractError):
+            node_images_filter(bad_prefix)
+
+
+@pytest.mark.parametrize("images", [[""], ["x" * 4097], ["ok:1", ""]])
+def test_node_images_refuse_empty_or_huge_references(images: list[str]) -> None:
+    with pytest.raises(ContractError) as raised:
+        encode_node_images(NodeImages(source="agones-sdk", images=images))
+
+    assert str(raised.value) == "node images must be non-empty references"
+
+
+def test_node_images_take_references_up_to_4096_characters() -> None:
+    longest = NodeImages(source="agones-sdk", images=["x" * 4096])
+
+    assert decode_node_images(encode_node_images(longest)) == longest
+
+
+def test_node_images_need_a_valid_source_both_ways() -> None:
+    with pytest.raises(ContractError) as raised:
+        encode_node_images(NodeImages(source="Bad_Source"))
+    assert str(raised.value) == "node-images source 'Bad_Source' must be a DNS label"
+    with pytest.raises(ContractError) as raised:
+        decode_node_images(b'{"source":"Bad_Source"}')
+    assert str(raised.value) == "node-images source 'Bad_Source' must be a DNS label"
+
+
+def test_node_images_decode_errors_are_one_line() -> None:
+    with pytest.raises(ContractError) as raised:
+        decode_node_images(b'{"images":[]}')
+    assert str(raised.value) == (
+        "not a node-images message: Object missing required field `source`"
+    )
+    padded = encode_node_images(SDK)
+    padded += b" " * (MAX_EVENT_BYTES - len(padded))
+    assert decode_node_images(padded) == SDK
+    with pytest.raises(ContractError) as raised:
+        decode_node_images(padded + b" ")
+    assert str(raised.value) == (
+        f"message of {MAX_EVENT_BYTES + 1} bytes exceeds the {MAX_EVENT_BYTES} byte limit"
+    )
+
+
+def test_node_images_message_id_covers_source_version_and_images() -> None:
+    text = "agones-sdk\x00812\x00us-docker.pkg.dev/agones-images/release/agones-sdk:1.44.0"
+
+    assert node_images_message_id(SDK) == hashlib.sha256(text.encode()).hexdigest()[:40]

@@ -270,8 +270,12 @@ def _decode_object(kind: Kind, raw: msgspec.Raw, where: str) -> AgonesObject:
 
 
 def _at(error: msgspec.DecodeError, where: str) -> str:
-    # msgspec paths are relative to the document it decoded; re-root them at the envelope.
-    return str(error).replace("`$", f"`{where}", 1)
+    # msgspec paths are relative to the document it decoded; re-root them at the envelope. An
+    # error about that document itself carries no path: name it, so every error says where.
+    text = str(error)
+    if " - at `$" not in text:
+        return f"{text} - at `{where}`"
+    return text.replace(" - at `$", f" - at `{where}", 1)
 
 
 def encode_event(event_type: str, obj: dict[str, Any], old: dict[str, Any] | None = None) -> bytes:
