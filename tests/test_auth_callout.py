@@ -38,6 +38,7 @@ from wire.permissions import (
     AUTH_PASSWORD_ENV,
     AUTH_USER,
     CALLOUT_ISSUER_ENV,
+    PINNED_BUCKET,
     PULLED_BUCKET,
     bucket_for,
     durable_name,
@@ -158,6 +159,7 @@ async def test_a_node_can_touch_only_itself(
     fleets = stream_name(prefix, Kind.FLEET)
     status = nodestatus.StatusSettings(prefix=prefix)
     pulled_bucket = bucket_for(PULLED_BUCKET, prefix)
+    pinned_bucket = bucket_for(PINNED_BUCKET, prefix)
     node_a, node_b = f"node-a-{uuid.uuid4().hex[:4]}.example", "node-b.example"
     durable_b = durable_name(node_b)
 
@@ -175,18 +177,23 @@ async def test_a_node_can_touch_only_itself(
     pulled_kv = await cleanup.ensure_pulled_bucket(js, pulled_bucket)
     ledger_b = cleanup.record_key(node_b, "registry.example/b:1")
     await pulled_kv.put(ledger_b, b"b-ledger")
+    pinned_kv = await cleanup.ensure_pulled_bucket(js, pinned_bucket)
+    await pinned_kv.put(ledger_b, b"b-pinned")
+    await status_kv.put(nodestatus.beat_key(node_b), b"b-beat")
 
     async def snapshot() -> object:
         info = await js.consumer_info(fleets, durable_b)
         streams = [
             (await js.stream_info(s)).config.as_dict()
-            for s in (fleets, f"KV_{status.bucket}", f"KV_{pulled_bucket}")
+            for s in (fleets, f"KV_{status.bucket}", f"KV_{pulled_bucket}", f"KV_{pinned_bucket}")
         ]
         return (
             (info.delivered.stream_seq, info.ack_floor.stream_seq, info.num_pending),
             info.config.as_dict(),
             (await status_kv.get(nodestatus.node_key(node_b))).revision,
             (await pulled_kv.get(ledger_b)).revision,
+            (await pinned_kv.get(ledger_b)).revision,
+            (await status_kv.get(nodestatus.beat_key(node_b))).revision,
             streams,
         )
 
@@ -217,6 +224,7 @@ async def test_a_node_can_touch_only_itself(
         ajs = attacker.jetstream(timeout=1)
         a_status = await ajs.key_value(status.bucket)
         a_pulled = await ajs.key_value(pulled_bucket)
+        a_pinned = await ajs.key_value(pinned_bucket)
 
         async def fetch_b() -> None:
             sub = await ajs.pull_subscribe_bind(durable=durable_b, stream=fleets)
@@ -254,6 +262,11 @@ async def test_a_node_can_touch_only_itself(
                 lambda: a_status.delete(nodestatus.node_key(node_b)),
             ),
             (f"$KV.{pulled_bucket}.{ledger_b}", lambda: a_pulled.put(ledger_b, b"forged")),
+            (f"$KV.{pinned_bucket}.{ledger_b}", lambda: a_pinned.delete(ledger_b)),
+            (
+                f"$KV.{status.bucket}.{nodestatus.beat_key(node_b)}",
+                lambda: a_status.put(nodestatus.beat_key(node_b), b"forged"),
+            ),
             (
                 f"{prefix}.fleet.events.added.default.evil",
                 lambda: ajs.publish(f"{prefix}.fleet.events.added.default.evil", b"{}"),

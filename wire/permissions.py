@@ -221,18 +221,20 @@ def syncer_permissions(prefix: str = _DEFAULT_PREFIX) -> RolePermissions:
 def node_syncer_permissions(node: str, prefix: str = _DEFAULT_PREFIX) -> RolePermissions:
     """One node's syncer: the static syncer's subjects, narrowed to this node's names.
 
-    Reads stay open (the Fleet stream, any key of the two buckets: nothing there is secret).
-    Writes name this node literally: its durable ``syncer-<node>`` (create, pull, ack, delete),
-    its status and replay keys, its pulled-image records ``<node>.<hash>`` (one token after the
-    node, so node ``a`` cannot reach node ``a.b``'s), and its inbox. A bucket may be created when
-    missing (the server refuses a create that differs from an existing bucket) but never updated,
-    purged or deleted.
+    Reads stay open (the Fleet and node-image streams, any key of the buckets: nothing there is
+    secret). Writes name this node literally: its durable ``syncer-<node>`` (create, pull, ack,
+    delete), its status, heartbeat and replay keys, its pulled-image and pinned-image records
+    ``<node>.<hash>`` (one token after the node, so node ``a`` cannot reach node ``a.b``'s), and
+    its inbox. A bucket may be created when missing (the server refuses a create that differs
+    from an existing bucket) but never updated, purged or deleted. The one shared write is the
+    cluster pull budget: any node may take any slot, so a node can delay others' pulls (bounded
+    by the slot lease), never make them pull or remove anything.
     """
     nodestatus.check_node(node)
     stream = stream_name(prefix, Kind.FLEET)
     durable = durable_name(node)
     status = nodestatus.bucket_name(prefix)
-    pulled = bucket_for(PULLED_BUCKET, prefix)
+    slots = bucket_for(SLOTS_BUCKET, prefix)
     publish = [
         f"{_API}.INFO",
         *_stream_reader(stream, named=False),
@@ -242,13 +244,23 @@ def node_syncer_permissions(node: str, prefix: str = _DEFAULT_PREFIX) -> RolePer
         f"{_API}.CONSUMER.DELETE.{stream}.{durable}",
         f"{_API}.CONSUMER.MSG.NEXT.{stream}.{durable}",
         f"$JS.ACK.{stream}.{durable}.>",
+        *_stream_reader(node_images_stream_name(prefix), named=False),
         f"{_API}.STREAM.CREATE.KV_{status}",
         f"$KV.{status}.{nodestatus.node_key(node)}",
+        f"$KV.{status}.{nodestatus.beat_key(node)}",
         f"$KV.{status}.{nodestatus.replay_key(node)}",
         *_kv_reader(status, named=False),
-        f"{_API}.STREAM.CREATE.KV_{pulled}",
-        f"$KV.{pulled}.{node}.*",
-        *_kv_reader(pulled, named=False),
+    ]
+    for ledger in (bucket_for(PULLED_BUCKET, prefix), bucket_for(PINNED_BUCKET, prefix)):
+        publish += [
+            f"{_API}.STREAM.CREATE.KV_{ledger}",
+            f"$KV.{ledger}.{node}.*",
+            *_kv_reader(ledger, named=False),
+        ]
+    publish += [
+        f"{_API}.STREAM.CREATE.KV_{slots}",
+        f"$KV.{slots}.>",
+        *_kv_reader(slots, named=False),
     ]
     return RolePermissions(f"syncer:{node}", tuple(publish), (f"{inbox_prefix(durable)}.>",))
 
