@@ -121,3 +121,18 @@ async def test_a_request_jetstream_rejects_is_refused_not_retried(
     )
     assert set(await log_state(js, prefix)) == {("default", "next")}
     assert refused("rejected") == start + 1
+
+
+async def test_the_delete_of_a_fleet_too_large_to_update_still_removes_it(
+    js: JetStreamContext, settings: Settings, prefix: str
+) -> None:
+    small = fleet("grown", 7)
+    grown = fleet("grown", 8)
+    grown["spec"]["template"]["spec"]["ports"] = [{"name": "x" * MAX_EVENT_BYTES}]
+    gone = {**grown, "metadata": {**grown["metadata"], "resourceVersion": "9"}}
+    # The update cannot be stored (the log keeps version 7); the delete must be, or the
+    # Fleet would stay on every node for good. A tombstone needs no spec: only its name.
+    await forward(
+        js, settings, Listed([small], "7"), Change("MODIFIED", grown), Change("DELETED", gone)
+    )
+    assert await log_state(js, prefix) == {}

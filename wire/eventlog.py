@@ -247,7 +247,8 @@ def _fitting_payload(
     if len(payload) <= limit:
         return payload
     dropped = []
-    for part, trim in _TRIMS:
+    trims = _TRIMS + (_TOMBSTONE_TRIMS if event_type.endswith(f".{Action.DELETED}") else ())
+    for part, trim in trims:
         obj, old, changed = trim(obj, old)
         if not changed:
             continue
@@ -292,7 +293,23 @@ def _drop_last_applied(obj: dict[str, Any], old: dict[str, Any] | None) -> Trim:
     return {**obj, "metadata": {**metadata, "annotations": kept}}, old, True
 
 
+def _drop_spec(obj: dict[str, Any], old: dict[str, Any] | None) -> Trim:
+    if "spec" not in obj:
+        return obj, old, False
+    return {k: v for k, v in obj.items() if k != "spec"}, old, True
+
+
+def _identity_only(obj: dict[str, Any], old: dict[str, Any] | None) -> Trim:
+    metadata = obj.get("metadata") or {}
+    kept = {k: v for k, v in metadata.items() if k in _IDENTITY}
+    return {**obj, "metadata": kept}, old, kept != metadata
+
+
 _TRIMS = (("old_obj", _drop_old), ("status", _drop_status), (_LAST_APPLIED, _drop_last_applied))
+# A tombstone is read for which object is gone, never for what it held: rather than refuse a
+# delete (the object would then stay live in the log for good), it goes down to its identity.
+_IDENTITY = {"name", "namespace", "uid", "resourceVersion", "generation", "deletionTimestamp"}
+_TOMBSTONE_TRIMS = (("spec", _drop_spec), ("metadata", _identity_only))
 
 
 async def compact_object(
