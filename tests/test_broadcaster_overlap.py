@@ -29,7 +29,7 @@ from broadcaster.publishing import Publisher
 from broadcaster.settings import Settings, WatchTarget
 from broadcaster.watching import Change, Listed
 from image_syncer.sandbox.nats_server import NatsServer
-from wire.contract import Kind
+from wire.contract import Kind, subject_for
 from wire.eventlog import LogSettings, ensure_streams, publish_event, stream_name
 from wire.natsconn import NatsSettings, connect
 
@@ -314,3 +314,14 @@ async def until_async(check: Callable[[], Awaitable[bool]], what: str) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"not true within {DEADLINE:.0f}s: {what}")
         await asyncio.sleep(0.02)
+
+
+async def test_an_undecodable_newest_message_is_overwritten_not_fought(
+    js: JetStreamContext, settings: Settings, prefix: str
+) -> None:
+    async with broadcaster(js, settings) as one:
+        await one.feed(listed(rv=4))
+        # Someone with the admin credentials wrote junk on the Fleet's subject.
+        await js.publish(subject_for(prefix, "fleet.events.added", *F), b"{not json")
+        await one.feed(Change("ADDED", fleet("u1", 5)))
+    assert await versions(js, prefix) == {F: ("u1", "5")}
