@@ -22,7 +22,7 @@ import pytest
 from fakekube import FakeKube
 from nats.aio.client import Client
 from nats.js.api import ConsumerConfig, StorageType, StreamConfig
-from test_syncer import DEADLINE, RunningSyncer, eventually, fleet, logged
+from test_syncer import DEADLINE, RunningSyncer, eventually, fleet, logged, metric
 
 from authcallout.natsjwt import Signer, new_account_seed
 from authcallout.service import CalloutSettings, run
@@ -372,8 +372,10 @@ async def test_a_bad_token_is_refused_with_one_clear_line(
         "not-node-bound": lambda: kube.issue_token(NODE_NS, SYNCER_SA),
         "not-a-token": lambda: "not-a-token",
     }[case]()
+    refused_before = metric("image_syncer_auth_requests_total", result="refused", role="")
     with pytest.raises(NatsUnavailable, match="Authorization Violation"):
         await connect(replace(callout.settings(token), connect_timeout=1.0), name="refused")
+    assert metric("image_syncer_auth_requests_total", result="refused", role="") > refused_before
     refusals = _refusals(caplog)
     assert refusals, "no refusal logged"
     for record in refusals:
@@ -456,3 +458,63 @@ async def test_one_callout_replica_down_leaves_the_other_answering(callout: Call
     for _ in range(3):
         nc = await callout.admin()
         await nc.close()
+
+
+async def test_the_broadcaster_publishes_through_its_own_identity(
+    callout: Callout, caplog: pytest.LogCaptureFixture
+) -> None:
+    from fakekube.harness import fleet as kube_fleet
+    from fakekube.harness import wait_converged
+    from test_broadcaster import broadcasting
+
+    from broadcaster.settings import Settings
+    from image_syncer.sandbox.processes import free_port
+
+    kube = callout.kube
+    token = kube.issue_token(NS, "image-syncer-broadcaster")
+    settings = Settings(
+        nats=callout.settings(token),
+        log=LogSettings(prefix=callout.prefix),
+        kubeconfig=str(kube.kubeconfig),
+        metrics_addr=f"127.0.0.1:{free_port()}",
+        backoff_initial=0.05,
+        backoff_max=0.5,
+        ha=True,
+    )
+    admin = await callout.admin()
+    try:
+        kube.create("fleets", kube_fleet("first", "game:1"))
+        async with broadcasting(settings):
+            kube.create("fleets", kube_fleet("second", "game:2"))
+            await wait_converged(admin.jetstream(), callout.prefix, kube.objects())
+        assert logged(caplog, "nats client authorized", role="broadcaster")
+        # It needed nothing its role does not grant (its lease, streams, the status it reads).
+        assert not callout.violations("broadcaster")
+    finally:
+        await admin.close()
+
+
+def test_keygen_and_a_bad_issuer_seed_are_one_line_each(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "image_syncer", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    keygen = cli("auth-keygen")
+    assert keygen.returncode == 0, keygen.stderr
+    seed = keygen.stdout.strip()
+    public = keygen.stderr.strip().rsplit(": ", 1)[1]
+    assert Signer(seed).public_key == public and public.startswith("A")
+
+    bad = tmp_path / "seed"
+    bad.write_text("not a seed")
+    refused = cli("auth", "--issuer-seed-file", str(bad), "--metrics-addr", "")
+    assert refused.returncode == 1
+    assert refused.stderr.strip().splitlines()[-1] == "error: the issuer seed is not an nkey seed"
