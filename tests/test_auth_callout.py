@@ -518,3 +518,24 @@ def test_keygen_and_a_bad_issuer_seed_are_one_line_each(tmp_path: Path) -> None:
     refused = cli("auth", "--issuer-seed-file", str(bad), "--metrics-addr", "")
     assert refused.returncode == 1
     assert refused.stderr.strip().splitlines()[-1] == "error: the issuer seed is not an nkey seed"
+
+
+def test_a_node_identity_writes_every_bucket_and_reads_every_stream_the_static_syncer_does() -> (
+    None
+):
+    """A bucket or stream added to the static syncer's list must reach the per-node one too."""
+    from wire.permissions import node_syncer_permissions, syncer_permissions
+
+    static = syncer_permissions("agones").publish
+    node = node_syncer_permissions("ip-10-0-0-1.example", "agones").publish
+
+    def buckets(subjects: tuple[str, ...]) -> set[str]:
+        return {s.split(".")[1] for s in subjects if s.startswith("$KV.")}
+
+    def read_streams(subjects: tuple[str, ...]) -> set[str]:
+        return {s.rsplit(".", 1)[1] for s in subjects if s.startswith("$JS.API.STREAM.INFO.")}
+
+    assert buckets(node) == buckets(static)
+    assert read_streams(node) == read_streams(static)
+    # Narrower, never wider: no wildcard durable, no stream or bucket update.
+    assert not [s for s in node if "UPDATE" in s or "PURGE" in s or s.endswith(".*.*")]
