@@ -18,6 +18,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -53,7 +54,7 @@ QUEUE = "image-syncer-auth"
 REQUESTS = Counter(
     "image_syncer_auth_requests",
     "NATS connection attempts the callout answered, by result "
-    "(authorized, refused, unavailable, malformed) and role.",
+    "(authorized, refused, unavailable, malformed, error) and role.",
     ["result", "role"],
 )
 
@@ -125,7 +126,17 @@ class _Callout:
                 REQUESTS.labels("malformed", "").inc()
                 log.warning("auth request undecodable, not answered", extra={"error": str(e)})
                 return
-            await msg.respond(await self._decide(request))
+            try:
+                answer = await self._decide(request)
+            except Exception as e:
+                # A bug must not leave the client hanging until the server's timeout, unlogged.
+                REQUESTS.labels("error", "").inc()
+                log.exception("auth request failed", extra={"error": repr(e)})
+                answer = encode_response(self.signer, request, error="auth callout error")
+            try:
+                await msg.respond(answer)
+            except (nats.errors.Error, OSError) as e:
+                log.warning("auth answer not sent", extra={"error": repr(e)})
 
     async def _decide(self, request: AuthRequest) -> bytes:
         where = {"client_host": request.client_host, "client_name": request.client_name}
@@ -141,11 +152,8 @@ class _Callout:
             log.warning("nats client not reviewed", extra={"reason": str(e), **where})
             return encode_response(self.signer, request, error="token review unavailable")
         now = time.time()
-        expires = int(
-            min(
-                identity.expires or now + self.settings.max_session, now + self.settings.max_session
-            )
-        )
+        cap = now + self.settings.max_session
+        expires = int(min(identity.expires or cap, cap))
         user = encode_user(
             self.signer,
             request,
