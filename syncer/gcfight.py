@@ -20,10 +20,10 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Collection, Container
+from collections.abc import Callable, Collection
 
 from syncer import metrics
-from syncer.references import ImageRef
+from syncer.references import Holding, ImageRef
 
 __all__ = ["RemovalTracker"]
 
@@ -66,7 +66,7 @@ class RemovalTracker:
         """The syncer's pull of ``image`` succeeded: the node holds it now."""
         self._held.add(image)
 
-    def observe(self, wanted: Collection[ImageRef], present: Container[ImageRef]) -> list[ImageRef]:
+    def observe(self, wanted: Collection[ImageRef], present: Holding) -> list[ImageRef]:
         """After each ListImages: count the wanted images that vanished; returns them."""
         now = self._clock()
         vanished = sorted(i for i in self._held if i in wanted and i not in present)

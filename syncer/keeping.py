@@ -15,7 +15,7 @@ together behind the few hooks the syncer's pull path calls, so the runner wires 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Collection, Container
+from collections.abc import Awaitable, Callable, Collection, Iterable
 
 from nats.js import JetStreamContext
 
@@ -25,8 +25,9 @@ from syncer.diskbudget import DiskBudget
 from syncer.gcfight import RemovalTracker
 from syncer.pinning import BUCKET, Pinner, PinningSupport, pinning_support
 from syncer.puller import PullResult
-from syncer.references import ImageRef
+from syncer.references import Holding, ImageRef
 from syncer.settings import SyncerSettings
+from wire.nodestatus import DiskSummary, PinSummary
 from wire.permissions import bucket_for
 
 __all__ = ["Keeper"]
@@ -96,11 +97,11 @@ class Keeper:
         if self.pinner is not None:
             self.pinner.on_pulled(result.image)
 
-    def observe(self, wanted: Collection[ImageRef], present: Container[ImageRef]) -> None:
+    def observe(self, wanted: Collection[ImageRef], present: Holding) -> None:
         """Count the desired images that vanished since the last answer (before re-pulling)."""
         self.tracker.observe(wanted, present)
 
-    async def after_list(self, wanted: Collection[ImageRef], present: Container[ImageRef]) -> None:
+    async def after_list(self, wanted: Collection[ImageRef], present: Holding) -> None:
         if self.pinner is not None:
             await self.pinner.sync(wanted, present)
 
@@ -116,8 +117,38 @@ class Keeper:
 
     # --- status -------------------------------------------------------------------------------
 
-    def pinned(self, wanted: Collection[ImageRef]) -> int:
-        return self.pinner.pinned(wanted) if self.pinner is not None else 0
+    def held(self, missing: Iterable[ImageRef]) -> dict[str, str]:
+        """Why each of the ``missing`` images is not being pulled on purpose now, if it is not."""
+        reasons = {}
+        for image in missing:
+            wait = self.tracker.hold_off(image)
+            if wait > 0:
+                reasons[str(image)] = (
+                    "removed repeatedly behind the syncer's back (image GC?): "
+                    f"re-pull in {wait:.0f}s"
+                )
+            elif self.budget.blocked:
+                reasons[str(image)] = self.budget.blocked
+        return reasons
+
+    def pin_summary(self, present: Collection[ImageRef]) -> PinSummary:
+        """Pinning on this node; ``present`` are the desired images the node holds."""
+        pinned = self.pinner.pinned(present) if self.pinner is not None else 0
+        return PinSummary(
+            enabled=self.support.enabled,
+            runtime=self.support.describe(),
+            images=len(present) if self.support.enabled else 0,
+            pinned=pinned,
+        )
+
+    def disk_summary(self) -> DiskSummary:
+        usage = self.budget.usage
+        return DiskSummary(
+            usage=round(usage.ratio, 4) if usage is not None else None,
+            max_usage=self.budget.max_usage,
+            paused=self.budget.blocked,
+            gc_backoff=tuple(sorted(str(i) for i in self.tracker.backing_off())),
+        )
 
     async def close(self) -> None:
         if self.pinner is not None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Collection, Container, Iterable
+from collections.abc import Awaitable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -35,7 +35,7 @@ from syncer import metrics
 from syncer.cleanup import ensure_pulled_bucket, record_key
 from syncer.containerd_images import PIN_LABEL, PIN_VALUE, ImageRecord
 from syncer.cri import CriError, RuntimeVersion
-from syncer.references import ImageRef, InvalidImageReference, normalize
+from syncer.references import Holding, ImageRef, InvalidImageReference, normalize
 
 __all__ = ["BUCKET", "ImageLabels", "PinLedger", "Pinner", "PinningSupport", "pinning_support"]
 
@@ -194,7 +194,7 @@ class Pinner:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def sync(self, wanted: Collection[ImageRef], present: Container[ImageRef]) -> None:
+    async def sync(self, wanted: Collection[ImageRef], present: Holding) -> None:
         """After each ListImages: unpin what is no longer wanted, pin what is and lacks it."""
         await self._guarded(self._sync(wanted, present))
 
@@ -210,7 +210,7 @@ class Pinner:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def _sync(self, wanted: Collection[ImageRef], present: Container[ImageRef]) -> None:
+    async def _sync(self, wanted: Collection[ImageRef], present: Holding) -> None:
         async with self._lock:
             ledger = await self._open()
             wanted_text = {str(image) for image in wanted}

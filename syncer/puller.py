@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from ops.retry import Backoff
@@ -58,8 +58,14 @@ class Puller:
         on_result: Callable[[PullResult], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         budget: PullBudget | None = None,
+        hold: Callable[[ImageRef], float] = lambda _: 0.0,
+        admit: Callable[[], Awaitable[str]] | None = None,
     ) -> None:
         self._cri = cri
+        # Before a pull: how long an image must still wait (it keeps vanishing: GC backoff), and
+        # why no pull may start now (the disk budget). Neither counts as a failure.
+        self._hold = hold
+        self._admit = admit
         # The cluster-wide pull budget (--max-cluster-pulls), taken before the node's own slot.
         self._budget = budget
         self._slots = asyncio.Semaphore(max_parallel)
@@ -85,9 +91,13 @@ class Puller:
         if running is not None:
             return running
         wait = self.backoff_left(image)
-        if wait > 0 or self._closing:
+        held = self._hold(image)
+        if wait > 0 or held > 0 or self._closing:
             done: asyncio.Future[PullResult] = asyncio.get_running_loop().create_future()
             reason = "stopping" if self._closing else "in backoff after a failure"
+            if held > wait and not self._closing:
+                metrics.PULLS_SKIPPED.labels("gc_backoff").inc()
+                reason, wait = "removed repeatedly behind the syncer's back", held
             done.set_result(PullResult(image, False, error=reason, deferred=True, retry_in=wait))
             return done
         task = asyncio.create_task(self._pull(image), name=f"pull {image}")
@@ -118,6 +128,11 @@ class Puller:
             await asyncio.gather(*self._inflight.values(), return_exceptions=True)
 
     async def _pull(self, image: ImageRef) -> PullResult:
+        if self._admit is not None:
+            refused = await self._admit()
+            if refused:
+                # Not a failure of the image: no backoff, no result; the next reconcile retries.
+                return PullResult(image, False, error=refused, deferred=True)
         budget = self._budget
         cluster_slot = budget.slot(image) if budget is not None else contextlib.nullcontext()
         async with cluster_slot, self._slots:

@@ -28,7 +28,7 @@ from syncer.cri import CriClient, CriError, RuntimeImage, RuntimeUnavailable
 from syncer.desired import DesiredState
 from syncer.inventory import Inventory
 from syncer.puller import PullResult
-from syncer.references import ImageRef
+from syncer.references import ImageRef, PresentImages
 from syncer.runtimehealth import RuntimeHealth
 
 __all__ = ["Reconciler"]
@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 
 # (desired image refs, the runtime's images) after each ListImages: the cleanup's input.
 AfterList = Callable[[Collection[ImageRef], list[RuntimeImage]], Awaitable[None]]
+# (desired image refs, what the node holds) after each ListImages, before any pull starts: the
+# removal tracker counts what vanished here, so its backoff applies to this pass's pulls.
+Observe = Callable[[Collection[ImageRef], PresentImages], None]
 
 
 class Reconciler:
@@ -50,6 +53,7 @@ class Reconciler:
         health: Health,
         *,
         after_list: AfterList | None = None,
+        observe: Observe | None = None,
         on_change: Callable[[], None] = lambda: None,
     ) -> None:
         self._cri = cri
@@ -58,6 +62,7 @@ class Reconciler:
         self._runtime = runtime
         self._health = health
         self._after_list = after_list
+        self._observe = observe
         self._on_change = on_change
         self.last_reconcile: datetime | None = None
         self._kick = asyncio.Event()
@@ -84,6 +89,8 @@ class Reconciler:
         try:
             images = await self.refresh()
             wanted = self._desired.by_image()
+            if self._observe is not None:
+                self._observe(wanted.keys(), self._inventory.present)
             missing = self._inventory.settle(wanted)
             self.last_reconcile = datetime.now(UTC)
             pulls = self._inventory.pull_all(missing)

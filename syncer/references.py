@@ -12,10 +12,11 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 from docker_image.reference import InvalidReference, Reference
 
-__all__ = ["ImageRef", "InvalidImageReference", "PresentImages", "normalize"]
+__all__ = ["Holding", "ImageRef", "InvalidImageReference", "PresentImages", "normalize"]
 
 DEFAULT_TAG = "latest"
 
@@ -74,6 +75,12 @@ def normalize(text: str) -> ImageRef:
     if not tag and not digest:
         tag = DEFAULT_TAG
     return ImageRef(name=name, tag=tag or None, digest=digest or None)
+
+
+class Holding(Protocol):
+    """Anything that answers "does the node hold this image?": PresentImages, a set."""
+
+    def __contains__(self, image: ImageRef, /) -> bool: ...
 
 
 class PresentImages:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Coroutine
+from collections.abc import Collection, Coroutine
 from typing import Any
 
 from nats.aio.client import Client
@@ -28,15 +28,17 @@ from ops.retry import Backoff
 from ops.serving import Health, parse_addr, serve_http
 from syncer import metrics
 from syncer.consumer import FleetConsumer
-from syncer.cri import CriClient, CriError
+from syncer.cri import CriClient, CriError, RuntimeImage
 from syncer.desired import DesiredState
 from syncer.filtering import FleetFilter
 from syncer.folding import report_transition
 from syncer.inventory import Inventory
+from syncer.keeping import Keeper
 from syncer.nodeinfo import ApiEndpoint, NodeInfoError, NodeWatcher
 from syncer.pullbudget import BudgetSettings, PullBudget
 from syncer.puller import Puller
 from syncer.reconcile import Reconciler
+from syncer.references import ImageRef
 from syncer.registryauth import RegistryCredentials
 from syncer.replay import replay_until_done
 from syncer.replayrequests import ReplayRequests
@@ -132,8 +134,9 @@ class _Syncer:
 
     Stage by stage: events come in through the consumer and fold into the desired state; the
     consumer and the reconcile ask the inventory for the images that state wants; the puller's
-    outcomes go to its subscribers (the inventory first, then the runtime's health and the
-    cleanup); any change pokes the status reporter.
+    outcomes go to its subscribers (the inventory first, then the runtime's health, the keeper
+    (pins) and the cleanup); before each pull the keeper may hold it back (disk budget, an image
+    that keeps vanishing); any change pokes the status reporter.
     """
 
     def __init__(
@@ -157,6 +160,7 @@ class _Syncer:
         # Fleets are judged again only when the node changes, which only a node watcher sees.
         self.desired = DesiredState(admit=self.admit, keep_objects=node_watcher is not None)
         self.budget = self._budget()
+        self.keeper = Keeper(settings, cri)
         self.puller = Puller(
             cri,
             max_parallel=settings.max_parallel_pulls,
@@ -164,9 +168,12 @@ class _Syncer:
             backoff=Backoff(settings.backoff_min, settings.backoff_max),
             auth_for=lambda image: credentials.for_image(str(image)),
             budget=self.budget,
+            hold=self.keeper.hold_off,
+            admit=self.keeper.refuse,
         )
         self.inventory = Inventory(self.desired, self.puller, on_change=self.poke)
         self.puller.subscribe(runtime.on_pull_result)
+        self.puller.subscribe(self.keeper.on_pull_result)
         self.unused = self._unused(cri)
         if self.unused is not None:
             self.puller.subscribe(self.unused.on_pull_result)
@@ -176,7 +183,8 @@ class _Syncer:
             self.inventory,
             runtime,
             health,
-            after_list=self.unused.after_list if self.unused else None,
+            after_list=self.after_list,
+            observe=self.keeper.observe,
             on_change=self.poke,
         )
         self.runtime = runtime
@@ -207,7 +215,8 @@ class _Syncer:
         return UnusedImages(
             self.js,
             self.settings.node_name,
-            cri.remove_image,
+            # Unpinned first: a pin of ours must not outlive the image.
+            self.keeper.removing(cri.remove_image),
             containers=cri,  # images running containers use are never removed
             grace=self.settings.remove_grace,
             prefix=self.settings.subject_prefix,
@@ -261,7 +270,15 @@ class _Syncer:
             last_reconcile=self.reconciler.last_reconcile,
             replayed_request=self.requests.honoured if self.requests else "",
             budget=self.budget,
+            keeper=self.keeper,
         )
+
+    async def after_list(self, wanted: Collection[ImageRef], images: list[RuntimeImage]) -> None:
+        """After each ListImages: pins follow the desired images, then the cleanup runs (so an
+        image no Fleet wants is unpinned before it may be removed)."""
+        await self.keeper.after_list(wanted, self.inventory.present)
+        if self.unused is not None:
+            await self.unused.after_list(wanted, images)
 
     def poke(self) -> None:
         if self.reporter is not None:
@@ -314,6 +331,7 @@ class _Syncer:
         metrics.REPLAYS.labels("start").inc()
         if self.requests is not None:
             await self.requests.complete_pending()
+        await self.keeper.start(self.js)
         with contextlib.suppress(CriError):
             await self.reconciler.reconcile()
         await self.consumer.start_durable()
@@ -334,6 +352,7 @@ class _Syncer:
     async def _stop(self) -> None:
         log.info("draining", extra={"pulls_in_flight": self.puller.inflight})
         await self.puller.close()
+        await self.keeper.close()
         await self.consumer.drain()
         if self.reporter is not None:
             # The last word: what the node holds as it stops.

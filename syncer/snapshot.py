@@ -12,6 +12,7 @@ from datetime import datetime
 
 from syncer.desired import DesiredState
 from syncer.inventory import Inventory
+from syncer.keeping import Keeper
 from syncer.pullbudget import PullBudget
 from wire.nodestatus import BudgetSummary, NodeState, summarize
 
@@ -25,6 +26,7 @@ def node_state(
     last_reconcile: datetime | None = None,
     replayed_request: str = "",
     budget: PullBudget | None = None,
+    keeper: Keeper | None = None,
 ) -> NodeState:
     fleets = desired.fleets()
     wanted = {image for images in fleets.values() for image in images}
@@ -45,7 +47,10 @@ def node_state(
         pulling={str(i) for i in missing if i in pulling},
         waiting_slot={str(i) for i in missing if i in waiting},
         failed={str(i): error for i, error in inventory.failed.items() if i in missing},
+        held=keeper.held(missing - pulling) if keeper is not None else None,
         last_reconcile=last_reconcile,
         replayed_request=replayed_request,
         budget=summary,
+        pins=keeper.pin_summary(wanted - missing) if keeper is not None else None,
+        disk=keeper.disk_summary() if keeper is not None else None,
     )

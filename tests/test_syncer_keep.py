@@ -1,0 +1,309 @@
+"""Keeping pre-pulled images on a real node: pinning, the disk budget and no fight with GC.
+
+Real nats-server, containerd and docker-registry; the syncer runs in-process. Pins are checked
+through containerd itself (``ctr -n k8s.io images ls`` shows the label), because Debian's
+containerd 1.6 stores the label but does not report ``pinned`` back through CRI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from nats.js import JetStreamContext
+from syncer_harness import (  # noqa: F401  (fixtures)
+    RunningSyncer,
+    eventually,
+    fleet,
+    info_logs_fixture,
+    logged,
+    metric,
+    norm,
+    settings_fixture,
+)
+from tmpfs_support import fill_to, tmpfs_containerd
+
+from image_syncer.sandbox.containerd import Containerd
+from syncer.containerd_images import PIN_LABEL, PIN_VALUE
+from syncer.cri import CriClient
+from syncer.settings import SyncerSettings
+from wire.eventlog import LogSettings, publish_event
+from wire.nodestatus import NodeState, StatusSettings, get_status, open_status_bucket
+
+pytestmark = [pytest.mark.nats, pytest.mark.cri]
+
+PINNED = f"{PIN_LABEL}={PIN_VALUE}"
+
+
+def names_of(containerd: Containerd, ref: str) -> set[str]:
+    targets = containerd.image_targets()
+    if ref not in targets:
+        return set()
+    return {name for name, target in targets.items() if target == targets[ref]}
+
+
+def pinned_names(containerd: Containerd, ref: str) -> set[str]:
+    rows = containerd.ctr("images", "ls").stdout.splitlines()[1:]
+    labels = {row.split()[0]: row.split()[-1] for row in rows if row.strip()}
+    return {name for name in names_of(containerd, ref) if PINNED in labels.get(name, "")}
+
+
+def fully_pinned(containerd: Containerd, ref: str) -> bool:
+    names = names_of(containerd, ref)
+    return bool(names) and pinned_names(containerd, ref) == names
+
+
+async def node_state(js: JetStreamContext, settings: SyncerSettings) -> NodeState | None:
+    kv = await open_status_bucket(js, StatusSettings(prefix=settings.subject_prefix))
+    status = await get_status(kv, settings.node_name)
+    return status.summary if status is not None else None
+
+
+async def until_state(
+    js: JetStreamContext,
+    settings: SyncerSettings,
+    check: Callable[[NodeState], bool],
+    what: str,
+) -> NodeState:
+    deadline = asyncio.get_running_loop().time() + 60
+    last = None
+    while asyncio.get_running_loop().time() < deadline:
+        last = await node_state(js, settings)
+        if last is not None and check(last):
+            return last
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"not true within 60s: {what}; last state: {last}")
+
+
+def opted_out(body: dict[str, Any]) -> dict[str, Any]:
+    body["metadata"]["annotations"] = {"image-syncer.octops.io/sync": "false"}
+    body["metadata"]["resourceVersion"] = "2"
+    return body
+
+
+# --- pinning --------------------------------------------------------------------------------
+
+
+async def test_pins_follow_the_fleets_and_someone_elses_pin_stays(
+    settings: SyncerSettings,
+    js: JetStreamContext,
+    log_settings: LogSettings,
+    containerd: Containerd,
+    push,
+) -> None:
+    deleted, updated_from, updated_to, excluded, hand_pinned = (push() for _ in range(5))
+    # The kubelet pulled this one, and an operator pinned its tag by hand, before the syncer ran.
+    async with CriClient(containerd.endpoint) as kubelet:
+        await kubelet.pull_image(hand_pinned, timeout=60)
+    await asyncio.to_thread(containerd.ctr, "images", "label", hand_pinned, PINNED)
+    running = await RunningSyncer(dataclasses.replace(settings, status_interval=0.2)).start()
+    try:
+        for name, image in (
+            ("deleted", deleted),
+            ("updated", updated_from),
+            ("excluded", excluded),
+            ("hand", hand_pinned),
+        ):
+            await publish_event(js, log_settings, "fleet.events.added", fleet(name, image))
+        for image in (deleted, updated_from, excluded):
+            await eventually(lambda i=image: fully_pinned(containerd, i), f"{image} pinned")
+        await eventually(lambda: fully_pinned(containerd, hand_pinned), "hand-pinned image pinned")
+        await until_state(
+            js, settings, lambda s: s.pins is not None and s.pins.pinned == 4, "4 pinned"
+        )
+
+        await publish_event(js, log_settings, "fleet.events.deleted", fleet("deleted", deleted))
+        await publish_event(
+            js, log_settings, "fleet.events.updated", fleet("updated", updated_to, rv="2")
+        )
+        await publish_event(
+            js, log_settings, "fleet.events.updated", opted_out(fleet("excluded", excluded))
+        )
+        await publish_event(js, log_settings, "fleet.events.deleted", fleet("hand", hand_pinned))
+
+        for image in (deleted, updated_from, excluded):
+            await eventually(lambda i=image: not pinned_names(containerd, i), f"{image} unpinned")
+        await eventually(lambda: fully_pinned(containerd, updated_to), "the new image pinned")
+        # Still on the node (no --remove-unused), just no longer pinned by the syncer...
+        assert names_of(containerd, deleted)
+        # ...while the operator's own pin outlives the Fleet.
+        await eventually(
+            lambda: pinned_names(containerd, hand_pinned) == {hand_pinned},
+            "only the syncer's labels removed from the hand-pinned image",
+        )
+        state = await until_state(
+            js, settings, lambda s: s.pins is not None and s.pins.pinned == 1, "1 pinned"
+        )
+        assert state.pins is not None
+        assert state.pins.enabled and state.pins.runtime.startswith("containerd ")
+    finally:
+        assert await running.stop() == 0
+
+
+async def test_remove_unused_unpins_before_it_removes(
+    settings: SyncerSettings,
+    js: JetStreamContext,
+    log_settings: LogSettings,
+    containerd: Containerd,
+    push,
+) -> None:
+    image = push()
+    running = await RunningSyncer(
+        dataclasses.replace(settings, remove_unused=True, remove_grace=0.0)
+    ).start()
+    try:
+        await publish_event(js, log_settings, "fleet.events.added", fleet("gone", image))
+        await eventually(lambda: fully_pinned(containerd, image), "pinned")
+        await publish_event(js, log_settings, "fleet.events.deleted", fleet("gone", image))
+        await eventually(lambda: not names_of(containerd, image), "removed")
+        assert metric("image_syncer_syncer_pins_total", action="unpinned") >= 1
+    finally:
+        assert await running.stop() == 0
+
+
+async def test_without_pinning_nothing_is_labelled(
+    settings: SyncerSettings,
+    js: JetStreamContext,
+    log_settings: LogSettings,
+    containerd: Containerd,
+    push,
+) -> None:
+    image = push()
+    running = await RunningSyncer(dataclasses.replace(settings, pin_images=False)).start()
+    try:
+        await publish_event(js, log_settings, "fleet.events.added", fleet("plain", image))
+        await eventually(lambda: image in containerd.image_refs(), "the image arrives")
+        state = await until_state(
+            js, settings, lambda s: "default/plain" in s.fleets and not s.gaps, "ready"
+        )
+        assert state.pins is not None
+        assert state.pins.runtime == "off: disabled by --pin-images=false"
+        assert not state.pins.enabled and state.pins.pinned == 0
+        assert not pinned_names(containerd, image)
+    finally:
+        assert await running.stop() == 0
+
+
+# --- the disk budget ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_containerd(tmp_path: Path) -> Iterator[Containerd]:
+    with tmpfs_containerd(tmp_path / "ctrd", size="128m") as runtime:
+        yield runtime
+
+
+async def test_a_full_image_filesystem_pauses_pulls_until_space_frees(
+    settings: SyncerSettings,
+    js: JetStreamContext,
+    log_settings: LogSettings,
+    small_containerd: Containerd,
+    push,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings = dataclasses.replace(
+        settings, cri_endpoint=small_containerd.endpoint, max_image_fs_usage=0.8
+    )
+    ballast = fill_to(small_containerd.state_dir / "root", 0.9)
+    image = push()
+    skipped_before = metric("image_syncer_syncer_pulls_skipped_total", reason="disk_budget")
+    running = await RunningSyncer(settings).start()
+    try:
+        await publish_event(js, log_settings, "fleet.events.added", fleet("big", image))
+
+        state = await until_state(
+            js,
+            settings,
+            lambda s: s.disk is not None and bool(s.disk.paused) and norm(image) in s.missing,
+            "status says pulls are paused",
+        )
+        assert state.disk is not None
+        assert "at or above --max-image-fs-usage 80%" in state.disk.paused
+        assert state.disk.usage is not None and state.disk.usage >= 0.8
+        # The image is missing, pending, with the reason.
+        assert state.missing[norm(image)].state == "pending"
+        assert state.missing[norm(image)].error == state.disk.paused
+        assert image not in small_containerd.image_refs()
+        assert (
+            metric("image_syncer_syncer_pulls_skipped_total", reason="disk_budget") > skipped_before
+        )
+        assert len(logged(caplog, "pulls paused: image filesystem over budget")) == 1
+
+        os.remove(ballast)
+
+        await eventually(lambda: image in small_containerd.image_refs(), "the image arrives")
+        await until_state(
+            js, settings, lambda s: s.disk is not None and not s.disk.paused, "pulls resumed"
+        )
+        assert logged(caplog, "pulls resume: image filesystem within budget")
+    finally:
+        assert await running.stop() == 0
+
+
+# --- no fight with GC -----------------------------------------------------------------------
+
+
+async def test_one_removal_is_pulled_again_at_once_repeated_ones_back_off_with_a_warning(
+    settings: SyncerSettings,
+    js: JetStreamContext,
+    log_settings: LogSettings,
+    containerd: Containerd,
+    push,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings = dataclasses.replace(
+        settings, removal_backoff_after=2, removal_window=3600.0, removal_backoff_max=3600.0
+    )
+    image = push()
+    running = await RunningSyncer(settings).start()
+    try:
+        await publish_event(js, log_settings, "fleet.events.added", fleet("gc", image))
+        await eventually(lambda: image in containerd.image_refs(), "first pull")
+        await eventually(lambda: fully_pinned(containerd, image), "pinned")
+
+        containerd.remove_image(image)
+
+        await eventually(lambda: image in containerd.image_refs(), "one removal: pulled again")
+        assert metric("image_syncer_images_removed_externally_total", image=norm(image)) == 1
+        assert not [
+            r for r in caplog.records if r.levelname == "WARNING" and "behind" in r.getMessage()
+        ]
+
+        containerd.remove_image(image)
+
+        await eventually(
+            lambda: logged(
+                caplog,
+                "image keeps being removed behind the syncer's back, re-pulls back off",
+                image=norm(image),
+            ),
+            "the warning",
+        )
+        state = await until_state(
+            js,
+            settings,
+            lambda s: s.disk is not None and norm(image) in s.disk.gc_backoff,
+            "status shows the backoff",
+        )
+        assert "re-pull in" in state.missing[norm(image)].error
+        # Two more reconciles pass, and the image stays away.
+        for _ in range(2):
+            seen = state.last_reconcile
+            state = await until_state(
+                js, settings, lambda s, seen=seen: s.last_reconcile != seen, "a later reconcile"
+            )
+        assert image not in containerd.image_refs()
+        assert metric("image_syncer_images_removed_externally_total", image=norm(image)) == 2
+        assert metric("image_syncer_syncer_pulls_skipped_total", reason="gc_backoff") >= 1
+        warnings = logged(
+            caplog, "image keeps being removed behind the syncer's back, re-pulls back off"
+        )
+        assert len(warnings) == 1
+        assert "kubelet's image garbage collector" in warnings[0].cause  # type: ignore[attr-defined]
+    finally:
+        assert await running.stop() == 0
