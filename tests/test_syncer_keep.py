@@ -18,6 +18,7 @@ import pytest
 from nats.js import JetStreamContext
 from syncer_harness import (  # noqa: F401  (fixtures)
     RunningSyncer,
+    cli,
     eventually,
     fleet,
     info_logs_fixture,
@@ -141,6 +142,12 @@ async def test_pins_follow_the_fleets_and_someone_elses_pin_stays(
         )
         assert state.pins is not None
         assert state.pins.enabled and state.pins.runtime.startswith("containerd ")
+        code, out, err = await cli(settings, "status", "--node", settings.node_name)
+        assert code == 0, err
+        assert "pinning: 1/1 images pinned, containerd " in out
+        code, out, err = await cli(settings, "status")
+        assert code == 0, err
+        assert "Pinned" in out and "1/1" in out
     finally:
         assert await running.stop() == 0
 
