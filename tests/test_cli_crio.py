@@ -11,7 +11,8 @@ from syncer_harness import cli, fleet, settings_fixture  # noqa: F401 - fixture
 
 from syncer.crio import pinned_images_dropin
 from syncer.settings import SyncerSettings
-from wire.eventlog import LogSettings, publish_event
+from wire.contract import NodeImages
+from wire.eventlog import LogSettings, ensure_node_images_stream, publish_event, publish_node_images
 
 pytestmark = pytest.mark.nats
 
@@ -36,6 +37,11 @@ async def test_the_dropin_pins_the_live_admitted_fleets_images_and_the_extras(
     gone = labelled("gone", "registry.example.com/games/old:0.9", pool="games")
     await publish_event(js, log_settings, "fleet.events.added", gone)
     await publish_event(js, log_settings, "fleet.events.deleted", gone)
+    await ensure_node_images_stream(js, log_settings)
+    sidecar = NodeImages(
+        source="agones-sdk", images=["us-docker.pkg.dev/agones-images/release/agones-sdk:1.44.0"]
+    )
+    await publish_node_images(js, log_settings, sidecar)
 
     code, out, err = await cli(
         settings,
@@ -55,6 +61,7 @@ async def test_the_dropin_pins_the_live_admitted_fleets_images_and_the_extras(
                     "docker.io/library/nginx:latest",
                     ARENA,
                     "registry.k8s.io/pause:3.9",
+                    "us-docker.pkg.dev/agones-images/release/agones-sdk:1.44.0",
                 ]
             }
         }
@@ -70,7 +77,7 @@ async def test_json_lists_the_images_per_fleet(
     code, out, err = await cli(settings, "crio-pinned-config", "--json")
 
     assert code == 0, err
-    assert json.loads(out) == {"fleets": {"default/arena": [ARENA]}, "extra": []}
+    assert json.loads(out) == {"fleets": {"default/arena": [ARENA]}, "node_images": {}, "extra": []}
 
 
 async def test_a_missing_stream_is_one_line(settings: SyncerSettings) -> None:

@@ -2,7 +2,8 @@
 
 CRI-O pins images by configuration only (see :mod:`syncer.crio`), so the syncer cannot pin on
 CRI-O nodes by itself; this prints the drop-in for the images of every live Fleet the syncers
-would admit (same ``--fleet-selector`` and opt-out annotation), plus ``--extra-image``.
+would admit (same ``--fleet-selector`` and opt-out annotation), the images every node keeps
+besides (the node-images stream: the Agones SDK sidecar), plus ``--extra-image``.
 """
 
 import json
@@ -18,17 +19,19 @@ from syncer.crio import pinned_images_dropin
 from syncer.filtering import FleetFilter, SelectorError
 from syncer.references import InvalidImageReference, normalize
 from wire.contract import Action, Fleet, Kind, check_prefix, images_of
-from wire.eventlog import stream_name
+from wire.eventlog import read_node_images, stream_name
 from wire.natsconn import NatsSettings
 
 __all__ = ["register"]
 
 
-async def _fleet_images(
+async def _log_images(
     nats: NatsSettings, prefix: str, fleet_filter: FleetFilter
-) -> dict[str, list[str]]:
+) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """(Fleet -> images, node-image source -> images) as the syncers would keep them."""
     async with jetstream(nats, "image-syncer-crio-pinned-config") as js:
         newest = await read_fleets(js, prefix)
+        node_images = await read_node_images(js, prefix)
     if newest is None:
         raise CommandError(f"stream {stream_name(prefix, Kind.FLEET)} does not exist")
     images: dict[str, list[str]] = {}
@@ -39,7 +42,11 @@ async def _fleet_images(
         if not fleet_filter.admits(obj)[0]:
             continue
         images[fleet] = [ref for _, image in images_of(obj) if (ref := _normal(image))]
-    return images
+    by_source = {
+        source: [ref for image in message.images if (ref := _normal(image))]
+        for source, message in sorted(node_images.items())
+    }
+    return images, by_source
 
 
 def _normal(image: str) -> str:
@@ -77,11 +84,13 @@ def crio_pinned_config(
         extra = [str(normalize(image)) for image in split_values(extra_image)]
     except (SelectorError, InvalidImageReference, ValueError) as e:
         fail(str(e), code=2)
-    by_fleet = run_nats_command(_fleet_images(nats, subject_prefix, fleet_filter))
+    by_fleet, by_source = run_nats_command(_log_images(nats, subject_prefix, fleet_filter))
     if as_json:
-        typer.echo(json.dumps({"fleets": by_fleet, "extra": extra}, indent=2, sort_keys=True))
+        doc = {"fleets": by_fleet, "node_images": by_source, "extra": extra}
+        typer.echo(json.dumps(doc, indent=2, sort_keys=True))
         return
-    images = [image for fleet_images in by_fleet.values() for image in fleet_images] + extra
+    images = [i for fleet_images in by_fleet.values() for i in fleet_images]
+    images += [i for source_images in by_source.values() for i in source_images] + extra
     source = f"{len(by_fleet)} Fleet(s) of stream {stream_name(subject_prefix, Kind.FLEET)}"
     typer.echo(pinned_images_dropin(images, source=source), nl=False)
 
