@@ -37,6 +37,7 @@ from wire.natsconn import NatsSettings, NatsUnavailable, connect
 from wire.permissions import (
     AUTH_PASSWORD_ENV,
     AUTH_USER,
+    BROADCASTER_INBOX,
     CALLOUT_ISSUER_ENV,
     PINNED_BUCKET,
     PULLED_BUCKET,
@@ -490,6 +491,22 @@ async def test_the_broadcaster_publishes_through_its_own_identity(
         assert logged(caplog, "nats client authorized", role="broadcaster")
         # It needed nothing its role does not grant (its lease, streams, the status it reads).
         assert not callout.violations("broadcaster")
+
+        # And the role grants no more: no node's state, no other client's replies.
+        stolen = await connect(
+            callout.settings(token, inbox=inbox_prefix(BROADCASTER_INBOX)), name="stolen"
+        )
+        status_key = f"$KV.{nodestatus.bucket_name(callout.prefix)}.node.some-node"
+        for subject, action in (
+            (status_key, lambda: stolen.publish(status_key, b"forged")),
+            ("_INBOX.>", lambda: stolen.subscribe("_INBOX.>")),
+        ):
+            await _attempt(action)
+            await eventually(
+                lambda s=subject: any(f'"{s}"' in v for v in callout.violations("stolen")),
+                f"server refused {subject}",
+            )
+        await stolen.close()
     finally:
         await admin.close()
 
