@@ -117,8 +117,13 @@ class ContainerdImages:
         await self._update(name, key, {key: value})
 
     async def remove_label(self, name: str, key: str) -> None:
-        """Remove one label from the record ``name`` (nothing happens if it is not there)."""
-        await self._update(name, key, {})
+        """Remove one label from the record ``name``; nothing happens if the label or the record
+        is not there (an image removed since carries no label to remove)."""
+        try:
+            await self._update(name, key, {})
+        except CriError as e:
+            if e.code is not grpc.StatusCode.NOT_FOUND:
+                raise
 
     async def _update(self, name: str, key: str, labels: dict[str, str]) -> None:
         # With the mask "labels.<key>", containerd copies that one label from the request: set

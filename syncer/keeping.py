@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable, Collection, Iterable
 from nats.js import JetStreamContext
 
 from syncer.containerd_images import ContainerdImages
-from syncer.cri import CriClient, CriError, RuntimeVersion
+from syncer.cri import CriClient, CriError, RuntimeUnavailable, RuntimeVersion
 from syncer.diskbudget import DiskBudget
 from syncer.gcfight import RemovalTracker
 from syncer.pinning import BUCKET, Pinner, PinningSupport, pinning_support
@@ -57,15 +57,26 @@ class Keeper:
         )
         self.support = PinningSupport(False, "not decided yet")
         self.pinner: Pinner | None = None
+        self._decided = False
+        self._js: JetStreamContext | None = None
 
     async def start(self, js: JetStreamContext) -> None:
         """Decide, once the runtime answers, whether this node pins; one log line says so."""
-        version: RuntimeVersion | CriError
+        self._js = js
+        await self._decide(js)
+
+    async def _decide(self, js: JetStreamContext) -> None:
         try:
-            version = await self._cri.version()
-        except CriError as e:
-            version = e
-        self.support = await pinning_support(self._settings.pin_images, version, self._images)
+            self.support = await self._support()
+        except RuntimeUnavailable as e:
+            # Not an answer: decided at a later reconcile, once the runtime is back.
+            if not self.support.reason.startswith("undecided"):
+                log.info(
+                    "image pinning undecided: the runtime does not answer", extra={"error": str(e)}
+                )
+            self.support = PinningSupport(False, f"undecided: {e}")
+            return
+        self._decided = True
         if self.support.enabled:
             self.pinner = Pinner(
                 self._images,
@@ -77,6 +88,18 @@ class Keeper:
             log.info("images will be pinned", extra={"runtime": self.support.reason})
         else:
             log.info("image pinning off", extra={"reason": self.support.reason})
+
+    async def _support(self) -> PinningSupport:
+        if not self._settings.pin_images:
+            return await pinning_support(False, RuntimeVersion("", "", ""), self._images)
+        version: RuntimeVersion | CriError
+        try:
+            version = await self._cri.version()
+        except RuntimeUnavailable:
+            raise
+        except CriError as e:  # e.g. UNIMPLEMENTED: a runtime that does not say which it is
+            version = e
+        return await pinning_support(True, version, self._images)
 
     # --- before a pull ----------------------------------------------------------------------
 
@@ -102,6 +125,8 @@ class Keeper:
         self.tracker.observe(wanted, present)
 
     async def after_list(self, wanted: Collection[ImageRef], present: Holding) -> None:
+        if not self._decided and self._js is not None:
+            await self._decide(self._js)
         if self.pinner is not None:
             await self.pinner.sync(wanted, present)
 

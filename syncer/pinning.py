@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
+import grpc
 import msgspec
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
@@ -34,7 +35,7 @@ from nats.js.kv import KeyValue
 from syncer import metrics
 from syncer.cleanup import ensure_pulled_bucket, record_key
 from syncer.containerd_images import PIN_LABEL, PIN_VALUE, ImageRecord
-from syncer.cri import CriError, RuntimeVersion
+from syncer.cri import CriError, RuntimeUnavailable, RuntimeVersion
 from syncer.references import Holding, ImageRef, InvalidImageReference, normalize
 
 __all__ = ["BUCKET", "ImageLabels", "PinLedger", "Pinner", "PinningSupport", "pinning_support"]
@@ -77,7 +78,8 @@ async def pinning_support(
 ) -> PinningSupport:
     """Decide once at start: pin on containerd whose images service answers, else say why not.
 
-    ``version`` is the CRI Version answer, or the error asking for it raised.
+    ``version`` is the CRI Version answer, or the error asking for it raised. Raises
+    RuntimeUnavailable when containerd's images service cannot be reached: undecided, ask again.
     """
     if not wanted:
         return PinningSupport(False, "disabled by --pin-images=false")
@@ -87,6 +89,8 @@ async def pinning_support(
     if version.name == "containerd":
         try:
             await images.get(_PROBE_NAME)
+        except RuntimeUnavailable:
+            raise
         except CriError as e:
             return PinningSupport(False, f"{runtime}: its images service does not answer: {e}")
         return PinningSupport(True, f"{runtime}: label {PIN_LABEL}={PIN_VALUE}")
@@ -241,7 +245,12 @@ class Pinner:
         labelled = 0
         for record in records:
             if record.name in mine and not record.pinned:
-                await self._images.set_label(record.name, PIN_LABEL, PIN_VALUE)
+                try:
+                    await self._images.set_label(record.name, PIN_LABEL, PIN_VALUE)
+                except CriError as e:
+                    if e.code is not grpc.StatusCode.NOT_FOUND:
+                        raise
+                    return  # removed meanwhile: the next reconcile looks again
                 labelled += 1
         self._verified.add(image)
         if labelled:

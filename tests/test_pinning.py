@@ -7,14 +7,16 @@ containerd 1.6 sets the label but does not report ``pinned`` back through CRI.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 
+import grpc
 import pytest
 from nats.js import JetStreamContext
 
 from image_syncer.sandbox.containerd import Containerd
 from syncer.containerd_images import PIN_LABEL, PIN_VALUE, ContainerdImages
-from syncer.cri import CriClient, RuntimeVersion
-from syncer.pinning import BUCKET, Pinner, pinning_support
+from syncer.cri import CriClient, RuntimeUnavailable, RuntimeVersion
+from syncer.pinning import BUCKET, PinLedger, Pinner, pinning_support
 from syncer.references import ImageRef, PresentImages, normalize
 from wire.permissions import bucket_for
 
@@ -193,6 +195,27 @@ async def test_an_image_removed_and_pulled_again_is_pinned_again(
     assert pinned_names(containerd, ref) == names_of(containerd, ref)
 
 
+async def test_an_image_removed_by_someone_else_is_simply_forgotten(
+    cri: CriClient,
+    containerd: Containerd,
+    make_pinner,
+    push,
+    js: JetStreamContext,
+    prefix: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    ref, image = await pulled(cri, push)
+    pinner = make_pinner()
+    await pinner.sync(wanted=[image], present=await present(cri))
+    containerd.remove_image(ref)
+
+    await pinner.sync(wanted=[], present=await present(cri))
+
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    ledger = await PinLedger.open(js, "node-a.example", bucket=bucket_for(BUCKET, prefix))
+    assert ledger.names == {}
+
+
 # --- which runtimes pin ---------------------------------------------------------------------
 
 
@@ -225,12 +248,31 @@ async def test_crio_points_at_its_configuration_and_others_say_why(
     assert other.reason == "cri-dockerd 0.3.9 offers no way to pin images"
 
 
-async def test_containerd_without_an_images_service_is_off(tmp_path) -> None:
-    gone = ContainerdImages(f"unix://{tmp_path}/no.sock", call_timeout=2)
+async def test_a_socket_without_containerds_images_service_turns_pinning_off(
+    tmp_path: Path,
+) -> None:
+    # A gRPC server serving nothing answers UNIMPLEMENTED, as a CRI-only endpoint would.
+    server = grpc.aio.server()
+    server.add_insecure_port(f"unix://{tmp_path}/cri-only.sock")
+    await server.start()
+    client = ContainerdImages(f"unix://{tmp_path}/cri-only.sock")
     try:
-        support = await pinning_support(True, RuntimeVersion("containerd", "1.7.20", "v1"), gone)
+        support = await pinning_support(True, RuntimeVersion("containerd", "1.7.20", "v1"), client)
     finally:
-        await gone.close()
+        await client.close()
+        await server.stop(None)
 
     assert not support.enabled
     assert "images service does not answer" in support.reason
+    assert "UNIMPLEMENTED" in support.reason
+
+
+async def test_an_unreachable_images_service_leaves_the_decision_for_later(
+    tmp_path: Path,
+) -> None:
+    gone = ContainerdImages(f"unix://{tmp_path}/no.sock", call_timeout=2)
+    try:
+        with pytest.raises(RuntimeUnavailable):
+            await pinning_support(True, RuntimeVersion("containerd", "1.7.20", "v1"), gone)
+    finally:
+        await gone.close()
