@@ -9,19 +9,22 @@ the image when a game server arrives.
 So every desired image this node held and then lost without the syncer removing it is counted
 (``image_syncer_images_removed_externally_total{image=...}``). Once one image vanished
 ``threshold`` times within ``window``, its re-pull waits, doubling from ``backoff_min`` up to
-``backoff_max`` with each further vanishing, and one warning says what is likely happening and
-what to do. A single removal is re-pulled at once as before. An image that stays put for a whole
-window starts again from a clean slate.
+``backoff_max`` with each further vanishing (the project's jittered :class:`~ops.retry.Backoff`,
+so nodes that lost an image together do not all pull it again together), and one warning says
+what is likely happening and what to do. A single removal is re-pulled at once as before. An
+image that stays put for a whole window starts again from a clean slate.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import time
 from collections import deque
 from collections.abc import Callable, Collection
 
+from ops.retry import Backoff
 from syncer import metrics
 from syncer.references import Holding, ImageRef
 
@@ -48,13 +51,13 @@ class RemovalTracker:
         backoff_min: float = 60.0,
         backoff_max: float = 1800.0,
         clock: Callable[[], float] = time.monotonic,
+        rng: Callable[[], float] = random.random,
     ) -> None:
         if threshold < 1 or window <= 0 or not 0 < backoff_min <= backoff_max:
             raise ValueError("need threshold >= 1, window > 0 and 0 < backoff_min <= backoff_max")
         self.threshold = threshold
         self.window = window
-        self.backoff_min = backoff_min
-        self.backoff_max = backoff_max
+        self._backoff = Backoff(backoff_min, backoff_max, rng=rng)
         self._clock = clock
         self._held: set[ImageRef] = set()
         self._removals: dict[ImageRef, deque[float]] = {}
@@ -106,13 +109,13 @@ class RemovalTracker:
                 extra={"image": str(image), "removals": count},
             )
             return
-        delay = min(self.backoff_max, self.backoff_min * 2 ** (count - self.threshold))
+        delay = self._backoff.delay(count - self.threshold + 1)
         self._not_before[image] = now + delay
         extra = {
             "image": str(image),
             "removals": count,
             "window": f"{self.window:g}s",
-            "retry_in": f"{delay:g}s",
+            "retry_in": f"{delay:.0f}s",
         }
         if image in self._warned:
             log.info("image removed again, re-pull backs off further", extra=extra)

@@ -29,7 +29,10 @@ def clock() -> Clock:
 
 @pytest.fixture
 def tracker(clock: Clock) -> RemovalTracker:
-    return RemovalTracker(threshold=3, window=600, backoff_min=60, backoff_max=400, clock=clock)
+    # rng 1.0: the jitter's top, so delays are the plain doubling.
+    return RemovalTracker(
+        threshold=3, window=600, backoff_min=60, backoff_max=400, clock=clock, rng=lambda: 1.0
+    )
 
 
 def removed(image: str) -> float:
