@@ -5,9 +5,17 @@ from __future__ import annotations
 import asyncio
 
 from nats.js import JetStreamContext
+from nats.js.api import ConsumerConfig
 
 from wire.contract import Kind, decode_event, images_of
-from wire.eventlog import LogSettings, ensure_streams, publish_event, read_log, stream_name
+from wire.eventlog import (
+    MAX_CONSUMERS,
+    LogSettings,
+    ensure_streams,
+    publish_event,
+    read_log,
+    stream_name,
+)
 
 
 def fleet(name: str, rv: int, image: str = "nginx", namespace: str = "default") -> dict:
@@ -129,3 +137,21 @@ async def test_read_log_with_a_filter_that_matches_nothing_ends(
     assert [m async for m in read_log(js, stream, subject=nothing, idle_timeout=0.5)] == []
     only_a = f"{log_settings.prefix}.fleet.events.*.default.a"
     assert [m.seq async for m in read_log(js, stream, subject=only_a)] == [1]
+
+
+async def test_the_fleet_stream_takes_a_durable_per_node_past_the_servers_default_of_1000(
+    js: JetStreamContext, log_settings: LogSettings
+) -> None:
+    # nats-server 2.15 limits a stream to 1,000 consumers unless the stream sets its own limit.
+    stream = stream_name(log_settings.prefix, Kind.FLEET)
+    assert (await js.stream_info(stream)).config.max_consumers == MAX_CONSUMERS
+
+    async def durable(i: int) -> None:
+        config = ConsumerConfig(
+            durable_name=f"syncer-node-{i}", mem_storage=True, num_replicas=1, inactive_threshold=60
+        )
+        await js.add_consumer(stream, config)
+
+    for start in range(0, 1001, 100):
+        await asyncio.gather(*(durable(i) for i in range(start, min(start + 100, 1001))))
+    assert (await js.stream_info(stream)).state.consumer_count == 1001

@@ -70,6 +70,7 @@ from wire.contract import (
 )
 
 __all__ = [
+    "MAX_CONSUMERS",
     "EventTooLarge",
     "LogConflict",
     "LogSettings",
@@ -116,6 +117,13 @@ def stream_name(prefix: str, kind: Kind) -> str:
     return f"{base}_{_STREAM_SUFFIX[kind]}"
 
 
+# nats-server 2.15 caps every stream at 1,000 consumers unless the stream sets its own limit
+# (and reads 0 or -1 as "use that default"): a cluster's 1,001st node could not create its
+# durable. One durable per node, plus the short-lived ordered consumers of replays, status and
+# wait: room for clusters far past the thousands of nodes this is built for.
+MAX_CONSUMERS = 100_000
+
+
 def stream_config(settings: LogSettings, kind: Kind) -> StreamConfig:
     return StreamConfig(
         name=stream_name(settings.prefix, kind),
@@ -132,6 +140,7 @@ def stream_config(settings: LogSettings, kind: Kind) -> StreamConfig:
         allow_rollup_hdrs=False,
         deny_delete=False,
         deny_purge=False,
+        max_consumers=MAX_CONSUMERS,
     )
 
 
