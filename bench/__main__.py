@@ -20,6 +20,7 @@ BENCHMARKS = {
     "fanout": "bench.fanout",
     "memory": "bench.memory",
     "broadcaster": "bench.broadcast",
+    "scale": "bench.scale",
 }
 
 

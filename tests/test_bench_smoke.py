@@ -25,6 +25,7 @@ BENCHMARKS = {
     "fanout": "bench.fanout",
     "memory": "bench.memory",
     "broadcaster": "bench.broadcast",
+    "scale": "bench.scale",
 }
 KEYS = {"bench", "figure", "unit", "baseline", "ratio", "target", "met"}
 
@@ -51,7 +52,9 @@ def test_benchmark_prints_one_json_line(name: str) -> None:
     assert line["bench"] == name
     assert isinstance(line["met"], bool)
     for key in ("figure", "baseline", "ratio"):
-        assert isinstance(line[key], int | float) and line[key] > 0, (key, line)
+        assert isinstance(line[key], int | float), (key, line)
+        # An idle node may send nothing at all in scale's few quick seconds: 0 is a figure there.
+        assert line[key] > 0 or (name == "scale" and key != "baseline"), (key, line)
 
 
 def test_runner_refuses_an_unknown_name() -> None:

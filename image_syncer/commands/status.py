@@ -13,7 +13,6 @@ Exit codes: 0 shown, 1 an error the user can fix (one line on stderr), 2 bad inp
 
 # No ``from __future__ import annotations``: with_nats_options rebuilds the signature, and typer
 # must see the Annotated options as objects, not as strings.
-import json
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -122,7 +121,7 @@ def _rollup_json(
             "fleets_ready": r.fleets_ready,
             "fleets_total": r.fleets_total,
             "problems": r.problems,
-            "status": msgspec.to_builtins(r.status, order="deterministic"),
+            "status": r.status,
         }
         for node, r in nodes.items()
     }
@@ -362,7 +361,10 @@ async def _status(
     read = await _read(nats_settings, settings, check_log)
     if as_json:
         doc = _json_view(settings, *read[:2], datetime.now(UTC), stale_after, read[2])
-        typer.echo(json.dumps(doc, indent=2, sort_keys=True))
+        # msgspec encodes the entries as they are, without a detour through dicts: thousands of
+        # nodes take a fraction of json.dumps' time.
+        encoded = msgspec.json.encode(doc, order="sorted")
+        typer.echo(msgspec.json.format(encoded, indent=2).decode())
         return
     _show(Console(), settings, read, stale_after, *view_options)
 
