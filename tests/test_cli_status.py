@@ -8,6 +8,7 @@ broadcaster by publishing Fleets to the real event log (``wait`` reads a Fleet's
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -27,10 +28,12 @@ from wire.contract import encode_event, subject_for
 from wire.eventlog import LogSettings, StoredMessage, publish_event
 from wire.nodestatus import (
     SCHEMA,
+    Heartbeat,
     NodeStatus,
     StatusSettings,
     ensure_status_bucket,
     node_key,
+    put_heartbeat,
     put_status,
     summarize,
 )
@@ -545,14 +548,28 @@ async def test_wait_fails_clearly_when_no_live_node_reports(
 async def test_wait_stops_waiting_for_a_node_that_turns_stale(
     js: JetStreamContext, nats_server: NatsServer, prefix: str, settings: StatusSettings
 ) -> None:
-    # node-b is live now but sends no more heartbeats; nothing else changes in the bucket, so
-    # only the stale transition can end the wait before its (long) timeout.
+    # node-b is live now but sends no more heartbeats; node-a keeps beating, as a running syncer
+    # does, so however slow this machine is only the stale transition of node-b can end the
+    # wait before its (long) timeout.
     seq = await publish(js, prefix, "added")
     await report(js, settings, "node-a", present=set(IMAGES), seqs={FLEET: seq})
     await report(js, settings, "node-b", age=1.0)
-    code, out, err = await run_cli(
-        *cli_args(nats_server, prefix, "wait", "--fleet", FLEET, "--stale-after", "2s")
-    )
+    stop = asyncio.Event()
+
+    async def beat() -> None:
+        while not stop.is_set():
+            await put_heartbeat(js, settings, "node-a", Heartbeat(at=datetime.now(UTC)))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.5)
+
+    beating = asyncio.create_task(beat())
+    try:
+        code, out, err = await run_cli(
+            *cli_args(nats_server, prefix, "wait", "--fleet", FLEET, "--stale-after", "2s")
+        )
+    finally:
+        stop.set()
+        await beating
     assert code == 0, err
     assert out.strip() == (
         f"{FLEET}: all images present on 1 live nodes as of event seq {seq} (1 stale ignored)"
