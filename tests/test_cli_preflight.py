@@ -55,7 +55,12 @@ def test_a_bad_or_taken_metrics_address_is_refused_at_once(command: str) -> None
 
 def test_unreadable_files_are_refused_at_once(tmp_path: Path) -> None:
     missing = str(tmp_path / "nope.json")
-    for flag in ("--registry-auth-file", "--kubelet-config-json", "--nats-creds"):
+    for flag in (
+        "--registry-auth-file",
+        "--kubelet-config-json",
+        "--nats-creds",
+        "--nats-token-file",
+    ):
         one_error(
             run("syncer", "--metrics-addr", "", flag, missing),
             2,
@@ -68,6 +73,27 @@ def test_unreadable_files_are_refused_at_once(tmp_path: Path) -> None:
         "--kubeconfig",
         f"cannot read {tmp_path}: Is a directory",
     )
+
+
+def test_the_auth_callout_refuses_an_unreadable_seed_and_a_missing_extra(tmp_path: Path) -> None:
+    missing = str(tmp_path / "issuer.seed")
+    one_error(
+        run("auth", "--metrics-addr", "", "--issuer-seed-file", missing),
+        2,
+        "--issuer-seed-file",
+        f"cannot read {missing}: No such file or directory",
+    )
+    seed = tmp_path / "seed"
+    seed.write_text("SA")
+    result = run(
+        "auth",
+        "--metrics-addr",
+        "",
+        "--issuer-seed-file",
+        str(seed),
+        prelude="import sys; sys.modules['nkeys'] = None; ",
+    )
+    one_error(result, 1, "pip install 'image-syncer[auth]'", "no module 'nkeys'")
 
 
 def test_the_broadcaster_without_its_extra_says_which_to_install() -> None:

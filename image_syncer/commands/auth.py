@@ -6,13 +6,15 @@ Flags only become :class:`authcallout.service.CalloutSettings` here; the service
 
 from __future__ import annotations
 
+import os
 from typing import Annotated, Any
 
 import typer
 
+from image_syncer.oneshot import fail
 from image_syncer.options import Duration, split_values, with_nats_options
+from image_syncer.preflight import check_listen, check_readable, missing_extra
 from ops.lifecycle import run_until_signalled
-from ops.serving import parse_addr
 from wire.contract import ContractError, check_prefix
 from wire.natsconn import NatsSettings
 
@@ -79,12 +81,21 @@ def auth(
     """Answer nats-server's auth callout: Kubernetes tokens in, per-identity permissions out."""
     try:
         check_prefix(subject_prefix)
-        if metrics_addr:
-            parse_addr(metrics_addr)
-    except (ContractError, ValueError) as e:
-        raise typer.BadParameter(str(e)) from e
+    except ContractError as e:
+        raise typer.BadParameter(str(e), param_hint="--subject-prefix") from e
     if max_session < 60:
         raise typer.BadParameter("must be at least 1m", param_hint="--max-session")
+    check_listen(metrics_addr, "--metrics-addr")
+    check_readable(issuer_seed_file, "--issuer-seed-file")
+    for path in (kubeconfig or "").split(os.pathsep):  # KUBECONFIG may list several files
+        check_readable(path, "--kubeconfig")
+    check_readable(nats.creds_file, "--nats-creds")
+    check_readable(nats.tls_ca, "--nats-tls-ca")
+    # A syncer-only install has neither library: say which extra to install, not a traceback.
+    for module in ("kubernetes", "nkeys"):
+        problem = missing_extra(module, "auth", "auth")
+        if problem is not None:
+            fail(problem)
     from authcallout.natsjwt import JwtError
     from authcallout.service import CalloutSettings, Roles, run
     from authcallout.tokenreview import KubeConfigError

@@ -152,6 +152,7 @@ def broadcaster(
     for path in (kubeconfig or "").split(os.pathsep):  # KUBECONFIG may list several files
         check_readable(path, "--kubeconfig")
     check_readable(nats.creds_file, "--nats-creds")
+    check_readable(nats.token_file, "--nats-token-file")
     check_readable(nats.tls_ca, "--nats-tls-ca")
     try:
         # The API server would refuse it on every list, retried forever: refuse it here, once.

@@ -218,6 +218,7 @@ def syncer(
     check_readable(kubelet_config_json, "--kubelet-config-json")
     check_readable(nats.creds_file, "--nats-creds")
     check_readable(nats.tls_ca, "--nats-tls-ca")
+    check_readable(nats.token_file, "--nats-token-file")
     from image_syncer.syncerproc import exec_syncer
     from syncer.settings import SyncerSettings
 
