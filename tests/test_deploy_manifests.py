@@ -130,7 +130,7 @@ def test_syncer_mounts_the_runtime_socket_and_dials_it(name: str) -> None:
 # The runtime's image directory on the host, whose filesystem the disk budget measures.
 IMAGE_DIRS = {
     "syncer/overlays/containerd": "/var/lib/containerd",
-    "syncer/overlays/k3s": "/var/lib/rancher/k3s/agent/containerd",
+    "syncer/overlays/k3s": "/var/lib/rancher",  # k3s's and RKE2's containerd roots are below
     "syncer/overlays/crio": "/var/lib/containers/storage",
     "syncer/overlays/openshift": "/var/lib/containers/storage",
 }
