@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -128,3 +130,19 @@ def test_percentages_parse(text: str, ratio: float) -> None:
 def test_bad_percentages_are_refused_with_the_value(text: str) -> None:
     with pytest.raises(ValueError, match=repr(text).replace("(", r"\(")):
         parse_percent(text)
+
+
+def test_the_flag_refuses_a_bad_percentage_in_one_line() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "image_syncer", "syncer"],
+        env={**os.environ, "MAX_IMAGE_FS_USAGE": "101%", "NO_COLOR": "1"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ")
+    assert "'101%' must be above 0% and at most 100%" in result.stderr
+    assert result.stderr.count("\n") == 1
