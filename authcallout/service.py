@@ -221,7 +221,13 @@ async def run(settings: CalloutSettings, stopping: asyncio.Event) -> int:
             "auth callout serving",
             extra={"issuer": signer.public_key, "audience": settings.audience, "queue": QUEUE},
         )
-        await stop
+        while not stop.done():
+            # Ready only while connected: a rollout waits for a replica that can answer, and the
+            # operator sees which one is cut off.
+            connected = nc.is_connected
+            health.set("nats", connected, "" if connected else "disconnected, reconnecting")
+            health.beat("callout", allowance=30.0)
+            await asyncio.wait({stop}, timeout=1.0)
         # Leave the queue group first, so its other members take the new requests, then answer
         # what is in flight.
         await sub.unsubscribe()
