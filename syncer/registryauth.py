@@ -230,18 +230,12 @@ class CredentialFile:
         """The current entries, re-read first if the file changed since the last call."""
         try:
             st = self.path.stat()
-            stamp: tuple[int, int, int, int] | None = (
-                st.st_ino,
-                st.st_dev,
-                st.st_mtime_ns,
-                st.st_size,
-            )
         except OSError as e:
-            stamp = None
             if not self._loaded or self._stamp is not None:
                 self._fail(e.strerror or type(e).__name__)
             self._stamp, self._loaded = None, True
             return self._keyring
+        stamp = (st.st_ino, st.st_dev, st.st_mtime_ns, st.st_size)
         if not self._loaded or stamp != self._stamp:
             self._stamp, self._loaded = stamp, True
             self._load()

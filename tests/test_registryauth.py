@@ -258,6 +258,176 @@ def _assert_no_secret(caplog: pytest.LogCaptureFixture, *objects: object) -> Non
         assert _b64(f"robot:{SECRET}") not in text
 
 
+# --- Every part of the state, not only the headline ---------------------------------------------
+
+
+def _lookup(keys: dict[str, str], name: str) -> list[str]:
+    """Users offered for a repository name as given (not normalized first)."""
+    keyring = Keyring(parse_auths(_config({key: _entry(user) for key, user in keys.items()})))
+    return [e.username for e in keyring.lookup(name)]
+
+
+@pytest.mark.parametrize(
+    ("keys", "name", "expected"),
+    [
+        # Go's net.SplitHostPort on a bracketed IPv6 host: the port must be equal, the host too.
+        ({"[fd00::1]:5000": "v6"}, "[fd00::1]:5000/game", ["v6"]),
+        ({"[fd00::1]:5000": "v6"}, "[fd00::1]:6000/game", []),
+        ({"[fd00::1]:5000": "v6"}, "[ad00::1]:5000/game", []),
+        ({"[fd00::1]:5000": "v6"}, "[fd00::1]/game", []),
+        # No port after the bracket: SplitHostPort fails, so the kubelet globs the bracketed host
+        # as it is, and its brackets make a character class that matches no host: never matched.
+        ({"[fd00::1]": "v6"}, "[fd00::1]/game", []),
+        ({"[fd00::1]": "v6"}, "[fd00::1]:5000/game", []),
+        # A port is compared as a port, not globbed as part of the last label.
+        ({"registry.*": "glob"}, "registry.local/game", ["glob"]),
+        ({"registry.*": "glob"}, "registry.local:5000/game", []),
+        # The Docker Hub fallback, for names spelled as the kubelet may see them.
+        ({"registry-1.docker.io": "hub"}, "index.docker.io/myorg/game", ["hub"]),
+        ({"registry-1.docker.io": "hub"}, "docker.io/myorg/game", ["hub"]),
+        # A first component without '.' or ':' is a Hub user, not a host (as Docker decides).
+        ({"index.docker.io": "hub"}, "myorg/game", ["hub"]),
+        ({"index.docker.io": "hub"}, "registry.local/game", []),
+        ({"index.docker.io": "hub"}, "registry:5000/game", []),
+        ({"index.docker.io": "hub"}, "/game", []),
+    ],
+)
+def test_lookup_by_repository_name(keys: dict[str, str], name: str, expected: list[str]) -> None:
+    assert _lookup(keys, name) == expected
+
+
+@pytest.mark.parametrize(
+    ("user_password", "pad"),
+    [
+        # Base64 of lengths 1, 2 and 0 modulo 3: two, one and no padding characters to restore.
+        ("robot:pa:ss", True),
+        ("robot:pa:ss", False),
+        ("robot:pa:s", False),
+        ("robot:pa:sss", False),
+    ],
+)
+def test_auth_splits_at_the_first_colon_padded_or_not(user_password: str, pad: bool) -> None:
+    # Usernames cannot hold a colon, passwords can (the kubelet: strings.SplitN(..., ":", 2)).
+    (entry,) = parse_auths(_config({"r.io": {"auth": _b64(user_password, pad)}}))
+
+    assert (entry.username, entry.password) == tuple(user_password.split(":", 1))
+
+
+def test_auth_with_a_character_outside_base64_is_refused() -> None:
+    encoded = _b64("robot:secret")
+    tampered = encoded[:4] + "!" + encoded[4:]
+
+    with pytest.raises(CredentialFileError) as raised:
+        parse_auths(_config({"r.io": {"auth": tampered}}))
+
+    assert str(raised.value) == "auths entry 'r.io': auth is not base64"
+
+
+@pytest.mark.parametrize(
+    ("content", "error"),
+    [
+        (b"\xff", "not valid JSON: not UTF-8"),
+        (b'{"a":', "not valid JSON at line 1 column 6: Expecting value"),
+        (b"[]", 'no "auths" object (expected a dockerconfigjson document)'),
+        (b'{"auths": []}', 'no "auths" object (expected a dockerconfigjson document)'),
+        (_config({"r.io": 5}), "auths entry 'r.io' is not an object"),
+        (_config({"r.io": {"username": 5}}), "auths entry 'r.io': username is not a string"),
+        (
+            _config({"r.io": {"auth": _b64("robot")}}),
+            "auths entry 'r.io': auth is not base64(user:password)",
+        ),
+        (
+            _config({"https://[bad": {}}),
+            "registry key 'https://[bad' is not a URL: Invalid IPv6 URL",
+        ),
+    ],
+)
+def test_parse_errors_are_exact(content: bytes, error: str) -> None:
+    with pytest.raises(CredentialFileError) as raised:
+        parse_auths(content)
+
+    assert str(raised.value) == error
+
+
+def test_image_name_refuses_with_the_reference_and_the_reason() -> None:
+    with pytest.raises(ValueError) as raised:
+        image_name("NOT a reference")
+
+    assert str(raised.value).startswith("invalid image reference 'NOT a reference': ")
+    assert "must be lowercase" in str(raised.value)
+
+
+def test_a_credential_file_before_and_after_loading(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "auth.json"
+    path.write_bytes(_config({"quay.io": _entry("q"), "gcr.io": _entry("g")}))
+    file = CredentialFile(path, "registry-auth-file")
+
+    assert file.problem is None
+    assert repr(file) == f"CredentialFile(path={str(path)!r}, what='registry-auth-file', keys=0)"
+    with caplog.at_level(logging.INFO, logger="syncer.registryauth"):
+        assert len(file.keyring()) == 2
+        assert len(file.keyring()) == 2
+    assert repr(file) == f"CredentialFile(path={str(path)!r}, what='registry-auth-file', keys=2)"
+    assert file.problem is None
+    (record,) = caplog.records
+    assert (record.getMessage(), record.levelno) == ("registry credentials loaded", logging.INFO)
+    assert fields_of(record) == {
+        "file": str(path),
+        "source": "registry-auth-file",
+        "registries": 2,
+    }
+
+
+def test_a_missing_file_is_a_problem_from_the_first_lookup(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "missing.json"
+    file = CredentialFile(path, "kubelet-config-json")
+
+    with caplog.at_level(logging.INFO, logger="syncer.registryauth"):
+        assert len(file.keyring()) == 0
+    assert file.problem == "No such file or directory"
+    (record,) = caplog.records
+    assert record.levelno == logging.WARNING
+    assert fields_of(record) == {
+        "file": str(path),
+        "source": "kubelet-config-json",
+        "problem": "No such file or directory",
+    }
+
+
+def test_a_file_that_cannot_be_read_is_a_problem(tmp_path: Path) -> None:
+    # stat() succeeds, reading does not.
+    file = CredentialFile(tmp_path, "registry-auth-file")
+
+    assert len(file.keyring()) == 0
+    assert file.problem == "Is a directory"
+
+
+def test_credentials_say_which_source_each_file_is(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    secret, node = tmp_path / "secret.json", tmp_path / "config.json"
+    secret.write_bytes(_config({"quay.io": _entry("s")}))
+    node.write_bytes(_config({"quay.io": _entry("n")}))
+
+    assert not RegistryCredentials()
+    assert not RegistryCredentials.from_paths(None, "")
+    creds = RegistryCredentials.from_paths(str(secret), str(node))
+    assert creds
+    with caplog.at_level(logging.INFO, logger="syncer.registryauth"):
+        assert [a.username for a in creds.for_image("quay.io/a")] == ["s", "n"]
+    assert [(fields_of(r)["file"], fields_of(r)["source"]) for r in caplog.records] == [
+        (str(secret), "registry-auth-file"),
+        (str(node), "kubelet-config-json"),
+    ]
+    assert [
+        a.username for a in RegistryCredentials.from_paths(None, str(node)).for_image("quay.io/a")
+    ] == ["n"]
+
+
 # --- Against a real registry with htpasswd auth -----------------------------------------------
 
 
