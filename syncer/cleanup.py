@@ -187,19 +187,23 @@ class Cleaner:
 
     async def observe(
         self,
-        desired: Iterable[str],
+        desired: Iterable[str] | Callable[[], Iterable[str]],
         images: Iterable[RuntimeImageLike],
         in_use: Collection[str] = (),
     ) -> list[Removal]:
         """One cleanup cycle: ``desired`` refs of live Fleets, ``images`` from one ListImages,
         ``in_use`` the images containers still use: ids or references (an image is in use when
-        its id or any of its names matches one). Returns what it did."""
+        its id or any of its names matches one). Returns what it did.
+
+        ``desired`` may be a function returning the refs: it is then asked again right before
+        each removal, so a Fleet folded while the cycle ran (it awaits NATS and the runtime)
+        keeps its image."""
         now = self.clock()
         images = list(images)
         owner = _image_index(images)
         busy = _busy_ids(images, owner, in_use)
-        wanted = {_key_of(r) for r in _normalized(desired)}
-        kept_ids = {owner[k] for k in wanted if k in owner}
+        current = desired if callable(desired) else _fixed(list(desired))
+        wanted, kept_ids = _wanted(current(), owner)
         done: list[Removal] = []
         for text, ref in sorted(self._pulled.items()):
             image_id = owner.get(_key_of(ref))
@@ -210,6 +214,11 @@ class Cleaner:
                 await self._forget(text)
                 done.append(Removal(text, "gone"))
             elif self._due(text, now):
+                # The desired set as it is now, with no await before the removal starts.
+                wanted, kept_ids = _wanted(current(), owner)
+                if _key_of(ref) in wanted or image_id in kept_ids:
+                    self._cancel(text)
+                    continue
                 removal = await self._remove(text, image_id in busy)
                 if removal is not None:
                     done.append(removal)
@@ -246,6 +255,16 @@ class Cleaner:
         await self.kv.delete(record_key(self.node, text))
         self._pulled.pop(text, None)
         self._unused_since.pop(text, None)
+
+
+def _fixed(refs: list[str]) -> Callable[[], list[str]]:
+    return lambda: refs
+
+
+def _wanted(desired: Iterable[str], owner: dict[str, str]) -> tuple[set[str], set[str]]:
+    """The keys of the ``desired`` refs, and the ids of the listed images they name."""
+    wanted = {_key_of(r) for r in _normalized(desired)}
+    return wanted, {owner[k] for k in wanted if k in owner}
 
 
 def _normalized(refs: Iterable[str]) -> list[ImageRef]:

@@ -2,10 +2,16 @@
 
 The inventory is the node's side of the picture, as :class:`~syncer.desired.DesiredState` is the
 log's: which desired images are present (the last ``ListImages`` answer plus the pulls that
-succeeded since), which are being pulled, which failed and why, and which (Fleet, image) pairs
-were already reported present. The event path (the consumer) and the periodic reconcile both
-read it and ask it for pulls; every pull's outcome comes back here, from the puller, so each
-outcome is recorded and logged once, however many askers awaited it.
+succeeded since, minus the images removed since), which are being pulled, which failed and why,
+and which (Fleet, image) pairs were already reported present. The event path (the consumer)
+and the periodic reconcile both read it and ask it for pulls; every pull's outcome comes back
+here, from the puller, so each outcome is recorded and logged once, however many askers
+awaited it.
+
+Removals (``--remove-unused``) go through :meth:`Inventory.removal` too: the image counts as
+absent from the moment its removal starts, so an event that wants it again meanwhile asks for a
+pull instead of being acked "already present", and that pull waits for the removal to be over
+(a pull racing a RemoveImage could be undone by it yet reported a success).
 
 The log lines are Octops image-syncer's (Go) two, kept as operators know them:
 ``image already present`` (fleet, image) and ``fleet synced`` (fleet, image, ref), plus
@@ -17,14 +23,17 @@ itself every sync period.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import AsyncIterator, Callable, Collection, Iterable
+
+import grpc
 
 from syncer import metrics
-from syncer.cri import RuntimeImage
+from syncer.cri import CriError, RuntimeImage
 from syncer.desired import DesiredState
 from syncer.puller import Puller, PullResult
-from syncer.references import ImageRef, PresentImages
+from syncer.references import ImageRef, InvalidImageReference, PresentImages, normalize
 
 __all__ = ["Inventory"]
 
@@ -43,6 +52,7 @@ class Inventory:
         self._puller = puller
         self._on_change = on_change
         self.present = PresentImages()
+        self._images: list[RuntimeImage] = []  # the last ListImages answer
         # Desired images whose last pull failed -> the error (never credentials: CriClient
         # redacts them); cleared by a success or by the image turning up.
         self.failed: dict[ImageRef, str] = {}
@@ -62,6 +72,7 @@ class Inventory:
 
     def observe(self, images: list[RuntimeImage]) -> PresentImages:
         """Take one ``ListImages`` answer as what the node holds."""
+        self._images = images
         self.present = PresentImages.of(images)
         return self.present
 
@@ -135,6 +146,43 @@ class Inventory:
             )
         self._on_change()
 
+    # --- removals ---------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def removal(self, image: ImageRef) -> AsyncIterator[None]:
+        """Around the RemoveImage of ``image``: absent from the start, no pull of it meanwhile.
+
+        Every name the runtime lists for the same image goes with it (removing one name removes
+        the image). Refused with a CriError while a pull of it runs; if the removal fails the
+        image counts as present again.
+        """
+        if self._puller.busy(image):
+            raise CriError(
+                f"RemoveImage {image}: a pull of it is under way",
+                grpc.StatusCode.FAILED_PRECONDITION,
+            )
+        names = self._names_of(image)
+        for name in names:
+            self.present.discard(name)
+        try:
+            async with self._puller.held(names):
+                yield
+        except BaseException:
+            for name in names:
+                self.present.add(name)
+            raise
+        finally:
+            self.update_gauges()
+            self._on_change()
+        self._images = [i for i in self._images if not names & _names(i)]
+
+    def _names_of(self, image: ImageRef) -> set[ImageRef]:
+        names = {image}
+        for listed in self._images:
+            if image in PresentImages.of([listed]):
+                names |= _names(listed)
+        return names
+
     # --- gauges -----------------------------------------------------------------------------
 
     def update_gauges(self) -> None:
@@ -145,3 +193,11 @@ class Inventory:
         metrics.IMAGES.labels("missing").set(len(wanted) - present)
         metrics.FLEETS.labels("admitted").set(len(self._desired))
         metrics.FLEETS.labels("excluded").set(len(self._desired.excluded()))
+
+
+def _names(image: RuntimeImage) -> set[ImageRef]:
+    found = set()
+    for text in (*image.repo_tags, *image.repo_digests):
+        with contextlib.suppress(InvalidImageReference):
+            found.add(normalize(text))
+    return found

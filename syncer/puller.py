@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 
 from ops.retry import Backoff
@@ -80,6 +80,8 @@ class Puller:
         self._failures: dict[ImageRef, int] = {}
         self._not_before: dict[ImageRef, float] = {}
         self._closing = False
+        # Images a removal is under way for -> set once it is over; their pulls wait for it.
+        self._held: dict[ImageRef, asyncio.Event] = {}
 
     def subscribe(self, on_result: Callable[[PullResult], None]) -> None:
         """Call ``on_result`` with every pull's outcome, in subscription order."""
@@ -119,6 +121,21 @@ class Puller:
         """Images being pulled or queued for a slot right now."""
         return frozenset(self._inflight)
 
+    @contextlib.asynccontextmanager
+    async def held(self, images: Collection[ImageRef]) -> AsyncIterator[None]:
+        """No pull of ``images`` starts while held: a removal of them is under way, and a pull
+        racing it could be undone by it yet reported a success."""
+        over = asyncio.Event()
+        for image in images:
+            self._held[image] = over
+        try:
+            yield
+        finally:
+            for image in images:
+                if self._held.get(image) is over:
+                    del self._held[image]
+            over.set()
+
     async def close(self) -> None:
         """Start no new pulls; let running ones finish or time out (queued ones give up)."""
         self._closing = True
@@ -128,6 +145,8 @@ class Puller:
             await asyncio.gather(*self._inflight.values(), return_exceptions=True)
 
     async def _pull(self, image: ImageRef) -> PullResult:
+        while (removal := self._held.get(image)) is not None:
+            await removal.wait()
         if self._admit is not None:
             refused = await self._admit()
             if refused:

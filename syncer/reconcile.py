@@ -36,8 +36,8 @@ __all__ = ["Reconciler"]
 log = logging.getLogger(__name__)
 
 
-# (desired image refs, the runtime's images) after each ListImages: the cleanup's input.
-AfterList = Callable[[Collection[ImageRef], list[RuntimeImage]], Awaitable[None]]
+# (the desired image refs now, the runtime's images) after each ListImages: the cleanup's input.
+AfterList = Callable[[Callable[[], Collection[ImageRef]], list[RuntimeImage]], Awaitable[None]]
 # (desired image refs, what the node holds) after each ListImages, before any pull starts: the
 # removal tracker counts what vanished here, so its backoff applies to this pass's pulls.
 Observe = Callable[[Collection[ImageRef], PresentImages], None]
@@ -95,7 +95,9 @@ class Reconciler:
             self.last_reconcile = datetime.now(UTC)
             pulls = self._inventory.pull_all(missing)
             if self._after_list is not None:
-                await self._after_list(wanted.keys(), images)
+                # The desired images as they are when each removal is decided, not as they were
+                # at the ListImages: events keep being folded while the cleanup awaits.
+                await self._after_list(self._desired.by_image, images)
             self._on_change()
             return pulls
         finally:

@@ -113,6 +113,13 @@ class PresentImages:
         else:
             self._tags.add(ref)
 
+    def discard(self, ref: ImageRef) -> None:
+        """Forget a name of an image being removed, until the next ListImages says otherwise."""
+        if ref.digest:
+            self._digests.discard(ImageRef(ref.name, None, ref.digest))
+        else:
+            self._tags.discard(ref)
+
     def __len__(self) -> int:
         return len(self._tags) + len(self._digests)
 

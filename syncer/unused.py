@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Collection
+from collections.abc import Callable, Collection
+from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
 import grpc
@@ -24,7 +25,7 @@ from syncer import metrics
 from syncer.cleanup import BUCKET, Cleaner, Remover
 from syncer.cri import CriError, RuntimeImage
 from syncer.puller import PullResult
-from syncer.references import ImageRef
+from syncer.references import ImageRef, normalize
 from wire.permissions import bucket_for
 
 __all__ = ["UnusedImages"]
@@ -38,6 +39,10 @@ class ContainerImages(Protocol):
     async def images_in_use(self) -> frozenset[str]: ...
 
 
+# Around each RemoveImage: :meth:`syncer.inventory.Inventory.removal`.
+RemovalGuard = Callable[[ImageRef], AbstractAsyncContextManager[None]]
+
+
 class UnusedImages:
     def __init__(
         self,
@@ -49,6 +54,7 @@ class UnusedImages:
         prefix: str = "agones",
         replicas: int = 1,
         containers: ContainerImages | None = None,
+        guard: RemovalGuard | None = None,
     ) -> None:
         self._js = js
         self._node = node
@@ -65,6 +71,7 @@ class UnusedImages:
         # ListContainers, so it is the default source of in-use images.
         self._containers = containers or _owner_of(remover)
         self._blind = False
+        self._guard = guard
 
     async def _open(self) -> Cleaner:
         async with self._opening:
@@ -75,7 +82,7 @@ class UnusedImages:
             self._cleaner = await Cleaner.open(
                 self._js,
                 self._node,
-                self._remover,
+                self._remove,
                 grace=self._grace,
                 bucket=self._bucket,
                 replicas=self._replicas,
@@ -89,6 +96,13 @@ class UnusedImages:
                 },
             )
         return self._cleaner
+
+    async def _remove(self, ref: str) -> None:
+        if self._guard is None:
+            await self._remover(ref)
+            return
+        async with self._guard(normalize(ref)):
+            await self._remover(ref)
 
     def on_pull_result(self, result: PullResult) -> None:
         """Remember our own successful pulls (recorded in the background)."""
@@ -110,8 +124,13 @@ class UnusedImages:
             return
         self._recovered()
 
-    async def after_list(self, desired: Collection[ImageRef], images: list[RuntimeImage]) -> None:
-        """One cleanup cycle on a reconcile's ListImages answer."""
+    async def after_list(
+        self,
+        desired: Collection[ImageRef] | Callable[[], Collection[ImageRef]],
+        images: list[RuntimeImage],
+    ) -> None:
+        """One cleanup cycle on a reconcile's ListImages answer; ``desired`` is best a function
+        (the desired images now), asked again before each removal."""
         try:
             cleaner = await self._open()
             for ref in sorted(self._unrecorded):
@@ -124,7 +143,7 @@ class UnusedImages:
         if in_use is None:
             return
         try:
-            removals = await cleaner.observe([str(r) for r in desired], images, in_use)
+            removals = await cleaner.observe(_texts(desired), images, in_use)
         except Exception as e:
             self._failed("cleanup", e)
             return
@@ -174,3 +193,12 @@ class UnusedImages:
 def _owner_of(remover: Remover) -> ContainerImages | None:
     owner = getattr(remover, "__self__", None)
     return owner if callable(getattr(owner, "images_in_use", None)) else None
+
+
+def _texts(
+    desired: Collection[ImageRef] | Callable[[], Collection[ImageRef]],
+) -> Callable[[], list[str]]:
+    if callable(desired):
+        return lambda: [str(r) for r in desired()]
+    texts = [str(r) for r in desired]
+    return lambda: texts
