@@ -5,10 +5,15 @@ This is the event path's loop and its order of operations; the parts live next t
 consumer, :mod:`syncer.dispatch` handles each delivered event. The sequence the node has folded
 (:attr:`FleetConsumer.last_seq`) ties them together: the durable always starts right after it.
 
-Rebuild. An operator's replay request (``image-syncer replay --node``) folds the whole log again
-into a fresh state while the live loop is paused, swaps it in, and restarts the durable after the
-replayed sequence: whatever happened to the stream behind the syncer's back, the node's desired
-state is the fold of the log as it is now.
+Rebuild. Folding the whole log again into a fresh state, swapping it in and restarting the
+durable right after it makes the node's desired state the fold of the log as it is now, whatever
+happened to the stream behind the syncer's back. It runs on an operator's replay request
+(``image-syncer replay --node``), at once when the durable is found lost, and after a reconnect
+and every ``--refold-period`` (:mod:`syncer.refold`). Sequences are never carried from one
+incarnation of the stream to the next: a lost durable is never re-created after the sequence the
+node had folded, since a stream lost and created again restarts at 1 and that durable would
+deliver nothing; and the durable is started only once the stream it lands on is the one just
+folded (same creation time).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from syncer.desired import DesiredState
 from syncer.dispatch import Dispatcher
 from syncer.durable import Durable
 from syncer.inventory import Inventory
-from syncer.replay import replay_log
+from syncer.replay import LogPosition, replay_log
 from syncer.settings import SyncerSettings
 from wire.contract import Kind, subject_filter
 from wire.eventlog import stream_name
@@ -39,6 +44,8 @@ _FETCH_TIMEOUT = 1.0
 # Check that the durable still exists after this many idle fetches (a NATS restart drops it);
 # rare enough that thousands of idle nodes do not load the JetStream API.
 _IDLE_CHECK_EVERY = 30
+# A stream re-created again and again while we fold it: give up this rebuild, retry later.
+_REBUILD_ATTEMPTS = 3
 
 
 class FleetConsumer:
@@ -51,8 +58,10 @@ class FleetConsumer:
         health: Health,
         *,
         on_change: Callable[[], None] = lambda: None,
+        on_rebuilt: Callable[[], None] = lambda: None,
     ) -> None:
         self._js = js
+        self._on_rebuilt = on_rebuilt
         self._settings = settings
         self._desired = desired
         self._health = health
@@ -65,45 +74,77 @@ class FleetConsumer:
         self._dispatcher = Dispatcher(
             desired, inventory, ack_wait=settings.ack_wait, on_change=on_change
         )
-        self._replayed_seq = 0
+        self._replayed = LogPosition()
 
     @property
     def last_seq(self) -> int:
         """The newest stream sequence folded, by the replay or the live loop."""
-        return max(self._replayed_seq, self._dispatcher.last_seq)
+        return max(self._replayed.seq, self._dispatcher.last_seq)
 
     # --- replay ---------------------------------------------------------------------------
 
-    async def replay(self, into: DesiredState | None = None) -> int:
-        """Fold the whole log (into ``into``, default the live state); return the sequence the
-        live consumer must start after."""
-        desired = self._desired if into is None else into
-        seq = await replay_log(self._js, self.stream, self.subject, desired)
-        self._replayed_seq = max(self._replayed_seq, seq)
+    async def replay(self) -> int:
+        """Fold the whole log into the live state (at start); return the sequence the live
+        consumer must start after."""
+        self._replayed = await replay_log(self._js, self.stream, self.subject, self._desired)
         return self.last_seq
 
-    async def rebuild(self) -> None:
-        """Replay the whole log into a fresh state, swap it in, restart the durable after it.
+    async def rebuild(self, trigger: str = "request") -> None:
+        """Fold the whole log into a fresh state, swap it in, restart the durable after it.
 
         The live loop is paused meanwhile; an error leaves the current state untouched.
         """
         async with self._pause:
+            await self._rebuild(trigger)
+
+    async def _rebuild(self, trigger: str) -> None:
+        for _ in range(_REBUILD_ATTEMPTS):
             fresh = DesiredState(admit=self._desired.admit)
+            position = await replay_log(self._js, self.stream, self.subject, fresh, quiet=True)
+            dropped = _dropped(self._desired, fresh)
             before = len(self._desired)
-            await self.replay(into=fresh)
             self._desired.replace_with(fresh)
-            await self.start_durable()
+            self._replayed = position
+            self._dispatcher.last_seq = 0  # the sequences before belong to the folded past
+            await self.durable.start(position.seq)
+            if await self._same_stream(position):
+                break
+            log.warning("stream re-created during the rebuild, folding again")
+        else:
+            raise RuntimeError(f"stream {self.stream} keeps being re-created")
+        for fleet in dropped:
+            # Its delete never reached this node (its tombstone expired, or the stream was lost).
+            log.info("fleet gone from the log, dropped", extra={"fleet": fleet})
         log.info(
             "desired state rebuilt from the whole log",
-            extra={"fleets_before": before, "fleets": len(self._desired)},
+            extra={
+                "trigger": trigger,
+                "fleets_before": before,
+                "fleets": len(self._desired),
+                "dropped": len(dropped),
+                "last_seq": position.seq,
+            },
         )
         self._on_change()
+        self._on_rebuilt()
+
+    async def _same_stream(self, position: LogPosition) -> bool:
+        """Whether the stream is still the incarnation ``position`` was folded from."""
+        info = await self._js.stream_info(self.stream)
+        return info.created == position.stream_created
 
     # --- the durable ----------------------------------------------------------------------
 
     async def start_durable(self) -> None:
         """(Re)create the durable to deliver what comes after ``last_seq``, and bind to it."""
         await self.durable.start(self.last_seq)
+
+    async def _recover(self, stopping: asyncio.Event) -> None:
+        await self.durable.recover(self._health, stopping, on_lost=self._rebuild_lost)
+
+    async def _rebuild_lost(self) -> None:
+        await self._rebuild("consumer_lost")
+        metrics.REPLAYS.labels("consumer_lost").inc()
 
     # --- live -----------------------------------------------------------------------------
 
@@ -123,12 +164,12 @@ class FleetConsumer:
         except nats.errors.TimeoutError:
             idle += 1
             if idle % _IDLE_CHECK_EVERY == 0:
-                await self.durable.recover(self.last_seq, self._health, stopping)
+                await self._recover(stopping)
             return idle
         except Exception as e:
             metrics.NATS_ERRORS.labels("fetch").inc()
             log.warning("fetch failed", extra={"error": repr(e), "consumer": self.durable.name})
-            await self.durable.recover(self.last_seq, self._health, stopping)
+            await self._recover(stopping)
             return idle
         for msg in messages:
             await self._dispatcher.dispatch(msg)
@@ -138,3 +179,9 @@ class FleetConsumer:
         """Wait for the events being settled, then stop taking deliveries."""
         await self._dispatcher.drain()
         await self.durable.unbind()
+
+
+def _dropped(before: DesiredState, after: DesiredState) -> list[str]:
+    """Fleets ``before`` knew (desired or excluded) that ``after`` does not know at all."""
+    known = set(after.fleets()) | set(after.excluded())
+    return sorted((set(before.fleets()) | set(before.excluded())) - known)

@@ -2,9 +2,11 @@
 
 It is (re)created to start right after the sequence the node has folded. It is memory-backed
 with one replica (thousands of R3 durables are JetStream clustering's known pressure point) and
-expires after ``inactive_threshold`` when its node disappears. If it is lost (a NATS restart
-drops memory consumers) it is re-created after the last folded sequence, so nothing is skipped.
-Its pending counts are the node's lag, published as gauges.
+expires after ``inactive_threshold`` when its node disappears. Whether it still exists is this
+module's question; what to do when it is lost is the caller's (:meth:`Durable.recover` calls
+``on_lost``): a lost durable may mean a NATS restart or a stream lost and created again, and
+only a fold of the whole log tells which sequence to start after. Its pending counts are the
+node's lag, published as gauges.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import nats.errors
@@ -91,14 +94,16 @@ class Durable:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
 
-    async def recover(self, after_seq: int, health: Health, stopping: asyncio.Event) -> None:
-        """Make sure the durable exists (re-create it after ``after_seq`` if lost); retried
-        until NATS answers or the syncer stops."""
+    async def recover(
+        self, health: Health, stopping: asyncio.Event, on_lost: Callable[[], Awaitable[None]]
+    ) -> None:
+        """Make sure the durable exists, calling ``on_lost`` (which must start it again) when
+        it does not; retried until NATS answers and ``on_lost`` succeeds, or the syncer stops."""
 
         async def attempt() -> bool:
             if not await self._exists():
-                log.warning("consumer lost, re-creating", extra={"consumer": self.name})
-                await self.start(after_seq)
+                log.warning("consumer lost", extra={"consumer": self.name, "stream": self.stream})
+                await on_lost()
             health.set("nats", True)
             return True
 

@@ -106,7 +106,7 @@ IMAGES_REMOVED = Counter(
 )
 REPLAYS = Counter(
     "image_syncer_syncer_replays_total",
-    "Whole-log replays, by trigger (start, request).",
+    "Whole-log replays, by trigger (start, request, consumer_lost, reconnect, timer).",
     ["trigger"],
 )
 PINS = Counter(

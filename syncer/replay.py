@@ -1,10 +1,13 @@
-"""Replaying the whole Fleet log into a desired state: at start, and on an operator's request.
+"""Replaying the whole Fleet log into a desired state: at start, on request, and to refold.
 
 The whole compacted Fleet stream is read with an ordered ephemeral consumer and folded, so the
 desired state equals the fold of the whole log whatever happened while the syncer was down;
 compaction bounds this by the number of live Fleets. The live consumer then starts right after
-the sequence the replay returns. At start the replay is retried until it succeeds (the stream
-may not exist yet, NATS may be away), with ``replay`` readiness false and saying why meanwhile.
+the :class:`LogPosition` the replay returns: a sequence *and* the stream it belongs to (its
+creation time), because a stream lost and created again restarts its sequences at 1 and a
+sequence means nothing in another incarnation of the stream. At start the replay is retried
+until it succeeds (the stream may not exist yet, NATS may be away), with ``replay`` readiness
+false and saying why meanwhile.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
 
 import nats.js.errors
 from nats.js import JetStreamContext
@@ -25,21 +30,41 @@ from wire.contract import ContractError, decode_event
 from wire.eventlog import read_log
 from wire.natsconn import RETRYABLE
 
-__all__ = ["replay_log", "replay_until_done"]
+__all__ = ["LogPosition", "replay_log", "replay_until_done"]
 
 log = logging.getLogger(__name__)
 
 
-async def replay_log(js: JetStreamContext, stream: str, subject: str, desired: DesiredState) -> int:
-    """Fold every event of ``stream`` into ``desired``; the last sequence the stream holds."""
+@dataclass(frozen=True)
+class LogPosition:
+    """How far a fold went: ``seq`` of the stream incarnation created at ``stream_created``."""
+
+    seq: int = 0
+    stream_created: datetime | None = None
+
+
+async def replay_log(
+    js: JetStreamContext,
+    stream: str,
+    subject: str,
+    desired: DesiredState,
+    *,
+    quiet: bool = False,
+) -> LogPosition:
+    """Fold every event of ``stream`` into ``desired``; the position of its last message.
+
+    ``quiet`` folds without a line per Fleet (a refold reports what changed instead).
+    """
     try:
-        return await _replay(js, stream, subject, desired)
+        return await _replay(js, stream, subject, desired, quiet)
     except Exception:
         metrics.NATS_ERRORS.labels("replay").inc()
         raise
 
 
-async def _replay(js: JetStreamContext, stream: str, subject: str, desired: DesiredState) -> int:
+async def _replay(
+    js: JetStreamContext, stream: str, subject: str, desired: DesiredState, quiet: bool
+) -> LogPosition:
     info = await js.stream_info(stream)
     count = 0
     last_seq = 0
@@ -54,9 +79,13 @@ async def _replay(js: JetStreamContext, stream: str, subject: str, desired: Desi
                 extra={"seq": stored.seq, "subject": stored.subject, "reason": str(e)},
             )
             continue
-        fold(desired, event, stored.seq, replayed=True)
+        if quiet:
+            desired.apply(event, stored.seq)
+        else:
+            fold(desired, event, stored.seq, replayed=True)
     last_seq = max(last_seq, info.state.last_seq)
-    log.info(
+    log.log(
+        logging.DEBUG if quiet else logging.INFO,
         "replay done",
         extra={
             "events": count,
@@ -65,11 +94,11 @@ async def _replay(js: JetStreamContext, stream: str, subject: str, desired: Desi
             "last_seq": last_seq,
         },
     )
-    return last_seq
+    return LogPosition(last_seq, info.created)
 
 
 async def replay_until_done(
-    replay: Callable[[], Awaitable[int]], stream: str, health: Health, stopping: asyncio.Event
+    replay: Callable[[], Awaitable[object]], stream: str, health: Health, stopping: asyncio.Event
 ) -> bool:
     """Run ``replay`` until it succeeds (True) or the syncer stops (False)."""
 

@@ -38,6 +38,7 @@ from syncer.nodeinfo import ApiEndpoint, NodeInfoError, NodeWatcher
 from syncer.pullbudget import BudgetSettings, PullBudget
 from syncer.puller import Puller
 from syncer.reconcile import Reconciler
+from syncer.refold import Refolder
 from syncer.references import ImageRef
 from syncer.registryauth import RegistryCredentials
 from syncer.replay import replay_until_done
@@ -189,8 +190,16 @@ class _Syncer:
         )
         self.runtime = runtime
         self.consumer = FleetConsumer(
-            self.js, settings, self.desired, self.inventory, health, on_change=self.poke
+            self.js,
+            settings,
+            self.desired,
+            self.inventory,
+            health,
+            on_change=self.poke,
+            on_rebuilt=self.on_desired_change,
         )
+        self.refolder = Refolder(self.consumer.rebuild, period=settings.refold_period)
+        self._reconnects = self._reconnect_count()
         self.status_settings = StatusSettings(
             prefix=settings.subject_prefix,
             replicas=settings.status_replicas,
@@ -218,6 +227,7 @@ class _Syncer:
             # Unpinned first: a pin of ours must not outlive the image.
             self.keeper.removing(cri.remove_image),
             containers=cri,  # images running containers use are never removed
+            guard=self.inventory.removal,
             grace=self.settings.remove_grace,
             prefix=self.settings.subject_prefix,
             replicas=self.settings.status_replicas,
@@ -347,6 +357,7 @@ class _Syncer:
             tasks.append(self._task(self.requests.watch(), "replay requests"))
         if self.node_watcher is not None:
             tasks.append(self._task(self.node_watcher.run(self.stopping), "node watcher"))
+        tasks.append(self._task(self.refolder.run(self.stopping), "refold"))
         return tasks
 
     async def _stop(self) -> None:
@@ -364,6 +375,14 @@ class _Syncer:
     async def _check_nats(self) -> None:
         connected = self.nc.is_connected
         self.health.set("nats", connected, "" if connected else "disconnected")
+        reconnects = self._reconnect_count()
+        if connected and reconnects != self._reconnects:
+            # Deletes whose tombstones expired meanwhile will never be delivered: refold.
+            self._reconnects = reconnects
+            self.refolder.reconnected()
+
+    def _reconnect_count(self) -> int:
+        return int(self.nc.stats.get("reconnects", 0))
 
     async def _watch_runtime(self) -> None:
         # During a long replay nothing else asks the runtime; the reconcile period bounds it.

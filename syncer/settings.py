@@ -47,6 +47,9 @@ class SyncerSettings:
     status_ttl: float = 3600.0
     # How often the durable's num_pending is read for the lag gauge.
     lag_interval: float = 30.0
+    # Anti-entropy: fold the whole log again this often (jittered; 0 = only after a reconnect
+    # or a lost durable), so a Fleet whose delete never arrived is dropped.
+    refold_period: float = 3600.0
     # /healthz fails once the runtime has not answered for this long (stale hostPath socket).
     runtime_unhealthy_after: float = 300.0
     # Which Fleets (issue 5): a label selector on Fleet labels; empty selects all.
@@ -106,6 +109,8 @@ class SyncerSettings:
                 raise ValueError(f"{name} must be positive")
         if self.remove_grace < 0:
             raise ValueError("remove_grace must not be negative")
+        if self.refold_period < 0:
+            raise ValueError("refold_period must not be negative (0 turns the timer off)")
         if self.max_cluster_pulls < 0:
             raise ValueError("max_cluster_pulls must not be negative (0 turns the budget off)")
         if self.registry_backoff <= 0:

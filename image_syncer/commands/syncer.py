@@ -96,6 +96,14 @@ def syncer(
     status_ttl: Annotated[
         float, Duration("A vanished node's status entry expires after this.", "STATUS_TTL")
     ] = "1h",  # type: ignore[assignment]
+    refold_period: Annotated[
+        float,
+        Duration(
+            "Fold the whole log again this often (jittered), to drop Fleets whose delete never "
+            "arrived; 0: only after a reconnect or a lost consumer.",
+            "REFOLD_PERIOD",
+        ),
+    ] = "1h",  # type: ignore[assignment]
     lag_interval: Annotated[
         float, Duration("How often to read this node's consumer lag.", "LAG_INTERVAL")
     ] = "30s",  # type: ignore[assignment]
@@ -243,6 +251,7 @@ def syncer(
             status_replicas=status_replicas,
             status_ttl=status_ttl,
             lag_interval=lag_interval,
+            refold_period=refold_period,
             runtime_unhealthy_after=runtime_unhealthy_after,
             fleet_selector=fleet_selector,
             respect_scheduling=respect_scheduling,
