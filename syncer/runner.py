@@ -38,8 +38,8 @@ from syncer.nodeinfo import ApiEndpoint, NodeInfoError, NodeWatcher
 from syncer.pullbudget import BudgetSettings, PullBudget
 from syncer.puller import Puller
 from syncer.reconcile import Reconciler
-from syncer.refold import Refolder
 from syncer.references import ImageRef
+from syncer.refold import Refolder
 from syncer.registryauth import RegistryCredentials
 from syncer.replay import replay_until_done
 from syncer.replayrequests import ReplayRequests
