@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Collection, Coroutine
+from collections.abc import Callable, Collection, Coroutine
 from typing import Any
 
 from nats.aio.client import Client
@@ -283,10 +283,13 @@ class _Syncer:
             keeper=self.keeper,
         )
 
-    async def after_list(self, wanted: Collection[ImageRef], images: list[RuntimeImage]) -> None:
+    async def after_list(
+        self, wanted: Callable[[], Collection[ImageRef]], images: list[RuntimeImage]
+    ) -> None:
         """After each ListImages: pins follow the desired images, then the cleanup runs (so an
-        image no Fleet wants is unpinned before it may be removed)."""
-        await self.keeper.after_list(wanted, self.inventory.present)
+        image no Fleet wants is unpinned before it may be removed). ``wanted`` gives the desired
+        images as they are when called: the cleanup asks again before each removal."""
+        await self.keeper.after_list(wanted(), self.inventory.present)
         if self.unused is not None:
             await self.unused.after_list(wanted, images)
 
