@@ -168,3 +168,16 @@ def test_every_env_var_of_the_components_is_one_the_cli_reads(
     ):
         unknown = set(env_of(container(one(syncer, kind, name), c))) - _role_envvars(role)
         assert not unknown, f"`image-syncer {role}` ignores {sorted(unknown)}"
+
+
+def test_the_callout_passes_pod_security_restricted_and_dials_nats_by_its_full_name(
+    syncer: list[dict[str, Any]],
+) -> None:
+    from deploy_support import resolved_env
+    from test_deploy_namespaces import _restricted_violations
+
+    deployment = one(syncer, "Deployment", AUTH)
+    assert deployment["metadata"]["namespace"] == "image-syncer"
+    assert _restricted_violations(pod_spec(deployment)) == []
+    url = resolved_env(deployment, container(deployment, "auth"), "NATS_URL")
+    assert url == "nats://nats.image-syncer.svc:4222"
