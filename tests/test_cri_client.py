@@ -302,6 +302,12 @@ async def test_client_recovers_after_containerd_is_killed(own_containerd: Contai
         await client.close()
 
 
+def _all_threads_stopped(pid: int) -> bool:
+    tasks = Path(f"/proc/{pid}/task")
+    states = [(t / "stat").read_text().rsplit(")", 1)[1].split()[0] for t in tasks.iterdir()]
+    return all(state in ("T", "t") for state in states)
+
+
 async def test_a_hung_runtime_is_unavailable_not_an_image_error(
     own_containerd: Containerd,
 ) -> None:
@@ -312,6 +318,11 @@ async def test_a_hung_runtime_is_unavailable_not_an_image_error(
         await client.check()
         os.kill(pid, signal.SIGSTOP)
         try:
+            # A stop is delivered asynchronously: call only once every thread is stopped.
+            deadline = time.monotonic() + 30
+            while not _all_threads_stopped(pid):
+                assert time.monotonic() < deadline, "containerd did not stop within 30s"
+                await asyncio.sleep(0.01)
             with pytest.raises(RuntimeUnavailable, match="did not answer within 1s"):
                 await client.list_images()
             with pytest.raises(RuntimeUnavailable, match="ListContainers: runtime at"):
