@@ -3,12 +3,17 @@
 It starts an embedded NATS, a registry and one containerd per simulated node, runs one real
 ``image-syncer syncer`` process per node, publishes Fleets through the real CLI, and shows images
 arriving in each node's runtime: first pulls, an image deleted behind the syncer's back coming
-back, a Fleet update, a Fleet delete. Everything it starts is stopped, and its directory removed,
-on the way out (Ctrl-C included).
+back, a Fleet update, a cold node that joins with the startup taint and is untainted once its
+images are there, a Fleet delete. Everything it starts is stopped, and its directory removed, on
+the way out (Ctrl-C included).
+
+The cold node's Node object lives in the sandbox's fake Kubernetes API server (the one fake in
+the demo: no kube-apiserver runs here), which speaks the real protocol to the syncer's own calls.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import os
@@ -25,17 +30,29 @@ from pathlib import Path
 from rich.console import Console
 
 from image_syncer.sandbox.containerd import Containerd
+from image_syncer.sandbox.fakekube import FakeKube
 from image_syncer.sandbox.images import push_image
 from image_syncer.sandbox.nats_server import NatsServer
 from image_syncer.sandbox.processes import free_port, stop_process
 from image_syncer.sandbox.registry import Registry
+from wire.contract import AGONES_SDK_SOURCE, NodeImages
+from wire.eventlog import LogSettings, ensure_node_images_stream, publish_node_images
+from wire.natsconn import NatsSettings, connect
 
 __all__ = ["DemoFailed", "run_demo"]
 
 console = Console(highlight=False, soft_wrap=True)
 
 # The syncer lines worth showing a newcomer; the rest stays in each node's log file.
-INTERESTING = ("fleet synced", "image already present", "fleet deleted", "pull failed")
+INTERESTING = (
+    "fleet synced",
+    "image already present",
+    "fleet deleted",
+    "pull failed",
+    "startup taint present, node closed until its images are here",
+    "startup taint removed, node open for game servers",
+)
+STARTUP_TAINT = "image-syncer.octops.io/images-not-ready"
 
 
 class DemoFailed(RuntimeError):
@@ -80,9 +97,12 @@ def wait_for(what: str, check: Callable[[], bool], timeout: float = 60.0) -> flo
     raise DemoFailed(f"timed out after {timeout:.0f}s waiting for: {what}")
 
 
-def start_syncer(node: Node, nats_url: str, workdir: Path, sync_period: str) -> None:
+def start_syncer(
+    node: Node, nats_url: str, workdir: Path, sync_period: str, **extra_env: str
+) -> None:
     node.log_path = workdir / f"syncer-{node.name}.log"
     env = {
+        **extra_env,
         **os.environ,
         "NODE_NAME": node.name,
         "CONN_TARGET": node.containerd.endpoint,
@@ -166,6 +186,7 @@ def run_demo(*, nodes: int = 2, sync_period: str = "2s", keep: bool = False) -> 
         _first_pulls(nats.url, images, node_list)
         _deleted_behind_our_back(images["lobby"], node_list[-1], sync_period)
         _rollout(nats.url, images, node_list)
+        node_list.append(_cold_node(nats.url, images, workdir, stack, len(node_list), sync_period))
 
         step("Deleting a Fleet: image-syncer publish deleted --name lobby")
         publish(nats.url, "deleted", "games/lobby", [images["lobby"]])
@@ -252,6 +273,82 @@ def _show_status(nats_url: str) -> None:
         console.print(f"  [yellow]{e}[/yellow]")
 
 
+def _cold_node(
+    nats_url: str,
+    images: dict[str, str],
+    workdir: Path,
+    stack: contextlib.ExitStack,
+    index: int,
+    sync_period: str,
+) -> Node:
+    step("The Agones SDK sidecar image goes on the bus (the broadcaster reads it from Agones)")
+    sdk = images["agones-sdk"]
+    asyncio.run(_publish_sidecar(nats_url, sdk))
+    console.print(f"  agones.nodeimages.agones-sdk: {sdk}")
+
+    step(f"A cold node joins, registered with the startup taint {STARTUP_TAINT}:NoSchedule")
+    kube = stack.enter_context(FakeKube(workdir / "kube"))
+    node = _start_node(index, workdir, stack)
+    kube.create(
+        "nodes",
+        {
+            "metadata": {"name": node.name, "labels": {"kubernetes.io/os": "linux"}},
+            "spec": {"taints": [{"key": STARTUP_TAINT, "effect": "NoSchedule"}]},
+        },
+    )
+    console.print(f"  fake API server {kube.url} (the demo's one fake): {_taints(kube, node.name)}")
+    wanted = {
+        images["arena-server-v2"],
+        images["arena-sidecar"],
+        images["arena-init"],
+        images["lobby"],
+        sdk,
+        images["log-shipper"],
+    }
+    start_syncer(
+        node,
+        nats_url,
+        workdir,
+        sync_period,
+        STARTUP_TAINT=STARTUP_TAINT,
+        KUBE_API_URL=kube.url,
+        NODE_REFRESH="2s",
+        EXTRA_IMAGES=images["log-shipper"],
+    )
+    stack.callback(_stop_syncer, node)
+    # Timed from the syncer's start: process start-up, NATS, replay, pulls and the Node patch.
+    took = wait_for(
+        f"{node.name} to be untainted", lambda: STARTUP_TAINT not in _taints(kube, node.name)
+    )
+    complete = wanted <= node.images()
+    console.print(
+        f"  [green]{node.name}: untainted {took:.1f}s after its syncer started[/green] "
+        f"(syncer start-up included), with {'all' if complete else 'NOT all'} {len(wanted)} "
+        "images present (Fleets, SDK sidecar, --extra-image)"
+    )
+    if not complete:
+        raise DemoFailed(f"{node.name} was untainted with images missing")
+    console.print(f"  node taints now: {_taints(kube, node.name)}")
+    return node
+
+
+def _taints(kube: FakeKube, name: str) -> str:
+    node = kube.get("nodes", "", name) or {}
+    taints = (node.get("spec") or {}).get("taints") or []
+    return ", ".join(f"{t['key']}:{t['effect']}" for t in taints) or "no taints"
+
+
+async def _publish_sidecar(nats_url: str, image: str) -> None:
+    nc = await connect(NatsSettings(servers=(nats_url,)), name="demo")
+    try:
+        js = nc.jetstream()
+        await ensure_node_images_stream(js, LogSettings())
+        origin = "agones-system/agones-controller"
+        await publish_node_images(js, LogSettings(), NodeImages(AGONES_SDK_SOURCE, [image], origin))
+    finally:
+        await nc.close()
+
+
 def _stop_syncer(node: Node) -> int | None:
     process, node.process = node.process, None
     if process is None:
@@ -267,6 +364,8 @@ def _push_images(address: str) -> dict[str, str]:
         "arena-init": 256 << 10,
         "lobby": 2 << 20,
         "arena-server-v2": 4 << 20,
+        "agones-sdk": 1 << 20,
+        "log-shipper": 512 << 10,
     }
     refs = {}
     for name, size in sizes.items():

@@ -21,13 +21,25 @@ from __future__ import annotations
 
 import enum
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from syncer.references import ImageRef, InvalidImageReference, normalize
 from wire.contract import Action, Event, Fleet, Kind, images_of
 
-__all__ = ["Admit", "Applied", "DesiredState", "Outcome", "SkippedImage", "Transition", "admit_all"]
+__all__ = [
+    "NODE_OWNER",
+    "Admit",
+    "Applied",
+    "DesiredState",
+    "Outcome",
+    "SkippedImage",
+    "Transition",
+    "admit_all",
+]
+
+# Owner prefix of node-wide images in by_image(): never a Fleet key (Kubernetes names have no @).
+NODE_OWNER = "@node/"
 
 # (admitted, reason): the reason is a short phrase for the log line and the node status.
 Admit = Callable[[Fleet], tuple[bool, str]]
@@ -90,6 +102,9 @@ class DesiredState:
     # Last folded sequence per Fleet, kept after a delete so a stale added cannot resurrect it.
     _seqs: dict[str, int] = field(default_factory=dict)
     last_seq: int = 0
+    # Images every node keeps besides the Fleets' (syncer.nodeimages), by source. Not from the
+    # log: a replay keeps them. They are wanted like a Fleet's, owned by ``@node/<source>``.
+    _node: dict[str, frozenset[ImageRef]] = field(default_factory=dict)
 
     def apply(self, event: Event, seq: int = 0) -> Applied:
         """Fold one event; ``seq`` is its stream sequence (0 when unknown: always applied)."""
@@ -173,19 +188,39 @@ class DesiredState:
     def fleets(self) -> dict[str, frozenset[ImageRef]]:
         return dict(self._fleets)
 
+    def set_node_images(self, by_source: Mapping[str, Iterable[ImageRef]]) -> bool:
+        """Replace the node-wide images (sidecar, ``--extra-image``); True if they changed."""
+        new = {source: frozenset(images) for source, images in by_source.items() if images}
+        if new == self._node:
+            return False
+        self._node = new
+        return True
+
+    def node_images(self) -> dict[str, frozenset[ImageRef]]:
+        return dict(self._node)
+
+    def _owners(self) -> Iterator[tuple[str, frozenset[ImageRef]]]:
+        yield from self._fleets.items()
+        for source, images in self._node.items():
+            yield NODE_OWNER + source, images
+
     def images_of(self, fleet: str) -> frozenset[ImageRef]:
         return self._fleets.get(fleet, frozenset())
 
     def by_image(self) -> dict[ImageRef, set[str]]:
-        """image -> the Fleets that want it."""
+        """image -> the Fleets (and node-wide sources, ``@node/<source>``) that want it.
+
+        Everything that keeps images on the node goes by this: the reconcile re-pulls them,
+        ``--remove-unused`` never removes them.
+        """
         wanted: dict[ImageRef, set[str]] = defaultdict(set)
-        for fleet, images in self._fleets.items():
+        for owner, images in self._owners():
             for image in images:
-                wanted[image].add(fleet)
+                wanted[image].add(owner)
         return dict(wanted)
 
     def fleets_of(self, image: ImageRef) -> list[str]:
-        return sorted(fleet for fleet, images in self._fleets.items() if image in images)
+        return sorted(owner for owner, images in self._owners() if image in images)
 
     def __len__(self) -> int:
         return len(self._fleets)

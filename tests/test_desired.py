@@ -169,3 +169,18 @@ def test_an_unknown_fleet_wants_nothing() -> None:
 
     assert state.images_of("default/other") == frozenset()
     assert state.fleets_of(normalize("redis")) == []
+
+
+def test_node_images_are_wanted_like_a_fleets_and_survive_a_rebuild() -> None:
+    from syncer.desired import NODE_OWNER
+    from syncer.references import normalize
+
+    state = DesiredState()
+    sdk = normalize("registry.example/agones-sdk:1.44.0")
+    assert state.set_node_images({"agones-sdk": [sdk], "extra": []})
+    assert not state.set_node_images({"agones-sdk": [sdk]})  # unchanged
+    assert state.by_image() == {sdk: {NODE_OWNER + "agones-sdk"}}
+    assert state.fleets_of(sdk) == [NODE_OWNER + "agones-sdk"]
+    assert state.fleets() == {} and len(state) == 0
+    state.replace_with(DesiredState())
+    assert state.node_images() == {"agones-sdk": frozenset({sdk})}
