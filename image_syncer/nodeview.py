@@ -165,5 +165,7 @@ def node_rollups(
             rollup.problems.append(f"disk{usage} full: pulls paused")
         if disk is not None and disk.gc_backoff:
             rollup.problems.append(f"{len(disk.gc_backoff)} removed repeatedly (image GC?)")
+        if summary.gate is not None and summary.gate.state == "closed":
+            rollup.problems.append("startup taint kept: images missing")
         rollups[node] = rollup
     return rollups

@@ -25,6 +25,9 @@ def test_demo_runs_the_whole_loop_and_leaves_nothing_behind() -> None:
     assert "back after" in out  # the image deleted with ctr came back
     assert 'msg="fleet synced"' in out
     assert 'msg="fleet deleted" fleet=games/lobby' in out
-    assert "node-a: exited 0" in out
+    # A cold node joins tainted and is untainted with every image present (demo's fake Node).
+    assert "node-b: untainted" in out and "with all 6 images present" in out
+    assert 'msg="startup taint removed, node open for game servers"' in out
+    assert "node-a: exited 0" in out and "node-b: exited 0" in out
     assert "Demo complete." in out
     assert set(Path(tempfile.gettempdir()).glob("image-syncer-demo-*")) == before

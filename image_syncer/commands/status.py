@@ -28,6 +28,7 @@ from image_syncer.fleetlog import log_targets
 from image_syncer.nodeview import (
     FleetRollup,
     NodeRollup,
+    describe_missing,
     describe_progress,
     fleet_rollups,
     node_rollups,
@@ -40,6 +41,7 @@ from wire.contract import (
 )
 from wire.natsconn import NatsSettings, connect
 from wire.nodestatus import (
+    GateStatus,
     NodeState,
     NodeStatus,
     PinSummary,
@@ -274,8 +276,37 @@ def _node_detail(
         )
     for line in _keeping_lines(summary):
         console.print(line, markup=False, highlight=False)
+    for line in _node_images_lines(summary):
+        console.print(line, markup=False, highlight=False)
+    if summary.gate is not None:
+        console.print(_gate_line(summary.gate, now), markup=False, highlight=False)
     if summary.replayed_request:
         console.print(f"last replay request honoured: {summary.replayed_request}", markup=False)
+
+
+def _node_images_lines(summary: NodeState) -> list[str]:
+    """The images the node keeps besides the Fleets', each with its state."""
+    lines = []
+    for source, images in sorted(summary.node_images.items()):
+        cells = []
+        for image in images:
+            why = summary.missing.get(image)
+            cells.append(f"{image} (present)" if why is None else describe_missing(image, why))
+        lines.append(f"node images ({source}): {', '.join(cells)}")
+    return lines
+
+
+def _gate_line(gate: GateStatus, now: datetime) -> str:
+    """The startup-taint gate in one line: closed on what, or open since when and how."""
+    if gate.state == "closed":
+        shown = ", ".join(gate.missing) or "nothing (removal pending)"
+        return f"startup taint {gate.taint}: closed {_ago(now, gate.closed_since)}, missing {shown}"
+    if gate.state == "open" and gate.opened_at is not None:
+        how = " by timeout, images missing" if gate.by_timeout else ""
+        return f"startup taint {gate.taint}: removed {_ago(now, gate.opened_at)}{how}"
+    if gate.state == "open":
+        return f"startup taint {gate.taint}: not on the node"
+    return f"startup taint {gate.taint}: waiting for the log and the runtime"
 
 
 def _matrix(view: dict[str, NodeStatus], now: datetime, stale_after: float) -> Table:
