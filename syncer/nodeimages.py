@@ -87,8 +87,9 @@ class NodeImageSet:
             log.warning("cannot read the node images yet", extra={"error": repr(e)})
             return False
         changed = [self.apply(message) for message in found.values()]
-        self.loaded = True
-        if any(changed) and self.on_change is not None:
+        first, self.loaded = not self.loaded, True
+        # The first load is news even without a change: the gate may have waited for it.
+        if (any(changed) or first) and self.on_change is not None:
             self.on_change()
         return True
 

@@ -49,7 +49,7 @@ async def test_published_images_are_loaded_then_followed(
             assert time.monotonic() < deadline, images.by_source()
             await asyncio.sleep(0.05)
         assert images.by_source()[EXTRA_SOURCE] == ["docker.io/library/base:1"]
-        assert len(changes) == 2
+        assert len(changes) == 2  # the first load, the new sidecar
     finally:
         stopping.set()
         task.cancel()
