@@ -139,6 +139,7 @@ async def test_the_taint_goes_only_once_the_image_is_there(
         assert opened.opened_at is not None and not opened.by_timeout
         assert metric("image_syncer_syncer_gate_closed") == 0
         code, out, _ = await cli(settings, "status", "--node", settings.node_name)
+        assert code == 0
         assert f"startup taint {GATE}: removed" in out and "timeout" not in out
     finally:
         assert await syncer.stop() == 0
@@ -207,6 +208,7 @@ async def test_sidecar_and_extra_images_are_kept_shown_and_gate_the_node(
         assert status is not None
         assert status.summary.node_images == {"agones-sdk": [norm(sdk_1)], "extra": [norm(extra)]}
         code, out, _ = await cli(settings, "status", "--node", settings.node_name)
+        assert code == 0
         assert f"node images (agones-sdk): {norm(sdk_1)} (present)" in out
 
         # An Agones upgrade reaches every syncer.
