@@ -499,7 +499,8 @@ async def ensure_node_images_stream(js: JetStreamContext, settings: LogSettings)
     try:
         return await js.update_stream(config)
     except nats.js.errors.NotFoundError:
-        log.info("stream created stream=%s", config.name)
+        # Debug: the broadcaster's own line says what it published there.
+        log.debug("stream created stream=%s", config.name)
         return await js.add_stream(config)
 
 
