@@ -40,6 +40,7 @@ DEFAULT_TIMEOUT = 15 * 60.0
 # After a failed removal (API server down, RBAC or admission policy refusing): retry this often.
 _RETRY_MIN, _RETRY_MAX = 1.0, 60.0
 _MISSING_SHOWN = 20
+_UNKNOWN = "(unknown: the event log or the node images could not be read)"
 
 
 class StartupGate:
@@ -80,7 +81,7 @@ class StartupGate:
 
     def resume(self, previous: GateStatus | None) -> None:
         """Continue the timeout of a gate the previous run of this syncer left closed."""
-        if previous is None or previous.taint != self.key or previous.state != "closed":
+        if previous is None or previous.taint != self.key or previous.state == "open":
             return
         if previous.closed_since is None:
             return
@@ -121,7 +122,7 @@ class StartupGate:
     def _next_wakeup(self) -> float | None:
         deadlines = []
         now = time.monotonic()
-        if self.status.state == "closed" and self._closed_at is not None:
+        if self.status.state != "open" and self._closed_at is not None:
             deadlines.append(self._closed_at + self.timeout - now)
         if self._retry_at is not None:
             deadlines.append(self._retry_at - now)
@@ -130,18 +131,24 @@ class StartupGate:
     async def step(self) -> None:
         """Look at the node and the images once; remove the taint if it is time."""
         node = self.watcher.current
-        if node is None or not self.ready():
+        if node is None:
             return
         if not any(t.key == self.key for t in node.taints):
             self._open_seen()
             return
-        missing = list(dict.fromkeys(self.missing()))
+        ready = self.ready()
         now = time.monotonic()
         if self._closed_at is None:
             self._closed_at = now
         closed_since = self.status.closed_since if self.status.state != "open" else None
         closed_since = closed_since or datetime.now(UTC)
         timed_out = now - self._closed_at >= self.timeout
+        if not ready and not timed_out:
+            self._set(GateStatus(taint=self.key, state="waiting", closed_since=closed_since))
+            return
+        # The timeout holds even when the log or the node images cannot be read: whatever keeps
+        # the syncer from knowing, it must not keep the node out of service forever.
+        missing = list(dict.fromkeys(self.missing())) if ready else [_UNKNOWN]
         if missing and not timed_out:
             self._set(GateStatus(
                 taint=self.key, state="closed", missing=missing[:_MISSING_SHOWN],
@@ -234,7 +241,7 @@ class StartupGate:
                     "timeout_at": (since + timedelta(seconds=self.timeout)).isoformat(),
                 },
             )
-        metrics.GATE_CLOSED.set(1 if status.state == "closed" else 0)
+        metrics.GATE_CLOSED.set(0 if status.state == "open" else 1)
         changed = status != self.status
         self.status = status
         if changed and self.on_change is not None:

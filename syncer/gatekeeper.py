@@ -43,7 +43,9 @@ class Gatekeeper:
         *,
         is_present: Callable[[ImageRef], bool],
         on_change: Callable[[], None],
+        on_status: Callable[[], None] = lambda: None,
     ) -> None:
+        """``on_change``: the desired images changed; ``on_status``: the gate's status did."""
         self.settings = settings
         self.desired = desired
         self.is_present = is_present
@@ -59,7 +61,7 @@ class Gatekeeper:
                 missing=self.missing,
                 ready=lambda: self._ready and self.images.loaded,
                 timeout=settings.startup_taint_timeout,
-                on_change=on_change,
+                on_change=on_status,
             )
 
     @property

@@ -244,3 +244,20 @@ async def test_a_refused_removal_is_retried(kube: FakeKube) -> None:
     finally:
         stopping.set()
         await task
+
+
+async def test_an_unreadable_log_does_not_keep_the_node_out_forever(kube: FakeKube) -> None:
+    kube.create("nodes", node(GATE_TAINT))
+    images = Images()
+    images.ready = False  # e.g. the node-images stream cannot be read
+    gate = gate_for(kube, images, timeout=0.3)
+    await gate.watcher.refresh_once()
+    stopping = asyncio.Event()
+    task = asyncio.create_task(gate.run(stopping))
+    try:
+        await until(lambda: gate.status.state == "open", "the timeout to open the gate")
+    finally:
+        stopping.set()
+        await task
+    assert gate.status.by_timeout
+    assert taints_of(kube) == []
