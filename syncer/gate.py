@@ -40,6 +40,7 @@ DEFAULT_TIMEOUT = 15 * 60.0
 # After a failed removal (API server down, RBAC or admission policy refusing): retry this often.
 _RETRY_MIN, _RETRY_MAX = 1.0, 60.0
 _MISSING_SHOWN = 20
+_READY_GRACE = 30.0
 _UNKNOWN = "(unknown: the event log or the node images could not be read)"
 
 
@@ -126,6 +127,8 @@ class StartupGate:
             deadlines.append(self._closed_at + self.timeout - now)
         if self._retry_at is not None:
             deadlines.append(self._retry_at - now)
+        if self.status.state == "waiting" and now - self.started < _READY_GRACE:
+            deadlines.append(self.started + _READY_GRACE - now)
         return max(0.0, min(deadlines)) if deadlines else None
 
     async def step(self) -> None:
@@ -143,11 +146,12 @@ class StartupGate:
         closed_since = self.status.closed_since if self.status.state != "open" else None
         closed_since = closed_since or datetime.now(UTC)
         timed_out = now - self._closed_at >= self.timeout
-        if not ready and not timed_out:
+        # The timeout holds even when the log or the node images cannot be read: whatever keeps
+        # the syncer from knowing, it must not keep the node out of service forever. A clock
+        # resumed past its end still gives a fresh start a moment to name what is missing.
+        if not ready and (not timed_out or now - self.started < _READY_GRACE):
             self._set(GateStatus(taint=self.key, state="waiting", closed_since=closed_since))
             return
-        # The timeout holds even when the log or the node images cannot be read: whatever keeps
-        # the syncer from knowing, it must not keep the node out of service forever.
         missing = list(dict.fromkeys(self.missing())) if ready else [_UNKNOWN]
         if missing and not timed_out:
             self._set(GateStatus(

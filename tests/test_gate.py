@@ -251,6 +251,7 @@ async def test_an_unreadable_log_does_not_keep_the_node_out_forever(kube: FakeKu
     images = Images()
     images.ready = False  # e.g. the node-images stream cannot be read
     gate = gate_for(kube, images, timeout=0.3)
+    gate.started -= 60  # up for a minute: past the grace a fresh start gets to read the log
     await gate.watcher.refresh_once()
     stopping = asyncio.Event()
     task = asyncio.create_task(gate.run(stopping))
