@@ -21,12 +21,13 @@ clock instead of starting over).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
+from ops.lifecycle import wait_any
+from ops.retry import Backoff
 from syncer import metrics
 from syncer.nodeinfo import ApiCallError, ApiEndpoint, NodeInfoError, NodeWatcher
 from syncer.nodetaints import Removal, remove_taint
@@ -73,7 +74,7 @@ class StartupGate:
         self.status = GateStatus(taint=key)
         self._closed_at: float | None = None  # monotonic twin of status.closed_since
         self._kicked = asyncio.Event()
-        self._retry = _RETRY_MIN
+        self._retry = Backoff(_RETRY_MIN, _RETRY_MAX)
         self._retry_at: float | None = None
         self._failing = False
         metrics.GATE_CLOSED.set(0)
@@ -108,17 +109,7 @@ class StartupGate:
         while not stopping.is_set():
             await self.step()
             self._kicked.clear()
-            wait = self._next_wakeup()
-            with contextlib.suppress(TimeoutError):
-                kicked = asyncio.ensure_future(self._kicked.wait())
-                stop = asyncio.ensure_future(stopping.wait())
-                try:
-                    await asyncio.wait(
-                        (kicked, stop), timeout=wait, return_when=asyncio.FIRST_COMPLETED
-                    )
-                finally:
-                    kicked.cancel()
-                    stop.cancel()
+            await wait_any(self._kicked, stopping, timeout=self._next_wakeup())
 
     def _next_wakeup(self) -> float | None:
         deadlines = []
@@ -176,9 +167,7 @@ class StartupGate:
         except NodeInfoError as e:
             reason = "forbidden" if isinstance(e, ApiCallError) and e.code in (401, 403) else "api"
             metrics.GATE_ERRORS.labels(reason).inc()
-            now = time.monotonic()
-            self._retry_at = now + self._retry
-            self._retry = min(self._retry * 2, _RETRY_MAX)
+            self._retry_at = time.monotonic() + self._retry.next_delay()
             if not self._failing:
                 self._failing = True
                 log.warning(
@@ -190,7 +179,8 @@ class StartupGate:
                 closed_since=closed_since,
             ))  # fmt: skip
             return
-        self._failing, self._retry, self._retry_at = False, _RETRY_MIN, None
+        self._failing, self._retry_at = False, None
+        self._retry.reset()
         by_timeout = bool(missing)
         if by_timeout:
             metrics.GATE_TIMEOUTS.inc()

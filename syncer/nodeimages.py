@@ -16,11 +16,11 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-import nats.errors
 import nats.js.errors
 from nats.js import JetStreamContext
 
 from ops.lifecycle import sleep_unless_stopping
+from ops.logs import describe_error
 from syncer import metrics
 from syncer.references import ImageRef, InvalidImageReference, normalize
 from wire.contract import ContractError, NodeImages, decode_node_images
@@ -82,9 +82,9 @@ class NodeImageSet:
         """Read every source once; False (and not loaded) when NATS failed."""
         try:
             found = await read_node_images(js, prefix)
-        except (nats.errors.Error, TimeoutError, OSError) as e:
+        except RETRYABLE as e:
             metrics.NATS_ERRORS.labels("node_images").inc()
-            log.warning("cannot read the node images yet", extra={"error": repr(e)})
+            log.warning("cannot read the node images yet", extra={"error": describe_error(e)})
             return False
         changed = [self.apply(message) for message in found.values()]
         first, self.loaded = not self.loaded, True

@@ -32,6 +32,7 @@ from syncer.cri import CriClient, CriError, RuntimeImage
 from syncer.desired import DesiredState
 from syncer.filtering import FleetFilter
 from syncer.folding import report_transition
+from syncer.gatekeeper import Gatekeeper
 from syncer.inventory import Inventory
 from syncer.keeping import Keeper
 from syncer.nodeinfo import ApiEndpoint, NodeInfoError, NodeWatcher
@@ -73,7 +74,7 @@ async def run(
     try:
         node_watcher = _node_watcher(settings)
     except NodeInfoError as e:
-        log.error("cannot respect scheduling", extra={"error": str(e)})
+        log.error("cannot read this node from the API server", extra={"error": str(e)})
         return 2
     server = await _serve(settings, health)
     log.info(
@@ -86,6 +87,8 @@ async def run(
             "fleet_selector": settings.fleet_selector,
             "respect_scheduling": settings.respect_scheduling,
             "remove_unused": settings.remove_unused,
+            "startup_taint": settings.startup_taint,
+            "extra_images": len(settings.extra_images),
         },
     )
     cri = CriClient(settings.cri_endpoint, call_timeout=settings.cri_call_timeout)
@@ -117,10 +120,13 @@ async def run(
 
 
 def _node_watcher(settings: SyncerSettings) -> NodeWatcher | None:
-    if not settings.respect_scheduling:
+    if not settings.respect_scheduling and not settings.startup_taint:
         return None
     endpoint = ApiEndpoint.from_url(settings.kube_api_url)
-    return NodeWatcher(endpoint, settings.node_name, refresh=settings.node_refresh)
+    ignored = frozenset({settings.startup_taint}) if settings.startup_taint else frozenset()
+    return NodeWatcher(
+        endpoint, settings.node_name, refresh=settings.node_refresh, ignored_taints=ignored
+    )
 
 
 async def _serve(settings: SyncerSettings, health: Health) -> asyncio.Server | None:
@@ -205,6 +211,14 @@ class _Syncer:
             replicas=settings.status_replicas,
             node_ttl=settings.status_ttl,
         )
+        self.gatekeeper = Gatekeeper(
+            settings,
+            self.desired,
+            node_watcher,
+            is_present=self.inventory.is_present,
+            on_change=self.on_desired_change,
+            on_status=self.poke,
+        )
         self.reporter = self._reporter()
         self.requests = self._requests()
         if node_watcher is not None:
@@ -214,7 +228,7 @@ class _Syncer:
 
     def admit(self, fleet: Fleet) -> tuple[bool, str]:
         admitted, reason = self.fleet_filter.admits(fleet)
-        if admitted and self.node_watcher is not None:
+        if admitted and self.node_watcher is not None and self.settings.respect_scheduling:
             admitted, reason = self.node_watcher.schedulable(fleet.pod_spec)
         return admitted, reason
 
@@ -281,6 +295,7 @@ class _Syncer:
             replayed_request=self.requests.honoured if self.requests else "",
             budget=self.budget,
             keeper=self.keeper,
+            gate=self.gatekeeper.status,
         )
 
     async def after_list(
@@ -296,6 +311,7 @@ class _Syncer:
     def poke(self) -> None:
         if self.reporter is not None:
             self.reporter.poke()
+        self.gatekeeper.kick()
 
     def on_node_change(self) -> None:
         for change in self.desired.reevaluate():
@@ -316,7 +332,7 @@ class _Syncer:
             self._task(self._watch_runtime(), "runtime watch"),
         ]
         try:
-            if not await self._start():
+            if not await self._start(tasks):
                 return
             tasks += self._background()
             await asyncio.gather(
@@ -331,10 +347,17 @@ class _Syncer:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _start(self) -> bool:
+    async def _start(self, tasks: list[asyncio.Task[None]]) -> bool:
         """Everything before the loops; False when the syncer was stopped meanwhile."""
         if self.node_watcher is not None:
             await self.node_watcher.refresh_once()
+        status = self.status_settings if self.reporter is not None else None
+        await self.gatekeeper.prepare(self.js, status)
+        # From here on: the gate's timeout holds even if the replay below never ends.
+        tasks += [
+            self._task(work, "startup gate")
+            for work in self.gatekeeper.tasks(self.js, self.stopping)
+        ]
         if self.requests is not None:
             await self.requests.find_pending()
         if not await replay_until_done(
@@ -347,6 +370,7 @@ class _Syncer:
         await self.keeper.start(self.js)
         with contextlib.suppress(CriError):
             await self.reconciler.reconcile()
+        self.gatekeeper.opened_for_business()
         await self.consumer.start_durable()
         return True
 

@@ -14,7 +14,7 @@ from syncer.desired import DesiredState
 from syncer.inventory import Inventory
 from syncer.keeping import Keeper
 from syncer.pullbudget import PullBudget
-from wire.nodestatus import BudgetSummary, NodeState, summarize
+from wire.nodestatus import BudgetSummary, GateStatus, NodeState, summarize
 
 __all__ = ["node_state"]
 
@@ -27,9 +27,11 @@ def node_state(
     replayed_request: str = "",
     budget: PullBudget | None = None,
     keeper: Keeper | None = None,
+    gate: GateStatus | None = None,
 ) -> NodeState:
     fleets = desired.fleets()
-    wanted = {image for images in fleets.values() for image in images}
+    node_images = desired.node_images()
+    wanted = {image for images in (*fleets.values(), *node_images.values()) for image in images}
     missing = {image for image in wanted if not inventory.is_present(image)}
     # A pull waiting for a cluster slot is in flight for the puller, but not pulling yet.
     waiting = budget.waiting() if budget is not None else frozenset()
@@ -53,4 +55,8 @@ def node_state(
         budget=summary,
         pins=keeper.pin_summary(wanted - missing) if keeper is not None else None,
         disk=keeper.disk_summary() if keeper is not None else None,
+        node_images={
+            source: sorted(str(i) for i in images) for source, images in node_images.items()
+        },
+        gate=gate,
     )
