@@ -3,6 +3,7 @@
 A node's status may still speak of a Fleet's previous version right after a publish, so the
 commands that judge nodes read the Fleet's newest event from the log itself, decoded and
 normalized exactly as the syncer does, and judge nodes against its sequence and images.
+Commands that write or follow the log (``publish``, ``events``) make sure its stream exists here.
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ from wire.contract import (
     subject_filter,
     subject_for,
 )
-from wire.eventlog import StoredMessage, read_log, stream_name
+from wire.eventlog import LogSettings, StoredMessage, ensure_streams, read_log, stream_name
 from wire.nodestatus import parse_fleet
 from wire.readiness import FleetTarget
 
 __all__ = [
+    "ensure_stream_exists",
     "fleet_filter",
     "fold_fleet_log",
     "log_targets",
@@ -36,6 +38,17 @@ __all__ = [
     "target_of",
     "wait_target",
 ]
+
+
+async def ensure_stream_exists(js: JetStreamContext, settings: LogSettings, kind: Kind) -> None:
+    """Create a missing stream with ``settings``, but never update an existing one.
+
+    Updating would reset the replicas or windows an operator chose with ``stream init``.
+    """
+    try:
+        await js.stream_info(stream_name(settings.prefix, kind))
+    except nats.js.errors.NotFoundError:
+        await ensure_streams(js, settings, (kind,))
 
 
 def fleet_filter(prefix: str, fleet: str) -> str:

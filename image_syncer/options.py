@@ -2,7 +2,9 @@
 
 Commands declare ``nats: NatsSettings`` and decorate themselves with :func:`with_nats_options`;
 the decorator adds the ``--nats-*`` flags to the command's signature, so every command that talks
-to NATS takes the same flags with the same env twins, written once.
+to NATS takes the same flags with the same env twins, written once. The other shared options
+(:data:`PrefixOption`, :data:`StaleAfterOption`) are declared here once too, and commands take
+their defaults from the settings they fill in, never restated.
 """
 
 from __future__ import annotations
@@ -15,9 +17,17 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from ops.durations import DurationError, parse_duration
+from wire.contract import DEFAULT_PREFIX
 from wire.natsconn import DEFAULT_URL, NatsSettings
 
-__all__ = ["Duration", "split_values", "with_nats_options"]
+__all__ = [
+    "DEFAULT_PREFIX",
+    "Duration",
+    "PrefixOption",
+    "StaleAfterOption",
+    "split_values",
+    "with_nats_options",
+]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -32,6 +42,21 @@ def _duration(text: str) -> float:
 def Duration(help: str, envvar: str, *names: str) -> Any:
     """A Go-style duration option (``15s``), parsed to seconds."""
     return typer.Option(*names, help=help, envvar=envvar, parser=_duration, metavar="DURATION")
+
+
+PrefixOption = Annotated[
+    str,
+    typer.Option(
+        "--subject-prefix",
+        envvar="SUBJECT_PREFIX",
+        metavar="PREFIX",
+        help="First token(s) of every subject; each prefix has its own streams and buckets.",
+    ),
+]
+StaleAfterOption = Annotated[
+    float,
+    Duration("A node without heartbeat for this long is stale.", "STALE_AFTER", "--stale-after"),
+]
 
 
 _NATS_PARAMS = [

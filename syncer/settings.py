@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from syncer.filtering import FleetFilter
 from syncer.references import normalize
+from wire.contract import DEFAULT_PREFIX
 from wire.natsconn import NatsSettings
 
 # The durable is named where the per-node NATS permissions are: one rule for both.
@@ -32,7 +33,7 @@ class SyncerSettings:
     pull_timeout: float = 600.0
     backoff_min: float = 1.0
     backoff_max: float = 300.0
-    subject_prefix: str = "agones"
+    subject_prefix: str = DEFAULT_PREFIX
     metrics_addr: str = ":8080"
     max_ack_pending: int = 256
     ack_wait: float = 30.0

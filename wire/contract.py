@@ -25,6 +25,7 @@ import msgspec
 
 __all__ = [
     "AGONES_SDK_SOURCE",
+    "DEFAULT_PREFIX",
     "MAX_EVENT_BYTES",
     "Action",
     "Container",
@@ -322,6 +323,10 @@ def _token(value: str, what: str) -> str:
     if not _NAME_RE.match(value) or len(value) > 253:
         raise ContractError(f"{what} {value!r} is not a valid Kubernetes name")
     return value.replace(".", "_")
+
+
+# Octops' agones-event-broadcaster publishes under ``agones.``; so does this project by default.
+DEFAULT_PREFIX = "agones"
 
 
 def check_prefix(prefix: str) -> str:

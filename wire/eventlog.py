@@ -50,6 +50,7 @@ from nats.js.api import (
 )
 
 from wire.contract import (
+    DEFAULT_PREFIX,
     HEADER_MSG_ID,
     MAX_EVENT_BYTES,
     Action,
@@ -97,7 +98,7 @@ log = logging.getLogger(__name__)
 class LogSettings:
     """How the log is laid out on JetStream; every process of one installation must agree."""
 
-    prefix: str = "agones"
+    prefix: str = DEFAULT_PREFIX
     replicas: int = 1
     # Re-publishes of one change (retries, relists, a second broadcaster) inside this window
     # are dropped by JetStream thanks to the deterministic Nats-Msg-Id.

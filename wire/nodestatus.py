@@ -53,7 +53,7 @@ from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, StorageType, StreamConfig
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
-from wire.contract import check_prefix
+from wire.contract import DEFAULT_PREFIX, check_prefix
 
 __all__ = [
     "DEFAULT_BUCKET",
@@ -118,7 +118,7 @@ class StatusError(ValueError):
 class StatusSettings:
     """Where node status lives; every syncer and CLI of one installation must agree."""
 
-    prefix: str = "agones"
+    prefix: str = DEFAULT_PREFIX
     # 1 locally, 3 in production, like the streams.
     replicas: int = 1
     # How long a node's entries outlive its last write: vanished nodes age out after this.

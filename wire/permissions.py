@@ -26,7 +26,7 @@ import sys
 from dataclasses import dataclass
 
 from wire import nodestatus
-from wire.contract import Kind, check_prefix, node_images_filter, subject_filter
+from wire.contract import DEFAULT_PREFIX, Kind, check_prefix, node_images_filter, subject_filter
 from wire.eventlog import node_images_stream_name, stream_name
 
 __all__ = [
@@ -66,7 +66,6 @@ PINNED_BUCKET = "IMAGE_SYNCER_PINNED"
 # two equal).
 SLOTS_BUCKET = "IMAGE_SYNCER_PULL_SLOTS"
 LEASE_BUCKET = "IMAGE_SYNCER_LEASE"
-_DEFAULT_PREFIX = "agones"
 SYNCER_CONSUMER_PREFIX = "syncer-"
 
 # The NATS server reads each user's password from this environment variable, filled from a
@@ -139,7 +138,7 @@ def _kv_bucket(bucket: str) -> list[str]:
 
 def bucket_for(base: str, prefix: str) -> str:
     """``base`` for the default prefix, else suffixed: the rule of ``nodestatus.bucket_name``."""
-    if check_prefix(prefix) == _DEFAULT_PREFIX:
+    if check_prefix(prefix) == DEFAULT_PREFIX:
         return base
     return f"{base}_{re.sub(r'[^A-Za-z0-9]', '_', prefix).upper()}"
 
@@ -168,7 +167,7 @@ BROADCASTER_INBOX = "broadcaster"
 
 
 def broadcaster_permissions(
-    prefix: str = _DEFAULT_PREFIX, *, own_inbox: bool = False
+    prefix: str = DEFAULT_PREFIX, *, own_inbox: bool = False
 ) -> RolePermissions:
     """``own_inbox``: replies only on the broadcaster's own prefix (per-identity auth)."""
     publish = [f"{_API}.INFO"]
@@ -196,7 +195,7 @@ def broadcaster_permissions(
     return RolePermissions("broadcaster", tuple(publish), (inbox,))
 
 
-def syncer_permissions(prefix: str = _DEFAULT_PREFIX) -> RolePermissions:
+def syncer_permissions(prefix: str = DEFAULT_PREFIX) -> RolePermissions:
     """The static install's one syncer user, shared by every node."""
     stream = stream_name(prefix, Kind.FLEET)
     publish = [
@@ -218,7 +217,7 @@ def syncer_permissions(prefix: str = _DEFAULT_PREFIX) -> RolePermissions:
     return RolePermissions("syncer", tuple(publish), (_INBOX,))
 
 
-def node_syncer_permissions(node: str, prefix: str = _DEFAULT_PREFIX) -> RolePermissions:
+def node_syncer_permissions(node: str, prefix: str = DEFAULT_PREFIX) -> RolePermissions:
     """One node's syncer: the static syncer's subjects, narrowed to this node's names.
 
     Reads stay open (the Fleet and node-image streams, any key of the buckets: nothing there is
@@ -293,7 +292,7 @@ def _user_block(role: RolePermissions) -> str:
     )
 
 
-def render_accounts(prefix: str = _DEFAULT_PREFIX) -> str:
+def render_accounts(prefix: str = DEFAULT_PREFIX) -> str:
     """The ``accounts`` block that ``nats.conf`` includes, for one subject prefix."""
     users = "".join(
         _user_block(role) for role in (broadcaster_permissions(prefix), syncer_permissions(prefix))
@@ -343,7 +342,7 @@ def render_callout_accounts() -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Print the NATS accounts block for image-syncer.")
-    parser.add_argument("--prefix", default=_DEFAULT_PREFIX, help="subject prefix (SUBJECT_PREFIX)")
+    parser.add_argument("--prefix", default=DEFAULT_PREFIX, help="subject prefix (SUBJECT_PREFIX)")
     parser.add_argument(
         "--callout", action="store_true", help="per-identity auth through the auth callout"
     )

@@ -12,7 +12,13 @@ from typing import Annotated, Any
 import typer
 
 from image_syncer.oneshot import fail
-from image_syncer.options import Duration, split_values, with_nats_options
+from image_syncer.options import (
+    DEFAULT_PREFIX,
+    Duration,
+    PrefixOption,
+    split_values,
+    with_nats_options,
+)
 from image_syncer.preflight import check_listen, check_readable, missing_extra
 from ops.lifecycle import run_until_signalled
 from wire.contract import ContractError, check_prefix
@@ -64,9 +70,7 @@ def auth(
     admin_accounts: Annotated[
         str, _account_option("admin", "AUTH_ADMIN_ACCOUNTS")
     ] = "image-syncer/image-syncer-admin",
-    subject_prefix: Annotated[
-        str, typer.Option(envvar="SUBJECT_PREFIX", help="First token(s) of every subject.")
-    ] = "agones",
+    subject_prefix: PrefixOption = DEFAULT_PREFIX,
     max_session: Annotated[
         float,
         Duration(

@@ -12,7 +12,13 @@ import typer
 
 from broadcaster.settings import Settings, SidecarSettings, default_identity
 from image_syncer.oneshot import fail
-from image_syncer.options import Duration, split_values, with_nats_options
+from image_syncer.options import (
+    DEFAULT_PREFIX,
+    Duration,
+    PrefixOption,
+    split_values,
+    with_nats_options,
+)
 from image_syncer.preflight import check_listen, check_readable, missing_extra
 from ops.lifecycle import run_until_signalled
 from wire.contract import ContractError, Kind, check_prefix
@@ -39,10 +45,7 @@ def broadcaster(
         str | None,
         typer.Option(envvar="KUBECONFIG", help="kubeconfig file; in-cluster config when unset."),
     ] = None,
-    subject_prefix: Annotated[
-        str,
-        typer.Option(envvar="SUBJECT_PREFIX", help="First token(s) of every subject."),
-    ] = "agones",
+    subject_prefix: PrefixOption = DEFAULT_PREFIX,
     namespace: Annotated[
         list[str],
         typer.Option(

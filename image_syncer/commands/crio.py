@@ -11,10 +11,9 @@ from typing import Annotated
 
 import typer
 
-from image_syncer.commands.stream import PrefixOption
 from image_syncer.fleetlog import read_fleets
 from image_syncer.oneshot import CommandError, fail, jetstream, run_nats_command
-from image_syncer.options import split_values, with_nats_options
+from image_syncer.options import DEFAULT_PREFIX, PrefixOption, split_values, with_nats_options
 from syncer.crio import pinned_images_dropin
 from syncer.filtering import FleetFilter, SelectorError
 from syncer.references import InvalidImageReference, normalize
@@ -75,7 +74,7 @@ def crio_pinned_config(
     as_json: Annotated[
         bool, typer.Option("--json", help="The images per Fleet as JSON instead of TOML.")
     ] = False,
-    subject_prefix: PrefixOption = "agones",
+    subject_prefix: PrefixOption = DEFAULT_PREFIX,
 ) -> None:
     """Print CRI-O's pinned_images drop-in for the images of the Fleets on the event log."""
     try:

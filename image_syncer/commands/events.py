@@ -13,9 +13,9 @@ import nats.js.errors
 import typer
 from nats.js import JetStreamContext
 
-from image_syncer.commands.stream import PrefixOption, ensure_stream_exists
+from image_syncer.fleetlog import ensure_stream_exists
 from image_syncer.oneshot import CommandError, fail, jetstream, run_nats_command
-from image_syncer.options import with_nats_options
+from image_syncer.options import DEFAULT_PREFIX, PrefixOption, with_nats_options
 from wire.contract import (
     ContractError,
     Kind,
@@ -49,7 +49,7 @@ def events(
     fleet: Annotated[
         str | None, typer.Option("--fleet", metavar="NAMESPACE/NAME", help="Only this Fleet.")
     ] = None,
-    subject_prefix: PrefixOption = "agones",
+    subject_prefix: PrefixOption = DEFAULT_PREFIX,
 ) -> None:
     """List the Fleet event log: sequence, time, event type, fleet, images."""
     try:

@@ -12,10 +12,10 @@ from typing import Annotated, Any
 
 import typer
 
-from image_syncer.commands.stream import PrefixOption, ensure_stream_exists
+from image_syncer.fleetlog import ensure_stream_exists
 from image_syncer.fleets import FleetError, build_fleet, load_fleets
 from image_syncer.oneshot import CommandError, fail, jetstream, run_nats_command
-from image_syncer.options import Duration, with_nats_options
+from image_syncer.options import DEFAULT_PREFIX, Duration, PrefixOption, with_nats_options
 from wire.contract import Action, ContractError, Kind, check_prefix, subject_for
 from wire.eventlog import LogSettings, publish_event
 from wire.natsconn import NatsSettings
@@ -69,7 +69,7 @@ def publish(
             help="Fleet manifest(s), several YAML documents; - for stdin.",
         ),
     ] = None,
-    subject_prefix: PrefixOption = "agones",
+    subject_prefix: PrefixOption = DEFAULT_PREFIX,
     tombstone_ttl: Annotated[
         float,
         Duration("How long a deleted event's tombstone stays in the log.", "TOMBSTONE_TTL"),

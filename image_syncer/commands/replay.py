@@ -12,13 +12,9 @@ from typing import Annotated
 
 import typer
 
-from image_syncer.commands.status import (
-    PrefixOption,
-    open_bucket,
-    status_settings,
-)
 from image_syncer.oneshot import CommandError, fail, run_nats_command
-from image_syncer.options import with_nats_options
+from image_syncer.options import DEFAULT_PREFIX, PrefixOption, with_nats_options
+from image_syncer.statusbucket import open_bucket, status_settings
 from wire.natsconn import NatsSettings, connect
 from wire.nodestatus import (
     StatusError,
@@ -60,7 +56,7 @@ def replay(
         list[str] | None, typer.Option("--node", help="The node to replay; repeat for several.")
     ] = None,
     every: Annotated[bool, typer.Option("--all", help="Every node that reports status.")] = False,
-    subject_prefix: PrefixOption = "agones",
+    subject_prefix: PrefixOption = DEFAULT_PREFIX,
 ) -> None:
     """Make a node's syncer re-read the whole event log and rebuild its desired state."""
     nodes = list(dict.fromkeys(node or []))

@@ -5,8 +5,7 @@ exactly what the nodes report; ``--check-log`` also reads the log (:mod:`image_s
 to mark nodes that are behind the Fleet's newest event. By default it answers what a person asks
 first (:mod:`image_syncer.nodeview`): per Fleet, nodes ready and who misses what and why; per
 node, Fleets ready, heartbeat and problems. ``--fleet`` and ``--node`` drill down, ``--matrix``
-draws nodes x Fleets. The shared options and the bucket helpers here serve ``wait`` and
-``replay`` too.
+draws nodes x Fleets.
 
 Exit codes: 0 shown, 1 an error the user can fix (one line on stderr), 2 bad input.
 """
@@ -18,8 +17,6 @@ from typing import Annotated, Any
 
 import msgspec
 import typer
-from nats.js import JetStreamContext
-from nats.js.kv import KeyValue
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -34,11 +31,14 @@ from image_syncer.nodeview import (
     node_rollups,
 )
 from image_syncer.oneshot import CommandError, fail, run_nats_command
-from image_syncer.options import Duration, with_nats_options
-from ops.durations import format_duration
-from wire.contract import (
-    ContractError,
+from image_syncer.options import (
+    DEFAULT_PREFIX,
+    PrefixOption,
+    StaleAfterOption,
+    with_nats_options,
 )
+from image_syncer.statusbucket import open_bucket, status_settings
+from ops.durations import format_duration
 from wire.natsconn import NatsSettings, connect
 from wire.nodestatus import (
     GateStatus,
@@ -50,44 +50,11 @@ from wire.nodestatus import (
     check_node,
     is_stale,
     list_statuses,
-    open_status_bucket,
     parse_fleet,
 )
 from wire.readiness import FleetTarget, fleet_progress
 
-__all__ = ["PrefixOption", "StaleAfterOption", "open_bucket", "register", "status_settings"]
-
-PrefixOption = Annotated[
-    str,
-    typer.Option(
-        "--subject-prefix",
-        envvar="SUBJECT_PREFIX",
-        help="Installation prefix; each prefix has its own status bucket.",
-    ),
-]
-StaleAfterOption = Annotated[
-    float,
-    Duration("A node without heartbeat for this long is stale.", "STALE_AFTER", "--stale-after"),
-]
-
-
-async def open_bucket(js: JetStreamContext, settings: StatusSettings) -> KeyValue:
-    kv = await open_status_bucket(js, settings)
-    if kv is None:
-        raise CommandError(
-            f"no node has reported status: bucket {settings.bucket} does not exist "
-            f"(is a syncer running with --subject-prefix {settings.prefix}?)"
-        )
-    return kv
-
-
-def status_settings(prefix: str) -> StatusSettings:
-    try:
-        settings = StatusSettings(prefix=prefix)
-        _ = settings.bucket
-    except ContractError as e:
-        fail(str(e), code=2)
-    return settings
+__all__ = ["register"]
 
 
 def _ago(now: datetime, then: datetime | None) -> str:
@@ -430,7 +397,7 @@ def status(
         bool,
         typer.Option("--matrix", envvar="STATUS_MATRIX", help="Draw the nodes x Fleets matrix."),
     ] = False,
-    subject_prefix: PrefixOption = "agones",
+    subject_prefix: PrefixOption = DEFAULT_PREFIX,
 ) -> None:
     """Per Fleet nodes ready and who misses what; per node Fleets ready, heartbeat, problems."""
     try:

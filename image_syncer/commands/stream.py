@@ -2,8 +2,8 @@
 
 The streams' settings (compaction, duplicate window, tombstone TTL, replicas) live in
 :mod:`wire.eventlog`; these commands only turn flags into :class:`LogSettings` and show the
-result. This module also holds what every one-shot NATS command shares: connecting fail-fast,
-and turning the errors a user can cause into one line on stderr and a non-zero exit.
+result. What every one-shot NATS command shares (connecting fail-fast, one line on stderr and a
+non-zero exit for the errors a user can cause) is in :mod:`image_syncer.oneshot`.
 """
 
 import json
@@ -12,42 +12,20 @@ from typing import Annotated, Any, TypeVar
 import nats.errors
 import nats.js.errors
 import typer
-from nats.js import JetStreamContext
 from nats.js.api import StreamInfo
 from rich.console import Console
 from rich.table import Table
 
 from image_syncer.oneshot import fail, jetstream, run_nats_command
-from image_syncer.options import Duration, with_nats_options
+from image_syncer.options import DEFAULT_PREFIX, Duration, PrefixOption, with_nats_options
 from ops.durations import format_duration
 from wire.contract import ContractError, Kind, check_prefix
 from wire.eventlog import LogSettings, ensure_streams, stream_name
 from wire.natsconn import NatsSettings
 
-__all__ = ["PrefixOption", "ensure_stream_exists", "parse_kinds", "register"]
+__all__ = ["parse_kinds", "register"]
 
 T = TypeVar("T")
-
-PrefixOption = Annotated[
-    str,
-    typer.Option(
-        "--subject-prefix",
-        envvar="SUBJECT_PREFIX",
-        metavar="PREFIX",
-        help="First token(s) of every subject; each prefix has its own streams.",
-    ),
-]
-
-
-async def ensure_stream_exists(js: JetStreamContext, settings: LogSettings, kind: Kind) -> None:
-    """Create a missing stream with ``settings``, but never update an existing one.
-
-    Updating would reset the replicas or windows an operator chose with ``stream init``.
-    """
-    try:
-        await js.stream_info(stream_name(settings.prefix, kind))
-    except nats.js.errors.NotFoundError:
-        await ensure_streams(js, settings, (kind,))
 
 
 def parse_kinds(text: str) -> tuple[Kind, ...]:
@@ -84,7 +62,7 @@ def init(
         int,
         typer.Option(min=1, max=5, envvar="STREAM_REPLICAS", help="Stream replicas (3 in prod)."),
     ] = 1,
-    subject_prefix: PrefixOption = "agones",
+    subject_prefix: PrefixOption = DEFAULT_PREFIX,
     kinds: Annotated[
         str, typer.Option(envvar="KINDS", help="Streams to create: fleet, gameserver.")
     ] = "fleet",
@@ -125,7 +103,7 @@ async def _init(
 @with_nats_options
 def info(
     nats: NatsSettings,
-    subject_prefix: PrefixOption = "agones",
+    subject_prefix: PrefixOption = DEFAULT_PREFIX,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON document.")] = False,
 ) -> None:
     """Show the streams of the prefix: subjects, messages, bytes, sequences and settings."""

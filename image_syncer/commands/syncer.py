@@ -10,8 +10,15 @@ from typing import Annotated
 
 import typer
 
-from image_syncer.options import Duration, split_values, with_nats_options
+from image_syncer.options import (
+    DEFAULT_PREFIX,
+    Duration,
+    PrefixOption,
+    split_values,
+    with_nats_options,
+)
 from image_syncer.preflight import check_listen, check_readable
+from syncer.settings import DEFAULT_CRI_ENDPOINT
 from wire.natsconn import NatsSettings
 
 __all__ = ["register"]
@@ -37,7 +44,7 @@ def syncer(
     cri_endpoint: Annotated[
         str,
         typer.Option(envvar="CONN_TARGET", help="The runtime's CRI socket, e.g. unix:///x.sock."),
-    ] = "unix:///run/containerd/containerd.sock",
+    ] = DEFAULT_CRI_ENDPOINT,
     sync_period: Annotated[
         float, Duration("How often to re-check the images (jittered).", "SYNC_PERIOD")
     ] = "15s",  # type: ignore[assignment]
@@ -53,9 +60,7 @@ def syncer(
     pull_backoff_max: Annotated[
         float, Duration("Longest wait before retrying a failed image.", "PULL_BACKOFF_MAX")
     ] = "5m",  # type: ignore[assignment]
-    subject_prefix: Annotated[
-        str, typer.Option(envvar="SUBJECT_PREFIX", help="First token(s) of every subject.")
-    ] = "agones",
+    subject_prefix: PrefixOption = DEFAULT_PREFIX,
     metrics_addr: Annotated[
         str,
         typer.Option(envvar="METRICS_ADDR", help="[host]:port for /metrics, /healthz, /readyz."),

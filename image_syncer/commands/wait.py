@@ -20,17 +20,19 @@ from typing import Annotated
 
 import typer
 
-from image_syncer.commands.status import (
-    PrefixOption,
-    StaleAfterOption,
-    status_settings,
-)
 from image_syncer.fleetlog import (
     wait_target,
 )
 from image_syncer.nodeview import describe_progress
 from image_syncer.oneshot import fail, run_nats_command
-from image_syncer.options import Duration, with_nats_options
+from image_syncer.options import (
+    DEFAULT_PREFIX,
+    Duration,
+    PrefixOption,
+    StaleAfterOption,
+    with_nats_options,
+)
+from image_syncer.statusbucket import status_settings
 from ops.durations import format_duration
 from wire.natsconn import NatsSettings, connect
 from wire.nodestatus import (
@@ -191,7 +193,7 @@ def wait(
         float, Duration("Give up after this long.", "WAIT_TIMEOUT", "--timeout")
     ] = "5m",  # type: ignore[assignment]
     stale_after: StaleAfterOption = "1m",  # type: ignore[assignment]
-    subject_prefix: PrefixOption = "agones",
+    subject_prefix: PrefixOption = DEFAULT_PREFIX,
 ) -> None:
     """Exit 0 once every live node folded the Fleet's newest event and holds all of its images.
 
