@@ -4,7 +4,7 @@ A real ``python -m image_syncer syncer`` subprocess replays 1,000 Fleets (each i
 from a real nats-server and reconciles against a CRI ImageService served over a real unix-socket
 gRPC server that already holds every image, so nothing is pulled. Once /readyz answers it is left
 idle for a few reconcile periods and its VmRSS sampled. The baseline is a bare Python that only
-imports nats and grpc (target: the syncer <= 60 MB; the seed's DaemonSet asks 100Mi).
+imports nats and grpc (target: the syncer <= 60 MB; Octops image-syncer's DaemonSet asks 100Mi).
 """
 
 from __future__ import annotations

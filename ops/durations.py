@@ -1,4 +1,4 @@
-"""Go-style durations (``15s``, ``1m30s``, ``250ms``, ``10m``), as the seed's users write them.
+"""Go-style durations (``15s``, ``1m30s``, ``250ms``, ``10m``), as Octops' users write them.
 
 Every duration flag and its environment twin goes through :func:`parse_duration`, so ``15s`` means
 the same thing everywhere and a typo is refused with the offending text, never read as zero.

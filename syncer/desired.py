@@ -2,9 +2,9 @@
 
 Pure data, no I/O, so it is easy to test and cheap to rebuild: the syncer replays the compacted
 log into a fresh :class:`DesiredState` on every start. Every init and regular container counts
-(the seed read only ``containers[0]`` and panicked on none). What cannot be used (a Fleet with
-no images, a bad reference, an object that is not a Fleet) is reported in :class:`Applied` with
-its reason, for the caller to log and count; it never raises.
+(Octops image-syncer (Go) read only ``containers[0]`` and panicked on none). What cannot be used
+(a Fleet with no images, a bad reference, an object that is not a Fleet) is reported in
+:class:`Applied` with its reason, for the caller to log and count; it never raises.
 
 Each Fleet remembers the stream sequence of the event that last set it, so an older event seen
 again (a redelivery, a replay overlapping the live consumer) cannot roll a Fleet back.

@@ -1,10 +1,10 @@
 """No fight with the image garbage collector: notice images that keep vanishing, back off.
 
 The syncer re-pulls whatever desired image is missing, at once: an image deleted by hand comes
-back within a sync period, which is the seed's promise. But when the kubelet's image GC deletes
-pre-pulled images because the disk is over its threshold, re-pulling at once only starts a loop
-(pull, GC, pull, GC) that burns registry bandwidth and disk I/O and still leaves the node without
-the image when a game server arrives.
+back within a sync period, as Octops image-syncer (Go) promised. But when the kubelet's image GC
+deletes pre-pulled images because the disk is over its threshold, re-pulling at once only starts a
+loop (pull, GC, pull, GC) that burns registry bandwidth and disk I/O and still leaves the node
+without the image when a game server arrives.
 
 So every desired image this node held and then lost without the syncer removing it is counted
 (``image_syncer_images_removed_externally_total{image=...}``). Once one image vanished

@@ -42,7 +42,7 @@ class SyncerSettings:
     # Docker config.json files ({"auths": {...}}): a mounted pull Secret, the kubelet's own.
     registry_auth_file: str | None = None
     kubelet_config_json: str | None = None
-    # Node status (issue 6): written at most every status_interval, aged out after status_ttl.
+    # Node status: written at most every status_interval, aged out after status_ttl.
     status_interval: float = 5.0
     status_replicas: int = 1
     status_ttl: float = 3600.0
@@ -53,7 +53,7 @@ class SyncerSettings:
     refold_period: float = 3600.0
     # /healthz fails once the runtime has not answered for this long (stale hostPath socket).
     runtime_unhealthy_after: float = 300.0
-    # Which Fleets (issue 5): a label selector on Fleet labels; empty selects all.
+    # Which Fleets: a label selector on Fleet labels; empty selects all.
     fleet_selector: str = ""
     respect_scheduling: bool = False
     kube_api_url: str | None = None

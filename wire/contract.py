@@ -382,7 +382,8 @@ def event_headers(event_type: str, obj: dict[str, Any]) -> dict[str, str]:
 def images_of(obj: AgonesObject) -> list[tuple[str, str]]:
     """(container name, image) of every init and regular container, in pod-spec order.
 
-    The seed read only ``containers[0]`` and crashed on an empty list; every container counts.
+    Every container counts (Octops image-syncer (Go) read only ``containers[0]``, and crashed on an
+    empty list).
     Empty images are left out: the caller decides whether "no images" is an error.
     """
     spec = obj.pod_spec

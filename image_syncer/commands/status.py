@@ -63,8 +63,6 @@ def _ago(now: datetime, then: datetime | None) -> str:
     return f"{format_duration(round(max((now - then).total_seconds(), 0.0)))} ago"
 
 
-# --- status ---------------------------------------------------------------------------------
-
 # Above this many rows a section lists only what needs attention, and says how many it left out.
 _MAX_ROWS = 30
 # Nodes named per Fleet in the overview before "+N more".
@@ -411,9 +409,6 @@ def status(
     run_nats_command(
         _status(nats, settings, stale_after, as_json, check_log, (fleet, node, matrix))
     )
-
-
-# --- wait -----------------------------------------------------------------------------------
 
 
 def register(app: typer.Typer) -> None:

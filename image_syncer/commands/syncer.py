@@ -1,8 +1,8 @@
 """Command: ``syncer``, the per-node process that pre-pulls every Fleet's images.
 
 Only flags to :class:`~syncer.settings.SyncerSettings` here; the work is in ``syncer.runner``.
-Every flag has an environment twin (the seed's ``CONN_TARGET`` among them) so the DaemonSet can
-configure it either way.
+Every flag has an environment twin (Octops image-syncer's ``CONN_TARGET`` among them, so its
+DaemonSets keep working) so the DaemonSet can configure it either way.
 """
 
 import socket

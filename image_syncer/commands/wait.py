@@ -209,9 +209,6 @@ def wait(
         raise typer.Exit(1)
 
 
-# --- replay ---------------------------------------------------------------------------------
-
-
 def register(app: typer.Typer) -> None:
     """Add ``wait`` to the root app."""
     app.command("wait")(wait)
