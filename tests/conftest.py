@@ -7,7 +7,7 @@ error with an install hint, so CI cannot go green without having run them.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -15,7 +15,10 @@ from fakekube import FakeKube
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
+from image_syncer.sandbox.containerd import Containerd
+from image_syncer.sandbox.images import push_image
 from image_syncer.sandbox.nats_server import NatsServer
+from image_syncer.sandbox.registry import Registry
 from wire.eventlog import LogSettings, ensure_streams
 from wire.natsconn import NatsSettings, connect
 
@@ -77,13 +80,6 @@ async def js(nc: Client, log_settings: LogSettings) -> JetStreamContext:
 # tests stay apart by pushing uniquely named images (see `push`). Tests that stop or restart a
 # component take an `own_*` one instead.
 
-import uuid as _uuid  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-
-from image_syncer.sandbox.containerd import Containerd  # noqa: E402
-from image_syncer.sandbox.images import push_image  # noqa: E402
-from image_syncer.sandbox.registry import Registry  # noqa: E402
-
 REGISTRY_CREDENTIALS = ("syncer-test", "pa55-w0rd-never-logged")
 
 
@@ -143,7 +139,7 @@ def push(registry: Registry) -> PushImage:
         layer_bytes: int | None = None,
     ) -> str:
         target = into or registry
-        repository = name or f"test/img-{_uuid.uuid4().hex[:12]}"
+        repository = name or f"test/img-{uuid.uuid4().hex[:12]}"
         push_image(
             target.address, repository, tag, layer_bytes=layer_bytes, auth=target.credentials
         )

@@ -18,13 +18,13 @@ import os
 import random
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import polling
 from fakekube import FakeKube
 from fakekube.harness import fleet, wait_converged, with_image
 from nats.js import JetStreamContext
@@ -45,25 +45,8 @@ DEADLINE = 90.0
 
 
 async def eventually(check: Callable[[], Any], what: str, timeout: float = DEADLINE) -> float:
-    """Poll ``check`` (sync, or returning an awaitable) until truthy; return the time it took."""
-    start = time.monotonic()
-    last_error: BaseException | None = None
-    while True:
-        try:
-            result = check()
-            if asyncio.iscoroutine(result):
-                result = await result
-            if result:
-                return time.monotonic() - start
-        except AssertionError:
-            raise
-        except Exception as e:  # a component restarting under the check: poll on
-            last_error = e
-        if time.monotonic() - start > timeout:
-            raise AssertionError(
-                f"not true within {timeout:.0f}s: {what} (last error {last_error!r})"
-            )
-        await asyncio.sleep(0.1)
+    """Poll until ``check`` holds; an error of a component restarting under it means "not yet"."""
+    return await polling.eventually(check, what, timeout, tolerate=(Exception,))
 
 
 # --- the broadcaster ---------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import contextlib
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -22,6 +22,7 @@ import pytest
 from fakekube import FakeKube
 from nats.aio.client import Client
 from nats.js.api import ConsumerConfig, StorageType, StreamConfig
+from polling import eventually as _until
 from test_syncer import DEADLINE, RunningSyncer, eventually, fleet, logged, metric
 
 from authcallout.natsjwt import Signer, new_account_seed
@@ -327,16 +328,6 @@ async def test_a_node_can_touch_only_itself(
     finally:
         assert await syncer.stop() == 0
         await admin.close()
-
-
-async def _until(check: Callable[[], Awaitable[bool]], what: str) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + DEADLINE
-    while loop.time() < deadline:
-        if await check():
-            return
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"not true within {DEADLINE:.0f}s: {what}")
 
 
 async def _exists(kv: object, key: str) -> bool:

@@ -7,7 +7,6 @@ event log to reach the state the cluster is in.
 from __future__ import annotations
 
 import asyncio
-import time
 import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,6 +16,7 @@ import pytest
 from fakekube import FakeKube
 from fakekube.harness import fleet, gameserver, log_messages, wait_converged, with_image
 from nats.js import JetStreamContext
+from polling import eventually as wait_until
 
 from broadcaster import metrics
 from broadcaster.runner import run
@@ -45,14 +45,6 @@ def settings(kube: FakeKube, nats_settings: NatsSettings, log_settings: LogSetti
     )
 
 
-async def wait_until(check, what: str, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
 @asynccontextmanager
 async def broadcasting(settings: Settings) -> AsyncIterator[Health]:
     """Run the broadcaster until the block ends; yield once it is ready; it must exit 0."""
@@ -61,13 +53,14 @@ async def broadcasting(settings: Settings) -> AsyncIterator[Health]:
     health.set("initial-list", False, "not started")
     task = asyncio.create_task(run(settings, stopping, health=health))
     try:
-        deadline = time.monotonic() + 30
-        while not health.ready()[0]:
+
+        def ready() -> bool:
             if task.done():
                 task.result()
                 raise AssertionError("broadcaster returned before it was ready")
-            assert time.monotonic() < deadline, f"broadcaster not ready: {health.ready()[1]}"
-            await asyncio.sleep(0.05)
+            return health.ready()[0]
+
+        await wait_until(ready, lambda: f"broadcaster not ready: {health.ready()[1]}")
         yield health
     finally:
         stopping.set()

@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -28,6 +27,7 @@ from fakekube import FakeKube
 from fakekube.harness import fleet, log_state, wait_converged, with_image
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
+from polling import eventually
 
 from broadcaster.lease import LEADER, Lease, lease_key
 from broadcaster.runner import run
@@ -43,20 +43,6 @@ from wire.permissions import LEASE_BUCKET, bucket_for
 pytestmark = pytest.mark.nats
 
 DEADLINE = 30.0
-
-
-async def eventually(check, what: str, timeout: float = DEADLINE) -> float:  # type: ignore[no-untyped-def]
-    """Poll ``check`` (sync or async) until true; return how long it took."""
-    start = time.monotonic()
-    while True:
-        result = check()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return time.monotonic() - start
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"not true within {timeout:.0f}s: {what}")
-        await asyncio.sleep(0.05)
 
 
 # --- the lease -------------------------------------------------------------------------------
@@ -356,12 +342,15 @@ async def test_the_standby_takes_over_when_the_active_is_killed(
         for _ in range(5):
             churn.step()
         active.stop(kill=True)
-        killed = time.monotonic()
-        while standby.leader() != 1:
+
+        def leads() -> bool:
+            if standby.leader() == 1:
+                return True
             churn.step()
-            assert time.monotonic() - killed < DEADLINE, standby.log()
-            await asyncio.sleep(0.05)
-        print(f"takeover {time.monotonic() - killed:.2f}s after SIGKILL (lease ttl 2s)")
+            return False
+
+        took = await eventually(leads, standby.log)
+        print(f"takeover {took:.2f}s after SIGKILL (lease ttl 2s)")
         for _ in range(20):
             churn.step()
         await wait_converged(js, prefix, kube.objects(), timeout=DEADLINE)

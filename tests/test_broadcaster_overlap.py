@@ -11,8 +11,7 @@ Nothing waits on time except a tombstone's TTL, which is polled with a deadline.
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -21,6 +20,7 @@ from fakekube.harness import fleet as kube_fleet
 from fakekube.harness import log_state
 from linkproxy import LinkProxy
 from nats.js import JetStreamContext
+from polling import eventually
 
 from broadcaster.catchup import LogView
 from broadcaster.forwarding import Forwarder
@@ -225,15 +225,17 @@ async def test_a_deposed_leaders_buffered_publish_cannot_land_over_the_new_leade
             async with broadcaster(old_js, settings) as old:
                 await old.feed(listed(fleet("u1", 5), rv=5))
                 link.cut()
-                await until(lambda: not cut_off.is_connected, "the old leader to lose NATS")
+                await eventually(lambda: not cut_off.is_connected, "the old leader to lose NATS")
                 # Its watch reports rv 6: the publish waits in the client's reconnect buffer.
                 await old.forwarder.queue.put(Change("MODIFIED", fleet("u1", 6)))
-                await until(lambda: cut_off.pending_data_size > 0, "the publish to be buffered")
+                await eventually(
+                    lambda: cut_off.pending_data_size > 0, "the publish to be buffered"
+                )
             # The lease expired: the old leader's forwarder is cancelled (the buffer is not).
             async with broadcaster(js, settings) as new:
                 await new.feed(listed(fleet("u1", 7), rv=7))
                 link.restore()
-                await until(lambda: cut_off.is_connected, "the old leader to reconnect")
+                await eventually(lambda: cut_off.is_connected, "the old leader to reconnect")
                 # The stream handles one connection's messages in order: once a probe sent
                 # after the buffer is acked, the buffered publish has been stored or refused.
                 probe = fleet("p1", 1, name="probe")
@@ -289,7 +291,7 @@ async def test_a_purge_interrupted_after_the_tombstone_is_repaired_by_the_next_c
         ], "the interleaving under test: the tombstone stored, the added message left over"
         async with broadcaster(js, settings) as restarted:
             await restarted.feed(listed(rv=9))
-        await until_async(lambda: tombstone_gone(js, prefix), "the tombstone to expire")
+        await eventually(lambda: tombstone_gone(js, prefix), "the tombstone to expire")
         assert await versions(js, prefix) == {}, "the deleted Fleet came back"
     finally:
         await nc.close()
@@ -298,22 +300,6 @@ async def test_a_purge_interrupted_after_the_tombstone_is_repaired_by_the_next_c
 async def tombstone_gone(js: JetStreamContext, prefix: str) -> bool:
     info = await js.stream_info(stream_name(prefix, Kind.FLEET), subjects_filter=">")
     return not any(".deleted." in s for s in info.state.subjects or {})
-
-
-async def until(check: Callable[[], bool], what: str) -> None:
-    await until_async(lambda: _now(check()), what)
-
-
-async def _now(value: bool) -> bool:
-    return value
-
-
-async def until_async(check: Callable[[], Awaitable[bool]], what: str) -> None:
-    deadline = time.monotonic() + DEADLINE
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not true within {DEADLINE:.0f}s: {what}")
-        await asyncio.sleep(0.02)
 
 
 async def test_an_undecodable_newest_message_is_overwritten_not_fought(

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
 from dataclasses import replace
 from typing import Any
 
@@ -11,13 +9,14 @@ import pytest
 from fakekube import FakeKube
 from fakekube.harness import fleet, wait_converged
 from nats.js import JetStreamContext
+from polling import eventually
 from test_broadcaster import broadcasting, counter
 from test_broadcaster import settings as settings
 
 from broadcaster.kubeapi import custom_objects_api
 from broadcaster.settings import Settings, SidecarSettings
 from broadcaster.sidecar import SIDECAR_ERRORS, SidecarWatcher, sidecar_image
-from wire.contract import AGONES_SDK_SOURCE, Kind
+from wire.contract import AGONES_SDK_SOURCE, Kind, NodeImages
 from wire.eventlog import LogSettings, read_log, read_node_images, stream_name
 
 pytestmark = pytest.mark.nats
@@ -124,10 +123,11 @@ async def test_the_broadcaster_follows_the_sidecar_beside_the_fleets(
 
 
 async def until_images(js: JetStreamContext, prefix: str, images: list[str]) -> None:
-    deadline = time.monotonic() + 30
-    while True:
+    found: dict[str, NodeImages] = {}
+
+    async def published() -> bool:
+        nonlocal found
         found = await read_node_images(js, prefix)
-        if AGONES_SDK_SOURCE in found and found[AGONES_SDK_SOURCE].images == images:
-            return
-        assert time.monotonic() < deadline, f"the bus has {found}, wanted {images}"
-        await asyncio.sleep(0.1)
+        return AGONES_SDK_SOURCE in found and found[AGONES_SDK_SOURCE].images == images
+
+    await eventually(published, lambda: f"the bus has {found}, wanted {images}")

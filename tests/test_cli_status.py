@@ -18,7 +18,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from fleetdicts import fleet
 from nats.js import JetStreamContext
+from polling import eventually as until
 
 from image_syncer.fleetlog import fleet_filter, fold_fleet_log, target_of
 from image_syncer.sandbox.nats_server import NatsServer
@@ -129,20 +131,9 @@ async def report(
     return status
 
 
-def fleet_obj(fleet: str, images: list[str], rv: str = "1") -> dict[str, Any]:
-    namespace, _, name = fleet.partition("/")
-    pod = {"containers": [{"name": f"c{i}", "image": image} for i, image in enumerate(images)]}
-    return {
-        "apiVersion": "agones.dev/v1",
-        "kind": "Fleet",
-        "metadata": {
-            "name": name,
-            "namespace": namespace,
-            "uid": f"uid-{name}",
-            "resourceVersion": rv,
-        },
-        "spec": {"template": {"spec": {"template": {"spec": pod}}}},
-    }
+def fleet_obj(fleet_name: str, images: list[str], rv: str = "1") -> dict[str, Any]:
+    namespace, _, name = fleet_name.partition("/")
+    return fleet(name, *images, namespace=namespace, rv=rv)
 
 
 async def publish(
@@ -158,14 +149,6 @@ async def publish(
 async def watchers_on(js: JetStreamContext, settings: StatusSettings) -> int:
     info = await js.stream_info(f"KV_{settings.bucket}")
     return info.state.consumer_count
-
-
-async def until(check, what: str, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await check():
-        if asyncio.get_running_loop().time() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 # --- status ---------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fleetdicts import fleet as fleet_dict
 from nats.aio.client import Client
 from typer.testing import CliRunner, Result
 
@@ -32,18 +33,7 @@ async def cli(*args: str, stdin: str | None = None) -> Result:
 
 
 def fleet(name: str, rv: str) -> dict:
-    pod = {"spec": {"containers": [{"name": "gs", "image": "nginx"}]}}
-    return {
-        "apiVersion": "agones.dev/v1",
-        "kind": "Fleet",
-        "metadata": {
-            "name": name,
-            "namespace": "default",
-            "uid": f"uid-{name}",
-            "resourceVersion": rv,
-        },
-        "spec": {"template": {"spec": {"template": pod}}},
-    }
+    return fleet_dict(name, "nginx", rv=rv)
 
 
 async def test_stream_init_twice_is_idempotent_and_sets_the_log_settings(

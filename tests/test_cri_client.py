@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import socket
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from polling import eventually
 
 from image_syncer.sandbox.containerd import Containerd
 from image_syncer.sandbox.images import PushFailed, build_image, push_image
@@ -225,15 +225,17 @@ def test_socket_path_forms() -> None:
     assert socket_path("127.0.0.1:9000") is None
 
 
-async def _until(check, *, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return await check()
-        except RuntimeUnavailable:
-            if time.monotonic() > deadline:
-                raise
-        await asyncio.sleep(0.1)
+async def _until(check, *, timeout: float = 30):  # type: ignore[no-untyped-def]
+    """``check()``'s answer once the runtime answers at all (it may be restarting)."""
+    answer = None
+
+    async def answered() -> bool:
+        nonlocal answer
+        answer = await check()
+        return True
+
+    await eventually(answered, "the runtime to answer", timeout, tolerate=(RuntimeUnavailable,))
+    return answer
 
 
 async def test_client_recovers_after_containerd_restart(own_containerd: Containerd, push) -> None:
@@ -319,10 +321,7 @@ async def test_a_hung_runtime_is_unavailable_not_an_image_error(
         os.kill(pid, signal.SIGSTOP)
         try:
             # A stop is delivered asynchronously: call only once every thread is stopped.
-            deadline = time.monotonic() + 30
-            while not _all_threads_stopped(pid):
-                assert time.monotonic() < deadline, "containerd did not stop within 30s"
-                await asyncio.sleep(0.01)
+            await eventually(lambda: _all_threads_stopped(pid), "containerd stopped", interval=0.01)
             with pytest.raises(RuntimeUnavailable, match="did not answer within 1s"):
                 await client.list_images()
             with pytest.raises(RuntimeUnavailable, match="ListContainers: runtime at"):

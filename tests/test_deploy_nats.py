@@ -8,10 +8,8 @@ or one the file grants too widely, fails here rather than on a cluster.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
-import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -30,8 +28,10 @@ from deploy_support import (
     nats_config_files,
     one,
 )
+from fleetdicts import fleet
 from nats.aio.client import Client
 from nats.js.api import ConsumerConfig
+from polling import eventually
 
 from image_syncer.sandbox.nats_server import nats_server_binary
 from image_syncer.sandbox.processes import free_port, stop_process, wait_until
@@ -67,15 +67,7 @@ FLEETS = stream_name("agones", Kind.FLEET)
 
 
 def _fleet(name: str, version: str = "1") -> dict:
-    return {
-        "apiVersion": "agones.dev/v1",
-        "kind": "Fleet",
-        "metadata": {"name": name, "namespace": "default", "uid": f"uid-{name}"}
-        | {"resourceVersion": version},
-        "spec": {
-            "template": {"spec": {"template": {"spec": {"containers": [{"image": "nginx"}]}}}}
-        },
-    }
+    return fleet(name, "nginx", rv=version)
 
 
 # --- One source of truth ------------------------------------------------------------------
@@ -246,14 +238,13 @@ async def _denied(server: Server, client: Client, user: str, subject: str) -> No
 
 
 async def _violation(server: Server, user: str, subject: str) -> None:
-    deadline = time.monotonic() + 10
     wanted = f'"{subject.lower()}"'
-    while time.monotonic() < deadline:
+
+    def denied() -> bool:
         hits = [e for u, e in server.errors if u == user and wanted in e.lower()]
-        if any("permissions violation" in e.lower() for e in hits):
-            return
-        await asyncio.sleep(0.02)
-    pytest.fail(f"{user} was not denied {subject}; errors seen: {server.errors}")
+        return any("permissions violation" in e.lower() for e in hits)
+
+    await eventually(denied, lambda: f"{user} denied {subject}; errors seen: {server.errors}")
 
 
 def _no_violations(server: Server, user: str) -> None:

@@ -2,25 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from fleetdicts import fleet
 
 from syncer.desired import Applied, DesiredState, Outcome, SkippedImage
 from syncer.references import normalize
 from wire.contract import Event, decode_event, encode_event
-
-
-def fleet(name: str, *images: str, init: tuple[str, ...] = (), ns: str = "default") -> dict:
-    pod: dict[str, Any] = {
-        "containers": [{"name": f"c{i}", "image": im} for i, im in enumerate(images)]
-    }
-    if init:
-        pod["initContainers"] = [{"name": f"i{i}", "image": im} for i, im in enumerate(init)]
-    return {
-        "apiVersion": "agones.dev/v1",
-        "kind": "Fleet",
-        "metadata": {"name": name, "namespace": ns, "uid": f"uid-{name}", "resourceVersion": "1"},
-        "spec": {"template": {"spec": {"template": {"spec": pod}}}},
-    }
 
 
 def event(action: str, obj: dict, kind: str = "fleet") -> Event:
@@ -99,7 +85,7 @@ def test_gameserver_is_not_a_fleet() -> None:
 def test_by_image_groups_fleets() -> None:
     state = DesiredState()
     state.apply(event("added", fleet("a", "nginx", "redis")), 1)
-    state.apply(event("added", fleet("b", "docker.io/library/nginx:latest", ns="prod")), 2)
+    state.apply(event("added", fleet("b", "docker.io/library/nginx:latest", namespace="prod")), 2)
     assert state.by_image() == {
         normalize("nginx"): {"default/a", "prod/b"},
         normalize("redis"): {"default/a"},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from fleetdicts import fleet as fleet_dict
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig
 
@@ -19,18 +20,7 @@ from wire.eventlog import (
 
 
 def fleet(name: str, rv: int, image: str = "nginx", namespace: str = "default") -> dict:
-    pod = {"spec": {"containers": [{"name": "gs", "image": image}]}}
-    return {
-        "apiVersion": "agones.dev/v1",
-        "kind": "Fleet",
-        "metadata": {
-            "name": name,
-            "namespace": namespace,
-            "uid": f"uid-{name}",
-            "resourceVersion": str(rv),
-        },
-        "spec": {"template": {"spec": {"template": pod}}},
-    }
+    return fleet_dict(name, image, namespace=namespace, rv=str(rv))
 
 
 async def log_of(js: JetStreamContext, settings: LogSettings) -> list[tuple[str, str]]:

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 from fakekube import FakeKube
+from polling import eventually as until
 
 from ops.logs import fields_of
 from syncer import metrics
@@ -125,14 +124,6 @@ def gate_for(kube: FakeKube, images: Images, *, timeout: float = 900.0) -> Start
     )
     watcher.on_change = lambda _: gate.kick()
     return gate
-
-
-async def until(check: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 async def test_closed_while_images_are_missing_then_opened(kube: FakeKube) -> None:

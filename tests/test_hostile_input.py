@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 
+from fleetdicts import fleet as fleet_dict
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -62,13 +63,7 @@ def test_random_messages_in_a_valid_envelope_never_crash(event_type: str, messag
 
 
 def fleet(images: list[str], name: str = "f") -> dict:
-    containers = [{"name": f"c{i}", "image": image} for i, image in enumerate(images)]
-    pod = {"spec": {"containers": containers}}
-    return {
-        "kind": "Fleet",
-        "metadata": {"name": name},
-        "spec": {"template": {"spec": {"template": pod}}},
-    }
+    return fleet_dict(name, *images)
 
 
 @settings(suppress_health_check=[HealthCheck.too_slow])

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 from nats.js import JetStreamContext
+from polling import eventually
 
 from syncer.nodeimages import EXTRA_SOURCE, NodeImageSet
 from syncer.references import normalize
@@ -44,10 +44,10 @@ async def test_published_images_are_loaded_then_followed(
         await publish_node_images(js, log_settings, NodeImages(AGONES_SDK_SOURCE, [SDK_2]))
         # The bus cannot take a node's own --extra-image away.
         await publish_node_images(js, log_settings, NodeImages(EXTRA_SOURCE, []))
-        deadline = time.monotonic() + 20
-        while images.by_source().get(AGONES_SDK_SOURCE) != [SDK_2]:
-            assert time.monotonic() < deadline, images.by_source()
-            await asyncio.sleep(0.05)
+        await eventually(
+            lambda: images.by_source().get(AGONES_SDK_SOURCE) == [SDK_2],
+            lambda: f"the bus's image followed; have {images.by_source()}",
+        )
         assert images.by_source()[EXTRA_SOURCE] == ["docker.io/library/base:1"]
         assert len(changes) == 2  # the first load, the new sidecar
     finally:

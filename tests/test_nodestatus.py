@@ -9,12 +9,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import msgspec
 import pytest
 from nats.js import JetStreamContext
+from polling import eventually
 
 from image_syncer.sandbox.nats_server import NatsServer
 from syncer.replaycontrol import (
@@ -56,15 +56,6 @@ from wire.nodestatus import (
 from wire.readiness import FleetTarget, Readiness, fleet_progress, node_readiness
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
-
-
-async def eventually(check: Callable, what: str, timeout: float = 10.0) -> None:
-    """Poll an async check until it holds, failing with ``what`` at the deadline."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await check():
-        if asyncio.get_running_loop().time() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 class Clocks:

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 from nats.aio.client import Client
 from nats.js import JetStreamContext
+from polling import eventually
 
 from syncer.cri import CriError
 from syncer.pullbudget import BudgetSettings, PullBudget, budget_bucket, is_rate_limited
@@ -25,14 +26,6 @@ pytestmark = pytest.mark.nats
 
 IMAGE = normalize("registry.example:5000/game/server:v1")
 OTHER_REGISTRY_IMAGE = normalize("other.example/game/server:v1")
-
-
-async def eventually(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not check():
-        if asyncio.get_running_loop().time() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 @pytest.fixture

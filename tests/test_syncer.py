@@ -14,7 +14,6 @@ import logging
 import os
 import signal
 import sys
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
@@ -22,7 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import nats.js.errors
+import polling
 import pytest
+from fleetdicts import fleet
 from nats.js import JetStreamContext
 from prometheus_client import REGISTRY
 
@@ -43,32 +44,9 @@ pytestmark = [pytest.mark.nats, pytest.mark.cri]
 DEADLINE = 60.0
 
 
-def fleet(name: str, *images: str, init: tuple[str, ...] = (), rv: str = "1") -> dict[str, Any]:
-    pod: dict[str, Any] = {
-        "containers": [{"name": f"c{i}", "image": im} for i, im in enumerate(images)]
-    }
-    if init:
-        pod["initContainers"] = [{"name": f"i{i}", "image": im} for i, im in enumerate(init)]
-    return {
-        "apiVersion": "agones.dev/v1",
-        "kind": "Fleet",
-        "metadata": {
-            "name": name,
-            "namespace": "default",
-            "uid": f"uid-{name}",
-            "resourceVersion": rv,
-        },
-        "spec": {"replicas": 1, "template": {"spec": {"template": {"spec": pod}}}},
-    }
-
-
 async def eventually(check: Callable[[], object], what: str, timeout: float = DEADLINE) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if await asyncio.to_thread(check):
-            return
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"not true within {timeout:.0f}s: {what}")
+    """Poll until ``check`` holds, in a thread: the syncer under test shares this event loop."""
+    await polling.eventually(check, what, timeout, in_thread=True)
 
 
 def logged(
@@ -367,10 +345,7 @@ async def test_garbage_is_terminated_counted_and_the_consumer_goes_on(
         info = await js.consumer_info(stream, settings.durable)
         return info.num_ack_pending == 0 and info.num_pending == 0
 
-    deadline = time.monotonic() + DEADLINE
-    while not await settled():
-        assert time.monotonic() < deadline, "garbage never settled"
-        await asyncio.sleep(0.2)
+    await polling.eventually(settled, "garbage settled")
 
 
 async def test_three_containers_and_an_init_container_all_pulled(
@@ -420,11 +395,11 @@ async def test_sigterm_of_the_cli_exits_zero(
                 return True
             return False
 
-        deadline = time.monotonic() + DEADLINE
-        while not await consumer_exists():
+        async def created() -> bool:
             assert process.returncode is None, log_path.read_text()
-            assert time.monotonic() < deadline, "the CLI syncer never created its consumer"
-            await asyncio.sleep(0.2)
+            return await consumer_exists()
+
+        await polling.eventually(created, "the CLI syncer created its consumer")
         process.send_signal(signal.SIGTERM)
         async with asyncio.timeout(DEADLINE):
             code = await process.wait()

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from nats.js import JetStreamContext
+from polling import eventually
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from test_syncer import fleet
@@ -68,12 +69,13 @@ class SyncerProcess:
         return [json.loads(line) for line in self.log_path.read_text().splitlines() if line]
 
     async def until(self, check, what: str) -> None:  # type: ignore[no-untyped-def]
-        deadline = asyncio.get_running_loop().time() + DEADLINE
-        while not await asyncio.to_thread(check):
+        def holds() -> object:
             assert self.process.returncode is None, self.log_path.read_text()[-3000:]
-            if asyncio.get_running_loop().time() > deadline:
-                pytest.fail(f"timed out: {what}\n{self.log_path.read_text()[-3000:]}")
-            await asyncio.sleep(0.2)
+            return check()
+
+        await eventually(
+            holds, lambda: f"{what}\n{self.log_path.read_text()[-3000:]}", in_thread=True
+        )
 
 
 async def start_syncer(tmp_path: Path, env: dict[str, str]) -> SyncerProcess:

@@ -12,6 +12,7 @@ from collections import defaultdict
 from collections.abc import Callable
 
 import pytest
+from polling import eventually
 
 from ops.retry import Backoff
 from syncer.cri import CriError, RegistryAuth, RuntimeUnavailable
@@ -67,11 +68,8 @@ def make(cri: StandInCri, **kw: object) -> tuple[Puller, list[PullResult], Clock
 
 
 async def until(check: Callable[[], object], what: str) -> None:
-    # Polls the loop (with a deadline) until the scheduled pulls have reached the state.
-    async with asyncio.timeout(5):
-        while not check():  # noqa: ASYNC110
-            await asyncio.sleep(0)
-    assert check(), what
+    # Only the loop's own tasks must run for the state to change: poll without sleeping.
+    await eventually(check, what, interval=0)
 
 
 IMG = [normalize(f"127.0.0.1:5000/img{i}:v1") for i in range(5)]

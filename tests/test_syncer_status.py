@@ -13,6 +13,7 @@ import uuid
 
 import pytest
 from nats.js import JetStreamContext
+from polling import eventually as _until
 from syncer_harness import (  # noqa: F401  (fixtures)
     RunningSyncer,
     cli,
@@ -42,13 +43,16 @@ pytestmark = [pytest.mark.nats, pytest.mark.cri]
 
 
 async def _until_status(settings: SyncerSettings, check, what: str) -> dict:  # type: ignore[no-untyped-def]
-    deadline = asyncio.get_running_loop().time() + 60
-    while True:
-        doc = await status_json(settings)
-        if check(doc):
-            return doc
-        assert asyncio.get_running_loop().time() < deadline, f"{what}; last: {doc}"
-        await asyncio.sleep(0.3)
+    """Poll ``status --json`` until ``check`` holds on it; the document that passed."""
+    last: dict = {}
+
+    async def holds() -> bool:
+        nonlocal last
+        last = await status_json(settings)
+        return bool(check(last))
+
+    await _until(holds, lambda: f"{what}; last: {last}")
+    return last
 
 
 def _summary(doc: dict, node: str) -> dict:
@@ -58,13 +62,6 @@ def _summary(doc: dict, node: str) -> dict:
 def _ready(doc: dict, node: str, fleet: str) -> bool:
     summary = _summary(doc, node)
     return fleet in summary.get("fleets", {}) and fleet not in summary.get("gaps", {})
-
-
-async def _until(check, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = asyncio.get_running_loop().time() + 60
-    while not await check():
-        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.1)
 
 
 async def test_running_syncer_appears_in_status_with_the_fleets_images_present(
