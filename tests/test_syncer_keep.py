@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import polling
 import pytest
 from nats.js import JetStreamContext
 from syncer_harness import (  # noqa: F401  (fixtures)
@@ -71,14 +72,16 @@ async def until_state(
     check: Callable[[NodeState], bool],
     what: str,
 ) -> NodeState:
-    deadline = asyncio.get_running_loop().time() + 60
-    last = None
-    while asyncio.get_running_loop().time() < deadline:
+    last: NodeState | None = None
+
+    async def holds() -> bool:
+        nonlocal last
         last = await node_state(js, settings)
-        if last is not None and check(last):
-            return last
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"not true within 60s: {what}; last state: {last}")
+        return last is not None and check(last)
+
+    await polling.eventually(holds, lambda: f"{what}; last state: {last}")
+    assert last is not None
+    return last
 
 
 def opted_out(body: dict[str, Any]) -> dict[str, Any]:
