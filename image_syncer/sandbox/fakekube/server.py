@@ -381,6 +381,11 @@ class FakeKube:
             self._tokens[token] = _Token(namespace, service_account, node, audiences, expires)
         return token
 
+    def revoke_token(self, token: str) -> None:
+        """The token's pod is gone: the API server no longer vouches for its bound token."""
+        with self._cond:
+            self._tokens.pop(token, None)
+
     def review(self, spec: dict[str, Any]) -> dict[str, Any]:
         """The ``status`` of a TokenReview for ``spec`` (``token``, optional ``audiences``)."""
         with self._cond:
