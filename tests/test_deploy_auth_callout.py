@@ -181,3 +181,15 @@ def test_the_callout_passes_pod_security_restricted_and_dials_nats_by_its_full_n
     assert _restricted_violations(pod_spec(deployment)) == []
     url = resolved_env(deployment, container(deployment, "auth"), "NATS_URL")
     assert url == "nats://nats.image-syncer.svc:4222"
+
+
+def test_the_single_server_takes_the_component_too(tmp_path: Path) -> None:
+    resources = build_overlay(
+        tmp_path,
+        "resources: [{deploy}/nats/single]\ncomponents: [{deploy}/nats/components/auth-callout]\n",
+    )
+    env = env_of(container(one(resources, "StatefulSet", "nats"), "nats"))
+    # Its own variables, and none of the static users' nor the routes'.
+    assert {n for n in env if n.startswith("NATS_")} == {AUTH_PASSWORD_ENV, CALLOUT_ISSUER_ENV}
+    for resource in resources:
+        kubernetes_validate.validate(resource, kubernetes_validate.latest_version(), strict=True)
