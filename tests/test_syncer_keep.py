@@ -155,6 +155,27 @@ async def test_pins_follow_the_fleets_and_someone_elses_pin_stays(
         assert await running.stop() == 0
 
 
+async def test_an_extra_image_is_pinned_though_no_fleet_wants_it(
+    settings: SyncerSettings,
+    js: JetStreamContext,
+    log_settings: LogSettings,
+    containerd: Containerd,
+    push,
+) -> None:
+    extra, fleets = push(), push()
+    running = await RunningSyncer(dataclasses.replace(settings, extra_images=(extra,))).start()
+    try:
+        await publish_event(js, log_settings, "fleet.events.added", fleet("brief", fleets))
+        await eventually(lambda: fully_pinned(containerd, extra), "the extra image pinned")
+        await eventually(lambda: fully_pinned(containerd, fleets), "the Fleet's image pinned")
+        await publish_event(js, log_settings, "fleet.events.deleted", fleet("brief", fleets))
+
+        await eventually(lambda: not pinned_names(containerd, fleets), "the Fleet's unpinned")
+        assert fully_pinned(containerd, extra)
+    finally:
+        assert await running.stop() == 0
+
+
 async def test_remove_unused_unpins_before_it_removes(
     settings: SyncerSettings,
     js: JetStreamContext,
