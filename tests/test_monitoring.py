@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 import yaml
-from deploy_support import build, build_dir, build_overlay, of_kind, one, pod_spec, workloads
+from deploy_support import build_dir, build_overlay, of_kind, one, pod_spec, workloads
 from fakekube import FakeKube
 from faults_harness import SyncerProcess, node_name
 from nats.js import JetStreamContext
@@ -137,8 +137,12 @@ def test_every_alert_has_a_runbook_section_in_the_readme() -> None:
 
 def test_pod_monitors_select_the_rendered_pods_and_ports(tmp_path: Path) -> None:
     monitors = of_kind(build_dir(MONITORING), "PodMonitor")
-    installed = list(build("syncer/overlays/containerd")) + build_overlay(
-        tmp_path,
+    installed = build_overlay(
+        tmp_path / "syncer",
+        "resources: [{deploy}/syncer/overlays/containerd]\n"
+        "components: [{deploy}/syncer/components/auth-callout]\n",
+    ) + build_overlay(
+        tmp_path / "nats",
         "resources: [{deploy}/nats/base]\ncomponents: [{deploy}/monitoring/nats-exporter]\n",
     )
     jobs = set()
@@ -160,7 +164,16 @@ def test_pod_monitors_select_the_rendered_pods_and_ports(tmp_path: Path) -> None
     used = set(
         re.findall(r'job="([^"]+)"', yaml.safe_dump(rule_groups()) + "\n".join(panel_exprs()))
     )
-    assert used == jobs == {"image-syncer-syncer", "image-syncer-broadcaster", "nats"}
+    assert (
+        used
+        == jobs
+        == {
+            "image-syncer-syncer",
+            "image-syncer-broadcaster",
+            "image-syncer-auth",
+            "nats",
+        }
+    )
 
 
 def test_the_dashboard_ships_as_a_configmap_the_grafana_sidecar_loads() -> None:
