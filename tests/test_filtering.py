@@ -119,3 +119,51 @@ def test_opt_out_wins_over_a_matching_selector() -> None:
     admitted, reason = FleetFilter.parse("tier=prod").admits(fleet)
     assert not admitted
     assert "annotation" in reason
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        # Positions are 1-based and point at the token itself, past any whitespace before it.
+        ("app=x   y", "at character 9: expected ',' or the end, found 'y'"),
+        ("app   (x)", "at character 7: expected =, ==, !=, in or notin after 'app', found '('"),
+        ("a=b,c (x)", "at character 7: expected =, ==, !=, in or notin after 'c', found '('"),
+        ("app in   x", "at character 10: expected '(' to open the value set"),
+        ("app in (a   b)", "at character 13: expected ',' or ')' in the value set"),
+        ("a,  ,b", "at character 5: expected a label key, found ','"),
+        ("a=b,", "at character 5: expected a label key, found the end"),
+        ("a=  -b", "at character 5: '-b' is not a valid label value"),
+        ("x,  Bad_/y", "at character 5: 'Bad_/y' is not a valid label key"),
+    ],
+)
+def test_errors_name_the_character_where_the_mistake_starts(text: str, error: str) -> None:
+    with pytest.raises(SelectorError) as caught:
+        LabelSelector.parse(text)
+
+    assert str(caught.value) == f"invalid label selector {text!r} {error}"
+
+
+@pytest.mark.parametrize(
+    ("text", "valid"),
+    [
+        ("n" * 63, True),
+        ("n" * 64, False),
+        ("p" * 253 + "/n", True),
+        ("p" * 254 + "/n", False),
+        ("k=" + "v" * 63, True),
+        ("k=" + "v" * 64, False),
+        ("k in (a," + "v" * 64 + ")", False),
+    ],
+)
+def test_key_and_value_lengths_end_where_kubernetes_ends_them(text: str, valid: bool) -> None:
+    if valid:
+        assert str(LabelSelector.parse(text)) == text
+    else:
+        with pytest.raises(SelectorError):
+            LabelSelector.parse(text)
+
+
+def test_an_empty_selector_is_false_and_selects_everything() -> None:
+    assert not LabelSelector.parse("  ")
+    assert LabelSelector.parse("  ").matches(None)
+    assert LabelSelector.parse("a")

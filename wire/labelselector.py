@@ -99,8 +99,7 @@ class _Parser:
         position = 0
         while text[position:].strip():
             match = _TOKEN_RE.match(text, position)
-            if match is None:  # pragma: no cover - the pattern accepts every non-space char
-                self._fail(position, "unexpected character")
+            assert match is not None  # the pattern accepts every non-space character
             token = match.group(1) or match.group(2)
             self.tokens.append((token, match.start(1) if match.group(1) else match.start(2)))
             position = match.end()
@@ -156,7 +155,6 @@ class _Parser:
         self._fail(
             self._position(), f"expected =, ==, !=, in or notin after {key!r}, found {token!r}"
         )
-        raise AssertionError  # unreachable: _fail raises
 
     def _key(self) -> str:
         position = self._position()
@@ -177,10 +175,10 @@ class _Parser:
         if token is None or token in (",", ")"):
             return ""
         position = self._position()
-        value = self._next("a label value")
-        if value in _OPERATOR_TOKENS or len(value) > 63 or not _NAME_RE.match(value):
-            self._fail(position, f"{value!r} is not a valid label value")
-        return value
+        self.index += 1
+        if token in _OPERATOR_TOKENS or len(token) > 63 or not _NAME_RE.match(token):
+            self._fail(position, f"{token!r} is not a valid label value")
+        return token
 
     def _set(self) -> frozenset[str]:
         if self._peek() != "(":
