@@ -94,6 +94,7 @@ def test_annotation_opts_a_fleet_out(value: str) -> None:
     admitted, reason = FleetFilter.parse(None).admits(_fleet(annotations={SYNC_ANNOTATION: value}))
     assert not admitted
     assert SYNC_ANNOTATION in reason
+    assert reason == f"opted out by annotation image-syncer.octops.io/sync={value!r}"
 
 
 @pytest.mark.parametrize("value", ["true", "1", "yes", "", "maybe"])

@@ -271,6 +271,7 @@ def test_real_world_shapes(pod: PodSpec, node: NodeInfo, expected: bool, reason:
         ("Gt", ["5"], "6", True),
         ("Gt", ["5"], "5", False),
         ("Lt", ["5"], "4", True),
+        ("Lt", ["5"], "5", False),
         ("Gt", ["5"], "six", False),
         ("Gt", ["5", "7"], "6", False),
         ("Gt", ["5"], None, False),
@@ -346,3 +347,54 @@ def test_a_fleet_from_the_wire_is_judged_by_its_pod_template() -> None:
     )
     assert schedulable(fleet.pod_spec, GKE_ARM) == (True, "schedulable")
     assert not schedulable(fleet.pod_spec, GKE_DEFAULT)[0]
+
+
+def test_no_term_matching_is_said_in_one_line() -> None:
+    pod = _pod(affinity=_required({"matchExpressions": [_expr("pool", "In", "gameservers")]}))
+
+    assert schedulable(pod, GKE_DEFAULT) == (
+        False,
+        "required node affinity: no nodeSelectorTerm matches the node",
+    )
+
+
+def test_affinity_without_node_affinity_places_anywhere() -> None:
+    # Agones' Packed scheduling writes pod affinity only; that is about pods, not nodes.
+    pod = _pod(
+        affinity={
+            "podAffinity": {
+                "preferredDuringSchedulingIgnoredDuringExecution": [
+                    {
+                        "weight": 100,
+                        "podAffinityTerm": {
+                            "labelSelector": {"matchLabels": {"agones.dev/role": "gameserver"}},
+                            "topologyKey": "kubernetes.io/hostname",
+                        },
+                    }
+                ]
+            }
+        }
+    )
+
+    assert schedulable(pod, GKE_DEFAULT) == (True, "schedulable")
+
+
+def test_a_toleration_without_an_operator_means_equal() -> None:
+    pod = _pod(
+        nodeSelector={"pool": "gameservers"},
+        tolerations=[{"key": "dedicated", "value": "gameservers", "effect": "NoSchedule"}],
+    )
+    other_value = _pod(
+        nodeSelector={"pool": "gameservers"},
+        tolerations=[{"key": "dedicated", "value": "other", "effect": "NoSchedule"}],
+    )
+
+    # Written out as an empty string, as the API server also accepts it.
+    explicit = _pod(
+        nodeSelector={"pool": "gameservers"},
+        tolerations=[{"key": "dedicated", "operator": "", "value": "gameservers"}],
+    )
+
+    assert schedulable(pod, GAMESERVER_POOL) == (True, "schedulable")
+    assert schedulable(explicit, GAMESERVER_POOL) == (True, "schedulable")
+    assert not schedulable(other_value, GAMESERVER_POOL)[0]
