@@ -175,10 +175,10 @@ async def worker(urls: list[str], first: int, count: int, per_connection: int, r
 
 async def _raw_fetch_loop(parts: Any, stopping: asyncio.Event) -> None:
     """The baseline: what the syncer did before long polls, a bare 1 s fetch in a loop."""
-    sub = parts.consumer._sub
+    durable = parts.consumer.durable
     while not stopping.is_set():
         try:
-            for msg in await sub.fetch(batch=64, timeout=1.0):
+            for msg in await durable.fetch(64, 1.0):
                 await msg.ack()
         except Exception:
             continue

@@ -35,7 +35,7 @@ from nats.js import JetStreamContext
 from broadcaster import metrics
 from broadcaster.ordering import Recorded, newer, observed_at, resource_version
 from broadcaster.settings import WatchTarget
-from wire.contract import Action, ContractError, Kind, decode_event
+from wire.contract import Action, ContractError, EventType, Kind, decode_event
 from wire.eventlog import LogSettings, compact_object, last_message, read_log, stream_name
 
 __all__ = ["LogView", "Publication", "key_of", "plan"]
@@ -48,9 +48,14 @@ Object = dict[str, Any]
 
 @dataclass(frozen=True)
 class Publication:
-    event_type: str
+    type: EventType
     obj: Object
     old: Object | None = None
+
+    @property
+    def event_type(self) -> str:
+        """The wire form of :attr:`type`, for log lines."""
+        return str(self.type)
 
 
 def key_of(obj: Object) -> Key:
@@ -130,6 +135,7 @@ def plan(
     if the log's version of it is not newer than the list.
     """
     kind = target.kind
+    added, deleted = EventType(kind, Action.ADDED), EventType(kind, Action.DELETED)
     publications = []
     listed_keys = set()
     for obj in listed:
@@ -139,12 +145,12 @@ def plan(
         if not newer(obj, False, before):
             continue
         if before is None or before.deleted:
-            publications.append(Publication(f"{kind}.events.added", obj))
+            publications.append(Publication(added, obj))
         elif _uid(before.obj) != _uid(obj):
-            publications.append(Publication(f"{kind}.events.deleted", before.obj))
-            publications.append(Publication(f"{kind}.events.added", obj))
+            publications.append(Publication(deleted, before.obj))
+            publications.append(Publication(added, obj))
         else:
-            publications.append(Publication(f"{kind}.events.updated", obj, before.obj))
+            publications.append(Publication(EventType(kind, Action.UPDATED), obj, before.obj))
     list_rv = int(list_version) if list_version.isdigit() else None
     for key in sorted(recorded):
         before = recorded[key]
@@ -155,7 +161,7 @@ def plan(
         if list_rv is not None and version is not None and version > list_rv:
             continue
         gone = observed_at(before.obj, list_version)
-        publications.append(Publication(f"{kind}.events.deleted", gone))
+        publications.append(Publication(deleted, gone))
     return publications
 
 

@@ -28,7 +28,7 @@ from broadcaster.publishing import Outcome, Publisher
 from broadcaster.settings import Settings, WatchTarget
 from broadcaster.watching import Change, Listed
 from ops.retry import Backoff, retry
-from wire.contract import Action, parse_event_type
+from wire.contract import Action, EventType
 from wire.natsconn import RETRYABLE
 
 __all__ = ["Forwarder"]
@@ -97,17 +97,16 @@ class Forwarder:
             return
         live = known is not None and not known.deleted
         old = known.obj if action is Action.UPDATED and live and known is not None else None
-        await self._settle(Publication(f"{self.target.kind}.events.{action}", change.obj, old))
+        await self._settle(Publication(EventType(self.target.kind, action), change.obj, old))
 
     async def _settle(self, publication: Publication) -> None:
         """Publish, conditioned on the newest message we know of; on a conflict, re-decide."""
         key = key_of(publication.obj)
-        _, action = parse_event_type(publication.event_type)
-        deleted = action is Action.DELETED
+        deleted = publication.type.action is Action.DELETED
         while True:
             known = self._known.get(key)
             result = await self.publisher.publish(
-                publication.event_type,
+                publication.type,
                 publication.obj,
                 publication.old,
                 expected_last_seq=known.seq if known is not None else 0,

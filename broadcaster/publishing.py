@@ -29,7 +29,7 @@ from broadcaster import metrics
 from broadcaster.settings import Settings
 from ops.logs import describe_error
 from ops.retry import Backoff, retry
-from wire.contract import ContractError, parse_event_type
+from wire.contract import ContractError, EventType
 from wire.eventlog import EventTooLarge, LogConflict, ensure_streams, publish_event
 from wire.natsconn import RETRYABLE
 
@@ -81,13 +81,14 @@ class Publisher:
 
     async def publish(
         self,
-        event_type: str,
+        event_type: EventType | str,
         obj: dict[str, Any],
         old: dict[str, Any] | None = None,
         *,
         expected_last_seq: int | None = None,
     ) -> Published:
         """Publish until JetStream settles it; ``expected_last_seq`` as in publish_event."""
+        event_type = EventType.of(event_type)
         streams_lost = False
 
         async def attempt() -> PubAck:
@@ -117,7 +118,7 @@ class Publisher:
             log.warning(
                 "publish failed, retrying",
                 extra={
-                    "event_type": event_type,
+                    "event_type": str(event_type),
                     "object": _name(obj),
                     "error": describe_error(error),
                     "retry_in": round(delay, 2),
@@ -133,12 +134,12 @@ class Publisher:
         except _Refused as e:
             self._refused(event_type, obj, e.reason, e.__cause__ or e)
             return Published(Outcome.REFUSED)
-        metrics.EVENTS_PUBLISHED.labels(event_type=event_type).inc()
+        metrics.EVENTS_PUBLISHED.labels(event_type=str(event_type)).inc()
         metrics.LAST_PUBLISH.set_to_current_time()
         log.info(
             "event published",
             extra={
-                "event_type": event_type,
+                "event_type": str(event_type),
                 "object": _name(obj),
                 "resource_version": (obj.get("metadata") or {}).get("resourceVersion", ""),
                 "seq": ack.seq,
@@ -148,16 +149,16 @@ class Publisher:
         return Published(Outcome.DUPLICATE if ack.duplicate else Outcome.STORED, ack.seq)
 
     def _refused(
-        self, event_type: str, obj: dict[str, Any], reason: str, error: BaseException
+        self, event_type: EventType, obj: dict[str, Any], reason: str, error: BaseException
     ) -> None:
-        kind, _ = parse_event_type(event_type)
+        kind = event_type.kind
         if reason == "contract":
             metrics.INVALID_OBJECTS.labels(kind=str(kind)).inc()
         metrics.EVENTS_REFUSED.labels(kind=str(kind), reason=reason).inc()
         log.error(
             "event refused for good, skipped",
             extra={
-                "event_type": event_type,
+                "event_type": str(event_type),
                 "object": _name(obj),
                 "reason": reason,
                 "error": describe_error(error),

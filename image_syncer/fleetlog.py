@@ -22,8 +22,7 @@ from wire.contract import (
     Kind,
     decode_event,
     images_of,
-    subject_filter,
-    subject_for,
+    object_filter,
 )
 from wire.eventlog import LogSettings, StoredMessage, ensure_streams, read_log, stream_name
 from wire.nodestatus import parse_fleet
@@ -54,11 +53,7 @@ async def ensure_stream_exists(js: JetStreamContext, settings: LogSettings, kind
 def fleet_filter(prefix: str, fleet: str) -> str:
     """Every event of one Fleet, any action: ``<prefix>.fleet.events.*.<namespace>.<name>``."""
     namespace, _, name = parse_fleet(fleet).partition("/")
-    # subject_for encodes namespace and name as the log does ('.' in names); their two tokens
-    # then replace the last two wildcards of the kind's filter.
-    encoded = subject_for(prefix, f"{Kind.FLEET}.events.{Action.ADDED}", namespace, name)
-    tokens = encoded.rsplit(".", 2)[1:]
-    return ".".join([subject_filter(prefix, Kind.FLEET).rsplit(".", 2)[0], *tokens])
+    return object_filter(prefix, Kind.FLEET, namespace, name)
 
 
 async def fold_fleet_log(messages: AsyncIterable[StoredMessage]) -> dict[str, tuple[int, Event]]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import re
-from typing import Any, Literal
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -48,6 +48,7 @@ __all__ = [
     "node_images_filter",
     "node_images_message_id",
     "node_images_subject",
+    "object_filter",
     "subject_for",
 ]
 
@@ -77,17 +78,38 @@ class Action(enum.StrEnum):
     DELETED = "deleted"
 
 
-EventType = Literal[
-    "fleet.events.added",
-    "fleet.events.updated",
-    "fleet.events.deleted",
-    "gameserver.events.added",
-    "gameserver.events.updated",
-    "gameserver.events.deleted",
-]
+class EventType(NamedTuple):
+    """What happened to which kind of object: ``(Kind.FLEET, Action.ADDED)``.
 
-_EVENT_TYPES: dict[str, tuple[Kind, Action]] = {
-    f"{kind}.events.{action}": (kind, action) for kind in Kind for action in Action
+    Code passes this value around; its wire form ``fleet.events.added`` (the envelope's
+    ``event_type`` header, a subject's middle tokens, a metric label) is made by ``str()`` and
+    read back by :meth:`parse`, both only here.
+    """
+
+    kind: Kind
+    action: Action
+
+    def __str__(self) -> str:
+        return f"{self.kind}.events.{self.action}"
+
+    @classmethod
+    def parse(cls, text: str) -> EventType:
+        """The event type of a wire string; ContractError for anything else."""
+        try:
+            return _EVENT_TYPES[text]
+        except KeyError:
+            raise ContractError(
+                f"unknown event type {text!r}; expected one of {sorted(_EVENT_TYPES)}"
+            ) from None
+
+    @classmethod
+    def of(cls, value: EventType | str) -> EventType:
+        """``value`` itself, or parsed when given in its wire form."""
+        return value if isinstance(value, EventType) else cls.parse(value)
+
+
+_EVENT_TYPES: dict[str, EventType] = {
+    str(EventType(kind, action)): EventType(kind, action) for kind in Kind for action in Action
 }
 
 # The API kind each of our kinds must carry when the object says what it is.
@@ -181,8 +203,13 @@ class Event(msgspec.Struct, frozen=True):
     old: AgonesObject | None = None
 
     @property
+    def type(self) -> EventType:
+        return EventType(self.kind, self.action)
+
+    @property
     def event_type(self) -> str:
-        return f"{self.kind}.events.{self.action}"
+        """The wire form of :attr:`type`, for log lines and metric labels."""
+        return str(self.type)
 
     @property
     def key(self) -> str:
@@ -217,13 +244,9 @@ _object_decoders: dict[Kind, msgspec.json.Decoder[AgonesObject]] = {
 _encoder = msgspec.json.Encoder()
 
 
-def parse_event_type(event_type: str) -> tuple[Kind, Action]:
-    try:
-        return _EVENT_TYPES[event_type]
-    except KeyError:
-        raise ContractError(
-            f"unknown event type {event_type!r}; expected one of {sorted(_EVENT_TYPES)}"
-        ) from None
+def parse_event_type(event_type: str) -> EventType:
+    """:meth:`EventType.parse`: (kind, action) of a wire string."""
+    return EventType.parse(event_type)
 
 
 def decode_event(data: bytes) -> Event:
@@ -279,13 +302,15 @@ def _at(error: msgspec.DecodeError, where: str) -> str:
     return text.replace(" - at `$", f" - at `{where}", 1)
 
 
-def encode_event(event_type: str, obj: dict[str, Any], old: dict[str, Any] | None = None) -> bytes:
+def encode_event(
+    event_type: EventType | str, obj: dict[str, Any], old: dict[str, Any] | None = None
+) -> bytes:
     """Build the envelope for a raw Kubernetes object (a dict, as the API returned it).
 
     ``managedFields`` is dropped: it is large, changes on every write and nobody downstream
     reads it. For ``updated`` events ``old`` is the previous object, or None when unknown.
     """
-    kind, action = parse_event_type(event_type)
+    kind, action = event = EventType.of(event_type)
     obj = _without_managed_fields(obj)
     _check_object(kind, obj)
     if action is Action.UPDATED:
@@ -295,7 +320,7 @@ def encode_event(event_type: str, obj: dict[str, Any], old: dict[str, Any] | Non
         }
     else:
         message = obj
-    return _encoder.encode({"header": {"headers": {"event_type": event_type}}, "message": message})
+    return _encoder.encode({"header": {"headers": {"event_type": str(event)}}, "message": message})
 
 
 def _without_managed_fields(obj: dict[str, Any]) -> dict[str, Any]:
@@ -335,18 +360,24 @@ def check_prefix(prefix: str) -> str:
     return prefix
 
 
-def subject_for(prefix: str, event_type: str, namespace: str, name: str) -> str:
+def subject_for(prefix: str, event_type: EventType | str, namespace: str, name: str) -> str:
     """``<prefix>.<event_type>.<namespace>.<name>``: ``agones.fleet.events.added.default.x``."""
-    parse_event_type(event_type)
+    middle = str(EventType.of(event_type))
     return ".".join(
-        (check_prefix(prefix), event_type, _token(namespace, "namespace"), _token(name, "name"))
+        (check_prefix(prefix), middle, _token(namespace, "namespace"), _token(name, "name"))
     )
 
 
 def subject_filter(prefix: str, kind: Kind, action: Action | None = None) -> str:
     """The wildcard subject of one kind (and optionally one action) of event."""
-    middle = f"{kind}.events.{action}" if action else f"{kind}.events.*"
+    middle = str(EventType(kind, action)) if action else f"{kind}.events.*"
     return f"{check_prefix(prefix)}.{middle}.*.*"
+
+
+def object_filter(prefix: str, kind: Kind, namespace: str, name: str) -> str:
+    """Every subject of one object, any action: ``<prefix>.fleet.events.*.<ns>.<name>``."""
+    tokens = (_token(namespace, "namespace"), _token(name, "name"))
+    return f"{check_prefix(prefix)}.{kind}.events.*.{'.'.join(tokens)}"
 
 
 def decode_subject(prefix: str, subject: str) -> tuple[str, str, str]:
@@ -361,19 +392,20 @@ def decode_subject(prefix: str, subject: str) -> tuple[str, str, str]:
     return event_type, parts[3].replace("_", "."), parts[4].replace("_", ".")
 
 
-def message_id(uid: str, resource_version: str, event_type: str) -> str:
+def message_id(uid: str, resource_version: str, event_type: EventType | str) -> str:
     """Deterministic, so a re-publish of the same change falls in JetStream's duplicate window."""
-    digest = hashlib.sha256(f"{uid}\x00{resource_version}\x00{event_type}".encode()).hexdigest()
+    wire = str(EventType.of(event_type))
+    digest = hashlib.sha256(f"{uid}\x00{resource_version}\x00{wire}".encode()).hexdigest()
     return digest[:40]
 
 
-def event_headers(event_type: str, obj: dict[str, Any]) -> dict[str, str]:
+def event_headers(event_type: EventType | str, obj: dict[str, Any]) -> dict[str, str]:
     metadata = obj.get("metadata") or {}
     uid = str(metadata.get("uid", ""))
     resource_version = str(metadata.get("resourceVersion", ""))
     return {
         HEADER_MSG_ID: message_id(uid, resource_version, event_type),
-        HEADER_EVENT_TYPE: event_type,
+        HEADER_EVENT_TYPE: str(EventType.of(event_type)),
         HEADER_UID: uid,
         HEADER_RESOURCE_VERSION: resource_version,
     }

@@ -55,6 +55,7 @@ from wire.contract import (
     MAX_EVENT_BYTES,
     Action,
     ContractError,
+    EventType,
     Kind,
     NodeImages,
     check_prefix,
@@ -65,7 +66,7 @@ from wire.contract import (
     node_images_filter,
     node_images_message_id,
     node_images_subject,
-    parse_event_type,
+    object_filter,
     subject_filter,
     subject_for,
 )
@@ -82,7 +83,6 @@ __all__ = [
     "last_message",
     "node_images_stream_config",
     "node_images_stream_name",
-    "object_filter",
     "publish_event",
     "publish_node_images",
     "read_log",
@@ -189,17 +189,10 @@ _HEADER_ROOM = 1024
 _LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
 
 
-def object_filter(prefix: str, kind: Kind, namespace: str, name: str) -> str:
-    """The wildcard over every subject of one object: ``<prefix>.fleet.events.*.<ns>.<name>``."""
-    added = subject_for(prefix, f"{kind}.events.{Action.ADDED}", namespace, name)
-    head, tail = added.split(f".{kind}.events.{Action.ADDED}.", 1)
-    return f"{head}.{kind}.events.*.{tail}"
-
-
 async def publish_event(
     js: JetStreamContext,
     settings: LogSettings,
-    event_type: str,
+    event_type: EventType | str,
     obj: dict[str, Any],
     old: dict[str, Any] | None = None,
     *,
@@ -219,7 +212,7 @@ async def publish_event(
     was stored but its purge failed: bounded by the original's sequence, it removes only what
     that message (or a newer one) already supersedes, never the object's newest message.
     """
-    kind, action = parse_event_type(event_type)
+    kind, action = event_type = EventType.of(event_type)
     metadata = obj.get("metadata") or {}
     namespace = metadata.get("namespace") or "default"
     name = metadata.get("name", "")
@@ -250,14 +243,14 @@ async def publish_event(
 
 
 def _fitting_payload(
-    event_type: str, obj: dict[str, Any], old: dict[str, Any] | None, what: str
+    event_type: EventType, obj: dict[str, Any], old: dict[str, Any] | None, what: str
 ) -> bytes:
     limit = MAX_EVENT_BYTES - _HEADER_ROOM
     payload = encode_event(event_type, obj, old)
     if len(payload) <= limit:
         return payload
     dropped = []
-    trims = _TRIMS + (_TOMBSTONE_TRIMS if event_type.endswith(f".{Action.DELETED}") else ())
+    trims = _TRIMS + (_TOMBSTONE_TRIMS if event_type.action is Action.DELETED else ())
     for part, trim in trims:
         obj, old, changed = trim(obj, old)
         if not changed:
@@ -269,7 +262,7 @@ def _fitting_payload(
                 "event trimmed to fit a message",
                 extra={
                     "object": what,
-                    "event_type": event_type,
+                    "event_type": str(event_type),
                     "dropped": ",".join(dropped),
                     "bytes": len(payload),
                 },

@@ -23,8 +23,7 @@ from wire.contract import (
     decode_event,
     decode_subject,
     images_of,
-    subject_filter,
-    subject_for,
+    object_filter,
 )
 from wire.eventlog import LogSettings, StoredMessage, read_log, stream_name
 from wire.natsconn import NatsSettings
@@ -66,10 +65,7 @@ def _fleet_filter(prefix: str, fleet: str) -> str:
     namespace, slash, name = fleet.partition("/")
     if not slash:
         raise ContractError(f"--fleet {fleet!r} must be NAMESPACE/NAME")
-    # subject_for encodes the name as the log does ('.' in names); then any action matches.
-    added = subject_for(prefix, f"{Kind.FLEET}.events.added", namespace, name)
-    tail = added[len(f"{prefix}.{Kind.FLEET}.events.added.") :]
-    return subject_filter(prefix, Kind.FLEET).removesuffix("*.*") + tail
+    return object_filter(prefix, Kind.FLEET, namespace, name)
 
 
 async def _list(

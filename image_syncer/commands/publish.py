@@ -16,7 +16,7 @@ from image_syncer.fleetlog import ensure_stream_exists
 from image_syncer.fleets import FleetError, build_fleet, load_fleets
 from image_syncer.oneshot import CommandError, fail, jetstream, run_nats_command
 from image_syncer.options import DEFAULT_PREFIX, Duration, PrefixOption, with_nats_options
-from wire.contract import Action, ContractError, Kind, check_prefix, subject_for
+from wire.contract import Action, ContractError, EventType, Kind, check_prefix, subject_for
 from wire.eventlog import LogSettings, publish_event
 from wire.natsconn import NatsSettings
 
@@ -84,7 +84,7 @@ def publish(
     except (FleetError, ContractError, CommandError) as e:
         fail(str(e), code=2)
     settings = LogSettings(prefix=subject_prefix, tombstone_ttl=tombstone_ttl)
-    event_type = f"{Kind.FLEET}.events.{action}"
+    event_type = EventType(Kind.FLEET, action)
     run_nats_command(_publish(nats, settings, event_type, fleets))
 
 
@@ -125,7 +125,7 @@ def _read(file: str) -> str:
 async def _publish(
     nats_settings: NatsSettings,
     settings: LogSettings,
-    event_type: str,
+    event_type: EventType,
     fleets: list[dict[str, Any]],
 ) -> None:
     async with jetstream(nats_settings, "image-syncer-publish") as js:
