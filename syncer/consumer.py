@@ -95,15 +95,27 @@ class FleetConsumer:
         The live loop is paused meanwhile; an error leaves the current state untouched.
         """
         async with self._pause:
-            await self._rebuild(trigger)
+            await self._rebuild(trigger, restart=True)
 
-    async def _rebuild(self, trigger: str) -> None:
+    async def refold(self, trigger: str) -> None:
+        """Like :meth:`rebuild`, but the durable keeps its place when the stream is the one
+        folded before: what it delivers next is folded on top (older events are stale), and
+        there is no moment without a durable."""
+        async with self._pause:
+            await self._rebuild(trigger, restart=False)
+
+    async def _rebuild(self, trigger: str, *, restart: bool) -> None:
+        before = _known(self._desired)
         for _ in range(_REBUILD_ATTEMPTS):
             fresh = DesiredState(admit=self._desired.admit)
             position = await replay_log(self._js, self.stream, self.subject, fresh, quiet=True)
-            dropped = _dropped(self._desired, fresh)
-            before = len(self._desired)
+            same_stream = position.stream_created == self._replayed.stream_created
             self._desired.replace_with(fresh)
+            if not restart and same_stream:
+                self._replayed = LogPosition(
+                    max(position.seq, self._replayed.seq), position.stream_created
+                )
+                break
             self._replayed = position
             self._dispatcher.last_seq = 0  # the sequences before belong to the folded past
             await self.durable.start(position.seq)
@@ -112,17 +124,20 @@ class FleetConsumer:
             log.warning("stream re-created during the rebuild, folding again")
         else:
             raise RuntimeError(f"stream {self.stream} keeps being re-created")
+        dropped = sorted(before - _known(self._desired))
         for fleet in dropped:
-            # Its delete never reached this node (its tombstone expired, or the stream was lost).
+            # Its delete never reached the live loop: the durable was lost, the tombstone expired
+            # while the node was cut off, or the stream itself was lost.
             log.info("fleet gone from the log, dropped", extra={"fleet": fleet})
         log.info(
             "desired state rebuilt from the whole log",
             extra={
                 "trigger": trigger,
-                "fleets_before": before,
+                "fleets_before": len(before),
                 "fleets": len(self._desired),
                 "dropped": len(dropped),
                 "last_seq": position.seq,
+                "durable_restarted": restart or not same_stream,
             },
         )
         self._on_change()
@@ -143,7 +158,7 @@ class FleetConsumer:
         await self.durable.recover(self._health, stopping, on_lost=self._rebuild_lost)
 
     async def _rebuild_lost(self) -> None:
-        await self._rebuild("consumer_lost")
+        await self._rebuild("consumer_lost", restart=True)
         metrics.REPLAYS.labels("consumer_lost").inc()
 
     # --- live -----------------------------------------------------------------------------
@@ -181,7 +196,6 @@ class FleetConsumer:
         await self.durable.unbind()
 
 
-def _dropped(before: DesiredState, after: DesiredState) -> list[str]:
-    """Fleets ``before`` knew (desired or excluded) that ``after`` does not know at all."""
-    known = set(after.fleets()) | set(after.excluded())
-    return sorted((set(before.fleets()) | set(before.excluded())) - known)
+def _known(desired: DesiredState) -> set[str]:
+    """The Fleets ``desired`` knows of, desired or excluded."""
+    return set(desired.fleets()) | set(desired.excluded())

@@ -204,7 +204,7 @@ class _Syncer:
             on_change=self.poke,
             on_rebuilt=self.on_desired_change,
         )
-        self.refolder = Refolder(self.consumer.rebuild, period=settings.refold_period)
+        self.refolder = Refolder(self.consumer.refold, period=settings.refold_period)
         self._reconnects = self._reconnect_count()
         self.status_settings = StatusSettings(
             prefix=settings.subject_prefix,
