@@ -9,6 +9,7 @@ Commands that write or follow the log (``publish``, ``events``) make sure its st
 from __future__ import annotations
 
 from collections.abc import AsyncIterable
+from datetime import datetime
 
 import nats.js.errors
 from nats.js import JetStreamContext
@@ -34,6 +35,7 @@ __all__ = [
     "fold_fleet_log",
     "log_targets",
     "read_fleets",
+    "stream_created",
     "target_of",
     "wait_target",
 ]
@@ -73,7 +75,9 @@ async def fold_fleet_log(messages: AsyncIterable[StoredMessage]) -> dict[str, tu
     return newest
 
 
-def target_of(fleet: str, seq: int, event: Event) -> FleetTarget | str:
+def target_of(
+    fleet: str, seq: int, event: Event, stream_created: datetime | None = None
+) -> FleetTarget | str:
     """What nodes must reach for ``fleet``, or why nothing can be waited for (one line)."""
     if event.action is Action.DELETED:
         return f"fleet {fleet} was deleted (event seq {seq}): there is nothing to wait for"
@@ -85,7 +89,7 @@ def target_of(fleet: str, seq: int, event: Event) -> FleetTarget | str:
             continue  # the syncer skips it too (and logs why)
     if not images:
         return f"fleet {fleet} names no image a syncer can pull (event seq {seq})"
-    return FleetTarget(seq=seq, images=tuple(dict.fromkeys(images)))
+    return FleetTarget(seq=seq, images=tuple(dict.fromkeys(images)), stream_created=stream_created)
 
 
 async def read_fleets(
@@ -98,12 +102,21 @@ async def read_fleets(
         return None
 
 
+async def stream_created(js: JetStreamContext, prefix: str) -> datetime | None:
+    """When the Fleet stream was created (which incarnation its sequences belong to)."""
+    try:
+        return (await js.stream_info(stream_name(prefix, Kind.FLEET))).created
+    except nats.js.errors.NotFoundError:
+        return None
+
+
 async def wait_target(js: JetStreamContext, prefix: str, fleet: str) -> FleetTarget:
+    created = await stream_created(js, prefix)
     newest = await read_fleets(js, prefix, fleet_filter(prefix, fleet))
     if not newest or fleet not in newest:
         stream = stream_name(prefix, Kind.FLEET)
         raise CommandError(f"fleet {fleet} is not in the event log (stream {stream})")
-    target = target_of(fleet, *newest[fleet])
+    target = target_of(fleet, *newest[fleet], stream_created=created)
     if isinstance(target, str):
         raise CommandError(target)
     return target
@@ -111,6 +124,9 @@ async def wait_target(js: JetStreamContext, prefix: str, fleet: str) -> FleetTar
 
 async def log_targets(js: JetStreamContext, prefix: str) -> dict[str, FleetTarget]:
     """Every live Fleet of the log that names images: what ``status --check-log`` compares to."""
+    created = await stream_created(js, prefix)
     newest = await read_fleets(js, prefix) or {}
-    targets = {fleet: target_of(fleet, seq, event) for fleet, (seq, event) in newest.items()}
+    targets = {
+        fleet: target_of(fleet, seq, event, created) for fleet, (seq, event) in newest.items()
+    }
     return {fleet: t for fleet, t in targets.items() if isinstance(t, FleetTarget)}

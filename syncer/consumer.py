@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from datetime import datetime
 
 import nats.errors
 from nats.js import JetStreamContext
@@ -80,6 +81,11 @@ class FleetConsumer:
     def last_seq(self) -> int:
         """The newest stream sequence folded, by the replay or the live loop."""
         return max(self._replayed.seq, self._dispatcher.last_seq)
+
+    @property
+    def stream_created(self) -> datetime | None:
+        """Which incarnation of the stream :attr:`last_seq` belongs to (its creation time)."""
+        return self._replayed.stream_created
 
     # --- replay ---------------------------------------------------------------------------
 

@@ -296,6 +296,7 @@ class _Syncer:
             budget=self.budget,
             keeper=self.keeper,
             gate=self.gatekeeper.status,
+            log_created=self.consumer.stream_created,
         )
 
     async def after_list(

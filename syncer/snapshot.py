@@ -28,6 +28,7 @@ def node_state(
     budget: PullBudget | None = None,
     keeper: Keeper | None = None,
     gate: GateStatus | None = None,
+    log_created: datetime | None = None,
 ) -> NodeState:
     fleets = desired.fleets()
     node_images = desired.node_images()
@@ -52,6 +53,7 @@ def node_state(
         held=keeper.held(missing - pulling) if keeper is not None else None,
         last_reconcile=last_reconcile,
         replayed_request=replayed_request,
+        log_created=log_created,
         budget=summary,
         pins=keeper.pin_summary(wanted - missing) if keeper is not None else None,
         disk=keeper.disk_summary() if keeper is not None else None,

@@ -210,6 +210,30 @@ def test_a_node_on_the_previous_version_is_behind_even_with_all_its_images() -> 
     assert not readiness.counts_as_done
 
 
+def test_a_node_on_another_incarnation_of_the_stream_is_behind_whatever_its_sequences() -> None:
+    # The stream was lost and created again: the node still reports the old stream's higher
+    # sequence for the Fleet, with the old version's images all present.
+    old_stream, new_stream = T0, T0 + timedelta(hours=1)
+    target = msgspec.structs.replace(TARGET, stream_created=new_stream)
+    stale = _node(
+        desired={FLEET: ["img1"]},
+        present=frozenset({"img1"}),
+        fleet_seqs={FLEET: 500},
+        log_created=old_stream,
+    )
+    readiness = node_readiness(stale, FLEET, target)
+    assert readiness.verdict is Readiness.BEHIND and readiness.seq is None
+    caught_up = _node(
+        desired={FLEET: list(TARGET.images)},
+        present=frozenset(TARGET.images),
+        fleet_seqs={FLEET: 20},
+        log_created=new_stream,
+    )
+    assert node_readiness(caught_up, FLEET, target).verdict is Readiness.DONE
+    # A node or a target that does not say which stream is judged by sequence, as before.
+    assert node_readiness(stale, FLEET, TARGET).verdict is Readiness.DONE
+
+
 def test_a_node_that_never_folded_the_fleet_is_behind() -> None:
     readiness = node_readiness(_node(), FLEET, TARGET)
     assert readiness.verdict is Readiness.BEHIND and readiness.seq is None

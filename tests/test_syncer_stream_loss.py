@@ -62,6 +62,9 @@ async def test_a_recreated_stream_is_followed_from_its_first_sequence(
         await eventually(
             lambda: _reports(js, settings, {"default/a": 1, "default/b": 5}), "seqs reported"
         )
+        old_stream = await js.stream_info(stream_name(settings.subject_prefix, Kind.FLEET))
+        before = await _status(js, settings)
+        assert before is not None and before.summary.log_created == old_stream.created
 
         # The stream is lost and created again: its sequences restart at 1.
         await js.delete_stream(stream_name(settings.subject_prefix, Kind.FLEET))
@@ -79,6 +82,9 @@ async def test_a_recreated_stream_is_followed_from_its_first_sequence(
         status = await _status(js, settings)
         assert status is not None
         assert set(status.summary.fleets) == {"default/a", "default/d"}
+        # ...and says which stream they are of, so `wait` never compares across the two.
+        info = await js.stream_info(stream_name(settings.subject_prefix, Kind.FLEET))
+        assert status.summary.log_created == info.created
     finally:
         assert await running.stop() == 0
 

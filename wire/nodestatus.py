@@ -259,6 +259,9 @@ class NodeState(msgspec.Struct, frozen=True, omit_defaults=True):
     last_reconcile: datetime | None = None
     # The replay request this node honoured last, so `status` can show it was done.
     replayed_request: str = ""
+    # When the Fleet stream the sequences above belong to was created. A stream lost and created
+    # again restarts at 1: a sequence of one incarnation says nothing about the other.
+    log_created: datetime | None = None
     # --- Summaries of other features: one field each, a Struct whose fields have defaults
     # (None = the feature is off or the writer does not know it), shown by ``status --node``.
     budget: BudgetSummary | None = None

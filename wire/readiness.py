@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from datetime import datetime
 
 import msgspec
 
@@ -29,11 +30,13 @@ __all__ = [
 class FleetTarget(msgspec.Struct, frozen=True):
     """A live Fleet as the event log has it now: its newest event's sequence and its images.
 
-    ``images`` are normalized the way the syncer normalizes them.
+    ``images`` are normalized the way the syncer normalizes them. ``stream_created`` says which
+    incarnation of the stream ``seq`` belongs to (None: unknown).
     """
 
     seq: int
     images: tuple[str, ...]
+    stream_created: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -95,9 +98,13 @@ def node_readiness(status: NodeStatus, fleet: str, target: FleetTarget) -> NodeR
     """Is ``fleet`` as of ``target`` ready on this node? What a CD pipeline's ``wait`` asks.
 
     A node past the target folded a newer version: what it reports for the Fleet is judged,
-    since that is what it now holds.
+    since that is what it now holds. A node whose sequences belong to another incarnation of
+    the stream than the target's (both known) is behind, whatever the numbers say.
     """
     summary = status.summary
+    if _other_stream(summary.log_created, target.stream_created):
+        # Its sequences belong to a stream since lost and created again: not comparable.
+        return NodeReadiness(Readiness.BEHIND, None)
     excluded_seq = summary.excluded.get(fleet)
     seq = summary.fleets.get(fleet, excluded_seq)
     if seq is None or seq < target.seq:
@@ -108,3 +115,7 @@ def node_readiness(status: NodeStatus, fleet: str, target: FleetTarget) -> NodeR
     assert progress is not None, "a Fleet with a sequence is desired or excluded"
     verdict = Readiness.DONE if progress.complete else Readiness.MISSING
     return NodeReadiness(verdict, seq, progress=progress)
+
+
+def _other_stream(node: datetime | None, target: datetime | None) -> bool:
+    return node is not None and target is not None and node != target
