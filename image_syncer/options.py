@@ -16,15 +16,20 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from ops.durations import DurationError, parse_duration
+from ops.durations import DurationError, format_duration, parse_duration
 from wire.contract import DEFAULT_PREFIX
+from wire.eventlog import LogSettings
 from wire.natsconn import DEFAULT_URL, NatsSettings
 
 __all__ = [
+    "DEFAULT_DUPLICATE_WINDOW",
     "DEFAULT_PREFIX",
+    "DEFAULT_TOMBSTONE_TTL",
+    "DuplicateWindowOption",
     "Duration",
     "PrefixOption",
     "StaleAfterOption",
+    "TombstoneTtlOption",
     "split_values",
     "with_nats_options",
 ]
@@ -57,6 +62,18 @@ StaleAfterOption = Annotated[
     float,
     Duration("A node without heartbeat for this long is stale.", "STALE_AFTER", "--stale-after"),
 ]
+# The log's layout, set by ``stream init`` and by the broadcaster that creates missing streams.
+TombstoneTtlOption = Annotated[
+    float,
+    Duration("How long a deleted object's tombstone stays in the log.", "TOMBSTONE_TTL"),
+]
+DuplicateWindowOption = Annotated[
+    float,
+    Duration("Window in which a re-published change is dropped.", "DUPLICATE_WINDOW"),
+]
+# Duration defaults as typer shows them, written from the settings they fill in.
+DEFAULT_TOMBSTONE_TTL: Any = format_duration(LogSettings.tombstone_ttl)
+DEFAULT_DUPLICATE_WINDOW: Any = format_duration(LogSettings.duplicate_window)
 
 
 _NATS_PARAMS = [

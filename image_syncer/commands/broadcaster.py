@@ -13,9 +13,13 @@ import typer
 from broadcaster.settings import Settings, SidecarSettings, default_identity
 from image_syncer.oneshot import fail
 from image_syncer.options import (
+    DEFAULT_DUPLICATE_WINDOW,
     DEFAULT_PREFIX,
+    DEFAULT_TOMBSTONE_TTL,
+    DuplicateWindowOption,
     Duration,
     PrefixOption,
+    TombstoneTtlOption,
     split_values,
     with_nats_options,
 )
@@ -66,14 +70,8 @@ def broadcaster(
         int,
         typer.Option(min=1, max=5, envvar="STREAM_REPLICAS", help="Stream replicas (3 in prod)."),
     ] = 1,
-    tombstone_ttl: Annotated[
-        float,
-        Duration("How long a deleted object's tombstone stays in the log.", "TOMBSTONE_TTL"),
-    ] = "24h",  # type: ignore[assignment]
-    duplicate_window: Annotated[
-        float,
-        Duration("Window in which a re-published change is dropped.", "DUPLICATE_WINDOW"),
-    ] = "2m",  # type: ignore[assignment]
+    tombstone_ttl: TombstoneTtlOption = DEFAULT_TOMBSTONE_TTL,
+    duplicate_window: DuplicateWindowOption = DEFAULT_DUPLICATE_WINDOW,
     watch_timeout: Annotated[
         float,
         Duration("Server-side timeout of one watch request (then resumed).", "WATCH_TIMEOUT"),

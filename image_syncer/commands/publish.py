@@ -15,7 +15,13 @@ import typer
 from image_syncer.fleetlog import ensure_stream_exists
 from image_syncer.fleets import FleetError, build_fleet, load_fleets
 from image_syncer.oneshot import CommandError, fail, jetstream, run_nats_command
-from image_syncer.options import DEFAULT_PREFIX, Duration, PrefixOption, with_nats_options
+from image_syncer.options import (
+    DEFAULT_PREFIX,
+    DEFAULT_TOMBSTONE_TTL,
+    PrefixOption,
+    TombstoneTtlOption,
+    with_nats_options,
+)
 from wire.contract import Action, ContractError, EventType, Kind, check_prefix, subject_for
 from wire.eventlog import LogSettings, publish_event
 from wire.natsconn import NatsSettings
@@ -70,10 +76,7 @@ def publish(
         ),
     ] = None,
     subject_prefix: PrefixOption = DEFAULT_PREFIX,
-    tombstone_ttl: Annotated[
-        float,
-        Duration("How long a deleted event's tombstone stays in the log.", "TOMBSTONE_TTL"),
-    ] = "24h",  # type: ignore[assignment]
+    tombstone_ttl: TombstoneTtlOption = DEFAULT_TOMBSTONE_TTL,
 ) -> None:
     """Publish a Fleet event: a Fleet built around --image, or the Fleets of -f manifests."""
     try:

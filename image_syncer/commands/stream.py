@@ -17,7 +17,15 @@ from rich.console import Console
 from rich.table import Table
 
 from image_syncer.oneshot import fail, jetstream, run_nats_command
-from image_syncer.options import DEFAULT_PREFIX, Duration, PrefixOption, with_nats_options
+from image_syncer.options import (
+    DEFAULT_DUPLICATE_WINDOW,
+    DEFAULT_PREFIX,
+    DEFAULT_TOMBSTONE_TTL,
+    DuplicateWindowOption,
+    PrefixOption,
+    TombstoneTtlOption,
+    with_nats_options,
+)
 from ops.durations import format_duration
 from wire.contract import ContractError, Kind, check_prefix
 from wire.eventlog import LogSettings, ensure_streams, stream_name
@@ -66,14 +74,8 @@ def init(
     kinds: Annotated[
         str, typer.Option(envvar="KINDS", help="Streams to create: fleet, gameserver.")
     ] = "fleet",
-    tombstone_ttl: Annotated[
-        float,
-        Duration("How long a deleted object's tombstone stays in the log.", "TOMBSTONE_TTL"),
-    ] = "24h",  # type: ignore[assignment]
-    duplicate_window: Annotated[
-        float,
-        Duration("Window in which a re-published change is dropped.", "DUPLICATE_WINDOW"),
-    ] = "2m",  # type: ignore[assignment]
+    tombstone_ttl: TombstoneTtlOption = DEFAULT_TOMBSTONE_TTL,
+    duplicate_window: DuplicateWindowOption = DEFAULT_DUPLICATE_WINDOW,
 ) -> None:
     """Create the streams, or bring existing ones in line with these settings (idempotent)."""
     settings = LogSettings(
