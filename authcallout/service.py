@@ -33,6 +33,7 @@ from authcallout.natsjwt import (
     encode_user,
 )
 from authcallout.tokenreview import Identity, Refused, ReviewUnavailable, TokenReviewer
+from ops.lifecycle import sleep_unless_stopping, until_stopping
 from ops.serving import Health, parse_addr, serve_http
 from wire.natsconn import NatsSettings, connect
 from wire.nodestatus import StatusError
@@ -207,27 +208,23 @@ async def run(settings: CalloutSettings, stopping: asyncio.Event) -> int:
     if settings.metrics_addr:
         host, port = parse_addr(settings.metrics_addr)
         server = await serve_http(host, port, health)
-    connecting = asyncio.ensure_future(connect(settings.nats, name="auth", retry_forever=True))
-    stop = asyncio.ensure_future(stopping.wait())
     try:
-        await asyncio.wait({connecting, stop}, return_when=asyncio.FIRST_COMPLETED)
-        if not connecting.done():
-            connecting.cancel()
+        nc = await until_stopping(stopping, connect(settings.nats, name="auth", retry_forever=True))
+        if nc is None:
             return 0
-        nc = connecting.result()
         sub, callout = await serve(nc, settings, signer, reviewer)
         health.set("nats", True)
         log.info(
             "auth callout serving",
             extra={"issuer": signer.public_key, "audience": settings.audience, "queue": QUEUE},
         )
-        while not stop.done():
+        while not stopping.is_set():
             # Ready only while connected: a rollout waits for a replica that can answer, and the
             # operator sees which one is cut off.
             connected = nc.is_connected
             health.set("nats", connected, "" if connected else "disconnected, reconnecting")
             health.beat("callout", allowance=30.0)
-            await asyncio.wait({stop}, timeout=1.0)
+            await sleep_unless_stopping(stopping, 1.0)
         # Leave the queue group first, so its other members take the new requests, then answer
         # what is in flight.
         await sub.unsubscribe()
@@ -235,6 +232,5 @@ async def run(settings: CalloutSettings, stopping: asyncio.Event) -> int:
         await nc.close()
         return 0
     finally:
-        stop.cancel()
         if server is not None:
             server.close()

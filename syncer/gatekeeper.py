@@ -18,7 +18,6 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-import nats.errors
 from nats.js import JetStreamContext
 
 from syncer.desired import DesiredState
@@ -27,6 +26,7 @@ from syncer.nodeimages import NodeImageSet
 from syncer.nodeinfo import NodeWatcher
 from syncer.references import ImageRef
 from syncer.settings import SyncerSettings
+from wire.natsconn import RETRYABLE
 from wire.nodestatus import GateStatus, StatusSettings, get_status, open_status_bucket
 
 __all__ = ["Gatekeeper"]
@@ -84,7 +84,7 @@ class Gatekeeper:
         try:
             kv = await open_status_bucket(js, status)
             previous = None if kv is None else await get_status(kv, self.settings.node_name)
-        except (nats.errors.Error, TimeoutError, OSError, ValueError) as e:
+        except (*RETRYABLE, ValueError) as e:
             # Unknown: the timeout starts over, which only delays the opening.
             log.warning("cannot read this node's previous gate", extra={"error": repr(e)})
             return

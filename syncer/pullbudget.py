@@ -37,6 +37,7 @@ from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, StorageType, StreamConfig
 from nats.js.kv import KeyValue
 
+from ops.lifecycle import sleep_unless_stopping
 from syncer import metrics
 from syncer.references import ImageRef
 from wire.contract import check_prefix
@@ -269,8 +270,7 @@ class PullBudget:
         return self._kv
 
     async def _sleep(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), seconds)
+        await sleep_unless_stopping(self._stopping, seconds)
 
     def _jitter(self, seconds: float) -> float:
         return seconds * (0.5 + self._rng())
