@@ -6,7 +6,7 @@ DaemonSets keep working) so the DaemonSet can configure it either way.
 """
 
 import socket
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -18,10 +18,16 @@ from image_syncer.options import (
     with_nats_options,
 )
 from image_syncer.preflight import check_listen, check_readable
-from syncer.settings import DEFAULT_CRI_ENDPOINT
+from ops.durations import format_duration
+from syncer.settings import DEFAULT_CRI_ENDPOINT, SyncerSettings
 from wire.natsconn import NatsSettings
 
 __all__ = ["register"]
+
+
+def _duration(seconds: float) -> Any:
+    """A duration default as typer shows it and parses it back (``15s``), from the settings."""
+    return format_duration(seconds)
 
 
 def _percent(text: str) -> float:
@@ -47,19 +53,19 @@ def syncer(
     ] = DEFAULT_CRI_ENDPOINT,
     sync_period: Annotated[
         float, Duration("How often to re-check the images (jittered).", "SYNC_PERIOD")
-    ] = "15s",  # type: ignore[assignment]
+    ] = _duration(SyncerSettings.sync_period),
     max_parallel_pulls: Annotated[
         int, typer.Option(envvar="MAX_PARALLEL_PULLS", min=1, help="Pulls running at once.")
-    ] = 2,
+    ] = SyncerSettings.max_parallel_pulls,
     pull_timeout: Annotated[
         float, Duration("Give up on one pull after this long.", "PULL_TIMEOUT")
-    ] = "10m",  # type: ignore[assignment]
+    ] = _duration(SyncerSettings.pull_timeout),
     pull_backoff_min: Annotated[
         float, Duration("First wait before retrying a failed image.", "PULL_BACKOFF_MIN")
-    ] = "1s",  # type: ignore[assignment]
+    ] = _duration(SyncerSettings.backoff_min),
     pull_backoff_max: Annotated[
         float, Duration("Longest wait before retrying a failed image.", "PULL_BACKOFF_MAX")
-    ] = "5m",  # type: ignore[assignment]
+    ] = _duration(SyncerSettings.backoff_max),
     subject_prefix: PrefixOption = DEFAULT_PREFIX,
     metrics_addr: Annotated[
         str,
@@ -67,20 +73,20 @@ def syncer(
     ] = ":8080",
     max_ack_pending: Annotated[
         int, typer.Option(envvar="MAX_ACK_PENDING", min=1, help="Events in flight at once.")
-    ] = 256,
+    ] = SyncerSettings.max_ack_pending,
     ack_wait: Annotated[
         float, Duration("Redeliver an event not acked (nor kept alive) this long.", "ACK_WAIT")
-    ] = "30s",  # type: ignore[assignment]
+    ] = _duration(SyncerSettings.ack_wait),
     consumer_inactive_threshold: Annotated[
         float,
         Duration(
             "Delete this node's consumer after it has been unused this long.",
             "CONSUMER_INACTIVE_THRESHOLD",
         ),
-    ] = "24h",  # type: ignore[assignment]
+    ] = _duration(SyncerSettings.inactive_threshold),
     cri_call_timeout: Annotated[
         float, Duration("Deadline of every CRI call but pulls.", "CRI_CALL_TIMEOUT")
-    ] = "30s",  # type: ignore[assignment]
+    ] = _duration(SyncerSettings.cri_call_timeout),
     registry_auth_file: Annotated[
         str | None,
         typer.Option(envvar="REGISTRY_AUTH_FILE", help="dockerconfigjson with pull credentials."),
@@ -91,16 +97,16 @@ def syncer(
     ] = None,
     status_interval: Annotated[
         float, Duration("Write this node's status at most this often.", "STATUS_INTERVAL")
-    ] = "5s",  # type: ignore[assignment]
+    ] = _duration(SyncerSettings.status_interval),
     status_replicas: Annotated[
         int,
         typer.Option(
             envvar="STATUS_REPLICAS", min=1, help="Replicas of the status and pulled-image buckets."
         ),
-    ] = 1,
+    ] = SyncerSettings.status_replicas,
     status_ttl: Annotated[
         float, Duration("A vanished node's status entry expires after this.", "STATUS_TTL")
-    ] = "1h",  # type: ignore[assignment]
+    ] = _duration(SyncerSettings.status_ttl),
     refold_period: Annotated[
         float,
         Duration(
@@ -108,17 +114,17 @@ def syncer(
             "arrived; 0: only after a reconnect or a lost consumer.",
             "REFOLD_PERIOD",
         ),
-    ] = "1h",  # type: ignore[assignment]
+    ] = _duration(SyncerSettings.refold_period),
     lag_interval: Annotated[
         float, Duration("How often to read this node's consumer lag.", "LAG_INTERVAL")
-    ] = "30s",  # type: ignore[assignment]
+    ] = _duration(SyncerSettings.lag_interval),
     runtime_unhealthy_after: Annotated[
         float,
         Duration(
             "Fail /healthz once the runtime has been unreachable this long.",
             "RUNTIME_UNHEALTHY_AFTER",
         ),
-    ] = "5m",  # type: ignore[assignment]
+    ] = _duration(SyncerSettings.runtime_unhealthy_after),
     fleet_selector: Annotated[
         str,
         typer.Option(
@@ -131,24 +137,24 @@ def syncer(
             envvar="RESPECT_SCHEDULING",
             help="Pull a Fleet's images only where its game servers could be scheduled.",
         ),
-    ] = False,
+    ] = SyncerSettings.respect_scheduling,
     kube_api_url: Annotated[
         str | None,
         typer.Option(envvar="KUBE_API_URL", help="API server URL; in-cluster by default."),
     ] = None,
     node_refresh: Annotated[
         float, Duration("How often to re-read the node's labels and taints.", "NODE_REFRESH")
-    ] = "1m",  # type: ignore[assignment]
+    ] = _duration(SyncerSettings.node_refresh),
     remove_unused: Annotated[
         bool,
         typer.Option(
             envvar="REMOVE_UNUSED",
             help="Remove images this syncer pulled once no live Fleet references them.",
         ),
-    ] = False,
+    ] = SyncerSettings.remove_unused,
     remove_grace: Annotated[
         float, Duration("How long an image must stay unused before removal.", "REMOVE_GRACE")
-    ] = "10m",  # type: ignore[assignment]
+    ] = _duration(SyncerSettings.remove_grace),
     startup_taint: Annotated[
         str,
         typer.Option(
@@ -162,7 +168,7 @@ def syncer(
             "Remove the startup taint anyway after this long, images or not.",
             "STARTUP_TAINT_TIMEOUT",
         ),
-    ] = "15m",  # type: ignore[assignment]
+    ] = _duration(SyncerSettings.startup_taint_timeout),
     extra_image: Annotated[
         list[str],
         typer.Option(
@@ -177,7 +183,7 @@ def syncer(
             min=0,
             help="At most this many nodes pull one image at a time, cluster-wide; 0: no limit.",
         ),
-    ] = 0,
+    ] = SyncerSettings.max_cluster_pulls,
     registry_backoff: Annotated[
         float,
         Duration(
@@ -185,14 +191,14 @@ def syncer(
             "answered 429 for this long.",
             "REGISTRY_BACKOFF",
         ),
-    ] = "1m",  # type: ignore[assignment]
+    ] = _duration(SyncerSettings.registry_backoff),
     pin_images: Annotated[
         bool,
         typer.Option(
             envvar="PIN_IMAGES",
             help="Pin the images kept here so the kubelet's image GC skips them (containerd).",
         ),
-    ] = True,
+    ] = SyncerSettings.pin_images,
     max_image_fs_usage: Annotated[
         float,
         typer.Option(
@@ -201,7 +207,7 @@ def syncer(
             metavar="PERCENT",
             help="Start no pull while the image filesystem is this full.",
         ),
-    ] = "80%",  # type: ignore[assignment]
+    ] = f"{SyncerSettings.max_image_fs_usage:.0%}",  # type: ignore[assignment]
     host_root: Annotated[
         str,
         typer.Option(
@@ -216,14 +222,14 @@ def syncer(
             min=1,
             help="Back off re-pulling an image removed behind our back this often per window.",
         ),
-    ] = 3,
+    ] = SyncerSettings.removal_backoff_after,
     removal_window: Annotated[
         float, Duration("The window removals are counted in.", "REMOVAL_WINDOW")
-    ] = "1h",  # type: ignore[assignment]
+    ] = _duration(SyncerSettings.removal_window),
     removal_backoff_max: Annotated[
         float,
         Duration("Longest wait before re-pulling such an image.", "REMOVAL_BACKOFF_MAX"),
-    ] = "30m",  # type: ignore[assignment]
+    ] = _duration(SyncerSettings.removal_backoff_max),
 ) -> None:
     """Pre-pull the images of every Fleet onto this node and keep them there."""
     check_listen(metrics_addr, "--metrics-addr")
@@ -233,7 +239,6 @@ def syncer(
     check_readable(nats.tls_ca, "--nats-tls-ca")
     check_readable(nats.token_file, "--nats-token-file")
     from image_syncer.syncerproc import exec_syncer
-    from syncer.settings import SyncerSettings
 
     try:
         settings = SyncerSettings(
