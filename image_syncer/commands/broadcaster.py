@@ -6,7 +6,7 @@ Flags only become :class:`broadcaster.settings.Settings` here; the process itsel
 
 import logging
 import os
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -24,6 +24,7 @@ from image_syncer.options import (
     with_nats_options,
 )
 from image_syncer.preflight import check_listen, check_readable, missing_extra
+from ops.durations import format_duration
 from ops.lifecycle import run_until_signalled
 from wire.contract import ContractError, Kind, check_prefix
 from wire.eventlog import LogSettings
@@ -31,6 +32,11 @@ from wire.labelselector import LabelSelector, SelectorError
 from wire.natsconn import NatsSettings
 
 log = logging.getLogger(__name__)
+
+
+def _duration(seconds: float) -> Any:
+    """A duration default as typer shows it and parses it back (``5m``), from the settings."""
+    return format_duration(seconds)
 
 
 def _kinds(text: str) -> tuple[Kind, ...]:
@@ -69,29 +75,29 @@ def broadcaster(
     replicas: Annotated[
         int,
         typer.Option(min=1, max=5, envvar="STREAM_REPLICAS", help="Stream replicas (3 in prod)."),
-    ] = 1,
+    ] = LogSettings.replicas,
     tombstone_ttl: TombstoneTtlOption = DEFAULT_TOMBSTONE_TTL,
     duplicate_window: DuplicateWindowOption = DEFAULT_DUPLICATE_WINDOW,
     watch_timeout: Annotated[
         float,
         Duration("Server-side timeout of one watch request (then resumed).", "WATCH_TIMEOUT"),
-    ] = "5m",  # type: ignore[assignment]
+    ] = _duration(Settings.watch_timeout),
     drain_timeout: Annotated[
         float,
         Duration("On SIGTERM, how long to wait for queued events to be acked.", "DRAIN_TIMEOUT"),
-    ] = "10s",  # type: ignore[assignment]
+    ] = _duration(Settings.drain_timeout),
     publish_timeout: Annotated[
         float,
         Duration("How long to wait for one JetStream ack before retrying.", "PUBLISH_TIMEOUT"),
-    ] = "5s",  # type: ignore[assignment]
+    ] = _duration(Settings.publish_timeout),
     max_backoff: Annotated[
         float,
         Duration("Longest wait between retries (NATS or API server down).", "MAX_BACKOFF"),
-    ] = "10s",  # type: ignore[assignment]
+    ] = _duration(Settings.backoff_max),
     metrics_addr: Annotated[
         str,
         typer.Option(envvar="METRICS_ADDR", help="Address of /healthz, /readyz and /metrics."),
-    ] = ":8080",
+    ] = Settings.metrics_addr,
     ha: Annotated[
         bool,
         typer.Option(
@@ -99,11 +105,11 @@ def broadcaster(
             envvar="BROADCASTER_HA",
             help="Run as one of several replicas: only the lease holder watches and publishes.",
         ),
-    ] = False,
+    ] = Settings.ha,
     lease_ttl: Annotated[
         float,
         Duration("With --ha: how long a dead active's lease outlives it.", "LEASE_TTL"),
-    ] = "10s",  # type: ignore[assignment]
+    ] = _duration(Settings.lease_ttl),
     identity: Annotated[
         str,
         typer.Option(
@@ -118,11 +124,11 @@ def broadcaster(
             help="Namespace of the agones-controller Deployment, whose SIDECAR_IMAGE every "
             "node pre-pulls; empty: do not follow it.",
         ),
-    ] = "agones-system",
+    ] = SidecarSettings.namespace,
     sidecar_refresh: Annotated[
         float,
         Duration("How often to re-read the agones-controller's SIDECAR_IMAGE.", "SIDECAR_REFRESH"),
-    ] = "1m",  # type: ignore[assignment]
+    ] = _duration(SidecarSettings.refresh),
     fleet_events: Annotated[
         bool,
         typer.Option(
@@ -131,18 +137,18 @@ def broadcaster(
             help="Record Kubernetes Events on Fleets when their nodes' convergence changes "
             "(ImagesPrePulled, ImagePullFailing); needs create/patch on events.",
         ),
-    ] = True,
+    ] = Settings.fleet_events,
     fleet_events_interval: Annotated[
         float,
         Duration("How often the nodes' status is folded per Fleet.", "FLEET_EVENTS_INTERVAL"),
-    ] = "30s",  # type: ignore[assignment]
+    ] = _duration(Settings.fleet_events_interval),
     node_stale_after: Annotated[
         float,
         Duration(
             "A node whose status has no heartbeat this long is left out of the convergence.",
             "NODE_STALE_AFTER",
         ),
-    ] = "1m",  # type: ignore[assignment]
+    ] = _duration(Settings.node_stale_after),
 ) -> None:
     """Publish every add/update/delete of Agones Fleets (and GameServers) to the event log."""
     try:
