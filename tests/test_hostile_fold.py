@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from fleetdicts import fleet
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -47,13 +48,7 @@ FLEETS = [("default", "f0"), ("default", "f1"), ("team-a", "f0"), ("team-a", "g.
 
 
 def _fleet(namespace: str, name: str, images: list[str], kind: str = "Fleet") -> dict[str, Any]:
-    containers = [{"name": f"c{i}", "image": image} for i, image in enumerate(images)]
-    return {
-        "apiVersion": "agones.dev/v1",
-        "kind": kind,
-        "metadata": {"name": name, "namespace": namespace, "uid": f"uid-{name}"},
-        "spec": {"template": {"spec": {"template": {"spec": {"containers": containers}}}}},
-    }
+    return {**fleet(name, *images, namespace=namespace), "kind": kind}
 
 
 def _gameserver(namespace: str, name: str, images: list[str]) -> dict[str, Any]:

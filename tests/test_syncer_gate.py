@@ -11,6 +11,7 @@ import dataclasses
 import logging
 from typing import Any
 
+import polling
 import pytest
 from fakekube import FakeKube
 from nats.js import JetStreamContext
@@ -76,18 +77,8 @@ async def until_gate(
             return True
         return False
 
-    await eventually_async(check, what)
+    await polling.eventually(check, what)
     return found[-1]
-
-
-async def eventually_async(check: Any, what: str) -> None:
-    import asyncio
-    import time
-
-    deadline = time.monotonic() + 60
-    while not await check():
-        assert time.monotonic() < deadline, f"not true within 60s: {what}"
-        await asyncio.sleep(0.2)
 
 
 async def test_the_taint_goes_only_once_the_image_is_there(
@@ -222,7 +213,7 @@ async def test_sidecar_and_extra_images_are_kept_shown_and_gate_the_node(
                     norm(sdk_2)
                 ]
 
-            await eventually_async(upgraded, f"{node.node_name} to follow the new sidecar")
+            await polling.eventually(upgraded, f"{node.node_name} to follow the new sidecar")
         await eventually(lambda: sdk_2 in containerd.image_refs(), "the new sidecar pulled")
 
         # Re-pulled by the reconcile when deleted behind the syncer's back...
