@@ -1,5 +1,5 @@
-"""The node converges on the log as it is now after the log's stream was lost and re-created, and
-after a partition that outlived a deleted Fleet's tombstone.
+"""The node converges on the log as it is now after the log's stream was lost and re-created,
+after a partition that outlived a deleted Fleet's tombstone, and on its refold timer.
 
 Both against the real thing: nats-server, containerd and docker-registry, the syncer in-process.
 The stream is deleted and re-created as ``Publisher``'s repair or an operator would; the partition
@@ -157,3 +157,37 @@ async def test_a_fleet_deleted_while_the_node_was_cut_off_longer_than_its_tombst
     finally:
         await link.restore()
         assert await running.stop() == 0
+
+
+async def test_the_refold_timer_drops_a_fleet_gone_from_the_log_without_an_event(
+    settings: SyncerSettings,
+    js: JetStreamContext,
+    log_settings: LogSettings,
+    push,
+    containerd: Containerd,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    gone, kept = push(), push()
+    running = await RunningSyncer(replace(settings, refold_period=1.0)).start()
+    try:
+        await publish_event(js, log_settings, "fleet.events.added", fleet("gone", gone))
+        await publish_event(js, log_settings, "fleet.events.added", fleet("kept", kept))
+        await eventually(
+            lambda: _reports_fleets(js, settings, {"default/gone", "default/kept"}), "both folded"
+        )
+
+        # The Fleet leaves the log with no event at all (what an expired tombstone leaves
+        # behind), while the node stays connected: only the timer can notice.
+        subject = subject_for(settings.subject_prefix, "fleet.events.added", "default", "gone")
+        await js.purge_stream(stream_name(settings.subject_prefix, Kind.FLEET), subject=subject)
+
+        await eventually(lambda: _reports_fleets(js, settings, {"default/kept"}), "dropped")
+        assert logged(caplog, "fleet gone from the log, dropped", fleet="default/gone")
+        assert any(getattr(r, "trigger", None) == "timer" for r in caplog.records)
+    finally:
+        assert await running.stop() == 0
+
+
+async def _reports_fleets(js: JetStreamContext, settings: SyncerSettings, fleets: set[str]) -> bool:
+    status = await _status(js, settings)
+    return status is not None and set(status.summary.fleets) == fleets
