@@ -17,6 +17,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from bench.report import arguments, emit, median, percentile, production_logging, repeats, size
 from bench.services import PREFIX, log_settings, nats_client, nats_server, nats_settings
@@ -93,7 +94,7 @@ async def raw_latencies(server, kube: FakeKube, events: int) -> list[float]:  # 
     return latencies
 
 
-async def measure(argv: Sequence[str] | None) -> dict:
+async def measure(argv: Sequence[str] | None) -> dict[str, Any]:
     args = arguments(__doc__ or NAME, argv, events=300)
     events = size(args, "events", 10)
     production_logging()

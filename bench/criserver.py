@@ -1,8 +1,8 @@
 """A CRI ImageService stand-in served over a real unix-socket gRPC server.
 
 For a syncer subprocess that must talk real gRPC to a runtime holding many images without the
-cost of pulling them into containerd first: it answers ListImages, ImageStatus, PullImage and
-ImageFsInfo from memory, with the same protobuf messages containerd sends.
+cost of pulling them into containerd first: it answers ListImages, ImageStatus, PullImage,
+RemoveImage and ImageFsInfo from memory, with the same protobuf messages containerd sends.
 """
 
 from __future__ import annotations
@@ -10,44 +10,63 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import grpc.aio
 
 from bench.fakeruntime import MemoryRuntime
+from syncer.cri import RuntimeImage
 from syncer.cri_api import api_pb2
 from syncer.cri_api.api_pb2_grpc import ImageServiceServicer, add_ImageServiceServicer_to_server
 
 __all__ = ["serve_cri"]
 
 
+_Context = grpc.aio.ServicerContext[Any, Any]
+
+
 class _Service(ImageServiceServicer):
     def __init__(self, runtime: MemoryRuntime) -> None:
         self.runtime = runtime
 
-    def _proto(self, image: object) -> api_pb2.Image:
+    def _proto(self, image: RuntimeImage) -> api_pb2.Image:
         return api_pb2.Image(
-            id=image.id,  # type: ignore[attr-defined]
-            repo_tags=list(image.repo_tags),  # type: ignore[attr-defined]
-            repo_digests=list(image.repo_digests),  # type: ignore[attr-defined]
-            size=image.size,  # type: ignore[attr-defined]
+            id=image.id,
+            repo_tags=list(image.repo_tags),
+            repo_digests=list(image.repo_digests),
+            size=image.size,
         )
 
-    async def ListImages(self, request, context):  # type: ignore[no-untyped-def]
+    async def ListImages(
+        self, request: api_pb2.ListImagesRequest, context: _Context
+    ) -> api_pb2.ListImagesResponse:
         images = await self.runtime.list_images()
         return api_pb2.ListImagesResponse(images=[self._proto(i) for i in images])
 
-    async def ImageStatus(self, request, context):  # type: ignore[no-untyped-def]
+    async def ImageStatus(
+        self, request: api_pb2.ImageStatusRequest, context: _Context
+    ) -> api_pb2.ImageStatusResponse:
         image = await self.runtime.image_status(request.image.image)
         if image is None:
             return api_pb2.ImageStatusResponse()
         return api_pb2.ImageStatusResponse(image=self._proto(image))
 
-    async def PullImage(self, request, context):  # type: ignore[no-untyped-def]
+    async def PullImage(
+        self, request: api_pb2.PullImageRequest, context: _Context
+    ) -> api_pb2.PullImageResponse:
         ref = await self.runtime.pull_image(request.image.image, timeout=60)
         return api_pb2.PullImageResponse(image_ref=ref)
 
-    async def ImageFsInfo(self, request, context):  # type: ignore[no-untyped-def]
+    async def RemoveImage(
+        self, request: api_pb2.RemoveImageRequest, context: _Context
+    ) -> api_pb2.RemoveImageResponse:
+        await self.runtime.remove_image(request.image.image)
+        return api_pb2.RemoveImageResponse()
+
+    async def ImageFsInfo(
+        self, request: api_pb2.ImageFsInfoRequest, context: _Context
+    ) -> api_pb2.ImageFsInfoResponse:
         return api_pb2.ImageFsInfoResponse()
 
 

@@ -15,6 +15,7 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from bench.report import arguments, emit, median, production_logging, repeats, size
 from bench.services import (
@@ -57,7 +58,7 @@ async def wait_for(check, what: str, timeout: float = 60.0) -> None:  # type: ig
         await asyncio.sleep(0.0005)
 
 
-async def measure(argv: Sequence[str] | None) -> dict:
+async def measure(argv: Sequence[str] | None) -> dict[str, Any]:
     args = arguments(__doc__ or NAME, argv, layer_kib=1024)
     layer = size(args, "layer_kib", 16) * 1024
     runs = repeats(args, 9)

@@ -15,6 +15,7 @@ import asyncio
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from nats.aio.client import Client
 
@@ -60,7 +61,7 @@ class SimulatedNode:
 
     async def stop(self) -> None:
         self.stopping.set()
-        if self.task is not None and self.parts is not None:
+        if self.task is not None and self.parts is not None and self.nc is not None:
             await self.task
             await self.parts.consumer.drain()
             await self.nc.jetstream().delete_consumer(
@@ -96,7 +97,7 @@ async def converge(server: NatsServer, nodes: int, updates: int, first: int) -> 
     return times
 
 
-async def measure(argv: Sequence[str] | None) -> dict:
+async def measure(argv: Sequence[str] | None) -> dict[str, Any]:
     args = arguments(__doc__ or NAME, argv, max_nodes=200)
     largest = args.max_nodes or (6 if args.quick else 200)
     counts = [max(1, largest // 4), max(1, largest // 2), largest]

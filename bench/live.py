@@ -11,6 +11,7 @@ import asyncio
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
@@ -31,7 +32,8 @@ BATCH = 64  # what FleetConsumer.run fetches at a time
 
 
 def _acked() -> float:
-    return metrics.EVENTS.labels("fleet.events.added", "acked")._value.get()
+    acked: float = metrics.EVENTS.labels("fleet.events.added", "acked")._value.get()
+    return acked
 
 
 async def syncer_rate(
@@ -82,7 +84,7 @@ async def raw_rate(js: JetStreamContext, run: int, total: int) -> float:
     return total / clock.seconds
 
 
-async def measure(argv: Sequence[str] | None) -> dict:
+async def measure(argv: Sequence[str] | None) -> dict[str, Any]:
     args = arguments(__doc__ or NAME, argv, events=20_000)
     total, runs = size(args, "events", 300), repeats(args, 3)
     production_logging()

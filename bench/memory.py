@@ -17,6 +17,7 @@ import time
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from bench.criserver import serve_cri
 from bench.eventfeed import added_events, fleets, publish_bulk
@@ -39,7 +40,8 @@ def rss_mb(pid: int) -> float:
 def _ready(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=1) as response:
-            return response.status == 200
+            status: int = response.status
+            return status == 200
     except OSError:
         return False
 
@@ -91,7 +93,7 @@ async def bare_rss(idle: float) -> list[float]:
         process.wait(timeout=10)
 
 
-async def measure(argv: Sequence[str] | None) -> dict:
+async def measure(argv: Sequence[str] | None) -> dict[str, Any]:
     args = arguments(__doc__ or NAME, argv, fleets=1_000)
     count, runs = size(args, "fleets", 50), repeats(args, 3)
     idle = 1.0 if args.quick else 4.0

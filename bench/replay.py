@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
@@ -59,7 +60,9 @@ async def raw_read(js: JetStreamContext) -> tuple[float, int]:
     return clock.seconds, info.state.messages
 
 
-async def alternate(js: JetStreamContext, nats: NatsSettings, runs: int, fleets_expected: int):
+async def alternate(
+    js: JetStreamContext, nats: NatsSettings, runs: int, fleets_expected: int
+) -> tuple[float, float]:
     ours, raw = [], []
     for _ in range(runs):
         seconds, folded = await syncer_replay(js, nats)
@@ -70,7 +73,7 @@ async def alternate(js: JetStreamContext, nats: NatsSettings, runs: int, fleets_
     return median(ours), median(raw)
 
 
-async def measure(argv: Sequence[str] | None) -> dict:
+async def measure(argv: Sequence[str] | None) -> dict[str, Any]:
     args = arguments(__doc__ or NAME, argv, fleets=10_000, history=1_000_000)
     count, history = size(args, "fleets", 200), size(args, "history", 2_000)
     runs = repeats(args)

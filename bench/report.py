@@ -34,15 +34,17 @@ def arguments(description: str, argv: Sequence[str] | None, **defaults: int) -> 
 
 def size(args: argparse.Namespace, name: str, quick: int) -> int:
     """The ``--<name>`` given, else the quick or the default size."""
-    given = getattr(args, name)
+    given: int | None = getattr(args, name)
     if given is not None:
         return given
-    return quick if args.quick else args.defaults[name]
+    default: int = args.defaults[name]
+    return quick if args.quick else default
 
 
 def repeats(args: argparse.Namespace, default: int = 5) -> int:
-    if args.repeat is not None:
-        return max(1, args.repeat)
+    given: int | None = args.repeat
+    if given is not None:
+        return max(1, given)
     return 1 if args.quick else default
 
 

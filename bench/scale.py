@@ -371,7 +371,7 @@ async def status_reads(server: NatsServer, nodes: int, fleets: int) -> dict[str,
         await nc.close()
     cli = [sys.executable, "-m", "image_syncer"]
     common = ["--nats-url", server.url, "--subject-prefix", PREFIX]
-    timings = {}
+    timings: dict[str, float | str] = {}
     for label, args in (
         ("status_s", ["status"]),
         ("status_json_s", ["status", "--json"]),

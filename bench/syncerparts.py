@@ -8,9 +8,11 @@ client.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, cast
 
 from nats.js import JetStreamContext
 
+from bench.fakeruntime import MemoryRuntime
 from bench.services import PREFIX
 from ops.retry import Backoff
 from ops.serving import Health
@@ -45,24 +47,25 @@ def node(
     js: JetStreamContext,
     nats: NatsSettings,
     name: str = "bench",
-    cri: CriClient | None = None,
-    **overrides: object,
+    cri: CriClient | MemoryRuntime | None = None,
+    **overrides: Any,
 ) -> Node:
     settings = SyncerSettings(
         node_name=name, subject_prefix=PREFIX, metrics_addr="", nats=nats, **overrides
     )
-    cri = cri or CriClient(NO_RUNTIME)
+    # A MemoryRuntime has every CriClient method the syncer calls, without being one.
+    client = cast(CriClient, cri) if cri is not None else CriClient(NO_RUNTIME)
     health = Health()
     desired = DesiredState()
     puller = Puller(
-        cri,
+        client,
         max_parallel=settings.max_parallel_pulls,
         pull_timeout=settings.pull_timeout,
         backoff=Backoff(settings.backoff_min, settings.backoff_max),
     )
     inventory = Inventory(desired, puller)
-    runtime = RuntimeHealth(cri, health)
+    runtime = RuntimeHealth(client, health)
     puller.subscribe(runtime.on_pull_result)
-    reconciler = Reconciler(cri, desired, inventory, runtime, health)
+    reconciler = Reconciler(client, desired, inventory, runtime, health)
     consumer = FleetConsumer(js, settings, desired, inventory, health)
     return Node(settings, desired, puller, inventory, reconciler, consumer, health)
