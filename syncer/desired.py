@@ -94,10 +94,8 @@ class DesiredState:
     # and not keeping a thousand Fleet objects saves the syncer megabytes.
     keep_objects: bool = True
     _fleets: dict[str, frozenset[ImageRef]] = field(default_factory=dict)
-    # Excluded Fleets: their object (to re-judge; None when not kept), images and the reason.
-    _excluded: dict[str, tuple[Fleet | None, frozenset[ImageRef], str]] = field(
-        default_factory=dict
-    )
+    # Excluded Fleets: their images and the reason (their object, when kept, is in _objects).
+    _excluded: dict[str, tuple[frozenset[ImageRef], str]] = field(default_factory=dict)
     _objects: dict[str, Fleet] = field(default_factory=dict)
     # Last folded sequence per Fleet, kept after a delete so a stale added cannot resurrect it.
     _seqs: dict[str, int] = field(default_factory=dict)
@@ -148,7 +146,7 @@ class DesiredState:
             change = Transition(fleet, True, reason) if was_excluded else None
             return Applied(Outcome.APPLIED, fleet, images, skipped, reason, change)
         self._fleets.pop(fleet, None)
-        self._excluded[fleet] = (obj if self.keep_objects else None, images, reason)
+        self._excluded[fleet] = (images, reason)
         # A new Fleet excluded from the start is a transition too: one line says why.
         change = None if was_excluded else Transition(fleet, False, reason)
         return Applied(Outcome.EXCLUDED, fleet, images, skipped, reason, change)
@@ -157,7 +155,7 @@ class DesiredState:
         """Judge every known Fleet again (the rule's inputs changed); return what changed."""
         changes = []
         for fleet, obj in sorted(self._objects.items()):
-            images = self._fleets.get(fleet) or self._excluded[fleet][1]
+            images = self._fleets.get(fleet) or self._excluded[fleet][0]
             applied = self._place(fleet, obj, images)
             if applied.transition is not None:
                 changes.append(applied.transition)
@@ -165,7 +163,7 @@ class DesiredState:
 
     def excluded(self) -> dict[str, str]:
         """Fleets known here but not for this node -> why."""
-        return {fleet: reason for fleet, (_, _, reason) in self._excluded.items()}
+        return {fleet: reason for fleet, (_, reason) in self._excluded.items()}
 
     def fleet_seqs(self) -> dict[str, int]:
         """Desired and excluded Fleets -> the stream sequence of the last event folded for each.
@@ -180,8 +178,6 @@ class DesiredState:
         self._fleets = other._fleets
         self._excluded = other._excluded
         self._objects = other._objects if self.keep_objects else {}
-        if not self.keep_objects:
-            self._excluded = {f: (None, i, r) for f, (_, i, r) in other._excluded.items()}
         self._seqs = other._seqs
         self.last_seq = other.last_seq
 

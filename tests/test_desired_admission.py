@@ -109,3 +109,28 @@ def test_replace_with_takes_everything_of_the_fresh_fold() -> None:
     assert state.images_of("default/out") == {normalize("memcached")}
     # And the sequences did: an older event of it is stale.
     assert state.apply(event("updated", fleet("out", "x")), 6).outcome is Outcome.STALE
+
+
+def test_without_kept_objects_fleets_are_judged_once_per_event() -> None:
+    allowed: set[str] = set()
+
+    def admit(obj: Fleet) -> tuple[bool, str]:
+        ok = f"{obj.metadata.namespace}/{obj.metadata.name}" in allowed
+        return ok, "ok" if ok else "no"
+
+    state = DesiredState(admit=admit, keep_objects=False)
+    state.apply(event("added", fleet("a", "nginx")), 1)
+    fresh = DesiredState(admit=admit)
+    fresh.apply(event("added", fleet("b", "redis")), 2)
+    state.replace_with(fresh)
+    excluded_b = whole(state)
+    assert excluded_b["excluded"] == {"default/b": "no"}
+
+    # Nothing kept to judge again: the node's change waits for the Fleet's next event.
+    allowed.add("default/b")
+    assert state.reevaluate() == []
+    assert whole(state) == excluded_b
+    assert state.apply(event("updated", fleet("b", "redis")), 3).transition == Transition(
+        "default/b", True, "ok"
+    )
+    assert state.images_of("default/b") == {normalize("redis")}
