@@ -100,3 +100,19 @@ def test_present_of_objects_that_lack_tags_or_digests() -> None:
     assert normalize("nginx:1") in present
     assert normalize(f"redis@{DIGEST}") in present
     assert len(present) == 2
+
+
+def test_present_discard_forgets_exactly_the_name_removed() -> None:
+    present = PresentImages(tags=["nginx:1", "nginx:2"], digests=[f"redis@{DIGEST}"])
+
+    present.discard(normalize("nginx:1"))
+    assert normalize("nginx:1") not in present
+    assert normalize("nginx:2") in present
+    # A digest reference forgets the content whatever tag it was spelled with.
+    present.discard(normalize(f"redis:7@{DIGEST}"))
+    assert normalize(f"redis@{DIGEST}") not in present
+    assert len(present) == 1
+    # Forgetting what is not there is harmless.
+    present.discard(normalize("postgres"))
+    present.discard(normalize(f"postgres@{DIGEST}"))
+    assert len(present) == 1
