@@ -5,6 +5,14 @@ This is the event path's loop and its order of operations; the parts live next t
 consumer, :mod:`syncer.dispatch` handles each delivered event. The sequence the node has folded
 (:attr:`FleetConsumer.last_seq`) ties them together: the durable always starts right after it.
 
+Live. The loop long-polls the durable (:mod:`syncer.longpoll`): one pull request held by the server
+for ``--fetch-expiry`` and answered the moment an event is stored, then whatever else of a burst is
+already waiting, in batches. An idle node costs one request per expiry, and no periodic
+``consumer_info``: two missed idle heartbeats, or an error the server ends the poll with (a
+deleted durable's 409), is what makes the loop check the durable. A reconnect (the server
+restarted, the connection moved) ends the poll at once and checks the durable, since the request
+died with the old connection; stopping and a rebuild end the poll at once too.
+
 Rebuild. Folding the whole log again into a fresh state, swapping it in and restarting the
 durable right after it makes the node's desired state the fold of the log as it is now, whatever
 happened to the stream behind the syncer's back. It runs on an operator's replay request
@@ -19,11 +27,14 @@ folded (same creation time).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import enum
 import logging
 from collections.abc import Callable
 from datetime import datetime
+from typing import Any
 
-import nats.errors
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from ops.serving import Health
@@ -32,21 +43,25 @@ from syncer.desired import DesiredState
 from syncer.dispatch import Dispatcher
 from syncer.durable import Durable
 from syncer.inventory import Inventory
+from syncer.longpoll import Poll
 from syncer.replay import LogPosition, replay_log
 from syncer.settings import SyncerSettings
 from wire.contract import Kind, subject_filter
 from wire.eventlog import stream_name
+from wire.natsconn import next_reconnect
 
 __all__ = ["FleetConsumer"]
 
 log = logging.getLogger(__name__)
 
-_FETCH_TIMEOUT = 1.0
-# Check that the durable still exists after this many idle fetches (a NATS restart drops it);
-# rare enough that thousands of idle nodes do not load the JetStream API.
-_IDLE_CHECK_EVERY = 30
 # A stream re-created again and again while we fold it: give up this rebuild, retry later.
 _REBUILD_ATTEMPTS = 3
+
+
+class _Ended(enum.Enum):
+    POLL = "poll"  # the poll itself ended: look at its outcome
+    RECONNECTED = "reconnected"  # its request died with the old connection
+    INTERRUPTED = "interrupted"  # stopping, or a rebuild wants the loop paused
 
 
 class FleetConsumer:
@@ -67,8 +82,10 @@ class FleetConsumer:
         self._desired = desired
         self._health = health
         self._on_change = on_change
-        # Held by the live loop around each fetch and by a rebuild, so they never interleave.
+        # Held by the live loop around each poll and by a rebuild, so they never interleave; a
+        # rebuild sets ``_wake`` first, so it does not wait for a poll held by the server.
         self._pause = asyncio.Lock()
+        self._wake = asyncio.Event()
         self.stream = stream_name(settings.subject_prefix, Kind.FLEET)
         self.subject = subject_filter(settings.subject_prefix, Kind.FLEET)
         self.durable = Durable(js, settings, self.stream, self.subject)
@@ -100,14 +117,18 @@ class FleetConsumer:
 
         The live loop is paused meanwhile; an error leaves the current state untouched.
         """
+        self._wake.set()
         async with self._pause:
+            self._wake.clear()
             await self._rebuild(trigger, restart=True)
 
     async def refold(self, trigger: str) -> None:
         """Like :meth:`rebuild`, but the durable keeps its place when the stream is the one
         folded before: what it delivers next is folded on top (older events are stale), and
         there is no moment without a durable."""
+        self._wake.set()
         async with self._pause:
+            self._wake.clear()
             await self._rebuild(trigger, restart=False)
 
     async def _rebuild(self, trigger: str, *, restart: bool) -> None:
@@ -170,31 +191,65 @@ class FleetConsumer:
     # --- live -----------------------------------------------------------------------------
 
     async def run(self, stopping: asyncio.Event) -> None:
-        """Fetch and handle events until ``stopping``."""
-        idle = 0
+        """Poll for and handle events until ``stopping``."""
         batch = min(64, self._settings.max_ack_pending)
+        allowance = max(60.0, 2 * self._settings.fetch_expiry)
         while not stopping.is_set():
-            self._health.beat("consumer", allowance=60.0)
+            self._health.beat("consumer", allowance=allowance)
             async with self._pause:
-                idle = await self._fetch_once(batch, idle, stopping)
+                await self._poll_once(batch, stopping)
         self._health.forget("consumer")
 
-    async def _fetch_once(self, batch: int, idle: int, stopping: asyncio.Event) -> int:
+    async def _poll_once(self, batch: int, stopping: asyncio.Event) -> None:
+        s = self._settings
+        poll = asyncio.ensure_future(self.durable.long_poll(s.fetch_expiry, s.fetch_heartbeat))
+        ended = await self._finished(poll, stopping)
+        if ended is _Ended.RECONNECTED:
+            # The server may have restarted and dropped the memory-backed durable.
+            await self._recover(stopping)
+        if ended is not _Ended.POLL:
+            return
         try:
-            messages = await self.durable.fetch(batch, _FETCH_TIMEOUT)
-        except nats.errors.TimeoutError:
-            idle += 1
-            if idle % _IDLE_CHECK_EVERY == 0:
+            outcome, messages = poll.result()
+            if outcome is Poll.SILENT:
+                # Two idle heartbeats missed: is the durable still there?
                 await self._recover(stopping)
-            return idle
+                return
+            while messages:
+                for msg in messages:
+                    await self._dispatcher.dispatch(msg)
+                messages = await self.durable.waiting(batch)
         except Exception as e:
             metrics.NATS_ERRORS.labels("fetch").inc()
             log.warning("fetch failed", extra={"error": repr(e), "consumer": self.durable.name})
             await self._recover(stopping)
-            return idle
-        for msg in messages:
-            await self._dispatcher.dispatch(msg)
-        return 0
+
+    async def _finished(
+        self, poll: asyncio.Future[tuple[Poll, list[Msg]]], stopping: asyncio.Event
+    ) -> _Ended:
+        """Wait for ``poll`` to end, or cancel it on stopping, a rebuild or a reconnect.
+
+        Messages a cancelled poll had already received stay in the subscription's queue and
+        are the next poll's first answer, so none is skipped.
+        """
+        reconnected = asyncio.ensure_future(next_reconnect(self._js).wait())
+        others: list[asyncio.Future[Any]] = [
+            reconnected,
+            asyncio.ensure_future(stopping.wait()),
+            asyncio.ensure_future(self._wake.wait()),
+        ]
+        try:
+            await asyncio.wait([poll, *others], return_when=asyncio.FIRST_COMPLETED)
+            was_reconnect = reconnected.done()
+        finally:
+            for waiter in others:
+                waiter.cancel()
+        if poll.done():
+            return _Ended.POLL
+        poll.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await poll
+        return _Ended.RECONNECTED if was_reconnect else _Ended.INTERRUPTED
 
     async def drain(self) -> None:
         """Wait for the events being settled, then stop taking deliveries."""

@@ -60,6 +60,9 @@ class Dispatcher:
             return
         seq = msg.metadata.sequence.stream
         self.last_seq = max(self.last_seq, seq)
+        # The lag as the server saw it when delivering: no consumer_info needed for the gauges.
+        metrics.CONSUMER_LAG.set(msg.metadata.num_pending or 0)
+        metrics.CONSUMER_ACK_PENDING.set(len(self._settling))
         applied = fold(self._desired, event, seq)
         self._on_change()
         if applied.outcome is Outcome.NOT_A_FLEET:

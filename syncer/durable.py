@@ -26,6 +26,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from ops.retry import Backoff, retry
 from ops.serving import Health
 from syncer import metrics
+from syncer.longpoll import Poll, drain, long_poll
 from syncer.settings import SyncerSettings
 from wire.natsconn import RETRYABLE, is_connected
 
@@ -88,6 +89,14 @@ class Durable:
 
     async def fetch(self, batch: int, timeout: float) -> list[Msg]:
         return list(await self._sub.fetch(batch=batch, timeout=timeout))
+
+    async def long_poll(self, expiry: float, heartbeat: float) -> tuple[Poll, list[Msg]]:
+        """The next event, held for by the server up to ``expiry`` (see syncer.longpoll)."""
+        return await long_poll(self._sub, expiry=expiry, heartbeat=heartbeat)
+
+    async def waiting(self, batch: int) -> list[Msg]:
+        """The events already waiting behind the one a long poll brought, up to ``batch``."""
+        return await drain(self._sub, batch)
 
     async def unbind(self) -> None:
         if self._sub is not None:

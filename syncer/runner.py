@@ -377,8 +377,12 @@ class _Syncer:
 
     def _background(self) -> list[asyncio.Task[None]]:
         """The tasks beside the two loops; a new periodic chore goes here (see ``every``)."""
-        lag = every(self.settings.lag_interval, self.stopping, self.consumer.durable.refresh_lag)
-        tasks = [self._task(lag, "consumer lag")]
+        tasks = []
+        if self.settings.lag_interval > 0:
+            lag = every(
+                self.settings.lag_interval, self.stopping, self.consumer.durable.refresh_lag
+            )
+            tasks.append(self._task(lag, "consumer lag"))
         if self.reporter is not None:
             tasks.append(self._task(self.reporter.run(self.stopping), "status reporter"))
         if self.requests is not None:

@@ -46,8 +46,13 @@ class SyncerSettings:
     status_interval: float = 5.0
     status_replicas: int = 1
     status_ttl: float = 3600.0
-    # How often the durable's num_pending is read for the lag gauge.
-    lag_interval: float = 30.0
+    # How often the durable's num_pending is read for the lag gauge; 0: only from what each
+    # delivery says (no periodic consumer_info: thousands of idle nodes would pay for it).
+    lag_interval: float = 0.0
+    # The live loop's long poll: the server holds each pull request this long, with an idle
+    # heartbeat this often (a poll that saw no heartbeat means the server or durable is gone).
+    fetch_expiry: float = 30.0
+    fetch_heartbeat: float = 5.0
     # Anti-entropy: fold the whole log again this often (jittered; 0 = only after a reconnect
     # or a lost durable), so a Fleet whose delete never arrived is dropped.
     refold_period: float = 3600.0
@@ -98,7 +103,6 @@ class SyncerSettings:
         positive = {
             "status_interval": self.status_interval,
             "status_ttl": self.status_ttl,
-            "lag_interval": self.lag_interval,
             "runtime_unhealthy_after": self.runtime_unhealthy_after,
             "node_refresh": self.node_refresh,
             "startup_taint_timeout": self.startup_taint_timeout,
@@ -108,6 +112,11 @@ class SyncerSettings:
         for name, value in positive.items():
             if value <= 0:
                 raise ValueError(f"{name} must be positive")
+        if self.lag_interval < 0:
+            raise ValueError("lag_interval must not be negative (0: from deliveries only)")
+        # The server refuses a pull request whose heartbeat is not below half its expiry.
+        if not 0 < 2 * self.fetch_heartbeat < self.fetch_expiry:
+            raise ValueError("fetch_heartbeat must be positive and below half of fetch_expiry")
         if self.remove_grace < 0:
             raise ValueError("remove_grace must not be negative")
         if self.refold_period < 0:

@@ -34,6 +34,7 @@ __all__ = [
     "NatsUnavailable",
     "connect",
     "is_connected",
+    "next_reconnect",
     "read_token_file",
 ]
 
@@ -86,7 +87,17 @@ _EXPIRED = "authentication expired"
 
 
 class _Client(Client):
-    """nats-py's client, except that an expired session reconnects instead of closing."""
+    """nats-py's client, except that an expired session reconnects instead of closing, and
+    that a waiter can learn of the next reconnect (``next_reconnect``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        # Set at the next reconnect, then replaced by a fresh one for the one after.
+        self.next_reconnect = asyncio.Event()
+
+    def _mark_reconnected(self) -> None:
+        done, self.next_reconnect = self.next_reconnect, asyncio.Event()
+        done.set()
 
     async def _process_err(self, err_msg: str) -> None:
         if _EXPIRED in err_msg.lower():
@@ -98,7 +109,14 @@ class _Client(Client):
 
 async def _open(options: dict[str, Any]) -> Client:
     client = _Client()
-    await client.connect(**options)
+    report = options.get("reconnected_cb")
+
+    async def reconnected() -> None:
+        client._mark_reconnected()
+        if report is not None:
+            await report()
+
+    await client.connect(**{**options, "reconnected_cb": reconnected})
     return client
 
 
@@ -132,6 +150,13 @@ async def connect(settings: NatsSettings, *, name: str, retry_forever: bool = Fa
 def is_connected(js: JetStreamContext) -> bool:
     """Whether the connection under ``js`` is up (nats.py keeps it in a private attribute)."""
     return bool(js._nc.is_connected)
+
+
+def next_reconnect(js: JetStreamContext) -> asyncio.Event:
+    """Set when the connection under ``js`` next reconnects: requests in flight on the old
+    connection (a held pull request) are lost then. Never set for a client not made here."""
+    nc = js._nc
+    return nc.next_reconnect if isinstance(nc, _Client) else asyncio.Event()
 
 
 async def _connect_once(settings: NatsSettings, name: str) -> Client:

@@ -116,8 +116,23 @@ def syncer(
         ),
     ] = _duration(SyncerSettings.refold_period),
     lag_interval: Annotated[
-        float, Duration("How often to read this node's consumer lag.", "LAG_INTERVAL")
+        float,
+        Duration(
+            "Also read this node's consumer lag this often (0: only from deliveries).",
+            "LAG_INTERVAL",
+        ),
     ] = _duration(SyncerSettings.lag_interval),
+    fetch_expiry: Annotated[
+        float,
+        Duration("The server holds each long-poll pull request this long.", "FETCH_EXPIRY"),
+    ] = _duration(SyncerSettings.fetch_expiry),
+    fetch_heartbeat: Annotated[
+        float,
+        Duration(
+            "Idle heartbeat of a held pull request (below half of --fetch-expiry).",
+            "FETCH_HEARTBEAT",
+        ),
+    ] = _duration(SyncerSettings.fetch_heartbeat),
     runtime_unhealthy_after: Annotated[
         float,
         Duration(
@@ -262,6 +277,8 @@ def syncer(
             status_ttl=status_ttl,
             lag_interval=lag_interval,
             refold_period=refold_period,
+            fetch_expiry=fetch_expiry,
+            fetch_heartbeat=fetch_heartbeat,
             runtime_unhealthy_after=runtime_unhealthy_after,
             fleet_selector=fleet_selector,
             respect_scheduling=respect_scheduling,
