@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
+import nats.errors
 import pytest
 from fakekube import FakeKube
 from faults_harness import (
@@ -137,15 +138,15 @@ async def test_r3_cluster_loses_the_node_holding_the_syncers_consumer(
     prefix: str,
     push,
 ) -> None:
-    nats = NatsSettings(servers=cluster.urls)
+    servers = NatsSettings(servers=cluster.urls)
     log = LogSettings(prefix=prefix, replicas=3)
     images = Images(push, 5)
     churn = Churn(kube, images, seed=5)
-    nc = await connect(nats, name="tests")
+    nc = await connect(servers, name="tests")
     js = nc.jetstream(timeout=10)
-    broadcaster = await InProcessBroadcaster(broadcaster_settings(kube, nats, log)).start()
+    broadcaster = await InProcessBroadcaster(broadcaster_settings(kube, servers, log)).start()
     # The node status and pulled-image buckets are replicated like the log, as in production.
-    settings = replace(syncer_settings(node_name(), containerd, nats, prefix), status_replicas=3)
+    settings = replace(syncer_settings(node_name(), containerd, servers, prefix), status_replicas=3)
     syncer = await InProcessSyncer(settings, containerd).start()
     nodes = [(syncer.node, containerd)]
     stream = stream_name(prefix, Kind.FLEET)

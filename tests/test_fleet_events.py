@@ -210,7 +210,7 @@ async def test_a_real_syncer_turns_into_events_on_the_fleet(
         kube.create("fleets", fleet("pulls", image))
         kube.create("fleets", fleet("fails", image.rsplit(":", 1)[0] + ":no-such-tag"))
 
-        def reasons() -> dict[str, str]:
+        def reasons() -> dict[tuple[str, str], str]:
             found = {}
             for event in _events(kube):
                 found[(event["involvedObject"]["name"], event["reason"])] = event["message"]
