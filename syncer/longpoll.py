@@ -82,10 +82,10 @@ def _queued(sub: Any) -> Msg | None:
     """A message already in the subscription's queue; status messages there are stale."""
     queue = sub._sub._pending_queue
     while not queue.empty():
-        msg = queue.get_nowait()
+        msg: Msg = queue.get_nowait()
         sub._sub._pending_size -= len(msg.data)
         if not JetStreamContext.is_status_msg(msg):
-            return msg  # type: ignore[no-any-return]
+            return msg
     return None
 
 

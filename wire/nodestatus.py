@@ -45,6 +45,7 @@ import uuid
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import msgspec
 import nats.errors
@@ -286,7 +287,7 @@ def summarize(
     waiting_slot: Collection[str] = (),
     failed: Mapping[str, str] | None = None,
     held: Mapping[str, str] | None = None,
-    **rest: object,
+    **rest: Any,
 ) -> NodeState:
     """The compact state of a node holding ``present`` against ``desired`` (Fleet -> images).
 
@@ -306,7 +307,7 @@ def summarize(
             gaps[fleet] = FleetGap(total=len(unique), missing=absent)
             missing.update((i, _why(i, pulling, waiting_slot, failed, held)) for i in absent)
     node_images = rest.get("node_images") or {}
-    for images in node_images.values():  # type: ignore[attr-defined]
+    for images in node_images.values():
         missing.update(
             (i, _why(i, pulling, waiting_slot, failed, held)) for i in images if i not in present
         )
@@ -315,7 +316,7 @@ def summarize(
         excluded={fleet: fleet_seqs.get(fleet, 0) for fleet in excluded},
         gaps=gaps,
         missing=missing,
-        **rest,  # type: ignore[arg-type]
+        **rest,
     )
 
 

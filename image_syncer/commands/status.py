@@ -217,8 +217,8 @@ def _node_detail(
         target = (targets or {}).get(fleet)
         seq = summary.fleets.get(fleet, summary.excluded.get(fleet))
         behind = target is not None and (seq is None or seq < target.seq)
-        if behind:
-            state = Text(f"behind the log (seq {target.seq})", style="yellow")  # type: ignore[union-attr]
+        if behind and target is not None:
+            state = Text(f"behind the log (seq {target.seq})", style="yellow")
         elif progress is None:
             state = Text("not targeted", style="dim")
         elif progress.complete:
