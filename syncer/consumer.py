@@ -13,15 +13,16 @@ deleted durable's 409), is what makes the loop check the durable. A reconnect (t
 restarted, the connection moved) ends the poll at once and checks the durable, since the request
 died with the old connection; stopping and a rebuild end the poll at once too.
 
-Rebuild. Folding the whole log again into a fresh state, swapping it in and restarting the
-durable right after it makes the node's desired state the fold of the log as it is now, whatever
-happened to the stream behind the syncer's back. It runs on an operator's replay request
-(``image-syncer replay --node``), at once when the durable is found lost, and after a reconnect
-and every ``--refold-period`` (:mod:`syncer.refold`). Sequences are never carried from one
-incarnation of the stream to the next: a lost durable is never re-created after the sequence the
-node had folded, since a stream lost and created again restarts at 1 and that durable would
-deliver nothing; and the durable is started only once the stream it lands on is the one just
-folded (same creation time).
+Rebuild. Folding the whole log again into a fresh state and swapping it in makes the node's
+desired state the fold of the log as it is now, whatever happened to the stream behind the
+syncer's back. It runs on an operator's replay request (``image-syncer replay --node``) and at
+once when the durable is found lost, restarting the durable right after the fold; and after a
+reconnect and every ``--refold-period`` (:mod:`syncer.refold`), keeping the durable where it is
+unless the stream is a new one. Sequences are never carried from one incarnation of the stream
+to the next: a lost durable is never re-created after the sequence the node had folded, since a
+stream lost and created again restarts at 1 and that durable would deliver nothing; and the
+durable is started only once the stream it lands on is the one just folded (same creation
+time).
 """
 
 from __future__ import annotations
@@ -115,7 +116,9 @@ class FleetConsumer:
     async def rebuild(self, trigger: str = "request") -> None:
         """Fold the whole log into a fresh state, swap it in, restart the durable after it.
 
-        The live loop is paused meanwhile; an error leaves the current state untouched.
+        The live loop is paused meanwhile. An error reading the log leaves the current state
+        untouched; one restarting the durable is repaired by the live loop, which then finds the
+        durable lost.
         """
         self._wake.set()
         async with self._pause:
