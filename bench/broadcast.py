@@ -11,11 +11,13 @@ broadcaster does. The issue sets no target; the ratio is reported.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from operator import contains
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ from bench.report import arguments, emit, median, percentile, production_logging
 from bench.services import PREFIX, log_settings, nats_client, nats_server, nats_settings
 from broadcaster.runner import run
 from broadcaster.settings import Settings
+from image_syncer.sandbox.nats_server import NatsServer
 from image_syncer.sandbox.processes import free_port
 from ops.serving import Health
 from wire.contract import Kind, encode_event, event_headers, subject_for
@@ -47,7 +50,7 @@ class Published(logging.Handler):
             self.at.setdefault(record.__dict__.get("object", ""), time.perf_counter())
 
 
-async def wait_for(check, what: str, timeout: float = 60.0) -> None:  # type: ignore[no-untyped-def]
+async def wait_for(check: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while not check():
         if time.monotonic() > deadline:
@@ -68,7 +71,8 @@ async def broadcaster_latencies(kube: FakeKube, settings: Settings, events: int)
             name = f"bench-{i}"
             started = time.perf_counter()
             await asyncio.to_thread(kube.create, "fleets", fleet(name, f"game:{i}"))
-            await wait_for(lambda n=name: f"default/{n}" in published.at, f"publish of {name}")
+            key = f"default/{name}"
+            await wait_for(functools.partial(contains, published.at, key), f"publish of {name}")
             latencies.append(published.at[f"default/{name}"] - started)
     finally:
         stopping.set()
@@ -77,7 +81,7 @@ async def broadcaster_latencies(kube: FakeKube, settings: Settings, events: int)
     return latencies
 
 
-async def raw_latencies(server, kube: FakeKube, events: int) -> list[float]:  # type: ignore[no-untyped-def]
+async def raw_latencies(server: NatsServer, kube: FakeKube, events: int) -> list[float]:
     latencies = []
     async with nats_client(server) as nc:
         js = nc.jetstream()

@@ -11,10 +11,12 @@ target <= 20 ms.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from operator import contains
 from typing import Any
 
 from bench.report import arguments, emit, median, production_logging, repeats, size
@@ -50,7 +52,7 @@ class Synced(logging.Handler):
             self.at.setdefault(str(record.__dict__.get("image")), time.perf_counter())
 
 
-async def wait_for(check, what: str, timeout: float = 60.0) -> None:  # type: ignore[no-untyped-def]
+async def wait_for(check: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while not check():
         if time.monotonic() > deadline:
@@ -96,7 +98,7 @@ async def measure(argv: Sequence[str] | None) -> dict[str, Any]:
                     await publish_event(
                         js, log_settings(), "fleet.events.added", build_fleet(f"e2e-{i}", [ref])
                     )
-                    await wait_for(lambda k=key: k in synced.at, f"{ref} present")
+                    await wait_for(functools.partial(contains, synced.at, key), f"{ref} present")
                     ours.append(synced.at[key] - started)
                 present = {str(normalize(r)) for r in refs} <= {
                     t for image in await cri.list_images() for t in image.repo_tags
