@@ -11,6 +11,7 @@ from wire.contract import (
     MAX_EVENT_BYTES,
     Action,
     ContractError,
+    EventType,
     Kind,
     NodeImages,
     decode_event,
@@ -24,6 +25,7 @@ from wire.contract import (
     node_images_filter,
     node_images_message_id,
     node_images_subject,
+    object_filter,
     subject_filter,
     subject_for,
 )
@@ -467,3 +469,37 @@ def test_node_images_message_id_covers_source_version_and_images() -> None:
     text = "agones-sdk\x00812\x00us-docker.pkg.dev/agones-images/release/agones-sdk:1.44.0"
 
     assert node_images_message_id(SDK) == hashlib.sha256(text.encode()).hexdigest()[:40]
+
+
+def test_event_types_in_their_wire_form_and_back() -> None:
+    updated = EventType(Kind.GAMESERVER, Action.UPDATED)
+
+    assert str(updated) == "gameserver.events.updated"
+    assert EventType.parse("gameserver.events.updated") == updated
+    assert EventType.of("gameserver.events.updated") == updated
+    assert EventType.of(updated) is updated
+    for text in ("pod.events.added", "fleet.events.patched", "fleet.events.added.x", ""):
+        with pytest.raises(ContractError) as raised:
+            EventType.of(text)
+        assert str(raised.value) == (
+            f"unknown event type {text!r}; expected one of ['fleet.events.added', "
+            "'fleet.events.deleted', 'fleet.events.updated', 'gameserver.events.added', "
+            "'gameserver.events.deleted', 'gameserver.events.updated']"
+        )
+
+
+def test_object_filter_takes_every_action_of_one_object() -> None:
+    assert object_filter("agones", Kind.FLEET, "team.eu", "game.v2") == (
+        "agones.fleet.events.*.team_eu.game_v2"
+    )
+    assert object_filter("a.b", Kind.GAMESERVER, "default", "gs") == (
+        "a.b.gameserver.events.*.default.gs"
+    )
+    with pytest.raises(ContractError) as raised:
+        object_filter("agones", Kind.FLEET, "Bad", "x")
+    assert str(raised.value) == "namespace 'Bad' is not a valid Kubernetes name"
+    with pytest.raises(ContractError) as raised:
+        object_filter("agones", Kind.FLEET, "default", "x_y")
+    assert str(raised.value) == "name 'x_y' is not a valid Kubernetes name"
+    with pytest.raises(ContractError):
+        object_filter("a..b", Kind.FLEET, "default", "x")
