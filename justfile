@@ -37,6 +37,11 @@ lock:
 mutate *ARGS:
     {{python}} tests/mutation.py {{ARGS}}
 
+# Chaos soak (root): faults at random over real network partitions, then exact convergence;
+# prints one JSON line of figures. `./dev chaos --minutes 10`, `./dev chaos --seed S` replays.
+chaos *ARGS:
+    {{python}} -m chaos {{ARGS}}
+
 # Benchmarks: each prints one JSON line with its figure and ratio to a raw baseline.
 bench *ARGS:
     {{python}} -m bench {{ARGS}}

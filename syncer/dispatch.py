@@ -58,6 +58,8 @@ class Dispatcher:
         except ContractError as e:
             self._terminate(msg, "malformed", str(e))
             return
+        if msg.metadata.num_delivered > 1:
+            metrics.REDELIVERED.inc()
         seq = msg.metadata.sequence.stream
         self.last_seq = max(self.last_seq, seq)
         # The lag as the server saw it when delivering: no consumer_info needed for the gauges.

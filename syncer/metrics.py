@@ -35,6 +35,7 @@ __all__ = [
     "PULL_DURATION",
     "PULL_FAILURES",
     "RECONCILE_DURATION",
+    "REDELIVERED",
     "REPLAYS",
     "SLOT_WAITS",
     "TERMINATED",
@@ -49,6 +50,10 @@ TERMINATED = Counter(
     "image_syncer_syncer_messages_terminated_total",
     "Messages terminated because they cannot be used, by reason.",
     ["reason"],
+)
+REDELIVERED = Counter(
+    "image_syncer_syncer_messages_redelivered_total",
+    "Events delivered more than once (an ack lost, a nak, the ack wait expired).",
 )
 PULLS = Counter(
     "image_syncer_syncer_pulls_total",
