@@ -124,6 +124,11 @@ class Cleaner:
         self.clock = clock
         self._pulled: dict[str, ImageRef] = {}  # normalized text -> ref
         self._unused_since: dict[str, float] = {}
+        # Which observe() cycle was the latest begun when each record was made (-1: loaded at
+        # start). A listing is taken after the previous cycle began, so a record made since then
+        # may be of a pull that finished after the listing: absent from it, yet on the node.
+        self._cycle = 0
+        self._recorded_in: dict[str, int] = {}
 
     @classmethod
     async def open(
@@ -184,6 +189,7 @@ class Cleaner:
         value = msgspec.json.encode(_Record(ref=text, pulled_at=time.time()))
         await self.kv.put(record_key(self.node, text), value)
         self._pulled[text] = image
+        self._recorded_in[text] = self._cycle
 
     async def observe(
         self,
@@ -199,6 +205,7 @@ class Cleaner:
         each removal, so a Fleet folded while the cycle ran (it awaits NATS and the runtime)
         keeps its image."""
         now = self.clock()
+        self._cycle += 1
         images = list(images)
         owner = _image_index(images)
         busy = _busy_ids(images, owner, in_use)
@@ -210,6 +217,9 @@ class Cleaner:
             if _key_of(ref) in wanted or (image_id is not None and image_id in kept_ids):
                 self._cancel(text)
             elif image_id is None:
+                if self._recorded_in.get(text, -1) >= self._cycle - 1:
+                    # Pulled after this listing may have been taken: the next one tells.
+                    continue
                 # Removed by someone else already: nothing left to give back.
                 await self._forget(text)
                 done.append(Removal(text, "gone"))
@@ -255,6 +265,7 @@ class Cleaner:
         await self.kv.delete(record_key(self.node, text))
         self._pulled.pop(text, None)
         self._unused_since.pop(text, None)
+        self._recorded_in.pop(text, None)
 
 
 def _fixed(refs: list[str]) -> Callable[[], list[str]]:

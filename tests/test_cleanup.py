@@ -229,11 +229,33 @@ async def test_an_image_removed_by_someone_else_is_forgotten(
 ) -> None:
     cleaner = await _cleaner(nc, bucket, runtime, clock)
     await cleaner.record_pulled(GAME_V1)
+    # The first listing may predate the pull; the next one without the image settles it.
+    assert await cleaner.observe([], runtime.list_images()) == []
     assert await cleaner.observe([], runtime.list_images()) == [Removal(GAME_V1, "gone")]
     assert cleaner.pulled == frozenset()
     kv = await nc.jetstream().key_value(bucket)
     with pytest.raises(KeyNotFoundError):
         await kv.get(record_key("node-a", GAME_V1))
+
+
+async def test_an_image_pulled_after_the_listing_is_not_forgotten(
+    nc: Client, bucket: str, runtime: Runtime, clock: Clock
+) -> None:
+    # The chaos soak's finding: a reconcile lists the images, a pull of GAME_V1 finishes and is
+    # recorded, its Fleet is deleted, then the cleanup runs on the older listing. Forgetting the
+    # record there would leave GAME_V1 on the node for good, owned by no one.
+    cleaner = await _cleaner(nc, bucket, runtime, clock)
+    await cleaner.observe([], runtime.list_images())
+    listing = runtime.list_images()
+    runtime.add("sha256:v1", GAME_V1)
+    await cleaner.record_pulled(GAME_V1)
+    assert await cleaner.observe([], listing) == []
+    assert cleaner.pulled == {GAME_V1}
+    clock.advance(GRACE)
+    await cleaner.observe([], runtime.list_images())
+    clock.advance(GRACE)
+    assert await cleaner.observe([], runtime.list_images()) == [Removal(GAME_V1, "removed")]
+    assert "sha256:v1" not in runtime.images
 
 
 async def test_records_are_durable_per_node_and_keyed_by_reference_hash(
