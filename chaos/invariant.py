@@ -13,6 +13,7 @@ import asyncio
 from typing import Any
 
 import nats.errors
+import nats.js.errors
 from nats.js import JetStreamContext
 
 from chaos.cluster import Cluster, Node
@@ -83,7 +84,10 @@ async def node_violations(
         found += [
             f"{node.name}: status reports missing {i}: {m}" for i, m in summary.missing.items()
         ]
-    info = await js.consumer_info(stream_name(prefix, Kind.FLEET), durable_name(node.name))
+    try:
+        info = await js.consumer_info(stream_name(prefix, Kind.FLEET), durable_name(node.name))
+    except nats.js.errors.NotFoundError:
+        return [*found, f"{node.name}: durable {durable_name(node.name)} does not exist"]
     if info.num_pending or info.num_ack_pending:
         found.append(
             f"{node.name}: durable stuck: {info.num_pending} pending, "

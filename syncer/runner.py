@@ -24,7 +24,7 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from ops.lifecycle import every, until_stopping
-from ops.retry import Backoff
+from ops.retry import Backoff, retry
 from ops.serving import Health, parse_addr, serve_http
 from syncer import metrics
 from syncer.consumer import FleetConsumer
@@ -50,7 +50,7 @@ from syncer.snapshot import node_state
 from syncer.status import StatusReporter
 from syncer.unused import UnusedImages
 from wire.contract import Fleet
-from wire.natsconn import connect
+from wire.natsconn import RETRYABLE, connect
 from wire.nodestatus import NodeState, StatusError, StatusSettings, check_node
 from wire.permissions import inbox_prefix
 
@@ -372,8 +372,34 @@ class _Syncer:
         with contextlib.suppress(CriError):
             await self.reconciler.reconcile()
         self.gatekeeper.opened_for_business()
-        await self.consumer.start_durable()
-        return True
+        return await self._start_durable()
+
+    async def _start_durable(self) -> bool:
+        """Create the durable, retried while NATS does not answer (a partition, a server
+        restarting, a slow link): a timeout here used to end the process."""
+
+        async def attempt() -> bool:
+            await self.consumer.start_durable()
+            return True
+
+        def report(error: BaseException, delay: float) -> None:
+            log.warning(
+                "consumer not created, retrying",
+                extra={
+                    "consumer": self.consumer.durable.name,
+                    "error": repr(error),
+                    "retry_in": delay,
+                },
+            )
+
+        started = await retry(
+            attempt,
+            retry_on=RETRYABLE,
+            backoff=Backoff(0.5, 10.0, jitter=False),
+            on_retry=report,
+            stopping=self.stopping,
+        )
+        return bool(started)
 
     def _background(self) -> list[asyncio.Task[None]]:
         """The tasks beside the two loops; a new periodic chore goes here (see ``every``)."""
