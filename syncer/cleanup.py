@@ -184,6 +184,8 @@ class Cleaner:
         """Call after the syncer's own successful PullImage of ``ref``."""
         image = normalize(ref)
         text = str(image)
+        # Even when known (recorded before the pull): the pull just ended, after any listing.
+        self._recorded_in[text] = self._cycle
         if text in self._pulled:
             return
         value = msgspec.json.encode(_Record(ref=text, pulled_at=time.time()))

@@ -60,12 +60,15 @@ class Puller:
         budget: PullBudget | None = None,
         hold: Callable[[ImageRef], float] = lambda _: 0.0,
         admit: Callable[[], Awaitable[str]] | None = None,
+        before: Callable[[ImageRef], Awaitable[None]] | None = None,
     ) -> None:
         self._cri = cri
         # Before a pull: how long an image must still wait (it keeps vanishing: GC backoff), and
         # why no pull may start now (the disk budget). Neither counts as a failure.
         self._hold = hold
         self._admit = admit
+        # Right before the runtime pulls (the cleanup records the pull it is about to own).
+        self._before = before
         # The cluster-wide pull budget (--max-cluster-pulls), taken before the node's own slot.
         self._budget = budget
         self._slots = asyncio.Semaphore(max_parallel)
@@ -157,6 +160,11 @@ class Puller:
         async with cluster_slot, self._slots:
             if self._closing:
                 return PullResult(image, False, error="stopping", deferred=True)
+            if self._before is not None:
+                try:
+                    await self._before(image)
+                except Exception:
+                    log.exception("before-pull hook failed", extra={"image": str(image)})
             started = self._clock()
             result = await self._attempt(image)
             metrics.PULL_DURATION.observe(max(0.0, self._clock() - started))

@@ -177,6 +177,7 @@ class _Syncer:
             budget=self.budget,
             hold=self.keeper.hold_off,
             admit=self.keeper.refuse,
+            before=self._before_pull,
         )
         self.inventory = Inventory(self.desired, self.puller, on_change=self.poke)
         self.puller.subscribe(runtime.on_pull_result)
@@ -231,6 +232,10 @@ class _Syncer:
         if admitted and self.node_watcher is not None and self.settings.respect_scheduling:
             admitted, reason = self.node_watcher.schedulable(fleet.pod_spec)
         return admitted, reason
+
+    async def _before_pull(self, image: ImageRef) -> None:
+        if self.unused is not None:
+            await self.unused.before_pull(image)
 
     def _unused(self, cri: CriClient) -> UnusedImages | None:
         if not self.settings.remove_unused:

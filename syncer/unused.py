@@ -32,6 +32,9 @@ __all__ = ["UnusedImages"]
 
 log = logging.getLogger(__name__)
 
+# How long a pull waits for its record before going ahead without it.
+_RECORD_WAIT = 2.0
+
 
 class ContainerImages(Protocol):
     """What the runtime says containers use: :meth:`syncer.cri.CriClient.images_in_use`."""
@@ -103,6 +106,19 @@ class UnusedImages:
             return
         async with self._guard(normalize(ref)):
             await self._remover(ref)
+
+    async def before_pull(self, image: ImageRef) -> None:
+        """Record a pull about to start: a syncer killed after the pull but before its result
+        is recorded would otherwise leave an image no record owns, never removed. Best effort:
+        when NATS does not answer soon (or is known down) the pull goes ahead and is recorded
+        after it, as always; a pull that then fails leaves a record the cleanup forgets."""
+        if self._failing:
+            return
+        try:
+            cleaner = await asyncio.wait_for(self._open(), _RECORD_WAIT)
+            await asyncio.wait_for(cleaner.record_pulled(str(image)), _RECORD_WAIT)
+        except Exception as e:
+            self._failed("record_pulled", e)
 
     def on_pull_result(self, result: PullResult) -> None:
         """Remember our own successful pulls (recorded in the background)."""

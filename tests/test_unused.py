@@ -161,3 +161,17 @@ async def test_without_a_source_of_containers_nothing_is_removed(
     await _pass(unused, runtime)
 
     assert removed == []
+
+
+async def test_a_pull_recorded_before_it_starts_survives_a_crash_before_its_result(
+    js: JetStreamContext, prefix: str, runtime: Runtime
+) -> None:
+    # The chaos soak's finding: the pull succeeded, recording it timed out (NATS cut off), the
+    # syncer was SIGKILLed; after the restart no record owned the image and it stayed forever.
+    crashed = UnusedImages(js, "node-a", runtime.remove_image, grace=0.0, prefix=prefix)
+    await crashed.before_pull(normalize(GAME))
+    # ... the runtime pulls GAME, and the process dies before on_pull_result.
+    restarted = UnusedImages(js, "node-a", runtime.remove_image, grace=0.0, prefix=prefix)
+    await _pass(restarted, runtime)
+    assert runtime.removed == [GAME]
+    assert GAME not in runtime.images
