@@ -89,8 +89,15 @@ class RunningSyncer:
     async def stop(self) -> int:
         assert self.task is not None
         self.stopping.set()
-        async with asyncio.timeout(DEADLINE):
-            return await self.task
+        done, _ = await asyncio.wait({self.task}, timeout=DEADLINE)
+        if not done:
+            # What the syncer still waits for says why it did not stop: print every task's stack.
+            for task in asyncio.all_tasks():
+                if task is not asyncio.current_task():
+                    task.print_stack(file=sys.stdout)
+            self.task.cancel()
+            raise AssertionError(f"the syncer did not stop within {DEADLINE:g}s of stopping")
+        return self.task.result()
 
 
 @pytest.fixture

@@ -61,8 +61,9 @@ def fully_pinned(containerd: Containerd, ref: str) -> bool:
 
 
 async def node_state(js: JetStreamContext, settings: SyncerSettings) -> NodeState | None:
+    # None until the syncer's first status write created the bucket.
     kv = await open_status_bucket(js, StatusSettings(prefix=settings.subject_prefix))
-    status = await get_status(kv, settings.node_name)
+    status = await get_status(kv, settings.node_name) if kv is not None else None
     return status.summary if status is not None else None
 
 
