@@ -7,7 +7,8 @@ Every loop of the processes waits through the helpers here, so that none of them
 stopping process alive for a whole period: :func:`sleep_unless_stopping` for a loop's pause,
 :func:`wait_any` for a pause that something else may cut short too (a poke, a kick), and
 :func:`until_stopping` for one piece of work that stopping abandons (connecting, acquiring), and
-:func:`every` for a periodic chore (refresh a gauge, look at a connection).
+:func:`every` for a periodic chore (refresh a gauge, look at a connection). What is left when
+the main coroutine is done goes through :func:`cancel_and_wait`, which gives up after a while.
 """
 
 from __future__ import annotations
@@ -16,10 +17,17 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Collection
+from typing import Any, TypeVar
 
-__all__ = ["every", "run_until_signalled", "sleep_unless_stopping", "until_stopping", "wait_any"]
+__all__ = [
+    "cancel_and_wait",
+    "every",
+    "run_until_signalled",
+    "sleep_unless_stopping",
+    "until_stopping",
+    "wait_any",
+]
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +89,9 @@ async def until_stopping(stopping: asyncio.Event, work: Awaitable[T]) -> T | Non
     stop = asyncio.ensure_future(stopping.wait())
     try:
         await asyncio.wait((task, stop), return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()  # the caller was cancelled: its work must not run on without it
+        raise
     finally:
         stop.cancel()
     if task.done():
@@ -89,6 +100,33 @@ async def until_stopping(stopping: asyncio.Event, work: Awaitable[T]) -> T | Non
     with contextlib.suppress(asyncio.CancelledError, Exception):
         await task
     return None
+
+
+async def cancel_and_wait(
+    tasks: Collection[asyncio.Task[Any]], *, patience: float, again_every: float = 1.0
+) -> set[asyncio.Task[Any]]:
+    """Cancel ``tasks`` and wait at most ``patience`` seconds for them; return those still running.
+
+    The cancel is repeated every ``again_every`` seconds, because one can be lost: Python
+    3.11's ``asyncio.wait_for`` (nats-py waits through it) returns the awaited result instead
+    of raising when the result arrives at the moment of the cancel, and a loop that only ends
+    when cancelled then runs on. Their errors are taken (a stopping process does not report
+    them), so none is logged later as "never retrieved".
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + patience
+    pending = {task for task in tasks if not task.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        left = deadline - loop.time()
+        if left <= 0:
+            break
+        _, pending = await asyncio.wait(pending, timeout=min(again_every, left))
+    for task in tasks:
+        if task.done() and not task.cancelled():
+            task.exception()
+    return pending
 
 
 async def every(

@@ -23,6 +23,7 @@ import nats.js.errors
 from nats.js import JetStreamContext
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
+from ops.lifecycle import sleep_unless_stopping, until_stopping
 from wire.nodestatus import (
     ReplayRequest,
     StatusError,
@@ -91,11 +92,16 @@ async def watch_replay_requests(
     node: str,
     callback: Callable[[PendingReplay], Awaitable[None]],
     *,
+    stopping: asyncio.Event,
     settings: StatusSettings = DEFAULT_SETTINGS,
     ignore: Iterable[str] = (),
     recheck: float = 30.0,
 ) -> None:
-    """Call ``callback`` for each request for ``node`` (the pending one first), until cancelled.
+    """Call ``callback`` for each request for ``node`` (the pending one first), until stopping.
+
+    Ends on ``stopping``, not only on a cancel: a cancel can be lost (Python 3.11's
+    ``asyncio.wait_for``, which nats-py's watcher uses, returns the update instead when one
+    arrives at the same moment), and this loop would then outlive the syncer's stop.
 
     After ``callback`` returns, the request is completed (deleted). If it raises, the error is
     logged and the request stays for the next start. Ids in ``ignore`` (a request honoured at
@@ -105,20 +111,18 @@ async def watch_replay_requests(
     """
     handled = set(ignore)
     failing = False
-    while True:
+    while not stopping.is_set():
         try:
             kv = await ensure_status_bucket(js, settings)
             if failing:
                 log.info("replay watch recovered", extra={"node": node})
                 failing = False
-            await _watch(kv, js, node, callback, settings, handled, recheck)
-        except asyncio.CancelledError:
-            raise
+            await _watch(kv, js, node, callback, settings, handled, recheck, stopping)
         except Exception as e:
             if not failing:
                 log.warning("replay watch failed", extra={"node": node, "error": repr(e)})
             failing = True
-            await asyncio.sleep(min(recheck, 5.0))
+            await sleep_unless_stopping(stopping, min(recheck, 5.0))
 
 
 async def _watch(
@@ -129,13 +133,14 @@ async def _watch(
     settings: StatusSettings,
     handled: set[str],
     recheck: float,
+    stopping: asyncio.Event,
 ) -> None:
     key = replay_key(node)
     watcher = await kv.watch(key)
     try:
-        while True:
+        while not stopping.is_set():
             try:
-                entry = await watcher.updates(timeout=recheck)
+                entry = await until_stopping(stopping, watcher.updates(timeout=recheck))
             except nats.errors.TimeoutError:
                 entry = await _current(kv, key)
             if entry is None or entry.operation in (KV_DEL, KV_PURGE):

@@ -9,6 +9,7 @@ mechanics (where requests wait, how they are completed) are :mod:`syncer.replayc
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -72,11 +73,16 @@ class ReplayRequests:
             metrics.NATS_ERRORS.labels("replay_request").inc()
             log.warning("cannot complete the replay request", extra={"error": repr(e)})
 
-    async def watch(self) -> None:
-        """Rebuild on every new request until cancelled."""
+    async def watch(self, stopping: asyncio.Event) -> None:
+        """Rebuild on every new request until ``stopping``."""
         ignore = [self._at_start.request.id] if self._at_start is not None else []
         await watch_replay_requests(
-            self._js, self._node, self._on_request, settings=self._settings, ignore=ignore
+            self._js,
+            self._node,
+            self._on_request,
+            stopping=stopping,
+            settings=self._settings,
+            ignore=ignore,
         )
 
     async def _on_request(self, pending: PendingReplay) -> None:

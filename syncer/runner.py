@@ -23,7 +23,7 @@ from typing import Any
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
-from ops.lifecycle import every, until_stopping
+from ops.lifecycle import cancel_and_wait, every, until_stopping
 from ops.retry import Backoff, retry
 from ops.serving import Health, parse_addr, serve_http
 from syncer import metrics
@@ -59,6 +59,8 @@ __all__ = ["run"]
 log = logging.getLogger(__name__)
 
 _NATS_CHECK_PERIOD = 1.0
+# How long the background tasks get to end once cancelled (they watch ``stopping`` too).
+_TASKS_PATIENCE = 10.0
 
 
 async def run(
@@ -349,9 +351,13 @@ class _Syncer:
             )
             await self._stop()
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            # Bounded: a background task that does not end must not keep the syncer from exiting.
+            left = await cancel_and_wait(tasks, patience=_TASKS_PATIENCE)
+            if left:
+                log.warning(
+                    "background tasks did not stop, exiting without them",
+                    extra={"tasks": sorted(task.get_name() for task in left)},
+                )
 
     async def _start(self, tasks: list[asyncio.Task[None]]) -> bool:
         """Everything before the loops; False when the syncer was stopped meanwhile."""
@@ -417,7 +423,7 @@ class _Syncer:
         if self.reporter is not None:
             tasks.append(self._task(self.reporter.run(self.stopping), "status reporter"))
         if self.requests is not None:
-            tasks.append(self._task(self.requests.watch(), "replay requests"))
+            tasks.append(self._task(self.requests.watch(self.stopping), "replay requests"))
         if self.node_watcher is not None:
             tasks.append(self._task(self.node_watcher.run(self.stopping), "node watcher"))
         tasks.append(self._task(self.refolder.run(self.stopping), "refold"))

@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 import msgspec
 import pytest
 from nats.js import JetStreamContext
-from polling import eventually
+from polling import DEADLINE, eventually
 
 from image_syncer.sandbox.nats_server import NatsServer
 from syncer.replaycontrol import (
@@ -536,8 +536,11 @@ async def test_a_running_syncer_sees_replay_requests(
     async def replay(pending: PendingReplay) -> None:
         seen.append(pending)
 
+    stopping = asyncio.Event()
     task = asyncio.create_task(
-        watch_replay_requests(js, "node-a", replay, settings=settings, recheck=5.0)
+        watch_replay_requests(
+            js, "node-a", replay, stopping=stopping, settings=settings, recheck=5.0
+        )
     )
     try:
 
@@ -556,8 +559,8 @@ async def test_a_running_syncer_sees_replay_requests(
         await eventually(lambda: delivered(2), "the request made while running")
         assert [p.request for p in seen] == [early, later]
     finally:
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
+        stopping.set()
+        async with asyncio.timeout(DEADLINE):
             await task
     assert await pending_replay(js, "node-b", settings=settings) is not None
 
@@ -572,7 +575,10 @@ async def test_a_failed_replay_keeps_the_request(
         attempts.append(pending.request.id)
         raise RuntimeError("log unreadable")
 
-    task = asyncio.create_task(watch_replay_requests(js, "node-a", replay, settings=settings))
+    stopping = asyncio.Event()
+    task = asyncio.create_task(
+        watch_replay_requests(js, "node-a", replay, stopping=stopping, settings=settings)
+    )
     try:
 
         async def tried() -> bool:
@@ -580,8 +586,8 @@ async def test_a_failed_replay_keeps_the_request(
 
         await eventually(tried, "the replay attempt")
     finally:
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
+        stopping.set()
+        async with asyncio.timeout(DEADLINE):
             await task
     pending = await pending_replay(js, "node-a", settings=settings)
     assert pending is not None and pending.request == request
