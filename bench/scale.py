@@ -297,7 +297,15 @@ async def prepare_log(group: list[NatsServer], cluster: bool) -> None:
     try:
         js = nc.jetstream(timeout=30)
         settings = LogSettings(prefix=PREFIX, replicas=3 if cluster else 1)
-        await ensure_streams(js, settings)
+        deadline = time.monotonic() + 120
+        while True:  # a fresh cluster answers timeouts until it has elected a meta leader
+            try:
+                await ensure_streams(js, settings)
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(1)
         await publish_event(js, settings, "fleet.events.added", build_fleet(FLEET, [image(0)]))
     finally:
         await nc.close()
@@ -432,6 +440,9 @@ async def measure(argv: Sequence[str] | None) -> dict[str, Any]:
                 await reset_durables(group)
             if not cluster and args.status_nodes:
                 status = await status_reads(group[0], args.status_nodes, args.status_fleets)
+                print(json.dumps({"status": status}), file=sys.stderr, flush=True)
+            if not cluster and baseline:
+                print(json.dumps({"raw_fetch_loop": baseline}), file=sys.stderr, flush=True)
     first = runs.get("single") or next(iter(runs.values()))
     figure = first[-1]["idle_msgs_in_per_s_per_node"]
     base = baseline.get("idle_msgs_in_per_s_per_node") or 0.0
