@@ -61,6 +61,8 @@ log = logging.getLogger(__name__)
 _NATS_CHECK_PERIOD = 1.0
 # How long the background tasks get to end once cancelled (they watch ``stopping`` too).
 _TASKS_PATIENCE = 10.0
+# How long the reconcile and the consumer get to finish their pass once stopping.
+_LOOPS_PATIENCE = 15.0
 
 
 async def run(
@@ -340,15 +342,18 @@ class _Syncer:
             self._task(self._watch_runtime(), "runtime watch"),
         ]
         try:
-            if not await self._start(tasks):
+            # Stopping abandons the start wherever it is (a replay, a first reconcile).
+            if not await until_stopping(self.stopping, self._start(tasks)):
                 return
             tasks += self._background()
-            await asyncio.gather(
+            loops = [
                 self._task(
                     self.reconciler.run(self.settings.sync_period, self.stopping), "reconcile"
                 ),
                 self._task(self.consumer.run(self.stopping), "consumer"),
-            )
+            ]
+            tasks += loops
+            await self._until_loops_end(loops)
             await self._stop()
         finally:
             # Bounded: a background task that does not end must not keep the syncer from exiting.
@@ -358,6 +363,29 @@ class _Syncer:
                     "background tasks did not stop, exiting without them",
                     extra={"tasks": sorted(task.get_name() for task in left)},
                 )
+
+    async def _until_loops_end(self, loops: list[asyncio.Task[None]]) -> None:
+        """Until ``stopping`` (or a loop failed); then the loops get a while to finish the pass
+        they are in. A pass that hangs is cancelled: it must not keep the syncer from stopping,
+        and the next start does it again."""
+        stopped = asyncio.ensure_future(self.stopping.wait())
+        try:
+            await asyncio.wait([*loops, stopped], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+        # A loop that failed ends the syncer: the other one is not waited for.
+        patience = _LOOPS_PATIENCE if self.stopping.is_set() else 0.0
+        _, late = await asyncio.wait(loops, timeout=patience)
+        if late:
+            log.warning(
+                "loops did not end in time, cancelled",
+                extra={"loops": sorted(task.get_name() for task in late)},
+            )
+            await cancel_and_wait(late, patience=_TASKS_PATIENCE)
+        for loop in loops:
+            error = loop.exception() if loop.done() and not loop.cancelled() else None
+            if error is not None:
+                raise error
 
     async def _start(self, tasks: list[asyncio.Task[None]]) -> bool:
         """Everything before the loops; False when the syncer was stopped meanwhile."""

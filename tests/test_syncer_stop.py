@@ -4,21 +4,29 @@ Python 3.11's ``asyncio.wait_for`` (nats-py's KV watcher waits through it) retur
 result instead of raising when the result arrives at the moment of the cancel. Under load this
 happened to the syncer's replay-request watch at stop: the watch, which ended only when cancelled,
 ran on and the syncer never returned. The race is made certain here by a watcher whose wait always
-swallows the cancel like that; NATS and containerd are real.
+swallows the cancel like that; NATS and containerd are real. A pass of the reconcile that hangs
+(a call without a deadline) must not keep the syncer from stopping either.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 
 import pytest
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
-from syncer_harness import RunningSyncer, info_logs_fixture, settings_fixture  # noqa: F401
+from syncer_harness import (  # noqa: F401  (fixtures)
+    RunningSyncer,
+    info_logs_fixture,
+    logged,
+    settings_fixture,
+)
 
 from ops.lifecycle import cancel_and_wait
+from syncer.keeping import Keeper
+from syncer.references import Holding, ImageRef
 from syncer.settings import SyncerSettings
 from wire.eventlog import LogSettings
 
@@ -55,6 +63,38 @@ async def test_the_syncer_stops_though_its_replay_watch_loses_the_cancel(
             await lost_cancels.wait()  # the replay-request watch waits for a request
     finally:
         assert await running.stop() == 0
+
+
+async def test_a_reconcile_pass_that_hangs_is_cancelled_at_stop(
+    settings: SyncerSettings,
+    js: JetStreamContext,
+    log_settings: LogSettings,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    hanging = asyncio.Event()
+    after_list = Keeper.after_list
+    passes = 0
+
+    async def hangs_after_the_first(
+        self: Keeper, wanted: Collection[ImageRef], present: Holding
+    ) -> None:
+        nonlocal passes
+        passes += 1
+        if passes == 1:  # the one at start
+            await after_list(self, wanted, present)
+            return
+        hanging.set()
+        await asyncio.Event().wait()  # e.g. a NATS or containerd call without a deadline
+
+    monkeypatch.setattr(Keeper, "after_list", hangs_after_the_first)
+    running = await RunningSyncer(settings).start()
+    try:
+        async with asyncio.timeout(60):
+            await hanging.wait()
+    finally:
+        assert await running.stop() == 0
+    assert logged(caplog, "loops did not end in time, cancelled")
 
 
 async def test_cancel_and_wait_cancels_again_a_task_that_lost_the_first_cancel() -> None:
