@@ -19,6 +19,7 @@ The grace clock is in memory: after a restart it starts again, which only ever d
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import time
@@ -35,12 +36,21 @@ from nats.js.kv import KeyValue
 from syncer.cri import CriError
 from syncer.references import ImageRef, InvalidImageReference, normalize
 
-__all__ = ["BUCKET", "Cleaner", "Removal", "ensure_pulled_bucket", "record_key"]
+__all__ = [
+    "BUCKET",
+    "LOAD_TIMEOUT",
+    "Cleaner",
+    "Removal",
+    "ensure_pulled_bucket",
+    "record_key",
+]
 
 log = logging.getLogger(__name__)
 
 BUCKET = "IMAGE_SYNCER_PULLED"
 DEFAULT_GRACE = 600.0
+# Reading one node's records from a per-node ledger (this one, the pins') takes well under this.
+LOAD_TIMEOUT = 30.0
 
 Remover = Callable[[str], Awaitable[None]]
 
@@ -163,10 +173,13 @@ class Cleaner:
         # when the node name has dots; nats-py's keys(filters=) matches substrings instead.
         watcher = await self.kv.watch(f"{self.node}.*", ignore_deletes=True)
         try:
-            async for entry in watcher:
-                if entry is None:  # the end of the current values
-                    break
-                self._load_record(entry.key, entry.value or b"")
+            # The watcher's iteration has no deadline of its own: a load that hangs (the NATS
+            # connection lost mid-way) fails instead, and is tried again.
+            async with asyncio.timeout(LOAD_TIMEOUT):
+                async for entry in watcher:
+                    if entry is None:  # the end of the current values
+                        break
+                    self._load_record(entry.key, entry.value or b"")
         finally:
             await watcher.stop()
 

@@ -33,7 +33,7 @@ from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
 from syncer import metrics
-from syncer.cleanup import ensure_pulled_bucket, record_key
+from syncer.cleanup import LOAD_TIMEOUT, ensure_pulled_bucket, record_key
 from syncer.containerd_images import PIN_LABEL, PIN_VALUE, ImageRecord
 from syncer.cri import CriError, RuntimeUnavailable, RuntimeVersion
 from syncer.references import Holding, ImageRef, InvalidImageReference, normalize
@@ -129,10 +129,13 @@ class PinLedger:
         # "<node>.*" is exactly this node's keys even when its name has dots (one hash token).
         watcher = await self.kv.watch(f"{self.node}.*", ignore_deletes=True)
         try:
-            async for entry in watcher:
-                if entry is None:
-                    break
-                self._load(entry.key, entry.value or b"")
+            # The watcher's iteration has no deadline of its own: a load that hangs (the NATS
+            # connection lost mid-way) fails instead, and is tried again.
+            async with asyncio.timeout(LOAD_TIMEOUT):
+                async for entry in watcher:
+                    if entry is None:
+                        break
+                    self._load(entry.key, entry.value or b"")
         finally:
             await watcher.stop()
 
