@@ -179,3 +179,18 @@ async def test_pull_uses_the_normalized_reference(image: ImageRef) -> None:
     puller, _, _ = make(cri)
     await puller.ensure(image)
     assert cri.calls[0][0] == "127.0.0.1:5000/x:v1"
+
+
+async def test_the_before_hook_runs_before_the_runtime_pulls_and_cannot_stop_it() -> None:
+    cri = StandInCri()
+    seen: list[tuple[str, int]] = []
+
+    async def before(image: ImageRef) -> None:
+        seen.append((str(image), len(cri.calls)))  # how many pulls had started by then
+        raise RuntimeError("bookkeeping broke")
+
+    puller, _, _ = make(cri, before=before)
+    cri.gates[str(IMG[0])].set()
+    outcome = await puller.ensure(IMG[0])
+    assert seen == [(str(IMG[0]), 0)]
+    assert outcome.ok and [c[0] for c in cri.calls] == [str(IMG[0])]
