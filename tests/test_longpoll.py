@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import nats.errors
+import nats.js.errors
 import pytest
 from nats.js import JetStreamContext
 from test_syncer import RunningSyncer, eventually, fleet, logged
@@ -94,6 +95,19 @@ async def publish_once_jetstream_is_back(
             if asyncio.get_running_loop().time() > deadline:
                 raise
             await asyncio.sleep(0.2)
+
+
+async def durable_exists(js: JetStreamContext, stream: str, durable: str) -> None:
+    """Until the syncer has created its durable (ready may be reported a moment before)."""
+    deadline = asyncio.get_running_loop().time() + 60
+    while True:
+        try:
+            await js.consumer_info(stream, durable)
+            return
+        except nats.js.errors.NotFoundError:
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.1)
 
 
 def present(containerd: Containerd, image: str) -> bool:
@@ -180,7 +194,9 @@ async def test_the_long_poll_recovers_when_its_durable_is_deleted(
     try:
         # An operator (or an inactive_threshold gone wrong) deletes the node's durable while
         # the server holds the node's pull request.
-        assert await js.delete_consumer(stream_name(prefix, Kind.FLEET), settings.durable)
+        stream = stream_name(prefix, Kind.FLEET)
+        await durable_exists(js, stream, settings.durable)
+        assert await js.delete_consumer(stream, settings.durable)
         await eventually(lambda: bool(logged(caplog, "consumer lost")), "the loss noticed")
         image = push()
         await publish_event(js, log_settings, "fleet.events.added", fleet("later", image))
