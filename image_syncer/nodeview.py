@@ -32,11 +32,22 @@ _WHY = {
 }
 
 
+# A failed image is retried: the node reports it failed between retries, pulling (or waiting for
+# a slot) during one, and keeps the last error in both. Read at any moment it is the same image
+# that cannot be pulled, so it reads "failed" with the error either way, plus what happens now.
+_RETRY = {
+    MissingState.PULLING: "failed, pulling again",
+    MissingState.WAITING_SLOT: "failed, waiting for a cluster pull slot to retry",
+}
+
+
 def describe_missing(image: str, why: Missing) -> str:
     """``image (failed: 401 Unauthorized)``: one missing image and why, for a person."""
     reason = _WHY.get(why.state, str(why.state))
     if why.error and why.state is MissingState.FAILED:
         reason = f"{reason}: {why.error}"
+    elif why.error and why.state in _RETRY:
+        reason = f"{_RETRY[why.state]}: {why.error}"
     elif why.error:
         reason = f"{reason}; last error: {why.error}"
     return f"{image} ({reason})"
