@@ -8,7 +8,6 @@ broadcaster by publishing Fleets to the real event log (``wait`` reads a Fleet's
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import re
@@ -23,6 +22,7 @@ from nats.js import JetStreamContext
 from polling import eventually as until
 
 from image_syncer.fleetlog import fleet_filter, fold_fleet_log, target_of
+from image_syncer.nodeview import describe_missing
 from image_syncer.sandbox.nats_server import NatsServer
 from image_syncer.sandbox.processes import free_port
 from syncer.replaycontrol import pending_replay
@@ -30,12 +30,12 @@ from wire.contract import encode_event, subject_for
 from wire.eventlog import LogSettings, StoredMessage, publish_event
 from wire.nodestatus import (
     SCHEMA,
-    Heartbeat,
+    Missing,
+    MissingState,
     NodeStatus,
     StatusSettings,
     ensure_status_bucket,
     node_key,
-    put_heartbeat,
     put_status,
     summarize,
 )
@@ -50,8 +50,20 @@ def settings(prefix: str) -> StatusSettings:
     return StatusSettings(prefix=prefix)
 
 
+# Nodes the tests report as live (written just before the command) must stay live however slowly
+# a loaded machine runs the commands after them; nodes reported stale are an hour old.
+STALE_AFTER = "10m"
+
+
 def cli_args(nats_server: NatsServer, prefix: str, *args: str) -> list[str]:
-    return [*args, "--nats-url", nats_server.url, "--subject-prefix", prefix]
+    """The command line of ``args`` against the test's NATS and prefix.
+
+    ``status`` and ``wait`` get ``--stale-after STALE_AFTER`` unless the test gives its own.
+    """
+    extra = ["--nats-url", nats_server.url, "--subject-prefix", prefix]
+    if args[0] in ("status", "wait") and "--stale-after" not in args:
+        extra += ["--stale-after", STALE_AFTER]
+    return [*args, *extra]
 
 
 async def start_cli(*args: str) -> asyncio.subprocess.Process:
@@ -468,6 +480,26 @@ async def test_wait_times_out_naming_the_missing_nodes_and_why(
     ]
 
 
+def test_an_image_that_keeps_failing_reads_failed_with_its_last_error_while_retried() -> None:
+    # Between retries the node reports it failed, during one pulling (or waiting for a slot):
+    # whichever moment wait or status reads, the person sees the failure and its last error.
+    image = "registry.example/arena:v2"
+    assert describe_missing(image, Missing(MissingState.FAILED, "not found")) == (
+        f"{image} (failed: not found)"
+    )
+    assert describe_missing(image, Missing(MissingState.PULLING, "not found")) == (
+        f"{image} (failed, pulling again: not found)"
+    )
+    assert describe_missing(image, Missing(MissingState.WAITING_SLOT, "not found")) == (
+        f"{image} (failed, waiting for a cluster pull slot to retry: not found)"
+    )
+    assert describe_missing(image, Missing(MissingState.PULLING)) == f"{image} (pulling)"
+    assert describe_missing(image, Missing(MissingState.WAITING_SLOT)) == (
+        f"{image} (waiting for a cluster pull slot)"
+    )
+    assert describe_missing(image, Missing(MissingState.PENDING)) == f"{image} (pending)"
+
+
 async def test_wait_before_any_syncer_reported_waits_for_the_bucket(
     js: JetStreamContext, nats_server: NatsServer, prefix: str, settings: StatusSettings
 ) -> None:
@@ -531,28 +563,33 @@ async def test_wait_fails_clearly_when_no_live_node_reports(
 async def test_wait_stops_waiting_for_a_node_that_turns_stale(
     js: JetStreamContext, nats_server: NatsServer, prefix: str, settings: StatusSettings
 ) -> None:
-    # node-b is live now but sends no more heartbeats; node-a keeps beating, as a running syncer
-    # does, so however slow this machine is only the stale transition of node-b can end the
-    # wait before its (long) timeout.
+    # node-b is not done and turns stale a few seconds after its last entry; node-a is done.
+    # After those entries nothing changes in the bucket, so only the stale transition of node-b
+    # can end the wait before its (default, 5m) timeout, long after `finish` gives up. Both
+    # entries are written once the wait watches, and node-a has minutes before it turns stale
+    # too: a slow machine delays the wait, never changes its answer.
+    stale_after, node_b_left = 120.0, 3.0
     seq = await publish(js, prefix, "added")
-    await report(js, settings, "node-a", present=set(IMAGES), seqs={FLEET: seq})
-    await report(js, settings, "node-b", age=1.0)
-    stop = asyncio.Event()
-
-    async def beat() -> None:
-        while not stop.is_set():
-            await put_heartbeat(js, settings, "node-a", Heartbeat(at=datetime.now(UTC)))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 0.5)
-
-    beating = asyncio.create_task(beat())
-    try:
-        code, out, err = await run_cli(
-            *cli_args(nats_server, prefix, "wait", "--fleet", FLEET, "--stale-after", "2s")
+    await report(js, settings, "node-b")
+    process = await start_cli(
+        *cli_args(
+            nats_server,
+            prefix,
+            "wait",
+            "--fleet",
+            FLEET,
+            "--stale-after",
+            f"{stale_after:.0f}s",
         )
-    finally:
-        stop.set()
-        await beating
+    )
+
+    async def watching() -> bool:
+        return await watchers_on(js, settings) > 0
+
+    await until(watching, "wait to watch the bucket")
+    await report(js, settings, "node-a", present=set(IMAGES), seqs={FLEET: seq})
+    await report(js, settings, "node-b", age=stale_after - node_b_left)
+    code, out, err = await finish(process)
     assert code == 0, err
     assert out.strip() == (
         f"{FLEET}: all images present on 1 live nodes as of event seq {seq} (1 stale ignored)"
