@@ -107,6 +107,8 @@ SCHEMA = 3
 OLD_READER_NOTICE = "status schema 3: upgrade image-syncer to read this entry"
 
 # Kubernetes node names are DNS-1123 subdomains; all of their characters are valid in KV keys.
+# How long a status read waits for entries its watch's consumer already delivered (in flight).
+_CATCH_UP_TIMEOUT = 5.0
 _NODE_RE = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 _NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 
@@ -569,9 +571,28 @@ class StatusWatch:
         # One watch over the whole bucket (node., beat. and replay. keys): one consumer, and
         # node entries and heartbeats arrive in the order they were written.
         self._watcher = await self._kv.watch(">")
+        read = 0
         while (entry := await self._watcher.updates(timeout=None)) is not None:
             self._apply(entry)
+            read += 1
+        await self._catch_up(read)
         return self
+
+    async def _catch_up(self, read: int) -> None:
+        # nats-py ends the current entries with None once one arrives with nothing pending after
+        # it, but also at once if its consumer_info reply overtakes the first entries (the server
+        # sends them by another path; seen under load): a one-shot read (status) then showed an
+        # empty bucket. Read on until this watch holds what its consumer delivered so far.
+        assert self._watcher is not None and self._watcher._sub is not None
+        info = await self._watcher._sub.consumer_info()
+        while read < info.delivered.consumer_seq:
+            try:
+                entry = await self._watcher.updates(timeout=_CATCH_UP_TIMEOUT)
+            except (nats.errors.TimeoutError, TimeoutError):
+                return  # a message nats-py drops without an entry: nothing more is coming
+            if entry is not None:
+                self._apply(entry)
+                read += 1
 
     async def __aexit__(self, *exc: object) -> None:
         if self._watcher is not None:
