@@ -65,8 +65,11 @@ def _target(rng: random.Random, kind: str, nodes: list[str]) -> str:
     return "kube"
 
 
-def schedule(seed: int, seconds: float, nodes: list[str]) -> list[Fault]:
-    """The faults of a run of ``seconds`` on ``nodes``; the same arguments give the same list."""
+def schedule(
+    seed: int, seconds: float, nodes: list[str], without: frozenset[str] = frozenset()
+) -> list[Fault]:
+    """The faults of a run of ``seconds`` on ``nodes``; the same arguments give the same list.
+    Kinds in ``without`` are drawn but not injected, so the others keep their places."""
     rng = random.Random(seed)
     kinds, weights = list(KINDS), list(KINDS.values())
     busy: dict[str, float] = {}  # target (or "nats") -> when its current fault ends
@@ -89,7 +92,8 @@ def schedule(seed: int, seconds: float, nodes: list[str]) -> list[Fault]:
                 "rate_kbit": rng.choice([64, 128, 256, 512]),
                 "loss_percent": rng.choice([1, 5, 10, 30]),
             }
-        if busy.get(lane, 0.0) <= at and busy.get(target, 0.0) <= at and duration >= 0:
+        free = busy.get(lane, 0.0) <= at and busy.get(target, 0.0) <= at
+        if free and kind not in without:
             faults.append(Fault(round(at, 1), kind, target, duration, params))
             busy[lane] = busy[target] = at + duration + 1.0
         at += rng.uniform(1.5, 6.0)

@@ -29,7 +29,7 @@ from types import FrameType
 from typing import Any
 
 from chaos.cluster import Cluster
-from chaos.faults import Fault, Injector, schedule
+from chaos.faults import KINDS, Fault, Injector, schedule
 from chaos.invariant import log_violations, node_violations, violations
 from chaos.netns import Network, NetworkError, enter, remove_leftovers
 from chaos.workload import Workload
@@ -141,7 +141,8 @@ async def soak(args: argparse.Namespace, seed: int, network: Network, directory:
             return 2
         say(f"converged without faults in {max(warm.values())}s; faults for {args.minutes} min")
 
-        faults = schedule(seed, seconds, [node.name for node in cluster.nodes])
+        nodes = [node.name for node in cluster.nodes]
+        faults = schedule(seed, seconds, nodes, frozenset(args.without))
         (directory / "schedule.jsonl").write_text("".join(f.describe() + "\n" for f in faults))
         injector = Injector(cluster, kube, say)
         sampler = Sampler(cluster)
@@ -242,6 +243,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--dir", type=Path, default=None, help="where state and logs go")
     parser.add_argument("--keep", action="store_true", help="keep --dir even after a pass")
+    parser.add_argument(
+        "--without",
+        action="append",
+        default=[],
+        choices=sorted(KINDS),
+        help="leave out a fault kind (repeatable)",
+    )
     return parser.parse_args(argv)
 
 
