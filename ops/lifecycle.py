@@ -14,7 +14,6 @@ the main coroutine is done goes through :func:`cancel_and_wait`, which gives up 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Collection
@@ -97,8 +96,10 @@ async def until_stopping(stopping: asyncio.Event, work: Awaitable[T]) -> T | Non
     if task.done():
         return task.result()
     task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await task
+    # asyncio.wait, not ``await task``: a cancel of the caller meanwhile must come through.
+    await asyncio.wait((task,))
+    if not task.cancelled():
+        task.exception()  # taken and dropped
     return None
 
 

@@ -24,7 +24,7 @@ from syncer_harness import (  # noqa: F401  (fixtures)
     settings_fixture,
 )
 
-from ops.lifecycle import cancel_and_wait
+from ops.lifecycle import cancel_and_wait, until_stopping
 from syncer.keeping import Keeper
 from syncer.references import Holding, ImageRef
 from syncer.settings import SyncerSettings
@@ -126,3 +126,25 @@ async def test_cancel_and_wait_gives_up_on_a_task_that_never_ends() -> None:
     assert await cancel_and_wait([task], patience=0.2, again_every=0.05) == {task}
     release.set()
     await task
+
+
+async def test_until_stopping_passes_on_a_cancel_that_comes_while_its_work_winds_down() -> None:
+    stopping, started, winding, release = (asyncio.Event() for _ in range(4))
+
+    async def work() -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            winding.set()  # cleaning up, as a NATS unsubscribe does
+            await release.wait()
+            raise
+
+    caller = asyncio.create_task(until_stopping(stopping, work()))
+    await started.wait()
+    stopping.set()
+    await winding.wait()
+    caller.cancel()
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
