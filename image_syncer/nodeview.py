@@ -49,7 +49,9 @@ def describe_missing(image: str, why: Missing) -> str:
     elif why.error and why.state in _RETRY:
         reason = f"{_RETRY[why.state]}: {why.error}"
     elif why.error:
-        reason = f"{reason}; last error: {why.error}"
+        # Pending with a reason is not an error: why the node holds the pull back (disk
+        # budget, image GC backoff).
+        reason = f"held back: {why.error}"
     return f"{image} ({reason})"
 
 

@@ -498,6 +498,10 @@ def test_an_image_that_keeps_failing_reads_failed_with_its_last_error_while_retr
         f"{image} (waiting for a cluster pull slot)"
     )
     assert describe_missing(image, Missing(MissingState.PENDING)) == f"{image} (pending)"
+    held = "image filesystem at or above --max-image-fs-usage 80%"
+    assert describe_missing(image, Missing(MissingState.PENDING, held)) == (
+        f"{image} (held back: {held})"
+    )
 
 
 async def test_wait_before_any_syncer_reported_waits_for_the_bucket(
