@@ -43,7 +43,7 @@ class Keeper:
     def __init__(self, settings: SyncerSettings, cri: CriClient) -> None:
         self._settings = settings
         self._cri = cri
-        self._images = ContainerdImages(
+        self.images = ContainerdImages(
             settings.cri_endpoint, call_timeout=settings.cri_call_timeout
         )
         self.budget = DiskBudget(
@@ -79,7 +79,7 @@ class Keeper:
         self._decided = True
         if self.support.enabled:
             self.pinner = Pinner(
-                self._images,
+                self.images,
                 js,
                 self._settings.node_name,
                 bucket=bucket_for(BUCKET, self._settings.subject_prefix),
@@ -91,7 +91,7 @@ class Keeper:
 
     async def _support(self) -> PinningSupport:
         if not self._settings.pin_images:
-            return await pinning_support(False, RuntimeVersion("", "", ""), self._images)
+            return await pinning_support(False, RuntimeVersion("", "", ""), self.images)
         version: RuntimeVersion | CriError
         try:
             version = await self._cri.version()
@@ -99,9 +99,13 @@ class Keeper:
             raise
         except CriError as e:  # e.g. UNIMPLEMENTED: a runtime that does not say which it is
             version = e
-        return await pinning_support(True, version, self._images)
+        return await pinning_support(True, version, self.images)
 
     # --- before a pull ----------------------------------------------------------------------
+
+    def labels(self) -> ContainerdImages | None:
+        """containerd's images client when this node pins (its runtime takes labels), else None."""
+        return self.images if self.support.enabled else None
 
     def hold_off(self, image: ImageRef) -> float:
         """Seconds ``image`` must wait before it is pulled again (it keeps vanishing)."""
@@ -178,4 +182,4 @@ class Keeper:
     async def close(self) -> None:
         if self.pinner is not None:
             await self.pinner.close()
-        await self._images.close()
+        await self.images.close()

@@ -48,7 +48,7 @@ from syncer.runtimehealth import RuntimeHealth
 from syncer.settings import SyncerSettings
 from syncer.snapshot import node_state
 from syncer.status import StatusReporter
-from syncer.unused import UnusedImages
+from syncer.unused import UnrecordedLabels, UnusedImages
 from wire.contract import Fleet
 from wire.natsconn import RETRYABLE, connect
 from wire.nodestatus import NodeState, StatusError, StatusSettings, check_node
@@ -251,10 +251,16 @@ class _Syncer:
             self.keeper.removing(cri.remove_image),
             containers=cri,  # images running containers use are never removed
             guard=self.inventory.removal,
+            labels=self._unrecorded_labels,
             grace=self.settings.remove_grace,
             prefix=self.settings.subject_prefix,
             replicas=self.settings.status_replicas,
         )
+
+    def _unrecorded_labels(self) -> UnrecordedLabels | None:
+        # Pulls NATS could not record are labelled in the runtime where pinning labels.
+        images = self.keeper.labels()
+        return UnrecordedLabels(images, self.settings.node_name) if images is not None else None
 
     def _budget(self) -> PullBudget | None:
         if not self.settings.max_cluster_pulls:

@@ -8,6 +8,13 @@ a convenience, never a reason to stop pulling: the bucket is opened lazily (NATS
 start), and a NATS failure is one log line per outage and a metric. When the runtime cannot say
 which images are in use (ListContainers unimplemented or failing) the pass removes nothing: a
 removal skipped is retried next cycle, one done blind could kill a game server's restart.
+
+A pull whose record NATS could not take is remembered in memory, and that dies with the process.
+On containerd the image itself then carries the memory: the pulled image's record gets the label
+``image-syncer.octops.io/unrecorded=<node>`` (:class:`UnrecordedLabels`, through pinning's
+images client), and whenever the ledger takes writes again (at start, or NATS back) every image
+labelled for this node is recorded as ours and the label removed. Elsewhere (CRI-O) a syncer
+killed while NATS is unreachable can still leave such a pull unowned.
 """
 
 from __future__ import annotations
@@ -23,17 +30,45 @@ from nats.js import JetStreamContext
 
 from syncer import metrics
 from syncer.cleanup import BUCKET, Cleaner, Remover
+from syncer.containerd_images import ContainerdImages
 from syncer.cri import CriError, RuntimeImage
 from syncer.puller import PullResult
 from syncer.references import ImageRef, normalize
 from wire.permissions import bucket_for
 
-__all__ = ["UnusedImages"]
+__all__ = ["UNRECORDED_LABEL", "UnrecordedLabels", "UnusedImages"]
 
 log = logging.getLogger(__name__)
 
 # How long a pull waits for its record before going ahead without it.
 _RECORD_WAIT = 2.0
+
+# On an image whose pull the ledger could not record; the value is the node that pulled it.
+UNRECORDED_LABEL = "image-syncer.octops.io/unrecorded"
+
+
+class UnrecordedLabels:
+    """Pulls the ledger did not take yet, kept as a label on the image in containerd."""
+
+    def __init__(self, images: ContainerdImages, node: str) -> None:
+        self._images = images
+        self._node = node
+
+    async def mark(self, ref: str) -> None:
+        await self._images.set_label(ref, UNRECORDED_LABEL, self._node)
+
+    async def marked(self) -> list[str]:
+        """Names of the images labelled for this node."""
+        records = await self._images.list(f'labels."{UNRECORDED_LABEL}"')
+        return sorted(r.name for r in records if r.labels.get(UNRECORDED_LABEL) == self._node)
+
+    async def unmark(self, name: str) -> None:
+        await self._images.remove_label(name, UNRECORDED_LABEL)
+
+
+# The labels when the runtime keeps them (containerd), else None; asked when needed, since the
+# runtime is known only once it answered.
+LabelsSource = Callable[[], UnrecordedLabels | None]
 
 
 class ContainerImages(Protocol):
@@ -58,6 +93,7 @@ class UnusedImages:
         replicas: int = 1,
         containers: ContainerImages | None = None,
         guard: RemovalGuard | None = None,
+        labels: LabelsSource | None = None,
     ) -> None:
         self._js = js
         self._node = node
@@ -75,6 +111,9 @@ class UnusedImages:
         self._containers = containers or _owner_of(remover)
         self._blind = False
         self._guard = guard
+        self._labels = labels or (lambda: None)
+        self._unsure: set[str] = set()  # about to be pulled, not recorded before the pull
+        self._adopt = True  # labelled images may wait (a previous run's, or ours)
 
     async def _open(self) -> Cleaner:
         async with self._opening:
@@ -113,27 +152,45 @@ class UnusedImages:
         when NATS does not answer soon (or is known down) the pull goes ahead and is recorded
         after it, as always; a pull that then fails leaves a record the cleanup forgets."""
         if self._failing:
+            self._unsure.add(str(image))
             return
         try:
             cleaner = await asyncio.wait_for(self._open(), _RECORD_WAIT)
             await asyncio.wait_for(cleaner.record_pulled(str(image)), _RECORD_WAIT)
         except Exception as e:
+            self._unsure.add(str(image))
             self._failed("record_pulled", e)
+        else:
+            self._unsure.discard(str(image))
 
     def on_pull_result(self, result: PullResult) -> None:
         """Remember our own successful pulls (recorded in the background)."""
+        ref = str(result.image)
+        unsure = ref in self._unsure
+        self._unsure.discard(ref)
         if result.ok:
-            self._unrecorded.add(str(result.image))
-            task = asyncio.create_task(self._record_pending())
+            self._unrecorded.add(ref)
+            task = asyncio.create_task(self._record_pending(ref if unsure else None))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _record_pending(self) -> None:
+    async def _label(self, ref: str) -> None:
+        """Label a pull no record owns yet, so that it outlives this process without NATS."""
+        labels = self._labels()
+        if labels is None:
+            return
+        self._adopt = True
+        try:
+            await labels.mark(ref)
+        except CriError as e:  # RuntimeUnavailable included
+            log.warning("unrecorded pull not labelled", extra={"image": ref, "error": str(e)})
+
+    async def _record_pending(self, unsure: str | None = None) -> None:
+        if unsure is not None:
+            await self._label(unsure)
         try:
             cleaner = await self._open()
-            for ref in sorted(self._unrecorded):
-                await cleaner.record_pulled(ref)
-                self._unrecorded.discard(ref)
+            await self._write_pending(cleaner)
         except Exception as e:
             # Kept in _unrecorded and retried on the next pull or cleanup cycle.
             self._failed("record_pulled", e)
@@ -149,9 +206,7 @@ class UnusedImages:
         (the desired images now), asked again before each removal."""
         try:
             cleaner = await self._open()
-            for ref in sorted(self._unrecorded):
-                await cleaner.record_pulled(ref)
-                self._unrecorded.discard(ref)
+            await self._write_pending(cleaner)
         except Exception as e:
             self._failed("cleanup", e)
             return
@@ -166,6 +221,27 @@ class UnusedImages:
         self._recovered()
         for removal in removals:
             metrics.IMAGES_REMOVED.labels(removal.outcome).inc()
+
+    async def _write_pending(self, cleaner: Cleaner) -> None:
+        """Record the pulls held in memory, then adopt the labelled ones (recorded, unlabelled)."""
+        for ref in sorted(self._unrecorded):
+            await cleaner.record_pulled(ref)
+            self._unrecorded.discard(ref)
+        labels = self._labels()
+        if labels is None or not self._adopt:
+            return
+        self._adopt = False
+        try:
+            names = await labels.marked()
+            for name in names:
+                await cleaner.record_pulled(name)
+                await labels.unmark(name)
+        except CriError as e:
+            self._adopt = True
+            log.warning("unrecorded pulls not adopted yet", extra={"error": str(e)})
+            return
+        if names:
+            log.info("unrecorded pulls adopted", extra={"images": names})
 
     async def _in_use(self) -> frozenset[str] | None:
         """Images containers use, or None (after one log line per outage) when unknown."""

@@ -1,0 +1,112 @@
+"""Pulls the ledger could not record survive a crash as a label on the image in containerd.
+
+The chaos soak's finding: with NATS unreachable at the pull itself, both records of a pull (before
+and after it) time out, the syncer is SIGKILLed, and after the restart no record owns the image:
+``--remove-unused`` never removes it. Real containerd and NATS; the crashed syncer's ledger is a
+closed NATS connection (every write fails), and the crash is the syncer simply abandoned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import polling
+import pytest
+from nats.js import JetStreamContext
+
+from image_syncer.sandbox.containerd import Containerd
+from syncer.containerd_images import ContainerdImages
+from syncer.cri import CriClient
+from syncer.puller import PullResult
+from syncer.references import normalize
+from syncer.unused import UNRECORDED_LABEL, UnrecordedLabels, UnusedImages
+from wire.natsconn import NatsSettings, connect
+
+pytestmark = pytest.mark.cri
+
+NODE = "node-a.example"
+
+
+@pytest.fixture
+async def cri(containerd: Containerd) -> AsyncIterator[CriClient]:
+    client = CriClient(containerd.endpoint)
+    yield client
+    await client.close()
+
+
+@pytest.fixture
+async def images(containerd: Containerd) -> AsyncIterator[ContainerdImages]:
+    client = ContainerdImages(containerd.endpoint)
+    yield client
+    await client.close()
+
+
+@pytest.fixture
+async def cut_off(nats_settings: NatsSettings) -> JetStreamContext:
+    """A JetStream context whose every request fails: the node cannot reach NATS."""
+    client = await connect(nats_settings, name="cut off")
+    await client.close()
+    return client.jetstream()
+
+
+async def test_a_pull_nats_never_recorded_is_removed_after_a_crash_and_restart(
+    cri: CriClient,
+    images: ContainerdImages,
+    js: JetStreamContext,
+    cut_off: JetStreamContext,
+    prefix: str,
+    push,
+) -> None:
+    def cleanup(ledger: JetStreamContext) -> UnusedImages:
+        return UnusedImages(
+            ledger,
+            NODE,
+            cri.remove_image,
+            grace=0.0,
+            prefix=prefix,
+            labels=lambda: UnrecordedLabels(images, NODE),
+        )
+
+    ref = push()
+    image = normalize(ref)
+    crashed = cleanup(cut_off)
+    await crashed.before_pull(image)  # fails: NATS unreachable
+    image_id = await cri.pull_image(ref, timeout=60)
+    crashed.on_pull_result(PullResult(image, ok=True, ref=image_id))
+
+    async def labelled() -> bool:
+        record = await images.get(str(image))
+        return record is not None and record.labels.get(UNRECORDED_LABEL) == NODE
+
+    await polling.eventually(labelled, f"{image} labelled {UNRECORDED_LABEL}={NODE}")
+    # ... and the syncer is killed here: its in-memory record is gone with it.
+
+    restarted = cleanup(js)  # NATS is back; no Fleet wants the image any more
+
+    async def removed() -> bool:
+        await restarted.after_list([], await cri.list_images())
+        return await images.get(str(image)) is None
+
+    await polling.eventually(removed, f"{image} removed by --remove-unused after the restart")
+
+
+async def test_a_pull_recorded_in_nats_is_not_labelled(
+    cri: CriClient, images: ContainerdImages, js: JetStreamContext, prefix: str, push
+) -> None:
+    unused = UnusedImages(
+        js,
+        NODE,
+        cri.remove_image,
+        grace=0.0,
+        prefix=prefix,
+        labels=lambda: UnrecordedLabels(images, NODE),
+    )
+    ref = push()
+    image = normalize(ref)
+    await unused.before_pull(image)
+    image_id = await cri.pull_image(ref, timeout=60)
+    unused.on_pull_result(PullResult(image, ok=True, ref=image_id))
+    await unused.after_list([image], await cri.list_images())
+    record = await images.get(str(image))
+    assert record is not None
+    assert UNRECORDED_LABEL not in record.labels
