@@ -383,10 +383,11 @@ class _Syncer:
         patience = _LOOPS_PATIENCE if self.stopping.is_set() else 0.0
         _, late = await asyncio.wait(loops, timeout=patience)
         if late:
-            log.warning(
-                "loops did not end in time, cancelled",
-                extra={"loops": sorted(task.get_name() for task in late)},
-            )
+            if self.stopping.is_set():
+                log.warning(
+                    "loops did not end in time, cancelled",
+                    extra={"loops": sorted(task.get_name() for task in late)},
+                )
             await cancel_and_wait(late, patience=_TASKS_PATIENCE)
         for loop in loops:
             error = loop.exception() if loop.done() and not loop.cancelled() else None
