@@ -45,10 +45,6 @@ def test_short_soak_converges_exactly() -> None:
     # No --dir: a passing soak removes its directory, a failing one keeps it and says where
     # (pytest's own temporary directories are rotated away by later runs).
     command += ["--settle", "300"]
-    # Known and not fixed yet (RELIABILITY.md): a syncer SIGKILLed while its pulls could not be
-    # recorded in NATS leaves those images unowned, never removed; seed 7 hits it. Syncer kills
-    # stay in `./dev chaos`; tests/test_faults_syncer.py kills syncers one at a time.
-    command += ["--without", "syncer_kill"]
     soak = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         stdout, stderr = soak.communicate(timeout=1700)
