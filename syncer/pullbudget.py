@@ -34,13 +34,13 @@ from datetime import UTC, datetime, timedelta
 import msgspec
 import nats.js.errors
 from nats.js import JetStreamContext
-from nats.js.api import DiscardPolicy, StorageType, StreamConfig
 from nats.js.kv import KeyValue
 
 from ops.lifecycle import sleep_unless_stopping
 from syncer import metrics
 from syncer.references import ImageRef
 from wire.contract import check_prefix
+from wire.kvbuckets import ttl_bucket_config
 from wire.pullfailures import PullFailure, classify
 
 __all__ = ["BudgetSettings", "PullBudget", "budget_bucket", "is_rate_limited"]
@@ -292,22 +292,8 @@ class PullBudget:
 
 async def _ensure_bucket(js: JetStreamContext, settings: BudgetSettings) -> KeyValue:
     name = budget_bucket(settings.prefix)
-    config = StreamConfig(
-        name=f"KV_{name}",
-        description="image-syncer: cluster-wide pull slots and registry backoffs",
-        subjects=[f"$KV.{name}.>"],
-        storage=StorageType.FILE,
-        num_replicas=settings.replicas,
-        max_msgs_per_subject=1,
-        max_msgs=-1,
-        max_consumers=-1,
-        discard=DiscardPolicy.NEW,
-        duplicate_window=120.0,
-        allow_rollup_hdrs=True,
-        allow_msg_ttl=True,
-        allow_direct=True,
-        deny_delete=True,
-        deny_purge=False,
+    config = ttl_bucket_config(
+        name, "image-syncer: cluster-wide pull slots and registry backoffs", settings.replicas
     )
     try:
         return await js.key_value(name)

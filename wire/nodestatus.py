@@ -51,10 +51,11 @@ import msgspec
 import nats.errors
 import nats.js.errors
 from nats.js import JetStreamContext
-from nats.js.api import DiscardPolicy, StorageType, StreamConfig
+from nats.js.api import StreamConfig
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from wire.contract import DEFAULT_PREFIX, check_prefix
+from wire.kvbuckets import ttl_bucket_config
 
 __all__ = [
     "DEFAULT_BUCKET",
@@ -472,24 +473,8 @@ def decode_replay_request(data: bytes) -> ReplayRequest:
 
 
 def _bucket_stream_config(settings: StatusSettings) -> StreamConfig:
-    # What nats-py's create_key_value would build, so update_stream can bring an existing bucket
-    # in line (replicas) instead of failing on a configuration mismatch.
-    return StreamConfig(
-        name=f"KV_{settings.bucket}",
-        description="image-syncer: per-node status and replay requests",
-        subjects=[f"$KV.{settings.bucket}.>"],
-        storage=StorageType.FILE,
-        num_replicas=settings.replicas,
-        max_msgs_per_subject=1,
-        max_msgs=-1,
-        max_consumers=-1,
-        discard=DiscardPolicy.NEW,
-        duplicate_window=120.0,
-        allow_rollup_hdrs=True,
-        allow_msg_ttl=True,
-        allow_direct=True,
-        deny_delete=True,
-        deny_purge=False,
+    return ttl_bucket_config(
+        settings.bucket, "image-syncer: per-node status and replay requests", settings.replicas
     )
 
 
