@@ -63,7 +63,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
 # Non-root by default. Only the syncer's manifest runs it as uid 0, to open the runtime's
-# root-owned CRI socket (with every capability dropped); see README, "Security notes".
+# root-owned CRI socket (with every capability dropped); see docs/security.md.
 USER 10001:10001
 EXPOSE 8080
 ENTRYPOINT ["image-syncer"]

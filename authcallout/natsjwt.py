@@ -103,7 +103,7 @@ def _decode(token: str) -> dict[str, Any]:
 
 
 def decode_request(data: bytes) -> AuthRequest:
-    """The server's ``authorization_request`` (unencrypted: see README, "Auth callout")."""
+    """The server's ``authorization_request`` (unencrypted: docs/security.md says why)."""
     try:
         claims = _decode(data.decode())
     except UnicodeDecodeError as e:

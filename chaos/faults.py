@@ -4,7 +4,7 @@ A schedule is a list of :class:`Fault` (when, what, on whom, for how long, with 
 parameters), a pure function of the seed and the run's shape, so a failing run is replayed by
 passing its seed again. At most one fault hits a given target at a time, and at most one NATS
 server is down or cut off at a time: losing a quorum is a different promise (the log then stops
-accepting writes; see README "What the log guarantees"), not what this soak measures.
+accepting writes; see docs/guarantees.md), not what this soak measures.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The node syncer's main coroutine: wire the parts together, run them, stop them in order.
 
-Only wiring and order live here; each part is a module of its own (the README's "where things
-are" lists them). Start: NATS (retried forever), the runtime (retried while unavailable), the
+Only wiring and order live here; each part is a module of its own (docs/development.md, "Where
+things are" lists them). Start: NATS (retried forever), the runtime (retried while unavailable), the
 node's labels and taints if ``--respect-scheduling``, the replay of the log (honouring a pending
 replay request), one reconcile, then side by side: the live consumer and the periodic reconcile
 (the two loops whose end is the end of the syncer), and the background tasks: the node status

@@ -3,7 +3,7 @@
 mutmut (configured in pyproject.toml's [tool.mutmut]) changes one thing at a time in a module (an
 operator, a constant, a condition) and runs the fast unit tests that cover it; a change no test
 notices "survives" and points at state no test checks. Running per module keeps each run to a
-minute or two on a shared machine and gives the per-module figure the README records.
+minute or two on a shared machine and gives the per-module figure docs/development.md records.
 
 Score: killed (a test failed, or the mutant hung and hit mutmut's timeout) over all mutants;
 survivors and mutants no test reaches count against it.

@@ -150,7 +150,7 @@ patches:
 
 @pytest.fixture(scope="module")
 def moved(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], list[dict]]:
-    """The README's "Another namespace" recipe: NATS and the image-syncer pods in one
+    """The "Another namespace" recipe of docs/install.md: NATS and the image-syncer pods in one
     namespace of the platform team's own."""
     nats = build_overlay(
         tmp_path_factory.mktemp("nats"), f"resources: [{{deploy}}/nats/base]\nnamespace: {MOVED}\n"
@@ -188,7 +188,7 @@ def test_a_moved_install_keeps_every_namespaced_reference(
             for e in c.get("env", [])
             if "secretKeyRef" in e.get("valueFrom", {})
         }
-        # README creates this Secret in the namespace the pods land in.
+        # docs/install.md creates this Secret in the namespace the pods land in.
         assert secrets == {"image-syncer-nats"}
     statefulset = one(nats, "StatefulSet", "nats")
     assert container(statefulset, "nats")  # NATS moved along
