@@ -15,6 +15,12 @@ A registry that answers 429 / Too Many Requests (the runtime's pull error says s
 image of that registry and waits until it has expired, so the whole cluster backs off, not just
 the node that was told.
 
+Pulls that go to a mirror rather than the registry (``--mirror``: a node fetching from a
+pull-through cache or its peers after a seed reported the image, see :mod:`syncer.seeding`) do
+not spend the registry's slots and ignore its backoff: they take slots ``mirror.<image>.<i>``
+of their own limit (``--max-mirror-pulls``, 0: none), so the registry's budget is spent on the
+pulls that reach it.
+
 The budget never stops pulling for good: if NATS cannot be reached, the node pulls without a
 slot (one warning per outage, a metric) rather than leave its images missing.
 """
@@ -38,12 +44,13 @@ from nats.js.kv import KeyValue
 
 from ops.lifecycle import sleep_unless_stopping
 from syncer import metrics
+from syncer.leases import Lease, lease_ttl, release, take
 from syncer.references import ImageRef
 from wire.contract import check_prefix
 from wire.kvbuckets import ttl_bucket_config
 from wire.pullfailures import PullFailure, classify
 
-__all__ = ["BudgetSettings", "PullBudget", "budget_bucket", "is_rate_limited"]
+__all__ = ["BudgetSettings", "PullBudget", "budget_bucket", "is_rate_limited", "open_budget_bucket"]
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +58,6 @@ BUCKET = "IMAGE_SYNCER_PULL_SLOTS"
 # Waiting for a slot: the first retry after about this long, doubling up to the cap.
 _FIRST_RETRY = 1.0
 _MAX_RETRY = 10.0
-# NATS' "wrong last sequence": someone else wrote the key since.
-_WRONG_LAST_SEQUENCE = (10071, 10164)
 
 
 def budget_bucket(prefix: str) -> str:
@@ -77,6 +82,8 @@ class BudgetSettings:
     lease: float = 30.0
     # How long the cluster holds back pulls from a registry that answered 429.
     backoff: float = 60.0
+    # Slots per image for pulls served by a mirror; 0: mirrored pulls take no slot.
+    max_mirror_pulls: int = 0
 
 
 class _Backoff(msgspec.Struct, frozen=True):
@@ -85,8 +92,13 @@ class _Backoff(msgspec.Struct, frozen=True):
     error: str = ""
 
 
-def _slot_prefix(image: ImageRef) -> str:
-    return "slot." + hashlib.sha256(str(image).encode()).hexdigest()[:24]
+def image_hash(image: ImageRef) -> str:
+    """One key token per image (references hold characters keys may not)."""
+    return hashlib.sha256(str(image).encode()).hexdigest()[:24]
+
+
+def _slot_prefix(image: ImageRef, mirrored: bool) -> str:
+    return ("mirror." if mirrored else "slot.") + image_hash(image)
 
 
 def _backoff_key(image: ImageRef) -> str:
@@ -127,17 +139,32 @@ class PullBudget:
         return frozenset(self._waiting)
 
     @contextlib.asynccontextmanager
-    async def slot(self, image: ImageRef) -> AsyncIterator[None]:
-        """Hold one of the image's cluster slots for the body; waits for one as long as needed."""
+    async def slot(self, image: ImageRef, *, mirrored: bool = False) -> AsyncIterator[None]:
+        """Hold one of the image's cluster slots for the body; waits for one as long as needed.
+
+        ``mirrored``: the pull is served by a mirror, so it takes a mirror slot (if there is a
+        limit) and ignores the registry's backoff.
+        """
+        if self._limit(mirrored) == 0:
+            yield
+            return
         self._waiting.add(image)
         try:
-            key, revision = await self._acquire(image)
+            key, revision = await self._acquire(image, mirrored)
         finally:
             self._waiting.discard(image)
         if key is None:  # NATS unreachable: pull without a slot
             yield
             return
-        renew = asyncio.create_task(self._renew(key, revision), name=f"renew {key}")
+        lease = Lease(
+            self._js,
+            self._subject(key),
+            self._node,
+            revision,
+            self._settings.lease,
+            self._record_failure,
+        )
+        renew = asyncio.create_task(lease.keep(), name=f"renew {key}")
         try:
             yield
         finally:
@@ -146,9 +173,13 @@ class PullBudget:
                 await renew
             await self._release(key)
 
-    async def observe(self, image: ImageRef, error: str) -> None:
-        """A pull of ``image`` failed with ``error``: if the registry rate-limits, tell all."""
-        if not is_rate_limited(error):
+    async def observe(self, image: ImageRef, error: str, *, mirrored: bool = False) -> None:
+        """A pull of ``image`` failed with ``error``: if the registry rate-limits, tell all.
+
+        A mirrored pull's 429 came from the mirror (or through it), not as an answer to this
+        registry's budget: it holds back nobody's registry pulls.
+        """
+        if mirrored or not is_rate_limited(error):
             return
         until = self._wall_clock() + timedelta(seconds=self._settings.backoff)
         value = msgspec.json.encode(_Backoff(until=until, node=self._node, error=error[:200]))
@@ -170,12 +201,16 @@ class PullBudget:
 
     # --- internals ------------------------------------------------------------------------
 
-    async def _acquire(self, image: ImageRef) -> tuple[str | None, int]:
+    def _limit(self, mirrored: bool) -> int:
+        return self._settings.max_mirror_pulls if mirrored else self._settings.max_pulls
+
+    async def _acquire(self, image: ImageRef, mirrored: bool) -> tuple[str | None, int]:
         attempt = 0
         while not self._stopping.is_set():
             try:
-                await self._respect_backoff(image)
-                taken = await self._try_take(image)
+                if not mirrored:
+                    await self._respect_backoff(image)
+                taken = await self._try_take(image, mirrored)
             except Exception as e:
                 self._record_failure(e)
                 return None, 0
@@ -186,26 +221,26 @@ class PullBudget:
                 metrics.SLOT_WAITS.inc()
                 log.info(
                     "waiting for a cluster pull slot",
-                    extra={"image": str(image), "slots": self._settings.max_pulls},
+                    extra={
+                        "image": str(image),
+                        "slots": self._limit(mirrored),
+                        "mirrored": mirrored,
+                    },
                 )
             attempt += 1
             await self._sleep(self._jitter(_FIRST_RETRY * 2 ** min(attempt, 4)))
         return None, 0
 
-    async def _try_take(self, image: ImageRef) -> tuple[str, int] | None:
+    async def _try_take(self, image: ImageRef, mirrored: bool) -> tuple[str, int] | None:
         kv = await self._bucket()
-        prefix = _slot_prefix(image)
-        order = list(range(self._settings.max_pulls))
+        prefix = _slot_prefix(image, mirrored)
+        order = list(range(self._limit(mirrored)))
         random.Random(self._rng()).shuffle(order)
         for index in order:
             key = f"{prefix}.{index}"
-            try:
-                revision = await kv.create(
-                    key, self._node.encode(), msg_ttl=self._ttl(self._settings.lease)
-                )
-            except nats.js.errors.KeyWrongLastSequenceError:
-                continue
-            return key, revision
+            revision = await take(kv, key, self._node, self._settings.lease)
+            if revision is not None:
+                return key, revision
         return None
 
     async def _respect_backoff(self, image: ImageRef) -> None:
@@ -225,48 +260,26 @@ class PullBudget:
             self.backoff_until = until
             await self._sleep(min(left, _MAX_RETRY) + self._jitter(_FIRST_RETRY))
 
-    async def _renew(self, key: str, revision: int) -> None:
-        while True:
-            await asyncio.sleep(self._settings.lease / 3)
-            try:
-                ack = await self._js.publish(
-                    self._subject(key),
-                    self._node.encode(),
-                    headers={"Nats-Expected-Last-Subject-Sequence": str(revision)},
-                    msg_ttl=self._ttl(self._settings.lease),
-                )
-                revision = ack.seq
-            except nats.js.errors.APIError as e:
-                if e.err_code not in _WRONG_LAST_SEQUENCE:
-                    self._record_failure(e)
-                    continue
-                # Our lease ran out (a long stall) and someone else holds the slot now: pull
-                # on, the budget is exceeded by one for a moment, rather than abort a pull.
-                log.warning("cluster pull slot lost while pulling", extra={"slot": key})
-                return
-            except Exception as e:
-                self._record_failure(e)
-
     def _subject(self, key: str) -> str:
         return f"$KV.{budget_bucket(self._settings.prefix)}.{key}"
 
     @staticmethod
     def _ttl(seconds: float) -> float:
-        # Per-message TTLs are whole seconds, at least one.
-        return float(max(1, round(seconds)))
+        return lease_ttl(seconds)
 
     async def _release(self, key: str) -> None:
         try:
             kv = await self._bucket()
-            # The purge marker expires too, so used slots leave nothing behind.
-            await kv.purge(key, msg_ttl=self._ttl(self._settings.lease))
+            await release(kv, key, self._settings.lease)
         except Exception as e:
             # The TTL frees it anyway.
             self._record_failure(e)
 
     async def _bucket(self) -> KeyValue:
         if self._kv is None:
-            self._kv = await _ensure_bucket(self._js, self._settings)
+            self._kv = await open_budget_bucket(
+                self._js, self._settings.prefix, self._settings.replicas
+            )
         return self._kv
 
     async def _sleep(self, seconds: float) -> None:
@@ -290,10 +303,11 @@ class PullBudget:
             log.info("cluster pull budget available again")
 
 
-async def _ensure_bucket(js: JetStreamContext, settings: BudgetSettings) -> KeyValue:
-    name = budget_bucket(settings.prefix)
+async def open_budget_bucket(js: JetStreamContext, prefix: str, replicas: int) -> KeyValue:
+    """The budget's bucket (slots, backoffs, seed leases and reports), created if missing."""
+    name = budget_bucket(prefix)
     config = ttl_bucket_config(
-        name, "image-syncer: cluster-wide pull slots and registry backoffs", settings.replicas
+        name, "image-syncer: cluster-wide pull slots, registry backoffs and seeds", replicas
     )
     try:
         return await js.key_value(name)

@@ -53,14 +53,14 @@ def make_node(
 class Holder:
     """Holds a slot in a task until released (or its node dies)."""
 
-    def __init__(self, budget: PullBudget) -> None:
+    def __init__(self, budget: PullBudget, *, mirrored: bool = False) -> None:
         self.budget = budget
         self.holding = asyncio.Event()
         self.release = asyncio.Event()
-        self.task = asyncio.create_task(self._hold())
+        self.task = asyncio.create_task(self._hold(mirrored))
 
-    async def _hold(self) -> None:
-        async with self.budget.slot(IMAGE):
+    async def _hold(self, mirrored: bool) -> None:
+        async with self.budget.slot(IMAGE, mirrored=mirrored):
             self.holding.set()
             await self.release.wait()
 
@@ -166,3 +166,50 @@ async def test_the_puller_takes_a_slot_and_reports_429s(make_node, js: JetStream
     await puller.close()
     result = await asyncio.wait_for(pending, 30)
     assert result.deferred and result.error == "stopping" and cri.calls == 1
+
+
+async def test_mirrored_pulls_take_slots_of_their_own(make_node) -> None:  # type: ignore[no-untyped-def]
+    a, b, c = [await make_node(f"node-{n}", max_mirror_pulls=1) for n in "abc"]
+    registry_bound = Holder(a)
+    await asyncio.wait_for(registry_bound.holding.wait(), 30)
+    # The registry's one slot is taken; a pull from the mirror does not need it...
+    mirrored = Holder(b, mirrored=True)
+    await asyncio.wait_for(mirrored.holding.wait(), 30)
+    # ...but the mirror's limit holds too.
+    second = Holder(c, mirrored=True)
+    await eventually(lambda: IMAGE in c.waiting(), "node-c to wait for a mirror slot")
+    mirrored.release.set()
+    await asyncio.wait_for(second.holding.wait(), 30)
+    for holder in (registry_bound, mirrored, second):
+        holder.release.set()
+        await holder.task
+
+
+async def test_without_a_mirror_limit_mirrored_pulls_take_no_slot(make_node) -> None:  # type: ignore[no-untyped-def]
+    a, b = await make_node("node-a"), await make_node("node-b")
+    registry_bound = Holder(a)
+    await asyncio.wait_for(registry_bound.holding.wait(), 30)
+    mirrored = [Holder(b, mirrored=True) for _ in range(2)]
+    for holder in mirrored:
+        await asyncio.wait_for(holder.holding.wait(), 30)
+    for holder in (registry_bound, *mirrored):
+        holder.release.set()
+        await holder.task
+
+
+async def test_mirrored_pulls_neither_wait_out_nor_raise_a_registry_backoff(make_node) -> None:  # type: ignore[no-untyped-def]
+    a, b = await make_node("node-a", backoff=600.0), await make_node("node-b", max_pulls=5)
+    # A 429 on a mirrored pull says nothing about the registry's budget.
+    await a.observe(IMAGE, "unexpected status: 429 Too Many Requests", mirrored=True)
+    assert a.backoff_until is None
+    async with b.slot(IMAGE):
+        pass
+    # A registry-bound 429 holds back registry-bound pulls, not those the mirror serves.
+    await a.observe(IMAGE, "unexpected status: 429 Too Many Requests")
+    held_back = Holder(b)
+    await eventually(lambda: IMAGE in b.waiting(), "node-b's registry pull to be held back")
+    async with b.slot(IMAGE, mirrored=True):
+        pass
+    held_back.task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await held_back.task
