@@ -27,6 +27,7 @@ __all__ = [
 _WHY = {
     MissingState.PULLING: "pulling",
     MissingState.WAITING_SLOT: "waiting for a cluster pull slot",
+    MissingState.WAITING_SEED: "waiting for a seed",
     MissingState.PENDING: "pending",
     MissingState.FAILED: "failed",
 }
@@ -38,6 +39,7 @@ _WHY = {
 _RETRY = {
     MissingState.PULLING: "failed, pulling again",
     MissingState.WAITING_SLOT: "failed, waiting for a cluster pull slot to retry",
+    MissingState.WAITING_SEED: "failed, waiting for a seed to retry",
 }
 
 
@@ -161,7 +163,12 @@ def node_rollups(
         counts: dict[MissingState, int] = {}
         for why in summary.missing.values():
             counts[why.state] = counts.get(why.state, 0) + 1
-        for state in (MissingState.FAILED, MissingState.WAITING_SLOT, MissingState.PULLING):
+        for state in (
+            MissingState.FAILED,
+            MissingState.WAITING_SLOT,
+            MissingState.WAITING_SEED,
+            MissingState.PULLING,
+        ):
             if counts.get(state):
                 rollup.problems.append(f"{counts[state]} {_WHY[state]}")
         if counts.get(MissingState.PENDING):

@@ -37,6 +37,9 @@ __all__ = [
     "RECONCILE_DURATION",
     "REDELIVERED",
     "REPLAYS",
+    "SEED_BAD_REPORTS",
+    "SEED_PULLS",
+    "SEED_WAITS",
     "SLOT_WAITS",
     "TERMINATED",
 ]
@@ -165,6 +168,19 @@ IMAGES_REMOVED_EXTERNALLY = Counter(
 SLOT_WAITS = Counter(
     "image_syncer_syncer_pull_slot_waits_total",
     "Pulls that had to wait for a slot of the cluster-wide pull budget (--max-cluster-pulls).",
+)
+SEED_WAITS = Counter(
+    "image_syncer_syncer_seed_waits_total",
+    "Pulls that waited for a seed to report the image (--mirror).",
+)
+SEED_PULLS = Counter(
+    "image_syncer_syncer_seed_pulls_total",
+    "Pulls this node made as a seed, by outcome (success, failure).",
+    ["outcome"],
+)
+SEED_BAD_REPORTS = Counter(
+    "image_syncer_syncer_seed_bad_reports_total",
+    "Seed reports ignored because they did not name the image and the node of their key.",
 )
 CLUSTER_BACKOFFS = Counter(
     "image_syncer_syncer_registry_backoffs_total",

@@ -26,6 +26,7 @@ from syncer import metrics
 from syncer.cri import CriClient, CriError, RegistryAuth, RuntimeUnavailable
 from syncer.pullbudget import PullBudget
 from syncer.references import ImageRef
+from syncer.seeding import Seeding, SeedTurn
 from wire.pullfailures import PullFailure, classify
 
 __all__ = ["PullResult", "Puller"]
@@ -61,6 +62,7 @@ class Puller:
         hold: Callable[[ImageRef], float] = lambda _: 0.0,
         admit: Callable[[], Awaitable[str]] | None = None,
         before: Callable[[ImageRef], Awaitable[None]] | None = None,
+        seeding: Seeding | None = None,
     ) -> None:
         self._cri = cri
         # Before a pull: how long an image must still wait (it keeps vanishing: GC backoff), and
@@ -69,8 +71,10 @@ class Puller:
         self._admit = admit
         # Right before the runtime pulls (the cleanup records the pull it is about to own).
         self._before = before
-        # The cluster-wide pull budget (--max-cluster-pulls), taken before the node's own slot.
+        # The cluster-wide pull budget (--max-cluster-pulls), taken before the node's own slot;
+        # before that, with a mirror, the image's seed (--mirror): which slots the pull takes.
         self._budget = budget
+        self._seeding = seeding
         self._slots = asyncio.Semaphore(max_parallel)
         self._timeout = pull_timeout
         self._backoff = backoff
@@ -144,6 +148,8 @@ class Puller:
         self._closing = True
         if self._budget is not None:
             self._budget.stop()
+        if self._seeding is not None:
+            self._seeding.stop()
         if self._inflight:
             await asyncio.gather(*self._inflight.values(), return_exceptions=True)
 
@@ -155,8 +161,32 @@ class Puller:
             if refused:
                 # Not a failure of the image: no backoff, no result; the next reconcile retries.
                 return PullResult(image, False, error=refused, deferred=True)
+        async with self._turn(image) as turn:
+            result = await self._pull_in_turn(image, turn)
+        if result.deferred:  # stopping while it waited: not attempted
+            return result
+        if self._budget is not None and not result.ok:
+            await self._budget.observe(image, result.error, mirrored=turn.mirrored)
+        result = self._account(result)
+        for on_result in self._subscribers:
+            try:
+                on_result(result)
+            except Exception:
+                log.exception("pull result handler failed", extra={"image": str(image)})
+        return result
+
+    def _turn(self, image: ImageRef) -> contextlib.AbstractAsyncContextManager[SeedTurn]:
+        if self._seeding is None:
+            return contextlib.nullcontext(SeedTurn(mirrored=False))
+        return self._seeding.turn(image)
+
+    async def _pull_in_turn(self, image: ImageRef, turn: SeedTurn) -> PullResult:
         budget = self._budget
-        cluster_slot = budget.slot(image) if budget is not None else contextlib.nullcontext()
+        cluster_slot = (
+            budget.slot(image, mirrored=turn.mirrored)
+            if budget is not None
+            else contextlib.nullcontext()
+        )
         async with cluster_slot, self._slots:
             if self._closing:
                 return PullResult(image, False, error="stopping", deferred=True)
@@ -168,14 +198,7 @@ class Puller:
             started = self._clock()
             result = await self._attempt(image)
             metrics.PULL_DURATION.observe(max(0.0, self._clock() - started))
-        if budget is not None and not result.ok:
-            await budget.observe(image, result.error)
-        result = self._account(result)
-        for on_result in self._subscribers:
-            try:
-                on_result(result)
-            except Exception:
-                log.exception("pull result handler failed", extra={"image": str(image)})
+        turn.pulled = result.ok
         return result
 
     async def _attempt(self, image: ImageRef) -> PullResult:

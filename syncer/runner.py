@@ -45,6 +45,7 @@ from syncer.registryauth import RegistryCredentials
 from syncer.replay import replay_until_done
 from syncer.replayrequests import ReplayRequests
 from syncer.runtimehealth import RuntimeHealth
+from syncer.seeding import Seeding, SeedSettings
 from syncer.settings import SyncerSettings
 from syncer.snapshot import node_state
 from syncer.status import StatusReporter
@@ -93,6 +94,7 @@ async def run(
             "remove_unused": settings.remove_unused,
             "startup_taint": settings.startup_taint,
             "extra_images": len(settings.extra_images),
+            "mirror": ",".join(settings.mirror),
         },
     )
     cri = CriClient(settings.cri_endpoint, call_timeout=settings.cri_call_timeout)
@@ -124,7 +126,9 @@ async def run(
 
 
 def _node_watcher(settings: SyncerSettings) -> NodeWatcher | None:
-    if not settings.respect_scheduling and not settings.startup_taint:
+    # --seed-per reads a label of this node only when seeding is on at all.
+    seed_per = settings.seed_per and settings.mirror
+    if not settings.respect_scheduling and not settings.startup_taint and not seed_per:
         return None
     endpoint = ApiEndpoint.from_url(settings.kube_api_url)
     ignored = frozenset({settings.startup_taint}) if settings.startup_taint else frozenset()
@@ -171,6 +175,7 @@ class _Syncer:
         # Fleets are judged again only when the node changes, which only a node watcher sees.
         self.desired = DesiredState(admit=self.admit, keep_objects=node_watcher is not None)
         self.budget = self._budget()
+        self.seeding = self._seeding()
         self.keeper = Keeper(settings, cri)
         self.puller = Puller(
             cri,
@@ -182,6 +187,7 @@ class _Syncer:
             hold=self.keeper.hold_off,
             admit=self.keeper.refuse,
             before=self._before_pull,
+            seeding=self.seeding,
         )
         self.inventory = Inventory(self.desired, self.puller, on_change=self.poke)
         self.puller.subscribe(runtime.on_pull_result)
@@ -263,15 +269,36 @@ class _Syncer:
         return UnrecordedLabels(images, self.settings.node_name) if images is not None else None
 
     def _budget(self) -> PullBudget | None:
-        if not self.settings.max_cluster_pulls:
+        if not self.settings.max_cluster_pulls and not self.settings.max_mirror_pulls:
             return None
         settings = BudgetSettings(
             max_pulls=self.settings.max_cluster_pulls,
             prefix=self.settings.subject_prefix,
             replicas=self.settings.status_replicas,
             backoff=self.settings.registry_backoff,
+            max_mirror_pulls=self.settings.max_mirror_pulls,
         )
         return PullBudget(self.js, settings, self.settings.node_name)
+
+    def _seeding(self) -> Seeding | None:
+        if not self.settings.mirror:
+            return None
+        settings = SeedSettings(
+            mirrored=self.settings.mirror,
+            seeds=self.settings.seeds,
+            prefix=self.settings.subject_prefix,
+            replicas=self.settings.status_replicas,
+            deadline=self.settings.seed_timeout,
+            report_ttl=self.settings.seed_report_ttl,
+        )
+        return Seeding(self.nc, settings, self.settings.node_name, group=self._seed_group)
+
+    def _seed_group(self) -> str:
+        """The node's value of ``--seed-per`` (its zone, say): seeds are counted per value."""
+        known = self.node_watcher.current if self.node_watcher is not None else None
+        if not self.settings.seed_per or known is None:
+            return ""
+        return known.labels.get(self.settings.seed_per, "")
 
     def _reporter(self) -> StatusReporter | None:
         try:
@@ -312,6 +339,7 @@ class _Syncer:
             keeper=self.keeper,
             gate=self.gatekeeper.status,
             log_created=self.consumer.stream_created,
+            seeding=self.seeding,
         )
 
     async def after_list(

@@ -18,6 +18,7 @@ __all__ = ["SyncerSettings", "durable_name"]
 
 DEFAULT_CRI_ENDPOINT = "unix:///run/containerd/containerd.sock"
 # A label key, as taint keys are: an optional DNS subdomain prefix and a name of 63 at most.
+_HOST = re.compile(r"^\*$|^[A-Za-z0-9]([-A-Za-z0-9.]*[A-Za-z0-9])?(:[0-9]{1,5})?$")
 _TAINT_KEY = re.compile(
     r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
     r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
@@ -75,6 +76,16 @@ class SyncerSettings:
     # cluster holds back pulls from a registry that answered 429.
     max_cluster_pulls: int = 0
     registry_backoff: float = 60.0
+    # Seeding (syncer.seeding): registry hosts this node's runtime pulls through a mirror
+    # ("*": all; empty: seeding off), seeds per image (per value of the node label seed_per,
+    # "" = one group), how long a waiting node gives a seed before seeding too, how long a
+    # seed's report stands; and the cluster-wide slots per image for mirrored pulls (0 = none).
+    mirror: tuple[str, ...] = ()
+    seeds: int = 1
+    seed_per: str = ""
+    seed_timeout: float = 600.0
+    seed_report_ttl: float = 3600.0
+    max_mirror_pulls: int = 0
     # Pinning: label what the syncer keeps so the kubelet's image GC skips it (containerd only;
     # off with one log line on other runtimes).
     pin_images: bool = True
@@ -108,6 +119,8 @@ class SyncerSettings:
             "startup_taint_timeout": self.startup_taint_timeout,
             "removal_window": self.removal_window,
             "removal_backoff_max": self.removal_backoff_max,
+            "seed_timeout": self.seed_timeout,
+            "seed_report_ttl": self.seed_report_ttl,
         }
         for name, value in positive.items():
             if value <= 0:
@@ -123,6 +136,7 @@ class SyncerSettings:
             raise ValueError("refold_period must not be negative (0 turns the timer off)")
         if self.max_cluster_pulls < 0:
             raise ValueError("max_cluster_pulls must not be negative (0 turns the budget off)")
+        self._check_seeding()
         if self.registry_backoff <= 0:
             raise ValueError("registry_backoff must be positive")
         if self.status_replicas < 1:
@@ -138,6 +152,17 @@ class SyncerSettings:
         for image in self.extra_images:
             normalize(image)  # InvalidImageReference (a ValueError) names the bad one
         FleetFilter.parse(self.fleet_selector)  # SelectorError (a ValueError) names the problem
+
+    def _check_seeding(self) -> None:
+        for host in self.mirror:
+            if not _HOST.match(host):
+                raise ValueError(f"mirror {host!r} is not a registry host[:port] or '*'")
+        if self.seeds < 1:
+            raise ValueError("seeds must be at least 1")
+        if self.max_mirror_pulls < 0:
+            raise ValueError("max_mirror_pulls must not be negative (0 turns the limit off)")
+        if self.seed_per and not _TAINT_KEY.match(self.seed_per):
+            raise ValueError(f"seed-per {self.seed_per!r} is not a label key ([prefix/]name)")
 
     @property
     def durable(self) -> str:

@@ -14,6 +14,7 @@ from syncer.desired import DesiredState
 from syncer.inventory import Inventory
 from syncer.keeping import Keeper
 from syncer.pullbudget import PullBudget
+from syncer.seeding import Seeding
 from wire.nodestatus import BudgetSummary, GateStatus, NodeState, summarize
 
 __all__ = ["node_state"]
@@ -29,6 +30,7 @@ def node_state(
     keeper: Keeper | None = None,
     gate: GateStatus | None = None,
     log_created: datetime | None = None,
+    seeding: Seeding | None = None,
 ) -> NodeState:
     fleets = desired.fleets()
     node_images = desired.node_images()
@@ -36,7 +38,9 @@ def node_state(
     missing = {image for image in wanted if not inventory.is_present(image)}
     # A pull waiting for a cluster slot is in flight for the puller, but not pulling yet.
     waiting = budget.waiting() if budget is not None else frozenset()
-    pulling = inventory.pulling() - waiting
+    # As is one waiting for a seed to fetch it from the registry first.
+    seed_waiting = seeding.waiting() if seeding is not None else frozenset()
+    pulling = inventory.pulling() - waiting - seed_waiting
     summary = None
     if budget is not None:
         summary = BudgetSummary(
@@ -49,6 +53,7 @@ def node_state(
         excluded=desired.excluded(),
         pulling={str(i) for i in missing if i in pulling},
         waiting_slot={str(i) for i in missing if i in waiting},
+        waiting_seed={str(i) for i in missing if i in seed_waiting},
         failed={str(i): error for i, error in inventory.failed.items() if i in missing},
         held=keeper.held(missing - pulling) if keeper is not None else None,
         last_reconcile=last_reconcile,

@@ -176,6 +176,9 @@ class MissingState(enum.StrEnum):
     PENDING = "pending"  # not being pulled this moment: queued, or between retries
     PULLING = "pulling"
     WAITING_SLOT = "waiting_slot"  # waiting for a slot of the cluster-wide pull budget
+    # Waiting for a seed to fetch the image from the registry first (--mirror): then this node
+    # pulls it from the mirror.
+    WAITING_SEED = "waiting_seed"
     FAILED = "failed"  # the last pull failed; retried with backoff and at every reconcile
 
 
@@ -290,6 +293,7 @@ def summarize(
     waiting_slot: Collection[str] = (),
     failed: Mapping[str, str] | None = None,
     held: Mapping[str, str] | None = None,
+    waiting_seed: Collection[str] = (),
     **rest: Any,
 ) -> NodeState:
     """The compact state of a node holding ``present`` against ``desired`` (Fleet -> images).
@@ -301,6 +305,9 @@ def summarize(
     """
     failed = failed or {}
     held = held or {}
+    # A pull waiting for a seed is not waiting for a slot yet; it reads as waiting either way.
+    waiting = {i: MissingState.WAITING_SLOT for i in waiting_slot}
+    waiting.update((i, MissingState.WAITING_SEED) for i in waiting_seed)
     gaps: dict[str, FleetGap] = {}
     missing: dict[str, Missing] = {}
     for fleet, images in desired.items():
@@ -308,11 +315,11 @@ def summarize(
         absent = tuple(i for i in unique if i not in present)
         if absent:
             gaps[fleet] = FleetGap(total=len(unique), missing=absent)
-            missing.update((i, _why(i, pulling, waiting_slot, failed, held)) for i in absent)
+            missing.update((i, _why(i, pulling, waiting, failed, held)) for i in absent)
     node_images = rest.get("node_images") or {}
     for images in node_images.values():
         missing.update(
-            (i, _why(i, pulling, waiting_slot, failed, held)) for i in images if i not in present
+            (i, _why(i, pulling, waiting, failed, held)) for i in images if i not in present
         )
     return NodeState(
         fleets={fleet: fleet_seqs.get(fleet, 0) for fleet in desired},
@@ -326,7 +333,7 @@ def summarize(
 def _why(
     image: str,
     pulling: Collection[str],
-    waiting: Collection[str],
+    waiting: Mapping[str, MissingState],
     failed: Mapping[str, str],
     held: Mapping[str, str],
 ) -> Missing:
@@ -336,7 +343,7 @@ def _why(
     if image in pulling:
         return Missing(MissingState.PULLING, error)
     if image in waiting:
-        return Missing(MissingState.WAITING_SLOT, error)
+        return Missing(waiting[image], error)
     if error:
         return Missing(MissingState.FAILED, error)
     return Missing(MissingState.PENDING)

@@ -207,6 +207,54 @@ def syncer(
             "REGISTRY_BACKOFF",
         ),
     ] = _duration(SyncerSettings.registry_backoff),
+    mirror: Annotated[
+        list[str],
+        typer.Option(
+            envvar="MIRROR",
+            help="Registry host this node's runtime pulls through a mirror or pull-through cache "
+            "(hosts.toml; repeatable, comma-separated; '*': all). Turns seeding on for it.",
+        ),
+    ] = [],  # noqa: B006 - typer reads the default, never mutates it
+    seeds: Annotated[
+        int,
+        typer.Option(
+            envvar="SEEDS",
+            min=1,
+            help="With --mirror: nodes that pull a new image from the registry first, per image "
+            "(per --seed-per value); the others wait, then pull from the mirror.",
+        ),
+    ] = SyncerSettings.seeds,
+    seed_per: Annotated[
+        str,
+        typer.Option(
+            envvar="SEED_PER",
+            help="With --mirror: count seeds per value of this node label, e.g. "
+            "topology.kubernetes.io/zone (reads this node from the API server); empty: cluster.",
+        ),
+    ] = SyncerSettings.seed_per,
+    seed_timeout: Annotated[
+        float,
+        Duration(
+            "With --mirror: after waiting this long for a seed, a node may seed as well "
+            "(one more seed per timeout).",
+            "SEED_TIMEOUT",
+        ),
+    ] = _duration(SyncerSettings.seed_timeout),
+    seed_report_ttl: Annotated[
+        float,
+        Duration(
+            "With --mirror: how long a seed's 'image complete' report stands.", "SEED_REPORT_TTL"
+        ),
+    ] = _duration(SyncerSettings.seed_report_ttl),
+    max_mirror_pulls: Annotated[
+        int,
+        typer.Option(
+            envvar="MAX_MIRROR_PULLS",
+            min=0,
+            help="At most this many nodes pull one image from the mirror at a time, "
+            "cluster-wide (--max-cluster-pulls counts registry-bound pulls only); 0: no limit.",
+        ),
+    ] = SyncerSettings.max_mirror_pulls,
     pin_images: Annotated[
         bool,
         typer.Option(
@@ -291,6 +339,12 @@ def syncer(
             extra_images=split_values(extra_image),
             max_cluster_pulls=max_cluster_pulls,
             registry_backoff=registry_backoff,
+            mirror=split_values(mirror),
+            seeds=seeds,
+            seed_per=seed_per,
+            seed_timeout=seed_timeout,
+            seed_report_ttl=seed_report_ttl,
+            max_mirror_pulls=max_mirror_pulls,
             pin_images=pin_images,
             max_image_fs_usage=max_image_fs_usage,
             host_root=host_root,
