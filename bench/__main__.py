@@ -21,6 +21,7 @@ BENCHMARKS = {
     "memory": "bench.memory",
     "broadcaster": "bench.broadcast",
     "scale": "bench.scale",
+    "seeding": "bench.seeding",
 }
 
 

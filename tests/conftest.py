@@ -6,6 +6,7 @@ error with an install hint, so CI cannot go green without having run them.
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from nats.js import JetStreamContext
 
 from image_syncer.sandbox.containerd import Containerd
 from image_syncer.sandbox.images import push_image
+from image_syncer.sandbox.mirror import MirroredRegistry
 from image_syncer.sandbox.nats_server import NatsServer
 from image_syncer.sandbox.registry import Registry
 from wire.eventlog import LogSettings, ensure_streams
@@ -146,3 +148,18 @@ def push(registry: Registry) -> PushImage:
         return f"{target.address}/{repository}:{tag}"
 
     return _push
+
+
+@pytest.fixture(scope="session")
+def mirrored(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MirroredRegistry]:
+    """An upstream registry (access log on) behind a Distribution pull-through cache, and the
+    containerd ``hosts.toml`` directory that sends pulls of its images through the cache."""
+    with MirroredRegistry(tmp_path_factory.mktemp("mirrored")) as setup:
+        yield setup
+
+
+@pytest.fixture
+def mirror_nodes(tmp_path: Path, mirrored: MirroredRegistry) -> Iterator[list[Containerd]]:
+    """Three containerds ("nodes") whose registry config_path points at ``mirrored``'s hosts."""
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(mirrored.node(tmp_path / f"node{i}")) for i in range(3)]

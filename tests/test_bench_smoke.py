@@ -26,6 +26,7 @@ BENCHMARKS = {
     "memory": "bench.memory",
     "broadcaster": "bench.broadcast",
     "scale": "bench.scale",
+    "seeding": "bench.seeding",
 }
 KEYS = {"bench", "figure", "unit", "baseline", "ratio", "target", "met"}
 

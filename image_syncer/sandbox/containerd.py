@@ -47,6 +47,8 @@ class Containerd(ManagedProcess):
 
     state_dir: Path
     snapshotter: str = "overlayfs"
+    # containerd's registry ``config_path``: a directory of ``<host>/hosts.toml`` (mirrors).
+    registry_config_path: Path | None = None
     process: subprocess.Popen[bytes] | None = None
     socket_dir: Path = field(init=False)
 
@@ -100,7 +102,15 @@ state = "{d / "state"}"
     [plugins."{CRI_PLUGIN}".cni]
       bin_dir = "{d / "cni" / "bin"}"
       conf_dir = "{d / "cni" / "conf"}"
-"""
+{self._registry_config()}"""
+
+    def _registry_config(self) -> str:
+        if self.registry_config_path is None:
+            return ""
+        return (
+            f'    [plugins."{CRI_PLUGIN}".registry]\n'
+            f'      config_path = "{self.registry_config_path}"\n'
+        )
 
     def start(self, *, timeout: float = 60) -> Containerd:
         """Start, wait for the CRI plugin; fall back to ``native`` where overlayfs cannot work."""

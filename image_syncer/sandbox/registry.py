@@ -38,6 +38,10 @@ class Registry(ManagedProcess):
 
     data_dir: Path
     htpasswd: tuple[str, str] | None = field(default=None, repr=False)
+    # A pull-through cache of this upstream URL (Distribution's ``proxy.remoteurl``).
+    proxy_remote: str | None = None
+    # Log every request (Distribution's access log), e.g. to count what an upstream serves.
+    access_log: bool = False
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
 
@@ -69,7 +73,7 @@ class Registry(ManagedProcess):
             "log:",
             "  level: info",
             "  accesslog:",
-            "    disabled: true",
+            f"    disabled: {'false' if self.access_log else 'true'}",
             "storage:",
             "  filesystem:",
             f"    rootdirectory: {self.data_dir / 'data'}",
@@ -78,6 +82,8 @@ class Registry(ManagedProcess):
             "http:",
             f"  addr: {self.address}",
         ]
+        if self.proxy_remote is not None:
+            lines += ["proxy:", f"  remoteurl: {self.proxy_remote}"]
         if self.htpasswd is not None:
             lines += [
                 "auth:",
