@@ -42,6 +42,7 @@ from wire.permissions import (
     CALLOUT_ISSUER_ENV,
     PINNED_BUCKET,
     PULLED_BUCKET,
+    SLOTS_BUCKET,
     bucket_for,
     durable_name,
     inbox_prefix,
@@ -176,6 +177,7 @@ async def test_a_node_can_touch_only_itself(
     status = nodestatus.StatusSettings(prefix=prefix)
     pulled_bucket = bucket_for(PULLED_BUCKET, prefix)
     pinned_bucket = bucket_for(PINNED_BUCKET, prefix)
+    slots_bucket = bucket_for(SLOTS_BUCKET, prefix)
     node_a, node_b = f"node-a-{uuid.uuid4().hex[:4]}.example", "node-b.example"
     durable_b = durable_name(node_b)
 
@@ -225,6 +227,8 @@ async def test_a_node_can_touch_only_itself(
         metrics_addr="",
         status_interval=0.2,
         remove_unused=True,
+        # Seeding on: its lease and its report go through A's identity too.
+        mirror=("*",),
         nats=callout.node_settings(node_a),
     )
     syncer = await RunningSyncer(settings).start()
@@ -233,6 +237,7 @@ async def test_a_node_can_touch_only_itself(
         own_record = cleanup.record_key(node_a, image)
         await _until(lambda: _exists(pulled_kv, own_record), "A recorded its pull")
         await _until(lambda: _exists(status_kv, nodestatus.node_key(node_a)), "A wrote its status")
+        assert logged(caplog, "seed complete", node=node_a)
 
         # The same identity, used by an attacker on node A.
         attacker = await connect(callout.node_settings(node_a), name="attacker")
@@ -279,6 +284,13 @@ async def test_a_node_can_touch_only_itself(
             ),
             (f"$KV.{pulled_bucket}.{ledger_b}", lambda: a_pulled.put(ledger_b, b"forged")),
             (f"$KV.{pinned_bucket}.{ledger_b}", lambda: a_pinned.delete(ledger_b)),
+            # A seed report in B's name (syncer.seeding): only B may say it holds an image.
+            (
+                f"$KV.{slots_bucket}.seeded.{'0' * 24}.{node_b}",
+                lambda: ajs.publish(
+                    f"$KV.{slots_bucket}.seeded.{'0' * 24}.{node_b}", b"{}", msg_ttl=60
+                ),
+            ),
             (
                 f"$KV.{status.bucket}.{nodestatus.beat_key(node_b)}",
                 lambda: a_status.put(nodestatus.beat_key(node_b), b"forged"),

@@ -62,8 +62,8 @@ NODES_BUCKET = nodestatus.DEFAULT_BUCKET
 PULLED_BUCKET = "IMAGE_SYNCER_PULLED"
 # The names each syncer pinned itself (syncer.pinning.BUCKET; a test keeps the two equal).
 PINNED_BUCKET = "IMAGE_SYNCER_PINNED"
-# The cluster-wide pull slots and registry backoffs (syncer.pullbudget.BUCKET; a test keeps the
-# two equal).
+# The cluster-wide pull slots, registry backoffs, seed leases and seed reports
+# (syncer.pullbudget.BUCKET; a test keeps the two equal).
 SLOTS_BUCKET = "IMAGE_SYNCER_PULL_SLOTS"
 LEASE_BUCKET = "IMAGE_SYNCER_LEASE"
 SYNCER_CONSUMER_PREFIX = "syncer-"
@@ -226,8 +226,9 @@ def node_syncer_permissions(node: str, prefix: str = DEFAULT_PREFIX) -> RolePerm
     ``<node>.<hash>`` (one token after the node, so node ``a`` cannot reach node ``a.b``'s), and
     its inbox. A bucket may be created when missing (the server refuses a create that differs
     from an existing bucket) but never updated, purged or deleted. The one shared write is the
-    cluster pull budget: any node may take any slot, so a node can delay others' pulls (bounded
-    by the slot lease), never make them pull or remove anything.
+    cluster pull budget: any node may take any slot, seed lease or backoff key, so a node can
+    delay others' pulls (bounded by the lease, the backoff and ``--seed-timeout``), never make
+    them pull or remove anything. Seed reports ``seeded.<image>.<node>`` are the node's own.
     """
     nodestatus.check_node(node)
     stream = stream_name(prefix, Kind.FLEET)
@@ -258,10 +259,17 @@ def node_syncer_permissions(node: str, prefix: str = DEFAULT_PREFIX) -> RolePerm
         ]
     publish += [
         f"{_API}.STREAM.CREATE.KV_{slots}",
-        f"$KV.{slots}.>",
+        *_budget_keys(slots, node),
         *_kv_reader(slots, named=False),
     ]
     return RolePermissions(f"syncer:{node}", tuple(publish), (f"{inbox_prefix(durable)}.>",))
+
+
+def _budget_keys(bucket: str, node: str) -> list[str]:
+    """The keys of the pull budget's bucket (:mod:`syncer.pullbudget`, :mod:`syncer.seeding`)
+    one node writes: shared leases and backoffs, and its own seed reports."""
+    shared = [f"$KV.{bucket}.{kind}.>" for kind in ("slot", "mirror", "backoff", "seed")]
+    return [*shared, f"$KV.{bucket}.seeded.*.{node}"]
 
 
 def admin_permissions() -> RolePermissions:
