@@ -13,6 +13,13 @@ seen through a read-only host mount (``--host-root``, e.g. ``/host`` when the Da
 host's ``/var/lib/containerd`` at ``/host/var/lib/containerd``). Usage is computed as the kubelet
 does: (capacity - available) / capacity.
 
+containerd keeps an image twice: compressed in its content store
+(``<root>/io.containerd.content.v1.content``) and unpacked in the snapshotter's directory, which
+is all ImageFsInfo names. Where a node-local cache serves peers from the content store (Spegel
+needs ``discard_unpacked_layers = false``, so the compressed layers stay), that store is part of
+what images cost; when it lies on another filesystem than the snapshots (a separate disk for
+the snapshotter), it is measured too, and the fuller of the two counts.
+
 When the usage cannot be known (no such path in the container, the runtime does not answer
 ImageFsInfo) the budget does not block: it is a safety net, not a reason to stop pre-pulling.
 Every change of state (over budget, within budget, unknown) is one log line, not one per pull.
@@ -31,11 +38,14 @@ from pathlib import Path
 from syncer import metrics
 from syncer.cri import CriError, ImageFilesystem
 
-__all__ = ["DEFAULT_MAX_USAGE", "DiskBudget", "FsUsage", "parse_percent"]
+__all__ = ["CONTENT_STORE", "DEFAULT_MAX_USAGE", "DiskBudget", "FsUsage", "parse_percent"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_USAGE = 0.80
+# containerd's content store, next to its snapshotters' directories under its root.
+CONTENT_STORE = "io.containerd.content.v1.content"
+_SNAPSHOTTER = "io.containerd.snapshotter.v1."
 # Many pulls start at once after a reconcile: they share one reading this young.
 _MAX_AGE = 1.0
 
@@ -125,6 +135,9 @@ class DiskBudget:
             if usage is None:
                 return
             readings.append(usage)
+            kept = self._content_store(fs)
+            if kept is not None:
+                readings.append(kept)
         if not readings:
             self._set_unknown("the runtime reports no image filesystem")
             return
@@ -132,6 +145,18 @@ class DiskBudget:
         self.usage = fullest
         metrics.IMAGE_FS_USAGE.set(fullest.ratio)
         self._set_known(fullest)
+
+    def _content_store(self, fs: ImageFilesystem) -> FsUsage | None:
+        """containerd's content store beside the snapshots ``fs`` names, if it has one here."""
+        snapshots = Path(fs.mountpoint)
+        if not snapshots.name.startswith(_SNAPSHOTTER):
+            return None
+        store = snapshots.parent / CONTENT_STORE
+        if not self.host_path(str(store)).is_dir():
+            return None
+        return self._measure(
+            ImageFilesystem(str(store), used_bytes=0, inodes_used=0, timestamp_ns=0)
+        )
 
     def _measure(self, fs: ImageFilesystem) -> FsUsage | None:
         path = self.host_path(fs.mountpoint)

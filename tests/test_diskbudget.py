@@ -12,13 +12,16 @@ from pathlib import Path
 
 import pytest
 from prometheus_client import REGISTRY
-from tmpfs_support import fill_to, tmpfs_containerd
+from tmpfs_support import fill_to, tmpfs, tmpfs_containerd
 
 from image_syncer.sandbox.containerd import Containerd
 from syncer.cri import CriClient
 from syncer.diskbudget import DiskBudget, parse_percent
 
 pytestmark = pytest.mark.cri
+
+# containerd's content store directory under its root (containerd's plugin id, not ours).
+CONTENT_STORE = "io.containerd.content.v1.content"
 
 
 @pytest.fixture
@@ -82,6 +85,34 @@ async def test_pulls_are_refused_at_the_threshold_and_allowed_once_space_frees(
     assert await budget.refuse() == ""
     assert [r for r in caplog.records if r.getMessage().startswith("pulls resume")]
     assert REGISTRY.get_sample_value("image_syncer_syncer_disk_budget_exceeded") == 0
+
+
+async def test_a_content_store_on_its_own_filesystem_counts_too(tmp_path: Path, push) -> None:
+    # Snapshots on one filesystem, the content store (where a node-local cache such as Spegel
+    # serves kept layers from) on another: ImageFsInfo names only the first.
+    root = tmp_path / "ctrd" / "root"
+    with (
+        tmpfs(root, "128m"),
+        tmpfs(root / CONTENT_STORE, "32m"),
+        Containerd(tmp_path / "ctrd") as runtime,
+    ):
+        client = CriClient(runtime.endpoint)
+        try:
+            await client.pull_image(push(layer_bytes=1024 * 1024), timeout=60)
+            clock = always_fresh()
+            budget = DiskBudget(client.image_fs_info, max_usage=0.8, clock=lambda: next(clock))
+            assert await budget.refuse() == ""
+            (snapshots,) = [fs.mountpoint for fs in await client.image_fs_info()]
+            assert not snapshots.startswith(str(root / CONTENT_STORE))
+            ballast = fill_to(root / CONTENT_STORE, 0.9)
+
+            refused = await budget.refuse()
+
+            assert CONTENT_STORE in refused and "at or above" in refused
+            os.remove(ballast)
+            assert await budget.refuse() == ""
+        finally:
+            await client.close()
 
 
 async def test_host_root_maps_the_runtimes_mount_point_into_this_container(
