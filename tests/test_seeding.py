@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 
 import msgspec
@@ -208,3 +211,30 @@ async def test_without_nats_a_node_pulls_at_once(make_node, node_connections) ->
     # Seeding saves egress; it never keeps an image from being pulled.
     assert puller.turn == SeedTurn(mirrored=False, seed=False)
     await puller.finish()
+
+
+@pytest.mark.parametrize(
+    ("env", "says"),
+    [
+        ({"MIRROR": "registry.example/path"}, "mirror 'registry.example/path' is not a registry"),
+        ({"MIRROR": "*", "SEED_PER": "not a label"}, "seed-per 'not a label' is not a label key"),
+        ({"MIRROR": "*", "SEEDS": "0"}, "SEEDS"),
+        ({"SEED_TIMEOUT": "soon"}, "SEED_TIMEOUT"),
+        ({"SEED_REPORT_TTL": "0s"}, "seed_report_ttl must be positive"),
+        ({"MAX_MIRROR_PULLS": "-1"}, "MAX_MIRROR_PULLS"),
+    ],
+)
+def test_bad_seeding_settings_are_refused_through_their_environment_twins(
+    env: dict[str, str], says: str
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "image_syncer", "syncer"],
+        env={**os.environ, **env, "NO_COLOR": "1"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert result.returncode == 2
+    assert says in result.stderr

@@ -21,6 +21,7 @@ from fleetdicts import fleet
 from nats.js import JetStreamContext
 from syncer_harness import RunningSyncer, eventually, info_logs_fixture
 from test_syncer import logged
+from test_syncer_prepull import OpenApiServer
 
 from image_syncer.sandbox.containerd import Containerd
 from image_syncer.sandbox.images import build_image, push_image
@@ -38,6 +39,7 @@ pytestmark = pytest.mark.nats
 __all__ = ["info_logs_fixture"]
 
 LAYER_BYTES = 2 * 1024 * 1024
+ZONE = "topology.kubernetes.io/zone"
 
 
 def node_settings(
@@ -185,3 +187,35 @@ async def test_without_a_mirror_pulls_are_as_before(
     assert not logged(caplog, "waiting for a seed") and not logged(caplog, "seeding image")
     with pytest.raises(nats.js.errors.BucketNotFoundError):
         await js.key_value(budget_bucket(prefix))
+
+
+async def test_seeds_are_counted_per_value_of_the_seed_per_label(
+    containerd: Containerd,
+    nats_settings: NatsSettings,
+    prefix: str,
+    js: JetStreamContext,
+    log_settings: LogSettings,
+    push,  # type: ignore[no-untyped-def]
+    run_nodes,  # type: ignore[no-untyped-def]
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings = node_settings(
+        containerd, nats_settings, prefix, mirror=("*",), seed_per=ZONE, node_refresh=0.5
+    )
+    node = {
+        "kind": "Node",
+        "apiVersion": "v1",
+        "metadata": {"name": settings.node_name, "labels": {ZONE: "zone-a"}},
+        "spec": {},
+    }
+    ref = push()
+    image = normalize(ref)
+    # The cluster-wide group's seed is busy elsewhere; this node's zone has none yet.
+    kv = await open_budget_bucket(js, prefix, 1)
+    await kv.create(f"seed.{image_hash(image)}._.0", b"node-elsewhere", msg_ttl=600)
+    with OpenApiServer(node, token="unused") as api:
+        await run_nodes([replace(settings, kube_api_url=api.url)])
+        await publish_event(js, log_settings, "fleet.events.added", fleet("game", ref))
+        await eventually(lambda: ref in containerd.image_refs(), "the zone's seed to pull")
+    (seeding,) = logged(caplog, "seeding image")
+    assert seeding.lease == f"seed.{image_hash(image)}.zone-a.0"  # type: ignore[attr-defined]
