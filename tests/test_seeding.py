@@ -228,7 +228,8 @@ def test_bad_seeding_settings_are_refused_through_their_environment_twins(
     env: dict[str, str], says: str
 ) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "image_syncer", "syncer"],
+        # No metrics port: the check that it is free would answer first on a busy machine.
+        [sys.executable, "-m", "image_syncer", "syncer", "--metrics-addr", ""],
         env={**os.environ, **env, "NO_COLOR": "1"},
         capture_output=True,
         text=True,
