@@ -6,6 +6,6 @@ real URLs, bodies and status codes. Broadcaster tests drive it through the real 
 client; syncer tests and the demo's cold node through the syncer's own HTTP calls.
 """
 
-from .server import FakeKube
+from .server import AdmissionAttributes, Denial, FakeKube
 
-__all__ = ["FakeKube"]
+__all__ = ["AdmissionAttributes", "Denial", "FakeKube"]

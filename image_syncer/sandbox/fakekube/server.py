@@ -11,21 +11,39 @@ use. What it models:
   patch or a JSON patch (RFC 6902, ``test`` included): a ``metadata.resourceVersion`` in the
   patched object is a precondition (409 Conflict when stale), a failed ``test`` is 422, as in
   the real server;
-- one global, monotonically increasing resourceVersion, and a uid per object;
+- one global, monotonically increasing resourceVersion (sent as an opaque string, as clients must
+  treat it), a uid per object, ``generation`` only on the kinds whose strategy sets it (not Nodes
+  or Events), and ``managedFields`` rewritten by every write (the field manager runs before
+  admission on a real server);
+- every error is the real ``metav1.Status`` (apimachinery ``api/errors``): ``kind``,
+  ``apiVersion``, ``metadata: {}``, ``status: Failure``, ``message``, ``reason``, ``details``
+  (``name``, ``group`` when not core, ``kind`` = the resource plural) and ``code``; the texts are
+  the real ones (``nodes "x" not found``, ``Operation cannot be fulfilled on ...``). A path that
+  no API group serves (an uninstalled CRD, :meth:`unserve`) gets what the real server's last
+  handler sends: a plain-text ``404 page not found``;
+- admission (:attr:`admission`): a test-supplied ValidatingAdmissionPolicy decision turned into
+  the real refusal: ``<resource> "<name>" is forbidden: ValidatingAdmissionPolicy '<policy>'
+  with binding '<binding>' denied request: <message>`` with the policy's reason and its code
+  (Forbidden 403; Invalid, the reason of an evaluation error, 422);
 - watch from a resourceVersion (history replay), from nothing or ``0`` (synthetic ADDED of the
   current state), ``timeoutSeconds``, ``allowWatchBookmarks``; a label-selected watch sends
   DELETED when an object stops matching and ADDED when it starts, as the watch cache does;
 - ``410 Gone``: after :meth:`FakeKube.compact`, a watch from an older resourceVersion gets an
   ERROR event with an ``Expired`` Status, both on reconnect and mid-stream for a lagging watch;
-  an exact list at a compacted resourceVersion gets HTTP 410;
+  the watch request itself is answered 200 (the watch cache's ``errWatcher``); an exact list at a
+  compacted resourceVersion gets HTTP 410 with etcd3's text;
 - test controls: :meth:`hold_watches` (freeze delivery, to make a gap), :meth:`drop_watches`
   (end every open watch), :meth:`bookmark` (ask open watches for a BOOKMARK now),
   :meth:`before_next_patch` (a concurrent writer, run between a client's read and its patch);
 - ``TokenReview`` (``authentication.k8s.io/v1``): tokens made by :meth:`issue_token` are
   ServiceAccount tokens bound to a pod on a node, JWT-shaped with their audiences and expiry; the
-  review answers as the API server does: the user, its groups and pod-binding ``extra`` fields,
+  review answers as the API server does: the user, its groups and pod-binding ``extra`` fields
+  (credential-id, node-name, node-uid, pod-name, pod-uid, each a one-element list),
   and ``authenticated: false`` with an ``invalid bearer token`` error for an unknown or expired
   token or one whose audiences do not meet the requested ones.
+
+tests/kubeshapes.py names the Kubernetes source of every shape; tests/test_fakekube_shapes.py
+holds the fake to them.
 """
 
 from __future__ import annotations
@@ -39,7 +57,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -49,7 +67,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from .selectors import SelectorError, parse_selector
 
-__all__ = ["FakeKube"]
+__all__ = ["AdmissionAttributes", "Denial", "FakeKube"]
 
 GROUP_VERSION = "agones.dev/v1"
 KINDS = {
@@ -67,6 +85,12 @@ GROUP_VERSIONS = {
     "events": "v1",
 }
 CLUSTER_SCOPED = frozenset({"nodes"})
+# The registry strategies that set metadata.generation (CRDs, Deployments); Nodes and Events have
+# none.
+WITH_GENERATION = frozenset({"fleets", "gameservers", "deployments"})
+# Built-in kinds are decoded into Go structs and encoded again, so an empty list or a null
+# (``omitempty``) comes back absent; custom resources are stored as sent.
+BUILT_IN = frozenset({"nodes", "deployments", "events"})
 
 _PATH = re.compile(
     r"^/(?:api/(?P<core>v1)|apis/(?P<group>[a-z.]+/v1))"
@@ -75,20 +99,106 @@ _PATH = re.compile(
 
 
 class ApiError(Exception):
-    def __init__(self, code: int, reason: str, message: str) -> None:
+    """A ``metav1.Status`` failure; ``details`` as ``StatusDetails`` (None: no details key)."""
+
+    def __init__(
+        self, code: int, reason: str, message: str, details: dict[str, Any] | None = None
+    ) -> None:
         super().__init__(message)
-        self.code, self.reason, self.message = code, reason, message
+        self.code, self.reason, self.message, self.details = code, reason, message, details
 
     def status(self) -> dict[str, Any]:
-        return {
+        body: dict[str, Any] = {
             "kind": "Status",
             "apiVersion": "v1",
             "metadata": {},
             "status": "Failure",
             "message": self.message,
             "reason": self.reason,
-            "code": self.code,
         }
+        if self.details is not None:
+            body["details"] = self.details
+        body["code"] = self.code
+        return body
+
+
+class NotServed(Exception):
+    """No API group serves this path: the real server's last handler answers plain text."""
+
+
+def _group(plural: str) -> str:
+    version = GROUP_VERSIONS[plural]
+    return version.split("/")[0] if "/" in version else ""
+
+
+def _qualified(plural: str) -> str:
+    """``schema.GroupResource.String()``: ``nodes``, ``fleets.agones.dev``."""
+    group = _group(plural)
+    return f"{plural}.{group}" if group else plural
+
+
+def _details(plural: str, name: str) -> dict[str, Any]:
+    """``StatusDetails`` of one object: its name, API group (omitted when core) and resource."""
+    group = _group(plural)
+    return {"name": name, **({"group": group} if group else {}), "kind": plural}
+
+
+def _not_found(plural: str, name: str) -> ApiError:
+    """apimachinery ``errors.NewNotFound``."""
+    message = f'{_qualified(plural)} "{name}" not found'
+    return ApiError(404, "NotFound", message, _details(plural, name))
+
+
+def _conflict(plural: str, name: str) -> ApiError:
+    """``errors.NewConflict`` with the registry's ``OptimisticLockErrorMsg``."""
+    message = (
+        f'Operation cannot be fulfilled on {_qualified(plural)} "{name}": the object has been '
+        "modified; please apply your changes to the latest version and try again"
+    )
+    return ApiError(409, "Conflict", message, _details(plural, name))
+
+
+def _invalid(message: str) -> ApiError:
+    """``errors.NewGenericServerResponse(422, ...)`` as the PATCH handler returns it."""
+    return ApiError(422, "Invalid", message, {})
+
+
+@dataclass(frozen=True)
+class Denial:
+    """A ValidatingAdmissionPolicy's refusal: the failed validation's message and reason."""
+
+    policy: str
+    binding: str
+    message: str
+    reason: str = "Invalid"  # what the API server uses when the validation names none
+
+
+@dataclass(frozen=True)
+class AdmissionAttributes:
+    """What a validating admission policy sees of one write (``request``, ``object``, ...)."""
+
+    operation: str
+    plural: str
+    name: str
+    user: dict[str, Any] | None  # the token's userInfo; None for an anonymous request
+    obj: dict[str, Any]
+    old: dict[str, Any] | None
+
+
+# dispatcher.go reasonToCode: the HTTP code of a refusal with this reason.
+_REASON_CODES = {"Forbidden": 403, "Unauthorized": 401, "RequestEntityTooLarge": 413}
+
+
+def _denied(plural: str, name: str, denial: Denial) -> ApiError:
+    """The validating-policy dispatcher's refusal (``admission.NewForbidden`` re-labelled)."""
+    text = (
+        f"ValidatingAdmissionPolicy '{denial.policy}' with binding '{denial.binding}' denied "
+        f"request: {denial.message}"
+    )
+    details = {**_details(plural, name), "causes": [{"message": text}]}
+    code = _REASON_CODES.get(denial.reason, 422)
+    message = f'{_qualified(plural)} "{name}" is forbidden: {text}'
+    return ApiError(code, denial.reason, message, details)
 
 
 @dataclass(frozen=True)
@@ -105,9 +215,7 @@ _TOKENREVIEWS = "/apis/authentication.k8s.io/v1/tokenreviews"
 
 @dataclass(frozen=True)
 class _Token:
-    namespace: str
-    service_account: str
-    node: str | None
+    user: dict[str, Any]  # the userInfo the API server derives from it
     audiences: tuple[str, ...]
     expires: float
 
@@ -144,6 +252,9 @@ class FakeKube:
         self.requests: list[tuple[str, str]] = []
         self._before_patch: list[Any] = []
         self._tokens: dict[str, _Token] = {}
+        self._unserved: set[str] = set()
+        # The validating admission in force: None admits everything (no policy installed).
+        self.admission: Callable[[AdmissionAttributes], Denial | None] | None = None
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -208,54 +319,90 @@ class FakeKube:
         self._history.append(_Change(self._rv, plural, type_, old, copy.deepcopy(new)))
         self._cond.notify_all()
 
-    def create(self, plural: str, obj: dict[str, Any]) -> dict[str, Any]:
+    def create(
+        self, plural: str, obj: dict[str, Any], *, manager: str = "kubectl", user: Any = None
+    ) -> dict[str, Any]:
+        """POST: ``manager`` is the field manager, ``user`` the userInfo admission sees."""
         obj = copy.deepcopy(obj)
         meta = obj.setdefault("metadata", {})
         _scope(plural, meta)
         if not meta.get("name"):
-            raise ApiError(422, "Invalid", "metadata.name: Required value")
+            raise _name_required(plural)
         with self._cond:
             if _key(obj) in self._objects[plural]:
-                raise ApiError(409, "AlreadyExists", f'{plural} "{meta["name"]}" already exists')
-            self._rv += 1
+                message = f'{_qualified(plural)} "{meta["name"]}" already exists'
+                raise ApiError(409, "AlreadyExists", message, _details(plural, meta["name"]))
             obj["apiVersion"], obj["kind"] = GROUP_VERSIONS[plural], KINDS[plural]
-            meta.update(
-                uid=str(uuid.uuid4()),
-                resourceVersion=str(self._rv),
-                generation=1,
-                creationTimestamp=_now(),
-            )
+            if plural in BUILT_IN:
+                obj = _omit_empty(obj)
+                meta = obj["metadata"]
+            meta.update(uid=str(uuid.uuid4()), creationTimestamp=_now())
+            if plural in WITH_GENERATION:
+                meta["generation"] = 1
+            _managed_by(obj, manager)
+            self._admit("CREATE", plural, user, obj, None)
+            self._rv += 1
+            meta["resourceVersion"] = str(self._rv)
             self._objects[plural][_key(obj)] = obj
             self._record(plural, "ADDED", None, obj)
             return copy.deepcopy(obj)
 
-    def update(self, plural: str, obj: dict[str, Any]) -> dict[str, Any]:
+    def update(
+        self, plural: str, obj: dict[str, Any], *, manager: str = "kubectl", user: Any = None
+    ) -> dict[str, Any]:
+        """PUT, with the resourceVersion of ``obj`` (when set) as a precondition."""
         obj = copy.deepcopy(obj)
         _scope(plural, obj["metadata"])
+        name = obj["metadata"]["name"]
         with self._cond:
             current = self._objects[plural].get(_key(obj))
             if current is None:
-                raise ApiError(404, "NotFound", f'{plural} "{obj["metadata"]["name"]}" not found')
+                raise _not_found(plural, name)
             wanted = obj["metadata"].get("resourceVersion")
             if wanted and wanted != current["metadata"]["resourceVersion"]:
-                raise ApiError(409, "Conflict", "the object has been modified; please retry")
-            self._rv += 1
+                raise _conflict(plural, name)
             obj["apiVersion"], obj["kind"] = GROUP_VERSIONS[plural], KINDS[plural]
+            if plural in BUILT_IN:
+                obj = _omit_empty(obj)
             meta = obj["metadata"]
-            for kept in ("uid", "creationTimestamp", "generation"):
-                meta[kept] = current["metadata"][kept]
-            if obj.get("spec") != current.get("spec"):
+            for kept in ("uid", "creationTimestamp", "generation", "managedFields"):
+                if kept in current["metadata"]:
+                    meta[kept] = copy.deepcopy(current["metadata"][kept])
+            if "generation" in meta and obj.get("spec") != current.get("spec"):
                 meta["generation"] = current["metadata"]["generation"] + 1
+            meta["resourceVersion"] = current["metadata"]["resourceVersion"]
+            _managed_by(obj, manager)
+            self._admit("UPDATE", plural, user, obj, current)
+            self._rv += 1
             meta["resourceVersion"] = str(self._rv)
             self._objects[plural][_key(obj)] = obj
             self._record(plural, "MODIFIED", current, obj)
             return copy.deepcopy(obj)
 
+    def _admit(
+        self,
+        operation: str,
+        plural: str,
+        user: Any,
+        obj: dict[str, Any],
+        old: dict[str, Any] | None,
+    ) -> None:
+        """Validating admission, after the field manager and before the write is stored."""
+        if self.admission is None:
+            return
+        name = obj["metadata"]["name"]
+        attributes = AdmissionAttributes(
+            operation, plural, name, user, copy.deepcopy(obj), copy.deepcopy(old)
+        )
+        denial = self.admission(attributes)
+        if denial is not None:
+            raise _denied(plural, name, denial)
+
     def delete(self, plural: str, namespace: str, name: str) -> dict[str, Any]:
         with self._cond:
             current = self._objects[plural].pop((namespace, name), None)
             if current is None:
-                raise ApiError(404, "NotFound", f'{plural} "{name}" not found')
+                raise _not_found(plural, name)
             self._rv += 1
             gone = copy.deepcopy(current)
             gone["metadata"]["resourceVersion"] = str(self._rv)
@@ -263,7 +410,15 @@ class FakeKube:
             return copy.deepcopy(gone)
 
     def patch(
-        self, plural: str, namespace: str, name: str, content_type: str, patch: Any
+        self,
+        plural: str,
+        namespace: str,
+        name: str,
+        content_type: str,
+        patch: Any,
+        *,
+        manager: str = "kubectl",
+        user: Any = None,
     ) -> dict[str, Any]:
         """Apply a merge or JSON patch to the stored object, as the API server's PATCH does."""
         if plural in CLUSTER_SCOPED:
@@ -275,7 +430,7 @@ class FakeKube:
         with self._cond:
             current = self._objects[plural].get((namespace, name))
             if current is None:
-                raise ApiError(404, "NotFound", f'{plural} "{name}" not found')
+                raise _not_found(plural, name)
             if content_type == "application/merge-patch+json":
                 patched = _merge_patch(current, patch)
             elif content_type == "application/json-patch+json":
@@ -284,7 +439,10 @@ class FakeKube:
                 raise ApiError(
                     415,
                     "UnsupportedMediaType",
-                    f"the body of the request was in an unknown format: {content_type}",
+                    f"the body of the request was in an unknown format - accepted media types "
+                    f"include: application/json-patch+json, application/merge-patch+json, "
+                    f"application/apply-patch+yaml (got {content_type})",
+                    {},
                 )
             patched["metadata"]["name"] = name
             if namespace:
@@ -292,7 +450,7 @@ class FakeKube:
             # A resourceVersion the patch left in the object is a precondition; none means "any".
             if patched["metadata"].get("resourceVersion") == current["metadata"]["resourceVersion"]:
                 patched["metadata"].pop("resourceVersion")
-            return self.update(plural, patched)
+            return self.update(plural, patched, manager=manager, user=user)
 
     def before_next_patch(self, hook: Any) -> None:
         """Run ``hook`` (another writer) when the next PATCH arrives, before it applies."""
@@ -346,6 +504,19 @@ class FakeKube:
             if not self._cond.wait_for(lambda: self.open_watches >= count, timeout=timeout):
                 raise TimeoutError(f"{self.open_watches} open watches, wanted {count}")
 
+    def unserve(self, plural: str) -> None:
+        """Serve ``plural`` no more, as when its CRD is not installed (Agones missing)."""
+        with self._cond:
+            self._unserved.add(plural)
+
+    def serve(self, plural: str) -> None:
+        with self._cond:
+            self._unserved.discard(plural)
+
+    def served(self, plural: str) -> bool:
+        with self._cond:
+            return plural not in self._unserved
+
     def list_calls(self, plural: str = "fleets") -> int:
         with self._cond:
             return sum(1 for method, path in self.requests if method == "LIST" and plural in path)
@@ -361,24 +532,50 @@ class FakeKube:
         audiences: tuple[str, ...] = ("nats",),
         expires_in: float = 3600.0,
     ) -> str:
-        """A projected token for a pod of ``service_account`` on ``node`` (as the kubelet gets)."""
+        """A projected token for a pod of ``service_account`` on ``node`` (as the kubelet gets).
+
+        The user it authenticates as is the real one (pkg/serviceaccount claims.go): the
+        ServiceAccount's name, uid and groups, and as ``extra`` the token's id
+        (``credential-id: JTI=...``), its pod and, when bound to one, its node (Kubernetes
+        1.30+), each a one-element list.
+        """
         expires = time.time() + expires_in
+        pod = f"{service_account}-{uuid.uuid4().hex[:5]}"
+        ids = {k: str(uuid.uuid4()) for k in ("sa", "pod", "node", "jti")}
         claims = {
             "aud": list(audiences),
             "exp": int(expires),
             "iat": int(time.time()),
             "iss": "https://kubernetes.default.svc",
+            "jti": ids["jti"],
             "sub": f"system:serviceaccount:{namespace}:{service_account}",
             "kubernetes.io": {
                 "namespace": namespace,
-                "serviceaccount": {"name": service_account, "uid": str(uuid.uuid4())},
-                **({"node": {"name": node, "uid": str(uuid.uuid4())}} if node else {}),
+                "pod": {"name": pod, "uid": ids["pod"]},
+                "serviceaccount": {"name": service_account, "uid": ids["sa"]},
+                **({"node": {"name": node, "uid": ids["node"]}} if node else {}),
             },
+        }
+        extra = {"authentication.kubernetes.io/credential-id": [f"JTI={ids['jti']}"]}
+        if node:
+            extra["authentication.kubernetes.io/node-name"] = [node]
+            extra["authentication.kubernetes.io/node-uid"] = [ids["node"]]
+        extra["authentication.kubernetes.io/pod-name"] = [pod]
+        extra["authentication.kubernetes.io/pod-uid"] = [ids["pod"]]
+        user = {
+            "username": f"system:serviceaccount:{namespace}:{service_account}",
+            "uid": ids["sa"],
+            "groups": [
+                "system:serviceaccounts",
+                f"system:serviceaccounts:{namespace}",
+                "system:authenticated",
+            ],
+            "extra": extra,
         }
         signature = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
         token = f"{_b64({'alg': 'RS256', 'kid': 'fake'})}.{_b64(claims)}.{signature}"
         with self._cond:
-            self._tokens[token] = _Token(namespace, service_account, node, audiences, expires)
+            self._tokens[token] = _Token(user, audiences, expires)
         return token
 
     def revoke_token(self, token: str) -> None:
@@ -401,26 +598,19 @@ class FakeKube:
                 f"token audiences {json.dumps(list(token.audiences))} is invalid for the target "
                 f"audiences {json.dumps(wanted)}"
             )
-        extra: dict[str, list[str]] = {
-            "authentication.kubernetes.io/pod-name": [f"{token.service_account}-pod"],
-            "authentication.kubernetes.io/pod-uid": [str(uuid.uuid4())],
-        }
-        if token.node:
-            extra["authentication.kubernetes.io/node-name"] = [token.node]
-        return {
-            "authenticated": True,
-            "user": {
-                "username": f"system:serviceaccount:{token.namespace}:{token.service_account}",
-                "uid": str(uuid.uuid4()),
-                "groups": [
-                    "system:serviceaccounts",
-                    f"system:serviceaccounts:{token.namespace}",
-                    "system:authenticated",
-                ],
-                "extra": extra,
-            },
-            "audiences": granted,
-        }
+        return {"authenticated": True, "user": copy.deepcopy(token.user), "audiences": granted}
+
+    def user_for(self, authorization: str | None) -> dict[str, Any] | None:
+        """Who an API request is from: None without a token, ApiError 401 for a bad one."""
+        if not authorization:
+            return None
+        scheme, _, token = authorization.partition(" ")
+        review = self.review({"token": token.strip()}) if scheme.lower() == "bearer" else {}
+        if not review.get("authenticated"):
+            # authentication/request/... unauthorized: no details, message "Unauthorized".
+            raise ApiError(401, "Unauthorized", "Unauthorized")
+        user: dict[str, Any] = review["user"]
+        return user
 
     # --- list and watch ---------------------------------------------------------------------
 
@@ -430,12 +620,14 @@ class FakeKube:
             rv = query.get("resourceVersion")
             exact = query.get("resourceVersionMatch") == "Exact"
             if rv and exact and int(rv) < self._compacted:
-                raise ApiError(410, "Expired", f"too old resource version: {rv} ({self._rv})")
+                # etcd3 errors.go, interpretListError on ErrCompacted.
+                message = "The resourceVersion for the provided list is too old."
+                raise ApiError(410, "Expired", message)
             items = [copy.deepcopy(o) for _, o in sorted(self._objects[plural].items())]
             return {
                 "apiVersion": GROUP_VERSIONS[plural],
                 "kind": f"{KINDS[plural]}List",
-                "metadata": {"resourceVersion": str(self._rv), "continue": ""},
+                "metadata": {"resourceVersion": str(self._rv)},
                 "items": [o for o in items if matches(o)],
             }
 
@@ -500,8 +692,59 @@ class FakeKube:
                 self._cond.notify_all()
 
     def _expired(self, rv: int) -> dict[str, Any]:
+        # watch_cache.go: the oldest resourceVersion it could still serve from, minus one.
         message = f"too old resource version: {rv} ({self._compacted})"
         return ApiError(410, "Expired", message).status()
+
+
+def _name_required(plural: str) -> ApiError:
+    """``errors.NewInvalid`` for a create without a name (validation of ObjectMeta)."""
+    group, kind = _group(plural), KINDS[plural]
+    detail = "Required value: name or generateName is required"
+    message = f'{f"{kind}.{group}" if group else kind} "" is invalid: metadata.name: {detail}'
+    cause = {"reason": "FieldValueRequired", "message": detail, "field": "metadata.name"}
+    details = {**({"group": group} if group else {}), "kind": kind, "causes": [cause]}
+    return ApiError(422, "Invalid", message, details)
+
+
+def _managed_by(obj: dict[str, Any], manager: str) -> None:
+    """Record ``manager``'s write in managedFields, as the field manager does before admission.
+
+    Coarse on purpose: the entry names the top-level sections written, not every field (no
+    consumer reads fieldsV1; what matters is that the list exists and changes on every write).
+    """
+    fields: dict[str, Any] = {
+        f"f:{k}": {} for k in obj if k not in ("apiVersion", "kind", "metadata", "status")
+    }
+    entry = {
+        "manager": manager,
+        "operation": "Update",
+        "apiVersion": obj["apiVersion"],
+        "time": _now(),
+        "fieldsType": "FieldsV1",
+        "fieldsV1": fields,
+    }
+    meta = obj["metadata"]
+    kept = [e for e in meta.get("managedFields") or [] if e.get("manager") != manager]
+    meta["managedFields"] = [*kept, entry]
+
+
+def _omit_empty(doc: Any) -> Any:
+    """What a Go round trip does to a built-in object: nulls and empty lists disappear.
+
+    (Empty maps of ``omitempty`` map fields too: labels and annotations. An empty struct, such
+    as ``spec: {}``, stays.)
+    """
+    if isinstance(doc, list):
+        return [_omit_empty(v) for v in doc]
+    if not isinstance(doc, dict):
+        return doc
+    out = {}
+    for key, value in doc.items():
+        if value is None or value == [] or (value == {} and key in ("labels", "annotations")):
+            continue
+        out[key] = _omit_empty(value)
+    return out
 
 
 def _scope(plural: str, meta: dict[str, Any]) -> None:
@@ -528,14 +771,14 @@ def _json_patch(target: dict[str, Any], ops: Any) -> dict[str, Any]:
     """RFC 6902 add, remove, replace and test; a failed op is 422, as the API server answers."""
     doc = copy.deepcopy(target)
     if not isinstance(ops, list):
-        raise ApiError(400, "BadRequest", "a JSON patch must be a list of operations")
+        raise ApiError(400, "BadRequest", "a JSON patch must be a list of operations", {})
     for op in ops:
         parent, last = _pointer(doc, op.get("path", ""))
         kind = op.get("op")
         try:
             if kind == "test":
                 if _get(parent, last) != op.get("value"):
-                    raise ApiError(422, "Invalid", f"testing value {op['path']} failed")
+                    raise _invalid(f"testing value {op['path']} failed")
             elif kind == "remove":
                 del parent[int(last) if isinstance(parent, list) else last]
             elif kind in ("add", "replace"):
@@ -550,22 +793,22 @@ def _json_patch(target: dict[str, Any], ops: Any) -> dict[str, Any]:
                         raise KeyError(last)
                     parent[last] = op["value"]
             else:
-                raise ApiError(400, "BadRequest", f"unknown JSON patch op {kind!r}")
+                raise ApiError(400, "BadRequest", f"unknown JSON patch op {kind!r}", {})
         except (KeyError, IndexError, ValueError, TypeError):
-            raise ApiError(422, "Invalid", f"{kind} {op.get('path')}: path not found") from None
+            raise _invalid(f"{kind} {op.get('path')}: path not found") from None
     return doc
 
 
 def _pointer(doc: Any, path: str) -> tuple[Any, str]:
     tokens = [t.replace("~1", "/").replace("~0", "~") for t in path.split("/")[1:]]
     if not tokens:
-        raise ApiError(422, "Invalid", "a JSON patch may not replace the whole object")
+        raise _invalid("a JSON patch may not replace the whole object")
     node = doc
     try:
         for token in tokens[:-1]:
             node = node[int(token)] if isinstance(node, list) else node[token]
     except (KeyError, IndexError, ValueError, TypeError):
-        raise ApiError(422, "Invalid", f"path {path} not found") from None
+        raise _invalid(f"path {path} not found") from None
     return node, tokens[-1]
 
 
@@ -596,7 +839,7 @@ def _matcher(namespace: str | None, selector: str | None) -> Any:
     try:
         labels_match = parse_selector(selector)
     except SelectorError as e:
-        raise ApiError(400, "BadRequest", str(e)) from e
+        raise ApiError(400, "BadRequest", str(e), {}) from e
 
     def matches(obj: dict[str, Any] | None) -> bool:
         if obj is None:
@@ -643,10 +886,27 @@ class _Handler(BaseHTTPRequestHandler):
         query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
         match = _PATH.match(parts.path)
         if not match or GROUP_VERSIONS.get(match["plural"]) != (match["core"] or match["group"]):
-            raise ApiError(
-                404, "NotFound", f"the server could not find the requested resource {parts.path}"
-            )
+            raise NotServed(parts.path)
+        if not self.kube.served(match["plural"]):
+            raise NotServed(parts.path)
+        if "limit" in query or "continue" in query:
+            # Paging is not modelled; no consumer pages. Refused loudly rather than ignored.
+            raise ApiError(400, "BadRequest", "fakekube: limit/continue are not modelled", {})
         return match["plural"], match["ns"], match["name"], query
+
+    def _manager(self) -> str:
+        """The default field manager: the User-Agent up to its first '/' (apiserver's rule)."""
+        return (self.headers.get("User-Agent") or "unknown").split("/")[0]
+
+    def _send_not_found_page(self) -> None:
+        """``http.NotFound``: what the API server's last handler (notfoundhandler) writes."""
+        data = b"404 page not found\n"
+        self.send_response(404)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
 
     def _send_json(self, code: int, body: dict[str, Any]) -> None:
         data = json.dumps(body).encode()
@@ -662,7 +922,7 @@ class _Handler(BaseHTTPRequestHandler):
             body: dict[str, Any] = json.loads(self.rfile.read(length) or b"{}")
             return body
         except json.JSONDecodeError as e:
-            raise ApiError(400, "BadRequest", f"invalid JSON body: {e}") from e
+            raise ApiError(400, "BadRequest", f"invalid JSON body: {e}", {}) from e
 
     def _serve(self, method: str) -> None:
         try:
@@ -674,6 +934,7 @@ class _Handler(BaseHTTPRequestHandler):
                 body.setdefault("metadata", {})
                 return self._send_json(201, body)
             plural, namespace, name, query = self._route()
+            user = self.kube.user_for(self.headers.get("Authorization"))
             kind = "WATCH" if query.get("watch") in ("true", "1") else method
             if method == "GET" and name is None and kind == "GET":
                 kind = "LIST"
@@ -681,37 +942,53 @@ class _Handler(BaseHTTPRequestHandler):
                 self.kube.requests.append((kind, self.path))
             if kind == "WATCH":
                 return self._stream(self.kube.watch(plural, namespace, query))
-            self._send_json(*self._dispatch(method, plural, namespace, name, query))
+            self._send_json(*self._dispatch(method, plural, namespace, name, query, user))
+        except NotServed:
+            self._send_not_found_page()
         except ApiError as e:
             self._send_json(e.code, e.status())
         except (BrokenPipeError, ConnectionResetError):
             pass
 
     def _dispatch(
-        self, method: str, plural: str, ns: str | None, name: str | None, query: dict[str, str]
+        self,
+        method: str,
+        plural: str,
+        ns: str | None,
+        name: str | None,
+        query: dict[str, str],
+        user: dict[str, Any] | None,
     ) -> tuple[int, dict[str, Any]]:
         kube = self.kube
+        writer: dict[str, Any] = {"manager": self._manager(), "user": user}
         if method == "GET" and name is None:
             return 200, kube.list(plural, ns, query)
         if method == "GET" and name is not None:
             obj = kube.get(plural, ns or "", name)
             if obj is None:
-                raise ApiError(404, "NotFound", f'{plural} "{name}" not found')
+                raise _not_found(plural, name)
             return 200, obj
-        if method == "POST" and name is None and ns is not None:
+        # A namespaced resource needs its namespace in the path, a cluster-scoped one has none.
+        scoped = (ns is None) == (plural in CLUSTER_SCOPED)
+        if method == "POST" and name is None and scoped:
             body = self._body()
             body.setdefault("metadata", {})["namespace"] = ns
-            return 201, kube.create(plural, body)
-        if method == "PUT" and name is not None and ns is not None:
+            return 201, kube.create(plural, body, **writer)
+        if method == "PUT" and name is not None and scoped:
             body = self._body()
             body.setdefault("metadata", {}).update(namespace=ns, name=name)
-            return 200, kube.update(plural, body)
-        if method == "PATCH" and name is not None:
+            return 200, kube.update(plural, body, **writer)
+        if method == "PATCH" and name is not None and scoped:
             content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip()
-            return 200, kube.patch(plural, ns or "", name, content_type, self._body())
-        if method == "DELETE" and name is not None and ns is not None:
-            return 200, kube.delete(plural, ns, name)
-        raise ApiError(405, "MethodNotAllowed", f"{method} is not supported on {self.path}")
+            return 200, kube.patch(plural, ns or "", name, content_type, self._body(), **writer)
+        if method == "DELETE" and name is not None and scoped:
+            return 200, kube.delete(plural, ns or "", name)
+        raise ApiError(
+            405,
+            "MethodNotAllowed",
+            "the server does not allow this method on the requested resource",
+            {},
+        )
 
     def _stream(self, events: Iterator[dict[str, Any]]) -> None:
         self.send_response(200)
