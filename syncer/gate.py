@@ -165,7 +165,8 @@ class StartupGate:
                 on_conflict=lambda: metrics.GATE_ERRORS.labels("conflict").inc(),
             )
         except NodeInfoError as e:
-            reason = "forbidden" if isinstance(e, ApiCallError) and e.code in (401, 403) else "api"
+            # A refusal (RBAC, the admission policy) needs an operator; anything else may clear.
+            reason = "forbidden" if isinstance(e, ApiCallError) and e.refused else "api"
             metrics.GATE_ERRORS.labels(reason).inc()
             self._retry_at = time.monotonic() + self._retry.next_delay()
             if not self._failing:

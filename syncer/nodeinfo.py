@@ -52,12 +52,35 @@ class NodeInfoError(RuntimeError):
     """The Node could not be read; the text names the URL and the cause, never the token."""
 
 
-class ApiCallError(NodeInfoError):
-    """The API server answered with an error status (``code``: 404, 409, 403, ...)."""
+# How admission refusals begin their text: a ValidatingAdmissionPolicy's
+# ("... is forbidden: ValidatingAdmissionPolicy 'p' with binding 'b' denied request: ...",
+# dispatcher.go) and a validating webhook's ("admission webhook "w" denied the request: ...").
+_ADMISSION_DENIALS = ("ValidatingAdmissionPolicy '", "admission webhook ")
 
-    def __init__(self, message: str, code: int) -> None:
+
+class ApiCallError(NodeInfoError):
+    """The API server answered with an error status (``code``: 404, 409, 403, ...).
+
+    ``reason`` is the v1 Status ``reason`` when the answer had one (``Forbidden``,
+    ``Invalid``, ...).
+    """
+
+    def __init__(self, message: str, code: int, reason: str = "") -> None:
         super().__init__(message)
         self.code = code
+        self.reason = reason
+
+    @property
+    def refused(self) -> bool:
+        """Not allowed (RBAC, authentication or admission), as opposed to failed.
+
+        An admission policy refuses with the reason its validation names (403 for Forbidden) or,
+        when the validation names none or its expression fails to evaluate, 422 Invalid; a 422
+        of an invalid object is not a refusal.
+        """
+        if self.code in (401, 403):
+            return True
+        return self.code == 422 and any(d in str(self) for d in _ADMISSION_DENIALS)
 
 
 @dataclass(frozen=True)
@@ -158,7 +181,8 @@ def api_call(
             answer: bytes = response.read(_MAX_BODY)
             return answer
     except urllib.error.HTTPError as e:
-        raise ApiCallError(f"{method} {url}: {e.code} {_status_message(e)}", e.code) from None
+        message, reason = _status_of(e)
+        raise ApiCallError(f"{method} {url}: {e.code} {message}", e.code, reason) from None
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
         raise NodeInfoError(f"{method} {url}: {reason}") from None
@@ -173,14 +197,17 @@ def fetch_node(endpoint: ApiEndpoint, name: str, *, timeout: float = 10.0) -> No
     return parse_node(api_call(endpoint, node_path(name), timeout=timeout))
 
 
-def _status_message(error: urllib.error.HTTPError) -> str:
-    """The API server's own explanation (a v1 Status ``message``), else the HTTP reason."""
+def _status_of(error: urllib.error.HTTPError) -> tuple[str, str]:
+    """The API server's own explanation (a v1 Status ``message``, else the HTTP reason) and the
+    Status ``reason`` ("" when the body is no Status, e.g. the plain-text 404 page)."""
     try:
         status = json.loads(error.read(64 * 1024))
-        message = status.get("message") if isinstance(status, dict) else None
     except (OSError, ValueError):
-        message = None
-    return str(message or error.reason)[:300]
+        status = None
+    if not isinstance(status, dict):
+        status = {}
+    message, reason = status.get("message"), status.get("reason")
+    return str(message or error.reason)[:300], reason if isinstance(reason, str) else ""
 
 
 class NodeWatcher:

@@ -5,16 +5,19 @@ from __future__ import annotations
 import asyncio
 import logging
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
+from celpolicy import startup_taint_policy
 from fakekube import FakeKube
 from polling import eventually as until
 
+from image_syncer.sandbox.fakekube import Denial
 from ops.logs import fields_of
 from syncer import metrics
 from syncer.gate import StartupGate
-from syncer.nodeinfo import ApiEndpoint, NodeWatcher
+from syncer.nodeinfo import ApiCallError, ApiEndpoint, NodeWatcher
 from syncer.nodetaints import Removal, remove_taint
 from syncer.scheduling import Taint
 from wire.contract import PodSpec
@@ -253,3 +256,61 @@ async def test_an_unreadable_log_does_not_keep_the_node_out_forever(kube: FakeKu
         await task
     assert gate.status.by_timeout
     assert taints_of(kube) == []
+
+
+# --- the shipped admission policy, met by the syncer's real PATCH -------------------------------
+
+POLICY_GATE = "image-syncer.octops.io/images-not-ready"  # the key the shipped policy names
+
+
+def syncer_endpoint(kube: FakeKube, tmp_path: Path, node: str) -> ApiEndpoint:
+    """The syncer's API access: a pod-bound token of its ServiceAccount on ``node``."""
+    token = kube.issue_token(
+        "image-syncer-node",
+        "image-syncer-syncer",
+        node=node,
+        audiences=("https://kubernetes.default.svc",),
+    )
+    token_file = tmp_path / f"token-{node}"
+    token_file.write_text(token)
+    return ApiEndpoint(kube.url, token_file=token_file)
+
+
+def test_the_shipped_policy_admits_the_gates_own_patch(kube: FakeKube, tmp_path: Path) -> None:
+    """The real merge patch (resourceVersion precondition, taint list), read through the real
+    policy on a request shaped as a real API server's (issue 21: refused by every one)."""
+    kube.admission = startup_taint_policy().denial
+    gate = {"key": POLICY_GATE, "effect": "NoSchedule"}
+    for name in (NODE, "pool-a-2"):
+        kube.create("nodes", {**node(OTHER, gate, NOT_READY), "metadata": {"name": name}})
+    endpoint = syncer_endpoint(kube, tmp_path, NODE)
+    assert remove_taint(endpoint, NODE, POLICY_GATE) is Removal.REMOVED
+    assert taints_of(kube) == [OTHER, NOT_READY]
+    # The last taint too: the patch's empty list is what the policy must accept.
+    kube.create("nodes", {**node(gate), "metadata": {"name": "pool-a-3"}})
+    only = syncer_endpoint(kube, tmp_path, "pool-a-3")
+    assert remove_taint(only, "pool-a-3", POLICY_GATE) is Removal.REMOVED
+    # Another node's taint, with this node's token: refused, counted as forbidden.
+    with pytest.raises(ApiCallError) as refused:
+        remove_taint(endpoint, "pool-a-2", POLICY_GATE)
+    assert refused.value.code == 403 and refused.value.refused
+    assert "ValidatingAdmissionPolicy 'image-syncer-startup-taint'" in str(refused.value)
+    other = kube.get("nodes", "", "pool-a-2")
+    assert other is not None and gate in other["spec"]["taints"]
+
+
+@pytest.mark.parametrize("reason", ["Forbidden", "Invalid"])
+async def test_an_admission_refusal_counts_as_forbidden(kube: FakeKube, reason: str) -> None:
+    """403 of a validation with reason Forbidden, 422 of one without or of an expression error."""
+    kube.create("nodes", node(GATE_TAINT))
+    message = "expression 'request.subResource' resulted in error: no such key: subResource"
+    kube.admission = lambda _: Denial("image-syncer-startup-taint", "b", message, reason)
+    gate = gate_for(kube, Images())
+    await gate.watcher.refresh_once()
+    forbidden = metrics.GATE_ERRORS.labels("forbidden")._value.get()
+    api = metrics.GATE_ERRORS.labels("api")._value.get()
+    await gate.step()
+    assert gate.status.state == "closed"
+    assert metrics.GATE_ERRORS.labels("forbidden")._value.get() == forbidden + 1
+    assert metrics.GATE_ERRORS.labels("api")._value.get() == api
+    assert GATE_TAINT in taints_of(kube)
