@@ -181,8 +181,8 @@ def api_call(
             answer: bytes = response.read(_MAX_BODY)
             return answer
     except urllib.error.HTTPError as e:
-        message, reason = _status_of(e)
-        raise ApiCallError(f"{method} {url}: {e.code} {message}", e.code, reason) from None
+        message, status_reason = _status_of(e)
+        raise ApiCallError(f"{method} {url}: {e.code} {message}", e.code, status_reason) from None
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
         raise NodeInfoError(f"{method} {url}: {reason}") from None
