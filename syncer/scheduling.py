@@ -10,7 +10,22 @@ scheduler's hard filters that depend only on the pod template and the node:
   terms are ORed, the expressions of a term ANDed; ``In``, ``NotIn``, ``Exists``,
   ``DoesNotExist``, ``Gt``, ``Lt`` on labels and ``In``/``NotIn`` on ``metadata.name``;
 - taints with effect ``NoSchedule`` or ``NoExecute`` must each be tolerated
-  (``PreferNoSchedule`` is a preference, never a reason to skip).
+  (``PreferNoSchedule`` is a preference, never a reason to skip), except the taints that report
+  the node's state rather than decide who runs there (below).
+
+Node state is not a scheduling decision. The node lifecycle controller mirrors conditions into
+taints (TaintNodesByCondition, taint-based eviction): ``not-ready`` and ``unreachable`` (both
+effects), ``memory-pressure``, ``disk-pressure``, ``pid-pressure``, ``network-unavailable``. The
+API server puts ``not-ready:NoSchedule`` on every new Node until its kubelet reports Ready, and
+a kubelet with an external cloud provider registers with
+``node.cloudprovider.kubernetes.io/uninitialized`` until the cloud controller has seen it. Both
+are on every cold node: read as decisions they exclude every Fleet, and the startup gate opens at
+once on a node with no image (issue 21); a node briefly NotReady would drop every Fleet. The
+cordon taint ``node.kubernetes.io/unschedulable`` mirrors ``spec.unschedulable``: an operator's
+decision, but about *when* (a drain, an in-place upgrade), not about *which* Fleets belong here;
+excluding on it would remove every image during maintenance and re-pull them while players wait
+after the uncordon. None of these exclude a Fleet. Decisions that do (a dedicated pool's taint,
+``node.kubernetes.io/out-of-service``, an autoscaler's deletion taint) are judged as any taint.
 
 Resource fit, pod (anti-)affinity and topology spread are left out on purpose: they change from
 minute to minute, and a pre-pull wasted on a node that is full right now is cheap, while a missed
@@ -27,15 +42,23 @@ import msgspec
 
 from wire.contract import PodSpec, Toleration
 
-__all__ = ["NodeInfo", "Taint", "schedulable"]
+__all__ = ["NODE_STATE_TAINTS", "NodeInfo", "Taint", "schedulable"]
 
 _HARD_EFFECTS = frozenset({"NoSchedule", "NoExecute"})
 
-# The DefaultTolerationSeconds admission plugin gives every pod these two (for 300s), so a node
-# that is briefly not-ready or unreachable still counts as a place game servers can run.
-_ADMISSION_TOLERATIONS = (
-    Toleration(key="node.kubernetes.io/not-ready", operator="Exists", effect="NoExecute"),
-    Toleration(key="node.kubernetes.io/unreachable", operator="Exists", effect="NoExecute"),
+# The taints that report node state (see the module docstring): never a reason to exclude.
+# Keys: k8s.io/api/core/v1 well_known_taints.go, k8s.io/cloud-provider api/well_known_taints.go.
+NODE_STATE_TAINTS = frozenset(
+    {
+        "node.kubernetes.io/not-ready",
+        "node.kubernetes.io/unreachable",
+        "node.kubernetes.io/memory-pressure",
+        "node.kubernetes.io/disk-pressure",
+        "node.kubernetes.io/pid-pressure",
+        "node.kubernetes.io/network-unavailable",
+        "node.kubernetes.io/unschedulable",
+        "node.cloudprovider.kubernetes.io/uninitialized",
+    }
 )
 
 
@@ -162,9 +185,10 @@ def _tolerates(toleration: Toleration, taint: Taint) -> bool:
 
 
 def _untolerated(tolerations: Sequence[Toleration], taints: Sequence[Taint]) -> Taint | None:
-    everything = (*tolerations, *_ADMISSION_TOLERATIONS)
     for taint in taints:
-        if taint.effect in _HARD_EFFECTS and not any(_tolerates(t, taint) for t in everything):
+        if taint.effect not in _HARD_EFFECTS or taint.key in NODE_STATE_TAINTS:
+            continue
+        if not any(_tolerates(t, taint) for t in tolerations):
             return taint
     return None
 

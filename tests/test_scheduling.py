@@ -214,7 +214,7 @@ TABLE = [
     (PLAIN, GKE_SPOT, False, "taint cloud.google.com/gke-spot=true:NoSchedule"),
     (PLAIN, GKE_ARM, False, "taint kubernetes.io/arch=arm64:NoSchedule"),
     (PLAIN, AGONES_SYSTEM, False, "agones.dev/agones-system=true:NoExecute"),
-    (PLAIN, CORDONED, False, "node.kubernetes.io/unschedulable:NoSchedule"),
+    (PLAIN, CORDONED, True, "schedulable"),  # a cordon says when, not which Fleets
     (PLAIN, NOT_READY, True, "schedulable"),
     (AMD64_SELECTOR, GKE_DEFAULT, True, "schedulable"),
     (
@@ -398,3 +398,40 @@ def test_a_toleration_without_an_operator_means_equal() -> None:
     assert schedulable(pod, GAMESERVER_POOL) == (True, "schedulable")
     assert schedulable(explicit, GAMESERVER_POOL) == (True, "schedulable")
     assert not schedulable(other_value, GAMESERVER_POOL)[0]
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "node.kubernetes.io/not-ready",
+        "node.kubernetes.io/unreachable",
+        "node.kubernetes.io/memory-pressure",
+        "node.kubernetes.io/disk-pressure",
+        "node.kubernetes.io/pid-pressure",
+        "node.kubernetes.io/network-unavailable",
+        "node.kubernetes.io/unschedulable",
+        "node.cloudprovider.kubernetes.io/uninitialized",
+    ],
+)
+@pytest.mark.parametrize("effect", ["NoSchedule", "NoExecute"])
+def test_node_state_taints_never_exclude_a_fleet(key: str, effect: str) -> None:
+    """Every new Node carries not-ready:NoSchedule (TaintNodesByCondition): read as a decision
+    it excluded every Fleet and the startup gate opened on a node with no image (issue 21)."""
+    node = NodeInfo("cold-1", {"kubernetes.io/arch": "amd64"}, (Taint(key, effect),))
+    assert schedulable(PLAIN, node) == (True, "schedulable")
+    with_pool = NodeInfo(
+        "cold-2",
+        GAMESERVER_POOL.labels,
+        (Taint(key, effect), *GAMESERVER_POOL.taints),
+    )
+    assert schedulable(DEDICATED_POOL, with_pool) == (True, "schedulable")
+    # The decisions next to them still count.
+    assert not schedulable(PLAIN, with_pool)[0]
+
+
+def test_decisions_about_the_node_still_exclude() -> None:
+    gone = NodeInfo("gone-1", {}, (Taint("node.kubernetes.io/out-of-service", "NoExecute"),))
+    assert schedulable(PLAIN, gone) == (
+        False,
+        "taint node.kubernetes.io/out-of-service:NoExecute is not tolerated",
+    )

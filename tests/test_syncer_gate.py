@@ -34,6 +34,8 @@ GATE = "image-syncer.octops.io/images-not-ready"
 GATE_TAINT = {"key": GATE, "effect": "NoSchedule"}
 OTHER = {"key": "dedicated", "value": "gameservers", "effect": "NoSchedule"}
 CONCURRENT = {"key": "example.com/maintenance", "effect": "NoSchedule"}
+# TaintNodesByCondition: on every new Node until its kubelet reports Ready.
+NOT_READY = {"key": "node.kubernetes.io/not-ready", "effect": "NoSchedule"}
 
 
 def gated(settings: SyncerSettings, kube: FakeKube, **changes: Any) -> SyncerSettings:
@@ -132,6 +134,52 @@ async def test_the_taint_goes_only_once_the_image_is_there(
         code, out, _ = await cli(settings, "status", "--node", settings.node_name)
         assert code == 0
         assert f"startup taint {GATE}: removed" in out and "timeout" not in out
+    finally:
+        assert await syncer.stop() == 0
+
+
+async def test_a_new_node_not_ready_yet_keeps_its_gate_closed_until_the_images_are_there(
+    settings: SyncerSettings,
+    kube: FakeKube,
+    js: JetStreamContext,
+    containerd: Containerd,
+    push: Any,
+) -> None:
+    """Issue 21: with --respect-scheduling, the not-ready:NoSchedule taint the API server puts on
+    every new Node excluded every Fleet, and the gate opened at once on a node with no image."""
+    image = push()
+    late = image.rsplit(":", 1)[0] + ":late"
+    await publish_event(
+        js, LogSettings(prefix=settings.subject_prefix), "fleet.events.added", fleet("g", late)
+    )
+    kube.create(
+        "nodes",
+        {
+            "metadata": {"name": settings.node_name, "labels": {"kubernetes.io/os": "linux"}},
+            "spec": {"taints": [NOT_READY, GATE_TAINT]},
+        },
+    )
+    settings = dataclasses.replace(
+        settings,
+        startup_taint=GATE,
+        kube_api_url=kube.url,
+        node_refresh=0.5,
+        respect_scheduling=True,
+    )
+    syncer = await RunningSyncer(settings).start()
+    try:
+        closed = await until_gate(js, settings, "closed", "the gate closed on the missing image")
+        assert closed.missing == [norm(late)]
+        assert GATE in {t["key"] for t in taints(kube, settings.node_name)}
+        present_at_patch: list[bool] = []
+        kube.before_next_patch(lambda: present_at_patch.append(late in containerd.image_refs()))
+        push(late.split("/", 1)[1].rsplit(":", 1)[0], "late")  # the image arrives
+        await eventually(
+            lambda: GATE not in {t["key"] for t in taints(kube, settings.node_name)},
+            "the taint to be removed once the image is there",
+        )
+        assert present_at_patch == [True]
+        assert taints(kube, settings.node_name) == [NOT_READY]
     finally:
         assert await syncer.stop() == 0
 
