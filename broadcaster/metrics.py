@@ -78,6 +78,11 @@ WATCH_RESTARTS = Counter(
     "Watch requests that ended and were resumed (closed) or replaced by a relist (expired, error).",
     ["kind", "reason"],
 )
+CRD_MISSING = Counter(
+    "image_syncer_broadcaster_crd_missing",
+    "Lists answered 404 because the resource is not served: its CRD (Agones) is not installed.",
+    ["crd"],
+)
 LAST_PUBLISH = Gauge(
     "image_syncer_broadcaster_last_publish_timestamp_seconds",
     "Unix time of the last acked publish.",

@@ -62,6 +62,9 @@ class Settings:
     publish_timeout: float = 5.0
     backoff_initial: float = 0.2
     backoff_max: float = 10.0
+    # A CRD that is not installed (Agones missing) is retried every backoff_max, but said at most
+    # this often.
+    missing_crd_log_interval: float = 300.0
     # How long SIGTERM waits for queued events to be acked before giving up on them (the next
     # start's catch-up publishes whatever was not).
     drain_timeout: float = 10.0

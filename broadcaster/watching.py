@@ -9,6 +9,13 @@ The loop is the informer's: list (getting a resourceVersion), watch from it, and
 request ends resume from the last resourceVersion seen (events and bookmarks alike). When the
 server says ``410 Gone`` (history compacted past our resourceVersion) nothing can be resumed: the
 thread lists again, and the catch-up turns the new list into the events that were missed.
+
+A list answered 404 means the resource is not served at all: its CRD is not installed (Agones
+not installed yet, or removed). The real server answers that with its plain-text ``404 page not
+found``, which names nothing, so the watcher says it in one line naming the CRD
+(``fleets.agones.dev``), at most every ``missing_crd_log_interval``, counts it in
+``image_syncer_broadcaster_crd_missing_total``, keeps retrying, and says once when the CRD is
+served again.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import contextlib
 import json
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -64,6 +72,10 @@ class _Expired(Exception):
     """The watch's resourceVersion is gone from the server's history: relist."""
 
 
+class _NotServed(Exception):
+    """The resource is not served any more (its CRD was deleted): list, which says so."""
+
+
 class _Stopped(Exception):
     """The watcher was stopped while handing an item over."""
 
@@ -81,6 +93,8 @@ class Watcher:
         self.queue, self.loop = queue, loop
         self._stopping = threading.Event()
         self._response: Any = None
+        self._crd = f"{PLURALS[target.kind]}.{GROUP}"
+        self._crd_said_at: float | None = None  # monotonic time of the last "not installed" line
         self._thread = threading.Thread(target=self._run, name=f"watch {target}", daemon=True)
 
     def start(self) -> None:
@@ -112,9 +126,15 @@ class Watcher:
             except _Expired:
                 metrics.WATCH_RESTARTS.labels(kind=str(self.target.kind), reason="expired").inc()
                 log.info("watch expired, relisting", extra={"target": str(self.target)})
+            except _NotServed:
+                metrics.WATCH_RESTARTS.labels(kind=str(self.target.kind), reason="error").inc()
             except _REQUEST_ERRORS as e:
                 metrics.WATCH_RESTARTS.labels(kind=str(self.target.kind), reason="error").inc()
                 delay = backoff.next_delay()
+                if isinstance(e, client.ApiException) and e.status == 404:
+                    self._crd_missing(delay)
+                    self._stopping.wait(delay)
+                    continue
                 log.warning(
                     "list failed, retrying",
                     extra={
@@ -128,6 +148,23 @@ class Watcher:
                 # A bug must not kill the thread silently: log it, back off, start over.
                 log.exception("watcher failed, restarting", extra={"target": str(self.target)})
                 self._stopping.wait(backoff.next_delay())
+
+    def _crd_missing(self, retry_in: float) -> None:
+        metrics.CRD_MISSING.labels(crd=self._crd).inc()
+        now = time.monotonic()
+        interval = self.settings.missing_crd_log_interval
+        if self._crd_said_at is not None and now - self._crd_said_at < interval:
+            return
+        self._crd_said_at = now
+        log.warning(
+            "CRD not installed, is Agones installed? retrying",
+            extra={
+                "crd": self._crd,
+                "target": str(self.target),
+                "retry_in": round(retry_in, 2),
+                "said_again_in": interval,
+            },
+        )
 
     def _call(self, **kwargs: Any) -> Any:
         common: dict[str, Any] = {
@@ -144,6 +181,9 @@ class Watcher:
 
     def _list(self) -> str:
         listing = self._call(_request_timeout=(5.0, 60.0))
+        if self._crd_said_at is not None:
+            self._crd_said_at = None
+            log.info("CRD installed, listing", extra={"crd": self._crd})
         resource_version = str(listing["metadata"]["resourceVersion"])
         objects = list(listing.get("items") or [])
         log.info(
@@ -171,6 +211,8 @@ class Watcher:
             except client.ApiException as e:
                 if e.status == 410:
                     raise _Expired from e
+                if e.status == 404:
+                    raise _NotServed from e
                 reason = self._failed(e)
             except (urllib3.exceptions.HTTPError, OSError, ValueError, KeyError) as e:
                 reason = self._failed(e)

@@ -7,6 +7,7 @@ event log to reach the state the cluster is in.
 from __future__ import annotations
 
 import asyncio
+import logging
 import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -23,6 +24,7 @@ from broadcaster.runner import run
 from broadcaster.settings import Settings
 from image_syncer.sandbox.nats_server import NatsServer
 from image_syncer.sandbox.processes import free_port
+from ops.logs import fields_of
 from ops.serving import Health
 from wire.contract import Kind, message_id
 from wire.eventlog import LogSettings, stream_name
@@ -357,3 +359,44 @@ async def test_readyz_and_metrics_answer(
 def _get(url: str) -> tuple[int, str]:
     with urllib.request.urlopen(url, timeout=5) as response:
         return response.status, response.read().decode()
+
+
+async def test_a_missing_fleet_crd_is_one_line_naming_it_until_installed(
+    kube: FakeKube,
+    settings: Settings,
+    js: JetStreamContext,
+    prefix: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Agones not installed: the real server's plain 404 names nothing, so the broadcaster must."""
+    caplog.set_level(logging.INFO, logger="broadcaster")
+    kube.unserve("fleets")
+    missing = counter(metrics.CRD_MISSING, crd="fleets.agones.dev")
+    async with broadcasting_unready(replace(settings, missing_crd_log_interval=3600.0)):
+        # Several lists refused, and one line said for all of them.
+        await wait_until(
+            lambda: counter(metrics.CRD_MISSING, crd="fleets.agones.dev") >= missing + 3,
+            "the list to be retried while the CRD is missing",
+        )
+        said = [r for r in caplog.records if r.getMessage().startswith("CRD not installed")]
+        assert len(said) == 1
+        assert fields_of(said[0])["crd"] == "fleets.agones.dev"
+        assert said[0].levelno == logging.WARNING
+        assert not [r for r in caplog.records if r.getMessage() == "list failed, retrying"]
+        # Agones is installed: the broadcaster lists, says so once, and publishes.
+        kube.serve("fleets")
+        kube.create("fleets", fleet("late", "game:1"))
+        await wait_converged(js, prefix, kube.objects())
+        assert [r for r in caplog.records if r.getMessage() == "CRD installed, listing"]
+
+
+@asynccontextmanager
+async def broadcasting_unready(settings: Settings) -> AsyncIterator[None]:
+    """Run the broadcaster until the block ends, without waiting for it to be ready."""
+    stopping = asyncio.Event()
+    task = asyncio.create_task(run(settings, stopping, health=Health()))
+    try:
+        yield
+    finally:
+        stopping.set()
+        assert await asyncio.wait_for(task, 30) == 0

@@ -94,6 +94,13 @@ def broadcaster(
         float,
         Duration("Longest wait between retries (NATS or API server down).", "MAX_BACKOFF"),
     ] = _duration(Settings.backoff_max),
+    missing_crd_log_interval: Annotated[
+        float,
+        Duration(
+            "While the Fleet CRD is not installed (Agones missing), say so at most this often.",
+            "MISSING_CRD_LOG_INTERVAL",
+        ),
+    ] = _duration(Settings.missing_crd_log_interval),
     metrics_addr: Annotated[
         str,
         typer.Option(envvar="METRICS_ADDR", help="Address of /healthz, /readyz and /metrics."),
@@ -186,6 +193,7 @@ def broadcaster(
         drain_timeout=drain_timeout,
         publish_timeout=publish_timeout,
         backoff_max=max_backoff,
+        missing_crd_log_interval=missing_crd_log_interval,
         ha=ha,
         lease_ttl=lease_ttl,
         identity=identity or default_identity(),
