@@ -409,3 +409,39 @@ def test_openshift_scc_admits_only_the_syncer() -> None:
     # SELinux: container_t may not connect to the runtime's socket; spc_t may.
     selinux = container(daemonset, "syncer")["securityContext"]["seLinuxOptions"]
     assert selinux == {"type": "spc_t"}
+
+
+# The SecurityContextConstraints CRD's required fields (openshift/api
+# security/v1/zz_generated.crd-manifests/0000_03_config-operator_01_securitycontextconstraints
+# .crd.yaml): all but priority are non-nullable, and priority is nullable yet required.
+SCC_REQUIRED = (
+    "allowHostDirVolumePlugin",
+    "allowHostIPC",
+    "allowHostNetwork",
+    "allowHostPID",
+    "allowHostPorts",
+    "allowPrivilegedContainer",
+    "allowedCapabilities",
+    "defaultAddCapabilities",
+    "priority",
+    "readOnlyRootFilesystem",
+    "requiredDropCapabilities",
+    "volumes",
+)
+
+
+def _client_side_apply(doc: Any) -> Any:
+    """What `kubectl apply` (client-side) sends: every null dropped, as its merge patch does."""
+    if isinstance(doc, dict):
+        return {k: _client_side_apply(v) for k, v in doc.items() if v is not None}
+    if isinstance(doc, list):
+        return [_client_side_apply(v) for v in doc]
+    return doc
+
+
+def test_openshift_scc_survives_client_side_apply() -> None:
+    """`priority: null` became "priority: Required value" on a real OpenShift (issue 21)."""
+    (scc,) = of_kind(build("syncer/overlays/openshift"), "SecurityContextConstraints")
+    sent = _client_side_apply(scc)
+    assert [f for f in SCC_REQUIRED if f not in sent] == []
+    assert isinstance(sent["priority"], int) and sent["priority"] == 0  # unset means 0
