@@ -32,6 +32,7 @@ from image_syncer.sandbox.fakekube import AdmissionAttributes, Denial
 
 SYNCER = "image-syncer-syncer"
 ROLE = "image-syncer-node-gate"
+READ_ROLE = "image-syncer-node-gate-read"
 POLICY = "image-syncer-startup-taint"
 GATE = "image-syncer.octops.io/images-not-ready"
 
@@ -50,12 +51,46 @@ def test_every_object_validates(resources: list[dict[str, Any]]) -> None:
         kubernetes_validate.validate(resource, kubernetes_validate.latest_version(), strict=True)
 
 
-def test_syncer_may_get_and_patch_nodes_only(resources: list[dict[str, Any]]) -> None:
-    role = one(resources, "ClusterRole", ROLE)
-    assert role["rules"] == [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "patch"]}]
-    binding = one(resources, "ClusterRoleBinding", ROLE)
+def test_the_component_grants_reading_nodes_only(resources: list[dict[str, Any]]) -> None:
+    """Install window (issue 21): a binding applied with the policy is usable seconds before the
+    policy is enforced, so the overlay with the component must not let the syncer patch."""
+    role = one(resources, "ClusterRole", READ_ROLE)
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get"]}]
+    granted = [
+        (rule["resources"], verb)
+        for r in [*of_kind(resources, "ClusterRole"), *of_kind(resources, "Role")]
+        for rule in r["rules"]
+        for verb in rule["verbs"]
+    ]
+    assert not [g for g in granted if "nodes" in g[0] and g[1] != "get"]
+    _bound_to_the_syncer(one(resources, "ClusterRoleBinding", READ_ROLE), READ_ROLE, resources)
+
+
+def test_the_second_step_grants_patching_nodes_only(
+    resources: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    second = build_overlay(tmp_path, "resources: [{deploy}/syncer/startup-taint-rbac]\n")
+    assert sorted((r["kind"], r["metadata"]["name"]) for r in second) == [
+        ("ClusterRole", ROLE),
+        ("ClusterRoleBinding", ROLE),
+    ]
+    for resource in second:
+        kubernetes_validate.validate(resource, kubernetes_validate.latest_version(), strict=True)
+    role = one(second, "ClusterRole", ROLE)
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["patch"]}]
+    # Its subject is the syncer of the default overlays, built apart from it.
+    _bound_to_the_syncer(one(second, "ClusterRoleBinding", ROLE), ROLE, resources)
+
+
+def _bound_to_the_syncer(
+    binding: dict[str, Any], role: str, resources: list[dict[str, Any]]
+) -> None:
     daemonset = one(resources, "DaemonSet", SYNCER)
-    assert binding["roleRef"]["name"] == ROLE
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": role,
+    }
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": SYNCER, "namespace": daemonset["metadata"]["namespace"]}
     ]
@@ -365,4 +400,23 @@ def test_the_real_text_of_a_refusal(policy: Policy) -> None:
     denial = policy.denial(attributes)
     assert denial == Denial(
         POLICY, POLICY, "the image-syncer syncer may change only the Node it runs on", "Forbidden"
+    )
+
+
+def test_the_install_probe_is_refused_once_the_policy_is_enforced(policy: Policy) -> None:
+    """The check docs give before the second step: a server-side dry-run PATCH as the syncer's
+    account, authorized through system:masters (impersonation carries no token extras), is
+    refused by the policy, and only by it: RBAC lets system:masters through."""
+    old = a_node()
+    probe = admission_request(
+        OWN,
+        {
+            "username": f"system:serviceaccount:{SYNCER_NS}:{SYNCER}",
+            "groups": ["system:masters", "system:authenticated"],
+        },
+        dry_run=True,
+    )
+    new = written(old, lambda n: n["metadata"]["labels"].update({"image-syncer-probe": "x"}))
+    assert policy.admit(probe, new, old)[0] == (
+        "the image-syncer syncer may change only the Node it runs on"
     )
