@@ -8,7 +8,7 @@ Commands that write or follow the log (``publish``, ``events``) make sure its st
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Iterable
 from datetime import datetime
 
 import nats.js.errors
@@ -23,6 +23,7 @@ from wire.contract import (
     Kind,
     decode_event,
     images_of,
+    next_images_of,
     object_filter,
 )
 from wire.eventlog import LogSettings, StoredMessage, ensure_streams, read_log, stream_name
@@ -81,15 +82,23 @@ def target_of(
     """What nodes must reach for ``fleet``, or why nothing can be waited for (one line)."""
     if event.action is Action.DELETED:
         return f"fleet {fleet} was deleted (event seq {seq}): there is nothing to wait for"
-    images = []
-    for _, image in images_of(event.obj):
-        try:
-            images.append(str(normalize(image)))
-        except InvalidImageReference:
-            continue  # the syncer skips it too (and logs why)
+    current = _normalized(image for _, image in images_of(event.obj))
+    upcoming = _normalized(next_images_of(event.obj))
+    images = tuple(dict.fromkeys((*current, *upcoming)))
     if not images:
         return f"fleet {fleet} names no image a syncer can pull (event seq {seq})"
-    return FleetTarget(seq=seq, images=tuple(dict.fromkeys(images)), stream_created=stream_created)
+    return FleetTarget(seq=seq, images=images, stream_created=stream_created, next_images=upcoming)
+
+
+def _normalized(images: Iterable[str]) -> tuple[str, ...]:
+    # As the syncer folds them: a reference it cannot parse is skipped (it logs why).
+    found = []
+    for image in images:
+        try:
+            found.append(str(normalize(image)))
+        except InvalidImageReference:
+            continue
+    return tuple(dict.fromkeys(found))
 
 
 async def read_fleets(

@@ -6,6 +6,10 @@ log into a fresh :class:`DesiredState` on every start. Every init and regular co
 (a Fleet with no images, a bad reference, an object that is not a Fleet) is reported in
 :class:`Applied` with its reason, for the caller to log and count; it never raises.
 
+A Fleet's next images (the annotation ``image-syncer.octops.io/next-images``, staged before a
+rollout) are part of what it wants here, exactly like its template's: admitted, pulled, counted
+by the gate, pinned and kept with the rest.
+
 Each Fleet remembers the stream sequence of the event that last set it, so an older event seen
 again (a redelivery, a replay overlapping the live consumer) cannot roll a Fleet back.
 
@@ -25,9 +29,18 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from syncer.references import ImageRef, InvalidImageReference, normalize
-from wire.contract import Action, Event, Fleet, Kind, images_of
+from wire.contract import (
+    NEXT_IMAGES_ANNOTATION,
+    Action,
+    Event,
+    Fleet,
+    Kind,
+    images_of,
+    next_images_of,
+)
 
 __all__ = [
+    "NEXT_IMAGES_SOURCE",
     "NODE_OWNER",
     "Admit",
     "Applied",
@@ -40,6 +53,9 @@ __all__ = [
 
 # Owner prefix of node-wide images in by_image(): never a Fleet key (Kubernetes names have no @).
 NODE_OWNER = "@node/"
+
+# What a skipped image names as its container when it came from the next-images annotation.
+NEXT_IMAGES_SOURCE = f"annotation {NEXT_IMAGES_ANNOTATION}"
 
 # (admitted, reason): the reason is a short phrase for the log line and the node status.
 Admit = Callable[[Fleet], tuple[bool, str]]
@@ -223,9 +239,19 @@ class DesiredState:
 
 
 def _images(event: Event) -> tuple[frozenset[ImageRef], tuple[SkippedImage, ...]]:
+    """The template's images and the next images staged for the Fleet, as one set.
+
+    The next images are wanted exactly as the template's are (same admission, pull, gate, pins,
+    never removed), so a rolling update to them finds them on the node. A bad entry of the
+    annotation is skipped like a bad container image: the rest of the Fleet is still pulled.
+    """
     refs: set[ImageRef] = set()
     skipped: list[SkippedImage] = []
-    for container, image in images_of(event.obj):
+    named = [
+        *images_of(event.obj),
+        *((NEXT_IMAGES_SOURCE, image) for image in next_images_of(event.obj)),
+    ]
+    for container, image in named:
         try:
             refs.add(normalize(image))
         except InvalidImageReference as e:

@@ -2,15 +2,17 @@
 
 The replay and the live consumer fold events the same way; only what they do with the outcome
 differs (the replay reads on, the live consumer acks or pulls). What is worth a line: a change of
-a Fleet's admission on this node, an unusable image reference, a Fleet deleted (live only: a
-replayed tombstone is old news), a Fleet with no images, an object that is not a Fleet.
+a Fleet's admission on this node, an unusable image reference (of a container or of the
+next-images annotation; also counted), a Fleet deleted (live only: a replayed tombstone is old
+news), a Fleet with no images, an object that is not a Fleet.
 """
 
 from __future__ import annotations
 
 import logging
 
-from syncer.desired import Applied, DesiredState, Outcome, Transition
+from syncer import metrics
+from syncer.desired import NEXT_IMAGES_SOURCE, Applied, DesiredState, Outcome, Transition
 from wire.contract import Event
 
 __all__ = ["fold", "report_transition"]
@@ -41,6 +43,8 @@ def _report(applied: Applied, event: Event) -> None:
     if applied.transition is not None:
         report_transition(applied.transition)
     for skipped in applied.skipped:
+        source = "next_images" if skipped.container == NEXT_IMAGES_SOURCE else "container"
+        metrics.INVALID_IMAGES.labels(source).inc()
         log.warning(
             "invalid image reference",
             extra={

@@ -27,6 +27,7 @@ __all__ = [
     "IMAGES_REMOVED",
     "IMAGES_REMOVED_EXTERNALLY",
     "IMAGE_FS_USAGE",
+    "INVALID_IMAGES",
     "NATS_ERRORS",
     "PINS",
     "PIN_ERRORS",
@@ -164,6 +165,12 @@ IMAGES_REMOVED_EXTERNALLY = Counter(
     "Desired images this node held that disappeared without the syncer removing them (kubelet "
     "image GC, an operator), by image.",
     ["image"],
+)
+INVALID_IMAGES = Counter(
+    "image_syncer_syncer_invalid_image_references_total",
+    "Image references of folded Fleet events that do not parse and are skipped (the rest of the "
+    "Fleet is pulled), by where they were written (container, next_images annotation).",
+    ["source"],
 )
 SLOT_WAITS = Counter(
     "image_syncer_syncer_pull_slot_waits_total",

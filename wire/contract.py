@@ -27,6 +27,7 @@ __all__ = [
     "AGONES_SDK_SOURCE",
     "DEFAULT_PREFIX",
     "MAX_EVENT_BYTES",
+    "NEXT_IMAGES_ANNOTATION",
     "Action",
     "Container",
     "ContractError",
@@ -45,10 +46,12 @@ __all__ = [
     "encode_node_images",
     "event_headers",
     "message_id",
+    "next_images_of",
     "node_images_filter",
     "node_images_message_id",
     "node_images_subject",
     "object_filter",
+    "parse_next_images",
     "subject_for",
 ]
 
@@ -421,6 +424,24 @@ def images_of(obj: AgonesObject) -> list[tuple[str, str]]:
     spec = obj.pod_spec
     containers = (*(spec.init_containers or ()), *(spec.containers or ()))
     return [(c.name, c.image) for c in containers if c.image]
+
+
+# A Fleet's next version, staged before the Fleet moves to it (``image-syncer rollout``): image
+# references, comma-separated; empty or absent means none. The syncer pulls them for the Fleet as
+# it pulls the template's images (same targeting, gate, pins, never removed while named here), so
+# a rolling update finds them on every node. Written by people and CD tools: what does not parse
+# as a reference is the reader's to skip and report, entry by entry.
+NEXT_IMAGES_ANNOTATION = "image-syncer.octops.io/next-images"
+
+
+def next_images_of(obj: AgonesObject) -> list[str]:
+    """The entries of the object's next-images annotation (:func:`parse_next_images`)."""
+    return parse_next_images((obj.metadata.annotations or {}).get(NEXT_IMAGES_ANNOTATION) or "")
+
+
+def parse_next_images(value: str) -> list[str]:
+    """``"a, b,,a"`` -> ``["a", "b"]``: entries stripped, empty ones dropped, first one kept."""
+    return list(dict.fromkeys(entry.strip() for entry in value.split(",") if entry.strip()))
 
 
 # --- Node images: what every node needs besides the Fleets' images ---------------------------

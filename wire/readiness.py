@@ -5,6 +5,11 @@ still missing; the event log says which event is the Fleet's newest (:class:`Fle
 by ``image_syncer.fleetlog``). Right after a publish a node's entry may still speak of the
 previous version, whose images are all present: so a node is done only once it folded the
 target event (or a newer one) and holds the Fleet completely, or excludes it as of that event.
+
+A Fleet may also name next images (``image-syncer.octops.io/next-images``), which nodes fold
+into what the Fleet wants: "complete" then means current and next images. A rollout asks about
+the next images alone (``wait --next``): :func:`node_readiness` with ``next_only`` judges the
+same entry restricted to them.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ __all__ = [
     "NodeReadiness",
     "Readiness",
     "fleet_progress",
+    "next_progress",
     "node_readiness",
 ]
 
@@ -37,6 +43,8 @@ class FleetTarget(msgspec.Struct, frozen=True):
     seq: int
     images: tuple[str, ...]
     stream_created: datetime | None = None
+    # The next images the Fleet names (normalized), a subset of ``images``; empty: none.
+    next_images: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -94,10 +102,14 @@ class NodeReadiness:
         return self.verdict in (Readiness.DONE, Readiness.NOT_TARGETED)
 
 
-def node_readiness(status: NodeStatus, fleet: str, target: FleetTarget) -> NodeReadiness:
+def node_readiness(
+    status: NodeStatus, fleet: str, target: FleetTarget, *, next_only: bool = False
+) -> NodeReadiness:
     """Is ``fleet`` as of ``target`` ready on this node? What a CD pipeline's ``wait`` asks.
 
-    A node past the target folded a newer version: what it reports for the Fleet is judged,
+    ``next_only`` asks about the target's next images alone: the progress counts them only, and
+    the node is done once none of them is missing (its current images may still be coming). A
+    node past the target folded a newer version: what it reports for the Fleet is judged,
     since that is what it now holds. A node whose sequences belong to another incarnation of
     the stream than the target's (both known) is behind, whatever the numbers say.
     """
@@ -113,8 +125,17 @@ def node_readiness(status: NodeStatus, fleet: str, target: FleetTarget) -> NodeR
         return NodeReadiness(Readiness.NOT_TARGETED, seq)
     progress = fleet_progress(status, fleet)
     assert progress is not None, "a Fleet with a sequence is desired or excluded"
+    if next_only:
+        progress = next_progress(progress, target.next_images)
     verdict = Readiness.DONE if progress.complete else Readiness.MISSING
     return NodeReadiness(verdict, seq, progress=progress)
+
+
+def next_progress(progress: FleetProgress, next_images: tuple[str, ...]) -> FleetProgress:
+    """``progress`` restricted to ``next_images``: how far the node is with the next version."""
+    wanted = set(next_images)
+    missing = {image: why for image, why in progress.missing.items() if image in wanted}
+    return FleetProgress(seq=progress.seq, total=len(wanted), missing=missing)
 
 
 def _other_stream(node: datetime | None, target: datetime | None) -> bool:

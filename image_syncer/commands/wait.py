@@ -7,6 +7,11 @@ reports having folded that event and holds its images. It follows the status buc
 watch and wakes only on a change, on a node turning stale, or at its deadline. Started on a fresh
 install, before any syncer created the bucket, it waits for the bucket until its deadline too.
 
+``--fleet`` counts the Fleet's current images and its next images (the annotation
+``image-syncer.octops.io/next-images``); ``--next`` waits for the next images alone, the step
+before a rollout moves the Fleet to them; ``--min-ready`` is done once that share of the targeted
+live nodes is, and names the rest. ``rollout`` waits through :func:`follow` too.
+
 Exit codes: 0 done, 1 not done in time or an error the user can fix (one line on stderr), 2 bad
 input (``--fleet`` syntax).
 """
@@ -14,11 +19,13 @@ input (``--fleet`` syntax).
 # No ``from __future__ import annotations``: with_nats_options rebuilds the signature, and typer
 # must see the Annotated options as objects, not as strings.
 import asyncio
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Annotated
 
 import typer
+from nats.js import JetStreamContext
 
 from image_syncer.fleetlog import (
     wait_target,
@@ -34,6 +41,7 @@ from image_syncer.options import (
 )
 from image_syncer.statusbucket import status_settings
 from ops.durations import format_duration
+from wire.contract import NEXT_IMAGES_ANNOTATION
 from wire.natsconn import NatsSettings, connect
 from wire.nodestatus import (
     NodeStatus,
@@ -47,15 +55,40 @@ from wire.nodestatus import (
 )
 from wire.readiness import FleetTarget, NodeReadiness, Readiness, node_readiness
 
-__all__ = ["register"]
+__all__ = ["Scope", "Verdict", "follow", "register"]
 
+
+MinReadyOption = Annotated[
+    float,
+    typer.Option(
+        "--min-ready",
+        envvar="MIN_READY",
+        min=1.0,
+        max=100.0,
+        metavar="PERCENT",
+        help="Done once this percentage of the targeted live nodes is; the rest is reported.",
+    ),
+]
 
 # How often ``wait`` looks for the bucket on a fresh install, before any syncer created it.
 _BUCKET_POLL = 2.0
 
 
+@dataclass(frozen=True)
+class Scope:
+    """What counts as done: which images (all, or the next ones), on how many targeted nodes."""
+
+    next_only: bool = False
+    # Percent of the targeted live nodes that must be done; the rest is reported.
+    min_ready: float = 100.0
+
+    @property
+    def what(self) -> str:
+        return "next images" if self.next_only else "all images"
+
+
 @dataclass
-class _Verdict:
+class Verdict:
     live: list[str]
     stale: list[str]
     not_targeted: list[str]
@@ -63,6 +96,37 @@ class _Verdict:
     missing: dict[str, str]
     # Seconds until the next live node turns stale: the view changes then even without news.
     next_change: float | None
+    # Node -> its readiness, for the nodes not done (what a progress line ranks).
+    behind: dict[str, NodeReadiness] = field(default_factory=dict)
+
+    @property
+    def targeted(self) -> int:
+        return len(self.live) - len(self.not_targeted)
+
+    @property
+    def ready(self) -> int:
+        return self.targeted - len(self.missing)
+
+    def done(self, scope: Scope) -> bool:
+        """Some live node reports, and enough of the targeted ones are done."""
+        if not self.live:
+            return False
+        return not self.missing or self.ready * 100 >= scope.min_ready * self.targeted
+
+    def slowest(self) -> tuple[str, str] | None:
+        """The node furthest from done and why: behind the log first, then fewest images."""
+        if not self.missing:
+            return None
+
+        def rank(node: str) -> tuple[int, float, str]:
+            readiness = self.behind.get(node)
+            progress = readiness.progress if readiness is not None else None
+            if progress is None:
+                return (0, 0.0, node)
+            return (1, progress.ready / max(progress.total, 1), node)
+
+        node = min(self.missing, key=rank)
+        return node, self.missing[node]
 
     def live_node(self, node: str, status: NodeStatus, now: datetime, stale_after: float) -> bool:
         if is_stale(status, now, stale_after):
@@ -81,16 +145,18 @@ def _judge(
     target: FleetTarget,
     now: datetime,
     stale_after: float,
-) -> _Verdict:
-    verdict = _Verdict([], [], [], {}, None)
+    scope: Scope = Scope(),
+) -> Verdict:
+    verdict = Verdict([], [], [], {}, None)
     for node, status in sorted(watch.view.items()):
         if not verdict.live_node(node, status, now, stale_after):
             continue
-        readiness = node_readiness(status, fleet, target)
+        readiness = node_readiness(status, fleet, target, next_only=scope.next_only)
         if readiness.verdict is Readiness.NOT_TARGETED:
             verdict.not_targeted.append(node)
         elif readiness.verdict is not Readiness.DONE:
             verdict.missing[node] = _missing_line(readiness, target)
+            verdict.behind[node] = readiness
     outdated: dict[str, OutdatedEntry] = watch.outdated
     for node, entry in sorted(outdated.items()):
         # A live node whose entry this reader cannot judge is not done: say why.
@@ -109,7 +175,12 @@ def _missing_line(readiness: NodeReadiness, target: FleetTarget) -> str:
 
 
 def _timeout_report(
-    fleet: str, target: FleetTarget, timeout: float, verdict: _Verdict, bucket: str
+    fleet: str,
+    target: FleetTarget,
+    timeout: float,
+    verdict: Verdict,
+    bucket: str,
+    scope: Scope = Scope(),
 ) -> str:
     waited = format_duration(timeout)
     if not verdict.live:
@@ -119,7 +190,7 @@ def _timeout_report(
         return f"no live node reports status in bucket {bucket} after {waited}{stale}"
     lines = [
         f"{fleet} (event seq {target.seq}) not ready after {waited}: {len(verdict.missing)} of "
-        f"{len(verdict.live)} live nodes not done"
+        f"{len(verdict.live)} live nodes not done{_scope_note(scope)}"
     ]
     lines.extend(f"  {node}: {why}" for node, why in verdict.missing.items())
     if verdict.stale:
@@ -133,6 +204,7 @@ async def _wait(
     fleet: str,
     timeout: float,
     stale_after: float,
+    scope: Scope = Scope(),
 ) -> bool:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -141,37 +213,69 @@ async def _wait(
         js = nc.jetstream()
         # Read once: a CD pipeline waits for the version it just published (or a newer one).
         target = await wait_target(js, settings.prefix, fleet)
-        while (kv := await open_status_bucket(js, settings)) is None:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                typer.echo(
-                    f"no node reported status within {format_duration(timeout)}: bucket "
-                    f"{settings.bucket} does not exist (is a syncer running with "
-                    f"--subject-prefix {settings.prefix}?)",
-                    err=True,
-                )
-                return False
-            await asyncio.sleep(min(_BUCKET_POLL, remaining))
-        async with StatusWatch(kv) as watch:
-            while True:
-                verdict = _judge(watch, fleet, target, datetime.now(UTC), stale_after)
-                if verdict.live and not verdict.missing:
-                    _ready(fleet, target, verdict)
-                    return True
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    report = _timeout_report(fleet, target, timeout, verdict, settings.bucket)
-                    typer.echo(report, err=True)
-                    return False
-                if verdict.next_change is not None:
-                    remaining = min(remaining, verdict.next_change)
-                await watch.next(timeout=remaining)
+        if scope.next_only and not target.next_images:
+            typer.echo(
+                f"error: fleet {fleet} names no next images as of event seq {target.seq} "
+                f"(annotation {NEXT_IMAGES_ANNOTATION})",
+                err=True,
+            )
+            return False
+        return await follow(js, settings, fleet, target, deadline, stale_after, scope)
     finally:
         await nc.close()
 
 
-def _ready(fleet: str, target: FleetTarget, verdict: _Verdict) -> None:
-    targeted = len(verdict.live) - len(verdict.not_targeted)
+async def follow(
+    js: JetStreamContext,
+    settings: StatusSettings,
+    fleet: str,
+    target: FleetTarget,
+    deadline: float,
+    stale_after: float,
+    scope: Scope = Scope(),
+    progress: Callable[[Verdict], None] | None = None,
+) -> bool:
+    """Follow the nodes' status until ``scope`` is done for ``target`` (True) or ``deadline``.
+
+    ``deadline`` is on the event loop's clock. ``progress`` sees every new verdict (``rollout``
+    draws it); the outcome is reported on stdout (done) or stderr (not done).
+    """
+    loop = asyncio.get_running_loop()
+    timeout = max(deadline - loop.time(), 0.0)
+    while (kv := await open_status_bucket(js, settings)) is None:
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            typer.echo(
+                f"no node reported status within {format_duration(timeout)}: bucket "
+                f"{settings.bucket} does not exist (is a syncer running with "
+                f"--subject-prefix {settings.prefix}?)",
+                err=True,
+            )
+            return False
+        await asyncio.sleep(min(_BUCKET_POLL, remaining))
+    async with StatusWatch(kv) as watch:
+        while True:
+            verdict = _judge(watch, fleet, target, datetime.now(UTC), stale_after, scope)
+            if progress is not None:
+                progress(verdict)
+            if verdict.done(scope):
+                _ready(fleet, target, verdict, scope)
+                return True
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                report = _timeout_report(fleet, target, timeout, verdict, settings.bucket, scope)
+                typer.echo(report, err=True)
+                return False
+            if verdict.next_change is not None:
+                remaining = min(remaining, verdict.next_change)
+            await watch.next(timeout=remaining)
+
+
+def _ready(fleet: str, target: FleetTarget, verdict: Verdict, scope: Scope = Scope()) -> None:
+    targeted = verdict.targeted
+    if verdict.missing:
+        _ready_enough(fleet, target, verdict, scope)
+        return
     notes = []
     if verdict.not_targeted:
         notes.append(f"{len(verdict.not_targeted)} not targeted")
@@ -179,8 +283,26 @@ def _ready(fleet: str, target: FleetTarget, verdict: _Verdict) -> None:
         notes.append(f"{len(verdict.stale)} stale ignored")
     suffix = f" ({', '.join(notes)})" if notes else ""
     typer.echo(
-        f"{fleet}: all images present on {targeted} live nodes as of event seq {target.seq}{suffix}"
+        f"{fleet}: {scope.what} present on {targeted} live nodes as of event seq "
+        f"{target.seq}{suffix}"
     )
+
+
+def _ready_enough(fleet: str, target: FleetTarget, verdict: Verdict, scope: Scope) -> None:
+    """Done by ``--min-ready`` with nodes still missing: say how many, and name the rest."""
+    lines = [
+        f"{fleet}: {scope.what} present on {verdict.ready} of {verdict.targeted} targeted live "
+        f"nodes as of event seq {target.seq} (--min-ready {scope.min_ready:g}%); not done:"
+    ]
+    lines.extend(f"  {node}: {why}" for node, why in verdict.missing.items())
+    typer.echo("\n".join(lines))
+
+
+def _scope_note(scope: Scope) -> str:
+    notes = ["next images only"] if scope.next_only else []
+    if scope.min_ready < 100:
+        notes.append(f"--min-ready {scope.min_ready:g}%")
+    return f" ({', '.join(notes)})" if notes else ""
 
 
 @with_nats_options
@@ -194,18 +316,30 @@ def wait(
     ] = "5m",  # type: ignore[assignment]
     stale_after: StaleAfterOption = "1m",  # type: ignore[assignment]
     subject_prefix: PrefixOption = DEFAULT_PREFIX,
+    next_only: Annotated[
+        bool,
+        typer.Option(
+            "--next",
+            envvar="WAIT_NEXT",
+            help="Wait for the Fleet's next images alone (annotation "
+            f"{NEXT_IMAGES_ANNOTATION}), not its current ones.",
+        ),
+    ] = False,
+    min_ready: MinReadyOption = 100.0,
 ) -> None:
     """Exit 0 once every live node folded the Fleet's newest event and holds all of its images.
 
-    Exits 1 at once if the Fleet is not in the event log or was deleted, and on timeout with
-    the nodes that are not done and why.
+    All of its images: the current ones and the next ones it names. Exits 1 at once if the
+    Fleet is not in the event log or was deleted (or, with --next, names no next images), and
+    on timeout with the nodes that are not done and why.
     """
     try:
         fleet = parse_fleet(fleet)
     except StatusError as e:
         fail(f"--fleet: {e}", code=2)
     settings = status_settings(subject_prefix)
-    if not run_nats_command(_wait(nats, settings, fleet, timeout, stale_after)):
+    scope = Scope(next_only=next_only, min_ready=min_ready)
+    if not run_nats_command(_wait(nats, settings, fleet, timeout, stale_after, scope)):
         raise typer.Exit(1)
 
 
