@@ -220,7 +220,16 @@ async def _wait(
                 err=True,
             )
             return False
-        return await follow(js, settings, fleet, target, deadline, stale_after, scope)
+        return await follow(
+            js,
+            settings,
+            fleet,
+            target,
+            deadline=deadline,
+            timeout=timeout,
+            stale_after=stale_after,
+            scope=scope,
+        )
     finally:
         await nc.close()
 
@@ -230,18 +239,20 @@ async def follow(
     settings: StatusSettings,
     fleet: str,
     target: FleetTarget,
+    *,
     deadline: float,
+    timeout: float,
     stale_after: float,
     scope: Scope = Scope(),
     progress: Callable[[Verdict], None] | None = None,
 ) -> bool:
     """Follow the nodes' status until ``scope`` is done for ``target`` (True) or ``deadline``.
 
-    ``deadline`` is on the event loop's clock. ``progress`` sees every new verdict (``rollout``
+    ``deadline`` is on the event loop's clock; ``timeout`` is what the user gave, for the
+    report. ``progress`` sees every new verdict (``rollout``
     draws it); the outcome is reported on stdout (done) or stderr (not done).
     """
     loop = asyncio.get_running_loop()
-    timeout = max(deadline - loop.time(), 0.0)
     while (kv := await open_status_bucket(js, settings)) is None:
         remaining = deadline - loop.time()
         if remaining <= 0:
