@@ -29,6 +29,7 @@ COMMANDS = {
     "auth-keygen": "auth",
     "status": "status",
     "wait": "wait",
+    "rollout": "rollout",
     "replay": "replay",
     "crio-pinned-config": "crio",
     "demo": "demo",

@@ -12,6 +12,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from fakekube import FakeKube
+from fakekube.harness import fleet
+
 BIN = Path(sys.executable).parent
 
 
@@ -38,3 +41,32 @@ def test_kubectl_image_syncer_runs_the_cli() -> None:
     assert result.returncode != 0
     assert result.stderr.strip().startswith("error:"), result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_kubectl_image_syncer_rollout_reads_the_fleet_through_the_kubeconfig(
+    kube: FakeKube,
+) -> None:
+    kube.create("fleets", fleet("arena", "registry.example/game:1"))
+    result = _kubectl(
+        "image-syncer",
+        "rollout",
+        "default/arena",
+        "--image",
+        "registry.example/game:2",
+        "--dry-run",
+        "--kubeconfig",
+        str(kube.kubeconfig),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "containers[0] game: registry.example/game:1 -> registry.example/game:2" in result.stdout
+    result = _kubectl(
+        "image-syncer",
+        "rollout",
+        "default/gone",
+        "--image",
+        "g:2",
+        "--kubeconfig",
+        str(kube.kubeconfig),
+    )
+    assert result.returncode == 3
+    assert result.stderr.strip().startswith("error: fleet default/gone not found")

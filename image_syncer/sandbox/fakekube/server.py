@@ -34,7 +34,8 @@ use. What it models:
   compacted resourceVersion gets HTTP 410 with etcd3's text;
 - test controls: :meth:`hold_watches` (freeze delivery, to make a gap), :meth:`drop_watches`
   (end every open watch), :meth:`bookmark` (ask open watches for a BOOKMARK now),
-  :meth:`before_next_patch` (a concurrent writer, run between a client's read and its patch);
+  :meth:`before_next_patch` (a concurrent writer, run between a client's read and its patch),
+  :meth:`forbid` (RBAC refuses a verb on a resource: 403 with the authorizer's Status);
 - ``TokenReview`` (``authentication.k8s.io/v1``): tokens made by :meth:`issue_token` are
   ServiceAccount tokens bound to a pod on a node, JWT-shaped with their audiences and expiry; the
   review answers as the API server does: the user, its groups and pod-binding ``extra`` fields
@@ -251,6 +252,7 @@ class FakeKube:
         self.bookmarks_sent = 0
         self.requests: list[tuple[str, str]] = []
         self._before_patch: list[Any] = []
+        self._forbidden: dict[tuple[str, str], str] = {}
         self._tokens: dict[str, _Token] = {}
         self._unserved: set[str] = set()
         # The validating admission in force: None admits everything (no policy installed).
@@ -456,6 +458,36 @@ class FakeKube:
         """Run ``hook`` (another writer) when the next PATCH arrives, before it applies."""
         with self._cond:
             self._before_patch.append(hook)
+
+    def forbid(
+        self, verb: str, plural: str, user: str = "system:serviceaccount:ci:deployer"
+    ) -> None:
+        """From now on refuse ``verb`` (get, list, watch, patch...) on ``plural`` to everyone."""
+        with self._cond:
+            self._forbidden[(verb, plural)] = user
+
+    def check_allowed(
+        self, verb: str, plural: str, namespace: str | None, name: str | None
+    ) -> None:
+        """403 as the API server's RBAC authorizer answers it, if :meth:`forbid` said so.
+
+        The message is apimachinery's ``NewForbidden`` (``<resource>.<group> "<name>" is
+        forbidden: ``) around the RBAC authorizer's reason, as kubectl shows it.
+        """
+        with self._cond:
+            user = self._forbidden.get((verb, plural))
+        if user is None:
+            return
+        group = GROUP_VERSIONS[plural].rpartition("/")[0]
+        resource = f"{plural}.{group}" if group else plural
+        subject = f'{resource} "{name}"' if name else resource
+        scope = f'in the namespace "{namespace}"' if namespace else "at the cluster scope"
+        raise ApiError(
+            403,
+            "Forbidden",
+            f'{subject} is forbidden: User "{user}" cannot {verb} resource "{plural}" in API '
+            f'group "{group}" {scope}',
+        )
 
     def get(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
         with self._cond:
@@ -866,6 +898,18 @@ def _event_for(change: _Change, matches: Any) -> dict[str, Any] | None:
     return {"type": change.type, "object": change.new} if now else None
 
 
+# Request kind -> the RBAC verb it needs (a list and a get are both GETs).
+_VERBS = {
+    "GET": "get",
+    "LIST": "list",
+    "WATCH": "watch",
+    "POST": "create",
+    "PUT": "update",
+    "PATCH": "patch",
+    "DELETE": "delete",
+}
+
+
 def _handler_for(kube: FakeKube) -> type[BaseHTTPRequestHandler]:
     class Handler(_Handler):
         pass
@@ -940,6 +984,7 @@ class _Handler(BaseHTTPRequestHandler):
                 kind = "LIST"
             with self.kube._cond:
                 self.kube.requests.append((kind, self.path))
+            self.kube.check_allowed(_VERBS[kind], plural, namespace, name)
             if kind == "WATCH":
                 return self._stream(self.kube.watch(plural, namespace, query))
             self._send_json(*self._dispatch(method, plural, namespace, name, query, user))

@@ -1,0 +1,246 @@
+"""``image-syncer rollout`` end to end: annotate, wait, patch, clear; and each way it can fail.
+
+Real nats-server, containerd and registry; an in-process broadcaster and syncer; the Fleet lives
+in the fake API server (the one fake), which the command reaches through the real kubernetes
+client with a kubeconfig, as it would reach a cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from fakekube import FakeKube
+from fakekube.harness import fleet
+from faults_harness import (
+    InProcessBroadcaster,
+    InProcessSyncer,
+    broadcaster_settings,
+    eventually,
+    node_name,
+    syncer_settings,
+)
+from nats.js import JetStreamContext
+from test_next_images import push_tag, unpushed
+
+from image_syncer.sandbox.containerd import Containerd
+from wire.contract import NEXT_IMAGES_ANNOTATION
+from wire.eventlog import LogSettings
+from wire.natsconn import NatsSettings
+
+pytestmark = [pytest.mark.nats, pytest.mark.cri]
+
+FLEET = "default/arena"
+
+
+@pytest.fixture
+async def cluster(
+    kube: FakeKube,
+    nats_settings: NatsSettings,
+    log_settings: LogSettings,
+    own_containerd: Containerd,
+    prefix: str,
+) -> AsyncIterator[InProcessSyncer]:
+    """A broadcaster watching the fake API server and one syncer on its own containerd."""
+    broadcaster = await InProcessBroadcaster(
+        broadcaster_settings(kube, nats_settings, log_settings)
+    ).start()
+    syncer = await InProcessSyncer(
+        syncer_settings(node_name(), own_containerd, nats_settings, prefix), own_containerd
+    ).start()
+    try:
+        yield syncer
+    finally:
+        await syncer.stop()
+        await broadcaster.stop()
+
+
+async def rollout(
+    kube: FakeKube, nats_settings: NatsSettings, prefix: str, *args: str
+) -> tuple[int, str, str]:
+    """The real command, as a subprocess; (code, stdout, stderr)."""
+    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"}
+    env.pop("KUBECONFIG", None)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "image_syncer",
+        "rollout",
+        *args,
+        "--kubeconfig",
+        str(kube.kubeconfig),
+        "--nats-url",
+        nats_settings.servers[0],
+        "--subject-prefix",
+        prefix,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 120)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+def stored(kube: FakeKube, name: str = "arena") -> dict[str, Any]:
+    obj = kube.get("fleets", "default", name)
+    assert obj is not None
+    return obj
+
+
+def image_of(obj: dict[str, Any]) -> str:
+    image: str = obj["spec"]["template"]["spec"]["template"]["spec"]["containers"][0]["image"]
+    return image
+
+
+def annotation_of(obj: dict[str, Any]) -> str | None:
+    return (obj["metadata"].get("annotations") or {}).get(NEXT_IMAGES_ANNOTATION)
+
+
+def patches(kube: FakeKube) -> int:
+    return sum(1 for kind, path in kube.requests if kind == "PATCH" and "/fleets/" in path)
+
+
+async def test_rollout_stages_waits_then_moves_and_a_second_run_changes_nothing(
+    cluster: InProcessSyncer,
+    kube: FakeKube,
+    nats_settings: NatsSettings,
+    prefix: str,
+    push: Any,
+) -> None:
+    containerd = cluster.containerd
+    current, upcoming = push(), unpushed(push, "v2")
+    kube.create("fleets", fleet("arena", current))
+    await eventually(lambda: current in containerd.image_refs(), "the current image pulled")
+
+    # What the node holds when the Fleet moves; Agones writes the Fleet's status meanwhile, so
+    # the move's first attempt meets a 409 and is decided again on the new version.
+    held_at_move: list[bool] = []
+
+    def at_stage() -> None:
+        kube.before_next_patch(at_move)
+
+    def at_move() -> None:
+        held_at_move.append(upcoming in containerd.image_refs())
+        obj = stored(kube)
+        obj["status"] = {"replicas": 1, "readyReplicas": 1}
+        kube.update("fleets", obj)
+
+    kube.before_next_patch(at_stage)
+    command = asyncio.create_task(
+        rollout(kube, nats_settings, prefix, FLEET, "--image", upcoming, "--timeout", "2m")
+    )
+    await eventually(lambda: annotation_of(stored(kube)) == upcoming, "the annotation set")
+    assert image_of(stored(kube)) == current  # staged, not moved
+    push_tag(push, upcoming)  # the build lands in the registry: the node can pull it
+    code, out, err = await command
+    assert code == 0, err
+    assert held_at_move == [True]
+    moved = stored(kube)
+    assert image_of(moved) == upcoming
+    assert annotation_of(moved) is None
+    assert moved["status"] == {"replicas": 1, "readyReplicas": 1}  # the other writer's change kept
+    assert f"{FLEET}: staged, {NEXT_IMAGES_ANNOTATION}={upcoming}" in out
+    assert f"{FLEET}: next images present on 1 live nodes" in out
+    assert f"{FLEET}: game {current} -> {upcoming}" in out
+    assert f"{FLEET}: next images on 0/1 targeted nodes; slowest {cluster.node}:" in err
+
+    writes = patches(kube)
+    code, out, err = await rollout(
+        kube, nats_settings, prefix, FLEET, "--image", f"game={upcoming}"
+    )
+    assert code == 0, err
+    assert out.strip() == f"{FLEET}: already at game={upcoming}; nothing to do"
+    assert patches(kube) == writes
+    assert stored(kube)["metadata"]["resourceVersion"] == moved["metadata"]["resourceVersion"]
+
+
+async def test_a_timeout_leaves_the_annotation_in_place_and_says_so(
+    cluster: InProcessSyncer,
+    kube: FakeKube,
+    nats_settings: NatsSettings,
+    prefix: str,
+    push: Any,
+) -> None:
+    current, never = push(), unpushed(push, "never")
+    kube.create("fleets", fleet("arena", current))
+    code, _, err = await rollout(
+        kube, nats_settings, prefix, FLEET, "--image", never, "--timeout", "5s"
+    )
+    assert code == 5, err
+    assert err.splitlines()[-1] == (
+        f"error: {FLEET}: next images not on the targeted nodes within 5s; annotation "
+        f"{NEXT_IMAGES_ANNOTATION}={never} left in place (nodes keep pulling; run the same "
+        "rollout again to resume)"
+    )
+    assert f"{cluster.node}: 0/1 images; missing {never}" in err
+    obj = stored(kube)
+    assert annotation_of(obj) == never and image_of(obj) == current
+
+
+async def test_each_refusal_has_its_own_line_and_exit_code_and_writes_nothing(
+    kube: FakeKube, nats_settings: NatsSettings, prefix: str, js: JetStreamContext
+) -> None:
+    kube.create("fleets", fleet("arena", "registry.example/game:1"))
+
+    code, out, err = await rollout(
+        kube, nats_settings, prefix, FLEET, "--image", "registry.example/game:2", "--dry-run"
+    )
+    assert code == 0, err
+    assert "containers[0] game: registry.example/game:1 -> registry.example/game:2" in out
+
+    code, _, err = await rollout(kube, nats_settings, prefix, "default/nope", "--image", "g:2")
+    assert code == 3
+    assert err.strip() == 'error: fleet default/nope not found (get: fleets "nope" not found)'
+
+    code, _, err = await rollout(kube, nats_settings, prefix, FLEET, "--image", "sidecar=g:2")
+    assert code == 2
+    assert err.strip() == "error: fleet default/arena has no container 'sidecar' (containers: game)"
+
+    code, _, err = await rollout(kube, nats_settings, prefix, FLEET, "--image", "Not:A:Ref")
+    assert code == 2 and err.startswith("error: --image 'Not:A:Ref': invalid image reference")
+
+    kube.forbid("patch", "fleets")
+    code, _, err = await rollout(kube, nats_settings, prefix, FLEET, "--image", "g:2")
+    assert code == 4
+    assert err.strip() == (
+        f'error: not allowed to patch fleet {FLEET}: fleets.agones.dev "arena" is forbidden: '
+        'User "system:serviceaccount:ci:deployer" cannot patch resource "fleets" in API group '
+        '"agones.dev" in the namespace "default"'
+    )
+    assert patches(kube) == 1  # the refused one
+    assert annotation_of(stored(kube)) is None
+
+
+async def test_someone_else_changing_course_meanwhile_is_not_overwritten(
+    cluster: InProcessSyncer,
+    kube: FakeKube,
+    nats_settings: NatsSettings,
+    prefix: str,
+    push: Any,
+) -> None:
+    current, upcoming, other = push(), push(), push()
+    kube.create("fleets", fleet("arena", current))
+
+    def at_stage() -> None:
+        kube.before_next_patch(another_rollout)
+
+    def another_rollout() -> None:
+        obj = stored(kube)
+        obj["metadata"]["annotations"] = {NEXT_IMAGES_ANNOTATION: other}
+        kube.update("fleets", obj)
+
+    kube.before_next_patch(at_stage)
+    code, _, err = await rollout(
+        kube, nats_settings, prefix, FLEET, "--image", upcoming, "--timeout", "2m"
+    )
+    assert code == 6, err
+    assert err.splitlines()[-1] == (
+        f"error: {FLEET}: annotation {NEXT_IMAGES_ANNOTATION} changed to {other} while waiting; "
+        "not moving the Fleet"
+    )
+    assert image_of(stored(kube)) == current
