@@ -7,7 +7,10 @@ the nodes' status every ``fleet_events_interval``, folds it per Fleet
 - ``ImagesPrePulled`` (Normal): every node the Fleet is for holds its images, as of its newest
   event;
 - ``ImagePullFailing`` (Warning): some nodes cannot pull one of its images, with the registry's
-  answer and the nodes' names.
+  answer and the nodes' names;
+- for a Fleet that names next images (``image-syncer.octops.io/next-images``, a rollout being
+  staged), the same two about them alone: ``NextImagesReady`` (Normal: the Fleet can roll to them
+  without a game server waiting for a pull) and ``NextImagesPullFailing`` (Warning).
 
 Like the kubelet's event recorder, one Event per Fleet and reason is kept and its ``count`` bumped
 (its name is derived from the Fleet and the reason), and nothing is written while nothing changes,
@@ -21,6 +24,7 @@ import asyncio
 import hashlib
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -33,7 +37,7 @@ from broadcaster.convergence import FleetConvergence, converge, newest_events
 from wire.nodestatus import StatusSettings, list_statuses, open_status_bucket
 from wire.readiness import Readiness
 
-__all__ = ["FLEET_NODES", "FleetEvents", "FleetReporter", "Notice", "notice_of"]
+__all__ = ["FLEET_NODES", "FleetEvents", "FleetReporter", "Notice", "next_notice_of", "notice_of"]
 
 log = logging.getLogger(__name__)
 
@@ -70,18 +74,7 @@ class Notice:
 def notice_of(convergence: FleetConvergence) -> Notice | None:
     """The Event a Fleet's convergence calls for, or None while it is on its way."""
     if convergence.failing:
-        (image, error), nodes = max(convergence.failing.items(), key=lambda kv: len(kv[1]))
-        shown = ", ".join(nodes[:SHOWN_NODES]) + (
-            f", +{len(nodes) - SHOWN_NODES} more" if len(nodes) > SHOWN_NODES else ""
-        )
-        more = len(convergence.failing) - 1
-        also = f"; {more} more image/error pair(s) failing" if more else ""
-        return Notice(
-            "ImagePullFailing",
-            "Warning",
-            f"{len(nodes)} of {convergence.targeted} nodes cannot pull {image}: {error} "
-            f"({shown}){also}",
-        )
+        return _failing("ImagePullFailing", "", convergence.failing, convergence.targeted)
     if convergence.complete:
         return Notice(
             "ImagesPrePulled",
@@ -90,6 +83,40 @@ def notice_of(convergence: FleetConvergence) -> Notice | None:
             f"(event seq {convergence.seq})",
         )
     return None
+
+
+def next_notice_of(convergence: FleetConvergence) -> Notice | None:
+    """The Event about the Fleet's next images, or None (none named, or on their way)."""
+    if not convergence.next_images:
+        return None
+    if convergence.next_failing:
+        failing = convergence.next_failing
+        return _failing("NextImagesPullFailing", "next image ", failing, convergence.targeted)
+    if convergence.next_complete:
+        return Notice(
+            "NextImagesReady",
+            "Normal",
+            f"all {convergence.next_ready} nodes hold the next images of this Fleet "
+            f"({', '.join(convergence.next_images)}; event seq {convergence.seq}): it can roll "
+            "to them without a pull",
+        )
+    return None
+
+
+def _failing(
+    reason: str, what: str, failing: Mapping[tuple[str, str], tuple[str, ...]], targeted: int
+) -> Notice:
+    (image, error), nodes = max(failing.items(), key=lambda kv: len(kv[1]))
+    shown = ", ".join(nodes[:SHOWN_NODES]) + (
+        f", +{len(nodes) - SHOWN_NODES} more" if len(nodes) > SHOWN_NODES else ""
+    )
+    more = len(failing) - 1
+    also = f"; {more} more image/error pair(s) failing" if more else ""
+    return Notice(
+        reason,
+        "Warning",
+        f"{len(nodes)} of {targeted} nodes cannot pull {what}{image}: {error} ({shown}){also}",
+    )
 
 
 class FleetEvents:
@@ -173,7 +200,8 @@ class FleetReporter:
     ) -> None:
         self.js, self.events, self.status = js, events, status
         self.interval, self.stale_after = interval, stale_after
-        self._said: dict[str, Notice] = {}
+        # (fleet, series) -> what was said last: the Fleet's images, and its next images.
+        self._said: dict[tuple[str, str], Notice] = {}
         self._exported: set[tuple[str, str, str]] = set()
 
     async def run(self) -> None:
@@ -192,8 +220,9 @@ class FleetReporter:
         state = converge(newest, statuses, datetime.now(UTC), self.stale_after)
         self._export(state)
         for fleet, convergence in state.items():
-            await self._maybe_record(fleet, convergence)
-        for gone in set(self._said) - set(state):
+            await self._maybe_record(fleet, "images", notice_of(convergence), convergence)
+            await self._maybe_record(fleet, "next", next_notice_of(convergence), convergence)
+        for gone in [key for key in self._said if key[0] not in state]:
             del self._said[gone]
         return state
 
@@ -208,9 +237,10 @@ class FleetReporter:
             FLEET_NODES.remove(*labels)
         self._exported = exported
 
-    async def _maybe_record(self, fleet: str, convergence: FleetConvergence) -> None:
-        notice = notice_of(convergence)
-        if notice is None or self._said.get(fleet) == notice:
+    async def _maybe_record(
+        self, fleet: str, series: str, notice: Notice | None, convergence: FleetConvergence
+    ) -> None:
+        if notice is None or self._said.get((fleet, series)) == notice:
             return
         try:
             outcome = await asyncio.to_thread(
@@ -224,7 +254,7 @@ class FleetReporter:
             )
             return
         EVENTS_RECORDED.labels(notice.reason, outcome).inc()
-        self._said[fleet] = notice
+        self._said[(fleet, series)] = notice
         log.info(
             "fleet event recorded",
             extra={"fleet": fleet, "reason": notice.reason, "event_message": notice.message},

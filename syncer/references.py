@@ -14,15 +14,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
-from docker_image.reference import InvalidReference, Reference
+from wire.imagerefs import InvalidImageReference, parse_reference
 
 __all__ = ["Holding", "ImageRef", "InvalidImageReference", "PresentImages", "normalize"]
-
-DEFAULT_TAG = "latest"
-
-
-class InvalidImageReference(ValueError):
-    """The text is not an image reference; the message quotes it and says why."""
 
 
 @dataclass(frozen=True, order=True)
@@ -58,23 +52,11 @@ class ImageRef:
 def normalize(text: str) -> ImageRef:
     """``nginx`` -> ``docker.io/library/nginx:latest``; raise InvalidImageReference if not one.
 
-    Cached: every event, replay and reconcile normalizes the same few hundred strings, and the
-    grammar costs several regular expressions per call (the largest share of replay time).
-    ImageRef is frozen, so sharing one instance is safe; failures are not cached.
+    The grammar is :func:`wire.imagerefs.parse_reference`'s (the broadcaster normalizes alike).
+    Cached too: ImageRef is frozen, so sharing one instance is safe; failures are not cached.
     """
-    if not text or text != text.strip():
-        raise InvalidImageReference(f"invalid image reference {text!r}: empty or padded")
-    try:
-        parsed = Reference.parse_normalized_named(text)
-    except InvalidReference as e:
-        raise InvalidImageReference(f"invalid image reference {text!r}: {e}") from e
-    name = parsed["name"]
-    tag = parsed.get("tag")
-    digest = parsed.get("digest")
-    # As the runtimes do: no tag and no digest means :latest; a digest alone pins the content.
-    if not tag and not digest:
-        tag = DEFAULT_TAG
-    return ImageRef(name=name, tag=tag or None, digest=digest or None)
+    name, tag, digest = parse_reference(text)
+    return ImageRef(name=name, tag=tag, digest=digest)
 
 
 class Holding(Protocol):

@@ -27,9 +27,16 @@ from kubernetes import client, config
 from nats.js import JetStreamContext
 
 from broadcaster.convergence import FleetConvergence, converge, newest_events
-from broadcaster.fleetevents import FLEET_NODES, FleetEvents, FleetReporter, Notice, notice_of
+from broadcaster.fleetevents import (
+    FLEET_NODES,
+    FleetEvents,
+    FleetReporter,
+    Notice,
+    next_notice_of,
+    notice_of,
+)
 from image_syncer.sandbox.containerd import Containerd
-from wire.contract import Action, Kind
+from wire.contract import NEXT_IMAGES_ANNOTATION, Action, Kind
 from wire.eventlog import LogSettings, publish_event
 from wire.natsconn import NatsSettings
 from wire.nodestatus import (
@@ -223,3 +230,65 @@ async def test_a_real_syncer_turns_into_events_on_the_fleet(
         assert "all 1 nodes hold the images" in reasons()[("pulls", "ImagesPrePulled")]
     finally:
         await syncer.stop()
+
+
+# --- next images: their own series -----------------------------------------------------------
+
+NEXT = "registry.example/game:2"
+
+
+@pytest.fixture
+async def staged_fleet(js: JetStreamContext, log_settings: LogSettings) -> int:
+    obj = fleet("game", IMAGE)
+    # A short name: nodes report it normalized, the broadcaster must compare it so.
+    obj["metadata"].update(
+        uid="uid-1", resourceVersion="4", annotations={NEXT_IMAGES_ANNOTATION: "game:2, " + NEXT}
+    )
+    ack = await publish_event(js, log_settings, f"{Kind.FLEET}.events.{Action.ADDED}", obj)
+    return ack.seq
+
+
+async def test_next_images_have_their_own_events(
+    kube: FakeKube, js: JetStreamContext, prefix: str, staged_fleet: int
+) -> None:
+    short = "docker.io/library/game:2"
+    status_settings = StatusSettings(prefix=prefix)
+    await ensure_status_bucket(js, status_settings)
+    reporter = FleetReporter(
+        js, FleetEvents(_core(kube), "b-1"), status_settings, interval=1, stale_after=60
+    )
+    assert (await newest_events(js, prefix))[FLEET].next_images == (short, NEXT)
+
+    def staged(node: str, has: set[str], failed: str = "") -> NodeStatus:
+        now = datetime.now(UTC)
+        summary = summarize(
+            desired={FLEET: [IMAGE, short, NEXT]},
+            present=has,
+            fleet_seqs={FLEET: staged_fleet},
+            failed={NEXT: failed} if failed else None,
+        )
+        return NodeStatus(node=node, version="t", reported_at=now, started_at=now, summary=summary)
+
+    # The next build is not pushed yet: the running Fleet is fine, its next image is failing.
+    await put_status(js, status_settings, staged("a", {IMAGE, short}, failed="404 Not Found"))
+    await put_status(js, status_settings, staged("b", {IMAGE, short, NEXT}))
+    await reporter.report_once()
+    (event,) = _events(kube)
+    assert (event["reason"], event["type"]) == ("NextImagesPullFailing", "Warning")
+    assert event["message"] == f"1 of 2 nodes cannot pull next image {NEXT}: 404 Not Found (a)"
+
+    await put_status(js, status_settings, staged("a", {IMAGE, short, NEXT}))
+    await reporter.report_once()
+    by_reason = {e["reason"]: e for e in _events(kube)}
+    assert by_reason["NextImagesReady"]["message"] == (
+        f"all 2 nodes hold the next images of this Fleet ({short}, {NEXT}; event seq "
+        f"{staged_fleet}): it can roll to them without a pull"
+    )
+    assert by_reason["ImagesPrePulled"]["type"] == "Normal"
+    assert "ImagePullFailing" not in by_reason
+    await reporter.report_once()  # nothing changed: no write
+    assert sorted(e["count"] for e in _events(kube)) == [1, 1, 1]
+
+
+def test_a_fleet_without_next_images_has_no_next_event() -> None:
+    assert next_notice_of(_convergence(done=3)) is None
