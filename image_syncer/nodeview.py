@@ -21,6 +21,7 @@ __all__ = [
     "describe_missing",
     "describe_progress",
     "fleet_rollups",
+    "next_rollup",
     "node_rollups",
 ]
 
@@ -144,6 +145,24 @@ def fleet_rollups(
                 if behind is not None:  # else: excluded as of the target, not for this node
                     rollups[fleet].not_ready[node] = behind
     return dict(sorted(rollups.items()))
+
+
+def next_rollup(
+    view: dict[str, NodeStatus], fleet: str, target: FleetTarget, now: datetime, stale_after: float
+) -> FleetRollup:
+    """``fleet``'s next images alone across the live nodes it targets (``wait --next``'s view)."""
+    rollup = FleetRollup(fleet, target=target)
+    for node, status in sorted(view.items()):
+        if is_stale(status, now, stale_after):
+            continue
+        readiness = node_readiness(status, fleet, target, next_only=True)
+        if readiness.verdict is Readiness.DONE:
+            rollup.ready.append(node)
+        elif readiness.verdict is Readiness.BEHIND:
+            rollup.not_ready[node] = _behind(status, fleet, target) or "behind"
+        elif readiness.progress is not None:  # MISSING
+            rollup.not_ready[node] = describe_progress(readiness.progress)
+    return rollup
 
 
 def node_rollups(

@@ -131,3 +131,25 @@ async def test_min_ready_is_done_with_a_share_of_the_targeted_nodes_and_names_th
         f"{FLEET} (event seq {seq}) not ready after 500ms: 1 of 5 live nodes not done "
         "(next images only, --min-ready 80%)"
     )
+
+
+async def test_status_of_one_fleet_shows_its_next_images_apart(
+    js: JetStreamContext, nats_server: NatsServer, prefix: str, settings: StatusSettings
+) -> None:
+    seq = await publish_staged(js, prefix)
+    at = {FLEET: seq}
+    desired = {FLEET: [CURRENT, NEXT]}
+    await report(
+        js, settings, "node-a", desired=desired, present={NEXT}, pulling={CURRENT}, seqs=at
+    )
+    await report(
+        js, settings, "node-b", desired=desired, present={CURRENT}, pulling={NEXT}, seqs=at
+    )
+    code, out, err = await run_cli(*cli_args(nats_server, prefix, "status", "--fleet", FLEET))
+    assert code == 0, err
+    lines = out.splitlines()
+    start = lines.index(f"next images ({NEXT_IMAGES_ANNOTATION}): {NEXT}")
+    assert lines[start + 1 :] == [
+        "  on 1/2 targeted live nodes",
+        f"  node-b: 0/1 images; missing {NEXT} (pulling)",
+    ]

@@ -2,10 +2,11 @@
 
 It reads what the syncers write through :mod:`wire.nodestatus` and nothing else, so it shows
 exactly what the nodes report; ``--check-log`` also reads the log (:mod:`image_syncer.fleetlog`)
-to mark nodes that are behind the Fleet's newest event. By default it answers what a person asks
-first (:mod:`image_syncer.nodeview`): per Fleet, nodes ready and who misses what and why; per
-node, Fleets ready, heartbeat and problems. ``--fleet`` and ``--node`` drill down, ``--matrix``
-draws nodes x Fleets.
+to mark nodes that are behind the Fleet's newest event (``--fleet`` always reads that one Fleet's
+newest event, and shows its next images, ``image-syncer.octops.io/next-images``, apart). By
+default it answers what a person asks first (:mod:`image_syncer.nodeview`): per Fleet, nodes
+ready and who misses what and why; per node, Fleets ready, heartbeat and problems. ``--fleet``
+and ``--node`` drill down, ``--matrix`` draws nodes x Fleets.
 
 Exit codes: 0 shown, 1 an error the user can fix (one line on stderr), 2 bad input.
 """
@@ -17,17 +18,19 @@ from typing import Annotated, Any
 
 import msgspec
 import typer
+from nats.js import JetStreamContext
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from image_syncer.fleetlog import log_targets
+from image_syncer.fleetlog import fleet_filter, log_targets, read_fleets, target_of
 from image_syncer.nodeview import (
     FleetRollup,
     NodeRollup,
     describe_missing,
     describe_progress,
     fleet_rollups,
+    next_rollup,
     node_rollups,
 )
 from image_syncer.oneshot import CommandError, fail, run_nats_command
@@ -39,6 +42,7 @@ from image_syncer.options import (
 )
 from image_syncer.statusbucket import open_bucket, status_settings
 from ops.durations import format_duration
+from wire.contract import NEXT_IMAGES_ANNOTATION
 from wire.natsconn import NatsSettings, connect
 from wire.nodestatus import (
     GateStatus,
@@ -129,6 +133,17 @@ def _fleet_detail(rollup: FleetRollup, view: dict[str, NodeStatus]) -> Table:
         seq = view[node].summary.fleets.get(rollup.fleet)
         table.add_row(node, "-" if seq is None else str(seq), state)
     return table
+
+
+def _next_detail(rollup: FleetRollup) -> Text:
+    """The Fleet's next images alone: what ``wait --next`` and ``rollout`` wait for."""
+    assert rollup.target is not None
+    lines = [
+        f"next images ({NEXT_IMAGES_ANNOTATION}): {', '.join(rollup.target.next_images)}",
+        f"  on {len(rollup.ready)}/{rollup.total} targeted live nodes",
+    ]
+    lines += [f"  {node}: {why}" for node, why in rollup.not_ready.items()]
+    return Text("\n".join(lines), style="green" if not rollup.not_ready else "yellow")
 
 
 def _fleets_table(fleets: dict[str, FleetRollup]) -> Table:
@@ -298,16 +313,28 @@ def _matrix(view: dict[str, NodeStatus], now: datetime, stale_after: float) -> T
 
 
 async def _read(
-    nats_settings: NatsSettings, settings: StatusSettings, check_log: bool
+    nats_settings: NatsSettings,
+    settings: StatusSettings,
+    check_log: bool,
+    fleet: str | None = None,
 ) -> tuple[dict[str, NodeStatus], dict[str, str], dict[str, FleetTarget] | None]:
     nc = await connect(nats_settings, name="image-syncer-status")
     try:
         js = nc.jetstream()
         view, unreadable = await list_statuses(await open_bucket(js, settings))
         targets = await log_targets(js, settings.prefix) if check_log else None
+        if fleet is not None and targets is None:
+            targets = await _one_target(js, settings.prefix, fleet)
     finally:
         await nc.close()
     return view, unreadable, targets
+
+
+async def _one_target(js: JetStreamContext, prefix: str, fleet: str) -> dict[str, FleetTarget]:
+    """``fleet``'s newest event alone (a few messages), to tell its next images apart."""
+    newest = await read_fleets(js, prefix, fleet_filter(prefix, fleet)) or {}
+    target = target_of(fleet, *newest[fleet]) if fleet in newest else None
+    return {fleet: target} if isinstance(target, FleetTarget) else {}
 
 
 def _show(
@@ -336,6 +363,9 @@ def _show(
         fleets = fleet_rollups(view, now, stale_after, targets)
         if fleet is not None:
             console.print(_fleet_detail(fleets.get(fleet, FleetRollup(fleet)), view))
+            target = (targets or {}).get(fleet)
+            if target is not None and target.next_images:
+                console.print(_next_detail(next_rollup(view, fleet, target, now, stale_after)))
         else:
             console.print(_fleets_table(fleets))
             table, left_out = _nodes_table(node_rollups(view, now, stale_after, targets), now)
@@ -354,7 +384,7 @@ async def _status(
     check_log: bool,
     view_options: tuple[str | None, str | None, bool],
 ) -> None:
-    read = await _read(nats_settings, settings, check_log)
+    read = await _read(nats_settings, settings, check_log, view_options[0])
     if as_json:
         doc = _json_view(settings, *read[:2], datetime.now(UTC), stale_after, read[2])
         # msgspec encodes the entries as they are, without a detour through dicts: thousands of
