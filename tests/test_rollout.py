@@ -8,12 +8,16 @@ client with a kubeconfig, as it would reach a cluster.
 from __future__ import annotations
 
 import asyncio
+import copy
 import os
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
+from deploy_support import DEPLOY, build_overlay, container, one
 from fakekube import FakeKube
 from fakekube.harness import fleet
 from faults_harness import (
@@ -25,6 +29,7 @@ from faults_harness import (
     syncer_settings,
 )
 from nats.js import JetStreamContext
+from syncer_harness import metric
 from test_next_images import push_tag, unpushed
 
 from image_syncer.sandbox.containerd import Containerd
@@ -244,3 +249,118 @@ async def test_someone_else_changing_course_meanwhile_is_not_overwritten(
         "not moving the Fleet"
     )
     assert image_of(stored(kube)) == current
+
+
+async def test_the_argo_cd_recipe_works_as_written(
+    cluster: InProcessSyncer,
+    kube: FakeKube,
+    nats_settings: NatsSettings,
+    prefix: str,
+    push: Any,
+    tmp_path: Path,
+) -> None:
+    """Wave 2's Job, as rendered from a user's copy of deploy/rollout/argocd, then wave 3."""
+    containerd = cluster.containerd
+    current, upcoming = push(), push()
+    recipe = yaml.safe_load((DEPLOY / "rollout/argocd/fleet.yaml").read_text())
+    recipe["metadata"]["namespace"] = "default"
+    pod = recipe["spec"]["template"]["spec"]["template"]["spec"]
+    pod["containers"][0]["image"] = current
+    kube.create("fleets", copy.deepcopy(recipe))  # what the last sync applied
+    await eventually(lambda: current in containerd.image_refs(), "the current image pulled")
+
+    pod["containers"][0]["image"] = upcoming  # the release: one line of the Fleet's manifest
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "fleet.yaml").write_text(yaml.safe_dump(recipe))
+    rendered = build_overlay(
+        tmp_path / "app",
+        "resources: [fleet.yaml, {deploy}/rollout/job]\n"
+        "components: [{deploy}/rollout/from-fleet]\n",
+    )
+    stage = container(one(rendered, "Job", "image-syncer-stage"), "stage")
+    # The Job's own environment, NATS pointed at the test's server (no Secret here).
+    env = {e["name"]: e["value"] for e in stage["env"] if "value" in e}
+    env.update(NATS_URL=nats_settings.servers[0], SUBJECT_PREFIX=prefix)
+    kube.requests.clear()
+    code, out, err = await run_job(stage["args"], env, kube)
+    assert code == 0, err
+    name = recipe["metadata"]["name"]
+    assert f"default/{name}: staged on the targeted nodes; not moved (--stage-only)" in out
+    assert upcoming in containerd.image_refs()
+    staged = stored(kube, name)
+    assert image_of(staged) == current and annotation_of(staged) == upcoming
+    # Exactly what the recipe's Role allows: get and patch on this one Fleet (the broadcaster's
+    # list and watch, and its Events, also in the log, name no Fleet).
+    path = f"/apis/agones.dev/v1/namespaces/default/fleets/{name}"
+    assert {(kind, p) for kind, p in kube.requests if "/fleets/" in p} == {
+        ("GET", path),
+        ("PATCH", path),
+    }
+
+    # Wave 3: Argo CD applies the manifest; the annotation empties, nothing is pulled.
+    pulls = metric("image_syncer_syncer_pulls_total", result="success")
+    applied = copy.deepcopy(recipe)
+    applied["metadata"]["resourceVersion"] = staged["metadata"]["resourceVersion"]
+    kube.update("fleets", applied)
+    await eventually(lambda: current not in containerd.image_refs(), "the move folded")
+    assert metric("image_syncer_syncer_pulls_total", result="success") == pulls
+    assert annotation_of(stored(kube, name)) == ""
+
+    # Every later sync runs the Job again: nothing to do, nothing written.
+    kube.requests.clear()
+    code, out, err = await run_job(stage["args"], env, kube)
+    assert code == 0, err
+    assert "nothing to do" in out
+    assert not [kind for kind, _ in kube.requests if kind == "PATCH"]
+
+
+async def run_job(args: list[str], env: dict[str, str], kube: FakeKube) -> tuple[int, str, str]:
+    """The Job's container: the image's entrypoint is ``image-syncer``; its kubeconfig the fake's."""
+    full = {**os.environ, **env, "KUBECONFIG": str(kube.kubeconfig), "NO_COLOR": "1"}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "image_syncer",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=full,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 120)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_the_kubectl_pipeline_snippet_works_as_written(
+    cluster: InProcessSyncer,
+    kube: FakeKube,
+    nats_settings: NatsSettings,
+    prefix: str,
+    push: Any,
+) -> None:
+    current, upcoming = push(), push()
+    kube.create("fleets", fleet("arena", current))
+    bin_dir = os.path.dirname(sys.executable)  # kubectl and the kubectl-image_syncer plugin
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+        "KUBECONFIG": str(kube.kubeconfig),
+        "NATS_URL": nats_settings.servers[0],
+        "SUBJECT_PREFIX": prefix,
+        "FLEET": FLEET,
+        "IMAGE": upcoming,
+        "TIMEOUT": "2m",
+    }
+    process = await asyncio.create_subprocess_exec(
+        "sh",
+        str(DEPLOY / "rollout/kubectl/rollout.sh"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 120)
+    assert process.returncode == 0, err.decode()
+    assert f"{FLEET}: game {current} -> {upcoming}" in out.decode()
+    assert upcoming in cluster.containerd.image_refs()
+    moved = stored(kube)
+    assert image_of(moved) == upcoming and annotation_of(moved) is None

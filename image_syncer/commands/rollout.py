@@ -14,7 +14,8 @@ that around, through the Kubernetes API (:mod:`image_syncer.fleetpatch`):
 
 Idempotent: run again after any outcome, it picks up where the Fleet is (already staged: waits;
 already moved: clears a leftover annotation, or says there is nothing to do). ``--dry-run``
-reads and plans, writes nothing.
+reads and plans, writes nothing. ``--stage-only`` stops after the wait: in a GitOps pipeline the
+Fleet's manifest moves the image (and sets the annotation back to empty) in a later sync wave.
 
 Exit codes (one ``error:`` line on stderr for each but 0): 0 done (or nothing to do), 1 NATS or
 the API server unreachable, or any other error, 2 bad input (``--image``, the Fleet's containers),
@@ -44,6 +45,7 @@ from image_syncer.fleetpatch import (
     BadRollout,
     ConflictingChange,
     FleetApi,
+    FleetMissing,
     ImageChange,
     Plan,
     RolloutError,
@@ -88,6 +90,8 @@ class _Job:
     stale_after: float
     min_ready: float
     dry_run: bool
+    stage_only: bool
+    ignore_not_found: bool
     nats: NatsSettings
     status: StatusSettings
 
@@ -95,7 +99,13 @@ class _Job:
 async def _rollout(job: _Job, api: FleetApi) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + job.timeout
-    first = plan_rollout(job.fleet, await asyncio.to_thread(api.get), job.changes)
+    try:
+        first = plan_rollout(job.fleet, await asyncio.to_thread(api.get), job.changes)
+    except FleetMissing:
+        if not job.ignore_not_found:
+            raise
+        typer.echo(f"{job.fleet}: not found; nothing to stage (--ignore-not-found)")
+        return
     if first.moved:
         await _finish_moved(api, job, first)
         return
@@ -132,6 +142,9 @@ async def _rollout(job: _Job, api: FleetApi) -> None:
             f"{staged.next_images} left in place (nodes keep pulling; run the same rollout "
             "again to resume)"
         )
+    if job.stage_only:
+        typer.echo(f"{job.fleet}: staged on the targeted nodes; not moved (--stage-only)")
+        return
     moved = await _write(api, job, lambda plan: _decide_move(first, plan))
     _show_moved(first, moved)
 
@@ -186,7 +199,8 @@ async def _write(
 async def _finish_moved(api: FleetApi, job: _Job, plan: Plan) -> None:
     """The Fleet runs the new images already: clear our leftover annotation, if any."""
     images = ", ".join(str(c) for c in job.changes)
-    if not (plan.annotation and plan.staged):
+    # --stage-only: the Fleet's manifest owns the annotation (it empties it as it moves).
+    if job.stage_only or not (plan.annotation and plan.staged):
         typer.echo(f"{job.fleet}: already at {images}; nothing to do")
         return
     if job.dry_run:
@@ -303,6 +317,23 @@ def rollout(
             help="Read the Fleet, show the plan, write nothing.",
         ),
     ] = False,
+    stage_only: Annotated[
+        bool,
+        typer.Option(
+            "--stage-only",
+            envvar="ROLLOUT_STAGE_ONLY",
+            help="Stage and wait, leave moving the Fleet to its manifest (GitOps: the "
+            "manifest moves it and empties the annotation).",
+        ),
+    ] = False,
+    ignore_not_found: Annotated[
+        bool,
+        typer.Option(
+            "--ignore-not-found",
+            envvar="ROLLOUT_IGNORE_NOT_FOUND",
+            help="Exit 0 when the Fleet does not exist (yet): a GitOps sync that creates it.",
+        ),
+    ] = False,
     min_ready: MinReadyOption = 100.0,
     stale_after: StaleAfterOption = "1m",  # type: ignore[assignment]
     kubeconfig: Annotated[
@@ -338,6 +369,8 @@ def rollout(
         stale_after=stale_after,
         min_ready=min_ready,
         dry_run=dry_run,
+        stage_only=stage_only,
+        ignore_not_found=ignore_not_found,
         nats=nats,
         status=status_settings(subject_prefix),
     )
