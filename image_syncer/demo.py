@@ -3,9 +3,10 @@
 It starts an embedded NATS, a registry and one containerd per simulated node, runs one real
 ``image-syncer syncer`` process per node, publishes Fleets through the real CLI, and shows images
 arriving in each node's runtime: first pulls, an image deleted behind the syncer's back coming
-back, a Fleet update, a cold node that joins with the startup taint and is untainted once its
-images are there, a Fleet delete. Everything it starts is stopped, and its directory removed, on
-the way out (Ctrl-C included).
+back, a Fleet update, the same update staged first (next-images annotation) and its measured
+time next to the unstaged one, a cold node that joins with the startup taint and is untainted
+once its images are there, a Fleet delete. Everything it starts is stopped, and its directory
+removed, on the way out (Ctrl-C included).
 
 The cold node's Node object lives in the sandbox's fake Kubernetes API server (the one fake in
 the demo: no kube-apiserver runs here), which speaks the real protocol to the syncer's own calls.
@@ -26,9 +27,11 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
+from image_syncer.fleets import build_fleet
 from image_syncer.sandbox.containerd import Containerd
 from image_syncer.sandbox.fakekube import FakeKube
 from image_syncer.sandbox.images import push_image
@@ -36,7 +39,12 @@ from image_syncer.sandbox.nats_server import NatsServer
 from image_syncer.sandbox.processes import free_port, stop_process
 from image_syncer.sandbox.registry import Registry
 from wire.contract import AGONES_SDK_SOURCE, NodeImages
-from wire.eventlog import LogSettings, ensure_node_images_stream, publish_node_images
+from wire.eventlog import (
+    LogSettings,
+    ensure_node_images_stream,
+    publish_event,
+    publish_node_images,
+)
 from wire.natsconn import NatsSettings, connect
 
 __all__ = ["DemoFailed", "run_demo"]
@@ -185,7 +193,8 @@ def run_demo(*, nodes: int = 2, sync_period: str = "2s", keep: bool = False) -> 
 
         _first_pulls(nats.url, images, node_list)
         _deleted_behind_our_back(images["lobby"], node_list[-1], sync_period)
-        _rollout(nats.url, images, node_list)
+        unstaged = _rollout(nats.url, images, node_list)
+        _staged_rollout(nats.url, images, node_list, unstaged)
         node_list.append(_cold_node(nats.url, images, workdir, stack, len(node_list), sync_period))
 
         step("Deleting a Fleet: image-syncer publish deleted --name lobby")
@@ -211,11 +220,19 @@ def _start_node(index: int, workdir: Path, stack: contextlib.ExitStack) -> Node:
     return Node(f"node-{chr(ord('a') + index)}", containerd)
 
 
-def publish(nats_url: str, action: str, fleet: str, images: list[str], init: str = "") -> None:
+def publish(
+    nats_url: str,
+    action: str,
+    fleet: str,
+    images: list[str],
+    init: str = "",
+    staged: list[str] | None = None,
+) -> None:
     namespace, name = fleet.split("/")
     args = ["publish", action, "--name", name, "--namespace", namespace]
     args += [arg for image in images for arg in ("--image", image)]
     args += ["--init-image", init] if init else []
+    args += [arg for image in staged or () for arg in ("--next-image", image)]
     cli(*args, nats_url=nats_url)
 
 
@@ -249,16 +266,82 @@ def _deleted_behind_our_back(image: str, node: Node, sync_period: str) -> None:
     )
 
 
-def _rollout(nats_url: str, images: dict[str, str], nodes: list[Node]) -> None:
-    step("Rolling out a new game-server version: image-syncer publish updated ...")
+def _rollout(nats_url: str, images: dict[str, str], nodes: list[Node]) -> float:
+    """The Fleet moves to a new image at once: every node pulls it while game servers would wait.
+
+    Returns the seconds from the Fleet change until every node held all of its images.
+    """
+    step("Rolling out a new game-server version unstaged: the Fleet's image changes")
     new = images["arena-server-v2"]
     arena = [new, images["arena-sidecar"]]
-    published = time.monotonic()
-    publish(nats_url, "updated", "default/arena", arena, init=images["arena-init"])
+    changed = _publish_timed(nats_url, arena, images["arena-init"])
     for node in nodes:
         wait_for(f"{node.name} pulls the new version", functools.partial(_holds, node, {new}))
-        took = time.monotonic() - published
-        console.print(f"  [green]{node.name}: {new} present[/green] ({took:.1f}s after publishing)")
+        took = time.monotonic() - changed
+        console.print(
+            f"  [green]{node.name}: {new} present[/green] ({took:.1f}s after the Fleet changed)"
+        )
+    return time.monotonic() - changed
+
+
+def _staged_rollout(
+    nats_url: str, images: dict[str, str], nodes: list[Node], unstaged: float
+) -> None:
+    """The same kind of rollout staged first, as ``image-syncer rollout`` does it on a cluster."""
+    new = images["arena-server-v3"]
+    arena = [images["arena-server-v2"], images["arena-sidecar"]]
+    step(
+        "Staging the next version first: image-syncer publish updated ... --next-image "
+        "(the annotation image-syncer.octops.io/next-images, as image-syncer rollout sets it)"
+    )
+    staged_at = time.monotonic()
+    publish(nats_url, "updated", "default/arena", arena, init=images["arena-init"], staged=[new])
+    for node in nodes:
+        wait_for(f"{node.name} stages the next version", functools.partial(_holds, node, {new}))
+        took = time.monotonic() - staged_at
+        console.print(
+            f"  [green]{node.name}: {new} staged[/green] ({took:.1f}s after publishing, CLI "
+            f"start-up included); the Fleet still runs {images['arena-server-v2']}"
+        )
+    console.print(
+        _indent(
+            cli("wait", "--fleet", "default/arena", "--next", "--timeout", "30s", nats_url=nats_url)
+        )
+    )
+
+    step("The Fleet's image changes to the staged version (and the annotation goes)")
+    wanted = {new, images["arena-sidecar"], images["arena-init"]}
+    changed = _publish_timed(nats_url, [new, images["arena-sidecar"]], images["arena-init"])
+    for node in nodes:
+        wait_for(f"{node.name} holds the new version", functools.partial(_holds, node, wanted))
+    took = time.monotonic() - changed
+    console.print(
+        _indent(cli("wait", "--fleet", "default/arena", "--timeout", "30s", nats_url=nats_url))
+    )
+    console.print(
+        f"  [bold]From the Fleet change to all images present on every node:[/bold] "
+        f"staged {took:.1f}s, unstaged {unstaged:.1f}s (the pull of a 32 MiB build from a "
+        "local registry, on every node, while new game servers wait for it)"
+    )
+
+
+def _publish_timed(nats_url: str, arena: list[str], init: str) -> float:
+    """Publish the Fleet change in-process; return the moment JetStream acked it.
+
+    Not through the CLI like the other steps: its start-up and exit would blur the moment the
+    Fleet changed, by more than a small image takes to pull.
+    """
+    fleet = build_fleet("arena", arena, init_images=[init])
+    return asyncio.run(_publish_acked(nats_url, fleet))
+
+
+async def _publish_acked(nats_url: str, fleet: dict[str, Any]) -> float:
+    nc = await connect(NatsSettings(servers=(nats_url,)), name="demo")
+    try:
+        await publish_event(nc.jetstream(), LogSettings(), "fleet.events.updated", fleet)
+        return time.monotonic()
+    finally:
+        await nc.close()
 
 
 def _show_status(nats_url: str) -> None:
@@ -298,7 +381,7 @@ def _cold_node(
     )
     console.print(f"  fake API server {kube.url} (the demo's one fake): {_taints(kube, node.name)}")
     wanted = {
-        images["arena-server-v2"],
+        images["arena-server-v3"],
         images["arena-sidecar"],
         images["arena-init"],
         images["lobby"],
@@ -357,21 +440,29 @@ def _stop_syncer(node: Node) -> int | None:
     return process.returncode
 
 
+# Later versions of the game server: one repository, new tags.
+_VERSIONS = {
+    "arena-server-v2": ("demo/arena-server", "1.1"),
+    "arena-server-v3": ("demo/arena-server", "1.2"),
+}
+
+
 def _push_images(address: str) -> dict[str, str]:
     sizes = {
         "arena-server": 4 << 20,
         "arena-sidecar": 1 << 20,
         "arena-init": 256 << 10,
         "lobby": 2 << 20,
-        "arena-server-v2": 4 << 20,
+        # Game builds are the big ones (several GB in production): big enough here that the
+        # rollout's pull shows in the measured times.
+        "arena-server-v2": 32 << 20,
+        "arena-server-v3": 32 << 20,
         "agones-sdk": 1 << 20,
         "log-shipper": 512 << 10,
     }
     refs = {}
     for name, size in sizes.items():
-        repository, tag = (
-            ("demo/arena-server", "1.1") if name == "arena-server-v2" else (f"demo/{name}", "1.0")
-        )
+        repository, tag = _VERSIONS.get(name, (f"demo/{name}", "1.0"))
         push_image(address, repository, tag, layer_bytes=size)
         refs[name] = f"{address}/{repository}:{tag}"
     return refs

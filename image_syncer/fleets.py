@@ -19,6 +19,8 @@ from typing import Any
 import yaml
 from docker_image.reference import InvalidReference, Reference
 
+from wire.contract import NEXT_IMAGES_ANNOTATION
+
 __all__ = [
     "API_VERSION",
     "FleetError",
@@ -94,11 +96,13 @@ def build_fleet(
     replicas: int = 1,
     resource_version: str | None = None,
     labels: dict[str, str] | None = None,
+    next_images: Iterable[str] = (),
 ) -> dict[str, Any]:
     """A valid ``agones.dev/v1`` Fleet running one container per image (``gs``, ``gs-2``...).
 
     The uid is :func:`fleet_uid`; ``resource_version`` defaults to
-    :func:`next_resource_version`, so two builds are two distinct changes.
+    :func:`next_resource_version`, so two builds are two distinct changes. ``next_images`` go
+    into the annotation ``image-syncer.octops.io/next-images`` (staged for a rollout).
     """
     _check_names(namespace, name)
     containers = _containers(images, "gs")
@@ -115,6 +119,9 @@ def build_fleet(
     }
     if labels:
         metadata["labels"] = dict(labels)
+    staged = [check_image(image) for image in next_images]
+    if staged:
+        metadata["annotations"] = {NEXT_IMAGES_ANNOTATION: ",".join(staged)}
     pod_spec: dict[str, Any] = {"containers": containers}
     init_containers = _containers(init_images, "init")
     if init_containers:

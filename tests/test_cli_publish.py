@@ -22,7 +22,7 @@ from image_syncer.cli import app
 from image_syncer.fleets import build_fleet, fleet_uid, load_fleets
 from image_syncer.sandbox.nats_server import NatsServer
 from image_syncer.sandbox.processes import free_port
-from wire.contract import Kind, decode_event, images_of, message_id
+from wire.contract import Kind, decode_event, images_of, message_id, next_images_of
 from wire.eventlog import stream_name
 
 
@@ -122,6 +122,20 @@ async def test_publish_by_flags_builds_a_fleet_that_reaches_the_stream(
     assert message.headers["Nats-Msg-Id"] == message_id(
         fleet_uid("default", "web"), rv, "fleet.events.added"
     )
+
+
+async def test_publish_next_image_stages_it_on_the_fleet(
+    publish, js: JetStreamContext, prefix: str
+) -> None:
+    result = await publish(
+        "updated", "--name", "web", "--image", "nginx:1.27",
+        "--next-image", "nginx:1.28", "--next-image", "redis:8",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    message = await stored(js, f"{prefix}.fleet.events.updated.default.web")
+    event = decode_event(message.data)
+    assert next_images_of(event.obj) == ["nginx:1.28", "redis:8"]
+    assert images_of(event.obj) == [("gs", "nginx:1.27")]
 
 
 async def test_each_publish_by_flags_is_a_new_change(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -24,6 +25,14 @@ def test_demo_runs_the_whole_loop_and_leaves_nothing_behind() -> None:
     assert "node-a: all 4 images present" in out
     assert "back after" in out  # the image deleted with ctr came back
     assert 'msg="fleet synced"' in out
+    # The staged rollout: the next version is on the node before the Fleet moves, and the time
+    # from the Fleet change to all images present is measured next to the unstaged one's.
+    assert "arena-server:1.2 staged" in out and "the Fleet still runs" in out
+    assert "default/arena: next images present on 1 live nodes" in out
+    times = re.search(
+        r"all images present on every node: staged ([\d.]+)s, unstaged ([\d.]+)s", out
+    )
+    assert times is not None, out
     assert 'msg="fleet deleted" fleet=games/lobby' in out
     # A cold node joins tainted and is untainted with every image present (demo's fake Node).
     assert "node-b: untainted" in out and "with all 6 images present" in out

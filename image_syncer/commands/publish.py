@@ -59,6 +59,15 @@ def publish(
         list[str] | None,
         typer.Option("--init-image", metavar="IMAGE", help="An init container image (repeatable)."),
     ] = None,
+    next_image: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--next-image",
+            metavar="IMAGE",
+            help="An image to stage before a rollout: annotation "
+            "image-syncer.octops.io/next-images (repeatable).",
+        ),
+    ] = None,
     replicas: Annotated[int, typer.Option(min=0, help="spec.replicas of a built Fleet.")] = 1,
     resource_version: Annotated[
         str | None,
@@ -82,7 +91,14 @@ def publish(
     try:
         check_prefix(subject_prefix)
         fleets = _fleets(
-            name, namespace, image or [], init_image or [], replicas, resource_version, file
+            name,
+            namespace,
+            image or [],
+            init_image or [],
+            replicas,
+            resource_version,
+            file,
+            next_image or [],
         )
     except (FleetError, ContractError, CommandError) as e:
         fail(str(e), code=2)
@@ -99,10 +115,13 @@ def _fleets(
     replicas: int,
     resource_version: str | None,
     file: str | None,
+    next_images: list[str],
 ) -> list[dict[str, Any]]:
     if file is not None:
-        if name or images or init_images:
-            raise CommandError("-f cannot be combined with --name, --image or --init-image")
+        if name or images or init_images or next_images:
+            raise CommandError(
+                "-f cannot be combined with --name, --image, --init-image or --next-image"
+            )
         return load_fleets(_read(file), namespace=namespace)
     if not name or not images:
         raise CommandError("give --name and at least one --image, or -f FILE")
@@ -114,6 +133,7 @@ def _fleets(
             init_images=init_images,
             replicas=replicas,
             resource_version=resource_version,
+            next_images=next_images,
         )
     ]
 
