@@ -364,3 +364,28 @@ async def test_the_kubectl_pipeline_snippet_works_as_written(
     assert upcoming in cluster.containerd.image_refs()
     moved = stored(kube)
     assert image_of(moved) == upcoming and annotation_of(moved) is None
+
+
+async def test_a_fleet_already_moved_loses_only_a_leftover_annotation(
+    kube: FakeKube, nats_settings: NatsSettings, prefix: str
+) -> None:
+    # Moved by hand (or a GitOps sync) after a staged rollout that timed out: the annotation
+    # still names the image the Fleet now runs.
+    obj = fleet("arena", "registry.example/game:2")
+    obj["metadata"]["annotations"] = {NEXT_IMAGES_ANNOTATION: "registry.example/game:2"}
+    kube.create("fleets", obj)
+    for stage_only in (True, False):
+        args = ("--stage-only",) if stage_only else ()
+        code, out, err = await rollout(
+            kube, nats_settings, prefix, FLEET, "--image", "registry.example/game:2", *args
+        )
+        assert code == 0, err
+        if stage_only:  # the manifest owns the annotation then: left alone
+            assert out.strip() == f"{FLEET}: already at registry.example/game:2; nothing to do"
+            assert annotation_of(stored(kube)) == "registry.example/game:2"
+        else:
+            assert out.strip() == (
+                f"{FLEET}: already at registry.example/game:2; removed {NEXT_IMAGES_ANNOTATION}"
+            )
+            assert annotation_of(stored(kube)) is None
+            assert image_of(stored(kube)) == "registry.example/game:2"
