@@ -240,6 +240,22 @@ def not_found(plural: str, group: str, name: str) -> dict[str, Any]:
     )
 
 
+def rbac_forbidden(
+    plural: str, group: str, name: str, *, user: str, verb: str, namespace: str
+) -> dict[str, Any]:
+    """RBAC's refusal: ``endpoints/handlers/responsewriters/errors.go`` ``forbiddenMessage``
+    (``User %q cannot %s resource %q in API group %q in the namespace %q``) wrapped by
+    ``errors.NewForbidden`` (``<resource>.<group> "<name>" is forbidden: ...``)."""
+    scope = f'in the namespace "{namespace}"' if namespace else "at the cluster scope"
+    return status(
+        403,
+        "Forbidden",
+        f'{qualified(plural, group)} "{name}" is forbidden: User "{user}" cannot {verb} '
+        f'resource "{plural}" in API group "{group}" {scope}',
+        resource_details(plural, group, name),
+    )
+
+
 def conflict(plural: str, group: str, name: str) -> dict[str, Any]:
     return status(
         409,

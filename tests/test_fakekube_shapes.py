@@ -65,6 +65,24 @@ def test_not_found_names_the_resource_and_its_group(kube: FakeKube) -> None:
     assert json.loads(body) == kubeshapes.not_found("fleets", "agones.dev", "gone")
 
 
+def test_an_rbac_refusal_is_the_authorizers_forbidden(kube: FakeKube) -> None:
+    kube.create("fleets", {"metadata": {"name": "arena", "namespace": "default"}})
+    kube.forbid("patch", "fleets", user="system:serviceaccount:ci:deployer")
+    path = "/apis/agones.dev/v1/namespaces/default/fleets/arena"
+    code, _, body = call(kube, path, method="PATCH", body={"metadata": {"labels": {"a": "b"}}})
+    assert code == 403
+    assert json.loads(body) == kubeshapes.rbac_forbidden(
+        "fleets",
+        "agones.dev",
+        "arena",
+        user="system:serviceaccount:ci:deployer",
+        verb="patch",
+        namespace="default",
+    )
+    code, _, _ = call(kube, path)  # get is still allowed
+    assert code == 200
+
+
 def test_a_stale_resource_version_is_a_conflict(kube: FakeKube) -> None:
     stored = kube.create("nodes", a_node())
     kube.update("nodes", stored)  # someone else wrote since we read

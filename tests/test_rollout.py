@@ -200,7 +200,9 @@ async def test_each_refusal_has_its_own_line_and_exit_code_and_writes_nothing(
 
     code, _, err = await rollout(kube, nats_settings, prefix, "default/nope", "--image", "g:2")
     assert code == 3
-    assert err.strip() == 'error: fleet default/nope not found (get: fleets "nope" not found)'
+    assert err.strip() == (
+        'error: fleet default/nope not found (get: fleets.agones.dev "nope" not found)'
+    )
 
     code, _, err = await rollout(kube, nats_settings, prefix, FLEET, "--image", "sidecar=g:2")
     assert code == 2

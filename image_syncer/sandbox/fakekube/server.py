@@ -478,15 +478,14 @@ class FakeKube:
             user = self._forbidden.get((verb, plural))
         if user is None:
             return
-        group = GROUP_VERSIONS[plural].rpartition("/")[0]
-        resource = f"{plural}.{group}" if group else plural
-        subject = f'{resource} "{name}"' if name else resource
+        subject = f'{_qualified(plural)} "{name}"' if name else _qualified(plural)
         scope = f'in the namespace "{namespace}"' if namespace else "at the cluster scope"
         raise ApiError(
             403,
             "Forbidden",
             f'{subject} is forbidden: User "{user}" cannot {verb} resource "{plural}" in API '
-            f'group "{group}" {scope}',
+            f'group "{_group(plural)}" {scope}',
+            _details(plural, name or ""),
         )
 
     def get(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
