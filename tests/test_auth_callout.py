@@ -237,7 +237,8 @@ async def test_a_node_can_touch_only_itself(
         own_record = cleanup.record_key(node_a, image)
         await _until(lambda: _exists(pulled_kv, own_record), "A recorded its pull")
         await _until(lambda: _exists(status_kv, nodestatus.node_key(node_a)), "A wrote its status")
-        assert logged(caplog, "seed complete", node=node_a)
+        # The report is written after the pull is recorded: poll for its line.
+        await eventually(lambda: bool(logged(caplog, "seed complete", node=node_a)), "A seeded")
 
         # The same identity, used by an attacker on node A.
         attacker = await connect(callout.node_settings(node_a), name="attacker")

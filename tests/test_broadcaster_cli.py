@@ -100,9 +100,14 @@ def test_bad_kubeconfig_is_one_clear_line(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+# A port of its own: the default :8080 may be taken on a shared machine, and the flag checked
+# first would then be --metrics-addr, not the one under test.
+_NO_METRICS = ("--metrics-addr", "127.0.0.1:0")
+
+
 def test_unknown_kind_is_refused(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "image_syncer", "broadcaster", "--kinds", "fleet,pod"],
+        [sys.executable, "-m", "image_syncer", "broadcaster", "--kinds", "fleet,pod", *_NO_METRICS],
         capture_output=True,
         text=True,
         timeout=60,
@@ -113,7 +118,15 @@ def test_unknown_kind_is_refused(tmp_path: Path) -> None:
 
 def test_bad_label_selector_is_refused_at_start_with_its_position() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "image_syncer", "broadcaster", "--label-selector", "team in (red"],
+        [
+            sys.executable,
+            "-m",
+            "image_syncer",
+            "broadcaster",
+            "--label-selector",
+            "team in (red",
+            *_NO_METRICS,
+        ],
         capture_output=True,
         text=True,
         timeout=60,

@@ -310,7 +310,8 @@ async def test_private_registry_pull_through_the_cli_leaks_no_secret(
             "NATS_URL": settings.nats.servers[0],
             "SUBJECT_PREFIX": log_settings.prefix,
             "SYNC_PERIOD": "1s",
-            "METRICS_ADDR": "",
+            # An empty METRICS_ADDR reads as unset (click), i.e. :8080, which may be taken.
+            "METRICS_ADDR": "127.0.0.1:0",
             "LOG_LEVEL": "debug",
             "REGISTRY_AUTH_FILE": str(auth_file),
         }
