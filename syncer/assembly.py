@@ -1,0 +1,332 @@
+"""The node syncer's parts, built once and wired together: :func:`assemble` returns them frozen.
+
+Construction and the callbacks between the parts live here (which part tells which of a change,
+who may hold a pull back, what the status reports); :mod:`syncer.runner` only starts the parts,
+runs them and stops them, in order.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+
+from ops.retry import Backoff
+from ops.serving import Health
+from syncer import metrics
+from syncer.consumer import FleetConsumer
+from syncer.cri import CriClient, RuntimeImage
+from syncer.desired import DesiredState
+from syncer.filtering import FleetFilter
+from syncer.folding import report_transition
+from syncer.gatekeeper import Gatekeeper
+from syncer.inventory import Inventory
+from syncer.keeping import Keeper
+from syncer.nodeinfo import ApiEndpoint, NodeWatcher
+from syncer.pullbudget import BudgetSettings, PullBudget
+from syncer.puller import Puller
+from syncer.reconcile import Reconciler
+from syncer.references import ImageRef
+from syncer.refold import Refolder
+from syncer.registryauth import RegistryCredentials
+from syncer.replayrequests import ReplayRequests
+from syncer.runtimehealth import RuntimeHealth
+from syncer.seeding import Seeding, SeedSettings
+from syncer.settings import SyncerSettings
+from syncer.snapshot import node_state
+from syncer.status import StatusReporter
+from syncer.unused import UnrecordedLabels, UnusedImages
+from wire.contract import Fleet
+from wire.nodestatus import NodeState, StatusError, StatusSettings, check_node
+
+__all__ = ["Parts", "assemble", "node_watcher"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Parts:
+    """What :mod:`syncer.runner` starts, runs and stops; ``None`` for a part the settings leave
+    out."""
+
+    settings: SyncerSettings
+    health: Health
+    nc: Client
+    js: JetStreamContext
+    node_watcher: NodeWatcher | None
+    runtime: RuntimeHealth
+    keeper: Keeper
+    puller: Puller
+    reconciler: Reconciler
+    consumer: FleetConsumer
+    refolder: Refolder
+    status_settings: StatusSettings
+    gatekeeper: Gatekeeper
+    reporter: StatusReporter | None
+    requests: ReplayRequests | None
+
+
+def assemble(
+    settings: SyncerSettings,
+    health: Health,
+    nc: Client,
+    cri: CriClient,
+    runtime: RuntimeHealth,
+    credentials: RegistryCredentials,
+    node_watcher: NodeWatcher | None,
+) -> Parts:
+    """Build the parts of one node's syncer, each wired to the others it reports to."""
+    wired = _Wiring(settings, health, nc, cri, runtime, credentials, node_watcher)
+    return Parts(
+        settings=settings,
+        health=health,
+        nc=nc,
+        js=wired.js,
+        node_watcher=node_watcher,
+        runtime=runtime,
+        keeper=wired.keeper,
+        puller=wired.puller,
+        reconciler=wired.reconciler,
+        consumer=wired.consumer,
+        refolder=wired.refolder,
+        status_settings=wired.status_settings,
+        gatekeeper=wired.gatekeeper,
+        reporter=wired.reporter,
+        requests=wired.requests,
+    )
+
+
+def node_watcher(settings: SyncerSettings) -> NodeWatcher | None:
+    """The watcher of this node's labels and taints, when a setting needs them."""
+    # --seed-per reads a label of this node only when seeding is on at all.
+    seed_per = settings.seed_per and settings.mirror
+    if not settings.respect_scheduling and not settings.startup_taint and not seed_per:
+        return None
+    endpoint = ApiEndpoint.from_url(settings.kube_api_url)
+    ignored = frozenset({settings.startup_taint}) if settings.startup_taint else frozenset()
+    return NodeWatcher(
+        endpoint, settings.node_name, refresh=settings.node_refresh, ignored_taints=ignored
+    )
+
+
+class _Wiring:
+    """The parts of one node's syncer and how they talk to each other.
+
+    Stage by stage: events come in through the consumer and fold into the desired state; the
+    consumer and the reconcile ask the inventory for the images that state wants; the puller's
+    outcomes go to its subscribers (the inventory first, then the runtime's health, the keeper
+    (pins) and the cleanup); before each pull the keeper may hold it back (disk budget, an image
+    that keeps vanishing); any change pokes the status reporter.
+    """
+
+    def __init__(
+        self,
+        settings: SyncerSettings,
+        health: Health,
+        nc: Client,
+        cri: CriClient,
+        runtime: RuntimeHealth,
+        credentials: RegistryCredentials,
+        node_watcher: NodeWatcher | None,
+    ) -> None:
+        self.settings = settings
+        self.health = health
+        self.nc = nc
+        self.js: JetStreamContext = nc.jetstream()
+        self.node_watcher = node_watcher
+        self.fleet_filter = FleetFilter.parse(settings.fleet_selector)
+        # Fleets are judged again only when the node changes, which only a node watcher sees.
+        self.desired = DesiredState(admit=self.admit, keep_objects=node_watcher is not None)
+        self.budget = self._budget()
+        self.seeding = self._seeding()
+        self.keeper = Keeper(settings, cri)
+        self.puller = Puller(
+            cri,
+            max_parallel=settings.max_parallel_pulls,
+            pull_timeout=settings.pull_timeout,
+            backoff=Backoff(settings.backoff_min, settings.backoff_max),
+            auth_for=lambda image: credentials.for_image(str(image)),
+            budget=self.budget,
+            hold=self.keeper.hold_off,
+            admit=self.keeper.refuse,
+            before=self._before_pull,
+            seeding=self.seeding,
+        )
+        self.inventory = Inventory(self.desired, self.puller, on_change=self.poke)
+        self.puller.subscribe(runtime.on_pull_result)
+        self.puller.subscribe(self.keeper.on_pull_result)
+        self.unused = self._unused(cri)
+        if self.unused is not None:
+            self.puller.subscribe(self.unused.on_pull_result)
+        self.reconciler = Reconciler(
+            cri,
+            self.desired,
+            self.inventory,
+            runtime,
+            health,
+            after_list=self.after_list,
+            observe=self.keeper.observe,
+            on_change=self.poke,
+        )
+        self.runtime = runtime
+        self.consumer = FleetConsumer(
+            self.js,
+            settings,
+            self.desired,
+            self.inventory,
+            health,
+            on_change=self.poke,
+            on_rebuilt=self.on_desired_change,
+        )
+        self.refolder = Refolder(self.consumer.refold, period=settings.refold_period)
+        self.status_settings = StatusSettings(
+            prefix=settings.subject_prefix,
+            replicas=settings.status_replicas,
+            node_ttl=settings.status_ttl,
+        )
+        self.gatekeeper = Gatekeeper(
+            settings,
+            self.desired,
+            node_watcher,
+            is_present=self.inventory.is_present,
+            on_change=self.on_desired_change,
+            on_status=self.poke,
+        )
+        self.reporter = self._reporter()
+        self.requests = self._requests()
+        if node_watcher is not None:
+            node_watcher.on_change = lambda _: self.on_node_change()
+
+    def admit(self, fleet: Fleet) -> tuple[bool, str]:
+        admitted, reason = self.fleet_filter.admits(fleet)
+        if admitted and self.node_watcher is not None and self.settings.respect_scheduling:
+            admitted, reason = self.node_watcher.schedulable(fleet.pod_spec)
+        return admitted, reason
+
+    async def _before_pull(self, image: ImageRef) -> None:
+        if self.unused is not None:
+            await self.unused.before_pull(image)
+
+    def _unused(self, cri: CriClient) -> UnusedImages | None:
+        if not self.settings.remove_unused:
+            return None
+        return UnusedImages(
+            self.js,
+            self.settings.node_name,
+            # Unpinned first: a pin of ours must not outlive the image.
+            self.keeper.removing(cri.remove_image),
+            containers=cri,  # images running containers use are never removed
+            guard=self.inventory.removal,
+            labels=self._unrecorded_labels,
+            grace=self.settings.remove_grace,
+            prefix=self.settings.subject_prefix,
+            replicas=self.settings.status_replicas,
+        )
+
+    def _unrecorded_labels(self) -> UnrecordedLabels | None:
+        # Pulls NATS could not record are labelled in the runtime where pinning labels.
+        images = self.keeper.labels()
+        return UnrecordedLabels(images, self.settings.node_name) if images is not None else None
+
+    def _budget(self) -> PullBudget | None:
+        if not self.settings.max_cluster_pulls and not self.settings.max_mirror_pulls:
+            return None
+        settings = BudgetSettings(
+            max_pulls=self.settings.max_cluster_pulls,
+            prefix=self.settings.subject_prefix,
+            replicas=self.settings.status_replicas,
+            backoff=self.settings.registry_backoff,
+            max_mirror_pulls=self.settings.max_mirror_pulls,
+        )
+        return PullBudget(self.js, settings, self.settings.node_name)
+
+    def _seeding(self) -> Seeding | None:
+        if not self.settings.mirror:
+            return None
+        settings = SeedSettings(
+            mirrored=self.settings.mirror,
+            seeds=self.settings.seeds,
+            prefix=self.settings.subject_prefix,
+            replicas=self.settings.status_replicas,
+            deadline=self.settings.seed_timeout,
+            report_ttl=self.settings.seed_report_ttl,
+        )
+        return Seeding(self.nc, settings, self.settings.node_name, group=self._seed_group)
+
+    def _seed_group(self) -> str:
+        """The node's value of ``--seed-per`` (its zone, say): seeds are counted per value."""
+        known = self.node_watcher.current if self.node_watcher is not None else None
+        if not self.settings.seed_per or known is None:
+            return ""
+        return known.labels.get(self.settings.seed_per, "")
+
+    def _reporter(self) -> StatusReporter | None:
+        try:
+            check_node(self.settings.node_name)
+        except StatusError as e:
+            log.warning("node status disabled", extra={"error": str(e)})
+            return None
+        interval = self.settings.status_interval
+        return StatusReporter(
+            self.js,
+            self.status_settings,
+            self.settings.node_name,
+            self.node_state,
+            interval=interval,
+            heartbeat=max(30.0, interval),
+            on_error=lambda _: metrics.NATS_ERRORS.labels("status_write").inc(),
+        )
+
+    def _requests(self) -> ReplayRequests | None:
+        # Requests live next to the node's status: without a status, nobody can ask.
+        if self.reporter is None:
+            return None
+        return ReplayRequests(
+            self.js,
+            self.settings.node_name,
+            self.status_settings,
+            rebuild=self.consumer.rebuild,
+            on_rebuilt=self.on_desired_change,
+        )
+
+    def node_state(self) -> NodeState:
+        return node_state(
+            self.desired,
+            self.inventory,
+            last_reconcile=self.reconciler.last_reconcile,
+            replayed_request=self.requests.honoured if self.requests else "",
+            budget=self.budget,
+            keeper=self.keeper,
+            gate=self.gatekeeper.status,
+            log_created=self.consumer.stream_created,
+            seeding=self.seeding,
+        )
+
+    async def after_list(
+        self, wanted: Callable[[], Collection[ImageRef]], images: list[RuntimeImage]
+    ) -> None:
+        """After each ListImages: pins follow the desired images, then the cleanup runs (so an
+        image no Fleet wants is unpinned before it may be removed). ``wanted`` gives the desired
+        images as they are when called: the cleanup asks again before each removal."""
+        await self.keeper.after_list(wanted(), self.inventory.present)
+        if self.unused is not None:
+            await self.unused.after_list(wanted, images)
+
+    def poke(self) -> None:
+        if self.reporter is not None:
+            self.reporter.poke()
+        self.gatekeeper.kick()
+
+    def on_node_change(self) -> None:
+        for change in self.desired.reevaluate():
+            report_transition(change)
+        self.on_desired_change()
+
+    def on_desired_change(self) -> None:
+        """The desired state changed outside the event path: reconcile now, report it."""
+        self.inventory.update_gauges()
+        self.reconciler.kick()
+        self.poke()
