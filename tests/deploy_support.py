@@ -15,7 +15,10 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import typer
 import yaml
+
+from image_syncer.cli import app
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -158,3 +161,17 @@ def placement_refuses(spec: dict[str, Any], labels: dict[str, str]) -> bool:
         all(_matches(e, labels) for e in term.get("matchExpressions", []))
         for term in required["nodeSelectorTerms"]
     )
+
+
+def role_envvars(role: str) -> set[str]:
+    """Every env var the CLI reads for one role (its own flags and the top-level ones)."""
+    command = typer.main.get_command(app)
+    sub = command.commands.get(role)  # type: ignore[attr-defined]
+    assert sub is not None, f"the CLI has no `{role}` command"
+    names: set[str] = set()
+    for params in (command.params, sub.params):
+        for param in params:
+            envvar = getattr(param, "envvar", None)
+            names.update([envvar] if isinstance(envvar, str) else envvar or [])
+    # Read by no CLI: it only feeds the $(NATS_NAMESPACE) in NATS_URL, which Kubernetes expands.
+    return names | {"NATS_NAMESPACE"}

@@ -1,7 +1,7 @@
 """What the syncer's integration tests share: a syncer's settings, the real CLI as a subprocess.
 
-Builds on test_syncer.py's helpers (``RunningSyncer`` runs ``syncer.runner.run`` in-process, so
-tests can read its log records and health). Import the fixtures (``*_fixture``) into a test module.
+``RunningSyncer`` runs ``syncer.runner.run`` in-process, so tests can read its log records and
+health. Import the fixtures (``*_fixture``) into a test module.
 """
 
 from __future__ import annotations
@@ -12,15 +12,19 @@ import logging
 import os
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import polling
 import pytest
-from test_syncer import DEADLINE, RunningSyncer, eventually, fleet, logged, metric
+from fleetdicts import fleet
+from prometheus_client import REGISTRY
 
 from image_syncer.sandbox.containerd import Containerd
 from ops.logs import fields_of
+from ops.serving import Health
 from syncer.references import normalize
+from syncer.runner import run
 from syncer.settings import SyncerSettings
 from wire.natsconn import NatsSettings
 
@@ -37,6 +41,65 @@ __all__ = [
     "settings_fixture",
     "status_json",
 ]
+
+
+DEADLINE = 60.0
+
+
+async def eventually(check: Callable[[], object], what: str, timeout: float = DEADLINE) -> None:
+    """Poll until ``check`` holds, in a thread: the syncer under test shares this event loop."""
+    await polling.eventually(check, what, timeout, in_thread=True)
+
+
+def logged(
+    caplog: pytest.LogCaptureFixture, message: str, **fields: str
+) -> list[logging.LogRecord]:
+    return [
+        r
+        for r in caplog.records
+        if r.getMessage() == message and all(getattr(r, k, None) == v for k, v in fields.items())
+    ]
+
+
+def metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+class RunningSyncer:
+    def __init__(self, settings: SyncerSettings) -> None:
+        self.settings = settings
+        self.health = Health()
+        self.stopping = asyncio.Event()
+        self.task: asyncio.Task[int] | None = None
+
+    async def start(self) -> RunningSyncer:
+        self.stopping = asyncio.Event()
+        self.health = Health()
+        # Not ready until run() itself says so (it has not started when the task is created).
+        self.health.set("started", False)
+        self.task = asyncio.create_task(run(self.settings, self.stopping, self.health))
+        await eventually(lambda: self._ready() or self.task.done(), "syncer ready")
+        assert not self.task.done(), self.task.result()
+        return self
+
+    def _ready(self) -> bool:
+        checks = self.health._ready
+        return "replay" in checks and all(
+            ok for name, (ok, _) in checks.items() if name != "started"
+        )
+
+    async def stop(self) -> int:
+        assert self.task is not None
+        self.stopping.set()
+        done, _ = await asyncio.wait({self.task}, timeout=DEADLINE)
+        if not done:
+            # What the syncer still waits for says why it did not stop: print every task's stack.
+            for task in asyncio.all_tasks():
+                if task is not asyncio.current_task():
+                    task.print_stack(file=sys.stdout)
+            self.task.cancel()
+            raise AssertionError(f"the syncer did not stop within {DEADLINE:g}s of stopping")
+        return self.task.result()
 
 
 @pytest.fixture(name="settings")

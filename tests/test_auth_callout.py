@@ -20,10 +20,11 @@ from pathlib import Path
 import nats.errors
 import pytest
 from fakekube import FakeKube
+from fleetdicts import fleet
 from nats.aio.client import Client
 from nats.js.api import ConsumerConfig, StorageType, StreamConfig
 from polling import eventually as _until
-from test_syncer import DEADLINE, RunningSyncer, eventually, fleet, logged, metric
+from syncer_harness import DEADLINE, RunningSyncer, eventually, logged, metric
 
 from authcallout.natsjwt import Signer, new_account_seed
 from authcallout.service import CalloutSettings, run

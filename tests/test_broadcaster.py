@@ -14,6 +14,8 @@ from contextlib import asynccontextmanager
 from dataclasses import replace
 
 import pytest
+from broadcaster_harness import broadcasting, counter
+from broadcaster_harness import settings_fixture as settings_fixture
 from fakekube import FakeKube
 from fakekube.harness import fleet, gameserver, log_messages, wait_converged, with_image
 from nats.js import JetStreamContext
@@ -27,50 +29,10 @@ from image_syncer.sandbox.processes import free_port
 from ops.logs import fields_of
 from ops.serving import Health
 from wire.contract import Kind, message_id
-from wire.eventlog import LogSettings, stream_name
+from wire.eventlog import stream_name
 from wire.natsconn import NatsSettings, connect
 
 pytestmark = pytest.mark.nats
-
-
-@pytest.fixture
-def settings(kube: FakeKube, nats_settings: NatsSettings, log_settings: LogSettings) -> Settings:
-    return Settings(
-        nats=nats_settings,
-        log=log_settings,
-        kubeconfig=str(kube.kubeconfig),
-        metrics_addr=f"127.0.0.1:{free_port()}",
-        watch_timeout=30.0,
-        backoff_initial=0.05,
-        backoff_max=0.5,
-        drain_timeout=5.0,
-    )
-
-
-@asynccontextmanager
-async def broadcasting(settings: Settings) -> AsyncIterator[Health]:
-    """Run the broadcaster until the block ends; yield once it is ready; it must exit 0."""
-    stopping, health = asyncio.Event(), Health()
-    # The task has not run yet; until it reports for itself it is not ready.
-    health.set("initial-list", False, "not started")
-    task = asyncio.create_task(run(settings, stopping, health=health))
-    try:
-
-        def ready() -> bool:
-            if task.done():
-                task.result()
-                raise AssertionError("broadcaster returned before it was ready")
-            return health.ready()[0]
-
-        await wait_until(ready, lambda: f"broadcaster not ready: {health.ready()[1]}")
-        yield health
-    finally:
-        stopping.set()
-        assert await asyncio.wait_for(task, 30) == 0
-
-
-def counter(metric, **labels: str) -> float:  # type: ignore[no-untyped-def]
-    return metric.labels(**labels)._value.get() if labels else metric._value.get()
 
 
 async def test_add_update_delete_reach_the_stream(

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
 
 import pytest
+from broadcaster_harness import broadcasting, counter
+from broadcaster_harness import settings_fixture as settings_fixture
 from fakekube import FakeKube
-from fakekube.harness import fleet, wait_converged
+from fakekube.harness import controller, fleet, set_sidecar, wait_converged
 from nats.js import JetStreamContext
 from polling import eventually
-from test_broadcaster import broadcasting, counter
-from test_broadcaster import settings as settings
 
 from broadcaster.kubeapi import custom_objects_api
 from broadcaster.settings import Settings, SidecarSettings
@@ -23,42 +22,6 @@ pytestmark = pytest.mark.nats
 
 SDK_1 = "us-docker.pkg.dev/agones-images/release/agones-sdk:1.44.0"
 SDK_2 = "us-docker.pkg.dev/agones-images/release/agones-sdk:1.45.0"
-
-
-def controller(image: str | None, namespace: str = "agones-system") -> dict[str, Any]:
-    """The agones-controller Deployment as the Agones Helm chart renders it (trimmed)."""
-    env = [
-        {"name": "PROMETHEUS_EXPORTER", "value": "true"},
-        {"name": "SIDECAR_CPU_REQUEST", "value": "30m"},
-        {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
-    ]
-    if image is not None:
-        env.insert(1, {"name": "SIDECAR_IMAGE", "value": image})
-    return {
-        "metadata": {"name": "agones-controller", "namespace": namespace},
-        "spec": {
-            "selector": {"matchLabels": {"agones.dev/role": "controller"}},
-            "template": {
-                "spec": {
-                    "containers": [
-                        {
-                            "name": "agones-controller",
-                            "image": "us-docker.pkg.dev/agones-images/release/agones-controller:1.44.0",
-                            "env": env,
-                        }
-                    ]
-                }
-            },
-        },
-    }
-
-
-def set_sidecar(kube: FakeKube, image: str | None) -> None:
-    current = kube.get("deployments", "agones-system", "agones-controller")
-    assert current is not None
-    fresh = controller(image)
-    fresh["metadata"] = current["metadata"]
-    kube.update("deployments", fresh)
 
 
 def test_sidecar_image_is_read_from_the_env_of_any_container() -> None:

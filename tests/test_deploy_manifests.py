@@ -15,7 +15,6 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
-import typer.main
 from deploy_support import (
     ALL_BUILDS,
     FOREIGN_KINDS,
@@ -32,10 +31,9 @@ from deploy_support import (
     one,
     placement_refuses,
     pod_spec,
+    role_envvars,
     workloads,
 )
-
-from image_syncer.cli import app
 
 # The oldest Kubernetes the manifests promise to work on, and the newest schema shipped.
 SCHEMA_VERSIONS = ["1.30.0", kubernetes_validate.latest_version()]
@@ -247,26 +245,13 @@ def test_one_image_for_both_roles_at_the_package_version(name: str) -> None:
     assert container(broadcaster, "broadcaster")["args"] == ["broadcaster"]
 
 
-def _role_envvars(role: str) -> set[str]:
-    command = typer.main.get_command(app)
-    sub = command.commands.get(role)  # type: ignore[attr-defined]
-    assert sub is not None, f"the CLI has no `{role}` command"
-    names: set[str] = set()
-    for params in (command.params, sub.params):
-        for param in params:
-            envvar = getattr(param, "envvar", None)
-            names.update([envvar] if isinstance(envvar, str) else envvar or [])
-    # Read by no CLI: it only feeds the $(NATS_NAMESPACE) in NATS_URL, which Kubernetes expands.
-    return names | {"NATS_NAMESPACE"}
-
-
 @pytest.mark.parametrize("role", ["broadcaster", "syncer"])
 def test_every_env_var_the_manifest_sets_is_one_the_cli_reads(role: str) -> None:
     resources = build("syncer/overlays/containerd")
     kind = "Deployment" if role == "broadcaster" else "DaemonSet"
     workload = one(resources, kind, f"image-syncer-{role}")
     set_by_manifest = set(env_of(container(workload, role)))
-    unknown = set_by_manifest - _role_envvars(role)
+    unknown = set_by_manifest - role_envvars(role)
     assert not unknown, f"`image-syncer {role}` ignores {sorted(unknown)}"
 
 

@@ -7,8 +7,7 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
-from deploy_support import build_overlay, container, env_value, of_kind, one, pod_spec
-from test_deploy_manifests import _role_envvars
+from deploy_support import build_overlay, container, env_value, of_kind, one, pod_spec, role_envvars
 
 SYNCER = "image-syncer-syncer"
 READER = "image-syncer-node-reader"
@@ -56,7 +55,7 @@ def test_syncer_gets_a_token_and_the_flag(resources: list[dict[str, Any]]) -> No
     # Still the base's env (the patch merges, not replaces) and every variable is a CLI flag.
     assert env_value(syncer, "CONN_TARGET").startswith("unix://")
     names = {e["name"] for e in syncer["env"]}
-    assert not names - _role_envvars("syncer")
+    assert not names - role_envvars("syncer")
 
 
 def test_base_stays_without_kubernetes_access(tmp_path: Path) -> None:

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from deploy_support import SYNCER_OVERLAYS, build, container, env_value, of_kind, one
-from test_deploy_manifests import _role_envvars
+from deploy_support import SYNCER_OVERLAYS, build, container, env_value, of_kind, one, role_envvars
 
 BROADCASTER = "image-syncer-broadcaster"
 ROLE = "image-syncer-sdk-sidecar"
@@ -47,7 +46,7 @@ def test_every_overlay_follows_the_sidecar_with_one_read(name: str) -> None:
     ]
     broadcaster = container(deployment, "broadcaster")
     assert env_value(broadcaster, "AGONES_NAMESPACE") == "agones-system"
-    assert {"AGONES_NAMESPACE", "SIDECAR_REFRESH"} <= _role_envvars("broadcaster")
+    assert {"AGONES_NAMESPACE", "SIDECAR_REFRESH"} <= role_envvars("broadcaster")
 
 
 def test_the_base_alone_does_not_follow_it() -> None:

@@ -17,7 +17,15 @@ from typing import Any
 import kubernetes_validate
 import pytest
 from celpolicy import Policy
-from deploy_support import build_overlay, container, env_value, of_kind, one, pod_spec
+from deploy_support import (
+    build_overlay,
+    container,
+    env_value,
+    of_kind,
+    one,
+    pod_spec,
+    role_envvars,
+)
 from kubeshapes import (
     NODE_NAME_EXTRA,
     SYNCER_NS,
@@ -26,7 +34,6 @@ from kubeshapes import (
     bound_token_user,
     registered_node,
 )
-from test_deploy_manifests import _role_envvars
 
 from image_syncer.sandbox.fakekube import AdmissionAttributes, Denial
 
@@ -103,7 +110,7 @@ def test_syncer_gets_a_token_and_the_flags(resources: list[dict[str, Any]]) -> N
     assert env_value(syncer, "STARTUP_TAINT") == GATE
     assert env_value(syncer, "STARTUP_TAINT_TIMEOUT") == "15m"
     assert env_value(syncer, "CONN_TARGET").startswith("unix://")
-    assert not {e["name"] for e in syncer["env"]} - _role_envvars("syncer")
+    assert not {e["name"] for e in syncer["env"]} - role_envvars("syncer")
     # The DaemonSet still tolerates every taint: the syncer must run on a gated node.
     assert {"operator": "Exists"} in pod_spec(daemonset)["tolerations"]
 

@@ -3,26 +3,10 @@
 from __future__ import annotations
 
 from fleetdicts import fleet
+from foldevents import event, whole
 
 from syncer.desired import Applied, DesiredState, Outcome, SkippedImage
 from syncer.references import normalize
-from wire.contract import Event, decode_event, encode_event
-
-
-def event(action: str, obj: dict, kind: str = "fleet") -> Event:
-    return decode_event(encode_event(f"{kind}.events.{action}", obj))
-
-
-def whole(state: DesiredState) -> dict[str, object]:
-    """Everything a reader of the state can see, to compare in one assert."""
-    return {
-        "fleets": state.fleets(),
-        "excluded": state.excluded(),
-        "seqs": state.fleet_seqs(),
-        "last_seq": state.last_seq,
-        "by_image": state.by_image(),
-        "len": len(state),
-    }
 
 
 def test_every_container_and_init_container_counts() -> None:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from test_desired import event, fleet, whole
+from fleetdicts import fleet
+from foldevents import event, whole
 
 from syncer.desired import Applied, DesiredState, Outcome, Transition
 from syncer.references import normalize

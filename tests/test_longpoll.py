@@ -18,8 +18,9 @@ from typing import Any
 import nats.errors
 import nats.js.errors
 import pytest
+from fleetdicts import fleet
 from nats.js import JetStreamContext
-from test_syncer import RunningSyncer, eventually, fleet, logged
+from syncer_harness import RunningSyncer, eventually, logged
 
 from image_syncer.sandbox.containerd import Containerd
 from image_syncer.sandbox.nats_server import NatsServer

@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -25,79 +25,19 @@ import polling
 import pytest
 from fleetdicts import fleet
 from nats.js import JetStreamContext
-from prometheus_client import REGISTRY
+from syncer_harness import DEADLINE, RunningSyncer, eventually, logged, metric
 
 from image_syncer.sandbox.containerd import Containerd
 from image_syncer.sandbox.nats_server import NatsServer
 from image_syncer.sandbox.registry import Registry
 from ops.logs import fields_of
-from ops.serving import Health
 from syncer.cri import CriClient
-from syncer.runner import run
 from syncer.settings import SyncerSettings
 from wire.contract import Kind, subject_for
 from wire.eventlog import LogSettings, ensure_streams, publish_event, stream_name
 from wire.natsconn import NatsSettings, connect
 
 pytestmark = [pytest.mark.nats, pytest.mark.cri]
-
-DEADLINE = 60.0
-
-
-async def eventually(check: Callable[[], object], what: str, timeout: float = DEADLINE) -> None:
-    """Poll until ``check`` holds, in a thread: the syncer under test shares this event loop."""
-    await polling.eventually(check, what, timeout, in_thread=True)
-
-
-def logged(
-    caplog: pytest.LogCaptureFixture, message: str, **fields: str
-) -> list[logging.LogRecord]:
-    return [
-        r
-        for r in caplog.records
-        if r.getMessage() == message and all(getattr(r, k, None) == v for k, v in fields.items())
-    ]
-
-
-def metric(name: str, **labels: str) -> float:
-    return REGISTRY.get_sample_value(name, labels) or 0.0
-
-
-class RunningSyncer:
-    def __init__(self, settings: SyncerSettings) -> None:
-        self.settings = settings
-        self.health = Health()
-        self.stopping = asyncio.Event()
-        self.task: asyncio.Task[int] | None = None
-
-    async def start(self) -> RunningSyncer:
-        self.stopping = asyncio.Event()
-        self.health = Health()
-        # Not ready until run() itself says so (it has not started when the task is created).
-        self.health.set("started", False)
-        self.task = asyncio.create_task(run(self.settings, self.stopping, self.health))
-        await eventually(lambda: self._ready() or self.task.done(), "syncer ready")
-        assert not self.task.done(), self.task.result()
-        return self
-
-    def _ready(self) -> bool:
-        checks = self.health._ready
-        return "replay" in checks and all(
-            ok for name, (ok, _) in checks.items() if name != "started"
-        )
-
-    async def stop(self) -> int:
-        assert self.task is not None
-        self.stopping.set()
-        done, _ = await asyncio.wait({self.task}, timeout=DEADLINE)
-        if not done:
-            # What the syncer still waits for says why it did not stop: print every task's stack.
-            for task in asyncio.all_tasks():
-                if task is not asyncio.current_task():
-                    task.print_stack(file=sys.stdout)
-            self.task.cancel()
-            raise AssertionError(f"the syncer did not stop within {DEADLINE:g}s of stopping")
-        return self.task.result()
 
 
 @pytest.fixture

@@ -14,11 +14,11 @@ from typing import Any
 import polling
 import pytest
 from fakekube import FakeKube
+from fakekube.harness import controller, set_sidecar
 from nats.js import JetStreamContext
 from syncer_harness import RunningSyncer, cli, eventually, fleet, logged, metric, norm
 from syncer_harness import info_logs_fixture as info_logs_fixture
 from syncer_harness import settings_fixture as settings_fixture
-from test_broadcaster_sidecar import controller, set_sidecar
 
 from broadcaster.kubeapi import custom_objects_api
 from broadcaster.settings import SidecarSettings

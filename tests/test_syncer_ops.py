@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from fleetdicts import fleet
 from nats.js import JetStreamContext
 from polling import eventually
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
-from test_syncer import fleet
 
 from image_syncer.sandbox.containerd import Containerd
 from image_syncer.sandbox.nats_server import NatsServer

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fakenodeapi import FakeApiServer
 from nats.js import JetStreamContext
 from syncer_harness import (  # noqa: F401  (fixtures)
     DEADLINE,
@@ -32,7 +33,6 @@ from syncer_harness import (  # noqa: F401  (fixtures)
     norm,
     settings_fixture,
 )
-from test_nodeinfo import FakeApiServer
 
 from image_syncer.sandbox.containerd import Containerd
 from image_syncer.sandbox.registry import Registry

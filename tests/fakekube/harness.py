@@ -11,10 +11,20 @@ from typing import Any
 import nats.errors
 from nats.js import JetStreamContext
 
+from image_syncer.sandbox.fakekube import FakeKube
 from wire.contract import Event, Kind, decode_event
 from wire.eventlog import read_log, stream_name
 
-__all__ = ["LoggedObject", "fleet", "gameserver", "log_messages", "log_state", "wait_for_log"]
+__all__ = [
+    "LoggedObject",
+    "controller",
+    "fleet",
+    "gameserver",
+    "log_messages",
+    "log_state",
+    "set_sidecar",
+    "wait_for_log",
+]
 
 
 def fleet(
@@ -56,6 +66,42 @@ def gameserver(
         "metadata": {"name": name, "namespace": namespace},
         "spec": {"template": {"spec": {"containers": [{"name": "game", "image": image}]}}},
     }
+
+
+def controller(image: str | None, namespace: str = "agones-system") -> dict[str, Any]:
+    """The agones-controller Deployment as the Agones Helm chart renders it (trimmed)."""
+    env = [
+        {"name": "PROMETHEUS_EXPORTER", "value": "true"},
+        {"name": "SIDECAR_CPU_REQUEST", "value": "30m"},
+        {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+    ]
+    if image is not None:
+        env.insert(1, {"name": "SIDECAR_IMAGE", "value": image})
+    return {
+        "metadata": {"name": "agones-controller", "namespace": namespace},
+        "spec": {
+            "selector": {"matchLabels": {"agones.dev/role": "controller"}},
+            "template": {
+                "spec": {
+                    "containers": [
+                        {
+                            "name": "agones-controller",
+                            "image": "us-docker.pkg.dev/agones-images/release/agones-controller:1.44.0",
+                            "env": env,
+                        }
+                    ]
+                }
+            },
+        },
+    }
+
+
+def set_sidecar(kube: FakeKube, image: str | None) -> None:
+    current = kube.get("deployments", "agones-system", "agones-controller")
+    assert current is not None
+    fresh = controller(image)
+    fresh["metadata"] = current["metadata"]
+    kube.update("deployments", fresh)
 
 
 def with_image(obj: dict[str, Any], image: str) -> dict[str, Any]:
