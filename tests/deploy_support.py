@@ -175,3 +175,25 @@ def role_envvars(role: str) -> set[str]:
             names.update([envvar] if isinstance(envvar, str) else envvar or [])
     # Read by no CLI: it only feeds the $(NATS_NAMESPACE) in NATS_URL, which Kubernetes expands.
     return names | {"NATS_NAMESPACE"}
+
+
+def restricted_violations(spec: dict[str, Any]) -> list[str]:
+    """The "restricted" Pod Security checks a pod template can fail, by field."""
+    problems = []
+    pod_context = spec.get("securityContext", {})
+    if any("hostPath" in v for v in spec.get("volumes", [])):
+        problems.append("hostPath volume")
+    for c in spec["containers"]:
+        context = c.get("securityContext", {})
+        non_root = context.get("runAsNonRoot", pod_context.get("runAsNonRoot"))
+        user = context.get("runAsUser", pod_context.get("runAsUser"))
+        seccomp = context.get("seccompProfile", pod_context.get("seccompProfile"))
+        if non_root is not True or user == 0:
+            problems.append(f"{c['name']}: may run as root")
+        if context.get("allowPrivilegeEscalation") is not False:
+            problems.append(f"{c['name']}: privilege escalation")
+        if context.get("capabilities", {}).get("drop") != ["ALL"]:
+            problems.append(f"{c['name']}: capabilities")
+        if (seccomp or {}).get("type") not in ("RuntimeDefault", "Localhost"):
+            problems.append(f"{c['name']}: seccomp")
+    return problems

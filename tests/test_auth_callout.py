@@ -494,9 +494,9 @@ async def test_one_callout_replica_down_leaves_the_other_answering(callout: Call
 async def test_the_broadcaster_publishes_through_its_own_identity(
     callout: Callout, caplog: pytest.LogCaptureFixture
 ) -> None:
+    from broadcaster_harness import broadcasting
     from fakekube.harness import fleet as kube_fleet
     from fakekube.harness import wait_converged
-    from test_broadcaster import broadcasting
 
     from broadcaster.settings import Settings
     from image_syncer.sandbox.processes import free_port

@@ -16,7 +16,18 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
-from deploy_support import DEPLOY, build_overlay, container, env_of, env_value, one, pod_spec
+from deploy_support import (
+    DEPLOY,
+    build_overlay,
+    container,
+    env_of,
+    env_value,
+    one,
+    pod_spec,
+    resolved_env,
+    restricted_violations,
+    role_envvars,
+)
 
 from authcallout.natsjwt import Signer, new_account_seed
 from image_syncer.sandbox.nats_server import nats_server_binary
@@ -159,26 +170,21 @@ def test_the_callout_is_replicated_and_may_only_review_tokens(
 def test_every_env_var_of_the_components_is_one_the_cli_reads(
     syncer: list[dict[str, Any]],
 ) -> None:
-    from test_deploy_manifests import _role_envvars
-
     for kind, name, c, role in (
         ("Deployment", AUTH, "auth", "auth"),
         ("DaemonSet", "image-syncer-syncer", "syncer", "syncer"),
         ("Deployment", "image-syncer-broadcaster", "broadcaster", "broadcaster"),
     ):
-        unknown = set(env_of(container(one(syncer, kind, name), c))) - _role_envvars(role)
+        unknown = set(env_of(container(one(syncer, kind, name), c))) - role_envvars(role)
         assert not unknown, f"`image-syncer {role}` ignores {sorted(unknown)}"
 
 
 def test_the_callout_passes_pod_security_restricted_and_dials_nats_by_its_full_name(
     syncer: list[dict[str, Any]],
 ) -> None:
-    from deploy_support import resolved_env
-    from test_deploy_namespaces import _restricted_violations
-
     deployment = one(syncer, "Deployment", AUTH)
     assert deployment["metadata"]["namespace"] == "image-syncer"
-    assert _restricted_violations(pod_spec(deployment)) == []
+    assert restricted_violations(pod_spec(deployment)) == []
     url = resolved_env(deployment, container(deployment, "auth"), "NATS_URL")
     assert url == "nats://nats.image-syncer.svc:4222"
 

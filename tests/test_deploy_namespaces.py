@@ -10,7 +10,6 @@ own must keep every reference right: objects, role-binding subjects, the NATS UR
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 from deploy_support import (
@@ -25,6 +24,7 @@ from deploy_support import (
     one,
     pod_spec,
     resolved_env,
+    restricted_violations,
     workloads,
 )
 
@@ -71,33 +71,11 @@ def test_only_the_syncer_lands_in_the_privileged_namespace(name: str) -> None:
         } == {RESTRICTED}
 
 
-def _restricted_violations(spec: dict[str, Any]) -> list[str]:
-    """The "restricted" Pod Security checks a pod template can fail, by field."""
-    problems = []
-    pod_context = spec.get("securityContext", {})
-    if any("hostPath" in v for v in spec.get("volumes", [])):
-        problems.append("hostPath volume")
-    for c in spec["containers"]:
-        context = c.get("securityContext", {})
-        non_root = context.get("runAsNonRoot", pod_context.get("runAsNonRoot"))
-        user = context.get("runAsUser", pod_context.get("runAsUser"))
-        seccomp = context.get("seccompProfile", pod_context.get("seccompProfile"))
-        if non_root is not True or user == 0:
-            problems.append(f"{c['name']}: may run as root")
-        if context.get("allowPrivilegeEscalation") is not False:
-            problems.append(f"{c['name']}: privilege escalation")
-        if context.get("capabilities", {}).get("drop") != ["ALL"]:
-            problems.append(f"{c['name']}: capabilities")
-        if (seccomp or {}).get("type") not in ("RuntimeDefault", "Localhost"):
-            problems.append(f"{c['name']}: seccomp")
-    return problems
-
-
 @pytest.mark.parametrize("name", ALL_BUILDS)
 def test_every_pod_of_the_restricted_namespace_passes_restricted(name: str) -> None:
     for workload in workloads(build(name)):
         if workload["metadata"]["namespace"] == RESTRICTED:
-            assert _restricted_violations(pod_spec(workload)) == [], workload["metadata"]["name"]
+            assert restricted_violations(pod_spec(workload)) == [], workload["metadata"]["name"]
 
 
 def _nats_host(namespace: str) -> str:
