@@ -23,6 +23,7 @@ RUN python -m venv /opt/build \
 COPY pyproject.toml README.md ./
 COPY wire ./wire
 COPY ops ./ops
+COPY kubeclient ./kubeclient
 COPY broadcaster ./broadcaster
 COPY syncer ./syncer
 COPY authcallout ./authcallout

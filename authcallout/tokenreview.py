@@ -13,10 +13,11 @@ import base64
 import json
 from dataclasses import dataclass
 
-from kubernetes import client, config
+from kubernetes import client
 from kubernetes.client.exceptions import ApiException
-from kubernetes.config.config_exception import ConfigException
 from urllib3.exceptions import HTTPError
+
+from kubeclient import KubeConfigError, api_client
 
 __all__ = [
     "NODE_NAME_EXTRA",
@@ -29,10 +30,6 @@ __all__ = [
 
 NODE_NAME_EXTRA = "authentication.kubernetes.io/node-name"
 _SA_PREFIX = "system:serviceaccount:"
-
-
-class KubeConfigError(RuntimeError):
-    """No usable Kubernetes configuration; the text says which source was tried."""
 
 
 class Refused(Exception):
@@ -73,17 +70,7 @@ class TokenReviewer:
     """Reviews tokens for one audience with a client of its own (never the global default)."""
 
     def __init__(self, kubeconfig: str | None, audience: str) -> None:
-        try:
-            if kubeconfig:
-                api_client = config.new_client_from_config(config_file=kubeconfig)
-            else:
-                configuration = client.Configuration()
-                config.load_incluster_config(client_configuration=configuration)
-                api_client = client.ApiClient(configuration)
-        except (ConfigException, OSError, ValueError) as e:
-            source = f"kubeconfig {kubeconfig}" if kubeconfig else "in-cluster config"
-            raise KubeConfigError(f"cannot load {source}: {e}") from e
-        self._api = client.AuthenticationV1Api(api_client)
+        self._api = client.AuthenticationV1Api(api_client(kubeconfig))
         self.audience = audience
 
     async def review(self, token: str) -> Identity:

@@ -28,6 +28,7 @@ from syncer_harness import DEADLINE, RunningSyncer, eventually, logged, metric
 
 from authcallout.natsjwt import Signer, new_account_seed
 from authcallout.service import CalloutSettings, run
+from authcallout.tokenreview import KubeConfigError, TokenReviewer
 from image_syncer.sandbox.containerd import Containerd
 from image_syncer.sandbox.nats_server import NatsServer
 from syncer import cleanup
@@ -586,3 +587,22 @@ def test_a_node_identity_writes_every_bucket_and_reads_every_stream_the_static_s
     assert read_streams(node) == read_streams(static)
     # Narrower, never wider: no wildcard durable, no stream or bucket update.
     assert not [s for s in node if "UPDATE" in s or "PURGE" in s or s.endswith(".*.*")]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "clusters: 7\n",  # TypeError deep in the client
+        "- a\n- list\n",  # TypeError
+        "current-context: x\ncontexts: [{name: x, context: 5}]\n",  # AttributeError
+    ],
+)
+def test_a_malformed_kubeconfig_is_one_kube_config_error_naming_the_file(
+    tmp_path: Path, text: str
+) -> None:
+    """The callout loads the kubeconfig as the broadcaster does (kubeclient): a file of the wrong
+    shape is a KubeConfigError, which the CLI prints as one line, not a traceback."""
+    path = tmp_path / "kubeconfig"
+    path.write_text(text)
+    with pytest.raises(KubeConfigError, match=f"^cannot load kubeconfig {path}: "):
+        TokenReviewer(str(path), "nats")
