@@ -34,6 +34,7 @@ from nats.js import JetStreamContext
 from prometheus_client import Counter, Gauge
 
 from broadcaster.convergence import FleetConvergence, converge, newest_events
+from ops.lifecycle import every
 from wire.nodestatus import StatusSettings, list_statuses, open_status_bucket
 from wire.readiness import Readiness
 
@@ -204,14 +205,15 @@ class FleetReporter:
         self._said: dict[tuple[str, str], Notice] = {}
         self._exported: set[tuple[str, str, str]] = set()
 
-    async def run(self) -> None:
-        """Report every ``interval`` until cancelled (the broadcaster stops or loses the lead)."""
-        while True:
-            try:
-                await self.report_once()
-            except Exception as e:  # a NATS or API hiccup: try again next interval
-                log.warning("fleet convergence report failed", extra={"error": repr(e)})
-            await asyncio.sleep(self.interval)
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Report every ``interval`` until ``stopping``, or cancelled (the lead is lost)."""
+        await every(self.interval, stopping, self._report)
+
+    async def _report(self) -> None:
+        try:
+            await self.report_once()
+        except Exception as e:  # a NATS or API hiccup: try again next interval
+            log.warning("fleet convergence report failed", extra={"error": repr(e)})
 
     async def report_once(self) -> dict[str, FleetConvergence]:
         kv = await open_status_bucket(self.js, self.status)

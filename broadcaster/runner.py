@@ -169,7 +169,8 @@ async def _broadcast(
         watcher.start()
     if settings.sidecar.namespace:
         sidecar = SidecarWatcher(api.api_client, js, settings.log, settings.sidecar)
-        tasks.append(asyncio.create_task(sidecar.run(), name="follow the sdk sidecar image"))
+        follow = sidecar.run(stopping)
+        tasks.append(asyncio.create_task(follow, name="follow the sdk sidecar image"))
     log.info(
         "broadcasting",
         extra={
@@ -180,7 +181,7 @@ async def _broadcast(
     )
     if settings.fleet_events:
         reporter = _fleet_reporter(settings, api, js)
-        tasks.append(asyncio.create_task(reporter.run(), name="fleet events"))
+        tasks.append(asyncio.create_task(reporter.run(stopping), name="fleet events"))
     monitor = asyncio.create_task(_monitor(nc, forwarders, health))
     try:
         await wait_any(*(e for e in (stopping, lost) if e is not None))

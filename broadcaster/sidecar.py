@@ -26,6 +26,7 @@ from nats.js import JetStreamContext
 from prometheus_client import Counter
 
 from broadcaster.settings import SidecarSettings
+from ops.lifecycle import every
 from wire.contract import AGONES_SDK_SOURCE, ContractError, NodeImages
 from wire.eventlog import LogSettings, ensure_node_images_stream, publish_node_images
 from wire.natsconn import RETRYABLE
@@ -76,11 +77,9 @@ class SidecarWatcher:
         self.published: NodeImages | None = None
         self._problem: str | None = None
 
-    async def run(self) -> None:
-        """Until cancelled (the broadcaster stops, or this replica loses its lease)."""
-        while True:
-            await self.refresh_once()
-            await asyncio.sleep(self.settings.refresh)
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Until ``stopping``, or cancelled (this replica loses its lease)."""
+        await every(self.settings.refresh, stopping, self.refresh_once)
 
     async def refresh_once(self) -> bool:
         """Read and publish if changed; True when the bus holds the Deployment's image."""
