@@ -23,6 +23,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+from ops.logs import describe_error
 from ops.retry import Backoff, retry
 from ops.serving import Health
 from syncer import metrics
@@ -119,7 +120,7 @@ class Durable:
         def report(error: BaseException, delay: float) -> None:
             # Waiting for NATS is not a stuck loop: a pod restart would not help.
             health.beat("consumer", allowance=60.0)
-            health.set("nats", False, str(error) or type(error).__name__)
+            health.set("nats", False, describe_error(error))
             log.warning("consumer unavailable", extra={"error": repr(error), "retry_in": delay})
 
         await retry(
