@@ -49,6 +49,7 @@ from nats.js.api import (
     StreamInfo,
 )
 
+from ops.logs import describe_error
 from wire.contract import (
     DEFAULT_PREFIX,
     HEADER_MSG_ID,
@@ -494,7 +495,7 @@ async def ensure_node_images_stream(js: JetStreamContext, settings: LogSettings)
         return await js.update_stream(config)
     except nats.js.errors.NotFoundError:
         # Debug: the broadcaster's own line says what it published there.
-        log.debug("stream created stream=%s", config.name)
+        log.debug("stream created", extra={"stream": config.name})
         return await js.add_stream(config)
 
 
@@ -523,7 +524,10 @@ async def read_node_images(js: JetStreamContext, prefix: str) -> dict[str, NodeI
             try:
                 message = decode_node_images(stored.data)
             except ContractError as e:
-                log.warning("node-images message skipped: %s (seq %d)", e, stored.seq)
+                log.warning(
+                    "node-images message skipped",
+                    extra={"error": describe_error(e), "seq": stored.seq},
+                )
                 continue
             found[message.source] = message
     except nats.js.errors.NotFoundError:

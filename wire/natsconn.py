@@ -78,7 +78,7 @@ def read_token_file(path: str) -> str:
         with open(path, encoding="utf-8") as f:
             return f.read().strip()
     except OSError as e:
-        log.warning("nats token file unreadable path=%s error=%r", path, describe_error(e))
+        log.warning("nats token file unreadable", extra={"path": path, "error": describe_error(e)})
         return ""
 
 
@@ -199,13 +199,13 @@ async def _connect_once(settings: NatsSettings, name: str) -> Client:
 
 def _options(settings: NatsSettings, name: str) -> dict[str, Any]:
     async def disconnected() -> None:
-        log.warning("nats disconnected servers=%s", settings.safe_servers())
+        log.warning("nats disconnected", extra={"servers": settings.safe_servers()})
 
     async def reconnected() -> None:
-        log.info("nats reconnected servers=%s", settings.safe_servers())
+        log.info("nats reconnected", extra={"servers": settings.safe_servers()})
 
     async def error(e: Exception) -> None:
-        log.warning("nats error error=%r", describe_error(e))
+        log.warning("nats error", extra={"error": describe_error(e)})
 
     options: dict[str, Any] = {
         "servers": list(settings.servers),
