@@ -12,6 +12,7 @@ import random
 from collections import Counter
 from typing import Any
 
+from image_syncer.fleets import GAME_SERVER_PORT, fleet_object
 from image_syncer.sandbox.fakekube import FakeKube
 
 __all__ = ["SYNC_ANNOTATION", "Workload", "admitted_images", "fleet_images", "opted_out"]
@@ -40,26 +41,14 @@ def admitted_images(objects: list[dict[str, Any]]) -> dict[str, set[str]]:
 
 
 def _fleet(namespace: str, name: str, images: list[str], replicas: int) -> dict[str, Any]:
-    return {
-        "apiVersion": "agones.dev/v1",
-        "kind": "Fleet",
-        "metadata": {"name": name, "namespace": namespace, "labels": {"app": "chaos"}},
-        "spec": {
-            "replicas": replicas,
-            "template": {
-                "spec": {
-                    "ports": [{"name": "default", "containerPort": 7654}],
-                    "template": {
-                        "spec": {
-                            "containers": [
-                                {"name": f"c{i}", "image": image} for i, image in enumerate(images)
-                            ]
-                        }
-                    },
-                }
-            },
-        },
-    }
+    return fleet_object(
+        name,
+        [{"name": f"c{i}", "image": image} for i, image in enumerate(images)],
+        namespace=namespace,
+        replicas=replicas,
+        metadata={"labels": {"app": "chaos"}},
+        game_server={"ports": [{"name": "default", "containerPort": GAME_SERVER_PORT}]},
+    )
 
 
 class Workload:

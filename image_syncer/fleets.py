@@ -27,6 +27,7 @@ __all__ = [
     "build_fleet",
     "check_image",
     "fleet_key",
+    "fleet_object",
     "fleet_uid",
     "load_fleets",
     "next_resource_version",
@@ -34,6 +35,13 @@ __all__ = [
 
 API_VERSION = "agones.dev/v1"
 GAME_SERVER_PORT = 7654
+# The port every built Fleet's game servers declare (Agones' default policy and protocol).
+GAME_SERVER_PORT_SPEC: dict[str, Any] = {
+    "name": "default",
+    "portPolicy": "Dynamic",
+    "containerPort": GAME_SERVER_PORT,
+    "protocol": "UDP",
+}
 
 # Namespaces are DNS-1123 labels; object names DNS-1123 subdomains.
 _LABEL_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -111,8 +119,6 @@ def build_fleet(
     if replicas < 0:
         raise FleetError(f"replicas must be >= 0, not {replicas}")
     metadata: dict[str, Any] = {
-        "name": name,
-        "namespace": namespace,
         "uid": fleet_uid(namespace, name),
         "resourceVersion": resource_version or next_resource_version(),
         "generation": 1,
@@ -122,28 +128,46 @@ def build_fleet(
     staged = [check_image(image) for image in next_images]
     if staged:
         metadata["annotations"] = {NEXT_IMAGES_ANNOTATION: ",".join(staged)}
+    return fleet_object(
+        name,
+        containers,
+        namespace=namespace,
+        init_containers=_containers(init_images, "init"),
+        replicas=replicas,
+        metadata=metadata,
+        # Agones needs to be told which container is the game server once there are several.
+        game_server={"container": containers[0]["name"], "ports": [dict(GAME_SERVER_PORT_SPEC)]},
+    )
+
+
+def fleet_object(
+    name: str,
+    containers: list[dict[str, Any]],
+    *,
+    namespace: str = "default",
+    init_containers: list[dict[str, Any]] | None = None,
+    replicas: int = 1,
+    metadata: dict[str, Any] | None = None,
+    game_server: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The one shape of an ``agones.dev/v1`` Fleet object, around the given containers.
+
+    Nothing is checked: :func:`build_fleet` checks first, and tests need Fleets the syncer must
+    refuse too (a bad reference, no image). ``metadata`` adds to the name and namespace (uid,
+    resourceVersion, labels, managedFields...), ``game_server`` to the GameServer spec (the
+    game server's ``container``, ``ports``), as the API server returns them.
+    """
     pod_spec: dict[str, Any] = {"containers": containers}
-    init_containers = _containers(init_images, "init")
     if init_containers:
         pod_spec["initContainers"] = init_containers
-    game_server: dict[str, Any] = {
-        # Agones needs to be told which container is the game server once there are several.
-        "container": containers[0]["name"],
-        "ports": [
-            {
-                "name": "default",
-                "portPolicy": "Dynamic",
-                "containerPort": GAME_SERVER_PORT,
-                "protocol": "UDP",
-            }
-        ],
-        "template": {"spec": pod_spec},
-    }
     return {
         "apiVersion": API_VERSION,
         "kind": "Fleet",
-        "metadata": metadata,
-        "spec": {"replicas": replicas, "template": {"spec": game_server}},
+        "metadata": {"name": name, "namespace": namespace, **(metadata or {})},
+        "spec": {
+            "replicas": replicas,
+            "template": {"spec": {**(game_server or {}), "template": {"spec": pod_spec}}},
+        },
     }
 
 

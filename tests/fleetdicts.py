@@ -1,4 +1,4 @@
-"""Fleet objects for tests, as dicts: one builder for every test that needs a Fleet.
+"""Fleet objects for tests, as dicts, in the one Fleet shape (:func:`image_syncer.fleets.fleet_object`).
 
 :func:`image_syncer.fleets.build_fleet` builds a Fleet a real cluster would accept, and refuses
 bad images; tests also need Fleets the syncer must refuse (a bad reference, no image at all), with
@@ -9,6 +9,8 @@ predictable names and versions. Containers are named ``c0``, ``c1``... and init 
 from __future__ import annotations
 
 from typing import Any
+
+from image_syncer.fleets import fleet_object
 
 __all__ = ["fleet"]
 
@@ -23,19 +25,11 @@ def fleet(
     replicas: int = 1,
 ) -> dict[str, Any]:
     """An ``agones.dev/v1`` Fleet running one container per image, any image string allowed."""
-    pod: dict[str, Any] = {
-        "containers": [{"name": f"c{i}", "image": image} for i, image in enumerate(images)]
-    }
-    if init:
-        pod["initContainers"] = [{"name": f"i{i}", "image": image} for i, image in enumerate(init)]
-    return {
-        "apiVersion": "agones.dev/v1",
-        "kind": "Fleet",
-        "metadata": {
-            "name": name,
-            "namespace": namespace,
-            "uid": uid or f"uid-{name}",
-            "resourceVersion": rv,
-        },
-        "spec": {"replicas": replicas, "template": {"spec": {"template": {"spec": pod}}}},
-    }
+    return fleet_object(
+        name,
+        [{"name": f"c{i}", "image": image} for i, image in enumerate(images)],
+        namespace=namespace,
+        init_containers=[{"name": f"i{i}", "image": image} for i, image in enumerate(init)],
+        replicas=replicas,
+        metadata={"uid": uid or f"uid-{name}", "resourceVersion": rv},
+    )

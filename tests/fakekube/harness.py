@@ -11,6 +11,7 @@ from typing import Any
 import nats.errors
 from nats.js import JetStreamContext
 
+from image_syncer.fleets import GAME_SERVER_PORT, fleet_object
 from image_syncer.sandbox.fakekube import FakeKube
 from wire.contract import Event, Kind, decode_event
 from wire.eventlog import read_log, stream_name
@@ -36,25 +37,17 @@ def fleet(
     replicas: int = 1,
 ) -> dict[str, Any]:
     """A Fleet as kubectl would create it, with managedFields the broadcaster must drop."""
-    return {
-        "apiVersion": "agones.dev/v1",
-        "kind": "Fleet",
-        "metadata": {
-            "name": name,
-            "namespace": namespace,
+    return fleet_object(
+        name,
+        [{"name": "game", "image": image}],
+        namespace=namespace,
+        replicas=replicas,
+        metadata={
             "labels": labels or {},
             "managedFields": [{"manager": "kubectl", "operation": "Update"}],
         },
-        "spec": {
-            "replicas": replicas,
-            "template": {
-                "spec": {
-                    "ports": [{"name": "default", "containerPort": 7654}],
-                    "template": {"spec": {"containers": [{"name": "game", "image": image}]}},
-                }
-            },
-        },
-    }
+        game_server={"ports": [{"name": "default", "containerPort": GAME_SERVER_PORT}]},
+    )
 
 
 def gameserver(
