@@ -64,4 +64,5 @@ async def broadcasting(settings: Settings) -> AsyncIterator[Health]:
 
 def counter(metric: Any, **labels: str) -> float:
     """The value of a prometheus_client counter (of one label set), read in-process."""
-    return metric.labels(**labels)._value.get() if labels else metric._value.get()
+    result: float = metric.labels(**labels)._value.get() if labels else metric._value.get()
+    return result

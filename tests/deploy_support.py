@@ -72,24 +72,30 @@ def build_overlay(tmp: Path, kustomization: str) -> list[dict[str, Any]]:
     return build_dir(tmp)
 
 
-def of_kind(resources: tuple[dict, ...] | list[dict], kind: str) -> list[dict[str, Any]]:
+def of_kind(
+    resources: tuple[dict[str, Any], ...] | list[dict[str, Any]], kind: str
+) -> list[dict[str, Any]]:
     return [r for r in resources if r["kind"] == kind]
 
 
-def one(resources: tuple[dict, ...] | list[dict], kind: str, name: str) -> dict[str, Any]:
+def one(
+    resources: tuple[dict[str, Any], ...] | list[dict[str, Any]], kind: str, name: str
+) -> dict[str, Any]:
     found = [r for r in of_kind(resources, kind) if r["metadata"]["name"] == name]
     assert len(found) == 1, f"expected one {kind}/{name}, found {len(found)}"
     return found[0]
 
 
 def pod_spec(workload: dict[str, Any]) -> dict[str, Any]:
-    return workload["spec"]["template"]["spec"]
+    result: dict[str, Any] = workload["spec"]["template"]["spec"]
+    return result
 
 
 def container(workload: dict[str, Any], name: str) -> dict[str, Any]:
     found = [c for c in pod_spec(workload)["containers"] if c["name"] == name]
     assert len(found) == 1, f"{workload['metadata']['name']} has no container {name}"
-    return found[0]
+    result: dict[str, Any] = found[0]
+    return result
 
 
 def env_of(c: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -100,10 +106,11 @@ def env_value(c: dict[str, Any], name: str) -> str:
     entry = env_of(c).get(name)
     assert entry is not None, f"container {c['name']} lacks env {name}"
     assert "value" in entry, f"env {name} of {c['name']} is not a literal value"
-    return entry["value"]
+    result: str = entry["value"]
+    return result
 
 
-def workloads(resources: tuple[dict, ...] | list[dict]) -> list[dict[str, Any]]:
+def workloads(resources: tuple[dict[str, Any], ...] | list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in resources if r["kind"] in ("Deployment", "DaemonSet", "StatefulSet")]
 
 
@@ -141,8 +148,8 @@ def resolved_env(workload: dict[str, Any], c: dict[str, Any], name: str) -> str:
 def _matches(expression: dict[str, Any], labels: dict[str, str]) -> bool:
     key, operator, values = expression["key"], expression["operator"], expression.get("values")
     return {
-        "In": lambda: labels.get(key) in values,
-        "NotIn": lambda: labels.get(key) not in values,
+        "In": lambda: labels.get(key) in (values or []),
+        "NotIn": lambda: labels.get(key) not in (values or []),
         "Exists": lambda: key in labels,
         "DoesNotExist": lambda: key not in labels,
     }[operator]()

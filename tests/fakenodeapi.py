@@ -11,7 +11,7 @@ import json
 import ssl
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Self
 
 __all__ = ["FakeApiServer"]
 
@@ -81,7 +81,7 @@ class FakeApiServer:
         scheme = "https" if isinstance(self.httpd.socket, ssl.SSLSocket) else "http"
         return f"{scheme}://127.0.0.1:{self.httpd.server_address[1]}"
 
-    def __enter__(self) -> FakeApiServer:
+    def __enter__(self) -> Self:
         self.thread.start()
         return self
 

@@ -75,11 +75,11 @@ class InProcessBroadcaster:
     async def start(self) -> InProcessBroadcaster:
         self.stopping, health = asyncio.Event(), Health()
         health.set("initial-list", False, "not started")
-        self.task = asyncio.create_task(
+        task = self.task = asyncio.create_task(
             run_broadcaster(self.settings, self.stopping, health=health)
         )
-        await eventually(lambda: health.ready()[0] or self.task.done(), "broadcaster ready")
-        assert not self.task.done(), self.task.result()
+        await eventually(lambda: health.ready()[0] or task.done(), "broadcaster ready")
+        assert not task.done(), task.result()
         return self
 
     async def stop(self) -> None:
@@ -131,11 +131,11 @@ class InProcessSyncer:
     async def start(self) -> InProcessSyncer:
         self.stopping, health = asyncio.Event(), Health()
         health.set("started", False)
-        self.task = asyncio.create_task(run_syncer(self.settings, self.stopping, health))
+        task = self.task = asyncio.create_task(run_syncer(self.settings, self.stopping, health))
 
         def ready() -> bool:
             checks = {k: ok for k, (ok, _) in health._ready.items() if k != "started"}
-            return self.task.done() or ("replay" in checks and all(checks.values()))
+            return task.done() or ("replay" in checks and all(checks.values()))
 
         await eventually(ready, f"syncer {self.node} ready")
         assert not self.task.done(), self.task.result()
@@ -156,7 +156,7 @@ class SyncerProcess:
     nats_url: str
     prefix: str
     log_file: Path
-    process: subprocess.Popen | None = None
+    process: subprocess.Popen[bytes] | None = None
     port: int = field(default_factory=free_port)
 
     def start(self) -> SyncerProcess:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from syncer.desired import DesiredState
 from wire.contract import Event, decode_event, encode_event
 
 __all__ = ["event", "whole"]
 
 
-def event(action: str, obj: dict, kind: str = "fleet") -> Event:
+def event(action: str, obj: dict[str, Any], kind: str = "fleet") -> Event:
     return decode_event(encode_event(f"{kind}.events.{action}", obj))
 
 

@@ -77,9 +77,9 @@ class RunningSyncer:
         self.health = Health()
         # Not ready until run() itself says so (it has not started when the task is created).
         self.health.set("started", False)
-        self.task = asyncio.create_task(run(self.settings, self.stopping, self.health))
-        await eventually(lambda: self._ready() or self.task.done(), "syncer ready")
-        assert not self.task.done(), self.task.result()
+        task = self.task = asyncio.create_task(run(self.settings, self.stopping, self.health))
+        await eventually(lambda: self._ready() or task.done(), "syncer ready")
+        assert not task.done(), task.result()
         return self
 
     def _ready(self) -> bool:
@@ -159,4 +159,5 @@ async def cli(
 async def status_json(settings: SyncerSettings) -> dict[str, Any]:
     code, out, err = await cli(settings, "status", "--json")
     assert code == 0, err
-    return json.loads(out)
+    result: dict[str, Any] = json.loads(out)
+    return result

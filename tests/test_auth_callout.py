@@ -15,7 +15,9 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import nats.errors
 import pytest
@@ -31,6 +33,7 @@ from authcallout.service import CalloutSettings, run
 from authcallout.tokenreview import KubeConfigError, TokenReviewer
 from image_syncer.sandbox.containerd import Containerd
 from image_syncer.sandbox.nats_server import NatsServer
+from ops.logs import fields_of
 from syncer import cleanup
 from syncer.settings import SyncerSettings
 from wire import nodestatus
@@ -171,7 +174,10 @@ async def _attempt(action: Callable[[], object]) -> None:
 
 
 async def test_a_node_can_touch_only_itself(
-    callout: Callout, containerd: Containerd, push, caplog: pytest.LogCaptureFixture
+    callout: Callout,
+    containerd: Containerd,
+    push: Callable[..., str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     prefix = callout.prefix
     log_settings = LogSettings(prefix=prefix)
@@ -254,10 +260,11 @@ async def test_a_node_can_touch_only_itself(
             sub = await ajs.pull_subscribe_bind(durable=durable_b, stream=fleets)
             await sub.fetch(1, timeout=1)
 
-        async def raw_create(config: dict) -> dict:
+        async def raw_create(config: dict[str, Any]) -> dict[str, Any]:
             body = json.dumps({"stream_name": fleets, "config": config}).encode()
             reply = await attacker.request(f"$JS.API.CONSUMER.CREATE.{fleets}", body, timeout=5)
-            return json.loads(reply.data)
+            result: dict[str, Any] = json.loads(reply.data)
+            return result
 
         hostile: list[tuple[str, Callable[[], object]]] = [
             (f"$JS.API.CONSUMER.MSG.NEXT.{fleets}.{durable_b}", fetch_b),
@@ -328,7 +335,7 @@ async def test_a_node_can_touch_only_itself(
         for subject, action in hostile:
             await _attempt(action)
             await eventually(
-                lambda s=subject: any(f'"{s}"' in v for v in callout.violations("attacker")),
+                partial(_violated, callout, "attacker", subject),
                 f"server refused {subject}",
             )
 
@@ -353,7 +360,7 @@ async def test_a_node_can_touch_only_itself(
         assert await snapshot() == before, "node B's durable, keys or a stream changed"
         # A's own syncer needed nothing it was not given.
         assert not callout.violations(f"syncer {node_a}")
-        assert not syncer.task.done()
+        assert syncer.task is not None and not syncer.task.done()
     finally:
         assert await syncer.stop() == 0
         await admin.close()
@@ -384,7 +391,7 @@ async def test_a_bad_token_is_refused_with_one_clear_line(
     callout: Callout, case: str, reason: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     kube = callout.kube
-    token = {
+    issuers: dict[str, Callable[[], str]] = {
         "expired": lambda: kube.issue_token(NODE_NS, SYNCER_SA, node="n1", expires_in=-1),
         "wrong-audience": lambda: kube.issue_token(
             NS, SYNCER_SA, node="n1", audiences=("https://kubernetes.default.svc",)
@@ -392,7 +399,8 @@ async def test_a_bad_token_is_refused_with_one_clear_line(
         "unknown-account": lambda: kube.issue_token("default", "intruder", node="n1"),
         "not-node-bound": lambda: kube.issue_token(NODE_NS, SYNCER_SA),
         "not-a-token": lambda: "not-a-token",
-    }[case]()
+    }
+    token = issuers[case]()
     refused_before = metric("image_syncer_auth_requests_total", result="refused", role="")
     with pytest.raises(NatsUnavailable, match="Authorization Violation"):
         await connect(replace(callout.settings(token), connect_timeout=1.0), name="refused")
@@ -400,15 +408,19 @@ async def test_a_bad_token_is_refused_with_one_clear_line(
     refusals = _refusals(caplog)
     assert refusals, "no refusal logged"
     for record in refusals:
-        assert reason in record.reason, record.reason
-        assert record.client_host == "127.0.0.1"
+        fields = fields_of(record)
+        assert reason in fields["reason"], fields["reason"]
+        assert fields["client_host"] == "127.0.0.1"
     for record in caplog.records:
         assert token not in record.getMessage() and token not in str(vars(record))
     assert not logged(caplog, "nats client authorized", role="syncer")
 
 
 async def test_syncer_retries_and_recovers_once_given_a_valid_token(
-    callout: Callout, containerd: Containerd, push, caplog: pytest.LogCaptureFixture
+    callout: Callout,
+    containerd: Containerd,
+    push: Callable[..., str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     node = f"node-{uuid.uuid4().hex[:6]}"
     settings = SyncerSettings(
@@ -480,7 +492,7 @@ async def test_a_session_ends_when_its_jwt_expires_and_resumes_with_the_rotated_
         await eventually(lambda: nc.is_connected, "connected again")
         assert not nc.is_closed
         newest = logged(caplog, "nats client authorized", node=node)[-1]
-        assert int(newest.expires_in.rstrip("s")) <= 2
+        assert int(fields_of(newest)["expires_in"].rstrip("s")) <= 2
     finally:
         await nc.close()
 
@@ -534,7 +546,7 @@ async def test_the_broadcaster_publishes_through_its_own_identity(
         ):
             await _attempt(action)
             await eventually(
-                lambda s=subject: any(f'"{s}"' in v for v in callout.violations("stolen")),
+                partial(_violated, callout, "stolen", subject),
                 f"server refused {subject}",
             )
         await stolen.close()
@@ -606,3 +618,8 @@ def test_a_malformed_kubeconfig_is_one_kube_config_error_naming_the_file(
     path.write_text(text)
     with pytest.raises(KubeConfigError, match=f"^cannot load kubeconfig {path}: "):
         TokenReviewer(str(path), "nats")
+
+
+def _violated(callout: Callout, user: str, subject: str) -> bool:
+    """Whether the server logged a permissions violation of ``user`` on ``subject``."""
+    return any(f'"{subject}"' in v for v in callout.violations(user))

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from fakekube import FakeKube
 from fakekube.harness import fleet
 from kubernetes import client, config
 from kubernetes.watch.watch import iter_resp_lines
+from urllib3 import HTTPResponse
 
 from broadcaster.catchup import plan
 from broadcaster.ordering import Recorded, newer
@@ -31,7 +32,7 @@ def obj(name: str, rv: str, uid: str = "u", namespace: str = "default") -> dict[
     }
 
 
-def logged(*objects: dict[str, Any], deleted: bool = False) -> dict:
+def logged(*objects: dict[str, Any], deleted: bool = False) -> dict[tuple[str, str], Recorded]:
     """What the log records: the newest message of each object, as the catch-up reads it."""
     return {
         (o["metadata"]["namespace"], o["metadata"]["name"]): Recorded(o, seq, deleted)
@@ -40,7 +41,10 @@ def logged(*objects: dict[str, Any], deleted: bool = False) -> dict:
 
 
 def summary(
-    target: WatchTarget, recorded: dict, listed: list, list_rv: str = ""
+    target: WatchTarget,
+    recorded: dict[tuple[str, str], Recorded],
+    listed: list[dict[str, Any]],
+    list_rv: str = "",
 ) -> list[tuple[str, str, str]]:
     return [
         (
@@ -162,13 +166,14 @@ def test_fake_speaks_list_create_replace_delete_and_watch(
 ) -> None:
     kube, custom = api
     args = ("agones.dev", "v1", "default", "fleets")
-    created = custom.create_namespaced_custom_object(*args, fleet("a"))
+    # The client types its answers as object; the fake API server answers JSON objects.
+    created = cast(dict[str, Any], custom.create_namespaced_custom_object(*args, fleet("a")))
     assert created["metadata"]["uid"] and created["metadata"]["generation"] == 1
-    listing = custom.list_cluster_custom_object("agones.dev", "v1", "fleets")
+    listing = cast(dict[str, Any], custom.list_cluster_custom_object("agones.dev", "v1", "fleets"))
     assert listing["kind"] == "FleetList"
     start = listing["metadata"]["resourceVersion"]
     created["spec"]["replicas"] = 3
-    replaced = custom.replace_namespaced_custom_object(*args, "a", created)
+    replaced = cast(dict[str, Any], custom.replace_namespaced_custom_object(*args, "a", created))
     assert replaced["metadata"]["generation"] == 2
     with pytest.raises(client.ApiException) as conflict:
         custom.replace_namespaced_custom_object(*args, "a", created)
@@ -200,6 +205,7 @@ def _watch(custom: client.CustomObjectsApi, rv: str, **kwargs: Any) -> list[dict
         _preload_content=False,
         **kwargs,
     )
+    assert isinstance(response, HTTPResponse)
     try:
         return [json.loads(line) for line in iter_resp_lines(response) if line]
     finally:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fakekube import FakeKube
@@ -23,7 +24,8 @@ pytestmark = pytest.mark.nats
 
 def _ready(url: str) -> bool:
     with urllib.request.urlopen(url, timeout=1) as response:
-        return response.status == 200
+        result: bool = response.status == 200
+        return result
 
 
 async def test_sigterm_drains_and_exits_zero(
@@ -62,7 +64,7 @@ async def test_sigterm_drains_and_exits_zero(
     assert "broadcaster stopped" in log_file.read_text()
 
 
-def _start(args: list[str], env: dict[str, str], log_file: Path) -> subprocess.Popen:
+def _start(args: list[str], env: dict[str, str], log_file: Path) -> subprocess.Popen[bytes]:
     with log_file.open("wb") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "image_syncer", *args],
@@ -73,7 +75,7 @@ def _start(args: list[str], env: dict[str, str], log_file: Path) -> subprocess.P
         )
 
 
-def _in(kube: FakeKube, *namespaces: str) -> list[dict]:
+def _in(kube: FakeKube, *namespaces: str) -> list[dict[str, Any]]:
     return [o for o in kube.objects() if o["metadata"]["namespace"] in namespaces]
 
 

@@ -34,6 +34,7 @@ from broadcaster.runner import run
 from broadcaster.settings import Settings
 from image_syncer.sandbox.nats_server import NatsServer
 from image_syncer.sandbox.processes import free_port, stop_process
+from ops.logs import fields_of
 from ops.serving import Health
 from wire.contract import ContractError, Kind, decode_event
 from wire.eventlog import LogSettings, stream_name
@@ -130,7 +131,11 @@ async def running(settings: Settings) -> AsyncIterator[Health]:
 
 
 async def test_losing_the_lease_stops_watching_and_regaining_it_catches_up(
-    kube: FakeKube, settings: Settings, js: JetStreamContext, prefix: str, caplog
+    kube: FakeKube,
+    settings: Settings,
+    js: JetStreamContext,
+    prefix: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level("INFO")
     kube.create("fleets", fleet("before", "game:1"))
@@ -159,7 +164,7 @@ async def test_losing_the_lease_stops_watching_and_regaining_it_catches_up(
         await eventually(lambda: LEADER._value.get() == 1, "leadership regained")
         await wait_converged(js, prefix, kube.objects())
     lost = [r for r in caplog.records if r.getMessage() == "leadership lost"]
-    assert [r.reason for r in lost] == ["taken over by thief", "stopping"]
+    assert [fields_of(r)["reason"] for r in lost] == ["taken over by thief", "stopping"]
     assert len([r for r in caplog.records if r.getMessage() == "leadership acquired"]) == 2
     assert LEADER._value.get() == 0
 
@@ -187,7 +192,7 @@ class Replica:
     env: dict[str, str]
     log_file: Path
     port: int = field(default_factory=free_port)
-    process: subprocess.Popen | None = None
+    process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Replica:
         env = {**self.env, "BROADCASTER_IDENTITY": self.name, "METRICS_ADDR": self.addr}

@@ -81,6 +81,7 @@ async def test_an_oversized_update_is_trimmed_of_what_no_reader_needs(
     stored = await js.get_last_msg(
         stream_name(prefix, Kind.FLEET), f"{prefix}.fleet.events.updated.default.big"
     )
+    assert stored.data is not None
     update = json.loads(stored.data)["message"]
     assert update["old_obj"] is None and "status" not in update["new_obj"]
     assert update["new_obj"]["metadata"]["annotations"] == {"team/notes": notes}

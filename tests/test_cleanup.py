@@ -271,7 +271,9 @@ async def test_records_are_durable_per_node_and_keyed_by_reference_hash(
     kv = await nc.jetstream().key_value(bucket)
     key = f"{dotted}.{hashlib.sha256(NGINX.encode()).hexdigest()}"
     assert record_key(dotted, "nginx:1.27") == key
-    value = msgspec.json.decode((await kv.get(key)).value)
+    entry = await kv.get(key)
+    assert entry.value is not None
+    value = msgspec.json.decode(entry.value)
     assert value["ref"] == NGINX
     assert isinstance(value["pulled_at"], float)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import tomllib
+from typing import Any
 
 import pytest
 from nats.js import JetStreamContext
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.nats
 ARENA = "registry.example.com/games/arena:1.0"
 
 
-def labelled(name: str, *images: str, **labels: str) -> dict:
+def labelled(name: str, *images: str, **labels: str) -> dict[str, Any]:
     body = fleet(name, *images)
     body["metadata"]["labels"] = labels
     return body

@@ -13,7 +13,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from typing import IO
 
 import pytest
 from nats.js import JetStreamContext
@@ -23,6 +24,9 @@ from image_syncer.cli import app
 from image_syncer.fleets import build_fleet
 from image_syncer.sandbox.nats_server import NatsServer
 from wire.eventlog import LogSettings, publish_event
+
+# A CLI command bound to the test's NATS: arguments in, the run's result out.
+Cli = Callable[..., Awaitable[Result]]
 
 
 async def cli(*args: str) -> Result:
@@ -36,7 +40,7 @@ async def cli(*args: str) -> Result:
 
 
 @pytest.fixture
-def events(nats_server: NatsServer, prefix: str) -> Callable:
+def events(nats_server: NatsServer, prefix: str) -> Cli:
     async def run(*args: str) -> Result:
         return await cli("events", *args, "--nats-url", nats_server.url, "--subject-prefix", prefix)
 
@@ -51,7 +55,7 @@ def rows(text: str) -> list[list[str]]:
 
 
 async def test_events_lists_the_log_as_text_and_as_json(
-    events, js: JetStreamContext, log_settings: LogSettings
+    events: Cli, js: JetStreamContext, log_settings: LogSettings
 ) -> None:
     web = build_fleet("web", ["nginx:1.27", "redis"], init_images=["busybox"])
     lobby = build_fleet("lobby.v2", ["127.0.0.1:5000/lobby:3"], namespace="games")
@@ -85,7 +89,7 @@ async def test_events_lists_the_log_as_text_and_as_json(
 
 
 async def test_events_filters_by_fleet(
-    events, js: JetStreamContext, log_settings: LogSettings
+    events: Cli, js: JetStreamContext, log_settings: LogSettings
 ) -> None:
     for namespace, name in [("default", "web"), ("games", "lobby.v2"), ("games", "lobby")]:
         fleet = build_fleet(name, ["nginx"], namespace=namespace)
@@ -108,7 +112,7 @@ async def test_events_filters_by_fleet(
 
 
 async def test_events_shows_malformed_messages_with_their_error_and_keeps_going(
-    events, js: JetStreamContext, log_settings: LogSettings
+    events: Cli, js: JetStreamContext, log_settings: LogSettings
 ) -> None:
     prefix = log_settings.prefix
     await publish_event(js, log_settings, "fleet.events.added", build_fleet("a", ["nginx"]))
@@ -139,7 +143,7 @@ async def test_events_shows_malformed_messages_with_their_error_and_keeps_going(
     assert docs[2]["fleet"] is None
 
 
-async def test_events_on_a_log_that_does_not_exist_is_one_line(events, prefix: str) -> None:
+async def test_events_on_a_log_that_does_not_exist_is_one_line(events: Cli, prefix: str) -> None:
     result = await events()
     assert result.exit_code == 1
     assert result.stdout == ""
@@ -150,11 +154,11 @@ async def test_events_on_a_log_that_does_not_exist_is_one_line(events, prefix: s
 class Lines:
     """A subprocess' output, line by line, with a deadline instead of a blocking read."""
 
-    def __init__(self, stream) -> None:
+    def __init__(self, stream: IO[str]) -> None:
         self._queue: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._pump, args=(stream,), daemon=True).start()
 
-    def _pump(self, stream) -> None:
+    def _pump(self, stream: IO[str]) -> None:
         for line in stream:
             self._queue.put(line)
         self._queue.put(None)
@@ -173,8 +177,12 @@ class Lines:
         raise AssertionError(f"no such line within {timeout:.0f}s")
 
 
+# The `events --follow --json` process and its stdout, line by line.
+Follow = tuple["subprocess.Popen[str]", Lines]
+
+
 @pytest.fixture
-def follow(nats_server: NatsServer, prefix: str) -> Iterator[tuple[subprocess.Popen, Lines]]:
+def follow(nats_server: NatsServer, prefix: str) -> Iterator[Follow]:
     command = [sys.executable, "-m", "image_syncer", "events", "--follow", "--json"]
     process = subprocess.Popen(
         [*command, "--nats-url", nats_server.url, "--subject-prefix", prefix],
@@ -183,13 +191,15 @@ def follow(nats_server: NatsServer, prefix: str) -> Iterator[tuple[subprocess.Po
         text=True,
     )
     try:
+        assert process.stdout is not None
         yield process, Lines(process.stdout)
     finally:
         if process.poll() is None:
             process.kill()
         process.wait(timeout=10)
-        process.stdout.close()
-        process.stderr.close()
+        for pipe in (process.stdout, process.stderr):
+            if pipe is not None:
+                pipe.close()
 
 
 def fleet_is(name: str) -> Callable[[str], bool]:
@@ -197,7 +207,7 @@ def fleet_is(name: str) -> Callable[[str], bool]:
 
 
 async def test_follow_prints_new_events_until_ctrl_c(
-    follow, js: JetStreamContext, log_settings: LogSettings
+    follow: Follow, js: JetStreamContext, log_settings: LogSettings
 ) -> None:
     process, lines = follow
     await publish_event(js, log_settings, "fleet.events.added", build_fleet("a", ["nginx"]))
@@ -210,11 +220,12 @@ async def test_follow_prints_new_events_until_ctrl_c(
     assert process.poll() is None, "--follow must keep running"
     process.send_signal(signal.SIGINT)
     assert process.wait(timeout=30) == 130
+    assert process.stderr is not None
     assert "Traceback" not in process.stderr.read()
 
 
 async def test_follow_waits_for_a_log_that_does_not_exist_yet(
-    follow, nats_server: NatsServer, prefix: str
+    follow: Follow, nats_server: NatsServer, prefix: str
 ) -> None:
     process, lines = follow
     published = await cli(

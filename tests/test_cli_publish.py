@@ -9,7 +9,9 @@ import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import NamedTuple
 
 import nats.js.errors
 import pytest
@@ -37,7 +39,7 @@ async def cli(*args: str, stdin: str | None = None) -> Result:
 
 
 @pytest.fixture
-def publish(nats_server: NatsServer, prefix: str):
+def publish(nats_server: NatsServer, prefix: str) -> Callable[..., Awaitable[Result]]:
     async def run(*args: str, stdin: str | None = None) -> Result:
         common = ["--nats-url", nats_server.url, "--subject-prefix", prefix]
         return await cli("publish", *args, *common, stdin=stdin)
@@ -45,9 +47,17 @@ def publish(nats_server: NatsServer, prefix: str):
     return run
 
 
-async def stored(js: JetStreamContext, subject: str):
+class Stored(NamedTuple):
+    data: bytes
+    headers: dict[str, str]
+
+
+async def stored(js: JetStreamContext, subject: str) -> Stored:
+    """The newest message on ``subject``: its data and headers, both there."""
     prefix = subject.split(".fleet.events.")[0]
-    return await js.get_last_msg(stream_name(prefix, Kind.FLEET), subject)
+    message = await js.get_last_msg(stream_name(prefix, Kind.FLEET), subject)
+    assert message.data is not None and message.headers is not None
+    return Stored(message.data, message.headers)
 
 
 async def subjects_in(js: JetStreamContext, prefix: str) -> dict[str, int]:
@@ -102,7 +112,7 @@ TWO_FLEETS = textwrap.dedent(
 
 
 async def test_publish_by_flags_builds_a_fleet_that_reaches_the_stream(
-    publish, js: JetStreamContext, prefix: str
+    publish: Callable[..., Awaitable[Result]], js: JetStreamContext, prefix: str
 ) -> None:
     result = await publish(
         "added", "--name", "web", "--image", "nginx:1.27", "--image", "redis",
@@ -139,7 +149,7 @@ async def test_publish_next_image_stages_it_on_the_fleet(
 
 
 async def test_each_publish_by_flags_is_a_new_change(
-    publish, js: JetStreamContext, prefix: str
+    publish: Callable[..., Awaitable[Result]], js: JetStreamContext, prefix: str
 ) -> None:
     first = await publish("updated", "--name", "web", "--namespace", "eu", "--image", "nginx")
     second = await publish("updated", "--name", "web", "--namespace", "eu", "--image", "nginx")
@@ -150,7 +160,7 @@ async def test_each_publish_by_flags_is_a_new_change(
 
 
 async def test_republishing_the_same_state_is_reported_duplicate(
-    publish, js: JetStreamContext, prefix: str
+    publish: Callable[..., Awaitable[Result]], js: JetStreamContext, prefix: str
 ) -> None:
     flags = ["--name", "web", "--image", "nginx", "--resource-version", "17"]
     assert (await publish("added", *flags)).exit_code == 0
@@ -168,7 +178,7 @@ async def test_republishing_the_same_state_is_reported_duplicate(
 
 
 async def test_publish_file_publishes_every_fleet_of_a_multi_document_yaml(
-    publish, js: JetStreamContext, prefix: str, tmp_path
+    publish: Callable[..., Awaitable[Result]], js: JetStreamContext, prefix: str, tmp_path: Path
 ) -> None:
     manifest = tmp_path / "fleets.yaml"
     manifest.write_text(TWO_FLEETS)
@@ -194,7 +204,7 @@ async def test_publish_file_publishes_every_fleet_of_a_multi_document_yaml(
 
 
 async def test_publish_file_gives_namespaceless_documents_the_namespace_flag(
-    publish, js: JetStreamContext, prefix: str
+    publish: Callable[..., Awaitable[Result]], js: JetStreamContext, prefix: str
 ) -> None:
     result = await publish("added", "-f", "-", "--namespace", "staging", stdin=TWO_FLEETS)
     assert result.exit_code == 0, result.output
@@ -205,7 +215,7 @@ async def test_publish_file_gives_namespaceless_documents_the_namespace_flag(
 
 
 async def test_deleted_compacts_the_fleets_added_and_updated_messages_away(
-    publish, js: JetStreamContext, prefix: str
+    publish: Callable[..., Awaitable[Result]], js: JetStreamContext, prefix: str
 ) -> None:
     flags = ["--name", "web", "--image", "nginx"]
     for action in ("added", "updated", "updated"):
@@ -227,7 +237,7 @@ async def test_deleted_compacts_the_fleets_added_and_updated_messages_away(
 
 
 async def test_publish_leaves_an_operators_stream_settings_alone(
-    nats_server: NatsServer, publish, nc: Client, prefix: str
+    nats_server: NatsServer, publish: Callable[..., Awaitable[Result]], nc: Client, prefix: str
 ) -> None:
     init = ["stream", "init", "--nats-url", nats_server.url, "--subject-prefix", prefix]
     assert (await cli(*init, "--duplicate-window", "45s")).exit_code == 0
@@ -257,7 +267,12 @@ NOT_A_FLEET = TWO_FLEETS + "---\napiVersion: v1\nkind: Service\nmetadata: {name:
     ],
 )
 async def test_bad_input_is_one_line_and_publishes_nothing(
-    publish, nc: Client, prefix: str, args: list[str], stdin: str | None, expected: str
+    publish: Callable[..., Awaitable[Result]],
+    nc: Client,
+    prefix: str,
+    args: list[str],
+    stdin: str | None,
+    expected: str,
 ) -> None:
     result = await publish("added", *args, stdin=stdin)
 
@@ -288,7 +303,7 @@ def test_build_fleet_and_load_fleets_agree() -> None:
 
 
 @pytest.fixture
-def guarded_server(tmp_path) -> Iterator[NatsServer]:
+def guarded_server(tmp_path: Path) -> Iterator[NatsServer]:
     config = 'authorization { user: "alice", password: "s3cret-pw" }'
     with NatsServer(tmp_path / "nats", extra_config=config) as server:
         yield server

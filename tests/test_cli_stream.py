@@ -8,6 +8,7 @@ import logging
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fleetdicts import fleet as fleet_dict
@@ -32,7 +33,7 @@ async def cli(*args: str, stdin: str | None = None) -> Result:
         root.handlers[:], root.level = handlers, level
 
 
-def fleet(name: str, rv: str) -> dict:
+def fleet(name: str, rv: str) -> dict[str, Any]:
     return fleet_dict(name, "nginx", rv=rv)
 
 
@@ -185,7 +186,8 @@ def cluster(tmp_path: Path) -> Iterator[list[NatsServer]]:
 
 def _healthy(server: NatsServer) -> bool:
     with urllib.request.urlopen(f"{server.monitor_url}/healthz", timeout=1) as response:
-        return response.status == 200
+        result: bool = response.status == 200
+        return result
 
 
 async def test_stream_init_sets_replicas_on_a_cluster(cluster: list[NatsServer]) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 
@@ -36,7 +36,7 @@ def ctr_labels(containerd: Containerd, name: str) -> str:
 
 
 async def test_every_name_of_a_pulled_image_points_at_one_target(
-    cri: CriClient, images: ContainerdImages, push
+    cri: CriClient, images: ContainerdImages, push: Callable[..., str]
 ) -> None:
     ref = push()
     image_id = await cri.pull_image(ref, timeout=60)
@@ -51,7 +51,7 @@ async def test_every_name_of_a_pulled_image_points_at_one_target(
 
 
 async def test_a_label_set_and_removed_shows_in_ctr_and_keeps_other_labels(
-    cri: CriClient, images: ContainerdImages, containerd: Containerd, push
+    cri: CriClient, images: ContainerdImages, containerd: Containerd, push: Callable[..., str]
 ) -> None:
     ref = push()
     await cri.pull_image(ref, timeout=60)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from typing import Any
 
 import pytest
 
@@ -32,7 +33,7 @@ from wire.contract import (
 
 # As the Go agones-event-broadcaster marshals a Fleet from an informer: TypeMeta present,
 # managedFields and status included, empty collections as null.
-GO_FLEET = {
+GO_FLEET: dict[str, Any] = {
     "kind": "Fleet",
     "apiVersion": "agones.dev/v1",
     "metadata": {

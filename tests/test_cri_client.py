@@ -7,7 +7,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -24,10 +24,10 @@ from syncer.cri import (
     RegistryAuth,
     RuntimeContainer,
     RuntimeUnavailable,
-    images_in_use,
     socket_path,
 )
 from syncer.cri_api import api_pb2
+from syncer.criobjects import images_in_use
 
 pytestmark = pytest.mark.cri
 
@@ -44,7 +44,7 @@ def _repository(ref: str) -> str:
 
 
 async def test_pull_is_visible_to_cri_and_to_ctr(
-    cri: CriClient, containerd: Containerd, push
+    cri: CriClient, containerd: Containerd, push: Callable[..., str]
 ) -> None:
     ref = push()
 
@@ -75,13 +75,17 @@ async def test_pull_by_digest_matches_repo_digests(
     assert by_digest in containerd.image_refs()
 
 
-async def test_image_status_of_an_absent_image_is_none(cri: CriClient, push) -> None:
+async def test_image_status_of_an_absent_image_is_none(
+    cri: CriClient, push: Callable[..., str]
+) -> None:
     ref = push()  # exists in the registry, never pulled
 
     assert await cri.image_status(ref) is None
 
 
-async def test_remove_image(cri: CriClient, containerd: Containerd, push) -> None:
+async def test_remove_image(
+    cri: CriClient, containerd: Containerd, push: Callable[..., str]
+) -> None:
     ref = push()
     await cri.pull_image(ref, timeout=60)
 
@@ -93,7 +97,7 @@ async def test_remove_image(cri: CriClient, containerd: Containerd, push) -> Non
 
 
 async def test_image_removed_with_ctr_is_gone_for_cri(
-    cri: CriClient, containerd: Containerd, push
+    cri: CriClient, containerd: Containerd, push: Callable[..., str]
 ) -> None:
     ref = push()
     image_id = await cri.pull_image(ref, timeout=60)
@@ -106,7 +110,7 @@ async def test_image_removed_with_ctr_is_gone_for_cri(
 
 
 async def test_removing_only_the_tag_leaves_the_image_known_by_digest(
-    cri: CriClient, containerd: Containerd, push
+    cri: CriClient, containerd: Containerd, push: Callable[..., str]
 ) -> None:
     ref = push()
     image_id = await cri.pull_image(ref, timeout=60)
@@ -151,8 +155,9 @@ async def test_version_names_the_runtime(cri: CriClient) -> None:
 
 
 async def test_right_credentials_pull_from_a_private_registry(
-    cri: CriClient, auth_registry: Registry, push
+    cri: CriClient, auth_registry: Registry, push: Callable[..., str]
 ) -> None:
+    assert auth_registry.credentials is not None
     user, password = auth_registry.credentials
     ref = push(into=auth_registry)
 
@@ -163,8 +168,9 @@ async def test_right_credentials_pull_from_a_private_registry(
 
 @pytest.mark.parametrize("wrong", [None, "not-the-password"], ids=["no-auth", "wrong-password"])
 async def test_refused_credentials_fail_clearly_without_the_password(
-    cri: CriClient, auth_registry: Registry, push, wrong: str | None
+    cri: CriClient, auth_registry: Registry, push: Callable[..., str], wrong: str | None
 ) -> None:
+    assert auth_registry.credentials is not None
     user, password = auth_registry.credentials
     ref = push(into=auth_registry)
     auth = None if wrong is None else RegistryAuth(username=user, password=wrong)
@@ -238,7 +244,9 @@ async def _until(check, *, timeout: float = 30):  # type: ignore[no-untyped-def]
     return answer
 
 
-async def test_client_recovers_after_containerd_restart(own_containerd: Containerd, push) -> None:
+async def test_client_recovers_after_containerd_restart(
+    own_containerd: Containerd, push: Callable[..., str]
+) -> None:
     ref = push()
     client = CriClient(own_containerd.endpoint, call_timeout=10)
     try:
@@ -334,7 +342,7 @@ async def test_a_hung_runtime_is_unavailable_not_an_image_error(
 
 
 async def test_registry_down_is_an_image_error_and_a_restart_serves_it_again(
-    cri: CriClient, own_registry: Registry, push
+    cri: CriClient, own_registry: Registry, push: Callable[..., str]
 ) -> None:
     ref = push(into=own_registry)
     own_registry.stop()
@@ -349,7 +357,9 @@ async def test_registry_down_is_an_image_error_and_a_restart_serves_it_again(
     assert await cri.image_status(ref) is not None
 
 
-async def test_list_containers_answers_on_the_real_runtime(cri: CriClient, push) -> None:
+async def test_list_containers_answers_on_the_real_runtime(
+    cri: CriClient, push: Callable[..., str]
+) -> None:
     # The fixture runs no CRI containers (no pod sandboxes), so the answer is empty but real:
     # containerd implements RuntimeService on the same socket as ImageService.
     await cri.pull_image(push(), timeout=60)  # images alone are not containers
@@ -375,9 +385,9 @@ def test_a_container_maps_from_cri_with_every_name_of_its_image() -> None:
         state="CONTAINER_RUNNING",
     )
     assert container.image_names() == {"registry.example.com/games/arena:1.0", "sha256:" + "a" * 64}
-    assert RuntimeContainer.from_proto(api_pb2.Container(id="c2", state=99)).state == (
-        "CONTAINER_UNKNOWN"
-    )
+    assert RuntimeContainer.from_proto(
+        api_pb2.Container(id="c2", state=api_pb2.ContainerState.ValueType(99))
+    ).state == ("CONTAINER_UNKNOWN")
 
 
 def test_images_in_use_are_those_of_containers_that_have_not_exited() -> None:
@@ -427,7 +437,7 @@ def test_a_missing_binary_fails_with_an_install_hint(
         component.start()
 
 
-async def test_native_snapshotter_pulls_too(tmp_path: Path, push) -> None:
+async def test_native_snapshotter_pulls_too(tmp_path: Path, push: Callable[..., str]) -> None:
     ref = push()
     with Containerd(tmp_path / "native", snapshotter="native") as runtime:
         client = CriClient(runtime.endpoint)

@@ -199,7 +199,8 @@ def _port_number(c: dict[str, Any], port: int | str) -> int:
     declared = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
     if isinstance(port, str):
         assert port in declared, f"{c['name']}: probe port {port!r} is not a declared port"
-        return declared[port]
+        result: int = declared[port]
+        return result
     assert port in declared.values(), f"{c['name']}: probe port {port} is not declared"
     return port
 
@@ -341,7 +342,8 @@ def test_nats_budget_allows_one_server_down_and_single_has_none() -> None:
 
 
 def pod_spec_labels(workload: dict[str, Any]) -> dict[str, str]:
-    return workload["spec"]["template"]["metadata"]["labels"]
+    result: dict[str, str] = workload["spec"]["template"]["metadata"]["labels"]
+    return result
 
 
 @pytest.mark.parametrize("name", list(NATS_BUILDS))

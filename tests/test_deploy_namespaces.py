@@ -10,6 +10,7 @@ own must keep every reference right: objects, role-binding subjects, the NATS UR
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from deploy_support import (
@@ -127,7 +128,9 @@ patches:
 
 
 @pytest.fixture(scope="module")
-def moved(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], list[dict]]:
+def moved(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The "Another namespace" recipe of docs/install.md: NATS and the image-syncer pods in one
     namespace of the platform team's own."""
     nats = build_overlay(
@@ -140,7 +143,7 @@ def moved(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], list[di
 
 
 def test_a_moved_install_keeps_every_namespaced_reference(
-    moved: tuple[list[dict], list[dict]],
+    moved: tuple[list[dict[str, Any]], list[dict[str, Any]]],
 ) -> None:
     nats, syncer = moved
     for resource in nats + syncer:

@@ -14,6 +14,7 @@ import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import nats
 import nats.errors
@@ -66,7 +67,7 @@ PASSWORDS = {user: f"pw-{user}-{os.getpid()}" for user in PASSWORD_ENV}
 FLEETS = stream_name("agones", Kind.FLEET)
 
 
-def _fleet(name: str, version: str = "1") -> dict:
+def _fleet(name: str, version: str = "1") -> dict[str, Any]:
     return fleet(name, "nginx", rv=version)
 
 
@@ -168,7 +169,7 @@ def _write_config(name: str, directory: Path) -> Path:
 @dataclass
 class Server:
     url: str
-    process: subprocess.Popen
+    process: subprocess.Popen[bytes]
     errors: list[tuple[str, str]] = field(default_factory=list)
 
 
@@ -192,7 +193,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     def ready() -> bool:
         url = f"http://127.0.0.1:{monitor}/healthz?js-enabled-only=true"
         with urllib.request.urlopen(url, timeout=1) as response:
-            return response.status == 200
+            result: bool = response.status == 200
+            return result
 
     wait_until(ready, timeout=30, what="nats-server (deploy config)", process=process,
                log_file=log_file)  # fmt: skip

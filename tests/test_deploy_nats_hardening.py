@@ -72,7 +72,8 @@ def _pod_routes(password: str, servers: list[_Server]) -> str:
     for i, server in enumerate(servers):
         value = value.replace(f"@nats-{i}.nats-headless:6222", f"@127.0.0.1:{server.cluster}")
     assert "nats-headless" not in value and "$(" not in value
-    return value
+    result: str = value
+    return result
 
 
 def _start(server: _Server, route_password: str, routes: str) -> None:

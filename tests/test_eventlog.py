@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from fleetdicts import fleet as fleet_dict
 from nats.js import JetStreamContext
@@ -19,7 +20,7 @@ from wire.eventlog import (
 )
 
 
-def fleet(name: str, rv: int, image: str = "nginx", namespace: str = "default") -> dict:
+def fleet(name: str, rv: int, image: str = "nginx", namespace: str = "default") -> dict[str, Any]:
     return fleet_dict(name, image, namespace=namespace, rv=str(rv))
 
 

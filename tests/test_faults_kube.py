@@ -10,7 +10,8 @@ import asyncio
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -56,7 +57,8 @@ def _watch_requests(kube: FakeKube) -> int:
 
 
 def restarts(reason: str) -> float:
-    return metrics.WATCH_RESTARTS.labels(kind="fleet", reason=reason)._value.get()
+    result: float = metrics.WATCH_RESTARTS.labels(kind="fleet", reason=reason)._value.get()
+    return result
 
 
 async def test_dropped_and_expired_watches_under_churn_lose_nothing(
@@ -66,7 +68,7 @@ async def test_dropped_and_expired_watches_under_churn_lose_nothing(
     nats_settings: NatsSettings,
     log_settings: LogSettings,
     prefix: str,
-    push,
+    push: Callable[..., str],
 ) -> None:
     images = Images(push, 5)
     churn = Churn(kube, images, seed=3)
@@ -86,7 +88,7 @@ async def test_dropped_and_expired_watches_under_churn_lose_nothing(
                 if round_ % 2:
                     kube.compact()
             churn.steps(3)
-            await eventually(lambda n=watches: _watch_requests(kube) > n, "the watch resumed")
+            await eventually(partial(_more_watches, kube, watches), "the watch resumed")
         await wait_all_converged(js, prefix, kube, [(node.node, node.containerd)], images)
         assert restarts("expired") > expired, "a 410 Gone was met and survived"
     finally:
@@ -100,7 +102,7 @@ async def test_in_process_crash_between_a_delete_and_its_publish(
     nats_settings: NatsSettings,
     log_settings: LogSettings,
     prefix: str,
-    push,
+    push: Callable[..., str],
 ) -> None:
     images = Images(push, 2)
     kube.create("fleets", game_fleet("doomed", images.pool[0]))
@@ -141,7 +143,7 @@ async def test_sigkill_between_a_delete_and_its_publish(
     }
     log_file = tmp_path / "broadcaster.log"
 
-    def start() -> subprocess.Popen:
+    def start() -> subprocess.Popen[bytes]:
         with log_file.open("ab") as out:
             return subprocess.Popen(
                 [sys.executable, "-m", "image_syncer", "broadcaster"],
@@ -167,3 +169,7 @@ async def test_sigkill_between_a_delete_and_its_publish(
         await eventually(lambda: "caught up" in log_file.read_text(), "the catch-up log line")
     finally:
         stop_process(process, kill=True)
+
+
+def _more_watches(kube: FakeKube, than: int) -> bool:
+    return _watch_requests(kube) > than

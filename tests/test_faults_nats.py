@@ -7,9 +7,10 @@ holding exactly the cluster's Fleets and every node exactly their images.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import nats.errors
 import pytest
@@ -38,7 +39,7 @@ from wire.natsconn import NatsSettings, connect
 pytestmark = [pytest.mark.nats, pytest.mark.cri]
 
 
-async def _churn_while(churn: Churn, fault: asyncio.Future, pace: float = 0.05) -> None:
+async def _churn_while(churn: Churn, fault: asyncio.Future[Any], pace: float = 0.05) -> None:
     """Keep changing Fleets until the fault (running in a thread) is over."""
     while not fault.done():
         churn.step()
@@ -52,7 +53,7 @@ async def test_nats_restarted_mid_stream(
     own_nats_server: NatsServer,
     containerd: Containerd,
     prefix: str,
-    push,
+    push: Callable[..., str],
     kill: bool,
 ) -> None:
     nats = NatsSettings(servers=(own_nats_server.url,))
@@ -136,7 +137,7 @@ async def test_r3_cluster_loses_the_node_holding_the_syncers_consumer(
     cluster: Cluster,
     containerd: Containerd,
     prefix: str,
-    push,
+    push: Callable[..., str],
 ) -> None:
     servers = NatsSettings(servers=cluster.urls)
     log = LogSettings(prefix=prefix, replicas=3)
@@ -152,6 +153,7 @@ async def test_r3_cluster_loses_the_node_holding_the_syncers_consumer(
     stream = stream_name(prefix, Kind.FLEET)
     try:
         info = await js.stream_info(stream)
+        assert info.cluster is not None
         assert info.config.num_replicas == 3 and len(info.cluster.replicas or []) == 2
         churn.steps(6)
         await wait_all_converged(js, prefix, kube, nodes, images)

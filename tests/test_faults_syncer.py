@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -73,7 +73,7 @@ async def test_syncer_sigkilled_mid_pull_converges_after_restart(
     nats_server: NatsServer,
     js: JetStreamContext,
     prefix: str,
-    push,
+    push: Callable[..., str],
     tmp_path: Path,
 ) -> None:
     images = Images(push, 3, into=own_registry)
@@ -118,7 +118,7 @@ async def test_containerd_restarted_under_a_running_syncer(
     nats_settings: NatsSettings,
     js: JetStreamContext,
     prefix: str,
-    push,
+    push: Callable[..., str],
 ) -> None:
     images = Images(push, 5)
     churn = Churn(kube, images, seed=21)
@@ -146,7 +146,7 @@ async def test_registry_down_for_a_while(
     nats_settings: NatsSettings,
     js: JetStreamContext,
     prefix: str,
-    push,
+    push: Callable[..., str],
 ) -> None:
     images = Images(push, 5, into=own_registry)
     churn = Churn(kube, images, seed=4)

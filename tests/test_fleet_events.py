@@ -8,7 +8,7 @@ in-process broadcaster, and the Events as the fake API server stores them.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -125,7 +125,8 @@ def _core(kube: FakeKube) -> client.CoreV1Api:
 
 
 def _events(kube: FakeKube) -> list[dict[str, Any]]:
-    return kube.list("events", "default", {})["items"]
+    result: list[dict[str, Any]] = kube.list("events", "default", {})["items"]
+    return result
 
 
 @pytest.fixture
@@ -207,7 +208,7 @@ async def test_a_real_syncer_turns_into_events_on_the_fleet(
     nats_settings: NatsSettings,
     js: JetStreamContext,
     prefix: str,
-    push,
+    push: Callable[..., str],
 ) -> None:
     image = push()
     syncer = await InProcessSyncer(

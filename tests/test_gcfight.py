@@ -8,7 +8,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from syncer.gcfight import RemovalTracker
-from syncer.references import normalize
+from syncer.references import ImageRef, normalize
 
 GAME = normalize("registry.example.com/games/arena:1.0")
 OTHER = normalize("registry.example.com/games/lobby:2.0")
@@ -42,7 +42,7 @@ def removed(image: str) -> float:
     return value or 0.0
 
 
-def vanish(tracker: RemovalTracker, clock: Clock, image=GAME) -> list:
+def vanish(tracker: RemovalTracker, clock: Clock, image: ImageRef = GAME) -> list[ImageRef]:
     """The image is seen present, then missing one reconcile later."""
     tracker.observe([image], {image})
     clock.now += 10

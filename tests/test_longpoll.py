@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import nats.errors
@@ -121,7 +121,7 @@ async def test_an_idle_syncer_polls_silently_and_asks_nothing_else(
     js: JetStreamContext,
     log_settings: LogSettings,
     containerd: Containerd,
-    push,  # type: ignore[no-untyped-def]
+    push: Callable[..., str],
     polls: list[Poll],
     existence_checks: list[str],
     caplog: pytest.LogCaptureFixture,
@@ -153,7 +153,7 @@ async def test_the_long_poll_recovers_after_a_nats_restart(
     own_nats_server: NatsServer,
     containerd: Containerd,
     prefix: str,
-    push,  # type: ignore[no-untyped-def]
+    push: Callable[..., str],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     nats = NatsSettings(servers=(own_nats_server.url,))
@@ -186,7 +186,7 @@ async def test_the_long_poll_recovers_when_its_durable_is_deleted(
     log_settings: LogSettings,
     containerd: Containerd,
     prefix: str,
-    push,  # type: ignore[no-untyped-def]
+    push: Callable[..., str],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     settings = dataclasses.replace(base, nats=nats_settings)

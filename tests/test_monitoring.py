@@ -55,7 +55,8 @@ def promtool(*args: str, cwd: Path) -> str:
 def rule_groups() -> list[dict[str, Any]]:
     rule = yaml.safe_load((MONITORING / "prometheusrule.yaml").read_text())
     assert rule["kind"] == "PrometheusRule"
-    return rule["spec"]["groups"]
+    result: list[dict[str, Any]] = rule["spec"]["groups"]
+    return result
 
 
 def alerts() -> list[dict[str, Any]]:
@@ -63,7 +64,8 @@ def alerts() -> list[dict[str, Any]]:
 
 
 def dashboard() -> dict[str, Any]:
-    return json.loads((MONITORING / "dashboard.json").read_text())
+    result: dict[str, Any] = json.loads((MONITORING / "dashboard.json").read_text())
+    return result
 
 
 def panel_exprs() -> list[str]:
@@ -276,7 +278,8 @@ def syncer_metrics(
 def _answers(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status == 200
+            result: bool = response.status == 200
+            return result
     except OSError:
         return False
 

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import re
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import msgspec
 import pytest
@@ -77,7 +78,11 @@ def settings(prefix: str) -> StatusSettings:
 
 
 def reporter(
-    js: JetStreamContext, settings: StatusSettings, state: list[NodeState], clocks: Clocks, **kw
+    js: JetStreamContext,
+    settings: StatusSettings,
+    state: list[NodeState],
+    clocks: Clocks,
+    **kw: Any,
 ) -> StatusReporter:
     return StatusReporter(
         js,

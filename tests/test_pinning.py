@@ -6,7 +6,7 @@ containerd 1.6 sets the label but does not report ``pinned`` back through CRI.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import grpc
@@ -40,7 +40,9 @@ async def images(containerd: Containerd) -> AsyncIterator[ContainerdImages]:
 
 
 @pytest.fixture
-def make_pinner(images: ContainerdImages, js: JetStreamContext, prefix: str):
+def make_pinner(
+    images: ContainerdImages, js: JetStreamContext, prefix: str
+) -> Callable[..., Pinner]:
     def make(node: str = "node-a.example") -> Pinner:
         return Pinner(images, js, node, bucket=bucket_for(BUCKET, prefix))
 
@@ -67,14 +69,17 @@ async def present(cri: CriClient) -> PresentImages:
     return PresentImages.of(await cri.list_images())
 
 
-async def pulled(cri: CriClient, push) -> tuple[str, ImageRef]:
+async def pulled(cri: CriClient, push: Callable[..., str]) -> tuple[str, ImageRef]:
     ref = push()
     await cri.pull_image(ref, timeout=60)
     return ref, normalize(ref)
 
 
 async def test_a_pulled_image_is_pinned_on_every_name_and_unpinned_when_unwanted(
-    cri: CriClient, containerd: Containerd, make_pinner, push
+    cri: CriClient,
+    containerd: Containerd,
+    make_pinner: Callable[..., Pinner],
+    push: Callable[..., str],
 ) -> None:
     ref, image = await pulled(cri, push)
     pinner = make_pinner()
@@ -93,7 +98,10 @@ async def test_a_pulled_image_is_pinned_on_every_name_and_unpinned_when_unwanted
 
 
 async def test_someone_elses_pin_is_kept(
-    cri: CriClient, containerd: Containerd, make_pinner, push
+    cri: CriClient,
+    containerd: Containerd,
+    make_pinner: Callable[..., Pinner],
+    push: Callable[..., str],
 ) -> None:
     ref, image = await pulled(cri, push)
     # An operator pinned the tag by hand before the syncer got to it.
@@ -111,7 +119,10 @@ async def test_someone_elses_pin_is_kept(
 
 
 async def test_an_image_pinned_entirely_by_someone_else_counts_and_stays(
-    cri: CriClient, containerd: Containerd, make_pinner, push
+    cri: CriClient,
+    containerd: Containerd,
+    make_pinner: Callable[..., Pinner],
+    push: Callable[..., str],
 ) -> None:
     ref, image = await pulled(cri, push)
     for name in names_of(containerd, ref):
@@ -126,7 +137,10 @@ async def test_an_image_pinned_entirely_by_someone_else_counts_and_stays(
 
 
 async def test_the_ledger_survives_a_restart(
-    cri: CriClient, containerd: Containerd, make_pinner, push
+    cri: CriClient,
+    containerd: Containerd,
+    make_pinner: Callable[..., Pinner],
+    push: Callable[..., str],
 ) -> None:
     ref, image = await pulled(cri, push)
     first = make_pinner()
@@ -140,7 +154,10 @@ async def test_the_ledger_survives_a_restart(
 
 
 async def test_ledgers_are_per_node(
-    cri: CriClient, containerd: Containerd, make_pinner, push
+    cri: CriClient,
+    containerd: Containerd,
+    make_pinner: Callable[..., Pinner],
+    push: Callable[..., str],
 ) -> None:
     ref, image = await pulled(cri, push)
     await make_pinner("node-a.example").sync(wanted=[image], present=await present(cri))
@@ -152,7 +169,10 @@ async def test_ledgers_are_per_node(
 
 
 async def test_a_tag_and_its_digest_share_names_until_both_are_unwanted(
-    cri: CriClient, containerd: Containerd, make_pinner, push
+    cri: CriClient,
+    containerd: Containerd,
+    make_pinner: Callable[..., Pinner],
+    push: Callable[..., str],
 ) -> None:
     ref, tagged = await pulled(cri, push)
     digest_name = next(n for n in names_of(containerd, ref) if "@sha256:" in n)
@@ -168,7 +188,10 @@ async def test_a_tag_and_its_digest_share_names_until_both_are_unwanted(
 
 
 async def test_release_unpins_before_a_removal(
-    cri: CriClient, containerd: Containerd, make_pinner, push
+    cri: CriClient,
+    containerd: Containerd,
+    make_pinner: Callable[..., Pinner],
+    push: Callable[..., str],
 ) -> None:
     ref, image = await pulled(cri, push)
     pinner = make_pinner()
@@ -180,7 +203,10 @@ async def test_release_unpins_before_a_removal(
 
 
 async def test_an_image_removed_and_pulled_again_is_pinned_again(
-    cri: CriClient, containerd: Containerd, make_pinner, push
+    cri: CriClient,
+    containerd: Containerd,
+    make_pinner: Callable[..., Pinner],
+    push: Callable[..., str],
 ) -> None:
     ref, image = await pulled(cri, push)
     pinner = make_pinner()
@@ -198,8 +224,8 @@ async def test_an_image_removed_and_pulled_again_is_pinned_again(
 async def test_an_image_removed_by_someone_else_is_simply_forgotten(
     cri: CriClient,
     containerd: Containerd,
-    make_pinner,
-    push,
+    make_pinner: Callable[..., Pinner],
+    push: Callable[..., str],
     js: JetStreamContext,
     prefix: str,
     caplog: pytest.LogCaptureFixture,

@@ -202,6 +202,7 @@ def test_containerd_field_numbers_match_upstream() -> None:
     assert _containerd_numbers("ListImagesResponse") == {"images": 1}
     image = images_pb2.DESCRIPTOR.message_types_by_name["Image"]
     descriptor = image.fields_by_name["target"].message_type
+    assert descriptor is not None
     assert descriptor.full_name == "containerd.types.Descriptor"
     assert {f.name: f.number for f in descriptor.fields} == {
         "media_type": 1,
@@ -212,6 +213,7 @@ def test_containerd_field_numbers_match_upstream() -> None:
     mask = images_pb2.DESCRIPTOR.message_types_by_name["UpdateImageRequest"].fields_by_name[
         "update_mask"
     ]
+    assert mask.message_type is not None
     assert mask.message_type.full_name == "google.protobuf.FieldMask"
 
 

@@ -16,9 +16,10 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 from polling import eventually
 
+from ops.retry import Backoff
 from syncer.cri import CriError
 from syncer.pullbudget import BudgetSettings, PullBudget, budget_bucket, is_rate_limited
-from syncer.puller import Backoff, Puller
+from syncer.puller import Puller
 from syncer.references import normalize
 from wire.natsconn import NatsSettings, connect
 

@@ -12,6 +12,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -37,8 +38,13 @@ def _b64(text: str, pad: bool = True) -> str:
     return encoded if pad else encoded.rstrip("=")
 
 
-def _config(auths: dict[str, dict[str, str]]) -> bytes:
+def _config(auths: dict[str, Any]) -> bytes:
     return json.dumps({"auths": auths}).encode()
+
+
+def _username(auth: RegistryAuth | None) -> str:
+    assert auth is not None, "no credentials for the image"
+    return auth.username
 
 
 def _user_for(auths: dict[str, dict[str, str]], image: str) -> list[str]:
@@ -133,7 +139,7 @@ def test_pull_secret_comes_before_the_node_config(tmp_path: Path) -> None:
     node.write_bytes(_config({"quay.io": _entry("from-node"), "gcr.io": _entry("node-gcr")}))
     creds = RegistryCredentials.from_paths(str(secret), str(node))
     assert [a.username for a in creds.for_image("quay.io/a/b:1")] == ["from-secret", "from-node"]
-    assert creds.first_for("gcr.io/x/y").username == "node-gcr"
+    assert _username(creds.first_for("gcr.io/x/y")) == "node-gcr"
     assert creds.first_for("ghcr.io/x/y") is None
     assert creds.for_image("NOT a reference") == []
 
@@ -157,9 +163,9 @@ def _mount_like_a_secret(directory: Path, content: bytes, version: int) -> None:
 def test_a_mounted_secret_is_reloaded_when_it_changes(tmp_path: Path) -> None:
     _mount_like_a_secret(tmp_path, _config({"quay.io": _entry("first")}), 1)
     creds = RegistryCredentials.from_paths(str(tmp_path / ".dockerconfigjson"))
-    assert creds.first_for("quay.io/a").username == "first"
+    assert _username(creds.first_for("quay.io/a")) == "first"
     _mount_like_a_secret(tmp_path, _config({"quay.io": _entry("second")}), 2)
-    assert creds.first_for("quay.io/a").username == "second"
+    assert _username(creds.first_for("quay.io/a")) == "second"
 
 
 BAD_FILES = [
@@ -201,7 +207,7 @@ def test_a_missing_file_is_reported_once_and_picked_up_when_it_appears(
         assert creds.for_image("quay.io/a") == []
         assert creds.for_image("quay.io/a") == []
         path.write_bytes(_config({"quay.io": _entry("late")}))
-        assert creds.first_for("quay.io/a").username == "late"
+        assert _username(creds.first_for("quay.io/a")) == "late"
         path.write_bytes(b"{broken")
         assert creds.for_image("quay.io/a") == []
     messages = [(r.getMessage(), fields_of(r).get("problem")) for r in caplog.records]
@@ -210,7 +216,7 @@ def test_a_missing_file_is_reported_once_and_picked_up_when_it_appears(
         ("registry credentials loaded", None),
         ("registry credentials unusable, pulling without them", messages[2][1]),
     ]
-    assert "not valid JSON" in messages[2][1]
+    assert "not valid JSON" in str(messages[2][1])
 
 
 def test_no_secret_in_any_repr_str_log_or_error(
@@ -487,7 +493,8 @@ def _v2_status(host: str, auth: RegistryAuth | None) -> int:
         request.add_header("Authorization", f"Basic {basic}")
     try:
         with urllib.request.urlopen(request, timeout=5) as response:
-            return response.status
+            result: int = response.status
+            return result
     except urllib.error.HTTPError as e:
         return e.code
 

@@ -14,7 +14,7 @@ import contextlib
 import dataclasses
 import os
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -120,7 +120,7 @@ async def test_a_syncer_dialling_through_the_directory_mount_survives_runtime_re
     nats_settings: NatsSettings,
     js: JetStreamContext,
     prefix: str,
-    push,
+    push: Callable[..., str],
 ) -> None:
     through_dir, _ = mounts
     images = Images(push, 4)

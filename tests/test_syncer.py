@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -59,7 +59,7 @@ def settings(containerd: Containerd, nats_settings: NatsSettings, prefix: str) -
 async def syncer(settings: SyncerSettings, js: JetStreamContext) -> AsyncIterator[RunningSyncer]:
     running = await RunningSyncer(settings).start()
     yield running
-    if not running.task.done():
+    if running.task is not None and not running.task.done():
         assert await running.stop() == 0
 
 
@@ -77,9 +77,9 @@ async def test_added_fleet_is_pulled(
     syncer: RunningSyncer,
     js: JetStreamContext,
     log_settings: LogSettings,
-    push,
+    push: Callable[..., str],
     containerd: Containerd,
-    caplog,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     image = push()
     await publish_event(js, log_settings, "fleet.events.added", fleet("game", image))
@@ -87,16 +87,17 @@ async def test_added_fleet_is_pulled(
     await eventually(
         lambda: logged(caplog, "fleet synced", fleet="default/game", image=image), "logged"
     )
-    assert logged(caplog, "fleet synced", fleet="default/game")[0].ref.startswith("sha256:")
+    synced = logged(caplog, "fleet synced", fleet="default/game")[0]
+    assert fields_of(synced)["ref"].startswith("sha256:")
 
 
 async def test_already_present_image_is_not_pulled(
     settings: SyncerSettings,
     js: JetStreamContext,
     log_settings: LogSettings,
-    push,
+    push: Callable[..., str],
     containerd: Containerd,
-    caplog,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     image = push()
     async with CriClient(containerd.endpoint) as cri:
@@ -117,7 +118,7 @@ async def test_image_removed_behind_its_back_comes_back(
     syncer: RunningSyncer,
     js: JetStreamContext,
     log_settings: LogSettings,
-    push,
+    push: Callable[..., str],
     containerd: Containerd,
 ) -> None:
     image = push()
@@ -132,9 +133,9 @@ async def test_events_published_while_stopped_converge_on_restart(
     settings: SyncerSettings,
     js: JetStreamContext,
     log_settings: LogSettings,
-    push,
+    push: Callable[..., str],
     containerd: Containerd,
-    caplog,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     first, second, gone = push(), push(), push()
     running = await RunningSyncer(settings).start()
@@ -168,7 +169,7 @@ async def test_two_nodes_each_converge_with_their_own_durable(
     settings: SyncerSettings,
     js: JetStreamContext,
     log_settings: LogSettings,
-    push,
+    push: Callable[..., str],
     containerd: Containerd,
     own_containerd: Containerd,
 ) -> None:
@@ -198,7 +199,7 @@ async def test_go_broadcaster_message_is_honoured(
     syncer: RunningSyncer,
     js: JetStreamContext,
     log_settings: LogSettings,
-    push,
+    push: Callable[..., str],
     containerd: Containerd,
 ) -> None:
     image = push()
@@ -224,10 +225,10 @@ async def test_registry_down_then_up_converges(
     syncer: RunningSyncer,
     js: JetStreamContext,
     log_settings: LogSettings,
-    push,
+    push: Callable[..., str],
     own_registry: Registry,
     containerd: Containerd,
-    caplog,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     image = push(into=own_registry)
     own_registry.stop()
@@ -242,10 +243,10 @@ async def test_unknown_image_fails_alone(
     syncer: RunningSyncer,
     js: JetStreamContext,
     log_settings: LogSettings,
-    push,
+    push: Callable[..., str],
     registry: Registry,
     containerd: Containerd,
-    caplog,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     missing = f"{registry.address}/test/never-pushed-{uuid.uuid4().hex[:8]}:v1"
     good, other = push(), push()
@@ -255,7 +256,7 @@ async def test_unknown_image_fails_alone(
     await eventually(lambda: {good, other} <= containerd.image_refs(), "good images pulled")
     await eventually(lambda: logged(caplog, "image pull failed", image=missing), "failure logged")
     record = logged(caplog, "image pull failed", image=missing)[0]
-    assert record.fleets == "default/mixed" and record.error
+    assert fields_of(record)["fleets"] == "default/mixed" and fields_of(record)["error"]
     assert metric("image_syncer_syncer_pulls_total", result="failure") > failures
     assert missing not in containerd.image_refs()
 
@@ -265,9 +266,9 @@ async def test_garbage_is_terminated_counted_and_the_consumer_goes_on(
     settings: SyncerSettings,
     js: JetStreamContext,
     log_settings: LogSettings,
-    push,
+    push: Callable[..., str],
     containerd: Containerd,
-    caplog,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     before = metric("image_syncer_syncer_messages_terminated_total", reason="malformed")
     garbage = [
@@ -290,7 +291,8 @@ async def test_garbage_is_terminated_counted_and_the_consumer_goes_on(
 
     async def settled() -> bool:
         info = await js.consumer_info(stream, settings.durable)
-        return info.num_ack_pending == 0 and info.num_pending == 0
+        result: bool = info.num_ack_pending == 0 and info.num_pending == 0
+        return result
 
     await polling.eventually(settled, "garbage settled")
 
@@ -299,7 +301,7 @@ async def test_three_containers_and_an_init_container_all_pulled(
     syncer: RunningSyncer,
     js: JetStreamContext,
     log_settings: LogSettings,
-    push,
+    push: Callable[..., str],
     containerd: Containerd,
 ) -> None:
     images = [push() for _ in range(4)]
@@ -359,7 +361,10 @@ async def test_sigterm_of_the_cli_exits_zero(
 
 
 async def test_nats_restart_consumer_recreated_and_events_followed(
-    settings: SyncerSettings, own_nats_server: NatsServer, push, containerd: Containerd
+    settings: SyncerSettings,
+    own_nats_server: NatsServer,
+    push: Callable[..., str],
+    containerd: Containerd,
 ) -> None:
     nats = NatsSettings(servers=(own_nats_server.url,))
     log_settings = LogSettings(prefix=settings.subject_prefix)
@@ -388,12 +393,13 @@ async def test_private_registry_credentials_from_a_dockerconfigjson(
     settings: SyncerSettings,
     js: JetStreamContext,
     log_settings: LogSettings,
-    push,
+    push: Callable[..., str],
     auth_registry: Registry,
     containerd: Containerd,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    assert auth_registry.credentials is not None
     user, password = auth_registry.credentials
     auth_file = tmp_path / "config.json"
     auth_file.write_text(

@@ -9,6 +9,7 @@ durable's creation is now retried with a backoff; here the JetStream request tim
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import nats.errors
 import pytest
@@ -40,7 +41,7 @@ async def test_a_durable_creation_timing_out_is_retried(
     log_settings: LogSettings,
     js: JetStreamContext,
     prefix: str,
-    push,
+    push: Callable[..., str],
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:

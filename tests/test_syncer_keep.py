@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import os
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +100,7 @@ async def test_pins_follow_the_fleets_and_someone_elses_pin_stays(
     js: JetStreamContext,
     log_settings: LogSettings,
     containerd: Containerd,
-    push,
+    push: Callable[..., str],
 ) -> None:
     deleted, updated_from, updated_to, excluded, hand_pinned = (push() for _ in range(5))
     # The kubelet pulled this one, and an operator pinned its tag by hand, before the syncer ran.
@@ -116,7 +117,7 @@ async def test_pins_follow_the_fleets_and_someone_elses_pin_stays(
         ):
             await publish_event(js, log_settings, "fleet.events.added", fleet(name, image))
         for image in (deleted, updated_from, excluded):
-            await eventually(lambda i=image: fully_pinned(containerd, i), f"{image} pinned")
+            await eventually(partial(fully_pinned, containerd, image), f"{image} pinned")
         await eventually(lambda: fully_pinned(containerd, hand_pinned), "hand-pinned image pinned")
         await until_state(
             js, settings, lambda s: s.pins is not None and s.pins.pinned == 4, "4 pinned"
@@ -132,7 +133,7 @@ async def test_pins_follow_the_fleets_and_someone_elses_pin_stays(
         await publish_event(js, log_settings, "fleet.events.deleted", fleet("hand", hand_pinned))
 
         for image in (deleted, updated_from, excluded):
-            await eventually(lambda i=image: not pinned_names(containerd, i), f"{image} unpinned")
+            await eventually(partial(_unpinned, containerd, image), f"{image} unpinned")
         await eventually(lambda: fully_pinned(containerd, updated_to), "the new image pinned")
         # Still on the node (no --remove-unused), just no longer pinned by the syncer...
         assert names_of(containerd, deleted)
@@ -161,7 +162,7 @@ async def test_an_extra_image_is_pinned_though_no_fleet_wants_it(
     js: JetStreamContext,
     log_settings: LogSettings,
     containerd: Containerd,
-    push,
+    push: Callable[..., str],
 ) -> None:
     extra, fleets = push(), push()
     running = await RunningSyncer(dataclasses.replace(settings, extra_images=(extra,))).start()
@@ -182,7 +183,7 @@ async def test_remove_unused_unpins_before_it_removes(
     js: JetStreamContext,
     log_settings: LogSettings,
     containerd: Containerd,
-    push,
+    push: Callable[..., str],
 ) -> None:
     image = push()
     running = await RunningSyncer(
@@ -203,7 +204,7 @@ async def test_without_pinning_nothing_is_labelled(
     js: JetStreamContext,
     log_settings: LogSettings,
     containerd: Containerd,
-    push,
+    push: Callable[..., str],
 ) -> None:
     image = push()
     running = await RunningSyncer(dataclasses.replace(settings, pin_images=False)).start()
@@ -235,7 +236,7 @@ async def test_a_full_image_filesystem_pauses_pulls_until_space_frees(
     js: JetStreamContext,
     log_settings: LogSettings,
     small_containerd: Containerd,
-    push,
+    push: Callable[..., str],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     settings = dataclasses.replace(
@@ -285,7 +286,7 @@ async def test_one_removal_is_pulled_again_at_once_repeated_ones_back_off_with_a
     js: JetStreamContext,
     log_settings: LogSettings,
     containerd: Containerd,
-    push,
+    push: Callable[..., str],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     settings = dataclasses.replace(
@@ -327,7 +328,7 @@ async def test_one_removal_is_pulled_again_at_once_repeated_ones_back_off_with_a
         for _ in range(2):
             seen = state.last_reconcile
             state = await until_state(
-                js, settings, lambda s, seen=seen: s.last_reconcile != seen, "a later reconcile"
+                js, settings, partial(_reconciled_since, seen), "a later reconcile"
             )
         assert image not in containerd.image_refs()
         assert metric("image_syncer_images_removed_externally_total", image=norm(image)) == 2
@@ -339,3 +340,11 @@ async def test_one_removal_is_pulled_again_at_once_repeated_ones_back_off_with_a
         assert "kubelet's image garbage collector" in warnings[0].cause  # type: ignore[attr-defined]
     finally:
         assert await running.stop() == 0
+
+
+def _unpinned(containerd: Containerd, ref: str) -> bool:
+    return not pinned_names(containerd, ref)
+
+
+def _reconciled_since(seen: object, state: NodeState) -> bool:
+    return state.last_reconcile != seen

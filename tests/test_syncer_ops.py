@@ -14,12 +14,14 @@ import re
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fleetdicts import fleet
+from nats.aio.client import Client
 from nats.js import JetStreamContext
 from polling import eventually
 from prometheus_client import CollectorRegistry
@@ -65,7 +67,7 @@ class SyncerProcess:
     def sample(self, name: str, **labels: str) -> float | None:
         return self.samples().get((name, tuple(sorted(labels.items()))))
 
-    def log_lines(self) -> list[dict]:
+    def log_lines(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.log_path.read_text().splitlines() if line]
 
     async def until(self, check, what: str) -> None:  # type: ignore[no-untyped-def]
@@ -111,10 +113,10 @@ async def stop_later() -> AsyncIterator[list[SyncerProcess]]:
 
 async def test_ready_only_after_the_replay_metrics_and_fleet_tagged_json_logs(
     nats_settings: NatsSettings,
-    nc,  # type: ignore[no-untyped-def]
+    nc: Client,
     log_settings: LogSettings,
     containerd: Containerd,
-    push,
+    push: Callable[..., str],
     tmp_path: Path,
     stop_later: list[SyncerProcess],
 ) -> None:
@@ -248,7 +250,8 @@ async def test_build_info_is_served_by_the_shared_endpoint() -> None:
 
         def fetch() -> str:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-                return r.read().decode()
+                result: str = r.read().decode()
+                return result
 
         text = await asyncio.to_thread(fetch)
     finally:

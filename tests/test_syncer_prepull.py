@@ -13,8 +13,9 @@ import json
 import os
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
+from functools import partial
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from syncer_harness import (  # noqa: F401  (fixtures)
 
 from image_syncer.sandbox.containerd import Containerd
 from image_syncer.sandbox.registry import Registry
+from ops.logs import fields_of
 from syncer.cri import CriClient
 from syncer.settings import SyncerSettings
 from wire.eventlog import LogSettings, publish_event
@@ -61,7 +63,12 @@ def _camel(snake: str) -> str:
     return first + "".join(part.title() for part in rest)
 
 
-async def witness(js: JetStreamContext, log_settings: LogSettings, push, containerd) -> None:  # type: ignore[no-untyped-def]
+async def witness(
+    js: JetStreamContext,
+    log_settings: LogSettings,
+    push: Callable[..., str],
+    containerd: Containerd,
+) -> None:
     """Publish an admitted Fleet and wait until it is pulled: everything before it was folded."""
     image = push()
     await publish_event(
@@ -74,7 +81,7 @@ async def test_opt_out_annotation_then_opt_back_in(
     settings: SyncerSettings,
     js: JetStreamContext,
     log_settings: LogSettings,
-    push,
+    push: Callable[..., str],
     containerd: Containerd,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -86,7 +93,7 @@ async def test_opt_out_annotation_then_opt_back_in(
         await witness(js, log_settings, push, containerd)
         assert image not in containerd.image_refs()
         [line] = logged(caplog, EXCLUDED, fleet="default/quiet")
-        assert "image-syncer.octops.io/sync" in line.reason
+        assert "image-syncer.octops.io/sync" in fields_of(line)["reason"]
 
         back = game("quiet", image, rv="2", annotations={"image-syncer.octops.io/sync": "true"})
         await publish_event(js, log_settings, "fleet.events.updated", back)
@@ -101,7 +108,7 @@ async def test_fleet_selector_keeps_only_matching_fleets(
     settings: SyncerSettings,
     js: JetStreamContext,
     log_settings: LogSettings,
-    push,
+    push: Callable[..., str],
     containerd: Containerd,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -119,7 +126,7 @@ async def test_fleet_selector_keeps_only_matching_fleets(
         await eventually(lambda: chosen in containerd.image_refs(), "selected Fleet pulled")
         assert other not in containerd.image_refs()
         [line] = logged(caplog, EXCLUDED, fleet="default/tools")
-        assert "fleet selector" in line.reason
+        assert "fleet selector" in fields_of(line)["reason"]
         # Relabelled into the selection: treated as added.
         relabelled = game("tools", other, rv="2", labels={"tier": "game"})
         await publish_event(js, log_settings, "fleet.events.updated", relabelled)
@@ -155,7 +162,7 @@ async def test_respect_scheduling_follows_the_nodes_taints_and_labels(
     api: OpenApiServer,
     js: JetStreamContext,
     log_settings: LogSettings,
-    push,
+    push: Callable[..., str],
     containerd: Containerd,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -186,7 +193,9 @@ async def test_respect_scheduling_follows_the_nodes_taints_and_labels(
         await eventually(lambda: tolerating in containerd.image_refs(), "tolerating Fleet pulled")
         assert untolerating not in containerd.image_refs()
         assert selecting not in containerd.image_refs()
-        assert "dedicated" in logged(caplog, EXCLUDED, fleet="default/plain")[0].reason
+        assert (
+            "dedicated" in fields_of(logged(caplog, EXCLUDED, fleet="default/plain")[0])["reason"]
+        )
 
         # The node joins the games pool: its label changes, the API server says so.
         node = copy.deepcopy(api.nodes[settings.node_name])
@@ -207,7 +216,7 @@ async def test_deleted_fleets_image_is_removed_after_grace_but_not_others(
     settings: SyncerSettings,
     js: JetStreamContext,
     log_settings: LogSettings,
-    push,
+    push: Callable[..., str],
     containerd: Containerd,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -248,7 +257,7 @@ async def test_fleet_recreated_inside_the_grace_keeps_its_image(
     settings: SyncerSettings,
     js: JetStreamContext,
     log_settings: LogSettings,
-    push,
+    push: Callable[..., str],
     containerd: Containerd,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -283,7 +292,7 @@ async def test_private_registry_pull_through_the_cli_leaks_no_secret(
     settings: SyncerSettings,
     js: JetStreamContext,
     log_settings: LogSettings,
-    push,
+    push: Callable[..., str],
     auth_registry: Registry,
     containerd: Containerd,
     tmp_path: Path,
@@ -322,14 +331,9 @@ async def test_private_registry_pull_through_the_cli_leaks_no_secret(
         try:
             await publish_event(js, log_settings, "fleet.events.added", fleet(node, ref))
             if auth_file is good:
-                await eventually(lambda r=ref: r in containerd.image_refs(), "private image pulled")
+                await eventually(partial(_has_image, containerd, ref), "private image pulled")
             else:
-                await eventually(
-                    lambda p=log_path: (
-                        "image pull failed" in p.read_text() and "401 Unauthorized" in p.read_text()
-                    ),
-                    "refusal logged",
-                )
+                await eventually(partial(_refusal_logged, log_path), "refusal logged")
         finally:
             process.terminate()
             async with asyncio.timeout(DEADLINE):
@@ -338,3 +342,12 @@ async def test_private_registry_pull_through_the_cli_leaks_no_secret(
     assert refused not in containerd.image_refs()
     for text in outputs:
         assert password not in text and wrong_password not in text
+
+
+def _has_image(containerd: Containerd, ref: str) -> bool:
+    return ref in containerd.image_refs()
+
+
+def _refusal_logged(log_path: Path) -> bool:
+    text = log_path.read_text()
+    return "image pull failed" in text and "401 Unauthorized" in text

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections import defaultdict
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from polling import eventually
@@ -56,7 +57,7 @@ class Clock:
 def make(cri: StandInCri, **kw: object) -> tuple[Puller, list[PullResult], Clock]:
     results: list[PullResult] = []
     clock = Clock()
-    options: dict = {
+    options: dict[str, Any] = {
         "max_parallel": 2,
         "pull_timeout": 30.0,
         "backoff": Backoff(1.0, 60.0, rng=lambda: 1.0),

@@ -10,6 +10,8 @@ import asyncio
 import dataclasses
 import re
 import uuid
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from nats.js import JetStreamContext
@@ -42,9 +44,11 @@ from wire.nodestatus import (
 pytestmark = [pytest.mark.nats, pytest.mark.cri]
 
 
-async def _until_status(settings: SyncerSettings, check, what: str) -> dict:  # type: ignore[no-untyped-def]
+async def _until_status(
+    settings: SyncerSettings, check: Callable[[dict[str, Any]], object], what: str
+) -> dict[str, Any]:
     """Poll ``status --json`` until ``check`` holds on it; the document that passed."""
-    last: dict = {}
+    last: dict[str, Any] = {}
 
     async def holds() -> bool:
         nonlocal last
@@ -55,17 +59,21 @@ async def _until_status(settings: SyncerSettings, check, what: str) -> dict:  # 
     return last
 
 
-def _summary(doc: dict, node: str) -> dict:
-    return doc["nodes"].get(node, {}).get("status", {}).get("summary", {})
+def _summary(doc: dict[str, Any], node: str) -> dict[str, Any]:
+    result: dict[str, Any] = doc["nodes"].get(node, {}).get("status", {}).get("summary", {})
+    return result
 
 
-def _ready(doc: dict, node: str, fleet: str) -> bool:
+def _ready(doc: dict[str, Any], node: str, fleet: str) -> bool:
     summary = _summary(doc, node)
     return fleet in summary.get("fleets", {}) and fleet not in summary.get("gaps", {})
 
 
 async def test_running_syncer_appears_in_status_with_the_fleets_images_present(
-    settings: SyncerSettings, js: JetStreamContext, log_settings: LogSettings, push
+    settings: SyncerSettings,
+    js: JetStreamContext,
+    log_settings: LogSettings,
+    push: Callable[..., str],
 ) -> None:
     image, sidecar = push(), push()
     running = await RunningSyncer(settings).start()
@@ -73,7 +81,7 @@ async def test_running_syncer_appears_in_status_with_the_fleets_images_present(
         await publish_event(js, log_settings, "fleet.events.added", fleet("game", image, sidecar))
         node = settings.node_name
 
-        def complete(doc: dict) -> bool:
+        def complete(doc: dict[str, Any]) -> bool:
             return _ready(doc, node, "default/game")
 
         doc = await _until_status(settings, complete, "the node reports the Fleet complete")
@@ -94,7 +102,7 @@ async def test_wait_exits_zero_once_a_real_syncer_pulled_the_images(
     settings: SyncerSettings,
     js: JetStreamContext,
     log_settings: LogSettings,
-    push,
+    push: Callable[..., str],
     containerd: Containerd,
 ) -> None:
     image = push(layer_bytes=512 << 10)
@@ -135,7 +143,7 @@ async def test_wait_right_after_an_update_waits_for_the_new_version_not_the_old_
     settings: SyncerSettings,
     js: JetStreamContext,
     log_settings: LogSettings,
-    push,
+    push: Callable[..., str],
     registry: Registry,
     containerd: Containerd,
 ) -> None:
@@ -153,7 +161,7 @@ async def test_wait_right_after_an_update_waits_for_the_new_version_not_the_old_
         v1 = fleet("rollout", v1_image)
         await publish_event(js, log_settings, "fleet.events.added", v1)
 
-        def v1_done(doc: dict) -> bool:
+        def v1_done(doc: dict[str, Any]) -> bool:
             return _ready(doc, node, "default/rollout")
 
         await _until_status(settings, v1_done, "v1 present on the node")
@@ -192,9 +200,10 @@ async def test_wait_times_out_naming_the_node_that_cannot_pull(
     try:
         await publish_event(js, log_settings, "fleet.events.added", fleet("broken", missing))
 
-        def failed(doc: dict) -> bool:
+        def failed(doc: dict[str, Any]) -> bool:
             why = _summary(doc, settings.node_name).get("missing", {}).get(norm(missing), {})
-            return why.get("state") == "failed"
+            result: bool = why.get("state") == "failed"
+            return result
 
         await _until_status(settings, failed, "the failure reaches the node status")
         code, out, err = await cli(settings, "wait", "--fleet", "default/broken", "--timeout", "2s")
@@ -214,7 +223,7 @@ async def test_replay_command_makes_a_running_syncer_rebuild_from_the_log(
     settings: SyncerSettings,
     js: JetStreamContext,
     log_settings: LogSettings,
-    push,
+    push: Callable[..., str],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     kept, purged = push(), push()
@@ -224,9 +233,9 @@ async def test_replay_command_makes_a_running_syncer_rebuild_from_the_log(
         await publish_event(js, log_settings, "fleet.events.added", fleet("kept", kept))
         await publish_event(js, log_settings, "fleet.events.added", fleet("purged", purged))
 
-        def both(doc: dict) -> bool:
+        def both(doc: dict[str, Any]) -> bool:
             desired = _summary(doc, node).get("fleets")
-            return bool(desired) and {"default/kept", "default/purged"} <= set(desired)
+            return bool(desired) and {"default/kept", "default/purged"} <= set(desired or ())
 
         await _until_status(settings, both, "both Fleets desired")
         # Behind the syncer's back: the Fleet's message vanishes from the stream (no event).
@@ -242,7 +251,7 @@ async def test_replay_command_makes_a_running_syncer_rebuild_from_the_log(
             "the running syncer heard the request",
         )
 
-        def rebuilt(doc: dict) -> bool:
+        def rebuilt(doc: dict[str, Any]) -> bool:
             return _summary(doc, node).get("replayed_request") == request
 
         doc = await _until_status(settings, rebuilt, "the node reports the replay done")
@@ -256,7 +265,7 @@ async def test_replay_command_makes_a_running_syncer_rebuild_from_the_log(
         later = push()
         await publish_event(js, log_settings, "fleet.events.added", fleet("later", later))
 
-        def follows(doc: dict) -> bool:
+        def follows(doc: dict[str, Any]) -> bool:
             return "default/later" in _summary(doc, node)["fleets"]
 
         await _until_status(settings, follows, "events after the rebuild are folded")
@@ -268,7 +277,7 @@ async def test_replay_requested_while_stopped_is_honoured_at_start(
     settings: SyncerSettings,
     js: JetStreamContext,
     log_settings: LogSettings,
-    push,
+    push: Callable[..., str],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     status_settings = StatusSettings(prefix=settings.subject_prefix)
@@ -283,7 +292,7 @@ async def test_replay_requested_while_stopped_is_honoured_at_start(
             "the pending request is seen at start",
         )
 
-        def done(doc: dict) -> bool:
+        def done(doc: dict[str, Any]) -> bool:
             return _summary(doc, settings.node_name).get("replayed_request") == request.id
 
         await _until_status(settings, done, "the status names the honoured request")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Collection, Iterator
+from collections.abc import Awaitable, Callable, Collection, Iterator
 
 import pytest
 from nats.js import JetStreamContext
@@ -38,7 +38,7 @@ def lost_cancels(monkeypatch: pytest.MonkeyPatch) -> Iterator[asyncio.Event]:
     """Every KV watcher wait swallows its cancel, as wait_for does when an update arrives with it;
     the event is set once a watcher waits."""
     waiting = asyncio.Event()
-    updates = KeyValue.KeyWatcher.updates
+    updates: Callable[..., Awaitable[object]] = KeyValue.KeyWatcher.updates
 
     async def swallowing(self: KeyValue.KeyWatcher, timeout: float = 5.0) -> object:
         waiting.set()

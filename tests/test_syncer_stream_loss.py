@@ -9,7 +9,7 @@ publishing on a direct connection. Each waits for an end state with a deadline; 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 
 import nats.js.errors
@@ -47,7 +47,7 @@ async def test_a_recreated_stream_is_followed_from_its_first_sequence(
     settings: SyncerSettings,
     js: JetStreamContext,
     log_settings: LogSettings,
-    push,
+    push: Callable[..., str],
     containerd: Containerd,
 ) -> None:
     old, new, dropped, added = push(), push(), push(), push()
@@ -113,7 +113,7 @@ async def test_a_fleet_deleted_while_the_node_was_cut_off_longer_than_its_tombst
     js: JetStreamContext,
     log_settings: LogSettings,
     link: Link,
-    push,
+    push: Callable[..., str],
     containerd: Containerd,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -163,7 +163,7 @@ async def test_the_refold_timer_drops_a_fleet_gone_from_the_log_without_an_event
     settings: SyncerSettings,
     js: JetStreamContext,
     log_settings: LogSettings,
-    push,
+    push: Callable[..., str],
     containerd: Containerd,
     caplog: pytest.LogCaptureFixture,
 ) -> None:

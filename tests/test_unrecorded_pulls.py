@@ -8,7 +8,7 @@ closed NATS connection (every write fails), and the crash is the syncer simply a
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import polling
 import pytest
@@ -55,7 +55,7 @@ async def test_a_pull_nats_never_recorded_is_removed_after_a_crash_and_restart(
     js: JetStreamContext,
     cut_off: JetStreamContext,
     prefix: str,
-    push,
+    push: Callable[..., str],
 ) -> None:
     def cleanup(ledger: JetStreamContext) -> UnusedImages:
         return UnusedImages(
@@ -91,7 +91,11 @@ async def test_a_pull_nats_never_recorded_is_removed_after_a_crash_and_restart(
 
 
 async def test_a_pull_recorded_in_nats_is_not_labelled(
-    cri: CriClient, images: ContainerdImages, js: JetStreamContext, prefix: str, push
+    cri: CriClient,
+    images: ContainerdImages,
+    js: JetStreamContext,
+    prefix: str,
+    push: Callable[..., str],
 ) -> None:
     unused = UnusedImages(
         js,

@@ -15,7 +15,8 @@ import pytest
 from nats.js import JetStreamContext
 from prometheus_client import REGISTRY
 
-from syncer.cri import CriError, RuntimeContainer, RuntimeImage, images_in_use
+from syncer.cri import CriError, RuntimeContainer, RuntimeImage
+from syncer.criobjects import images_in_use
 from syncer.puller import PullResult
 from syncer.references import normalize
 from syncer.unused import UnusedImages
