@@ -13,7 +13,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Self
 
-__all__ = ["FakeApiServer"]
+__all__ = ["FakeApiServer", "OpenApiServer"]
 
 
 class FakeApiServer:
@@ -88,3 +88,13 @@ class FakeApiServer:
     def __exit__(self, *exc: object) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+class OpenApiServer(FakeApiServer):
+    """The fake API server without authentication (the syncer runs outside a cluster here)."""
+
+    def answer(self, handler: BaseHTTPRequestHandler) -> None:
+        name = handler.path.removeprefix("/api/v1/nodes/")
+        if name not in self.nodes:
+            return self._status(handler, 404, "NotFound", f'nodes "{name}" not found')
+        self._send(handler, 200, self.nodes[name])

@@ -7,7 +7,7 @@ import logging
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -87,7 +87,9 @@ async def test_pulls_are_refused_at_the_threshold_and_allowed_once_space_frees(
     assert REGISTRY.get_sample_value("image_syncer_syncer_disk_budget_exceeded") == 0
 
 
-async def test_a_content_store_on_its_own_filesystem_counts_too(tmp_path: Path, push) -> None:
+async def test_a_content_store_on_its_own_filesystem_counts_too(
+    tmp_path: Path, push: Callable[..., str]
+) -> None:
     # Snapshots on one filesystem, the content store (where a node-local cache such as Spegel
     # serves kept layers from) on another: ImageFsInfo names only the first.
     root = tmp_path / "ctrd" / "root"

@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
+from functools import partial
 
 import nats.js.errors
 import pytest
+from fakenodeapi import OpenApiServer
 from fleetdicts import fleet
 from nats.js import JetStreamContext
-from syncer_harness import RunningSyncer, eventually, info_logs_fixture
-from test_syncer import logged
-from test_syncer_prepull import OpenApiServer
+from syncer_harness import RunningSyncer, eventually, info_logs_fixture, logged
 
 from image_syncer.sandbox.containerd import Containerd
 from image_syncer.sandbox.images import build_image, push_image
@@ -60,8 +60,12 @@ def node_settings(
     return replace(settings, **more)  # type: ignore[arg-type]
 
 
+# Starts syncers with these settings, in-process; they are stopped after the test.
+RunNodes = Callable[[list[SyncerSettings]], Awaitable[list[RunningSyncer]]]
+
+
 @pytest.fixture
-async def run_nodes() -> AsyncIterator[Callable[[list[SyncerSettings]], object]]:
+async def run_nodes() -> AsyncIterator[RunNodes]:
     running: list[RunningSyncer] = []
 
     async def start(all_settings: list[SyncerSettings]) -> list[RunningSyncer]:
@@ -71,7 +75,7 @@ async def run_nodes() -> AsyncIterator[Callable[[list[SyncerSettings]], object]]
 
     yield start
     for syncer in running:
-        if not syncer.task.done():
+        if syncer.task is not None and not syncer.task.done():
             assert await syncer.stop() == 0
 
 
@@ -114,7 +118,7 @@ async def test_with_a_mirror_the_upstream_serves_each_blob_once_per_seed_for_any
     prefix: str,
     js: JetStreamContext,
     log_settings: LogSettings,
-    run_nodes,  # type: ignore[no-untyped-def]
+    run_nodes: RunNodes,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     per_fetch = await single_fetch_cost(mirrored, mirror_nodes[0])
@@ -123,7 +127,7 @@ async def test_with_a_mirror_the_upstream_serves_each_blob_once_per_seed_for_any
     await run_nodes([node_settings(n, nats_settings, prefix, mirror=mirror) for n in mirror_nodes])
     await publish_event(js, log_settings, "fleet.events.added", fleet("game", ref))
     for runtime in mirror_nodes:
-        await eventually(lambda runtime=runtime: holds(runtime, ref), "every node to hold it")
+        await eventually(partial(holds, runtime, ref), "every node to hold it")
     counts = mirrored.upstream_blob_gets(repository)
     # One seed: each blob left the upstream as often as for one single pull, not three times.
     assert counts == {blob: per_fetch for blob in blobs}, (counts, per_fetch)
@@ -137,7 +141,7 @@ async def test_nodes_wait_for_the_seed_and_say_so(
     prefix: str,
     js: JetStreamContext,
     log_settings: LogSettings,
-    run_nodes,  # type: ignore[no-untyped-def]
+    run_nodes: RunNodes,
 ) -> None:
     ref, repository, _ = push_upstream(mirrored)
     image = normalize(ref)
@@ -175,14 +179,14 @@ async def test_without_a_mirror_pulls_are_as_before(
     prefix: str,
     js: JetStreamContext,
     log_settings: LogSettings,
-    run_nodes,  # type: ignore[no-untyped-def]
+    run_nodes: RunNodes,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     ref, _, _ = push_upstream(mirrored)
     await run_nodes([node_settings(n, nats_settings, prefix) for n in mirror_nodes])
     await publish_event(js, log_settings, "fleet.events.added", fleet("game", ref))
     for runtime in mirror_nodes:
-        await eventually(lambda runtime=runtime: holds(runtime, ref), "every node to hold it")
+        await eventually(partial(holds, runtime, ref), "every node to hold it")
     # No --mirror: nobody waited for a seed, nor touched the budget's bucket.
     assert not logged(caplog, "waiting for a seed") and not logged(caplog, "seeding image")
     with pytest.raises(nats.js.errors.BucketNotFoundError):
@@ -195,8 +199,8 @@ async def test_seeds_are_counted_per_value_of_the_seed_per_label(
     prefix: str,
     js: JetStreamContext,
     log_settings: LogSettings,
-    push,  # type: ignore[no-untyped-def]
-    run_nodes,  # type: ignore[no-untyped-def]
+    push: Callable[..., str],
+    run_nodes: RunNodes,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     settings = node_settings(

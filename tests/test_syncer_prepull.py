@@ -16,12 +16,11 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from functools import partial
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
 import pytest
-from fakenodeapi import FakeApiServer
+from fakenodeapi import OpenApiServer
 from nats.js import JetStreamContext
 from syncer_harness import (  # noqa: F401  (fixtures)
     DEADLINE,
@@ -133,16 +132,6 @@ async def test_fleet_selector_keeps_only_matching_fleets(
         await eventually(lambda: other in containerd.image_refs(), "relabelled Fleet pulled")
     finally:
         assert await running.stop() == 0
-
-
-class OpenApiServer(FakeApiServer):
-    """The fake API server without authentication (the syncer runs outside a cluster here)."""
-
-    def answer(self, handler: BaseHTTPRequestHandler) -> None:
-        name = handler.path.removeprefix("/api/v1/nodes/")
-        if name not in self.nodes:
-            return self._status(handler, 404, "NotFound", f'nodes "{name}" not found')
-        self._send(handler, 200, self.nodes[name])
 
 
 @pytest.fixture
