@@ -38,8 +38,10 @@ __all__ = [
     "logged",
     "metric",
     "norm",
+    "push_tag",
     "settings_fixture",
     "status_json",
+    "unpushed",
 ]
 
 
@@ -161,3 +163,14 @@ async def status_json(settings: SyncerSettings) -> dict[str, Any]:
     assert code == 0, err
     result: dict[str, Any] = json.loads(out)
     return result
+
+
+def unpushed(push: Callable[..., str], tag: str) -> str:
+    """A reference in a fresh repository whose ``tag`` is not in the registry (yet)."""
+    return push().rsplit(":", 1)[0] + f":{tag}"
+
+
+def push_tag(push: Callable[..., str], image: str) -> None:
+    """Push ``image`` (made by :func:`unpushed`) now."""
+    repository, tag = image.split("/", 1)[1].rsplit(":", 1)
+    push(repository, tag)

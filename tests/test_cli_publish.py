@@ -135,7 +135,7 @@ async def test_publish_by_flags_builds_a_fleet_that_reaches_the_stream(
 
 
 async def test_publish_next_image_stages_it_on_the_fleet(
-    publish, js: JetStreamContext, prefix: str
+    publish: Callable[..., Awaitable[Result]], js: JetStreamContext, prefix: str
 ) -> None:
     result = await publish(
         "updated", "--name", "web", "--image", "nginx:1.27",

@@ -26,8 +26,8 @@ from deploy_support import (
     of_kind,
     one,
     pod_spec,
+    role_envvars,
 )
-from test_deploy_manifests import _role_envvars
 
 NAMESPACE, FLEET = "game-servers", "simple-game-server"
 IMAGE = "us-docker.pkg.dev/agones-images/examples/simple-game-server:1.38"
@@ -59,7 +59,7 @@ def _check_job_and_identity(resources: list[dict[str, Any]] | tuple[dict[str, An
     }
     # Every variable is one `image-syncer rollout` reads; credentials only from the Secret.
     env = {e["name"]: e for e in stage["env"]}
-    assert not set(env) - _role_envvars("rollout")
+    assert not set(env) - role_envvars("rollout")
     for name in ("NATS_USER", "NATS_PASSWORD"):
         assert env[name]["valueFrom"]["secretKeyRef"]["name"] == "image-syncer-rollout-nats"
     assert env_value(stage, "ROLLOUT_TIMEOUT") == "30m"

@@ -15,13 +15,24 @@ from typing import Any
 import polling
 import pytest
 from fakekube import FakeKube
+from gate_harness import GATE, gate_of, gated, taints, until_gate
 from nats.js import JetStreamContext
-from syncer_harness import RunningSyncer, cli, eventually, fleet, logged, metric, norm
+from syncer_harness import (
+    RunningSyncer,
+    cli,
+    eventually,
+    fleet,
+    logged,
+    metric,
+    norm,
+    push_tag,
+    unpushed,
+)
 from syncer_harness import info_logs_fixture as info_logs_fixture
 from syncer_harness import settings_fixture as settings_fixture
-from test_syncer_gate import GATE, gate_of, gated, taints, until_gate
 
 from image_syncer.sandbox.containerd import Containerd
+from ops.logs import fields_of
 from syncer.settings import SyncerSettings
 from wire.contract import NEXT_IMAGES_ANNOTATION
 from wire.eventlog import LogSettings, publish_event
@@ -37,17 +48,6 @@ def staged(name: str, image: str, next_images: str, rv: str = "1", **meta: Any) 
     obj["metadata"]["annotations"] = {NEXT_IMAGES_ANNOTATION: next_images}
     obj["metadata"].update(meta)
     return obj
-
-
-def unpushed(push: Any, tag: str) -> str:
-    """A reference in a fresh repository whose ``tag`` is not in the registry (yet)."""
-    return push().rsplit(":", 1)[0] + f":{tag}"
-
-
-def push_tag(push: Any, image: str) -> None:
-    """Push ``image`` (made by :func:`unpushed`) now."""
-    repository, tag = image.split("/", 1)[1].rsplit(":", 1)
-    push(repository, tag)
 
 
 async def test_next_image_is_staged_then_the_move_pulls_nothing(
@@ -136,8 +136,8 @@ async def test_a_malformed_entry_is_logged_counted_and_the_rest_pulled(
             lambda: {current, upcoming} <= containerd.image_refs(), "both good images pulled"
         )
         [line] = logged(caplog, "invalid image reference", fleet="default/mixed")
-        assert line.container == f"annotation {NEXT_IMAGES_ANNOTATION}"
-        assert line.image == "Not/A:Valid:Ref"
+        assert fields_of(line)["container"] == f"annotation {NEXT_IMAGES_ANNOTATION}"
+        assert fields_of(line)["image"] == "Not/A:Valid:Ref"
         assert (
             metric("image_syncer_syncer_invalid_image_references_total", source="next_images")
             == invalid + 1

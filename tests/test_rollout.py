@@ -29,8 +29,7 @@ from faults_harness import (
     syncer_settings,
 )
 from nats.js import JetStreamContext
-from syncer_harness import metric
-from test_next_images import push_tag, unpushed
+from syncer_harness import metric, push_tag, unpushed
 
 from image_syncer.sandbox.containerd import Containerd
 from wire.contract import NEXT_IMAGES_ANNOTATION

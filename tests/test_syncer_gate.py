@@ -15,6 +15,7 @@ import polling
 import pytest
 from fakekube import FakeKube
 from fakekube.harness import controller, set_sidecar
+from gate_harness import GATE, GATE_TAINT, OTHER, gated, node_status, taints, until_gate
 from nats.js import JetStreamContext
 from syncer_harness import RunningSyncer, cli, eventually, fleet, logged, metric, norm
 from syncer_harness import info_logs_fixture as info_logs_fixture
@@ -26,61 +27,12 @@ from broadcaster.sidecar import SidecarWatcher
 from image_syncer.sandbox.containerd import Containerd
 from syncer.settings import SyncerSettings
 from wire.eventlog import LogSettings, publish_event
-from wire.nodestatus import GateStatus, NodeStatus, StatusSettings, get_status, open_status_bucket
 
 pytestmark = [pytest.mark.nats, pytest.mark.cri]
 
-GATE = "image-syncer.octops.io/images-not-ready"
-GATE_TAINT = {"key": GATE, "effect": "NoSchedule"}
-OTHER = {"key": "dedicated", "value": "gameservers", "effect": "NoSchedule"}
 CONCURRENT = {"key": "example.com/maintenance", "effect": "NoSchedule"}
 # TaintNodesByCondition: on every new Node until its kubelet reports Ready.
 NOT_READY = {"key": "node.kubernetes.io/not-ready", "effect": "NoSchedule"}
-
-
-def gated(settings: SyncerSettings, kube: FakeKube, **changes: Any) -> SyncerSettings:
-    kube.create(
-        "nodes",
-        {
-            "metadata": {"name": settings.node_name, "labels": {"kubernetes.io/os": "linux"}},
-            "spec": {"taints": [OTHER, GATE_TAINT]},
-        },
-    )
-    return dataclasses.replace(
-        settings, startup_taint=GATE, kube_api_url=kube.url, node_refresh=0.5, **changes
-    )
-
-
-def taints(kube: FakeKube, node: str) -> list[dict[str, Any]]:
-    stored = kube.get("nodes", "", node)
-    assert stored is not None
-    return list(stored["spec"].get("taints") or [])
-
-
-async def node_status(js: JetStreamContext, settings: SyncerSettings) -> NodeStatus | None:
-    kv = await open_status_bucket(js, StatusSettings(prefix=settings.subject_prefix))
-    return None if kv is None else await get_status(kv, settings.node_name)
-
-
-async def gate_of(js: JetStreamContext, settings: SyncerSettings) -> GateStatus | None:
-    status = await node_status(js, settings)
-    return None if status is None else status.summary.gate
-
-
-async def until_gate(
-    js: JetStreamContext, settings: SyncerSettings, state: str, what: str
-) -> GateStatus:
-    found: list[GateStatus] = []
-
-    async def check() -> bool:
-        gate = await gate_of(js, settings)
-        if gate is not None and gate.state == state:
-            found.append(gate)
-            return True
-        return False
-
-    await polling.eventually(check, what)
-    return found[-1]
 
 
 async def test_the_taint_goes_only_once_the_image_is_there(

@@ -11,8 +11,8 @@ from typing import Any
 
 from fleetdicts import fleet
 from nats.js import JetStreamContext
-from test_cli_status import FLEET, IMAGES, cli_args, report, run_cli
-from test_cli_status import settings as settings
+from status_harness import FLEET, IMAGES, cli_args, report, run_cli
+from status_harness import settings_fixture as settings_fixture
 
 from image_syncer.fleetlog import target_of
 from image_syncer.sandbox.nats_server import NatsServer
