@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from fakekube import FakeKube
+from hypothesis import settings as hypothesis_settings
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
@@ -23,6 +24,10 @@ from image_syncer.sandbox.nats_server import NatsServer
 from image_syncer.sandbox.registry import Registry
 from wire.eventlog import LogSettings, ensure_streams
 from wire.natsconn import NatsSettings, connect
+
+# No per-example deadline: it is a timing threshold, and a loaded 2-core machine trips it.
+hypothesis_settings.register_profile("suite", deadline=None)
+hypothesis_settings.load_profile("suite")
 
 
 @pytest.fixture(scope="session")
