@@ -1,7 +1,10 @@
 """Running a long-lived asyncio process until SIGTERM or SIGINT, and waiting without outliving it.
 
 A signal sets the ``stopping`` event; the main coroutine watches it, stops taking work, finishes
-what is in flight and returns. A second signal means "now": the main task is cancelled.
+what is in flight and returns. A second signal means "now": the main task is cancelled, and
+cancelled again until it is over (so no cleanup step it is in can hold it up), and the process
+exits 0 without a traceback: an operator asked for it, nothing failed. A stop has a
+:class:`Deadline`; each step takes what is left of it, or a bound of its own.
 
 Every loop of the processes waits through the helpers here, so that none of them keeps a
 stopping process alive for a whole period: :func:`sleep_unless_stopping` for a loop's pause,
@@ -20,6 +23,7 @@ from collections.abc import Awaitable, Callable, Collection
 from typing import Any, TypeVar
 
 __all__ = [
+    "Deadline",
     "cancel_and_wait",
     "every",
     "run_until_signalled",
@@ -32,6 +36,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+# After a second signal, the main task is cancelled again this often until it is over.
+_RECANCEL = 0.1
+
 
 def run_until_signalled(main: Callable[[asyncio.Event], Awaitable[int | None]]) -> int:
     """Run ``main(stopping)`` on a fresh loop; return its exit code (0 for None)."""
@@ -42,12 +49,22 @@ async def _run(main: Callable[[asyncio.Event], Awaitable[int | None]]) -> int | 
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     task = asyncio.current_task()
+    assert task is not None
+    hurried = False
+
+    def hurry() -> None:
+        # One cancel can be swallowed (see cancel_and_wait): repeat until the task is over.
+        if not task.done():
+            task.cancel()
+            loop.call_later(_RECANCEL, hurry)
 
     def on_signal(sig: signal.Signals) -> None:
+        nonlocal hurried
         if stopping.is_set():
-            log.warning("second signal, stopping now", extra={"signal": sig.name})
-            if task is not None:
-                task.cancel()
+            if not hurried:
+                hurried = True
+                log.warning("second signal, stopping now", extra={"signal": sig.name})
+                hurry()
             return
         log.info("signal received, draining", extra={"signal": sig.name})
         stopping.set()
@@ -56,9 +73,30 @@ async def _run(main: Callable[[asyncio.Event], Awaitable[int | None]]) -> int | 
         loop.add_signal_handler(sig, on_signal, sig)
     try:
         return await main(stopping)
+    except asyncio.CancelledError:
+        if not hurried:
+            raise
+        task.uncancel()
+        log.info("stopped at once")
+        return 0
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+
+
+class Deadline:
+    """The end of a stop: how long each of its steps may still take."""
+
+    def __init__(self, seconds: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.at = self._loop.time() + max(0.0, seconds)
+
+    def left(self) -> float:
+        return max(0.0, self.at - self._loop.time())
+
+    def patience(self, bound: float) -> float:
+        """What is left, but at most ``bound``."""
+        return min(self.left(), bound)
 
 
 async def wait_any(*events: asyncio.Event, timeout: float | None = None) -> None:

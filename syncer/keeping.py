@@ -14,6 +14,8 @@ together behind the few hooks the syncer's pull path calls, so the runner wires 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Collection, Iterable
 
@@ -33,6 +35,9 @@ from wire.permissions import bucket_for
 __all__ = ["Keeper"]
 
 log = logging.getLogger(__name__)
+
+# Closing containerd's images client: a channel close, bounded all the same.
+_CLOSE_PATIENCE = 0.5
 
 Remover = Callable[[str], Awaitable[None]]
 
@@ -179,7 +184,11 @@ class Keeper:
             gc_backoff=tuple(sorted(str(i) for i in self.tracker.backing_off())),
         )
 
-    async def close(self) -> None:
-        if self.pinner is not None:
-            await self.pinner.close()
-        await self.images.close()
+    async def close(self, patience: float) -> list[ImageRef]:
+        """Bounded: pins still waiting after ``patience`` seconds are cancelled; returns their
+        images (pinned at the next start)."""
+        unpinned = await self.pinner.close(patience) if self.pinner is not None else []
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_CLOSE_PATIENCE):
+                await self.images.close()
+        return unpinned

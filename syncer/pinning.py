@@ -32,6 +32,7 @@ import msgspec
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
+from ops.lifecycle import cancel_and_wait
 from syncer import metrics
 from syncer.cleanup import LOAD_TIMEOUT, ensure_pulled_bucket, record_key
 from syncer.containerd_images import PIN_LABEL, PIN_VALUE, ImageRecord
@@ -46,6 +47,8 @@ BUCKET = "IMAGE_SYNCER_PINNED"
 # A name no image has: asking for it shows the images service answers (NOT_FOUND is an answer).
 _PROBE_NAME = "image-syncer.invalid/probe:pinning"
 _DESCRIPTION = "image-syncer: image names each node's syncer pinned itself"
+# How long a cancelled pin gets to wind down at stop.
+_CANCEL_PATIENCE = 0.5
 
 
 class ImageLabels(Protocol):
@@ -188,7 +191,11 @@ class Pinner:
         # Desired images known to be pinned (by us or by someone else) since last seen present.
         self._verified: set[ImageRef] = set()
         self._failing = False
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._pending: dict[ImageRef, asyncio.Task[None]] = {}  # pins of finished pulls
+
+    def _forget_task(self, image: ImageRef, task: asyncio.Task[None]) -> None:
+        if self._pending.get(image) is task:
+            del self._pending[image]
 
     def pinned(self, wanted: Collection[ImageRef]) -> int:
         """How many of ``wanted`` are pinned, as far as this syncer knows."""
@@ -198,8 +205,8 @@ class Pinner:
         """Pin right after a successful pull (in the background: pulls never wait for it)."""
         self._verified.discard(image)
         task = asyncio.create_task(self._guarded(self._pin_one(image)), name=f"pin {image}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._pending[image] = task
+        task.add_done_callback(lambda done: self._forget_task(image, done))
 
     async def sync(self, wanted: Collection[ImageRef], present: Holding) -> None:
         """After each ListImages: unpin what is no longer wanted, pin what is and lacks it."""
@@ -213,9 +220,16 @@ class Pinner:
             await self._unpin(ledger, str(image))
             self._verified.discard(image)
 
-    async def close(self) -> None:
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+    async def close(self, patience: float) -> list[ImageRef]:
+        """Let the pins of finished pulls run for ``patience`` seconds, then cancel them (NATS
+        may be down: each would wait for its ledger write in turn). Returns the images left
+        unpinned; the next start pins them, since they are desired and present."""
+        pending = {task: image for image, task in self._pending.items() if not task.done()}
+        if pending and patience > 0:
+            await asyncio.wait(pending, timeout=patience)
+        late = [task for task in pending if not task.done()]
+        await cancel_and_wait(late, patience=_CANCEL_PATIENCE)
+        return sorted(pending[task] for task in late)
 
     async def _sync(self, wanted: Collection[ImageRef], present: Holding) -> None:
         async with self._lock:

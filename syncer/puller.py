@@ -21,6 +21,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 
+from ops.lifecycle import cancel_and_wait
 from ops.retry import Backoff
 from syncer import metrics
 from syncer.cri import CriClient, CriError, RegistryAuth, RuntimeUnavailable
@@ -32,6 +33,14 @@ from wire.pullfailures import PullFailure, classify
 __all__ = ["PullResult", "Puller"]
 
 log = logging.getLogger(__name__)
+
+# How long a cancelled pull gets to wind down at stop (the runtime call is cancelled at once).
+_CANCEL_PATIENCE = 0.5
+
+
+def _cancelling() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 @dataclass(frozen=True)
@@ -84,6 +93,8 @@ class Puller:
             self.subscribe(on_result)
         self._clock = clock
         self._inflight: dict[ImageRef, asyncio.Task[PullResult]] = {}
+        # The runtime call of each pull that holds its slots: what a stop cancels.
+        self._attempts: dict[ImageRef, asyncio.Task[PullResult]] = {}
         self._failures: dict[ImageRef, int] = {}
         self._not_before: dict[ImageRef, float] = {}
         self._closing = False
@@ -143,15 +154,34 @@ class Puller:
                     del self._held[image]
             over.set()
 
-    async def close(self) -> None:
-        """Start no new pulls; let running ones finish or time out (queued ones give up)."""
+    async def close(self, patience: float) -> list[ImageRef]:
+        """Start no new pulls (queued ones give up); let running ones finish for ``patience``
+        seconds, then cancel them. Returns the images whose pull was cancelled.
+
+        A cancelled pull ends as deferred ("stopping"), like a queued one: its event is handed
+        back to NATS for redelivery, and the next start pulls the image again.
+        """
         self._closing = True
         if self._budget is not None:
             self._budget.stop()
         if self._seeding is not None:
             self._seeding.stop()
-        if self._inflight:
-            await asyncio.gather(*self._inflight.values(), return_exceptions=True)
+        pulls = dict(self._inflight)
+        if not pulls:
+            return []
+        if patience > 0:
+            await asyncio.wait(pulls.values(), timeout=patience)
+        abandoned = {image for image, attempt in self._attempts.items() if not attempt.done()}
+        for attempt in list(self._attempts.values()):
+            attempt.cancel()
+        # The others end on their own once the cancelled ones free their slots (they see
+        # ``_closing``); one waiting for something else (a removal) is cancelled too.
+        late = [task for task in pulls.values() if not task.done()]
+        if late:
+            await asyncio.wait(late, timeout=_CANCEL_PATIENCE)
+            await cancel_and_wait(late, patience=_CANCEL_PATIENCE)
+        abandoned |= {image for image, task in pulls.items() if task.cancelled()}
+        return sorted(abandoned)
 
     async def _pull(self, image: ImageRef) -> PullResult:
         while (removal := self._held.get(image)) is not None:
@@ -196,7 +226,17 @@ class Puller:
                 except Exception:
                     log.exception("before-pull hook failed", extra={"image": str(image)})
             started = self._clock()
-            result = await self._attempt(image)
+            attempt = asyncio.create_task(self._attempt(image), name=f"pull attempt {image}")
+            self._attempts[image] = attempt
+            try:
+                result = await attempt
+            except asyncio.CancelledError:
+                if _cancelling():
+                    raise  # this pull itself was cancelled
+                # Only the runtime call was: the stop gave up on it.
+                return PullResult(image, False, error="stopping", deferred=True)
+            finally:
+                self._attempts.pop(image, None)
             metrics.PULL_DURATION.observe(max(0.0, self._clock() - started))
         turn.pulled = result.ok
         return result

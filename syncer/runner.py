@@ -9,8 +9,11 @@ is the end of the syncer), and the background tasks: the node status reporter, t
 watch, the consumer-lag gauge, the NATS and runtime watches and the node watcher. /readyz says
 false until NATS is connected, the runtime answers and the replay is done; /healthz fails when a
 loop stops turning or the runtime has not answered for ``runtime_unhealthy_after``. Stop
-(``stopping`` set by SIGTERM): take no more events, let running pulls finish or time out, ack what
-they settled, close the connections, return 0.
+(``stopping`` set by SIGTERM, also during the start): take no more events, let running pulls
+finish for ``--stop-timeout``, then cancel them; hand their events back, write the last status,
+close the connections, return 0. Every step after the drain has its own bound (together
+:data:`~syncer.settings.CLOSING_BOUND`), so the stop ends well inside the kubelet's grace period
+whatever is in flight, and one warning names what it gave up on.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Any
 
 from nats.aio.client import Client
 
-from ops.lifecycle import cancel_and_wait, every, until_stopping
+from ops.lifecycle import Deadline, cancel_and_wait, every, until_stopping
 from ops.retry import Backoff, retry
 from ops.serving import Health, parse_addr, serve_http
 from syncer import assembly, metrics
@@ -32,7 +35,7 @@ from syncer.nodeinfo import NodeInfoError
 from syncer.registryauth import RegistryCredentials
 from syncer.replay import replay_until_done
 from syncer.runtimehealth import RuntimeHealth
-from syncer.settings import SyncerSettings
+from syncer.settings import CLOSING_BOUND, SyncerSettings
 from wire.natsconn import RETRYABLE, connect
 from wire.permissions import inbox_prefix
 
@@ -41,10 +44,18 @@ __all__ = ["run"]
 log = logging.getLogger(__name__)
 
 _NATS_CHECK_PERIOD = 1.0
-# How long the background tasks get to end once cancelled (they watch ``stopping`` too).
-_TASKS_PATIENCE = 10.0
-# How long the reconcile and the consumer get to finish their pass once stopping.
-_LOOPS_PATIENCE = 15.0
+# The closing steps after the drain, each bounded (seconds); together CLOSING_BOUND at most.
+# Pins of finished pulls (each waits for a NATS write: NATS may be down).
+_CLOSE_PINS = 2.0
+# The events the pulls settled: acked or handed back (NATS publishes, no answer awaited).
+_CLOSE_EVENTS = 1.0
+# The last status write (one NATS request).
+_LAST_STATUS = 2.0
+# The background tasks, cancelled (they watch ``stopping`` too).
+_CLOSE_TASKS = 1.0
+# The NATS connection: a drain when connected, else a close.
+_CLOSE_NATS = 1.0
+assert _CLOSE_PINS + _CLOSE_EVENTS + _LAST_STATUS + _CLOSE_TASKS + _CLOSE_NATS <= CLOSING_BOUND
 
 
 async def run(
@@ -98,12 +109,31 @@ async def run(
         return 0
     finally:
         if nc is not None:
-            with contextlib.suppress(Exception):
-                await nc.drain()
-        await cri.close()
+            await _close_nats(nc)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_CLOSE_NATS):
+                await cri.close()
         if server is not None:
             server.close()
         log.info("syncer stopped", extra={"node": settings.node_name})
+
+
+async def _close_nats(nc: Client) -> None:
+    """Drain when connected (acks still in the buffer go out), else just close: nats-py's drain
+    waits ``drain_timeout`` (30s) for a server that is not there. A second signal (the task
+    is being cancelled) closes at once."""
+    task = asyncio.current_task()
+    hurried = task is not None and task.cancelling() > 0
+    try:
+        async with asyncio.timeout(_CLOSE_NATS):
+            if nc.is_connected and not hurried:
+                await nc.drain()
+    except Exception as e:
+        log.debug("nats drain at stop failed", extra={"error": repr(e)})
+    if not nc.is_closed:
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(_CLOSE_NATS):
+                await nc.close()
 
 
 async def _serve(settings: SyncerSettings, health: Health) -> asyncio.Server | None:
@@ -120,6 +150,7 @@ class _Syncer:
         self.parts = parts
         self.stopping = stopping
         self._reconnects = self._reconnect_count()
+        self._deadline: Deadline | None = None
 
     async def run(self) -> None:
         tasks = [
@@ -127,48 +158,57 @@ class _Syncer:
             self._task(self._watch_runtime(), "runtime watch"),
         ]
         try:
-            # Stopping abandons the start wherever it is (a replay, a first reconcile).
-            if not await until_stopping(self.stopping, self._start(tasks)):
-                return
-            tasks += self._background()
-            loops = [
-                self._task(
-                    self.parts.reconciler.run(self.parts.settings.sync_period, self.stopping),
-                    "reconcile",
-                ),
-                self._task(self.parts.consumer.run(self.stopping), "consumer"),
-            ]
-            tasks += loops
-            await self._until_loops_end(loops)
-            await self._stop()
+            # Stopping abandons the start wherever it is (a replay, a first reconcile); what the
+            # start began (the first reconcile's pulls, pins) is stopped like the rest.
+            started = await until_stopping(self.stopping, self._start(tasks))
+            if started:
+                tasks += self._background()
+                loops = [
+                    self._task(
+                        self.parts.reconciler.run(self.parts.settings.sync_period, self.stopping),
+                        "reconcile",
+                    ),
+                    self._task(self.parts.consumer.run(self.stopping), "consumer"),
+                ]
+                tasks += loops
+                await self._until_loops_end(loops)
+            await self._stop(status=bool(started))
         finally:
             # Bounded: a background task that does not end must not keep the syncer from exiting.
-            left = await cancel_and_wait(tasks, patience=_TASKS_PATIENCE)
+            left = await cancel_and_wait(tasks, patience=_CLOSE_TASKS)
             if left:
                 log.warning(
                     "background tasks did not stop, exiting without them",
                     extra={"tasks": sorted(task.get_name() for task in left)},
                 )
 
+    def _drain_deadline(self) -> Deadline:
+        """The end of the drain, counted from the first look after ``stopping`` was set."""
+        if self._deadline is None:
+            self._deadline = Deadline(self.parts.settings.stop_timeout)
+        return self._deadline
+
     async def _until_loops_end(self, loops: list[asyncio.Task[None]]) -> None:
-        """Until ``stopping`` (or a loop failed); then the loops get a while to finish the pass
-        they are in. A pass that hangs is cancelled: it must not keep the syncer from stopping,
-        and the next start does it again."""
+        """Until ``stopping`` (or a loop failed); then the loops get what is left of the drain
+        to finish the pass they are in. A pass that hangs is cancelled: it must not keep the
+        syncer from stopping, and the next start does it again."""
         stopped = asyncio.ensure_future(self.stopping.wait())
         try:
             await asyncio.wait([*loops, stopped], return_when=asyncio.FIRST_COMPLETED)
         finally:
             stopped.cancel()
         # A loop that failed ends the syncer: the other one is not waited for.
-        patience = _LOOPS_PATIENCE if self.stopping.is_set() else 0.0
-        _, late = await asyncio.wait(loops, timeout=patience)
+        patience = self._drain_deadline().left() if self.stopping.is_set() else 0.0
+        if patience > 0:
+            await asyncio.wait(loops, timeout=patience)
+        late = {loop for loop in loops if not loop.done()}
         if late:
             if self.stopping.is_set():
                 log.warning(
                     "loops did not end in time, cancelled",
                     extra={"loops": sorted(task.get_name() for task in late)},
                 )
-            await cancel_and_wait(late, patience=_TASKS_PATIENCE)
+            await cancel_and_wait(late, patience=_CLOSE_TASKS)
         for loop in loops:
             error = loop.exception() if loop.done() and not loop.cancelled() else None
             if error is not None:
@@ -246,14 +286,34 @@ class _Syncer:
         tasks.append(self._task(self.parts.refolder.run(self.stopping), "refold"))
         return tasks
 
-    async def _stop(self) -> None:
-        log.info("draining", extra={"pulls_in_flight": self.parts.puller.inflight})
-        await self.parts.puller.close()
-        await self.parts.keeper.close()
-        await self.parts.consumer.drain()
-        if self.parts.reporter is not None:
-            # The last word: what the node holds as it stops.
-            await self.parts.reporter.tick()
+    async def _stop(self, *, status: bool) -> None:
+        """Drain up to the deadline, then cancel; every closing step bounded; one warning
+        naming what was given up on. ``status``: write the last status (not when the start was
+        cut short: a half-folded log is not the node's state)."""
+        parts = self.parts
+        drain = self._drain_deadline()
+        log.info(
+            "draining",
+            extra={"pulls_in_flight": parts.puller.inflight, "drain_for": round(drain.left(), 1)},
+        )
+        given_up: dict[str, str] = {}
+        pulls = await parts.puller.close(patience=drain.left())
+        if pulls:
+            given_up["pulls"] = ",".join(str(image) for image in pulls)
+        pins = await parts.keeper.close(patience=_CLOSE_PINS)
+        if pins:
+            given_up["pins"] = ",".join(str(image) for image in pins)
+        try:
+            async with asyncio.timeout(_CLOSE_EVENTS):
+                await parts.consumer.drain()
+        except TimeoutError:
+            given_up["events"] = "not settled (redelivered after --ack-wait)"
+        # The last word: what the node holds as it stops, though the throttle says "not yet".
+        reporter = parts.reporter if status else None
+        if reporter is not None and not await reporter.last_word(_LAST_STATUS):
+            given_up["status"] = "last status not written"
+        if given_up:
+            log.warning("stop abandoned work", extra=given_up)
 
     def _task(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         return asyncio.create_task(coro, name=f"{name} ({self.parts.settings.node_name})")

@@ -14,8 +14,11 @@ from wire.natsconn import NatsSettings
 # The durable is named where the per-node NATS permissions are: one rule for both.
 from wire.permissions import durable_name
 
-__all__ = ["SyncerSettings", "durable_name"]
+__all__ = ["CLOSING_BOUND", "SyncerSettings", "durable_name"]
 
+# After --stop-timeout, each closing step has a bound of its own (pins, events, the last status,
+# background tasks, NATS); together at most this many seconds. See syncer.runner.
+CLOSING_BOUND = 7.0
 DEFAULT_CRI_ENDPOINT = "unix:///run/containerd/containerd.sock"
 # A label key, as taint keys are: an optional DNS subdomain prefix and a name of 63 at most.
 _HOST = re.compile(r"^\*$|^[A-Za-z0-9]([-A-Za-z0-9.]*[A-Za-z0-9])?(:[0-9]{1,5})?$")
@@ -32,6 +35,9 @@ class SyncerSettings:
     sync_period: float = 15.0
     max_parallel_pulls: int = 2
     pull_timeout: float = 600.0
+    # At stop, pulls in flight get this long to finish before they are cancelled; closing the
+    # rest then takes at most CLOSING_BOUND more (the DaemonSet's grace period leaves room).
+    stop_timeout: float = 10.0
     backoff_min: float = 1.0
     backoff_max: float = 300.0
     subject_prefix: str = DEFAULT_PREFIX
@@ -113,6 +119,7 @@ class SyncerSettings:
             raise ValueError("node_name must not be empty")
         positive = {
             "status_interval": self.status_interval,
+            "stop_timeout": self.stop_timeout,
             "status_ttl": self.status_ttl,
             "runtime_unhealthy_after": self.runtime_unhealthy_after,
             "node_refresh": self.node_refresh,

@@ -124,6 +124,20 @@ class StatusReporter:
             return await self._beat(now)
         return False
 
+    async def last_word(self, timeout: float) -> bool:
+        """Write the entry now, whatever the throttle says: the node as it stops (what it holds,
+        what it gave up on) must not wait for an ``interval`` the process does not have. At most
+        ``timeout`` seconds (NATS may be gone); True if written."""
+        state = self._take_snapshot()
+        if state is None:
+            return False
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._write(state, self._clock(), write_timeout=timeout)
+        except TimeoutError as e:
+            self._record_failure(e)
+            return False
+
     async def run(self, stopping: asyncio.Event) -> None:
         """Report until ``stopping`` is set."""
         while not stopping.is_set():
@@ -158,7 +172,9 @@ class StatusReporter:
             log.exception("node status snapshot failed", extra={"error": repr(e)})
             return None
 
-    async def _write(self, state: NodeState, now: float) -> bool:
+    async def _write(
+        self, state: NodeState, now: float, *, write_timeout: float | None = None
+    ) -> bool:
         self._last_attempt = now
         status = NodeStatus(
             node=self.node,
@@ -169,7 +185,9 @@ class StatusReporter:
         )
         try:
             await self._ensure_bucket()
-            await put_status(self._js, self._settings, status, timeout=self._write_timeout)
+            await put_status(
+                self._js, self._settings, status, timeout=write_timeout or self._write_timeout
+            )
         except Exception as e:
             self._record_failure(e)
             return False

@@ -158,6 +158,8 @@ class SyncerProcess:
     log_file: Path
     process: subprocess.Popen[bytes] | None = None
     port: int = field(default_factory=free_port)
+    # More env twins, or other values for the ones above.
+    extra_env: dict[str, str] = field(default_factory=dict)
 
     def start(self) -> SyncerProcess:
         env = {
@@ -174,6 +176,7 @@ class SyncerProcess:
             "REMOVE_UNUSED": "true",
             "REMOVE_GRACE": "0s",
             "METRICS_ADDR": f"127.0.0.1:{self.port}",
+            **self.extra_env,
         }
         with self.log_file.open("ab") as out:
             self.process = subprocess.Popen(

@@ -35,6 +35,9 @@ from deploy_support import (
     workloads,
 )
 
+from ops.durations import parse_duration
+from syncer.settings import CLOSING_BOUND, SyncerSettings
+
 # The oldest Kubernetes the manifests promise to work on, and the newest schema shipped.
 SCHEMA_VERSIONS = ["1.30.0", kubernetes_validate.latest_version()]
 BROADCASTER = "image-syncer-broadcaster"
@@ -144,6 +147,20 @@ def test_syncer_sees_the_image_filesystem_read_only_where_host_root_maps_it(name
     assert mount["readOnly"] is True
     # The runtime reports /var/lib/...; the syncer reads it at HOST_ROOT + that path.
     assert mount["mountPath"] == env_value(syncer, "HOST_ROOT") + IMAGE_DIRS[name]
+
+
+@pytest.mark.parametrize("name", list(SYNCER_OVERLAYS))
+def test_the_syncers_grace_period_leaves_room_for_its_bounded_stop(name: str) -> None:
+    _, daemonset = _syncer_workloads(name)
+    env = env_of(container(daemonset, "syncer"))
+    stop = (
+        parse_duration(env["STOP_TIMEOUT"]["value"])
+        if "STOP_TIMEOUT" in env
+        else SyncerSettings.stop_timeout
+    )
+    # --stop-timeout bounds the drain, the closing steps take CLOSING_BOUND more; then room
+    # for a loaded node before the kubelet's SIGKILL.
+    assert pod_spec(daemonset)["terminationGracePeriodSeconds"] >= stop + CLOSING_BOUND + 10
 
 
 @pytest.mark.parametrize("name", list(SYNCER_OVERLAYS))

@@ -85,7 +85,7 @@ async def test_a_pulled_image_is_pinned_on_every_name_and_unpinned_when_unwanted
     pinner = make_pinner()
 
     pinner.on_pulled(image)
-    await pinner.close()
+    assert await pinner.close(patience=60.0) == []
 
     assert pinned_names(containerd, ref) == names_of(containerd, ref)
     assert len(names_of(containerd, ref)) == 3  # tag, repo digest, image id

@@ -164,7 +164,7 @@ async def test_the_puller_takes_a_slot_and_reports_429s(make_node, js: JetStream
     other = normalize("registry.example:5000/game/other:v1")
     pending = puller.ensure(other)
     await eventually(lambda: other in budget.waiting(), "the next pull to wait out the 429")
-    await puller.close()
+    await puller.close(patience=60.0)
     result = await asyncio.wait_for(pending, 30)
     assert result.deferred and result.error == "stopping" and cri.calls == 1
 

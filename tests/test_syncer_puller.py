@@ -162,7 +162,7 @@ async def test_close_lets_running_pulls_finish_and_queued_give_up() -> None:
     running = puller.ensure(IMG[0])
     queued = puller.ensure(IMG[1])
     await until(lambda: cri.running == 1, "first pull running")
-    closing = asyncio.create_task(puller.close())
+    closing = asyncio.create_task(puller.close(patience=60.0))
     await asyncio.sleep(0)
     assert not closing.done()
     cri.gates[str(IMG[0])].set()
@@ -171,6 +171,21 @@ async def test_close_lets_running_pulls_finish_and_queued_give_up() -> None:
     assert (await queued).deferred
     assert [c[0] for c in cri.calls] == [str(IMG[0])]
     assert puller.ensure(IMG[2]).result().deferred
+
+
+async def test_close_cancels_a_pull_still_running_after_its_patience() -> None:
+    cri = StandInCri()
+    puller, _, _ = make(cri, max_parallel=1)
+    hung = puller.ensure(IMG[0])  # its gate never opens: a registry that never answers
+    queued = puller.ensure(IMG[1])
+    await until(lambda: cri.running == 1, "first pull running")
+
+    abandoned = await puller.close(patience=0.01)
+
+    assert abandoned == [IMG[0]]
+    assert (await hung).deferred and (await hung).error == "stopping"
+    assert (await queued).deferred
+    assert puller.inflight == 0
 
 
 @pytest.mark.parametrize("image", [ImageRef("127.0.0.1:5000/x", "v1")])

@@ -60,6 +60,14 @@ def syncer(
     pull_timeout: Annotated[
         float, Duration("Give up on one pull after this long.", "PULL_TIMEOUT")
     ] = _duration(SyncerSettings.pull_timeout),
+    stop_timeout: Annotated[
+        float,
+        Duration(
+            "On SIGTERM, let pulls in flight run this long, then cancel them; closing takes "
+            "at most 7s more.",
+            "STOP_TIMEOUT",
+        ),
+    ] = _duration(SyncerSettings.stop_timeout),
     pull_backoff_min: Annotated[
         float, Duration("First wait before retrying a failed image.", "PULL_BACKOFF_MIN")
     ] = _duration(SyncerSettings.backoff_min),
@@ -310,6 +318,7 @@ def syncer(
             sync_period=sync_period,
             max_parallel_pulls=max_parallel_pulls,
             pull_timeout=pull_timeout,
+            stop_timeout=stop_timeout,
             backoff_min=pull_backoff_min,
             backoff_max=pull_backoff_max,
             subject_prefix=subject_prefix,
