@@ -142,7 +142,9 @@ class _Wiring:
         self.desired = DesiredState(admit=self.admit, keep_objects=node_watcher is not None)
         self.budget = self._budget()
         self.seeding = self._seeding()
-        self.keeper = Keeper(settings, cri)
+        self.keeper = Keeper(
+            settings, cri, auth_for=lambda image: credentials.for_image(str(image))
+        )
         self.puller = Puller(
             cri,
             max_parallel=settings.max_parallel_pulls,
@@ -151,7 +153,7 @@ class _Wiring:
             auth_for=lambda image: credentials.for_image(str(image)),
             budget=self.budget,
             hold=self.keeper.hold_off,
-            admit=self.keeper.refuse,
+            admission=self.keeper,
             before=self._before_pull,
             seeding=self.seeding,
         )

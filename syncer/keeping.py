@@ -4,11 +4,13 @@ The three protections against the kubelet's image garbage collector live in thei
 (:mod:`syncer.pinning`, :mod:`syncer.diskbudget`, :mod:`syncer.gcfight`); this one puts them
 together behind the few hooks the syncer's pull path calls, so the runner wires one object:
 
-- before a pull: :meth:`Keeper.hold_off` (an image that keeps vanishing waits) and
-  :meth:`Keeper.refuse` (no pull while the image filesystem is over budget);
+- before a pull: :meth:`Keeper.hold_off` (an image that keeps vanishing waits) and the disk
+  budget: :meth:`Keeper.precheck` before it queues, :meth:`Keeper.admit` when it really starts
+  (charged with its size from the manifest), :meth:`Keeper.release` when it ends;
 - after a pull: :meth:`Keeper.on_pull_result` (pin it, remember the node holds it);
 - after each ``ListImages``: :meth:`Keeper.observe` (count what vanished, before the missing
-  images are pulled again) and :meth:`Keeper.after_list` (pin and unpin to match the Fleets);
+  images are pulled again) and :meth:`Keeper.after_list` (the disk budget looks at the disk
+  again, pins and unpins follow the Fleets);
 - before ``--remove-unused`` removes an image: :meth:`Keeper.removing` (unpin it first).
 """
 
@@ -17,14 +19,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Collection, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 
 from nats.js import JetStreamContext
 
 from syncer.containerd_images import ContainerdImages
-from syncer.cri import CriClient, CriError, RuntimeUnavailable, RuntimeVersion
+from syncer.cri import CriClient, CriError, RegistryAuth, RuntimeUnavailable, RuntimeVersion
 from syncer.diskbudget import DiskBudget
 from syncer.gcfight import RemovalTracker
+from syncer.manifestsize import ManifestSizes
 from syncer.pinning import BUCKET, Pinner, PinningSupport, pinning_support
 from syncer.puller import PullResult
 from syncer.references import Holding, ImageRef
@@ -45,7 +48,12 @@ Remover = Callable[[str], Awaitable[None]]
 class Keeper:
     """Pinning, the disk budget and the removal tracker of one node's syncer."""
 
-    def __init__(self, settings: SyncerSettings, cri: CriClient) -> None:
+    def __init__(
+        self,
+        settings: SyncerSettings,
+        cri: CriClient,
+        auth_for: Callable[[ImageRef], Sequence[RegistryAuth]] = lambda _: (),
+    ) -> None:
         self._settings = settings
         self._cri = cri
         self.images = ContainerdImages(
@@ -54,6 +62,7 @@ class Keeper:
         self.budget = DiskBudget(
             cri.image_fs_info, max_usage=settings.max_image_fs_usage, host_root=settings.host_root
         )
+        self.sizes = ManifestSizes(auth_for)
         self.tracker = RemovalTracker(
             threshold=settings.removal_backoff_after,
             window=settings.removal_window,
@@ -116,9 +125,21 @@ class Keeper:
         """Seconds ``image`` must wait before it is pulled again (it keeps vanishing)."""
         return self.tracker.hold_off(image)
 
-    async def refuse(self) -> str:
-        """Why no pull may start now (the disk budget), or ""."""
-        return await self.budget.refuse()
+    async def precheck(self, image: ImageRef) -> str:
+        """Before ``image``'s pull queues: why it cannot start now (the disk budget), or "".
+        Its size is asked of the registry here, so the pull does not hold its slots for it."""
+        refused = await self.budget.refuse()
+        if not refused:
+            await self.sizes.of(image)
+        return refused
+
+    async def admit(self, image: ImageRef) -> str:
+        """Holding its slots: why ``image``'s pull must not start (the disk with the pulls in
+        flight and this one), or "" and it is charged until :meth:`release`."""
+        return await self.budget.admit(image, await self.sizes.of(image))
+
+    def release(self, image: ImageRef) -> None:
+        self.budget.release(image)
 
     # --- after a pull and after each ListImages -----------------------------------------------
 
@@ -134,6 +155,8 @@ class Keeper:
         self.tracker.observe(wanted, present)
 
     async def after_list(self, wanted: Collection[ImageRef], present: Holding) -> None:
+        # The paused state follows the disk, whether or not a pull asks.
+        await self.budget.reevaluate(image for image in wanted if image not in present)
         if not self._decided and self._js is not None:
             await self._decide(self._js)
         if self.pinner is not None:

@@ -154,7 +154,7 @@ PULLS_SKIPPED = Counter(
 IMAGE_FS_USAGE = Gauge(
     "image_syncer_syncer_image_fs_usage_ratio",
     "Used fraction of the fullest image filesystem (capacity - available) / capacity, as last read "
-    "before a pull.",
+    "at every reconcile and before each pull.",
 )
 DISK_BUDGET_EXCEEDED = Gauge(
     "image_syncer_syncer_disk_budget_exceeded",

@@ -20,6 +20,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from ops.lifecycle import cancel_and_wait
 from ops.retry import Backoff
@@ -30,7 +31,7 @@ from syncer.references import ImageRef
 from syncer.seeding import Seeding, SeedTurn
 from wire.pullfailures import PullFailure, classify
 
-__all__ = ["PullResult", "Puller"]
+__all__ = ["Admission", "PullResult", "Puller"]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,21 @@ _CANCEL_PATIENCE = 0.5
 def _cancelling() -> bool:
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
+
+
+class Admission(Protocol):
+    """Whether a pull may start (the disk budget): :class:`syncer.keeping.Keeper`."""
+
+    async def precheck(self, image: ImageRef) -> str:
+        """Before the pull queues for its slots: why it cannot start now, or ""."""
+        ...
+
+    async def admit(self, image: ImageRef) -> str:
+        """Holding its slots, right before the runtime pulls: why not, or "" (then
+        :meth:`release` follows once it ends)."""
+        ...
+
+    def release(self, image: ImageRef) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -69,15 +85,15 @@ class Puller:
         clock: Callable[[], float] = time.monotonic,
         budget: PullBudget | None = None,
         hold: Callable[[ImageRef], float] = lambda _: 0.0,
-        admit: Callable[[], Awaitable[str]] | None = None,
+        admission: Admission | None = None,
         before: Callable[[ImageRef], Awaitable[None]] | None = None,
         seeding: Seeding | None = None,
     ) -> None:
         self._cri = cri
         # Before a pull: how long an image must still wait (it keeps vanishing: GC backoff), and
-        # why no pull may start now (the disk budget). Neither counts as a failure.
+        # why it may not start now (the disk budget). Neither counts as a failure.
         self._hold = hold
-        self._admit = admit
+        self._admission = admission
         # Right before the runtime pulls (the cleanup records the pull it is about to own).
         self._before = before
         # The cluster-wide pull budget (--max-cluster-pulls), taken before the node's own slot;
@@ -186,8 +202,9 @@ class Puller:
     async def _pull(self, image: ImageRef) -> PullResult:
         while (removal := self._held.get(image)) is not None:
             await removal.wait()
-        if self._admit is not None:
-            refused = await self._admit()
+        admission = self._admission
+        if admission is not None:
+            refused = await admission.precheck(image)
             if refused:
                 # Not a failure of the image: no backoff, no result; the next reconcile retries.
                 return PullResult(image, False, error=refused, deferred=True)
@@ -211,7 +228,7 @@ class Puller:
         return self._seeding.turn(image)
 
     async def _pull_in_turn(self, image: ImageRef, turn: SeedTurn) -> PullResult:
-        budget = self._budget
+        budget, admission = self._budget, self._admission
         cluster_slot = (
             budget.slot(image, mirrored=turn.mirrored)
             if budget is not None
@@ -220,25 +237,39 @@ class Puller:
         async with cluster_slot, self._slots:
             if self._closing:
                 return PullResult(image, False, error="stopping", deferred=True)
-            if self._before is not None:
-                try:
-                    await self._before(image)
-                except Exception:
-                    log.exception("before-pull hook failed", extra={"image": str(image)})
-            started = self._clock()
-            attempt = asyncio.create_task(self._attempt(image), name=f"pull attempt {image}")
-            self._attempts[image] = attempt
+            # Checked again now that it really starts: the pulls it queued behind may have
+            # filled the disk, and pulls starting together must not share one look at it.
+            refused = await admission.admit(image) if admission is not None else ""
+            if refused:
+                return PullResult(image, False, error=refused, deferred=True)
             try:
-                result = await attempt
-            except asyncio.CancelledError:
-                if _cancelling():
-                    raise  # this pull itself was cancelled
-                # Only the runtime call was: the stop gave up on it.
-                return PullResult(image, False, error="stopping", deferred=True)
+                result = await self._run_attempt(image)
             finally:
-                self._attempts.pop(image, None)
-            metrics.PULL_DURATION.observe(max(0.0, self._clock() - started))
+                if admission is not None:
+                    admission.release(image)
         turn.pulled = result.ok
+        return result
+
+    async def _run_attempt(self, image: ImageRef) -> PullResult:
+        """The runtime's pull, as a task of its own that a stop may cancel (deferred then)."""
+        if self._before is not None:
+            try:
+                await self._before(image)
+            except Exception:
+                log.exception("before-pull hook failed", extra={"image": str(image)})
+        started = self._clock()
+        attempt = asyncio.create_task(self._attempt(image), name=f"pull attempt {image}")
+        self._attempts[image] = attempt
+        try:
+            result = await attempt
+        except asyncio.CancelledError:
+            if _cancelling():
+                raise  # this pull itself was cancelled
+            # Only the runtime call was: the stop gave up on it.
+            return PullResult(image, False, error="stopping", deferred=True)
+        finally:
+            self._attempts.pop(image, None)
+        metrics.PULL_DURATION.observe(max(0.0, self._clock() - started))
         return result
 
     async def _attempt(self, image: ImageRef) -> PullResult:

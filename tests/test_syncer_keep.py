@@ -278,6 +278,110 @@ async def test_a_full_image_filesystem_pauses_pulls_until_space_frees(
         assert await running.stop() == 0
 
 
+def fs_usage(directory: Path) -> float:
+    stat = os.statvfs(directory)
+    return 1 - stat.f_bavail / stat.f_blocks
+
+
+async def test_a_burst_of_queued_pulls_cannot_fill_the_disk(
+    settings: SyncerSettings,
+    js: JetStreamContext,
+    log_settings: LogSettings,
+    small_containerd: Containerd,
+    push,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Issue 23 fault 8: three pulls queued behind one slot, each ~23% of the disk once pulled
+    (its compressed layer in the content store, unpacked in the snapshotter), at 50%: one fits,
+    a second would take the disk to ~96%. Before, all three passed one look at the disk taken
+    before they queued, and the tmpfs ran out."""
+    settings = dataclasses.replace(
+        settings,
+        cri_endpoint=small_containerd.endpoint,
+        max_image_fs_usage=0.8,
+        max_parallel_pulls=1,
+    )
+    root = small_containerd.state_dir / "root"
+    layer = int(128 * 1024 * 1024 * 0.115)
+    images = [push(layer_bytes=layer) for _ in range(3)]
+    fill_to(root, 0.5)
+    running = await RunningSyncer(settings).start()
+    try:
+        await publish_event(js, log_settings, "fleet.events.added", fleet("burst", *images))
+
+        def pulled() -> set[str]:
+            return set(images) & small_containerd.image_refs()
+
+        await eventually(lambda: pulled(), "the first image arrives")
+        state = await until_state(
+            js,
+            settings,
+            lambda s: (
+                s.disk is not None
+                and bool(s.disk.paused)
+                and len([i for i in images if norm(i) in s.missing]) == 2
+            ),
+            "status says pulls are paused, two images missing",
+        )
+        assert state.disk is not None and "with the pulls in flight" in state.disk.paused
+        # A few reconciles later: still one image, the disk within budget, no pull failed.
+        for _ in range(3):
+            seen = state.last_reconcile
+            state = await until_state(
+                js, settings, lambda s, seen=seen: s.last_reconcile != seen, "a later reconcile"
+            )
+        assert len(pulled()) == 1
+        assert fs_usage(root) < 0.8
+        assert not logged(caplog, "image pull failed")
+        assert len(logged(caplog, "pulls paused: image filesystem over budget")) == 1
+    finally:
+        assert await running.stop() == 0
+
+
+async def test_paused_clears_on_its_own_once_the_refused_image_is_not_wanted(
+    settings: SyncerSettings,
+    js: JetStreamContext,
+    log_settings: LogSettings,
+    small_containerd: Containerd,
+    push,
+) -> None:
+    """Issue 23 fault 10: the budget was read only when a pull asked; once the refused image was
+    no longer wanted nothing asked, and "paused", the alert's gauge and the usage gauge stayed."""
+    settings = dataclasses.replace(
+        settings, cri_endpoint=small_containerd.endpoint, max_image_fs_usage=0.8
+    )
+    ballast = fill_to(small_containerd.state_dir / "root", 0.9)
+    image = push()
+    running = await RunningSyncer(settings).start()
+    try:
+        await publish_event(js, log_settings, "fleet.events.added", fleet("big", image))
+        await until_state(
+            js, settings, lambda s: s.disk is not None and bool(s.disk.paused), "paused"
+        )
+        assert metric("image_syncer_syncer_disk_budget_exceeded") == 1
+
+        await publish_event(js, log_settings, "fleet.events.deleted", fleet("big", image))
+        os.remove(ballast)
+
+        state = await until_state(
+            js,
+            settings,
+            lambda s: (
+                s.disk is not None
+                and not s.disk.paused
+                and s.disk.usage is not None
+                and s.disk.usage < 0.8
+            ),
+            "paused cleared and the usage follows the disk",
+        )
+        assert state.disk is not None and not state.disk.paused
+        assert metric("image_syncer_syncer_disk_budget_exceeded") == 0
+        assert metric("image_syncer_syncer_image_fs_usage_ratio") < 0.8
+        assert image not in small_containerd.image_refs()
+    finally:
+        assert await running.stop() == 0
+
+
 # --- no fight with GC -----------------------------------------------------------------------
 
 
