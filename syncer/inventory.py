@@ -57,6 +57,10 @@ class Inventory:
         # redacts them); cleared by a success or by the image turning up.
         self.failed: dict[ImageRef, str] = {}
         self._reported: set[tuple[str, ImageRef]] = set()
+        # Pulls that succeeded, numbered, until a listing begun after them says what it saw:
+        # a ListImages answer may be older than a pull that ended while it was in flight.
+        self._pulls_done = 0
+        self._pulled: dict[ImageRef, int] = {}
         puller.subscribe(self._record_pull)
 
     # --- reading ----------------------------------------------------------------------------
@@ -70,10 +74,24 @@ class Inventory:
 
     # --- the runtime's answer ---------------------------------------------------------------
 
-    def observe(self, images: list[RuntimeImage]) -> PresentImages:
-        """Take one ``ListImages`` answer as what the node holds."""
+    def listing(self) -> int:
+        """Call right before ``ListImages``; hand the answer to :meth:`observe` with this."""
+        return self._pulls_done
+
+    def observe(self, images: list[RuntimeImage], since: int | None = None) -> PresentImages:
+        """Take one ``ListImages`` answer as what the node holds.
+
+        ``since`` (from :meth:`listing`): pulls that succeeded after the call was made count as
+        present though the answer lacks them; the answer may have been taken before they ended.
+        The cleanup guards the same race (:mod:`syncer.cleanup`). Without this, such an image
+        counted as removed behind the syncer's back and was pulled again at once.
+        """
         self._images = images
         self.present = PresentImages.of(images)
+        if since is not None:
+            self._pulled = {i: n for i, n in self._pulled.items() if n > since}
+            for image in self._pulled:
+                self.present.add(image)
         return self.present
 
     def settle(self, wanted: dict[ImageRef, set[str]]) -> list[ImageRef]:
@@ -120,6 +138,8 @@ class Inventory:
         image = str(result.image)
         fleets = self._desired.fleets_of(result.image)
         if result.ok:
+            self._pulls_done += 1
+            self._pulled[result.image] = self._pulls_done
             self.present.add(result.image)
             self.failed.pop(result.image, None)
             for fleet in fleets:
@@ -164,6 +184,7 @@ class Inventory:
         names = self._names_of(image)
         for name in names:
             self.present.discard(name)
+            self._pulled.pop(name, None)
         try:
             async with self._puller.held(names):
                 yield

@@ -70,6 +70,7 @@ class Reconciler:
     async def refresh(self) -> list[RuntimeImage]:
         """One ListImages, taken into the inventory; raises RuntimeUnavailable/CriError after
         marking readiness."""
+        since = self._inventory.listing()
         try:
             images = await self._cri.list_images()
         except RuntimeUnavailable as e:
@@ -80,7 +81,7 @@ class Reconciler:
             metrics.CRI_ERRORS.labels("ListImages").inc()
             raise
         self._runtime.answered()
-        self._inventory.observe(images)
+        self._inventory.observe(images, since)
         return images
 
     async def reconcile(self) -> list[asyncio.Future[PullResult]]:

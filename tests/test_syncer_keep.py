@@ -33,7 +33,7 @@ from tmpfs_support import fill_to, tmpfs_containerd
 
 from image_syncer.sandbox.containerd import Containerd
 from syncer.containerd_images import PIN_LABEL, PIN_VALUE
-from syncer.cri import CriClient
+from syncer.cri import CriClient, RuntimeImage
 from syncer.settings import SyncerSettings
 from wire.eventlog import LogSettings, publish_event
 from wire.nodestatus import NodeState, StatusSettings, get_status, open_status_bucket
@@ -452,3 +452,51 @@ def _unpinned(containerd: Containerd, ref: str) -> bool:
 
 def _reconciled_since(seen: object, state: NodeState) -> bool:
     return state.last_reconcile != seen
+
+
+async def test_a_pull_that_ends_during_list_images_is_not_counted_as_removed(
+    settings: SyncerSettings,
+    js: JetStreamContext,
+    log_settings: LogSettings,
+    containerd: Containerd,
+    push,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 23 fault 12: the reconcile's ListImages is answered before a pull ends and read
+    after it (here: the answer is held until the pull is recorded, which makes the race
+    certain). The older answer replaced what the node holds: the image counted as removed
+    behind the syncer's back and was pulled again."""
+    image = push()
+    holding, held = asyncio.Event(), asyncio.Event()
+    real = CriClient.list_images
+
+    async def answered_before_the_pull_ends(self: CriClient) -> list[RuntimeImage]:
+        answer = await real(self)
+        if holding.is_set() and not held.is_set():
+            held.set()
+            await polling.eventually(
+                lambda: logged(caplog, "fleet synced", image=norm(image)), "the pull recorded"
+            )
+        return answer
+
+    monkeypatch.setattr(CriClient, "list_images", answered_before_the_pull_ends)
+    running = await RunningSyncer(settings).start()
+    try:
+        holding.set()
+        await asyncio.wait_for(held.wait(), 60)  # a listing without the image, held
+        await publish_event(js, log_settings, "fleet.events.added", fleet("race", image))
+        state = await until_state(
+            js, settings, lambda s: "default/race" in s.fleets and not s.missing, "synced"
+        )
+        for _ in range(2):  # the held listing is read, and one more after it
+            seen = state.last_reconcile
+            state = await until_state(
+                js, settings, lambda s, seen=seen: s.last_reconcile != seen, "a later reconcile"
+            )
+
+        assert metric("image_syncer_images_removed_externally_total", image=norm(image)) == 0
+        assert not logged(caplog, "image removed behind the syncer's back, pulling it again")
+        assert len(logged(caplog, "fleet synced", image=norm(image))) == 1  # pulled once
+    finally:
+        assert await running.stop() == 0
