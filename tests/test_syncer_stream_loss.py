@@ -124,6 +124,9 @@ async def test_a_fleet_deleted_while_the_node_was_cut_off_longer_than_its_tombst
         nats=NatsSettings(servers=(link.url,)),
         remove_unused=True,
         remove_grace=0.0,
+        # Writes land well after the removal: the read below must wait for them (it did not,
+        # and failed on a loaded machine, where the throttle of 0.2s was enough for the race).
+        status_interval=3.0,
     )
     running = await RunningSyncer(cut_off).start()
     try:
@@ -151,8 +154,9 @@ async def test_a_fleet_deleted_while_the_node_was_cut_off_longer_than_its_tombst
         await eventually(
             lambda: gone not in containerd.image_refs(), "the deleted Fleet's image removed"
         )
-        status = await _status(js, cut_off)
-        assert status is not None and set(status.summary.fleets) == {"default/kept"}
+        # The status is written apart from the removal (at most once per --status-interval):
+        # the image may be gone before the entry saying so lands. Wait for it, as `wait` does.
+        await eventually(lambda: _reports_fleets(js, cut_off, {"default/kept"}), "status")
         assert kept in containerd.image_refs()
     finally:
         await link.restore()
