@@ -196,6 +196,7 @@ class _Wiring:
             is_present=self.inventory.is_present,
             on_change=self.on_desired_change,
             on_status=self.poke,
+            stalled=self._pulls_stalled,
         )
         self.reporter = self._reporter()
         self.requests = self._requests()
@@ -207,6 +208,10 @@ class _Wiring:
         if admitted and self.node_watcher is not None and self.settings.respect_scheduling:
             admitted, reason = self.node_watcher.schedulable(fleet.pod_spec)
         return admitted, reason
+
+    def _pulls_stalled(self) -> str:
+        """Why no missing image can arrive now: over the disk budget with nothing in flight."""
+        return self.keeper.budget.blocked if self.puller.inflight == 0 else ""
 
     async def _before_pull(self, image: ImageRef) -> None:
         if self.unused is not None:

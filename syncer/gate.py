@@ -11,11 +11,19 @@ Fleet came or went) and whenever the node's taints change; while the node carrie
 costs nothing but the periodic Node read. A taint added again later, by an operator, closes the
 gate again and is handled the same way.
 
+A node over its disk budget (:mod:`syncer.diskbudget`) with no pull in flight opens at once,
+with one warning: no missing image can arrive until space is freed, which the kubelet's image
+GC does only under the load of scheduled pods, so waiting out the timeout would keep the node
+out of service for nothing. Its game servers then pull what they need, as without the gate.
+
 The timeout (``--startup-taint-timeout``, default 15m) bounds how long a broken registry can keep
 a node out of service: past it the taint goes anyway, with one warning naming the missing images
 and a metric. Its clock starts when this syncer first saw the taint, or earlier when the node's
 previous status entry says the gate was already closed (a syncer restarted mid-gate resumes its
-clock instead of starting over).
+clock instead of starting over). The time already spent closed is measured on the kernel's
+boot-time clock (:mod:`syncer.bootclock`), never on the wall clock, which NTP may step at boot: a
+gate closed before a reboot (or by a syncer that did not record the boot) starts over, which only
+ever delays the timeout.
 """
 
 from __future__ import annotations
@@ -26,9 +34,12 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
+import msgspec
+
 from ops.lifecycle import wait_any
 from ops.retry import Backoff
 from syncer import metrics
+from syncer.bootclock import BootClock
 from syncer.nodeinfo import ApiCallError, ApiEndpoint, NodeInfoError, NodeWatcher
 from syncer.nodetaints import Removal, remove_taint
 from wire.nodestatus import GateStatus
@@ -59,20 +70,26 @@ class StartupGate:
         *,
         missing: Callable[[], Sequence[str]],
         ready: Callable[[], bool],
+        stalled: Callable[[], str] = lambda: "",
         timeout: float = DEFAULT_TIMEOUT,
         endpoint: ApiEndpoint | None = None,
         on_change: Callable[[], None] | None = None,
+        boot: BootClock | None = None,
     ) -> None:
         self.key = key
+        self._boot = boot or BootClock()
         self.watcher = watcher
         self.endpoint = endpoint or watcher.endpoint
         self.missing = missing
         self.ready = ready
+        # Why no missing image can arrive now (the disk budget, nothing in flight), or "".
+        self.stalled = stalled
         self.timeout = timeout
         self.on_change = on_change
         self.started = time.monotonic()
         self.status = GateStatus(taint=key)
         self._closed_at: float | None = None  # monotonic twin of status.closed_since
+        self._closed_boot: float | None = None  # its boot-time twin, kept across restarts
         self._kicked = asyncio.Event()
         self._retry = Backoff(_RETRY_MIN, _RETRY_MAX)
         self._retry_at: float | None = None
@@ -87,10 +104,16 @@ class StartupGate:
             return
         if previous.closed_since is None:
             return
-        age = (datetime.now(UTC) - previous.closed_since).total_seconds()
-        if age < 0:
+        age = self._boot.elapsed_since(previous.boot_id, previous.closed_uptime)
+        if age is None:
+            log.info(
+                "startup gate was closed before a reboot (or by an older syncer), "
+                "its timeout starts over",
+                extra={"taint": self.key, "closed_since": previous.closed_since.isoformat()},
+            )
             return
         self._closed_at = time.monotonic() - age
+        self._closed_boot = previous.closed_uptime
         self.status = GateStatus(
             taint=self.key, state="waiting", closed_since=previous.closed_since
         )
@@ -134,6 +157,7 @@ class StartupGate:
         now = time.monotonic()
         if self._closed_at is None:
             self._closed_at = now
+            self._closed_boot = round(self._boot.now(), 3)
         closed_since = self.status.closed_since if self.status.state != "open" else None
         closed_since = closed_since or datetime.now(UTC)
         timed_out = now - self._closed_at >= self.timeout
@@ -144,7 +168,8 @@ class StartupGate:
             self._set(GateStatus(taint=self.key, state="waiting", closed_since=closed_since))
             return
         missing = list(dict.fromkeys(self.missing())) if ready else [_UNKNOWN]
-        if missing and not timed_out:
+        stalled = self.stalled() if missing and ready else ""
+        if missing and not timed_out and not stalled:
             self._set(GateStatus(
                 taint=self.key, state="closed", missing=missing[:_MISSING_SHOWN],
                 closed_since=closed_since,
@@ -152,9 +177,9 @@ class StartupGate:
             return
         if self._retry_at is not None and now < self._retry_at:
             return
-        await self._remove(missing, closed_since)
+        await self._remove(missing, closed_since, stalled)
 
-    async def _remove(self, missing: list[str], closed_since: datetime) -> None:
+    async def _remove(self, missing: list[str], closed_since: datetime, stalled: str) -> None:
         try:
             outcome = await asyncio.to_thread(
                 remove_taint,
@@ -183,7 +208,17 @@ class StartupGate:
         self._failing, self._retry_at = False, None
         self._retry.reset()
         by_timeout = bool(missing)
-        if by_timeout:
+        if by_timeout and stalled:
+            log.warning(
+                "startup gate opened early: the missing images cannot be pulled",
+                extra={
+                    "taint": self.key,
+                    "reason": stalled,
+                    "missing": missing[:_MISSING_SHOWN],
+                    "missing_count": len(missing),
+                },
+            )
+        elif by_timeout:
             metrics.GATE_TIMEOUTS.inc()
             log.warning(
                 "startup taint timeout: opening the node with images missing",
@@ -212,7 +247,7 @@ class StartupGate:
             ))  # fmt: skip
         # Read the node again: the cached copy still shows the taint we just removed.
         await self.watcher.refresh_once()
-        self._closed_at = None
+        self._closed_at = self._closed_boot = None
         if outcome is Removal.ABSENT:
             self._open_seen()
 
@@ -222,10 +257,15 @@ class StartupGate:
             return
         if self.status.state == "closed":
             log.info("startup taint gone (removed by someone else)", extra={"taint": self.key})
-        self._closed_at = None
+        self._closed_at = self._closed_boot = None
         self._set(GateStatus(taint=self.key, state="open"))
 
     def _set(self, status: GateStatus) -> None:
+        if status.state != "open" and self._closed_boot is not None:
+            # For the next start's resume: when it closed, on a clock no NTP step moves.
+            status = msgspec.structs.replace(
+                status, boot_id=self._boot.boot_id, closed_uptime=self._closed_boot
+            )
         if status.state == "closed" and self.status.state != "closed":
             since = status.closed_since or datetime.now(UTC)
             log.info(

@@ -44,8 +44,10 @@ class Gatekeeper:
         is_present: Callable[[ImageRef], bool],
         on_change: Callable[[], None],
         on_status: Callable[[], None] = lambda: None,
+        stalled: Callable[[], str] = lambda: "",
     ) -> None:
-        """``on_change``: the desired images changed; ``on_status``: the gate's status did."""
+        """``on_change``: the desired images changed; ``on_status``: the gate's status did;
+        ``stalled``: why no missing image can arrive now, or ""."""
         self.settings = settings
         self.desired = desired
         self.is_present = is_present
@@ -60,6 +62,7 @@ class Gatekeeper:
                 node_watcher,
                 missing=self.missing,
                 ready=lambda: self._ready and self.images.loaded,
+                stalled=stalled,
                 timeout=settings.startup_taint_timeout,
                 on_change=on_status,
             )

@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import platform
 import re
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -71,7 +73,7 @@ class ManifestSizes:
         self._auth_for = auth_for
         self._timeout = timeout
         self._clock = clock
-        self._cache: dict[ImageRef, tuple[int, float]] = {}  # size, expiry (inf for digests)
+        self._cache: dict[ImageRef, tuple[int | None, float]] = {}  # size, expiry
 
     async def of(self, image: ImageRef) -> int | None:
         cached = self._cache.get(image)
@@ -79,24 +81,62 @@ class ManifestSizes:
         if cached is not None and cached[1] > now:
             return cached[0]
         auths: list[RegistryAuth | None] = [*self._auth_for(image), None]
+        size: int | None
         try:
             size = await asyncio.wait_for(
-                asyncio.to_thread(_size_of, image, auths, self._timeout), self._timeout * 3
+                _in_daemon_thread(_size_of, image, auths, self._timeout), self._timeout * 2
             )
-        except (OSError, ValueError, KeyError, TypeError, TimeoutError) as e:
+        except (_Refused, OSError, ValueError, KeyError, TypeError, TimeoutError) as e:
             # The text names the image and the problem, never a header or a credential.
             log.debug("image size unknown", extra={"image": str(image), "error": _safe(e)})
-            return None
+            size = None
         if len(self._cache) >= _MAX_CACHED:
             self._cache.clear()
-        self._cache[image] = (size, float("inf") if image.digest else now + _TAG_TTL)
+        # Unknown is remembered a while too: a registry we cannot ask is not asked per pull.
+        ttl = _TAG_TTL if size is None or not image.digest else float("inf")
+        self._cache[image] = (size, now + ttl)
         return size
 
 
+async def _in_daemon_thread(work: Callable[..., int], *args: Any) -> int:
+    """``work(*args)`` in a daemon thread: a registry that holds the connection open must not
+    hold up the process's exit, as a thread of the default executor would (it is joined)."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[int] = loop.create_future()
+
+    def deliver(setter: Callable[[Any], None], value: Any) -> None:
+        def on_loop() -> None:
+            if not done.done():  # the awaiting coroutine may have given up
+                setter(value)
+
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            loop.call_soon_threadsafe(on_loop)
+
+    def run() -> None:
+        try:
+            value = work(*args)
+        except BaseException as e:  # handed to the awaiting coroutine
+            deliver(done.set_exception, e)
+        else:
+            deliver(done.set_result, value)
+
+    threading.Thread(target=run, name="manifest size", daemon=True).start()
+    return await done
+
+
+class _Refused(Exception):
+    """The registry answered with an error status (its body and headers are not kept)."""
+
+    def __init__(self, code: int, challenge: str = "") -> None:
+        super().__init__(f"HTTP {code}")
+        self.code = code
+        self.challenge = challenge
+
+
 def _safe(error: BaseException) -> str:
-    if isinstance(error, urllib.error.HTTPError):
-        return f"HTTP {error.code}"
-    return type(error).__name__ if not isinstance(error, ValueError) else str(error)
+    if isinstance(error, (_Refused, ValueError)):
+        return str(error)
+    return type(error).__name__
 
 
 def _size_of(image: ImageRef, auths: Sequence[RegistryAuth | None], timeout: float) -> int:
@@ -108,7 +148,7 @@ def _size_of(image: ImageRef, auths: Sequence[RegistryAuth | None], timeout: flo
             if "manifests" in manifest:  # an index: this node's platform
                 manifest = registry.manifest(_platform_digest(manifest), auth)
             return _manifest_bytes(manifest)
-        except urllib.error.HTTPError as e:
+        except _Refused as e:
             if e.code not in (401, 403):
                 raise
             last = e  # the next credentials, if any
@@ -161,10 +201,10 @@ class _Registry:
         headers = {"Accept": _ACCEPT}
         try:
             return _json(self._get(url, headers))
-        except urllib.error.HTTPError as e:
+        except _Refused as e:
             if e.code != 401:
                 raise
-            challenge = e.headers.get("WWW-Authenticate", "")
+            challenge = e.challenge
         headers["Authorization"] = self._authorization(challenge, auth)
         return _json(self._get(url, headers))
 
@@ -195,8 +235,12 @@ class _Registry:
 
     def _get(self, url: str, headers: dict[str, str]) -> bytes:
         request = urllib.request.Request(url, headers=headers)
-        with _OPENER.open(request, timeout=self.timeout) as response:
-            body: bytes = response.read(_MAX_BODY + 1)
+        try:
+            with _OPENER.open(request, timeout=self.timeout) as response:
+                body: bytes = response.read(_MAX_BODY + 1)
+        except urllib.error.HTTPError as e:
+            with e:  # closes its connection
+                raise _Refused(e.code, e.headers.get("WWW-Authenticate", "")) from None
         if len(body) > _MAX_BODY:
             raise ValueError("manifest answer too large")
         return body

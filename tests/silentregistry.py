@@ -2,8 +2,10 @@
 is allowed to.
 
 containerd connects, sends its first request and waits; nothing comes back and nothing is
-closed, as with a registry stuck behind a load balancer. ``connected`` is set once a client
-got in, so a test knows the pull is under way without a sleep. No tests here.
+closed, as with a registry stuck behind a load balancer. ``resolving`` is set once a client sent
+``HEAD .../manifests/...``, containerd's first request of a pull (the syncer's own manifest read
+for the disk budget is a GET), so a test knows the pull is under way without a sleep. No tests
+here.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ __all__ = ["SilentRegistry"]
 class SilentRegistry:
     def __init__(self) -> None:
         self.port = 0
-        self.connected = asyncio.Event()
+        self.resolving = asyncio.Event()
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._handlers: set[asyncio.Task[object]] = set()
@@ -47,8 +49,9 @@ class SilentRegistry:
         assert handler is not None
         self._handlers.add(handler)
         self._writers.add(writer)
-        self.connected.set()
         try:
+            if (await reader.readline()).startswith(b"HEAD "):
+                self.resolving.set()
             while await reader.read(65536):
                 pass  # read what is sent, answer nothing
         except OSError:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from polling import eventually as until
 from image_syncer.sandbox.fakekube import Denial
 from ops.logs import fields_of
 from syncer import metrics
+from syncer.bootclock import BootClock
 from syncer.gate import StartupGate
 from syncer.nodeinfo import ApiCallError, ApiEndpoint, NodeWatcher
 from syncer.nodetaints import Removal, remove_taint
@@ -114,7 +116,9 @@ class Images:
         self.ready = True
 
 
-def gate_for(kube: FakeKube, images: Images, *, timeout: float = 900.0) -> StartupGate:
+def gate_for(
+    kube: FakeKube, images: Images, *, timeout: float = 900.0, boot: BootClock | None = None
+) -> StartupGate:
     watcher = NodeWatcher(
         ApiEndpoint(kube.url), NODE, refresh=3600, ignored_taints=frozenset({GATE})
     )
@@ -124,6 +128,7 @@ def gate_for(kube: FakeKube, images: Images, *, timeout: float = 900.0) -> Start
         missing=lambda: images.missing,
         ready=lambda: images.ready,
         timeout=timeout,
+        boot=boot,
     )
     watcher.on_change = lambda _: gate.kick()
     return gate
@@ -202,12 +207,29 @@ async def test_a_taint_added_again_closes_the_gate_again(kube: FakeKube) -> None
         await task
 
 
+class BootTime:
+    """The kernel's boot-time clock, by hand."""
+
+    def __init__(self, boot_id: str = "boot-1") -> None:
+        self.seconds = 10_000.0
+        self.clock = BootClock(boot_id, lambda: self.seconds)
+
+
 async def test_a_restart_resumes_the_timeout(kube: FakeKube) -> None:
     kube.create("nodes", node(GATE_TAINT))
     images = Images("registry.local/slow:1")
-    gate = gate_for(kube, images, timeout=600.0)
+    boot = BootTime()
+    gate = gate_for(kube, images, timeout=600.0, boot=boot.clock)
     since = datetime.now(UTC) - timedelta(seconds=599.5)
-    gate.resume(GateStatus(taint=GATE, state="closed", closed_since=since))
+    gate.resume(
+        GateStatus(
+            taint=GATE,
+            state="closed",
+            closed_since=since,
+            boot_id="boot-1",
+            closed_uptime=boot.seconds - 599.5,
+        )
+    )
     await gate.watcher.refresh_once()
     await gate.step()
     assert gate.status.state == "closed" and gate.status.closed_since == since
@@ -219,6 +241,38 @@ async def test_a_restart_resumes_the_timeout(kube: FakeKube) -> None:
         stopping.set()
         await task
     assert gate.status.by_timeout
+
+
+@pytest.mark.parametrize("boot_id", ["boot-1", "boot-0"])
+async def test_a_wall_clock_stepped_at_boot_does_not_expire_a_resumed_timeout(
+    kube: FakeKube, boot_id: str
+) -> None:
+    """Issue 23: resume() measured the time closed on the wall clock. The entry says the gate
+    closed 2h ago by the wall clock (NTP stepped it forward since), 10s ago by the boot-time
+    clock: 10s it is. An entry of another boot (the node rebooted) starts the timeout over."""
+    kube.create("nodes", node(GATE_TAINT))
+    boot = BootTime()
+    gate = gate_for(kube, Images("registry.local/slow:1"), timeout=600.0, boot=boot.clock)
+    since = datetime.now(UTC) - timedelta(hours=2)
+    gate.resume(
+        GateStatus(
+            taint=GATE,
+            state="closed",
+            closed_since=since,
+            boot_id=boot_id,
+            closed_uptime=boot.seconds - 10.0,
+        )
+    )
+    await gate.watcher.refresh_once()
+
+    await gate.step()
+
+    assert gate.status.state == "closed"
+    assert GATE in {t["key"] for t in taints_of(kube)}
+    assert gate._closed_at is not None
+    closed_for = time.monotonic() - gate._closed_at
+    assert closed_for < 60.0  # 10s on a resumed clock (or ~0s started over), never 2h
+    assert gate.status.closed_uptime == (boot.seconds - 10.0 if boot_id == "boot-1" else 10_000.0)
 
 
 async def test_a_refused_removal_is_retried(kube: FakeKube) -> None:

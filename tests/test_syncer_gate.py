@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import polling
@@ -20,6 +22,7 @@ from nats.js import JetStreamContext
 from syncer_harness import RunningSyncer, cli, eventually, fleet, logged, metric, norm
 from syncer_harness import info_logs_fixture as info_logs_fixture
 from syncer_harness import settings_fixture as settings_fixture
+from tmpfs_support import fill_to, tmpfs_containerd
 
 from broadcaster.kubeapi import custom_objects_api
 from broadcaster.settings import SidecarSettings
@@ -170,6 +173,49 @@ async def test_timeout_opens_with_a_warning_and_a_restart_resumes_the_clock(
         assert metric("image_syncer_syncer_gate_timeouts_total") == timeouts + 1
     finally:
         assert await second.stop() == 0
+
+
+@pytest.fixture
+def small_containerd(tmp_path: Path) -> Iterator[Containerd]:
+    with tmpfs_containerd(tmp_path / "ctrd", size="128m") as runtime:
+        yield runtime
+
+
+async def test_a_node_over_its_disk_budget_opens_at_once_with_a_warning(
+    settings: SyncerSettings,
+    kube: FakeKube,
+    js: JetStreamContext,
+    small_containerd: Containerd,
+    push,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Issue 23: over budget no pull can start, so nothing the gate waits for can come; it used
+    to hold the node out of service for its whole timeout all the same."""
+    fill_to(small_containerd.state_dir / "root", 0.9)
+    image = push()
+    settings = gated(
+        settings,
+        kube,
+        cri_endpoint=small_containerd.endpoint,
+        max_image_fs_usage=0.8,
+        startup_taint_timeout=3600.0,
+    )
+    await publish_event(
+        js, LogSettings(prefix=settings.subject_prefix), "fleet.events.added", fleet("g", image)
+    )
+    running = await RunningSyncer(settings).start()
+    try:
+        opened = await until_gate(js, settings, "open", "the gate to open without its timeout")
+        assert opened.by_timeout  # opened with images missing
+        assert taints(kube, settings.node_name) == [OTHER]
+        (warning,) = logged(
+            caplog, "startup gate opened early: the missing images cannot be pulled"
+        )
+        assert "--max-image-fs-usage" in warning.reason  # type: ignore[attr-defined]
+        assert warning.missing == [norm(image)]  # type: ignore[attr-defined]
+        assert image not in small_containerd.image_refs()
+    finally:
+        assert await running.stop() == 0
 
 
 async def test_sidecar_and_extra_images_are_kept_shown_and_gate_the_node(

@@ -105,7 +105,7 @@ async def test_a_hung_pull_is_abandoned_and_the_last_status_written(
         await eventually(lambda: node_state(js, prefix, node), "the first status write")
         await publish_event(js, log_settings, "fleet.events.added", fleet("game", good, hung))
         await eventually(lambda: good in own_containerd.image_refs(), "the good image arrives")
-        await asyncio.wait_for(silent.connected.wait(), 60)  # the other pull is under way
+        await asyncio.wait_for(silent.resolving.wait(), 60)  # the other pull is under way
 
         text = await stopped_cleanly(syncer)
 
@@ -141,7 +141,7 @@ async def test_a_second_signal_exits_at_once_and_cleanly(
     try:
         await eventually(lambda: node_state(js, prefix, node), "the first status write")
         await publish_event(js, log_settings, "fleet.events.added", fleet("game", silent.image()))
-        await asyncio.wait_for(silent.connected.wait(), 60)
+        await asyncio.wait_for(silent.resolving.wait(), 60)
         process = syncer.process
         assert process is not None
         os.killpg(process.pid, signal.SIGTERM)

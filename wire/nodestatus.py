@@ -244,6 +244,10 @@ class GateStatus(msgspec.Struct, frozen=True, omit_defaults=True):
     closed_since: datetime | None = None
     opened_at: datetime | None = None
     by_timeout: bool = False
+    # When it closed on the kernel's boot-time clock, and which boot: a restarted syncer resumes
+    # the timeout from these, never from ``closed_since`` (the wall clock may have been stepped).
+    boot_id: str = ""
+    closed_uptime: float | None = None
 
 
 class NodeState(msgspec.Struct, frozen=True, omit_defaults=True):
