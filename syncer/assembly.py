@@ -318,7 +318,7 @@ class _Wiring:
         """After each ListImages: pins follow the desired images, then the cleanup runs (so an
         image no Fleet wants is unpinned before it may be removed). ``wanted`` gives the desired
         images as they are when called: the cleanup asks again before each removal."""
-        await self.keeper.after_list(wanted(), self.inventory.present)
+        await self.keeper.after_list(wanted(), self.inventory.present, images)
         if self.unused is not None:
             await self.unused.after_list(wanted, images)
 

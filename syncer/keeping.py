@@ -24,13 +24,20 @@ from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from nats.js import JetStreamContext
 
 from syncer.containerd_images import ContainerdImages
-from syncer.cri import CriClient, CriError, RegistryAuth, RuntimeUnavailable, RuntimeVersion
+from syncer.cri import (
+    CriClient,
+    CriError,
+    RegistryAuth,
+    RuntimeImage,
+    RuntimeUnavailable,
+    RuntimeVersion,
+)
 from syncer.diskbudget import DiskBudget
 from syncer.gcfight import RemovalTracker
 from syncer.manifestsize import ManifestSizes
 from syncer.pinning import BUCKET, Pinner, PinningSupport, pinning_support
 from syncer.puller import PullResult
-from syncer.references import Holding, ImageRef
+from syncer.references import Holding, ImageRef, InvalidImageReference, normalize
 from syncer.settings import SyncerSettings
 from wire.nodestatus import DiskSummary, PinSummary
 from wire.permissions import bucket_for
@@ -154,13 +161,19 @@ class Keeper:
         """Count the desired images that vanished since the last answer (before re-pulling)."""
         self.tracker.observe(wanted, present)
 
-    async def after_list(self, wanted: Collection[ImageRef], present: Holding) -> None:
+    async def after_list(
+        self,
+        wanted: Collection[ImageRef],
+        present: Holding,
+        images: Iterable[RuntimeImage] = (),
+    ) -> None:
+        """``images``: the ListImages answer (which content each tag names now)."""
         # The paused state follows the disk, whether or not a pull asks.
         await self.budget.reevaluate(image for image in wanted if image not in present)
         if not self._decided and self._js is not None:
             await self._decide(self._js)
         if self.pinner is not None:
-            await self.pinner.sync(wanted, present)
+            await self.pinner.sync(wanted, present, _ids_by_tag(images))
 
     def removing(self, remover: Remover) -> Remover:
         """``remover`` that first unpins what it removes (a failed unpin defers the removal)."""
@@ -215,3 +228,12 @@ class Keeper:
             async with asyncio.timeout(_CLOSE_PATIENCE):
                 await self.images.close()
         return unpinned
+
+
+def _ids_by_tag(images: Iterable[RuntimeImage]) -> dict[ImageRef, str]:
+    ids = {}
+    for image in images:
+        for tag in image.repo_tags:
+            with contextlib.suppress(InvalidImageReference):
+                ids[normalize(tag)] = image.id
+    return ids

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Collection, Iterable
+from collections.abc import Awaitable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -208,9 +208,15 @@ class Pinner:
         self._pending[image] = task
         task.add_done_callback(lambda done: self._forget_task(image, done))
 
-    async def sync(self, wanted: Collection[ImageRef], present: Holding) -> None:
-        """After each ListImages: unpin what is no longer wanted, pin what is and lacks it."""
-        await self._guarded(self._sync(wanted, present))
+    async def sync(
+        self,
+        wanted: Collection[ImageRef],
+        present: Holding,
+        ids: Mapping[ImageRef, str] | None = None,
+    ) -> None:
+        """After each ListImages: unpin what is no longer wanted, pin what is and lacks it.
+        ``ids``: the image id each tag names in that listing, to notice a tag that moved."""
+        await self._guarded(self._sync(wanted, present, ids or {}))
 
     async def release(self, ref: str) -> None:
         """Unpin ``ref`` before it is removed; raises (so the removal waits) when that fails."""
@@ -231,13 +237,18 @@ class Pinner:
         await cancel_and_wait(late, patience=_CANCEL_PATIENCE)
         return sorted(pending[task] for task in late)
 
-    async def _sync(self, wanted: Collection[ImageRef], present: Holding) -> None:
+    async def _sync(
+        self, wanted: Collection[ImageRef], present: Holding, ids: Mapping[ImageRef, str]
+    ) -> None:
         async with self._lock:
             ledger = await self._open()
             wanted_text = {str(image) for image in wanted}
             for ref in sorted(set(ledger.names) - wanted_text):
                 await self._unpin(ledger, ref)
             self._verified &= set(wanted)
+            # A tag moved to new content (a kubelet's pull, a re-push): pin again, which moves
+            # the pin from the old content's names to the new one's.
+            self._verified -= {i for i in self._verified if _moved(ledger, i, ids)}
             for image in sorted(wanted):
                 if image not in present:
                     # Gone (GC, an operator): when it is back its new records need the label.
@@ -269,12 +280,32 @@ class Pinner:
                         raise
                     return  # removed meanwhile: the next reconcile looks again
                 labelled += 1
+        await self._release_stale(ledger, ref, {r.name for r in records}, mine)
         self._verified.add(image)
         if labelled:
             metrics.PINS.labels("pinned").inc()
             log.info("image pinned", extra={"image": ref, "names": labelled})
         elif not mine:
             log.info("image already pinned by someone else, left as it is", extra={"image": ref})
+
+    async def _release_stale(
+        self, ledger: PinLedger, ref: str, current: set[str], mine: set[str]
+    ) -> None:
+        """Unpin the names ``ref`` no longer has (its tag moved to new content): the old
+        content's digest name and id, which nothing else of ours wants, would stay pinned
+        until the Fleet goes, out of the kubelet GC's reach."""
+        stale = ledger.names.get(ref, frozenset()) - current
+        if not stale:
+            return
+        others = {n for other, ns in ledger.names.items() if other != ref for n in ns}
+        for name in sorted(stale - others):
+            await self._images.remove_label(name, PIN_LABEL)
+        if mine:
+            await ledger.record(ref, mine)
+        else:
+            await ledger.forget(ref)
+        metrics.PINS.labels("unpinned").inc()
+        log.info("image tag moved, old content unpinned", extra={"image": ref, "names": len(stale)})
 
     async def _unpin(self, ledger: PinLedger, ref: str) -> None:
         names = ledger.names.get(ref)
@@ -321,6 +352,15 @@ class Pinner:
                 "image pinning failed, retrying at the next reconcile",
                 extra={"op": op, "error": text},
             )
+
+
+def _moved(ledger: PinLedger, image: ImageRef, ids: Mapping[ImageRef, str]) -> bool:
+    """Whether the tag ``image`` names content other than the one we pinned for it."""
+    if image.digest:
+        return False  # a digest cannot move
+    current = ids.get(image)
+    names = ledger.names.get(str(image))
+    return bool(current and names and current not in names)
 
 
 def _record_name(image: ImageRef) -> str:

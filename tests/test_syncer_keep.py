@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import uuid
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
@@ -153,6 +154,43 @@ async def test_pins_follow_the_fleets_and_someone_elses_pin_stays(
         code, out, err = await cli(settings, "status")
         assert code == 0, err
         assert "Pinned" in out and "1/1" in out
+    finally:
+        assert await running.stop() == 0
+
+
+def labelled(containerd: Containerd) -> set[str]:
+    rows = containerd.ctr("images", "ls").stdout.splitlines()[1:]
+    return {row.split()[0] for row in rows if row.strip() and PINNED in row.split()[-1]}
+
+
+async def test_a_tag_that_moves_takes_its_pin_along(
+    settings: SyncerSettings,
+    js: JetStreamContext,
+    log_settings: LogSettings,
+    containerd: Containerd,
+    push,
+) -> None:
+    """Issue 23: a mutable tag moved to new content (here a kubelet's pull, as with
+    imagePullPolicy Always); the old content's digest name and id stayed pinned until the Fleet
+    went (out of the kubelet GC's reach), and the new content was never pinned."""
+    repository = f"test/moving-{uuid.uuid4().hex[:8]}"
+    image = push(repository, "live")
+    running = await RunningSyncer(settings).start()
+    try:
+        await publish_event(js, log_settings, "fleet.events.added", fleet("moving", image))
+        await eventually(lambda: fully_pinned(containerd, image), "pinned")
+        old_names = names_of(containerd, image) - {image}
+        assert len(old_names) == 2  # repo digest and image id
+
+        push(repository, "live")  # new content under the same tag
+        async with CriClient(containerd.endpoint) as kubelet:
+            await kubelet.pull_image(image, timeout=60)
+        assert not names_of(containerd, image) & old_names  # the tag moved
+
+        await eventually(lambda: fully_pinned(containerd, image), "the new content pinned")
+        await eventually(
+            lambda: not labelled(containerd) & old_names, "the old content's names unpinned"
+        )
     finally:
         assert await running.stop() == 0
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Collection, Iterator
+from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator
 
 import pytest
 from nats.js import JetStreamContext
@@ -25,6 +25,7 @@ from syncer_harness import (  # noqa: F401  (fixtures)
 )
 
 from ops.lifecycle import cancel_and_wait, until_stopping
+from syncer.cri import RuntimeImage
 from syncer.keeping import Keeper
 from syncer.references import Holding, ImageRef
 from syncer.settings import SyncerSettings
@@ -77,12 +78,15 @@ async def test_a_reconcile_pass_that_hangs_is_cancelled_at_stop(
     passes = 0
 
     async def hangs_after_the_first(
-        self: Keeper, wanted: Collection[ImageRef], present: Holding
+        self: Keeper,
+        wanted: Collection[ImageRef],
+        present: Holding,
+        images: Iterable[RuntimeImage] = (),
     ) -> None:
         nonlocal passes
         passes += 1
         if passes == 1:  # the one at start
-            await after_list(self, wanted, present)
+            await after_list(self, wanted, present, images)
             return
         hanging.set()
         await asyncio.Event().wait()  # e.g. a NATS or containerd call without a deadline
