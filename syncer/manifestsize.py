@@ -80,7 +80,8 @@ class ManifestSizes:
         now = self._clock()
         if cached is not None and cached[1] > now:
             return cached[0]
-        auths: list[RegistryAuth | None] = [*self._auth_for(image), None]
+        # As the pull itself (syncer.puller): each credential in turn, anonymous without any.
+        auths: list[RegistryAuth | None] = [*self._auth_for(image)] or [None]
         size: int | None
         try:
             size = await asyncio.wait_for(

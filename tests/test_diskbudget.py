@@ -15,8 +15,9 @@ from prometheus_client import REGISTRY
 from tmpfs_support import fill_to, tmpfs, tmpfs_containerd
 
 from image_syncer.sandbox.containerd import Containerd
-from syncer.cri import CriClient
+from syncer.cri import CriClient, ImageFilesystem
 from syncer.diskbudget import DiskBudget, parse_percent
+from syncer.references import normalize
 
 pytestmark = pytest.mark.cri
 
@@ -152,6 +153,65 @@ async def test_an_unreadable_filesystem_does_not_block_pulls_and_is_logged_once(
     unknown = [r for r in caplog.records if r.getMessage().startswith("disk budget not enforced")]
     assert len(unknown) == 1
     assert "cannot statvfs" in unknown[0].reason  # type: ignore[attr-defined]
+
+
+async def test_a_content_store_on_another_filesystem_is_in_the_budget(tmp_path: Path) -> None:
+    """Issue 23: containerd's content store (compressed layers) on a filesystem of its own was
+    not in the budget, which read only the snapshotter's (the one ImageFsInfo names)."""
+    state = tmp_path / "ctrd"
+    content = state / "root" / "io.containerd.content.v1.content"
+    with tmpfs(content, "64m"), Containerd(state) as runtime:
+        async with CriClient(runtime.endpoint) as cri:
+            (snapshots,) = await cri.image_fs_info()
+            assert os.stat(snapshots.mountpoint).st_dev != os.stat(content).st_dev
+            fill_to(content, 0.97)
+            clock = always_fresh()
+            budget = DiskBudget(cri.image_fs_info, max_usage=0.95, clock=lambda: next(clock))
+
+            refused = await budget.refuse()
+
+            assert f"image filesystem {content} 97% used" in refused
+            assert budget.usage is not None and budget.usage.mountpoint == str(content)
+
+
+async def test_one_unreadable_filesystem_does_not_lift_the_budget_of_the_others(
+    cri: CriClient, small_containerd: Containerd, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 23: the first filesystem that could not be read made the whole budget fail open."""
+    ballast = fill_to(small_containerd.state_dir / "root", 0.9)
+
+    async def with_a_vanished_one() -> list[ImageFilesystem]:
+        gone = ImageFilesystem("/nonexistent/image-fs", 0, 0, 0)
+        return [gone, *await cri.image_fs_info()]
+
+    clock = always_fresh()
+    budget = DiskBudget(with_a_vanished_one, max_usage=0.8, clock=lambda: next(clock))
+
+    assert "at or above --max-image-fs-usage 80%" in await budget.refuse()
+    assert "at or above --max-image-fs-usage 80%" in await budget.refuse()
+    warned = [r for r in caplog.records if r.getMessage().startswith("image filesystem unreadable")]
+    assert len(warned) == 1 and "/nonexistent/image-fs" in warned[0].reason  # type: ignore[attr-defined]
+
+    os.remove(ballast)
+    assert await budget.refuse() == ""
+
+
+async def test_a_pull_is_charged_until_it_ends(cri: CriClient) -> None:
+    """What a pull will add counts from its start: two pulls admitted together cannot both
+    take the last room (the disk shows neither until it is done)."""
+    budget = DiskBudget(cri.image_fs_info, max_usage=0.8)
+    await budget.refuse()
+    assert budget.usage is not None
+    room = int((0.8 - budget.usage.ratio) * budget.usage.capacity)
+    # containerd's content store and snapshots share the tmpfs: a size is charged twice.
+    size = room // 2 - 1024 * 1024
+    first, second = (normalize(f"registry.example/img{i}:v1") for i in range(2))
+
+    assert await budget.admit(first, size) == ""
+    assert "with the pulls in flight and this one" in await budget.admit(second, size)
+
+    budget.release(first)  # it failed: nothing of it on the disk
+    assert await budget.admit(second, size) == ""
 
 
 @pytest.mark.parametrize(("text", "ratio"), [("80%", 0.8), ("80", 0.8), (" 95.5% ", 0.955)])

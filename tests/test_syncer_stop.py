@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import os
+import signal
 from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator
 
 import pytest
@@ -24,10 +27,14 @@ from syncer_harness import (  # noqa: F401  (fixtures)
     settings_fixture,
 )
 
+from image_syncer.sandbox.containerd import Containerd
+from image_syncer.sandbox.registry import Registry
 from ops.lifecycle import cancel_and_wait, until_stopping
 from syncer.cri import RuntimeImage
 from syncer.keeping import Keeper
+from syncer.puller import Puller, PullResult
 from syncer.references import Holding, ImageRef
+from syncer.runner import _Syncer, run
 from syncer.settings import SyncerSettings
 from wire.eventlog import LogSettings
 
@@ -99,6 +106,53 @@ async def test_a_reconcile_pass_that_hangs_is_cancelled_at_stop(
     finally:
         assert await running.stop() == 0
     assert logged(caplog, "loops did not end in time, cancelled")
+
+
+async def test_a_stop_during_the_start_drains_what_the_start_began(
+    settings: SyncerSettings,
+    js: JetStreamContext,
+    log_settings: LogSettings,
+    own_registry: Registry,
+    push,
+    containerd: Containerd,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Issue 23: a stop while the start was still under way (here: after its first reconcile,
+    creating the durable while NATS does not answer) skipped the stop's drain: the pulls the
+    first reconcile began were dropped, the keeper never closed."""
+    image = push(into=own_registry)
+    durable, pulling = asyncio.Event(), asyncio.Event()
+    attempt = Puller._attempt
+
+    async def seen(self: Puller, image: ImageRef) -> PullResult:
+        pulling.set()
+        return await attempt(self, image)
+
+    monkeypatch.setattr(Puller, "_attempt", seen)
+
+    async def never_created(self: object) -> bool:
+        durable.set()
+        await asyncio.Event().wait()
+        return False
+
+    monkeypatch.setattr(_Syncer, "_start_durable", never_created)
+    assert own_registry.process is not None
+    os.killpg(own_registry.process.pid, signal.SIGSTOP)  # the first reconcile's pull waits
+    try:
+        stopping = asyncio.Event()
+        task = asyncio.create_task(
+            run(dataclasses.replace(settings, extra_images=(image,)), stopping)
+        )
+        await asyncio.wait_for(durable.wait(), 60)
+        await asyncio.wait_for(pulling.wait(), 60)  # the runtime is pulling
+        stopping.set()
+    finally:
+        os.killpg(own_registry.process.pid, signal.SIGCONT)
+
+    assert await asyncio.wait_for(task, 60) == 0
+    assert logged(caplog, "draining")
+    assert image in containerd.image_refs()  # the pull in flight was let finish
 
 
 async def test_cancel_and_wait_cancels_again_a_task_that_lost_the_first_cancel() -> None:
