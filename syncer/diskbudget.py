@@ -15,8 +15,10 @@ How much. A reading of the disk shows a pull only once it is done, so every admi
 charged until it ends (then the disk is read again) with what it will add: its compressed size
 from the registry's manifest (:mod:`syncer.manifestsize`), once for each of the content store
 (compressed blobs) and the snapshotter (unpacked layers, at least as large) that live on that
-filesystem. A pull whose size is unknown is charged nothing of its own, and is refused only when
-the disk with the pulls in flight is already at the threshold.
+filesystem. The manifest is read only once the room under the threshold is short (below a
+quarter of the filesystem, :meth:`DiskBudget.room_is_short`): a registry may count the read
+against its rate limit. A pull whose size is unknown is charged nothing of its own, and is
+refused only when the disk with the pulls in flight is already at the threshold.
 
 Paused. A refused pull pauses pulls (one ``pulls paused`` line). The state is re-evaluated on
 its own at every reconcile (:meth:`DiskBudget.reevaluate`), not only when a pull asks: the disk
@@ -67,9 +69,14 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_USAGE = 0.80
 # Many pulls start at once after a reconcile: they share one reading this young.
 _MAX_AGE = 1.0
+# Below this much room under the threshold (a fraction of the filesystem), pulls are charged
+# with their manifest size.
+_SIZES_BELOW_ROOM = 0.25
 
 FsInfo = Callable[[], Awaitable[list[ImageFilesystem]]]
 Statvfs = Callable[[str], os.statvfs_result]
+# The compressed bytes a pull will write (from its manifest), None if unknown.
+SizeOf = Callable[[], Awaitable[int | None]]
 
 
 def parse_percent(text: str) -> float:
@@ -158,12 +165,13 @@ class DiskBudget:
             self._resume()
         return reason
 
-    async def admit(self, image: ImageRef, size: int | None) -> str:
+    async def admit(self, image: ImageRef, size_of: SizeOf) -> str:
         """When a pull really starts: why it must not (the disk with the pulls in flight and
-        its own ``size`` would pass the threshold), or "" and the pull is charged until
-        :meth:`release`."""
+        its own size would pass the threshold), or "" and the pull is charged until
+        :meth:`release`. ``size_of`` is asked only when the room is short."""
         async with self._lock:
             await self._recent_reading()
+            size = await size_of() if self.room_is_short() else None
             reason = self._over(size or 0)
             if not reason:
                 self._in_flight[image] = size or 0
@@ -175,6 +183,19 @@ class DiskBudget:
         elif not self._refused and not self._over(0):
             self._resume()
         return reason
+
+    def room_is_short(self) -> bool:
+        """Whether pulls should be charged with their size from the manifest: the room left
+        under the threshold (with the pulls in flight) is less than a quarter of a filesystem.
+
+        With more room than that, the few pulls that run at once cannot fill it (each is judged
+        on the disk the ones before it left), and a manifest read is spared to the registry:
+        Docker Hub counts every manifest GET against its pull rate limit."""
+        charged = sum(self._in_flight.values())
+        return any(
+            self.max_usage - usage.ratio_with(charged) < _SIZES_BELOW_ROOM
+            for usage in self._readings
+        )
 
     def release(self, image: ImageRef) -> None:
         """An admitted pull ended: its bytes are on the disk (or not at all); read it again."""

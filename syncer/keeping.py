@@ -134,16 +134,17 @@ class Keeper:
 
     async def precheck(self, image: ImageRef) -> str:
         """Before ``image``'s pull queues: why it cannot start now (the disk budget), or "".
-        Its size is asked of the registry here, so the pull does not hold its slots for it."""
+        Its size is asked of the registry here when it will count, so the pull does not hold
+        its slots for it."""
         refused = await self.budget.refuse()
-        if not refused:
+        if not refused and self.budget.room_is_short():
             await self.sizes.of(image)
         return refused
 
     async def admit(self, image: ImageRef) -> str:
         """Holding its slots: why ``image``'s pull must not start (the disk with the pulls in
         flight and this one), or "" and it is charged until :meth:`release`."""
-        return await self.budget.admit(image, await self.sizes.of(image))
+        return await self.budget.admit(image, lambda: self.sizes.of(image))
 
     def release(self, image: ImageRef) -> None:
         self.budget.release(image)
