@@ -155,25 +155,6 @@ async def test_an_unreadable_filesystem_does_not_block_pulls_and_is_logged_once(
     assert "cannot statvfs" in unknown[0].reason  # type: ignore[attr-defined]
 
 
-async def test_a_content_store_on_another_filesystem_is_in_the_budget(tmp_path: Path) -> None:
-    """Issue 23: containerd's content store (compressed layers) on a filesystem of its own was
-    not in the budget, which read only the snapshotter's (the one ImageFsInfo names)."""
-    state = tmp_path / "ctrd"
-    content = state / "root" / "io.containerd.content.v1.content"
-    with tmpfs(content, "64m"), Containerd(state) as runtime:
-        async with CriClient(runtime.endpoint) as cri:
-            (snapshots,) = await cri.image_fs_info()
-            assert os.stat(snapshots.mountpoint).st_dev != os.stat(content).st_dev
-            fill_to(content, 0.97)
-            clock = always_fresh()
-            budget = DiskBudget(cri.image_fs_info, max_usage=0.95, clock=lambda: next(clock))
-
-            refused = await budget.refuse()
-
-            assert f"image filesystem {content} 97% used" in refused
-            assert budget.usage is not None and budget.usage.mountpoint == str(content)
-
-
 async def test_one_unreadable_filesystem_does_not_lift_the_budget_of_the_others(
     cri: CriClient, small_containerd: Containerd, caplog: pytest.LogCaptureFixture
 ) -> None:
