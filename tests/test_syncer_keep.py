@@ -521,6 +521,9 @@ async def test_a_pull_that_ends_during_list_images_is_not_counted_as_removed(
     monkeypatch.setattr(CriClient, "list_images", answered_before_the_pull_ends)
     running = await RunningSyncer(settings).start()
     try:
+        # Started to the end (the status reporter runs after the start's own reconcile): the
+        # listing held is one of the periodic reconcile's, while the consumer takes events.
+        await until_state(js, settings, lambda s: True, "the first status write")
         holding.set()
         await asyncio.wait_for(held.wait(), 60)  # a listing without the image, held
         await publish_event(js, log_settings, "fleet.events.added", fleet("race", image))

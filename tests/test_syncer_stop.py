@@ -22,6 +22,8 @@ from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 from syncer_harness import (  # noqa: F401  (fixtures)
     RunningSyncer,
+    eventually,
+    fleet,
     info_logs_fixture,
     logged,
     settings_fixture,
@@ -36,7 +38,8 @@ from syncer.puller import Puller, PullResult
 from syncer.references import Holding, ImageRef
 from syncer.runner import _Syncer, run
 from syncer.settings import SyncerSettings
-from wire.eventlog import LogSettings
+from wire.eventlog import LogSettings, publish_event
+from wire.nodestatus import NodeStatus, StatusSettings, get_status, open_status_bucket
 
 pytestmark = [pytest.mark.nats, pytest.mark.cri]
 
@@ -153,6 +156,36 @@ async def test_a_stop_during_the_start_drains_what_the_start_began(
     assert await asyncio.wait_for(task, 60) == 0
     assert logged(caplog, "draining")
     assert image in containerd.image_refs()  # the pull in flight was let finish
+
+
+async def test_the_last_status_is_written_though_the_throttle_says_not_yet(
+    settings: SyncerSettings,
+    js: JetStreamContext,
+    log_settings: LogSettings,
+    push,
+    containerd: Containerd,
+) -> None:
+    """Issue 23 fault 11: the status is written at most once per --status-interval, and the
+    write at stop went through that throttle: a stopped node kept showing the state of its
+    last write (here: the one at start, before the Fleet) until the entry's TTL."""
+    image = push()
+    quiet = dataclasses.replace(settings, status_interval=600.0)
+    running = await RunningSyncer(quiet).start()
+    try:
+        await eventually(lambda: status_of(js, quiet), "the first status write")
+        await publish_event(js, log_settings, "fleet.events.added", fleet("last", image))
+        await eventually(lambda: image in containerd.image_refs(), "the image pulled")
+    finally:
+        assert await running.stop() == 0
+
+    status = await status_of(js, quiet)
+    assert status is not None
+    assert "default/last" in status.summary.fleets and not status.summary.missing
+
+
+async def status_of(js: JetStreamContext, settings: SyncerSettings) -> NodeStatus | None:
+    kv = await open_status_bucket(js, StatusSettings(prefix=settings.subject_prefix))
+    return await get_status(kv, settings.node_name) if kv is not None else None
 
 
 async def test_cancel_and_wait_cancels_again_a_task_that_lost_the_first_cancel() -> None:
