@@ -7,6 +7,7 @@ test_syncer_keep.py::test_a_burst_of_queued_pulls_cannot_fill_the_disk).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import pytest
 
@@ -18,7 +19,7 @@ from syncer.references import normalize
 LAYER = 256 * 1024
 
 
-async def test_the_size_is_the_layers_and_config_of_the_manifest(push) -> None:
+async def test_the_size_is_the_layers_and_config_of_the_manifest(push: Callable[..., str]) -> None:
     image = normalize(push(layer_bytes=LAYER))
 
     size = await ManifestSizes().of(image)
@@ -27,14 +28,14 @@ async def test_the_size_is_the_layers_and_config_of_the_manifest(push) -> None:
     assert size is not None and LAYER < size < LAYER + 8 * 1024
 
 
-async def test_an_unknown_image_has_no_size(push) -> None:
+async def test_an_unknown_image_has_no_size(push: Callable[..., str]) -> None:
     image = normalize(push().rsplit(":", 1)[0] + ":never-pushed")
 
     assert await ManifestSizes().of(image) is None
 
 
 async def test_a_private_registry_is_asked_with_the_pulls_credentials(
-    push, auth_registry: Registry, caplog: pytest.LogCaptureFixture
+    push: Callable[..., str], auth_registry: Registry, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="syncer.manifestsize")
     assert auth_registry.credentials is not None

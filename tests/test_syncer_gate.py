@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -186,7 +186,7 @@ async def test_a_node_over_its_disk_budget_opens_at_once_with_a_warning(
     kube: FakeKube,
     js: JetStreamContext,
     small_containerd: Containerd,
-    push,
+    push: Callable[..., str],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Issue 23: over budget no pull can start, so nothing the gate waits for can come; it used

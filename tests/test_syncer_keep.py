@@ -168,7 +168,7 @@ async def test_a_tag_that_moves_takes_its_pin_along(
     js: JetStreamContext,
     log_settings: LogSettings,
     containerd: Containerd,
-    push,
+    push: Callable[..., str],
 ) -> None:
     """Issue 23: a mutable tag moved to new content (here a kubelet's pull, as with
     imagePullPolicy Always); the old content's digest name and id stayed pinned until the Fleet
@@ -326,7 +326,7 @@ async def test_a_burst_of_queued_pulls_cannot_fill_the_disk(
     js: JetStreamContext,
     log_settings: LogSettings,
     small_containerd: Containerd,
-    push,
+    push: Callable[..., str],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Issue 23 fault 8: three pulls queued behind one slot, each ~23% of the disk once pulled
@@ -366,7 +366,7 @@ async def test_a_burst_of_queued_pulls_cannot_fill_the_disk(
         for _ in range(3):
             seen = state.last_reconcile
             state = await until_state(
-                js, settings, lambda s, seen=seen: s.last_reconcile != seen, "a later reconcile"
+                js, settings, partial(_reconciled_since, seen), "a later reconcile"
             )
         assert len(pulled()) == 1
         assert fs_usage(root) < 0.8
@@ -381,7 +381,7 @@ async def test_paused_clears_on_its_own_once_the_refused_image_is_not_wanted(
     js: JetStreamContext,
     log_settings: LogSettings,
     small_containerd: Containerd,
-    push,
+    push: Callable[..., str],
 ) -> None:
     """Issue 23 fault 10: the budget was read only when a pull asked; once the refused image was
     no longer wanted nothing asked, and "paused", the alert's gauge and the usage gauge stayed."""
@@ -497,7 +497,7 @@ async def test_a_pull_that_ends_during_list_images_is_not_counted_as_removed(
     js: JetStreamContext,
     log_settings: LogSettings,
     containerd: Containerd,
-    push,
+    push: Callable[..., str],
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -533,7 +533,7 @@ async def test_a_pull_that_ends_during_list_images_is_not_counted_as_removed(
         for _ in range(2):  # the held listing is read, and one more after it
             seen = state.last_reconcile
             state = await until_state(
-                js, settings, lambda s, seen=seen: s.last_reconcile != seen, "a later reconcile"
+                js, settings, partial(_reconciled_since, seen), "a later reconcile"
             )
 
         assert metric("image_syncer_images_removed_externally_total", image=norm(image)) == 0

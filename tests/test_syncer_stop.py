@@ -116,7 +116,7 @@ async def test_a_stop_during_the_start_drains_what_the_start_began(
     js: JetStreamContext,
     log_settings: LogSettings,
     own_registry: Registry,
-    push,
+    push: Callable[..., str],
     containerd: Containerd,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
@@ -162,7 +162,7 @@ async def test_the_last_status_is_written_though_the_throttle_says_not_yet(
     settings: SyncerSettings,
     js: JetStreamContext,
     log_settings: LogSettings,
-    push,
+    push: Callable[..., str],
     containerd: Containerd,
 ) -> None:
     """Issue 23 fault 11: the status is written at most once per --status-interval, and the

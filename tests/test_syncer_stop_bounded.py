@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -87,7 +87,7 @@ async def test_a_hung_pull_is_abandoned_and_the_last_status_written(
     js: JetStreamContext,
     log_settings: LogSettings,
     prefix: str,
-    push,
+    push: Callable[..., str],
     silent: SilentRegistry,
     tmp_path: Path,
 ) -> None:
@@ -168,7 +168,7 @@ async def test_nats_down_at_stop_is_not_waited_for(
     js: JetStreamContext,
     log_settings: LogSettings,
     prefix: str,
-    push,
+    push: Callable[..., str],
     tmp_path: Path,
 ) -> None:
     image = push()
@@ -197,7 +197,7 @@ async def test_pins_waiting_for_nats_do_not_hold_the_stop(
     js: JetStreamContext,
     log_settings: LogSettings,
     prefix: str,
-    push,
+    push: Callable[..., str],
     tmp_path: Path,
 ) -> None:
     images = Images(push, 8, into=own_registry)
