@@ -79,8 +79,7 @@ class Removal:
 
 
 def _key_of(ref: ImageRef) -> str:
-    # As the runtime indexes it: by digest when pinned, else by tag.
-    return ref.canonical or ref.tagged or str(ref)
+    return ref.stored_name
 
 
 def record_key(node: str, ref: str) -> str:

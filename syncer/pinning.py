@@ -261,7 +261,7 @@ class Pinner:
             await self._pin(await self._open(), image)
 
     async def _pin(self, ledger: PinLedger, image: ImageRef) -> None:
-        records = await self._images.names_of(_record_name(image))
+        records = await self._images.names_of(image.stored_name)
         if not records:
             return  # not there (yet, or any more): the next reconcile looks again
         ref = str(image)
@@ -361,8 +361,3 @@ def _moved(ledger: PinLedger, image: ImageRef, ids: Mapping[ImageRef, str]) -> b
     current = ids.get(image)
     names = ledger.names.get(str(image))
     return bool(current and names and current not in names)
-
-
-def _record_name(image: ImageRef) -> str:
-    # As the runtime names it: by digest when the reference has one, else by tag.
-    return image.canonical or image.tagged or str(image)

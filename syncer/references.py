@@ -44,6 +44,13 @@ class ImageRef:
         return f"{self.name}@{self.digest}" if self.digest else None
 
     @property
+    def stored_name(self) -> str:
+        """The name the runtime keeps for this reference: ``name@digest`` when it has a digest
+        (containerd's CRI plugin drops the tag of ``name:tag@digest``, docker.ParseDockerRef),
+        else ``name:tag``. Labels and lookups by name must use this one."""
+        return self.canonical or self.tagged or str(self)
+
+    @property
     def domain(self) -> str:
         return self.name.split("/", 1)[0]
 

@@ -55,7 +55,8 @@ class UnrecordedLabels:
         self._node = node
 
     async def mark(self, ref: str) -> None:
-        await self._images.set_label(ref, UNRECORDED_LABEL, self._node)
+        # On the name containerd keeps: a "name:tag@digest" pull is stored as "name@digest".
+        await self._images.set_label(normalize(ref).stored_name, UNRECORDED_LABEL, self._node)
 
     async def marked(self) -> list[str]:
         """Names of the images labelled for this node."""

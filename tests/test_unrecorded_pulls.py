@@ -8,6 +8,7 @@ closed NATS connection (every write fails), and the crash is the syncer simply a
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator, Callable
 
 import polling
@@ -15,6 +16,8 @@ import pytest
 from nats.js import JetStreamContext
 
 from image_syncer.sandbox.containerd import Containerd
+from image_syncer.sandbox.images import push_image
+from image_syncer.sandbox.registry import Registry
 from syncer.containerd_images import ContainerdImages
 from syncer.cri import CriClient
 from syncer.puller import PullResult
@@ -114,3 +117,54 @@ async def test_a_pull_recorded_in_nats_is_not_labelled(
     record = await images.get(str(image))
     assert record is not None
     assert UNRECORDED_LABEL not in record.labels
+
+
+async def test_an_unrecorded_pull_of_a_tag_and_digest_is_labelled_on_the_name_containerd_keeps(
+    cri: CriClient,
+    images: ContainerdImages,
+    js: JetStreamContext,
+    cut_off: JetStreamContext,
+    prefix: str,
+    registry: Registry,
+) -> None:
+    # Digest-pinned Fleet images are written "name:tag@sha256:...". containerd 1.6's CRI plugin
+    # drops the tag of such a reference (docker.ParseDockerRef) and keeps only "name@digest":
+    # a label set on the reference as written finds no record (NOT_FOUND).
+    repository = f"test/img-{uuid.uuid4().hex[:12]}"
+    digest = push_image(registry.address, repository, "v1")
+    name = f"{registry.address}/{repository}"
+    image = normalize(f"{name}:v1@{digest}")
+    crashed = UnusedImages(
+        cut_off,
+        NODE,
+        cri.remove_image,
+        grace=0.0,
+        prefix=prefix,
+        labels=lambda: UnrecordedLabels(images, NODE),
+    )
+    await crashed.before_pull(image)  # fails: NATS unreachable
+    image_id = await cri.pull_image(str(image), timeout=60)
+    assert await images.get(str(image)) is None
+    assert await images.get(f"{name}@{digest}") is not None
+    crashed.on_pull_result(PullResult(image, ok=True, ref=image_id))
+
+    async def labelled() -> bool:
+        record = await images.get(f"{name}@{digest}")
+        return record is not None and record.labels.get(UNRECORDED_LABEL) == NODE
+
+    await polling.eventually(labelled, f"{name}@{digest} labelled {UNRECORDED_LABEL}={NODE}")
+    # ... the syncer is killed; restarted with NATS back, no Fleet wants the image any more.
+    restarted = UnusedImages(
+        js,
+        NODE,
+        cri.remove_image,
+        grace=0.0,
+        prefix=prefix,
+        labels=lambda: UnrecordedLabels(images, NODE),
+    )
+
+    async def removed() -> bool:
+        await restarted.after_list([], await cri.list_images())
+        return await images.get(f"{name}@{digest}") is None
+
+    await polling.eventually(removed, f"{image} removed by --remove-unused after the restart")
