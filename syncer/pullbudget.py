@@ -12,8 +12,9 @@ when the TTL runs out. No clocks are compared, no one has to clean up after the 
 
 A registry that answers 429 / Too Many Requests (the runtime's pull error says so) gets a key
 ``backoff.<registry>`` with a TTL of ``backoff``: every node reads it before taking a slot for an
-image of that registry and waits until it has expired, so the whole cluster backs off, not just
-the node that was told.
+image of that registry and waits for as long as the key exists, so the whole cluster backs off,
+not just the node that was told. The server expires the key by its own clock; the value carries
+only the duration (for status), never a timestamp another node would compare with its clock.
 
 Pulls that go to a mirror rather than the registry (``--mirror``: a node fetching from a
 pull-through cache or its peers after a seed reported the image, see :mod:`syncer.seeding`) do
@@ -33,6 +34,7 @@ import hashlib
 import logging
 import random
 import re
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -87,8 +89,10 @@ class BudgetSettings:
 
 
 class _Backoff(msgspec.Struct, frozen=True):
-    until: datetime
     node: str
+    # How long the writer asked the cluster to hold back (the key's TTL). Values written before
+    # carried an ``until`` in the writer's clock: ignored, the key's existence is what counts.
+    seconds: float = 0.0
     error: str = ""
 
 
@@ -116,12 +120,17 @@ class PullBudget:
         *,
         rng: Callable[[], float] = random.random,
         wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._js = js
         self._settings = settings
         self._node = node
         self._rng = rng
+        # The wall clock only dates the status's "backoff until"; waits use the monotonic one.
         self._wall_clock = wall_clock
+        self._monotonic = monotonic
+        # Backoff key -> (its revision, when this node first saw that revision).
+        self._backoffs_seen: dict[str, tuple[int, float]] = {}
         self._kv: KeyValue | None = None
         self._waiting: set[ImageRef] = set()
         self._failing = False
@@ -181,8 +190,8 @@ class PullBudget:
         """
         if mirrored or not is_rate_limited(error):
             return
-        until = self._wall_clock() + timedelta(seconds=self._settings.backoff)
-        value = msgspec.json.encode(_Backoff(until=until, node=self._node, error=error[:200]))
+        seconds = self._settings.backoff
+        value = msgspec.json.encode(_Backoff(node=self._node, seconds=seconds, error=error[:200]))
         try:
             await self._bucket()
             # With a TTL, so a backoff ends even if nobody is left to lift it.
@@ -192,7 +201,7 @@ class PullBudget:
         except Exception as e:
             self._record_failure(e)
             return
-        self.backoff_until = until
+        self.backoff_until = self._wall_clock() + timedelta(seconds=seconds)
         metrics.CLUSTER_BACKOFFS.inc()
         log.warning(
             "registry rate limit: cluster pulls held back",
@@ -244,20 +253,32 @@ class PullBudget:
         return None
 
     async def _respect_backoff(self, image: ImageRef) -> None:
+        """Wait while the registry's backoff key exists: its TTL, kept by the server, is the
+        backoff. No timestamp is read from it, so no node's clock is compared with another's;
+        and no key holds this node back longer than its duration (at most ``--cluster-backoff``)
+        from when this node first saw it, by its own monotonic clock (a key written without a
+        TTL, by a bug or a hostile node, cannot stop the cluster's pulls for good)."""
         kv = await self._bucket()
+        key = _backoff_key(image)
         while not self._stopping.is_set():
             try:
-                entry = await kv.get(_backoff_key(image))
-            except nats.js.errors.KeyNotFoundError:
+                entry = await kv.get(key)
+            except nats.js.errors.KeyNotFoundError:  # expired (or lifted): go ahead
                 return
             try:
-                until = msgspec.json.decode(entry.value or b"", type=_Backoff).until
+                seconds = msgspec.json.decode(entry.value or b"", type=_Backoff).seconds
             except msgspec.DecodeError:
-                return
-            left = (until - self._wall_clock()).total_seconds()
+                seconds = 0.0
+            limit = min(seconds, self._settings.backoff) if seconds > 0 else self._settings.backoff
+            revision, first_seen = self._backoffs_seen.get(key, (-1, 0.0))
+            if revision != entry.revision:
+                revision, first_seen = entry.revision or 0, self._monotonic()
+                self._backoffs_seen[key] = (revision, first_seen)
+                # For status only: when it ends at the latest, in this node's own clock.
+                self.backoff_until = self._wall_clock() + timedelta(seconds=limit)
+            left = limit - (self._monotonic() - first_seen)
             if left <= 0:
                 return
-            self.backoff_until = until
             await self._sleep(min(left, _MAX_RETRY) + self._jitter(_FIRST_RETRY))
 
     def _subject(self, key: str) -> str:

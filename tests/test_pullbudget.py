@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from nats.aio.client import Client
@@ -42,11 +43,14 @@ async def node_connections(nats_settings: NatsSettings) -> AsyncIterator[list[Cl
 def make_node(
     nats_settings: NatsSettings, node_connections: list[Client], prefix: str
 ) -> Callable[..., object]:
-    async def make(node: str, **settings: float) -> PullBudget:
+    async def make(
+        node: str, wall_clock: Callable[[], datetime] | None = None, **settings: float
+    ) -> PullBudget:
         client = await connect(nats_settings, name=node)
         node_connections.append(client)
         options = {"max_pulls": 1, "prefix": prefix, "lease": 2.0, "backoff": 2.0, **settings}
-        return PullBudget(client.jetstream(), BudgetSettings(**options), node)  # type: ignore[arg-type]
+        clock = {"wall_clock": wall_clock} if wall_clock else {}
+        return PullBudget(client.jetstream(), BudgetSettings(**options), node, **clock)  # type: ignore[arg-type]
 
     return make
 
@@ -132,8 +136,36 @@ async def test_a_429_holds_back_the_whole_cluster_for_that_registry(make_node) -
         pass
     waiter = Holder(b)
     await eventually(lambda: IMAGE in b.waiting(), "node-b to hold back its pull")
-    assert b.backoff_until == a.backoff_until
+    await eventually(lambda: b.backoff_until is not None, "node-b to show the backoff")
     # The backoff's TTL runs out: the pull goes ahead.
+    await asyncio.wait_for(waiter.holding.wait(), 60)
+    waiter.release.set()
+    await waiter.task
+
+
+async def test_a_node_whose_clock_is_ahead_still_respects_a_backoff(
+    make_node, js: JetStreamContext, prefix: str
+) -> None:  # type: ignore[no-untyped-def]
+    # The writer says "60 s"; a reader whose wall clock is 90 s ahead must not read that as
+    # "over 30 s ago". Only the server's TTL and each node's own monotonic clock count.
+    a = await make_node("node-a", backoff=60.0)
+    ahead = await make_node(
+        "node-ahead",
+        wall_clock=lambda: datetime.now(UTC) + timedelta(seconds=90),
+        backoff=60.0,
+        max_pulls=5,
+    )
+    await a.observe(IMAGE, "CRI PullImage: UNKNOWN: unexpected status: 429 Too Many Requests")
+    waiter = Holder(ahead)
+    await eventually(
+        lambda: waiter.holding.is_set() or ahead.backoff_until is not None,
+        "node-ahead to either pull or see the backoff",
+    )
+    assert not waiter.holding.is_set(), "a node with its clock ahead ignored the cluster backoff"
+    assert IMAGE in ahead.waiting()
+    # The key goes (its TTL, or lifted): the pull goes ahead.
+    kv = await js.key_value(budget_bucket(prefix))
+    await kv.purge("backoff." + IMAGE.domain.replace(".", "_").replace(":", "_"))
     await asyncio.wait_for(waiter.holding.wait(), 60)
     waiter.release.set()
     await waiter.task
