@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import enum
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +31,13 @@ from broadcaster.settings import Settings
 from ops.logs import describe_error
 from ops.retry import Backoff, retry
 from wire.contract import ContractError, EventType
-from wire.eventlog import EventTooLarge, LogConflict, ensure_streams, publish_event
+from wire.eventlog import (
+    EventTooLarge,
+    LogConflict,
+    ensure_node_images_stream,
+    ensure_streams,
+    publish_event,
+)
 from wire.natsconn import RETRYABLE
 
 __all__ = ["Outcome", "Published", "Publisher", "refusal"]
@@ -75,9 +82,17 @@ class _Refused(Exception):
 
 
 class Publisher:
-    def __init__(self, js: JetStreamContext, settings: Settings) -> None:
+    def __init__(
+        self,
+        js: JetStreamContext,
+        settings: Settings,
+        *,
+        streams_recreated: Callable[[], None] | None = None,
+    ) -> None:
         self.js = js
         self.settings = settings
+        # Told after the streams were re-created: the sidecar's image must be published again.
+        self.streams_recreated = streams_recreated
 
     async def publish(
         self,
@@ -113,7 +128,10 @@ class Publisher:
         def report(error: BaseException, delay: float) -> None:
             nonlocal streams_lost
             # No responders on a stream subject: the stream is gone (a server lost its store).
-            streams_lost = isinstance(error, nats.errors.NoRespondersError)
+            # nats-py reports that as NoStreamResponseError ("no response from stream").
+            streams_lost = isinstance(
+                error, nats.errors.NoRespondersError | nats.js.errors.NoStreamResponseError
+            )
             metrics.PUBLISH_ERRORS.inc()
             log.warning(
                 "publish failed, retrying",
@@ -166,10 +184,16 @@ class Publisher:
         )
 
     async def _recreate_streams(self) -> None:
+        """All of the broadcaster's streams: a server that lost its store lost them all."""
         try:
             await ensure_streams(self.js, self.settings.log, self.settings.kinds)
+            if self.settings.sidecar.namespace:
+                await ensure_node_images_stream(self.js, self.settings.log)
         except RETRYABLE as e:
             log.warning("cannot recreate streams", extra={"error": describe_error(e)})
+            return
+        if self.streams_recreated is not None:
+            self.streams_recreated()
 
 
 def _name(obj: dict[str, Any]) -> str:

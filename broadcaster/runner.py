@@ -157,7 +157,10 @@ async def _broadcast(
     lost: asyncio.Event | None = None,
 ) -> None:
     loop = asyncio.get_running_loop()
-    publisher = Publisher(js, settings)
+    sidecar = None
+    if settings.sidecar.namespace:
+        sidecar = SidecarWatcher(api.api_client, js, settings.log, settings.sidecar)
+    publisher = Publisher(js, settings, streams_recreated=sidecar.wake if sidecar else None)
     view = LogView(js, settings.log)
     forwarders, watchers, tasks = [], [], []
     for target in settings.targets():
@@ -167,8 +170,7 @@ async def _broadcast(
         watchers.append(watcher)
         tasks.append(asyncio.create_task(forwarder.run(), name=f"forward {target}"))
         watcher.start()
-    if settings.sidecar.namespace:
-        sidecar = SidecarWatcher(api.api_client, js, settings.log, settings.sidecar)
+    if sidecar is not None:
         follow = sidecar.run(stopping)
         tasks.append(asyncio.create_task(follow, name="follow the sdk sidecar image"))
     log.info(

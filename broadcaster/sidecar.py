@@ -11,6 +11,14 @@ One ``GET`` every ``refresh`` (default ``1m``): an Agones upgrade is rare and ta
 watch would hold a connection open for one field. A Deployment that is missing, unreadable or
 without the variable is logged once (and again when it recovers), counted, and publishes
 nothing: what syncers hold stays as last published.
+
+The node-images stream is held to the Fleet log's guarantees. Each refresh compares the
+Deployment with what the *bus* holds (one direct get), not with what this process published last,
+so a stream lost and re-created empty is published again at the next refresh. A publish is
+conditioned on the message it read (``Nats-Expected-Last-Subject-Sequence``), and only a newer
+Deployment (uid and resourceVersion, :func:`broadcaster.ordering.newer`) replaces what the bus
+holds: a deposed leader's delayed publish of an older version is refused and, re-planned against
+the bus, dropped.
 """
 
 from __future__ import annotations
@@ -25,10 +33,16 @@ from kubernetes.client.exceptions import ApiException
 from nats.js import JetStreamContext
 from prometheus_client import Counter
 
+from broadcaster.ordering import Recorded, newer
 from broadcaster.settings import SidecarSettings
-from ops.lifecycle import every
 from wire.contract import AGONES_SDK_SOURCE, ContractError, NodeImages
-from wire.eventlog import LogSettings, ensure_node_images_stream, publish_node_images
+from wire.eventlog import (
+    LogConflict,
+    LogSettings,
+    ensure_node_images_stream,
+    last_node_images,
+    publish_node_images,
+)
 from wire.natsconn import RETRYABLE
 
 __all__ = ["SIDECAR_ENV", "SidecarWatcher", "sidecar_image"]
@@ -45,7 +59,11 @@ SIDECAR_ERRORS = Counter(
 )
 SIDECAR_PUBLISHED = Counter(
     "image_syncer_broadcaster_sidecar_published",
-    "SDK sidecar images published on the node-images stream (changes and start-up).",
+    "SDK sidecar images published on the node-images stream (changes, and a bus that lost them).",
+)
+SIDECAR_SUPERSEDED = Counter(
+    "image_syncer_broadcaster_sidecar_superseded",
+    "SDK sidecar publishes not made because the bus holds a newer Deployment version.",
 )
 
 
@@ -74,15 +92,33 @@ class SidecarWatcher:
         self.log_settings = log_settings
         self.settings = settings
         self.origin = f"{settings.namespace}/{settings.deployment}"
-        self.published: NodeImages | None = None
         self._problem: str | None = None
+        self._wake = asyncio.Event()
 
     async def run(self, stopping: asyncio.Event) -> None:
-        """Until ``stopping``, or cancelled (this replica loses its lease)."""
-        await every(self.settings.refresh, stopping, self.refresh_once)
+        """Until ``stopping``, or cancelled (this replica loses its lease); at once when woken."""
+        while not stopping.is_set():
+            await self.refresh_once()
+            waits = [
+                asyncio.ensure_future(stopping.wait()),
+                asyncio.ensure_future(self._wake.wait()),
+            ]
+            try:
+                await asyncio.wait(
+                    waits, timeout=self.settings.refresh, return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                for wait in waits:
+                    wait.cancel()
+            self._wake.clear()
+
+    def wake(self) -> None:
+        """Refresh now (the streams were re-created: the bus may hold nothing)."""
+        self._wake.set()
 
     async def refresh_once(self) -> bool:
-        """Read and publish if changed; True when the bus holds the Deployment's image."""
+        """Read the Deployment and settle it on the bus; True when the bus holds its image (or a
+        newer version's)."""
         try:
             deployment = await asyncio.to_thread(self._read)
         except ApiException as e:
@@ -95,24 +131,63 @@ class SidecarWatcher:
             return self._failed("no_variable", f"no {SIDECAR_ENV} in its containers")
         meta = deployment.get("metadata") or {}
         message = NodeImages(
-            AGONES_SDK_SOURCE, [image], self.origin, str(meta.get("resourceVersion", ""))
+            AGONES_SDK_SOURCE,
+            [image],
+            self.origin,
+            str(meta.get("resourceVersion", "")),
+            str(meta.get("uid", "")),
         )
-        if self.published is not None and self.published.images == message.images:
-            return self._recovered()
         try:
-            await ensure_node_images_stream(self.js, self.log_settings)
-            await publish_node_images(self.js, self.log_settings, message)
+            await self._settle(message)
         except RETRYABLE as e:
             return self._failed("publish", repr(e))
         except ContractError as e:
             return self._failed("no_variable", str(e))
-        SIDECAR_PUBLISHED.inc()
-        log.info(
-            "agones sdk sidecar image published",
-            extra={"image": image, "deployment": self.origin, "previous": self._previous()},
-        )
-        self.published = message
         return self._recovered()
+
+    async def _settle(self, message: NodeImages) -> None:
+        """Publish ``message`` unless the bus holds its images or a newer version; conditioned
+        on what was read, so a conflict re-reads and decides again."""
+        prefix = self.log_settings.prefix
+        while True:
+            held = await last_node_images(self.js, prefix, message.source)
+            current, seq = held if held is not None else (None, 0)
+            if current is not None and current.images == message.images:
+                return
+            if current is not None and not newer(
+                _versioned(message), False, _recorded(current, seq)
+            ):
+                SIDECAR_SUPERSEDED.inc()
+                log.info(
+                    "agones sdk sidecar image superseded by the bus, not published",
+                    extra={
+                        "image": message.images[0],
+                        "resource_version": message.resource_version,
+                        "bus_image": ",".join(current.images),
+                        "bus_resource_version": current.resource_version,
+                    },
+                )
+                return
+            if held is None:
+                # Nothing there: maybe no stream at all (a server lost its store).
+                await ensure_node_images_stream(self.js, self.log_settings)
+            try:
+                await publish_node_images(
+                    self.js, self.log_settings, message, expected_last_seq=seq
+                )
+            except LogConflict:
+                continue  # someone wrote since we read: decide again against that
+            SIDECAR_PUBLISHED.inc()
+            log.info(
+                "agones sdk sidecar image published",
+                extra={
+                    "image": message.images[0],
+                    "deployment": self.origin,
+                    "resource_version": message.resource_version,
+                    "previous": ",".join(current.images) if current else "",
+                },
+            )
+            return
 
     def _read(self) -> dict[str, Any]:
         # The raw body: the typed model would turn the env list into objects we only search.
@@ -124,9 +199,6 @@ class SidecarWatcher:
         )
         doc: dict[str, Any] = json.loads(response.data)
         return doc
-
-    def _previous(self) -> str:
-        return self.published.images[0] if self.published and self.published.images else ""
 
     def _failed(self, reason: str, detail: str) -> bool:
         SIDECAR_ERRORS.labels(reason).inc()
@@ -143,3 +215,13 @@ class SidecarWatcher:
             self._problem = None
             log.info("agones sdk sidecar image followed again", extra={"deployment": self.origin})
         return True
+
+
+def _versioned(message: NodeImages) -> dict[str, Any]:
+    """The message as the object it was read from, for :func:`broadcaster.ordering.newer`."""
+    return {"metadata": {"uid": message.uid, "resourceVersion": message.resource_version}}
+
+
+def _recorded(message: NodeImages | None, seq: int) -> Recorded:
+    # An unreadable message says nothing about versions: any readable one replaces it.
+    return Recorded(_versioned(message) if message is not None else {}, seq)

@@ -455,7 +455,8 @@ def parse_next_images(value: str) -> list[str]:
 #   subject  <prefix>.nodeimages.<source>          e.g. agones.nodeimages.agones-sdk
 #   payload  {"source": "agones-sdk",
 #             "images": ["us-docker.pkg.dev/agones-images/release/agones-sdk:1.44.0"],
-#             "origin": "agones-system/agones-controller", "resource_version": "812"}
+#             "origin": "agones-system/agones-controller", "resource_version": "812",
+#             "uid": "5f1c…"}
 #
 # One message per source (the stream keeps the newest per subject), so replay is one message.
 
@@ -470,7 +471,10 @@ class NodeImages(msgspec.Struct, frozen=True, omit_defaults=True):
     images: list[str] = []
     # Where the broadcaster found them ("namespace/name" of the Deployment), for status and logs.
     origin: str = ""
+    # The version of what they were read from (the Deployment's): of two messages of one source,
+    # the writer keeps the newer (broadcaster.ordering), so the stream never goes backwards.
     resource_version: str = ""
+    uid: str = ""
 
 
 _node_images_decoder = msgspec.json.Decoder(NodeImages)

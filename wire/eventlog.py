@@ -82,6 +82,7 @@ __all__ = [
     "ensure_node_images_stream",
     "ensure_streams",
     "last_message",
+    "last_node_images",
     "node_images_stream_config",
     "node_images_stream_name",
     "publish_event",
@@ -500,16 +501,53 @@ async def ensure_node_images_stream(js: JetStreamContext, settings: LogSettings)
 
 
 async def publish_node_images(
-    js: JetStreamContext, settings: LogSettings, message: NodeImages, *, timeout: float = 5.0
+    js: JetStreamContext,
+    settings: LogSettings,
+    message: NodeImages,
+    *,
+    timeout: float = 5.0,
+    expected_last_seq: int | None = None,
 ) -> PubAck:
-    """Store ``message`` as the newest of its source; a duplicate is acked and stored once."""
-    return await js.publish(
-        node_images_subject(settings.prefix, message.source),
-        encode_node_images(message),
-        timeout=timeout,
-        stream=node_images_stream_name(settings.prefix),
-        headers={HEADER_MSG_ID: node_images_message_id(message)},
-    )
+    """Store ``message`` as the newest of its source; a duplicate is acked and stored once.
+
+    With ``expected_last_seq`` (the sequence of the source's message as the caller read it, 0
+    for none) it is stored only if that still holds, else :class:`LogConflict`: as for object
+    events, a publish computed from a stale view never lands over a newer one.
+    """
+    headers = {HEADER_MSG_ID: node_images_message_id(message)}
+    if expected_last_seq is not None:
+        # On the source's own subject: one subject per source, no filter needed.
+        headers[_HEADER_EXPECTED_SEQ] = str(expected_last_seq)
+    try:
+        return await js.publish(
+            node_images_subject(settings.prefix, message.source),
+            encode_node_images(message),
+            timeout=timeout,
+            stream=node_images_stream_name(settings.prefix),
+            headers=headers,
+        )
+    except nats.js.errors.APIError as e:
+        if e.err_code == _WRONG_LAST_SEQUENCE:
+            raise LogConflict(f"node images {message.source}: {e.description}") from e
+        raise
+
+
+async def last_node_images(
+    js: JetStreamContext, prefix: str, source: str
+) -> tuple[NodeImages | None, int] | None:
+    """What the bus holds for ``source``: its message (None if it does not decode) and sequence;
+    None when it holds nothing (no message, or no stream at all)."""
+    try:
+        msg = await js.get_last_msg(
+            node_images_stream_name(prefix), node_images_subject(prefix, source)
+        )
+    except nats.js.errors.NotFoundError:
+        return None
+    try:
+        return decode_node_images(msg.data or b""), msg.seq or 0
+    except ContractError as e:
+        log.warning("node-images message unreadable: %s (seq %s)", e, msg.seq)
+        return None, msg.seq or 0
 
 
 async def read_node_images(js: JetStreamContext, prefix: str) -> dict[str, NodeImages]:
