@@ -210,10 +210,13 @@ class Cleaner:
         desired: Iterable[str] | Callable[[], Iterable[str]],
         images: Iterable[RuntimeImageLike],
         in_use: Collection[str] = (),
+        *,
+        pulling: Collection[str] = (),
     ) -> list[Removal]:
         """One cleanup cycle: ``desired`` refs of live Fleets, ``images`` from one ListImages,
         ``in_use`` the images containers still use: ids or references (an image is in use when
-        its id or any of its names matches one). Returns what it did.
+        its id or any of its names matches one), ``pulling`` the normalized refs being pulled
+        (recorded before their pull, absent until it ends: never "gone"). Returns what it did.
 
         ``desired`` may be a function returning the refs: it is then asked again right before
         each removal, so a Fleet folded while the cycle ran (it awaits NATS and the runtime)
@@ -231,7 +234,7 @@ class Cleaner:
             if _key_of(ref) in wanted or (image_id is not None and image_id in kept_ids):
                 self._cancel(text)
             elif image_id is None:
-                if self._recorded_in.get(text, -1) >= self._cycle - 1:
+                if text in pulling or self._recorded_in.get(text, -1) >= self._cycle - 1:
                     # Pulled after this listing may have been taken: the next one tells.
                     continue
                 # Removed by someone else already: nothing left to give back.

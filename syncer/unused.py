@@ -114,6 +114,8 @@ class UnusedImages:
         self._guard = guard
         self._labels = labels or (lambda: None)
         self._unsure: set[str] = set()  # about to be pulled, not recorded before the pull
+        # Pulls under way: their record (made before the pull) is not "gone" while absent.
+        self._pulling: set[str] = set()
         self._adopt = True  # labelled images may wait (a previous run's, or ours)
 
     async def _open(self) -> Cleaner:
@@ -152,6 +154,7 @@ class UnusedImages:
         is recorded would otherwise leave an image no record owns, never removed. Best effort:
         when NATS does not answer soon (or is known down) the pull goes ahead and is recorded
         after it, as always; a pull that then fails leaves a record the cleanup forgets."""
+        self._pulling.add(str(image))
         if self._failing:
             self._unsure.add(str(image))
             return
@@ -167,7 +170,11 @@ class UnusedImages:
     def on_pull_result(self, result: PullResult) -> None:
         """Remember our own successful pulls (recorded in the background)."""
         ref = str(result.image)
-        unsure = ref in self._unsure
+        self._pulling.discard(ref)
+        # Not known to be recorded (no record before the pull, or it was lost since): the
+        # image carries a label until the ledger takes the record, whatever happens to us.
+        recorded = self._cleaner is not None and ref in self._cleaner.pulled
+        unsure = ref in self._unsure or not recorded
         self._unsure.discard(ref)
         if result.ok:
             self._unrecorded.add(ref)
@@ -215,7 +222,9 @@ class UnusedImages:
         if in_use is None:
             return
         try:
-            removals = await cleaner.observe(_texts(desired), images, in_use)
+            removals = await cleaner.observe(
+                _texts(desired), images, in_use, pulling=frozenset(self._pulling)
+            )
         except Exception as e:
             self._failed("cleanup", e)
             return

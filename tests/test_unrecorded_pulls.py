@@ -18,12 +18,14 @@ from nats.js import JetStreamContext
 from image_syncer.sandbox.containerd import Containerd
 from image_syncer.sandbox.images import push_image
 from image_syncer.sandbox.registry import Registry
+from syncer.cleanup import BUCKET, record_key
 from syncer.containerd_images import ContainerdImages
 from syncer.cri import CriClient
 from syncer.puller import PullResult
 from syncer.references import normalize
 from syncer.unused import UNRECORDED_LABEL, UnrecordedLabels, UnusedImages
 from wire.natsconn import NatsSettings, connect
+from wire.permissions import bucket_for
 
 pytestmark = pytest.mark.cri
 
@@ -166,5 +168,51 @@ async def test_an_unrecorded_pull_of_a_tag_and_digest_is_labelled_on_the_name_co
     async def removed() -> bool:
         await restarted.after_list([], await cri.list_images())
         return await images.get(f"{name}@{digest}") is None
+
+    await polling.eventually(removed, f"{image} removed by --remove-unused after the restart")
+
+
+async def test_a_record_made_before_a_long_pull_is_kept_while_the_pull_runs(
+    cri: CriClient,
+    images: ContainerdImages,
+    js: JetStreamContext,
+    nats_settings: NatsSettings,
+    prefix: str,
+    push,
+) -> None:
+    # The chaos soak's "image not removed" after syncer kills: a Fleet rolled to another image
+    # while the old one's pull ran (a slow link); cleanup cycles saw that image absent and
+    # forgot the record made before the pull; the pull then ended with NATS cut off, the syncer
+    # was killed, and after its restart no record owned the image.
+    def cleanup(ledger: JetStreamContext) -> UnusedImages:
+        return UnusedImages(
+            ledger,
+            NODE,
+            cri.remove_image,
+            grace=0.0,
+            prefix=prefix,
+            labels=lambda: UnrecordedLabels(images, NODE),
+        )
+
+    client = await connect(nats_settings, name=NODE)
+    crashed = cleanup(client.jetstream())
+    ref = push()
+    image = normalize(ref)
+    await crashed.before_pull(image)
+    # The Fleet moved on; the pull has not ended: three cycles list the image absent.
+    for _ in range(3):
+        await crashed.after_list([], await cri.list_images())
+    kv = await js.key_value(bucket_for(BUCKET, prefix))
+    entry = await kv.get(record_key(NODE, str(image)))
+    assert entry.value, "the record of a pull under way was forgotten as gone"
+    image_id = await cri.pull_image(ref, timeout=60)
+    await client.close()  # NATS cut off as the pull ends
+    crashed.on_pull_result(PullResult(image, ok=True, ref=image_id))
+    # ... and the syncer is killed. Restarted, NATS back, no Fleet wants the image.
+    restarted = cleanup(js)
+
+    async def removed() -> bool:
+        await restarted.after_list([], await cri.list_images())
+        return await images.get(str(image)) is None
 
     await polling.eventually(removed, f"{image} removed by --remove-unused after the restart")
