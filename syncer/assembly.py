@@ -231,6 +231,7 @@ class _Wiring:
             grace=self.settings.remove_grace,
             prefix=self.settings.subject_prefix,
             replicas=self.settings.status_replicas,
+            ledger_ttl=self.settings.ledger_ttl,
         )
 
     def _unrecorded_labels(self) -> UnrecordedLabels | None:

@@ -9,6 +9,8 @@ deleted by mistake is often re-created within minutes (which cancels the removal
 What the syncer pulled is recorded durably in the NATS KV bucket ``IMAGE_SYNCER_PULLED``, key
 ``<node>.<sha256 of the normalized reference>``, so a restart does not forget it, and images put
 on the node by anyone else (the kubelet, an operator, a system DaemonSet) are never touched.
+Records are written compare-and-set and with a TTL the live node keeps renewing
+(:mod:`syncer.ledger`): a second syncer pod on the node cannot erase them, a gone node's expire.
 Removing by reference drops every name of that image in containerd, so an image still reachable
 from a live Fleet under another name is kept too. A removal the runtime refuses (CRI-O refuses
 images in use; containerd does not check, hence ``in_use``, which the syncer fills from CRI
@@ -20,6 +22,7 @@ The grace clock is in memory: after a restart it starts again, which only ever d
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import time
@@ -30,11 +33,12 @@ from typing import Literal, Protocol
 import msgspec
 import nats.js.errors
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 
 from syncer.cri import CriError
+from syncer.ledger import DEFAULT_TTL, Conflict, NodeLedger, Stored
 from syncer.references import ImageRef, InvalidImageReference, normalize
+from wire.kvbuckets import ttl_bucket_config
 
 __all__ = [
     "BUCKET",
@@ -95,23 +99,15 @@ async def ensure_pulled_bucket(
     description: str = "image-syncer: images each node's syncer pulled itself",
 ) -> KeyValue:
     """The bucket (or another per-node ledger), created on first use by whichever syncer gets
-    there first."""
+    there first; its keys may carry a TTL (:mod:`syncer.ledger`)."""
     try:
         return await js.key_value(bucket)
     except nats.js.errors.BucketNotFoundError:
         pass
-    config = KeyValueConfig(
-        bucket=bucket,
-        description=description,
-        history=1,
-        storage=StorageType.FILE,
-        replicas=replicas,
-    )
-    try:
-        return await js.create_key_value(config)
-    except nats.js.errors.BadRequestError:
-        # Another syncer created it in between.
-        return await js.key_value(bucket)
+    # Another syncer may create it in between: then adding fails and binding works.
+    with contextlib.suppress(nats.js.errors.BadRequestError):
+        await js.add_stream(ttl_bucket_config(bucket, description, replicas))
+    return await js.key_value(bucket)
 
 
 class Cleaner:
@@ -123,15 +119,19 @@ class Cleaner:
         node: str,
         remover: Remover,
         *,
+        ledger: NodeLedger,
         grace: float = DEFAULT_GRACE,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.kv = kv
+        self.ledger = ledger
         self.node = node
         self.remover = remover
         self.grace = grace
         self.clock = clock
         self._pulled: dict[str, ImageRef] = {}  # normalized text -> ref
+        self._stored: dict[str, Stored] = {}  # normalized text -> its record, as last written
+        self._refreshed_at: float | None = None  # None: at the first cycle
         self._unused_since: dict[str, float] = {}
         # Which observe() cycle was the latest begun when each record was made (-1: loaded at
         # start). A listing is taken after the previous cycle began, so a record made since then
@@ -150,12 +150,15 @@ class Cleaner:
         clock: Callable[[], float] = time.monotonic,
         bucket: str = BUCKET,
         replicas: int = 1,
+        ttl: float | None = DEFAULT_TTL,
     ) -> Cleaner:
         """Bind the bucket and load this node's records (they survive restarts)."""
+        kv = await ensure_pulled_bucket(js, bucket, replicas)
         cleaner = cls(
-            await ensure_pulled_bucket(js, bucket, replicas),
+            kv,
             node,
             remover,
+            ledger=await NodeLedger.bind(js, kv, bucket, ttl),
             grace=grace,
             clock=clock,
         )
@@ -178,11 +181,11 @@ class Cleaner:
                 async for entry in watcher:
                     if entry is None:  # the end of the current values
                         break
-                    self._load_record(entry.key, entry.value or b"")
+                    self._load_record(entry.key, entry.value or b"", entry.revision or 0)
         finally:
             await watcher.stop()
 
-    def _load_record(self, key: str, value: bytes) -> None:
+    def _load_record(self, key: str, value: bytes, revision: int) -> None:
         try:
             ref = normalize(msgspec.json.decode(value, type=_Record).ref)
         except (msgspec.DecodeError, InvalidImageReference) as e:
@@ -191,19 +194,52 @@ class Cleaner:
             )
             return
         self._pulled[str(ref)] = ref
+        self._stored[str(ref)] = Stored(value, revision)
 
     async def record_pulled(self, ref: str) -> None:
-        """Call after the syncer's own successful PullImage of ``ref``."""
+        """Call after the syncer's own successful PullImage of ``ref`` (and before it)."""
         image = normalize(ref)
         text = str(image)
         # Even when known (recorded before the pull): the pull just ended, after any listing.
         self._recorded_in[text] = self._cycle
-        if text in self._pulled:
-            return
-        value = msgspec.json.encode(_Record(ref=text, pulled_at=time.time()))
-        await self.kv.put(record_key(self.node, text), value)
+        # Written even when known: another syncer pod of this node may have deleted it since.
+        stored = self._stored.get(text)
+        value = stored.value if stored and stored.value else _encode(text)
+        await self._write(text, value, stored.revision if stored else None)
         self._pulled[text] = image
-        self._recorded_in[text] = self._cycle
+
+    async def _write(self, text: str, value: bytes, last: int | None) -> None:
+        """Store our record of ``text``; a record someone else wrote since is kept as it is."""
+        key = record_key(self.node, text)
+        if last is None:
+            last = (await self.ledger.read(key)).revision
+        try:
+            revision = await self.ledger.write(key, value, last=last)
+        except Conflict:
+            current = await self.ledger.read(key)
+            if current.value is None:  # deleted since (the other pod removed the image)
+                revision = await self.ledger.write(key, value, last=current.revision)
+            else:
+                value, revision = current.value, current.revision
+                # Maybe a pull of the other pod's that ended after our last listing.
+                self._recorded_in[text] = self._cycle
+        self._stored[text] = Stored(value, revision)
+
+    async def _refresh(self) -> None:
+        """Write every record again (their TTL starts over): at the first cycle, then every
+        quarter of the TTL; a failure is retried at the next cycle."""
+        every = self.ledger.refresh_every
+        now = self.clock()
+        if every is None or (self._refreshed_at is not None and now - self._refreshed_at < every):
+            return
+        for text in sorted(self._pulled):
+            stored = self._stored.get(text)
+            await self._write(
+                text,
+                stored.value if stored and stored.value else _encode(text),
+                stored.revision if stored else None,
+            )
+        self._refreshed_at = now
 
     async def observe(
         self,
@@ -221,6 +257,7 @@ class Cleaner:
         ``desired`` may be a function returning the refs: it is then asked again right before
         each removal, so a Fleet folded while the cycle ran (it awaits NATS and the runtime)
         keeps its image."""
+        await self._refresh()
         now = self.clock()
         self._cycle += 1
         images = list(images)
@@ -238,8 +275,8 @@ class Cleaner:
                     # Pulled after this listing may have been taken: the next one tells.
                     continue
                 # Removed by someone else already: nothing left to give back.
-                await self._forget(text)
-                done.append(Removal(text, "gone"))
+                if await self._forget(text):
+                    done.append(Removal(text, "gone"))
             elif self._due(text, now):
                 # The desired set as it is now, with no await before the removal starts.
                 wanted, kept_ids = _wanted(current(), owner)
@@ -278,11 +315,26 @@ class Cleaner:
         log.info("unused image removed", extra={"image": text})
         return Removal(text, "removed")
 
-    async def _forget(self, text: str) -> None:
-        await self.kv.delete(record_key(self.node, text))
+    async def _forget(self, text: str) -> bool:
+        """Delete our record of ``text``; False when it was written again since (kept)."""
+        key = record_key(self.node, text)
+        stored = self._stored.get(text)
+        last = stored.revision if stored else (await self.ledger.read(key)).revision
+        try:
+            await self.ledger.delete(key, last=last)
+        except Conflict:
+            current = await self.ledger.read(key)
+            if current.value is not None:
+                # Written again since (the other syncer pod pulled it): its record stays.
+                self._stored[text] = current
+                self._recorded_in[text] = self._cycle
+                self._unused_since.pop(text, None)
+                return False
+        self._stored.pop(text, None)
         self._pulled.pop(text, None)
         self._unused_since.pop(text, None)
         self._recorded_in.pop(text, None)
+        return True
 
 
 def _fixed(refs: list[str]) -> Callable[[], list[str]]:
@@ -325,3 +377,7 @@ def _image_index(images: Iterable[RuntimeImageLike]) -> dict[str, str]:
                 continue
             index[_key_of(ImageRef(ref.name, None, ref.digest) if ref.digest else ref)] = image.id
     return index
+
+
+def _encode(text: str) -> bytes:
+    return msgspec.json.encode(_Record(ref=text, pulled_at=time.time()))

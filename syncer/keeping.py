@@ -105,6 +105,7 @@ class Keeper:
                 self._settings.node_name,
                 bucket=bucket_for(BUCKET, self._settings.subject_prefix),
                 replicas=self._settings.status_replicas,
+                ttl=self._settings.ledger_ttl,
             )
             log.info("images will be pinned", extra={"runtime": self.support.reason})
         else:

@@ -11,8 +11,11 @@ Pins set by anyone else (containerd pins its sandbox image itself; an operator m
 are never removed: the names *this* syncer labelled are recorded in the NATS KV bucket
 ``IMAGE_SYNCER_PINNED`` (key ``<node>.<sha256 of the normalized reference>``, like the pulled-image
 ledger), before the label is set, so a restart forgets nothing, and only recorded names are ever
-unlabelled. A name already pinned when first seen is someone else's and is left alone, though the
-image counts as pinned.
+unlabelled. A name already pinned when first seen, and not in the record as the bucket holds it
+now, is someone else's and is left alone, though the image counts as pinned. Two syncer pods of
+one node (a DaemonSet rollout) share the record: each re-reads it before deciding and writes it
+compare-and-set, merging names (:mod:`syncer.ledger`), so neither erases the other's names; and
+records carry a TTL the live node renews, so a gone node's expire.
 
 Pinning is a safety net, never a reason to stop pulling: a NATS or containerd failure is one log
 line per outage and a metric, and the work is retried at the next reconcile.
@@ -37,6 +40,7 @@ from syncer import metrics
 from syncer.cleanup import LOAD_TIMEOUT, ensure_pulled_bucket, record_key
 from syncer.containerd_images import PIN_LABEL, PIN_VALUE, ImageRecord
 from syncer.cri import CriError, RuntimeUnavailable, RuntimeVersion
+from syncer.ledger import DEFAULT_TTL, Conflict, NodeLedger
 from syncer.references import Holding, ImageRef, InvalidImageReference, normalize
 
 __all__ = ["BUCKET", "ImageLabels", "PinLedger", "Pinner", "PinningSupport", "pinning_support"]
@@ -114,17 +118,26 @@ class _Record(msgspec.Struct):
 class PinLedger:
     """Which names of which images this node's syncer pinned itself (durable, per node)."""
 
-    def __init__(self, kv: KeyValue, node: str) -> None:
+    def __init__(self, kv: KeyValue, node: str, ledger: NodeLedger) -> None:
         self.kv = kv
         self.node = node
+        self.ledger = ledger
         self.names: dict[str, frozenset[str]] = {}  # normalized reference -> names we labelled
+        self._revisions: dict[str, int] = {}  # normalized reference -> its record's revision
+        self._refreshed_at: float | None = None  # monotonic; None: at the first sync
 
     @classmethod
     async def open(
-        cls, js: JetStreamContext, node: str, *, bucket: str = BUCKET, replicas: int = 1
+        cls,
+        js: JetStreamContext,
+        node: str,
+        *,
+        bucket: str = BUCKET,
+        replicas: int = 1,
+        ttl: float | None = DEFAULT_TTL,
     ) -> PinLedger:
         kv = await ensure_pulled_bucket(js, bucket, replicas, description=_DESCRIPTION)
-        ledger = cls(kv, node)
+        ledger = cls(kv, node, await NodeLedger.bind(js, kv, bucket, ttl))
         await ledger.load()
         return ledger
 
@@ -138,11 +151,11 @@ class PinLedger:
                 async for entry in watcher:
                     if entry is None:
                         break
-                    self._load(entry.key, entry.value or b"")
+                    self._load(entry.key, entry.value or b"", entry.revision or 0)
         finally:
             await watcher.stop()
 
-    def _load(self, key: str, value: bytes) -> None:
+    def _load(self, key: str, value: bytes, revision: int) -> None:
         try:
             record = msgspec.json.decode(value, type=_Record)
             ref = str(normalize(record.ref))
@@ -150,23 +163,78 @@ class PinLedger:
             log.warning("unreadable pin record ignored", extra={"key": key, "error": str(e)})
             return
         self.names[ref] = frozenset(record.names)
+        self._revisions[ref] = revision
 
     def ours(self) -> frozenset[str]:
         """Every name this syncer labelled, whichever reference it was for."""
         return frozenset(name for names in self.names.values() for name in names)
 
-    async def record(self, ref: str, names: Iterable[str]) -> None:
-        names = frozenset(names)
-        if self.names.get(ref) == names:
-            return
-        value = msgspec.json.encode(_Record(ref=ref, names=sorted(names), pinned_at=time.time()))
-        await self.kv.put(record_key(self.node, ref), value)
-        self.names[ref] = names
+    async def reread(self, ref: str) -> None:
+        """Take ``ref``'s record as the bucket holds it now (another pod of this node may have
+        written it since we loaded)."""
+        stored = await self.ledger.read(record_key(self.node, ref))
+        self._revisions[ref] = stored.revision
+        if stored.value is None:
+            self.names.pop(ref, None)
+        else:
+            self._load(record_key(self.node, ref), stored.value, stored.revision)
 
-    async def forget(self, ref: str) -> None:
-        if ref in self.names:
-            await self.kv.delete(record_key(self.node, ref))
-            del self.names[ref]
+    async def record(self, ref: str, names: Iterable[str]) -> None:
+        """Add ``names`` to ``ref``'s record; names another writer recorded stay."""
+        names = frozenset(names)
+        while True:
+            merged = names | self.names.get(ref, frozenset())
+            if self.names.get(ref) == merged:
+                return
+            try:
+                await self._write(ref, merged)
+            except Conflict:
+                await self.reread(ref)
+                continue
+            return
+
+    async def forget(self, ref: str, names: Iterable[str]) -> None:
+        """Drop ``names`` (unlabelled) from ``ref``'s record, the record once none is left."""
+        names = frozenset(names)
+        key = record_key(self.node, ref)
+        while ref in self.names:
+            left = self.names[ref] - names
+            try:
+                if left:
+                    await self._write(ref, left)
+                else:
+                    await self.ledger.delete(key, last=self._revisions.get(ref, 0))
+                    del self.names[ref]
+            except Conflict:
+                await self.reread(ref)
+                continue
+            return
+
+    async def refresh(self, now: float) -> None:
+        """Write every record again (their TTL starts over): at the first sync, then every
+        quarter of the TTL; a failure is retried at the next sync."""
+        every = self.ledger.refresh_every
+        if every is None or (self._refreshed_at is not None and now - self._refreshed_at < every):
+            return
+        for ref in sorted(self.names):
+            names = self.names[ref]
+            try:
+                await self._write(ref, names)
+            except Conflict:
+                # Written by another pod since (merge), or expired (an outage longer than the
+                # TTL): what we know is written again either way.
+                await self.reread(ref)
+                await self._write(ref, names | self.names.get(ref, frozenset()))
+        self._refreshed_at = now
+
+    async def _write(self, ref: str, names: frozenset[str]) -> None:
+        record = _Record(ref=ref, names=sorted(names), pinned_at=time.time())
+        self._revisions[ref] = await self.ledger.write(
+            record_key(self.node, ref),
+            msgspec.json.encode(record),
+            last=self._revisions.get(ref, 0),
+        )
+        self.names[ref] = names
 
 
 class Pinner:
@@ -180,8 +248,10 @@ class Pinner:
         *,
         bucket: str = BUCKET,
         replicas: int = 1,
+        ttl: float | None = DEFAULT_TTL,
     ) -> None:
         self._images = images
+        self._ttl = ttl
         self._js = js
         self._node = node
         self._bucket = bucket
@@ -242,6 +312,7 @@ class Pinner:
     ) -> None:
         async with self._lock:
             ledger = await self._open()
+            await ledger.refresh(time.monotonic())
             wanted_text = {str(image) for image in wanted}
             for ref in sorted(set(ledger.names) - wanted_text):
                 await self._unpin(ledger, ref)
@@ -265,6 +336,9 @@ class Pinner:
         if not records:
             return  # not there (yet, or any more): the next reconcile looks again
         ref = str(image)
+        # As the bucket holds it now: a name another pod of this node pinned (recorded first)
+        # is ours, not someone else's.
+        await ledger.reread(ref)
         ours = ledger.ours()
         # A name pinned before we ever labelled it is someone else's pin: never ours to remove.
         mine = {r.name for r in records if not r.pinned or r.name in ours}
@@ -308,6 +382,7 @@ class Pinner:
         log.info("image tag moved, old content unpinned", extra={"image": ref, "names": len(stale)})
 
     async def _unpin(self, ledger: PinLedger, ref: str) -> None:
+        await ledger.reread(ref)  # names another pod of this node added since we loaded
         names = ledger.names.get(ref)
         if names is None:
             return
@@ -315,14 +390,14 @@ class Pinner:
         still_needed = {n for other, ns in ledger.names.items() if other != ref for n in ns}
         for name in sorted(names - still_needed):
             await self._images.remove_label(name, PIN_LABEL)
-        await ledger.forget(ref)
+        await ledger.forget(ref, names)
         metrics.PINS.labels("unpinned").inc()
         log.info("image unpinned", extra={"image": ref})
 
     async def _open(self) -> PinLedger:
         if self._ledger is None:
             self._ledger = await PinLedger.open(
-                self._js, self._node, bucket=self._bucket, replicas=self._replicas
+                self._js, self._node, bucket=self._bucket, replicas=self._replicas, ttl=self._ttl
             )
             log.info(
                 "image pinning enabled",

@@ -72,6 +72,9 @@ class SyncerSettings:
     node_refresh: float = 60.0
     remove_unused: bool = False
     remove_grace: float = 600.0
+    # The pulled-image and pin ledgers' records expire this long after their node last wrote
+    # them (it writes them again every quarter of it): a gone node's records do not stay.
+    ledger_ttl: float = 720 * 3600.0
     # The startup-taint gate: the taint key to remove once the node's images are here ("" = off),
     # and how long to wait for them at most.
     startup_taint: str = ""
@@ -139,6 +142,8 @@ class SyncerSettings:
             raise ValueError("fetch_heartbeat must be positive and below half of fetch_expiry")
         if self.remove_grace < 0:
             raise ValueError("remove_grace must not be negative")
+        if self.ledger_ttl < 60:
+            raise ValueError("ledger_ttl must be at least 1m (the node renews it every quarter)")
         if self.refold_period < 0:
             raise ValueError("refold_period must not be negative (0 turns the timer off)")
         if self.max_cluster_pulls < 0:

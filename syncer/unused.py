@@ -32,6 +32,7 @@ from syncer import metrics
 from syncer.cleanup import BUCKET, Cleaner, Remover
 from syncer.containerd_images import ContainerdImages
 from syncer.cri import CriError, RuntimeImage
+from syncer.ledger import DEFAULT_TTL
 from syncer.puller import PullResult
 from syncer.references import ImageRef, normalize
 from wire.permissions import bucket_for
@@ -95,6 +96,7 @@ class UnusedImages:
         containers: ContainerImages | None = None,
         guard: RemovalGuard | None = None,
         labels: LabelsSource | None = None,
+        ledger_ttl: float | None = DEFAULT_TTL,
     ) -> None:
         self._js = js
         self._node = node
@@ -102,6 +104,7 @@ class UnusedImages:
         self._grace = grace
         self._bucket = bucket_for(BUCKET, prefix)
         self._replicas = replicas
+        self._ledger_ttl = ledger_ttl
         self._cleaner: Cleaner | None = None
         self._opening = asyncio.Lock()  # a pull's background record and a pass may both open
         self._unrecorded: set[str] = set()
@@ -131,6 +134,7 @@ class UnusedImages:
                 grace=self._grace,
                 bucket=self._bucket,
                 replicas=self._replicas,
+                ttl=self._ledger_ttl,
             )
             log.info(
                 "unused-image cleanup enabled",

@@ -15,6 +15,7 @@ import msgspec
 import pytest
 from nats.aio.client import Client
 from nats.js.errors import KeyNotFoundError
+from polling import eventually
 
 from syncer.cleanup import BUCKET, Cleaner, Removal, record_key
 from syncer.cri import CriError, RuntimeImage
@@ -300,3 +301,61 @@ async def test_an_unreadable_record_is_logged_and_ignored(
     assert [r.getMessage() for r in caplog.records if r.name == "syncer.cleanup"] == [
         "unreadable pulled-image record ignored"
     ]
+
+
+# --- two syncer pods of one node, and the ledger's lifetime -----------------------------------
+
+
+async def test_a_pod_never_deletes_a_record_another_pod_of_its_node_wrote_since(
+    nc: Client, bucket: str, runtime: Runtime, clock: Clock
+) -> None:
+    # A DaemonSet rollout: both pods run. The old pod's image was removed by someone else
+    # (kubelet GC); the new pod pulls it again, and its record lands after the old pod's
+    # listing was taken: a listing that still shows the image absent.
+    old = await _cleaner(nc, bucket, runtime, clock)
+    new = await _cleaner(nc, bucket, runtime, clock)
+    await old.record_pulled(GAME_V1)
+    await old.observe([], runtime.list_images())  # too recent to call it gone
+    stale = runtime.list_images()
+    await new.record_pulled(GAME_V1)
+    runtime.add("sha256:v1", GAME_V1)
+    await old.observe([], stale)
+    # The old pod is gone; the new one restarts: it must still own what it pulled.
+    restarted = await _cleaner(nc, bucket, runtime, clock)
+    assert GAME_V1 in restarted.pulled, "the old pod deleted the new pod's record"
+
+
+async def test_pulled_records_expire_unless_their_node_renews_them(
+    nc: Client, bucket: str, runtime: Runtime, clock: Clock
+) -> None:
+    live = await Cleaner.open(
+        nc.jetstream(), "node-live", runtime.remove_image, clock=clock, bucket=bucket, ttl=2.0
+    )
+    gone = await Cleaner.open(
+        nc.jetstream(), "node-gone", runtime.remove_image, clock=clock, bucket=bucket, ttl=2.0
+    )
+    runtime.add("sha256:v1", GAME_V1)
+    await live.record_pulled(GAME_V1)
+    await gone.record_pulled(GAME_V1)
+    kv = await nc.jetstream().key_value(bucket)
+
+    async def expired(node: str) -> bool:
+        try:
+            await kv.get(record_key(node, GAME_V1))
+        except KeyNotFoundError:
+            return True
+        return False
+
+    # Neither renews (no cycle ran): the server expires both, as it does a gone node's.
+    await eventually(lambda: expired("node-gone"), "the gone node's record to expire")
+    await eventually(lambda: expired("node-live"), "the live node's record to expire")
+    # The live node's next cycle writes what it holds again (as after a NATS outage longer
+    # than the TTL); the gone node's stays gone.
+    await live.observe([GAME_V1], runtime.list_images())
+    assert not await expired("node-live"), "a live node's record was not written again"
+    assert await expired("node-gone")
+    # And again every quarter of the TTL, by its own clock.
+    revision = (await kv.get(record_key("node-live", GAME_V1))).revision
+    clock.advance(0.5)
+    await live.observe([GAME_V1], runtime.list_images())
+    assert (await kv.get(record_key("node-live", GAME_V1))).revision > revision

@@ -6,14 +6,18 @@ containerd 1.6 sets the label but does not report ``pinned`` back through CRI.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import grpc
 import pytest
 from nats.js import JetStreamContext
+from nats.js.errors import KeyNotFoundError
+from polling import eventually
 
 from image_syncer.sandbox.containerd import Containerd
+from syncer.cleanup import record_key
 from syncer.containerd_images import PIN_LABEL, PIN_VALUE, ContainerdImages
 from syncer.cri import CriClient, RuntimeUnavailable, RuntimeVersion
 from syncer.pinning import BUCKET, PinLedger, Pinner, pinning_support
@@ -240,6 +244,77 @@ async def test_an_image_removed_by_someone_else_is_simply_forgotten(
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
     ledger = await PinLedger.open(js, "node-a.example", bucket=bucket_for(BUCKET, prefix))
     assert ledger.names == {}
+
+
+# --- two syncer pods of one node, and the ledger's lifetime -----------------------------------
+
+
+async def test_two_syncer_pods_of_one_node_never_leave_a_pin_without_a_record(
+    cri: CriClient, containerd: Containerd, make_pinner, push
+) -> None:
+    # A DaemonSet rollout: the new pod loaded the (empty) ledger before the old pod pinned.
+    ref, image = await pulled(cri, push)
+    new = make_pinner()
+    await new.sync(wanted=[], present=await present(cri))
+    old = make_pinner()
+    old.on_pulled(image)
+    await old.close()
+    assert pinned_names(containerd, ref) == names_of(containerd, ref)
+    # The new pod meets the names pinned: they are in the record, so they are ours.
+    await new.sync(wanted=[image], present=await present(cri))
+    # The old pod is gone; the Fleet goes: the new pod must take the pins back.
+    await new.sync(wanted=[], present=await present(cri))
+    assert pinned_names(containerd, ref) == set(), "a pin of ours stayed with no record"
+
+
+async def test_a_pod_never_erases_names_another_pod_of_its_node_recorded(
+    cri: CriClient, containerd: Containerd, make_pinner, push, js: JetStreamContext, prefix: str
+) -> None:
+    ref, image = await pulled(cri, push)
+    first, second = make_pinner(), make_pinner()
+    await first.sync(wanted=[], present=await present(cri))
+    await second.sync(wanted=[], present=await present(cri))
+    first.on_pulled(image)
+    await first.close()
+    # The image gets one more name, which the second pod pins: its record of the image must
+    # keep the names the first pod recorded (its memory knows none of them).
+    containerd.ctr("images", "tag", ref, f"{ref}-also")
+    containerd.ctr("images", "label", f"{ref}-also", f"{PIN_LABEL}=")  # tag copies labels
+    assert pinned_names(containerd, ref) == names_of(containerd, ref) - {f"{ref}-also"}
+    second.on_pulled(image)
+    await second.close()
+    assert pinned_names(containerd, ref) == names_of(containerd, ref)
+    restarted = await PinLedger.open(js, "node-a.example", bucket=bucket_for(BUCKET, prefix))
+    assert restarted.names[str(image)] == names_of(containerd, ref), "a pod erased the other's"
+
+
+async def test_pin_records_expire_unless_their_node_renews_them(
+    cri: CriClient, containerd: Containerd, images: ContainerdImages, js: JetStreamContext, push
+) -> None:
+    bucket = f"PINNED_TTL_{uuid.uuid4().hex[:8]}"
+    _, image = await pulled(cri, push)
+    live = Pinner(images, js, "node-live", bucket=bucket, ttl=2.0)
+    await live.sync(wanted=[image], present=await present(cri))
+    kv = await js.key_value(bucket)
+    gone_key = record_key("node-gone", str(image))
+    ledger = await PinLedger.open(js, "node-gone", bucket=bucket, ttl=2.0)
+    await ledger.record(str(image), {"a-name-of-a-node-that-went-away"})
+    live_key = record_key("node-live", str(image))
+
+    async def expired(key: str) -> bool:
+        try:
+            await kv.get(key)
+        except KeyNotFoundError:
+            return True
+        return False
+
+    # The gone node renews nothing: its record expires (the server's TTL).
+    await eventually(lambda: expired(gone_key), "the gone node's pin record to expire")
+    # The live node's expired too meanwhile (it synced less often than the TTL here): it
+    # writes it again from memory at its next sync, as after a NATS outage longer than the TTL.
+    await eventually(lambda: expired(live_key), "the live node's record to expire unrenewed")
+    await live.sync(wanted=[image], present=await present(cri))
+    assert not await expired(live_key), "a live node's record was not written again"
 
 
 # --- which runtimes pin ---------------------------------------------------------------------

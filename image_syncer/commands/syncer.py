@@ -178,6 +178,14 @@ def syncer(
     remove_grace: Annotated[
         float, Duration("How long an image must stay unused before removal.", "REMOVE_GRACE")
     ] = _duration(SyncerSettings.remove_grace),
+    ledger_ttl: Annotated[
+        float,
+        Duration(
+            "How long a node's pulled-image and pin records outlive its last renewal "
+            "(renewed every quarter of it while the syncer runs).",
+            "LEDGER_TTL",
+        ),
+    ] = _duration(SyncerSettings.ledger_ttl),
     startup_taint: Annotated[
         str,
         typer.Option(
@@ -343,6 +351,7 @@ def syncer(
             node_refresh=node_refresh,
             remove_unused=remove_unused,
             remove_grace=remove_grace,
+            ledger_ttl=ledger_ttl,
             startup_taint=startup_taint,
             startup_taint_timeout=startup_taint_timeout,
             extra_images=split_values(extra_image),

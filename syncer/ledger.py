@@ -1,0 +1,110 @@
+"""Writing one node's records in a per-node ledger (pulled images, pins): never losing another
+writer's, and never outliving the node.
+
+Two writers per node. During a DaemonSet rollout the old and the new syncer pod of one node run
+side by side, each with the records it loaded in memory. A blind ``put`` or ``delete`` from one
+would erase what the other wrote since: a pin with no record stays forever (kubelet GC skips it,
+``--remove-unused`` never removes it). So every write here is compare-and-set on the key's
+revision (``Nats-Expected-Last-Subject-Sequence``): it lands only on the revision the writer read,
+and a :class:`Conflict` makes the writer read again and merge.
+
+A lifetime tied to the node's. Every record, delete markers included, carries a per-message TTL
+(``--ledger-ttl``, default ``720h``), and the live node writes its records again well before that
+(every quarter of it, and at each start): the records of a node that is gone expire with it,
+autoscaling leaves nothing behind, and a live node's records outlive any NATS outage shorter than
+three quarters of the TTL (after a longer one it writes them again from memory as soon as NATS
+answers). A bucket created without per-message TTLs (before this) keeps records without one: one
+warning, and it works as before.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import nats.js.errors
+from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
+
+__all__ = ["DEFAULT_TTL", "Conflict", "NodeLedger", "Stored"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TTL = 30 * 24 * 3600.0
+# NATS' "wrong last sequence": the key was written since the writer read it.
+_WRONG_LAST_SEQUENCE = (10071, 10164)
+_EXPECTED_LAST = "Nats-Expected-Last-Subject-Sequence"
+
+
+class Conflict(Exception):
+    """The key was written since the writer read it: read again, merge, write again."""
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A key as the bucket holds it: its value (None: no record) and the revision to write on."""
+
+    value: bytes | None
+    revision: int
+
+
+class NodeLedger:
+    """Compare-and-set writes with a TTL to keys of one KV bucket."""
+
+    def __init__(self, js: JetStreamContext, kv: KeyValue, bucket: str, ttl: float | None) -> None:
+        self._js = js
+        self._kv = kv
+        self._bucket = bucket
+        self.ttl = ttl
+
+    @classmethod
+    async def bind(
+        cls, js: JetStreamContext, kv: KeyValue, bucket: str, ttl: float | None
+    ) -> NodeLedger:
+        """TTLs only where the bucket allows them (buckets made before it do not)."""
+        if ttl:
+            info = await js.stream_info(f"KV_{bucket}")
+            if not info.config.allow_msg_ttl:
+                log.warning(
+                    "ledger records never expire: the bucket allows no per-message TTL",
+                    extra={"bucket": bucket},
+                )
+                ttl = None
+        return cls(js, kv, bucket, ttl)
+
+    @property
+    def refresh_every(self) -> float | None:
+        """How often a live node writes its records again (None: they never expire)."""
+        return self.ttl / 4 if self.ttl else None
+
+    async def read(self, key: str) -> Stored:
+        try:
+            entry = await self._kv.get(key)
+        except nats.js.errors.KeyNotFoundError as e:
+            # Deleted: the marker's revision is what the next write must name.
+            marker = getattr(e, "entry", None)
+            return Stored(None, (marker.revision or 0) if marker is not None else 0)
+        return Stored(entry.value or b"", entry.revision or 0)
+
+    async def write(self, key: str, value: bytes, *, last: int) -> int:
+        """Store ``value`` if ``last`` is still the key's revision; the new revision."""
+        return await self._publish(key, value, {_EXPECTED_LAST: str(last)})
+
+    async def delete(self, key: str, *, last: int) -> int:
+        """Delete the record if ``last`` is still its revision; the marker expires too."""
+        return await self._publish(key, b"", {_EXPECTED_LAST: str(last), "KV-Operation": "DEL"})
+
+    async def _publish(self, key: str, value: bytes, headers: dict[str, str]) -> int:
+        try:
+            ack = await self._js.publish(
+                f"$KV.{self._bucket}.{key}", value, headers=headers, msg_ttl=self._ttl()
+            )
+        except nats.js.errors.APIError as e:
+            if e.err_code in _WRONG_LAST_SEQUENCE:
+                raise Conflict(f"{key}: written since it was read") from e
+            raise
+        return ack.seq
+
+    def _ttl(self) -> float | None:
+        # Per-message TTLs are whole seconds, at least one.
+        return float(max(1, round(self.ttl))) if self.ttl else None
