@@ -17,6 +17,12 @@ one node (a DaemonSet rollout) share the record: each re-reads it before decidin
 compare-and-set, merging names (:mod:`syncer.ledger`), so neither erases the other's names; and
 records carry a TTL the live node renews, so a gone node's expire.
 
+A record can expire under a node that still exists: one down (or cut off from NATS) for longer
+than ``--ledger-ttl``. Its pins must not then stay for good, unowned. So each name this syncer
+pins also gets ``image-syncer.octops.io/pinned-by=<node>``, and when the ledger is opened, a name
+carrying both labels that no record of the node names is released (both labels removed, one log
+line); the next reconcile pins again, with a fresh record, whatever is still wanted.
+
 Pinning is a safety net, never a reason to stop pulling: a NATS or containerd failure is one log
 line per outage and a metric, and the work is retried at the next reconcile.
 """
@@ -43,11 +49,21 @@ from syncer.cri import CriError, RuntimeUnavailable, RuntimeVersion
 from syncer.ledger import DEFAULT_TTL, Conflict, NodeLedger
 from syncer.references import Holding, ImageRef, InvalidImageReference, normalize
 
-__all__ = ["BUCKET", "ImageLabels", "PinLedger", "Pinner", "PinningSupport", "pinning_support"]
+__all__ = [
+    "BUCKET",
+    "PINNED_BY_LABEL",
+    "ImageLabels",
+    "PinLedger",
+    "Pinner",
+    "PinningSupport",
+    "pinning_support",
+]
 
 log = logging.getLogger(__name__)
 
 BUCKET = "IMAGE_SYNCER_PINNED"
+# Next to the pin label on every name this syncer pinned; the value is its node.
+PINNED_BY_LABEL = "image-syncer.octops.io/pinned-by"
 # A name no image has: asking for it shows the images service answers (NOT_FOUND is an answer).
 _PROBE_NAME = "image-syncer.invalid/probe:pinning"
 _DESCRIPTION = "image-syncer: image names each node's syncer pinned itself"
@@ -59,6 +75,8 @@ class ImageLabels(Protocol):
     """What pinning needs of the runtime: :class:`syncer.containerd_images.ContainerdImages`."""
 
     async def names_of(self, name: str) -> list[ImageRecord]: ...
+
+    async def list(self, *filters: str) -> list[ImageRecord]: ...
 
     async def set_label(self, name: str, key: str, value: str) -> None: ...
 
@@ -348,6 +366,8 @@ class Pinner:
         for record in records:
             if record.name in mine and not record.pinned:
                 try:
+                    # The owner first: a pin label never stands without it.
+                    await self._images.set_label(record.name, PINNED_BY_LABEL, self._node)
                     await self._images.set_label(record.name, PIN_LABEL, PIN_VALUE)
                 except CriError as e:
                     if e.code is not grpc.StatusCode.NOT_FOUND:
@@ -390,20 +410,44 @@ class Pinner:
         still_needed = {n for other, ns in ledger.names.items() if other != ref for n in ns}
         for name in sorted(names - still_needed):
             await self._images.remove_label(name, PIN_LABEL)
+            await self._images.remove_label(name, PINNED_BY_LABEL)
         await ledger.forget(ref, names)
         metrics.PINS.labels("unpinned").inc()
         log.info("image unpinned", extra={"image": ref})
 
     async def _open(self) -> PinLedger:
         if self._ledger is None:
-            self._ledger = await PinLedger.open(
+            # Listed before the ledger is read: a name another pod of this node pins meanwhile
+            # was recorded before it was labelled, so the ledger read after names it.
+            marked = [
+                r
+                for r in await self._images.list(f'labels."{PINNED_BY_LABEL}"')
+                if r.labels.get(PINNED_BY_LABEL) == self._node
+            ]
+            ledger = await PinLedger.open(
                 self._js, self._node, bucket=self._bucket, replicas=self._replicas, ttl=self._ttl
             )
+            await self._release_unrecorded(ledger, marked)
+            self._ledger = ledger
             log.info(
                 "image pinning enabled",
                 extra={"bucket": self._bucket, "recorded": len(self._ledger.names)},
             )
         return self._ledger
+
+    async def _release_unrecorded(self, ledger: PinLedger, marked: list[ImageRecord]) -> None:
+        """Unpin names of ours whose record expired (the node was away longer than the TTL)."""
+        ours = ledger.ours()
+        orphans = sorted(r.name for r in marked if r.pinned and r.name not in ours)
+        for name in orphans:
+            await self._images.remove_label(name, PIN_LABEL)
+            await self._images.remove_label(name, PINNED_BY_LABEL)
+        if orphans:
+            metrics.PINS.labels("unpinned").inc(len(orphans))
+            log.warning(
+                "pins released: their records expired, pinned again if still wanted",
+                extra={"names": orphans},
+            )
 
     async def _guarded(self, work: Awaitable[None]) -> None:
         try:

@@ -44,11 +44,18 @@ async def images(containerd: Containerd) -> AsyncIterator[ContainerdImages]:
 
 
 @pytest.fixture
+def node(prefix: str) -> str:
+    """This test's node: containerd is shared by the session, and a syncer releases the pins
+    of its node that its ledger does not record (a previous test's, under another bucket)."""
+    return f"node-a.{prefix}.example"
+
+
+@pytest.fixture
 def make_pinner(
-    images: ContainerdImages, js: JetStreamContext, prefix: str
+    images: ContainerdImages, js: JetStreamContext, prefix: str, node: str
 ) -> Callable[..., Pinner]:
-    def make(node: str = "node-a.example") -> Pinner:
-        return Pinner(images, js, node, bucket=bucket_for(BUCKET, prefix))
+    def make(name: str = node) -> Pinner:
+        return Pinner(images, js, name, bucket=bucket_for(BUCKET, prefix))
 
     return make
 
@@ -164,7 +171,7 @@ async def test_ledgers_are_per_node(
     push: Callable[..., str],
 ) -> None:
     ref, image = await pulled(cri, push)
-    await make_pinner("node-a.example").sync(wanted=[image], present=await present(cri))
+    await make_pinner().sync(wanted=[image], present=await present(cri))
 
     # Another node's syncer never pinned this image here: it has nothing to unpin.
     await make_pinner("node-b.example").sync(wanted=[], present=await present(cri))
@@ -233,6 +240,7 @@ async def test_an_image_removed_by_someone_else_is_simply_forgotten(
     js: JetStreamContext,
     prefix: str,
     caplog: pytest.LogCaptureFixture,
+    node: str,
 ) -> None:
     ref, image = await pulled(cri, push)
     pinner = make_pinner()
@@ -242,7 +250,7 @@ async def test_an_image_removed_by_someone_else_is_simply_forgotten(
     await pinner.sync(wanted=[], present=await present(cri))
 
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
-    ledger = await PinLedger.open(js, "node-a.example", bucket=bucket_for(BUCKET, prefix))
+    ledger = await PinLedger.open(js, node, bucket=bucket_for(BUCKET, prefix))
     assert ledger.names == {}
 
 
@@ -268,7 +276,13 @@ async def test_two_syncer_pods_of_one_node_never_leave_a_pin_without_a_record(
 
 
 async def test_a_pod_never_erases_names_another_pod_of_its_node_recorded(
-    cri: CriClient, containerd: Containerd, make_pinner, push, js: JetStreamContext, prefix: str
+    cri: CriClient,
+    containerd: Containerd,
+    make_pinner,
+    push,
+    js: JetStreamContext,
+    prefix: str,
+    node: str,
 ) -> None:
     ref, image = await pulled(cri, push)
     first, second = make_pinner(), make_pinner()
@@ -284,7 +298,7 @@ async def test_a_pod_never_erases_names_another_pod_of_its_node_recorded(
     second.on_pulled(image)
     await second.close()
     assert pinned_names(containerd, ref) == names_of(containerd, ref)
-    restarted = await PinLedger.open(js, "node-a.example", bucket=bucket_for(BUCKET, prefix))
+    restarted = await PinLedger.open(js, node, bucket=bucket_for(BUCKET, prefix))
     assert restarted.names[str(image)] == names_of(containerd, ref), "a pod erased the other's"
 
 
@@ -315,6 +329,38 @@ async def test_pin_records_expire_unless_their_node_renews_them(
     await eventually(lambda: expired(live_key), "the live node's record to expire unrenewed")
     await live.sync(wanted=[image], present=await present(cri))
     assert not await expired(live_key), "a live node's record was not written again"
+
+
+async def test_pins_whose_record_expired_while_the_node_was_away_are_released(
+    cri: CriClient, containerd: Containerd, images: ContainerdImages, js: JetStreamContext, push
+) -> None:
+    bucket = f"PINNED_TTL_{uuid.uuid4().hex[:8]}"
+    ref, image = await pulled(cri, push)
+    other_ref, _ = await pulled(cri, push)
+    containerd.ctr("images", "label", other_ref, PINNED)  # an operator's pin: never ours
+    before = Pinner(images, js, "node-away", bucket=bucket, ttl=2.0)
+    await before.sync(wanted=[image], present=await present(cri))
+    assert pinned_names(containerd, ref) == names_of(containerd, ref)
+    # The node is away (down, or cut off from NATS) longer than the TTL: its record expires.
+    kv = await js.key_value(bucket)
+
+    async def expired() -> bool:
+        try:
+            await kv.get(record_key("node-away", str(image)))
+        except KeyNotFoundError:
+            return True
+        return False
+
+    await eventually(expired, "the away node's pin record to expire")
+    # Back, with no Fleet wanting the image any more: the pins must not stay unowned.
+    back = Pinner(images, js, "node-away", bucket=bucket, ttl=2.0)
+    await back.sync(wanted=[], present=await present(cri))
+    assert pinned_names(containerd, ref) == set(), "pins outlived their expired record"
+    assert pinned_names(containerd, other_ref) == {other_ref}
+    # Still wanted: pinned again, with a fresh record.
+    await back.sync(wanted=[image], present=await present(cri))
+    assert pinned_names(containerd, ref) == names_of(containerd, ref)
+    assert not await expired()
 
 
 # --- which runtimes pin ---------------------------------------------------------------------
