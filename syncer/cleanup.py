@@ -203,16 +203,15 @@ class Cleaner:
         # Even when known (recorded before the pull): the pull just ended, after any listing.
         self._recorded_in[text] = self._cycle
         # Written even when known: another syncer pod of this node may have deleted it since.
-        stored = self._stored.get(text)
-        value = stored.value if stored and stored.value else _encode(text)
-        await self._write(text, value, stored.revision if stored else None)
+        await self._write(text)
         self._pulled[text] = image
 
-    async def _write(self, text: str, value: bytes, last: int | None) -> None:
-        """Store our record of ``text``; a record someone else wrote since is kept as it is."""
+    async def _write(self, text: str) -> None:
+        """Store our record of ``text`` (again); one someone else wrote since is kept as it is."""
         key = record_key(self.node, text)
-        if last is None:
-            last = (await self.ledger.read(key)).revision
+        stored = self._stored.get(text)
+        value = stored.value if stored and stored.value else _encode(text)
+        last = stored.revision if stored else (await self.ledger.read(key)).revision
         try:
             revision = await self.ledger.write(key, value, last=last)
         except Conflict:
@@ -233,12 +232,7 @@ class Cleaner:
         if every is None or (self._refreshed_at is not None and now - self._refreshed_at < every):
             return
         for text in sorted(self._pulled):
-            stored = self._stored.get(text)
-            await self._write(
-                text,
-                stored.value if stored and stored.value else _encode(text),
-                stored.revision if stored else None,
-            )
+            await self._write(text)
         self._refreshed_at = now
 
     async def observe(
