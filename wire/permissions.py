@@ -187,6 +187,8 @@ def broadcaster_permissions(
         node_images_filter(prefix),
         f"{_API}.STREAM.CREATE.{images}",
         f"{_API}.STREAM.UPDATE.{images}",
+        # What the bus holds decides what to publish (broadcaster.sidecar): one get per refresh.
+        f"{_API}.STREAM.MSG.GET.{images}",
     ]
     publish += _kv_bucket(bucket_for(LEASE_BUCKET, prefix))
     # The nodes' status, read to record Events on Fleets (broadcaster.fleetevents).
