@@ -254,6 +254,11 @@ class UnusedImages:
             self._adopt = True
             log.warning("unrecorded pulls not adopted yet", extra={"error": str(e)})
             return
+        except BaseException:
+            # NATS failed midway (the caller logs it): the names still labelled wait for the
+            # next pass, not for the next unrecorded pull of this process.
+            self._adopt = True
+            raise
         if names:
             log.info("unrecorded pulls adopted", extra={"images": names})
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
+import nats.errors
 import polling
 import pytest
 from nats.js import JetStreamContext
@@ -216,3 +218,79 @@ async def test_a_record_made_before_a_long_pull_is_kept_while_the_pull_runs(
         return await images.get(str(image)) is None
 
     await polling.eventually(removed, f"{image} removed by --remove-unused after the restart")
+
+
+class FailingWrites:
+    """A JetStream context whose publishes (the ledger's writes) fail while ``down`` is set."""
+
+    def __init__(self, js: JetStreamContext) -> None:
+        self._js = js
+        self.down = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._js, name)
+
+    async def publish(self, *args: Any, **kwargs: Any) -> Any:
+        if self.down:
+            raise nats.errors.TimeoutError
+        return await self._js.publish(*args, **kwargs)
+
+
+async def test_labelled_pulls_left_when_nats_failed_midway_are_adopted_at_the_next_pass(
+    cri: CriClient,
+    images: ContainerdImages,
+    js: JetStreamContext,
+    cut_off: JetStreamContext,
+    prefix: str,
+    push,
+) -> None:
+    # The seed-7 soak after syncer kills: two pulls labelled unrecorded; the restarted syncer
+    # adopted the first, NATS timed out on the second, and no later pass adopted it (only a new
+    # unrecorded pull of that process would have): never recorded, never removed.
+    crashed = UnusedImages(
+        cut_off,
+        NODE,
+        cri.remove_image,
+        grace=0.0,
+        prefix=prefix,
+        labels=lambda: UnrecordedLabels(images, NODE),
+    )
+    refs = sorted(push() for _ in range(2))
+    for ref in refs:
+        await crashed.before_pull(normalize(ref))  # fails: NATS unreachable
+        image_id = await cri.pull_image(ref, timeout=60)
+        crashed.on_pull_result(PullResult(normalize(ref), ok=True, ref=image_id))
+
+    async def labelled(ref: str) -> bool:
+        record = await images.get(ref)
+        return record is not None and record.labels.get(UNRECORDED_LABEL) == NODE
+
+    for ref in refs:
+        await polling.eventually(lambda r=ref: labelled(r), f"{ref} labelled")
+    # ... the syncer is killed and restarted; NATS fails right after the first adoption.
+    writes = FailingWrites(js)
+    unmarked: list[str] = []
+
+    class CutAfterFirst(UnrecordedLabels):
+        async def unmark(self, name: str) -> None:
+            await super().unmark(name)
+            unmarked.append(name)
+            writes.down = len(unmarked) == 1
+
+    restarted = UnusedImages(
+        writes,  # type: ignore[arg-type]
+        NODE,
+        cri.remove_image,
+        grace=0.0,
+        prefix=prefix,
+        labels=lambda: CutAfterFirst(images, NODE),
+    )
+    await restarted.after_list([], await cri.list_images())
+    assert not await labelled(refs[0]) and await labelled(refs[1])
+    writes.down = False  # NATS is back
+
+    async def removed() -> bool:
+        await restarted.after_list([], await cri.list_images())
+        return all([await images.get(ref) is None for ref in refs])
+
+    await polling.eventually(removed, "both images removed by --remove-unused")
