@@ -374,7 +374,7 @@ class Pinner:
                         raise
                     return  # removed meanwhile: the next reconcile looks again
                 labelled += 1
-        await self._release_stale(ledger, ref, {r.name for r in records}, mine)
+        await self._release_stale(ledger, ref, {r.name for r in records})
         self._verified.add(image)
         if labelled:
             metrics.PINS.labels("pinned").inc()
@@ -382,9 +382,7 @@ class Pinner:
         elif not mine:
             log.info("image already pinned by someone else, left as it is", extra={"image": ref})
 
-    async def _release_stale(
-        self, ledger: PinLedger, ref: str, current: set[str], mine: set[str]
-    ) -> None:
+    async def _release_stale(self, ledger: PinLedger, ref: str, current: set[str]) -> None:
         """Unpin the names ``ref`` no longer has (its tag moved to new content): the old
         content's digest name and id, which nothing else of ours wants, would stay pinned
         until the Fleet goes, out of the kubelet GC's reach."""
@@ -394,10 +392,9 @@ class Pinner:
         others = {n for other, ns in ledger.names.items() if other != ref for n in ns}
         for name in sorted(stale - others):
             await self._images.remove_label(name, PIN_LABEL)
-        if mine:
-            await ledger.record(ref, mine)
-        else:
-            await ledger.forget(ref)
+            await self._images.remove_label(name, PINNED_BY_LABEL)
+        # Out of the record (compare-and-set, like every ledger write); gone if none is left.
+        await ledger.forget(ref, stale)
         metrics.PINS.labels("unpinned").inc()
         log.info("image tag moved, old content unpinned", extra={"image": ref, "names": len(stale)})
 

@@ -258,7 +258,10 @@ async def test_an_image_removed_by_someone_else_is_simply_forgotten(
 
 
 async def test_two_syncer_pods_of_one_node_never_leave_a_pin_without_a_record(
-    cri: CriClient, containerd: Containerd, make_pinner, push
+    cri: CriClient,
+    containerd: Containerd,
+    make_pinner: Callable[..., Pinner],
+    push: Callable[..., str],
 ) -> None:
     # A DaemonSet rollout: the new pod loaded the (empty) ledger before the old pod pinned.
     ref, image = await pulled(cri, push)
@@ -266,7 +269,7 @@ async def test_two_syncer_pods_of_one_node_never_leave_a_pin_without_a_record(
     await new.sync(wanted=[], present=await present(cri))
     old = make_pinner()
     old.on_pulled(image)
-    await old.close()
+    assert await old.close(patience=60.0) == []
     assert pinned_names(containerd, ref) == names_of(containerd, ref)
     # The new pod meets the names pinned: they are in the record, so they are ours.
     await new.sync(wanted=[image], present=await present(cri))
@@ -278,8 +281,8 @@ async def test_two_syncer_pods_of_one_node_never_leave_a_pin_without_a_record(
 async def test_a_pod_never_erases_names_another_pod_of_its_node_recorded(
     cri: CriClient,
     containerd: Containerd,
-    make_pinner,
-    push,
+    make_pinner: Callable[..., Pinner],
+    push: Callable[..., str],
     js: JetStreamContext,
     prefix: str,
     node: str,
@@ -289,21 +292,25 @@ async def test_a_pod_never_erases_names_another_pod_of_its_node_recorded(
     await first.sync(wanted=[], present=await present(cri))
     await second.sync(wanted=[], present=await present(cri))
     first.on_pulled(image)
-    await first.close()
+    assert await first.close(patience=60.0) == []
     # The image gets one more name, which the second pod pins: its record of the image must
     # keep the names the first pod recorded (its memory knows none of them).
     containerd.ctr("images", "tag", ref, f"{ref}-also")
     containerd.ctr("images", "label", f"{ref}-also", f"{PIN_LABEL}=")  # tag copies labels
     assert pinned_names(containerd, ref) == names_of(containerd, ref) - {f"{ref}-also"}
     second.on_pulled(image)
-    await second.close()
+    assert await second.close(patience=60.0) == []
     assert pinned_names(containerd, ref) == names_of(containerd, ref)
     restarted = await PinLedger.open(js, node, bucket=bucket_for(BUCKET, prefix))
     assert restarted.names[str(image)] == names_of(containerd, ref), "a pod erased the other's"
 
 
 async def test_pin_records_expire_unless_their_node_renews_them(
-    cri: CriClient, containerd: Containerd, images: ContainerdImages, js: JetStreamContext, push
+    cri: CriClient,
+    containerd: Containerd,
+    images: ContainerdImages,
+    js: JetStreamContext,
+    push: Callable[..., str],
 ) -> None:
     bucket = f"PINNED_TTL_{uuid.uuid4().hex[:8]}"
     _, image = await pulled(cri, push)
@@ -332,7 +339,11 @@ async def test_pin_records_expire_unless_their_node_renews_them(
 
 
 async def test_pins_whose_record_expired_while_the_node_was_away_are_released(
-    cri: CriClient, containerd: Containerd, images: ContainerdImages, js: JetStreamContext, push
+    cri: CriClient,
+    containerd: Containerd,
+    images: ContainerdImages,
+    js: JetStreamContext,
+    push: Callable[..., str],
 ) -> None:
     bucket = f"PINNED_TTL_{uuid.uuid4().hex[:8]}"
     ref, image = await pulled(cri, push)

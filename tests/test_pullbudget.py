@@ -143,9 +143,9 @@ async def test_a_429_holds_back_the_whole_cluster_for_that_registry(make_node) -
     await waiter.task
 
 
-async def test_a_node_whose_clock_is_ahead_still_respects_a_backoff(
+async def test_a_node_whose_clock_is_ahead_still_respects_a_backoff(  # type: ignore[no-untyped-def]
     make_node, js: JetStreamContext, prefix: str
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     # The writer says "60 s"; a reader whose wall clock is 90 s ahead must not read that as
     # "over 30 s ago". Only the server's TTL and each node's own monotonic clock count.
     a = await make_node("node-a", backoff=60.0)

@@ -8,6 +8,7 @@ closed NATS connection (every write fails), and the crash is the syncer simply a
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -180,7 +181,7 @@ async def test_a_record_made_before_a_long_pull_is_kept_while_the_pull_runs(
     js: JetStreamContext,
     nats_settings: NatsSettings,
     prefix: str,
-    push,
+    push: Callable[..., str],
 ) -> None:
     # The chaos soak's "image not removed" after syncer kills: a Fleet rolled to another image
     # while the old one's pull ran (a slow link); cleanup cycles saw that image absent and
@@ -242,7 +243,7 @@ async def test_labelled_pulls_left_when_nats_failed_midway_are_adopted_at_the_ne
     js: JetStreamContext,
     cut_off: JetStreamContext,
     prefix: str,
-    push,
+    push: Callable[..., str],
 ) -> None:
     # The seed-7 soak after syncer kills: two pulls labelled unrecorded; the restarted syncer
     # adopted the first, NATS timed out on the second, and no later pass adopted it (only a new
@@ -266,7 +267,7 @@ async def test_labelled_pulls_left_when_nats_failed_midway_are_adopted_at_the_ne
         return record is not None and record.labels.get(UNRECORDED_LABEL) == NODE
 
     for ref in refs:
-        await polling.eventually(lambda r=ref: labelled(r), f"{ref} labelled")
+        await polling.eventually(functools.partial(labelled, ref), f"{ref} labelled")
     # ... the syncer is killed and restarted; NATS fails right after the first adoption.
     writes = FailingWrites(js)
     unmarked: list[str] = []
