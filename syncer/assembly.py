@@ -284,7 +284,7 @@ class _Wiring:
             self.settings.node_name,
             self.node_state,
             interval=interval,
-            heartbeat=max(30.0, interval),
+            heartbeat=max(self.settings.status_heartbeat, interval),
             on_error=lambda _: metrics.NATS_ERRORS.labels("status_write").inc(),
         )
 

@@ -21,6 +21,7 @@ from typing import Any
 from nats.js import JetStreamContext
 
 from syncer.desired import DesiredState
+from syncer.following import PushedSubjects
 from syncer.gate import StartupGate
 from syncer.nodeimages import NodeImageSet
 from syncer.nodeinfo import NodeWatcher
@@ -53,6 +54,7 @@ class Gatekeeper:
         self.is_present = is_present
         self.on_change = on_change
         self.images = NodeImageSet(settings.extra_images, on_change=self._images_changed)
+        self._pushed: PushedSubjects | None = None
         desired.set_node_images(self.images.sources)
         self._ready = False
         self.gate: StartupGate | None = None
@@ -81,7 +83,8 @@ class Gatekeeper:
 
     async def prepare(self, js: JetStreamContext, status: StatusSettings | None) -> None:
         """Before the replay: read the node-wide images, and the gate the last run left."""
-        await self.images.load(js, self.settings.subject_prefix)
+        self._pushed = self.images.follower(js, self.settings.subject_prefix, self.settings.durable)
+        await self.images.load(self._pushed)
         if self.gate is None or status is None:
             return
         try:
@@ -102,7 +105,11 @@ class Gatekeeper:
     def tasks(
         self, js: JetStreamContext, stopping: asyncio.Event
     ) -> list[Coroutine[Any, Any, None]]:
-        work = [self.images.follow(js, self.settings.subject_prefix, stopping)]
+        if self._pushed is None:
+            self._pushed = self.images.follower(
+                js, self.settings.subject_prefix, self.settings.durable
+            )
+        work = [self.images.follow(self._pushed, stopping)]
         if self.gate is not None:
             work.append(self.gate.run(stopping))
         return work

@@ -6,8 +6,9 @@ GameServer pod). Both are pulled like a Fleet's images, re-pulled by the reconci
 never removed by ``--remove-unused``, and count toward the startup-taint gate.
 
 The stream holds one message per source, so :meth:`NodeImageSet.load` reads it whole at start
-(before the gate may open) and :meth:`NodeImageSet.follow` then keeps one ordered consumer on it:
-an Agones upgrade reaches every node as one message.
+(before the gate may open) through the node's named push consumer (:mod:`syncer.following`), and
+:meth:`NodeImageSet.follow` keeps it: an Agones upgrade reaches every node as one message, and
+an idle node costs the cluster nothing for it.
 """
 
 from __future__ import annotations
@@ -17,22 +18,25 @@ import logging
 from collections.abc import Callable
 
 import nats.js.errors
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from ops.lifecycle import sleep_unless_stopping
 from ops.logs import describe_error
 from syncer import metrics
+from syncer.following import ConsumerLost, PushedSubjects, follow
 from syncer.references import ImageRef, InvalidImageReference, normalize
-from wire.contract import ContractError, NodeImages, decode_node_images
-from wire.eventlog import node_images_stream_name, read_log, read_node_images
+from wire.contract import ContractError, NodeImages, decode_node_images, node_images_filter
+from wire.eventlog import node_images_stream_name
 from wire.natsconn import RETRYABLE
+from wire.permissions import IMAGES_CONSUMER_SUFFIX
 
-__all__ = ["EXTRA_SOURCE", "NodeImageSet"]
+__all__ = ["CONSUMER_SUFFIX", "EXTRA_SOURCE", "NodeImageSet"]
 
 log = logging.getLogger(__name__)
 
 EXTRA_SOURCE = "extra"
-_RETRY = 5.0
+# The node's push consumer on the node-images stream: ``<durable>-images``.
+CONSUMER_SUFFIX = IMAGES_CONSUMER_SUFFIX
 
 
 class NodeImageSet:
@@ -78,43 +82,64 @@ class NodeImageSet:
         )
         return True
 
-    async def load(self, js: JetStreamContext, prefix: str) -> bool:
-        """Read every source once; False (and not loaded) when NATS failed."""
+    def follower(self, js: JetStreamContext, prefix: str, durable: str) -> PushedSubjects:
+        """The push consumer ``<durable>-images`` over every source of the node-images stream."""
+        return PushedSubjects(
+            js,
+            node_images_stream_name(prefix),
+            node_images_filter(prefix),
+            f"{durable}{CONSUMER_SUFFIX}",
+        )
+
+    async def load(self, pushed: PushedSubjects, *, timeout: float = 10.0) -> bool:
+        """Open ``pushed`` and apply what the stream holds now; False (and not loaded) when NATS
+        failed. A stream nobody created yet holds nothing: loaded, and followed later."""
         try:
-            found = await read_node_images(js, prefix)
-        except RETRYABLE as e:
+            await pushed.open()
+            deadline = asyncio.get_running_loop().time() + timeout
+            while not pushed.caught_up:
+                left = deadline - asyncio.get_running_loop().time()
+                msg = await pushed.next(timeout=left) if left > 0 else None
+                if msg is None:
+                    raise TimeoutError("the node images did not arrive")
+                self._take(msg.data)
+        except nats.js.errors.NotFoundError:
+            await pushed.close()
+        except (*RETRYABLE, ConsumerLost) as e:
+            await pushed.close()
             metrics.NATS_ERRORS.labels("node_images").inc()
             log.warning("cannot read the node images yet", extra={"error": describe_error(e)})
             return False
-        changed = [self.apply(message) for message in found.values()]
-        first, self.loaded = not self.loaded, True
-        # The first load is news even without a change: the gate may have waited for it.
-        if (any(changed) or first) and self.on_change is not None:
-            self.on_change()
+        self._loaded()
         return True
 
-    async def follow(self, js: JetStreamContext, prefix: str, stopping: asyncio.Event) -> None:
+    async def follow(self, pushed: PushedSubjects, stopping: asyncio.Event) -> None:
         """Apply every new message until ``stopping``; loads first if :meth:`load` failed."""
-        stream = node_images_stream_name(prefix)
-        while not stopping.is_set():
-            if not self.loaded and not await self.load(js, prefix):
-                await sleep_unless_stopping(stopping, _RETRY)
-                continue
-            try:
-                async for stored in read_log(js, stream, follow=True):
-                    if stopping.is_set():
-                        return
-                    try:
-                        message = decode_node_images(stored.data)
-                    except ContractError as e:
-                        metrics.TERMINATED.labels("invalid_node_images").inc()
-                        log.warning("node-images message skipped", extra={"error": str(e)})
-                        continue
-                    if self.apply(message) and self.on_change is not None:
-                        self.on_change()
-            except nats.js.errors.NotFoundError:
-                pass  # no broadcaster has published any yet; look again later
-            except RETRYABLE as e:
-                metrics.NATS_ERRORS.labels("node_images").inc()
-                log.warning("following the node images failed, retrying", extra={"error": repr(e)})
-            await sleep_unless_stopping(stopping, _RETRY)
+
+        async def take(msg: Msg) -> None:
+            if self._take(msg.data) and self.on_change is not None:
+                self.on_change()
+
+        await follow(
+            pushed,
+            take,
+            stopping,
+            what="node images",
+            on_caught_up=self._loaded,
+            opened=pushed.is_open,
+        )
+
+    def _loaded(self) -> None:
+        first, self.loaded = not self.loaded, True
+        # The first load is news even without a change: the gate may have waited for it.
+        if first and self.on_change is not None:
+            self.on_change()
+
+    def _take(self, data: bytes) -> bool:
+        try:
+            message = decode_node_images(data)
+        except ContractError as e:
+            metrics.TERMINATED.labels("invalid_node_images").inc()
+            log.warning("node-images message skipped", extra={"error": str(e)})
+            return False
+        return self.apply(message)

@@ -2,7 +2,7 @@
 
 ``image-syncer replay --node N`` writes a request id to ``replay.<N>`` in the status bucket
 (:func:`wire.nodestatus.request_replay`). The request waits there, without TTL, until the node
-honours it: a running syncer sees it through :func:`watch_replay_requests`, a stopped one finds it
+honours it: a running syncer is pushed it (:func:`watch_replay_requests`), a stopped one finds it
 with :func:`pending_replay` on its next start. Once the replay is done the request is deleted
 with a compare-and-set on its revision, so a newer request that arrived meanwhile survives and is
 honoured in turn. Deliberately a KV key and not a message: the syncer may be down when asked, and
@@ -12,18 +12,17 @@ two requests before one replay need only one replay.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-import nats.errors
 import nats.js.errors
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
+from nats.js.kv import KV_DEL, KV_PURGE
 
-from ops.lifecycle import sleep_unless_stopping, until_stopping
+from syncer.following import PushedSubjects, follow
 from wire.nodestatus import (
     ReplayRequest,
     StatusError,
@@ -33,12 +32,24 @@ from wire.nodestatus import (
     open_status_bucket,
     replay_key,
 )
+from wire.permissions import REPLAY_CONSUMER_SUFFIX, durable_name
 
-__all__ = ["PendingReplay", "complete_replay", "pending_replay", "watch_replay_requests"]
+__all__ = [
+    "CONSUMER_SUFFIX",
+    "PendingReplay",
+    "complete_replay",
+    "pending_replay",
+    "watch_replay_requests",
+]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SETTINGS = StatusSettings()
+
+# The node's push consumer on its replay key: ``<durable>-replay``.
+CONSUMER_SUFFIX = REPLAY_CONSUMER_SUFFIX
+# The header a KV delete or purge marker carries (nats-py's KeyValue reads the same).
+_KV_OPERATION = "KV-Operation"
 
 # NATS' "wrong last sequence": the request changed since we read it.
 _WRONG_LAST_SEQUENCE = (10071, 10164)
@@ -95,71 +106,36 @@ async def watch_replay_requests(
     stopping: asyncio.Event,
     settings: StatusSettings = DEFAULT_SETTINGS,
     ignore: Iterable[str] = (),
-    recheck: float = 30.0,
 ) -> None:
     """Call ``callback`` for each request for ``node`` (the pending one first), until stopping.
 
-    Ends on ``stopping``, not only on a cancel: a cancel can be lost (Python 3.11's
-    ``asyncio.wait_for``, which nats-py's watcher uses, returns the update instead when one
-    arrives at the same moment), and this loop would then outlive the syncer's stop.
-
-    After ``callback`` returns, the request is completed (deleted). If it raises, the error is
-    logged and the request stays for the next start. Ids in ``ignore`` (a request honoured at
-    start-up) and ids already delivered are not delivered again. Every ``recheck`` seconds
-    without news the key is read directly too, because an ephemeral watch consumer does not
-    survive every server restart. NATS errors are logged and retried; nothing is raised.
+    The server pushes the node's ``replay.<node>`` key to it (:mod:`syncer.following`, consumer
+    ``<durable>-replay``): an idle node asks nothing. After ``callback`` returns, the request is
+    completed (deleted). If it raises, the error is logged and the request stays for the next
+    start. Ids in ``ignore`` (a request honoured at start-up) and ids already delivered are not
+    delivered again, also when a lost consumer is re-created and delivers the key again. NATS
+    errors are logged and retried; nothing is raised.
     """
     handled = set(ignore)
-    failing = False
-    while not stopping.is_set():
-        try:
-            kv = await ensure_status_bucket(js, settings)
-            if failing:
-                log.info("replay watch recovered", extra={"node": node})
-                failing = False
-            await _watch(kv, js, node, callback, settings, handled, recheck, stopping)
-        except Exception as e:
-            if not failing:
-                log.warning("replay watch failed", extra={"node": node, "error": repr(e)})
-            failing = True
-            await sleep_unless_stopping(stopping, min(recheck, 5.0))
-
-
-async def _watch(
-    kv: KeyValue,
-    js: JetStreamContext,
-    node: str,
-    callback: Callable[[PendingReplay], Awaitable[None]],
-    settings: StatusSettings,
-    handled: set[str],
-    recheck: float,
-    stopping: asyncio.Event,
-) -> None:
     key = replay_key(node)
-    watcher = await kv.watch(key)
-    try:
-        while not stopping.is_set():
-            try:
-                entry = await until_stopping(stopping, watcher.updates(timeout=recheck))
-            except nats.errors.TimeoutError:
-                entry = await _current(kv, key)
-            if entry is None or entry.operation in (KV_DEL, KV_PURGE):
-                continue
-            pending = _pending(node, entry.value or b"", entry.revision or 0)
-            if pending.request.id in handled:
-                continue
-            handled.add(pending.request.id)
-            await _honour(js, node, callback, pending, settings)
-    finally:
-        with contextlib.suppress(Exception):
-            await watcher.stop()
 
+    async def on_message(msg: Msg) -> None:
+        operation = (msg.headers or {}).get(_KV_OPERATION, "")
+        if operation in (KV_DEL, KV_PURGE):
+            return
+        pending = _pending(node, msg.data, msg.metadata.sequence.stream)
+        if pending.request.id in handled:
+            return
+        handled.add(pending.request.id)
+        await _honour(js, node, callback, pending, settings)
 
-async def _current(kv: KeyValue, key: str) -> KeyValue.Entry | None:
-    try:
-        return await kv.get(key)
-    except nats.js.errors.KeyNotFoundError:
-        return None
+    pushed = PushedSubjects(
+        js,
+        f"KV_{settings.bucket}",
+        f"$KV.{settings.bucket}.{key}",
+        f"{durable_name(node)}{CONSUMER_SUFFIX}",
+    )
+    await follow(pushed, on_message, stopping, what="replay requests")
 
 
 async def _honour(

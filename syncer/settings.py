@@ -53,6 +53,8 @@ class SyncerSettings:
     status_interval: float = 5.0
     status_replicas: int = 1
     status_ttl: float = 3600.0
+    # How often a node whose status did not change says it is alive (a few dozen bytes).
+    status_heartbeat: float = 30.0
     # How often the durable's num_pending is read for the lag gauge; 0: only from what each
     # delivery says (no periodic consumer_info: thousands of idle nodes would pay for it).
     lag_interval: float = 0.0
@@ -124,6 +126,7 @@ class SyncerSettings:
             "status_interval": self.status_interval,
             "stop_timeout": self.stop_timeout,
             "status_ttl": self.status_ttl,
+            "status_heartbeat": self.status_heartbeat,
             "runtime_unhealthy_after": self.runtime_unhealthy_after,
             "node_refresh": self.node_refresh,
             "startup_taint_timeout": self.startup_taint_timeout,

@@ -2,10 +2,11 @@
 
 The reporter asks the syncer for a :class:`~wire.nodestatus.NodeState` (a cheap, synchronous
 callable) and writes it to the node's KV entry when it changed, at most once per ``interval``.
-When nothing changed it writes only a heartbeat of a few dozen bytes every ``heartbeat``, so
-readers can tell a quiet node from a dead one while thousands of quiet nodes cost the cluster
-almost nothing; the full entry is rewritten now and then all the same (``refresh``, a quarter of
-its TTL) so it never expires under a live node.
+"Changed" means changed for a reader: the time of the last reconcile moves every sync period and
+rides on the heartbeat instead. When nothing changed it writes only a heartbeat of a few dozen
+bytes every ``heartbeat``, so readers can tell a quiet node from a dead one while thousands of
+quiet nodes cost the cluster almost nothing; the full entry is rewritten now and then all the
+same (``refresh``, a quarter of its TTL) so it never expires under a live node.
 
 Status is a convenience for operators: a NATS outage must not slow down or stop pulling, so
 nothing here raises into the caller; failures are counted and logged once per transition
@@ -22,6 +23,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
+import msgspec
 from nats.js import JetStreamContext
 
 from ops.lifecycle import wait_any
@@ -53,6 +55,12 @@ def package_version() -> str:
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def _news(state: NodeState, written: NodeState) -> bool:
+    """Whether ``state`` tells a reader something ``written`` does not. The last reconcile's
+    time alone is no news: it moves every sync period, and the heartbeat carries it."""
+    return msgspec.structs.replace(state, last_reconcile=written.last_reconcile) != written
 
 
 class StatusReporter:
@@ -147,7 +155,7 @@ class StatusReporter:
     def _due(self, state: NodeState, now: float) -> str | None:
         if self._last_attempt is not None and now - self._last_attempt < self.interval:
             return None
-        if self._written is None or state != self._written or self._last_full is None:
+        if self._written is None or _news(state, self._written) or self._last_full is None:
             return "full"
         if now - self._last_full >= self.refresh:
             return "full"
@@ -199,7 +207,10 @@ class StatusReporter:
 
     async def _beat(self, now: float) -> bool:
         self._last_attempt = now
-        beat = Heartbeat(at=self._wall_clock())
+        state = self._take_snapshot()
+        beat = Heartbeat(
+            at=self._wall_clock(), last_reconcile=state.last_reconcile if state else None
+        )
         try:
             await self._ensure_bucket()
             await put_heartbeat(

@@ -23,7 +23,7 @@ async def test_nothing_published_yet_is_loaded_as_nothing(
     js: JetStreamContext, log_settings: LogSettings
 ) -> None:
     images = NodeImageSet(("fluent-bit:3.1",))
-    assert await images.load(js, log_settings.prefix)
+    assert await images.load(images.follower(js, log_settings.prefix, "syncer-n1"))
     assert images.loaded
     assert images.images() == {normalize("docker.io/library/fluent-bit:3.1")}
     assert images.by_source() == {EXTRA_SOURCE: ["docker.io/library/fluent-bit:3.1"]}
@@ -36,10 +36,11 @@ async def test_published_images_are_loaded_then_followed(
     await publish_node_images(js, log_settings, NodeImages(AGONES_SDK_SOURCE, [SDK_1]))
     changes: list[int] = []
     images = NodeImageSet(("base:1",), on_change=lambda: changes.append(1))
-    assert await images.load(js, log_settings.prefix)
+    pushed = images.follower(js, log_settings.prefix, "syncer-n1")
+    assert await images.load(pushed)
     assert images.by_source()[AGONES_SDK_SOURCE] == [SDK_1]
     stopping = asyncio.Event()
-    task = asyncio.create_task(images.follow(js, log_settings.prefix, stopping))
+    task = asyncio.create_task(images.follow(pushed, stopping))
     try:
         await publish_node_images(js, log_settings, NodeImages(AGONES_SDK_SOURCE, [SDK_2]))
         # The bus cannot take a node's own --extra-image away.

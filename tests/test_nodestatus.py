@@ -543,9 +543,7 @@ async def test_a_running_syncer_sees_replay_requests(
 
     stopping = asyncio.Event()
     task = asyncio.create_task(
-        watch_replay_requests(
-            js, "node-a", replay, stopping=stopping, settings=settings, recheck=5.0
-        )
+        watch_replay_requests(js, "node-a", replay, stopping=stopping, settings=settings)
     )
     try:
 

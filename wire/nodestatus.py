@@ -6,7 +6,9 @@ Every syncer keeps two entries in the bucket ``IMAGE_SYNCER_NODES`` (other subje
 - ``node.<node>``, its :class:`NodeStatus`, written when something changed (and refreshed long
   before its TTL runs out);
 - ``beat.<node>``, a :class:`Heartbeat` of a few dozen bytes, written every heartbeat, so a quiet
-  node costs the cluster almost nothing and readers can still tell it from a dead one.
+  node costs the cluster almost nothing and readers can still tell it from a dead one. It carries
+  what changes all the time without telling a reader anything new (the last reconcile's time), so
+  the entry itself is written only when something a reader uses changed.
 
 The syncer writes them (``syncer.status``); ``image-syncer status`` and ``wait`` read them. Both
 import the shapes from here and nowhere else, so writer and readers cannot drift.
@@ -370,10 +372,16 @@ class NodeStatus(msgspec.Struct, frozen=True, kw_only=True):
     state: str = OLD_READER_NOTICE
 
 
-class Heartbeat(msgspec.Struct, frozen=True):
-    """``beat.<node>``: the node's syncer was alive at ``at`` (by the node's clock)."""
+class Heartbeat(msgspec.Struct, frozen=True, omit_defaults=True):
+    """``beat.<node>``: the node's syncer was alive at ``at`` (by the node's clock).
+
+    It also carries the time of the node's last reconcile, which changes every sync period: in
+    the entry it would make every reconcile a write of the whole entry. Readers show the newer
+    of the two (:class:`StatusWatch`).
+    """
 
     at: datetime
+    last_reconcile: datetime | None = None
 
 
 class OutdatedEntry(StatusError):
@@ -557,7 +565,7 @@ class StatusWatch:
     def __init__(self, kv: KeyValue) -> None:
         self._kv = kv
         self._watcher: KeyValue.KeyWatcher | None = None
-        self._beats: dict[str, datetime] = {}
+        self._beats: dict[str, Heartbeat] = {}
         self._written: dict[str, NodeStatus] = {}
         self.view: dict[str, NodeStatus] = {}
         self.outdated: dict[str, OutdatedEntry] = {}
@@ -633,15 +641,21 @@ class StatusWatch:
         self._beats.pop(node, None)
         if value is not None:
             with contextlib.suppress(StatusError):
-                self._beats[node] = decode_heartbeat(value).at
+                self._beats[node] = decode_heartbeat(value)
         if node in self._written:
             self._refresh(node)
 
     def _refresh(self, node: str) -> None:
         status = self._written[node]
         beat = self._beats.get(node)
-        if beat is not None and beat > status.reported_at:
-            status = msgspec.structs.replace(status, reported_at=beat)
+        if beat is not None and beat.at > status.reported_at:
+            status = msgspec.structs.replace(status, reported_at=beat.at)
+        reconciled = beat.last_reconcile if beat is not None else None
+        if reconciled is not None and (
+            status.summary.last_reconcile is None or reconciled > status.summary.last_reconcile
+        ):
+            summary = msgspec.structs.replace(status.summary, last_reconcile=reconciled)
+            status = msgspec.structs.replace(status, summary=summary)
         self.view[node] = status
 
 

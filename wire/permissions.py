@@ -36,11 +36,13 @@ __all__ = [
     "AUTH_USER",
     "BROADCASTER_INBOX",
     "CALLOUT_ISSUER_ENV",
+    "IMAGES_CONSUMER_SUFFIX",
     "LEASE_BUCKET",
     "NODES_BUCKET",
     "PASSWORD_ENV",
     "PINNED_BUCKET",
     "PULLED_BUCKET",
+    "REPLAY_CONSUMER_SUFFIX",
     "SLOTS_BUCKET",
     "SYNCER_CONSUMER_PREFIX",
     "RolePermissions",
@@ -111,6 +113,21 @@ def _stream_reader(stream: str, *, named: bool = True) -> list[str]:
         # Flow-control replies of push consumers.
         f"$JS.FC.{stream}.>",
     ]
+
+
+def _pushed(stream: str, consumer: str, filter_subject: str) -> list[str]:
+    """One named push consumer (``syncer.following``): created on the subject that names its
+    filter, so its body cannot pick another; deleted before it is created again."""
+    return [
+        f"{_API}.CONSUMER.CREATE.{stream}.{consumer}.{filter_subject}",
+        f"{_API}.CONSUMER.DELETE.{stream}.{consumer}",
+    ]
+
+
+# The suffixes of a node's push consumers on its durable's name (syncer.nodeimages and
+# syncer.replaycontrol use the same; a test keeps them equal).
+IMAGES_CONSUMER_SUFFIX = "-images"
+REPLAY_CONSUMER_SUFFIX = "-replay"
 
 
 def _kv_reader(bucket: str, *, named: bool = True) -> list[str]:
@@ -211,6 +228,9 @@ def syncer_permissions(prefix: str = DEFAULT_PREFIX) -> RolePermissions:
         f"$JS.ACK.{stream}.>",
         # Read (never write) the images every node needs besides the Fleets'.
         *_stream_reader(node_images_stream_name(prefix)),
+        # Its push consumers there and on its replay key are re-created from scratch.
+        f"{_API}.CONSUMER.DELETE.{node_images_stream_name(prefix)}.*",
+        f"{_API}.CONSUMER.DELETE.KV_{nodestatus.bucket_name(prefix)}.*",
         *_kv_bucket(nodestatus.bucket_name(prefix)),
         *_kv_bucket(bucket_for(PULLED_BUCKET, prefix)),
         *_kv_bucket(bucket_for(PINNED_BUCKET, prefix)),
@@ -247,6 +267,17 @@ def node_syncer_permissions(node: str, prefix: str = DEFAULT_PREFIX) -> RolePerm
         f"{_API}.CONSUMER.MSG.NEXT.{stream}.{durable}",
         f"$JS.ACK.{stream}.{durable}.>",
         *_stream_reader(node_images_stream_name(prefix), named=False),
+        # What the node is told without asking: the node images and its replay requests.
+        *_pushed(
+            node_images_stream_name(prefix),
+            durable + IMAGES_CONSUMER_SUFFIX,
+            node_images_filter(prefix),
+        ),
+        *_pushed(
+            f"KV_{status}",
+            durable + REPLAY_CONSUMER_SUFFIX,
+            f"$KV.{status}.{nodestatus.replay_key(node)}",
+        ),
         f"{_API}.STREAM.CREATE.KV_{status}",
         f"$KV.{status}.{nodestatus.node_key(node)}",
         f"$KV.{status}.{nodestatus.beat_key(node)}",

@@ -106,6 +106,13 @@ def syncer(
     status_interval: Annotated[
         float, Duration("Write this node's status at most this often.", "STATUS_INTERVAL")
     ] = _duration(SyncerSettings.status_interval),
+    status_heartbeat: Annotated[
+        float,
+        Duration(
+            "Say this node is alive this often while its status does not change.",
+            "STATUS_HEARTBEAT",
+        ),
+    ] = _duration(SyncerSettings.status_heartbeat),
     status_replicas: Annotated[
         int,
         typer.Option(
@@ -340,6 +347,7 @@ def syncer(
             status_interval=status_interval,
             status_replicas=status_replicas,
             status_ttl=status_ttl,
+            status_heartbeat=status_heartbeat,
             lag_interval=lag_interval,
             refold_period=refold_period,
             fetch_expiry=fetch_expiry,
