@@ -16,10 +16,10 @@ from collections.abc import AsyncIterator
 
 import msgspec
 import pytest
+from fleetdicts import fleet
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.errors import KeyNotFoundError
-from fleetdicts import fleet
 from polling import eventually
 from test_syncer import RunningSyncer
 
