@@ -24,6 +24,7 @@ BENCHMARKS = {
     "end-to-end": "bench.end_to_end",
     "fanout": "bench.fanout",
     "memory": "bench.memory",
+    "idle": "bench.idle",
     "broadcaster": "bench.broadcast",
     "scale": "bench.scale",
     "seeding": "bench.seeding",
