@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from image_syncer.problems import natural_key
 from wire.nodestatus import Missing, MissingState, NodeStatus, is_stale
 from wire.readiness import FleetProgress, FleetTarget, Readiness, fleet_progress, node_readiness
 
@@ -72,6 +73,9 @@ class FleetRollup:
     # Node -> why it is not ready, one line.
     not_ready: dict[str, str] = field(default_factory=dict)
     target: FleetTarget | None = None
+    # What the not-ready nodes miss: (node, image, why), why None for a node behind the log;
+    # what ``image_syncer.problems`` groups.
+    missing: list[tuple[str, str, Missing | None]] = field(default_factory=list)
 
     @property
     def total(self) -> int:
@@ -87,6 +91,8 @@ class NodeRollup:
     fleets_total: int = 0
     # One short line per problem: missing images by reason, Fleets behind the log.
     problems: list[str] = field(default_factory=list)
+    # Every Fleet it knows excludes it (a selector or scheduling that matches nothing?).
+    excludes_all: bool = False
 
     @property
     def healthy(self) -> bool:
@@ -124,7 +130,7 @@ def fleet_rollups(
             found = rollups[fleet] = FleetRollup(fleet)
         return found
 
-    for node, status in sorted(view.items()):
+    for node, status in sorted(view.items(), key=lambda item: natural_key(item[0])):
         if is_stale(status, now, stale_after):
             continue
         summary = status.summary
@@ -133,10 +139,12 @@ def fleet_rollups(
             target = targets.get(fleet) if targets else None
             if target is not None and seq < target.seq:
                 rollup(fleet).not_ready[node] = f"behind: seq {seq} < {target.seq}"
+                rollup(fleet).missing.append((node, "", None))
             elif fleet in gaps:
                 progress = fleet_progress(status, fleet)
                 assert progress is not None, "a Fleet with a gap is desired"
                 rollup(fleet).not_ready[node] = describe_progress(progress)
+                rollup(fleet).missing.extend((node, i, w) for i, w in progress.missing.items())
             else:
                 rollup(fleet).ready.append(node)
         for fleet, target in targets.items():
@@ -144,7 +152,8 @@ def fleet_rollups(
                 behind = _behind(status, fleet, target)
                 if behind is not None:  # else: excluded as of the target, not for this node
                     rollups[fleet].not_ready[node] = behind
-    return dict(sorted(rollups.items()))
+                    rollups[fleet].missing.append((node, "", None))
+    return dict(sorted(rollups.items(), key=lambda item: natural_key(item[0])))
 
 
 def next_rollup(
@@ -174,9 +183,12 @@ def node_rollups(
     """Per node: its Fleets ready/total, and its problems in a few words each."""
     targets = targets or {}
     rollups = {}
-    for node, status in sorted(view.items()):
+    for node, status in sorted(view.items(), key=lambda item: natural_key(item[0])):
         summary = status.summary
         rollup = NodeRollup(node, status, is_stale(status, now, stale_after))
+        if summary.excluded and not summary.fleets:
+            rollup.excludes_all = True
+            rollup.problems.append(f"wants no Fleet: all {len(summary.excluded)} excluded")
         rollup.fleets_total = len(summary.fleets)
         rollup.fleets_ready = rollup.fleets_total - len(summary.gaps)
         counts: dict[MissingState, int] = {}

@@ -111,14 +111,15 @@ async def test_status_shows_fleets_ready_and_nodes_with_their_problems(
     assert code == 0, err
     fleets = table_rows(out, "Fleets (live nodes)")
     assert set(fleets) == {FLEET}  # games/other only on the stale node-b
-    assert "1/2" in fleets[FLEET]
-    assert f"node-a: 2/3 images; missing {IMAGES[2]} (failed: 401 Unauthorized)" in fleets[FLEET]
+    assert "1/2" in fleets[FLEET] and "unauthorized (1)" in fleets[FLEET]
+    problems = " ".join(out.split("Fleets (live nodes)")[0].split())
+    assert f"unauthorized │ {IMAGES[2]}" in problems and "1 node: node-a" in problems
     nodes = table_rows(out, "Nodes")
     assert set(nodes) == {"node-a", "node-b", "node-c"}
     assert "0/1" in nodes["node-a"] and "1 failed" in nodes["node-a"]
     assert "(stale)" in nodes["node-b"] and "2/2" in nodes["node-b"]
     # Written an hour ago: "1h ago" when read within the second, "1h3s ago" on a slow machine.
-    assert re.search(r"│ 1h(\d+m)?(\d+s)? ago", nodes["node-b"]) and "9.9.9" in nodes["node-a"]
+    assert re.search(r"│ 1h(\d+m)?(\d+s)? ago", nodes["node-b"])
     assert "(stale)" not in nodes["node-a"] and "1/1" in nodes["node-c"]
     assert (
         "unreadable entry for node node-z: status schema 2 written by image-syncer 0.9.0; this "
@@ -149,8 +150,10 @@ async def test_status_drills_down_to_one_fleet_or_node_and_draws_the_matrix_on_r
 
     code, out, err = await run_cli(*cli_args(nats_server, prefix, "status", "--matrix"))
     assert code == 0, err
-    rows = table_rows(out, "image-syncer nodes x Fleets")
-    assert "2/3" in rows["node-a"] and "ok" in rows["node-c"] and "(stale)" in rows["node-b"]
+    rows = table_rows(out, "Fleets x nodes (legend below)")
+    cells = [cell.strip() for cell in rows[FLEET].split("│")[2:-1]]
+    assert cells == ["2/3", "ok", "ok"]  # node-a, node-b, node-c
+    assert "1=node-a 2=node-b (stale) 3=node-c" in " ".join(out.split())
 
 
 async def test_status_json_has_the_rollups_and_the_raw_entries(
@@ -197,7 +200,8 @@ async def test_status_check_log_marks_nodes_behind_the_log(
     code, out, err = await run_cli(*cli_args(nats_server, prefix, "status", "--check-log"))
     assert code == 0, err
     fleets = table_rows(out, "Fleets (live nodes)")
-    assert "1/2" in fleets[FLEET] and f"node-a: behind: seq {v1} < {v2}" in fleets[FLEET]
+    assert "1/2" in fleets[FLEET] and "behind the log (1)" in fleets[FLEET]
+    assert "behind the log" in out.split("Fleets (live nodes)")[0]  # among the problems
     nodes = table_rows(out, "Nodes")
     assert "behind the log on 1 Fleets" in nodes["node-a"] and "behind" not in nodes["node-b"]
 
@@ -327,7 +331,8 @@ async def test_wait_does_not_count_a_node_still_on_the_previous_version(
     assert code == 1 and out == "", out
     assert err.splitlines() == [
         f"{FLEET} (event seq {v2}) not ready after 500ms: 1 of 1 live nodes not done",
-        f"  node-a: behind: seq {v1} < {v2}",
+        "  behind the log on 1 node (node-a)",
+        f"  (each node's full errors: image-syncer status --fleet {FLEET})",
     ]
     # Folded v2, the new image still pulling: not done either.
     await report(
@@ -335,7 +340,7 @@ async def test_wait_does_not_count_a_node_still_on_the_previous_version(
     )
     code, _, err = await run_cli(*args)
     assert code == 1
-    assert err.splitlines()[1] == f"  node-a: 2/3 images; missing {IMAGES[2]} (pulling)"
+    assert err.splitlines()[1] == f"  {IMAGES[2]}: pulling on 1 node (node-a)"
     await report(js, settings, "node-a", present=set(IMAGES), seqs={FLEET: v2})
     code, out, err = await run_cli(*args)
     assert code == 0, err
@@ -368,14 +373,17 @@ async def test_wait_times_out_naming_the_missing_nodes_and_why(
         *cli_args(nats_server, prefix, "wait", "--fleet", FLEET, "--timeout", "500ms")
     )
     assert code == 1 and out == ""
+    del old  # node-e folded it: behind like node-c, which never folded the Fleet
+    # Grouped by image and reason: failures first, then what is on its way.
     assert err.splitlines() == [
         f"{FLEET} (event seq {seq}) not ready after 500ms: 4 of 5 live nodes not done",
-        f"  node-b: 1/3 images; missing {IMAGES[2]} (failed: not found), {IMAGES[1]} (pulling)",
-        f"  node-c: behind: has not folded the Fleet yet (log at seq {seq})",
-        f"  node-e: behind: seq {old} < {seq}",
+        f"  {IMAGES[2]}: not found on 1 node (node-b)",
+        "  behind the log on 2 nodes (node-c, node-e)",
+        f"  {IMAGES[1]}: pulling on 1 node (node-b)",
         "  node-f: status schema 2 written by image-syncer 0.9.0; this image-syncer reads schema "
         "3: upgrade the syncer on node node-f",
         "  ignored stale nodes: node-d",
+        f"  (each node's full errors: image-syncer status --fleet {FLEET})",
     ]
 
 

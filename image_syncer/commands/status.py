@@ -8,7 +8,8 @@ default it answers what a person asks first (:mod:`image_syncer.nodeview`): per 
 ready and who misses what and why; per node, Fleets ready, heartbeat and problems. ``--fleet``
 and ``--node`` drill down, ``--matrix`` draws nodes x Fleets.
 
-Exit codes: 0 shown, 1 an error the user can fix (one line on stderr), 2 bad input.
+Exit codes: 0 shown, 1 an error the user can fix (one line on stderr), 2 bad input, 3 with
+``--exit-code`` when what is shown is not all well (a script's check).
 """
 
 # No ``from __future__ import annotations``: with_nats_options rebuilds the signature, and typer
@@ -40,37 +41,28 @@ from image_syncer.options import (
     StaleAfterOption,
     with_nats_options,
 )
+from image_syncer.problems import natural_key
 from image_syncer.statusbucket import open_bucket, status_settings
-from ops.durations import format_duration
+from image_syncer.statusview import Overview, ago, overview, render_overview
+from image_syncer.statusview import matrix as matrix_view
 from wire.contract import NEXT_IMAGES_ANNOTATION
 from wire.natsconn import NatsSettings, connect
 from wire.nodestatus import (
     GateStatus,
     NodeState,
     NodeStatus,
-    PinSummary,
     StatusError,
     StatusSettings,
     check_node,
-    is_stale,
     list_statuses,
     parse_fleet,
 )
 from wire.readiness import FleetTarget, fleet_progress
 
-__all__ = ["register"]
+__all__ = ["NOT_ALL_WELL", "register"]
 
-
-def _ago(now: datetime, then: datetime | None) -> str:
-    if then is None:
-        return "never"
-    return f"{format_duration(round(max((now - then).total_seconds(), 0.0)))} ago"
-
-
-# Above this many rows a section lists only what needs attention, and says how many it left out.
-_MAX_ROWS = 30
-# Nodes named per Fleet in the overview before "+N more".
-_NAMED_PER_FLEET = 3
+# ``--exit-code``: the view shows a problem (1 is an error, 2 bad input).
+NOT_ALL_WELL = 3
 
 
 def _rollup_json(
@@ -101,21 +93,28 @@ def _rollup_json(
 
 def _json_view(
     settings: StatusSettings,
-    view: dict[str, NodeStatus],
+    summary: Overview,
     unreadable: dict[str, str],
     now: datetime,
     stale_after: float,
-    targets: dict[str, FleetTarget] | None,
 ) -> dict[str, Any]:
-    fleets, nodes = _rollup_json(
-        fleet_rollups(view, now, stale_after, targets),
-        node_rollups(view, now, stale_after, targets),
-        now,
-    )
+    fleets, nodes = _rollup_json(summary.fleets, summary.nodes, now)
     return {
         "bucket": settings.bucket,
         "generated_at": now.isoformat(),
         "stale_after_seconds": stale_after,
+        "summary": summary.summary_line(),
+        "problems": [
+            {
+                "image": group.image,
+                "reason": group.reason,
+                "failing": group.failing,
+                "nodes": sorted(group.nodes, key=natural_key),
+                "fleets": sorted(group.fleets, key=natural_key),
+                "error": group.example,
+            }
+            for group in summary.problems
+        ],
         "nodes": nodes,
         "fleets": fleets,
         "invalid": unreadable,
@@ -129,7 +128,7 @@ def _fleet_detail(rollup: FleetRollup, view: dict[str, NodeStatus]) -> Table:
         table.add_column(column, no_wrap=column != "State")
     rows = [(node, Text("ready", style="green")) for node in rollup.ready]
     rows += [(node, Text(why, style="red")) for node, why in rollup.not_ready.items()]
-    for node, state in sorted(rows, key=lambda row: row[0]):
+    for node, state in sorted(rows, key=lambda row: natural_key(row[0])):
         seq = view[node].summary.fleets.get(rollup.fleet)
         table.add_row(node, "-" if seq is None else str(seq), state)
     return table
@@ -144,52 +143,6 @@ def _next_detail(rollup: FleetRollup) -> Text:
     ]
     lines += [f"  {node}: {why}" for node, why in rollup.not_ready.items()]
     return Text("\n".join(lines), style="green" if not rollup.not_ready else "yellow")
-
-
-def _fleets_table(fleets: dict[str, FleetRollup]) -> Table:
-    table = Table(title="Fleets (live nodes)", title_justify="left")
-    for column in ("Fleet", "Nodes ready", "Not ready: node: why"):
-        table.add_column(column, no_wrap=column != "Not ready: node: why")
-    rows = list(fleets.values())
-    if len(rows) > _MAX_ROWS:
-        rows = [r for r in rows if r.not_ready]
-    for r in rows:
-        named = list(r.not_ready.items())[:_NAMED_PER_FLEET]
-        lines = [f"{node}: {why}" for node, why in named]
-        if len(named) < len(r.not_ready):
-            lines.append(f"+{len(r.not_ready) - len(named)} more (--fleet {r.fleet})")
-        style = "green" if not r.not_ready else "yellow"
-        table.add_row(r.fleet, Text(f"{len(r.ready)}/{r.total}", style=style), "\n".join(lines))
-    return table
-
-
-def _nodes_table(nodes: dict[str, NodeRollup], now: datetime) -> tuple[Table, int]:
-    """The nodes table, and how many healthy nodes it leaves out."""
-    table = Table(title="Nodes", title_justify="left")
-    for column in ("Node", "Fleets ready", "Pinned", "Heartbeat", "Problems", "Version"):
-        table.add_column(column, no_wrap=column != "Problems")
-    rows = list(nodes.values())
-    if len(rows) > _MAX_ROWS:
-        rows = [r for r in rows if not r.healthy]
-    for r in rows[:_MAX_ROWS]:
-        name = Text(f"{r.node} (stale)", style="bold red") if r.stale else Text(r.node)
-        ready = Text(
-            f"{r.fleets_ready}/{r.fleets_total}",
-            style="green" if r.fleets_ready == r.fleets_total else "yellow",
-        )
-        beat = Text(_ago(now, r.status.reported_at), style="red" if r.stale else "")
-        pins = _pins_cell(r.status.summary.pins)
-        table.add_row(name, ready, pins, beat, ", ".join(r.problems), r.status.version)
-    return table, len(nodes) - min(len(rows), _MAX_ROWS)
-
-
-def _pins_cell(pins: PinSummary | None) -> Text:
-    if pins is None:
-        return Text("-", style="dim")
-    if not pins.enabled:
-        return Text("off", style="dim")
-    style = "green" if pins.pinned == pins.images else "yellow"
-    return Text(f"{pins.pinned}/{pins.images}", style=style)
 
 
 def _keeping_lines(summary: NodeState) -> list[str]:
@@ -219,15 +172,15 @@ def _node_detail(
     status, summary = r.status, r.status.summary
     console.print(
         f"node {r.node}{' (stale)' if r.stale else ''}: image-syncer {status.version}, "
-        f"started {_ago(now, status.started_at)}, heartbeat {_ago(now, status.reported_at)}, "
-        f"last reconcile {_ago(now, summary.last_reconcile)}",
+        f"started {ago(now, status.started_at)}, heartbeat {ago(now, status.reported_at)}, "
+        f"last reconcile {ago(now, summary.last_reconcile)}",
         markup=False,
         highlight=False,
     )
     table = Table(title=f"Fleets on {r.node}", title_justify="left")
     for column in ("Fleet", "Event seq", "State"):
         table.add_column(column, no_wrap=column != "State")
-    for fleet in sorted({*summary.fleets, *summary.excluded, *(targets or {})}):
+    for fleet in sorted({*summary.fleets, *summary.excluded, *(targets or {})}, key=natural_key):
         progress = fleet_progress(status, fleet)
         target = (targets or {}).get(fleet)
         seq = summary.fleets.get(fleet, summary.excluded.get(fleet))
@@ -280,36 +233,13 @@ def _gate_line(gate: GateStatus, now: datetime) -> str:
     """The startup-taint gate in one line: closed on what, or open since when and how."""
     if gate.state == "closed":
         shown = ", ".join(gate.missing) or "nothing (removal pending)"
-        return f"startup taint {gate.taint}: closed {_ago(now, gate.closed_since)}, missing {shown}"
+        return f"startup taint {gate.taint}: closed {ago(now, gate.closed_since)}, missing {shown}"
     if gate.state == "open" and gate.opened_at is not None:
         how = " by timeout, images missing" if gate.by_timeout else ""
-        return f"startup taint {gate.taint}: removed {_ago(now, gate.opened_at)}{how}"
+        return f"startup taint {gate.taint}: removed {ago(now, gate.opened_at)}{how}"
     if gate.state == "open":
         return f"startup taint {gate.taint}: not on the node"
     return f"startup taint {gate.taint}: waiting for the log and the runtime"
-
-
-def _matrix(view: dict[str, NodeStatus], now: datetime, stale_after: float) -> Table:
-    fleets = sorted({fleet for status in view.values() for fleet in status.summary.fleets})
-    table = Table(title="image-syncer nodes x Fleets", title_justify="left")
-    table.add_column("Node", no_wrap=True)
-    for fleet in fleets:
-        table.add_column(fleet, justify="center")
-    for node in sorted(view):
-        status = view[node]
-        stale = is_stale(status, now, stale_after)
-        cells = []
-        for fleet in fleets:
-            progress = fleet_progress(status, fleet)
-            if progress is None:
-                cells.append(Text("-", style="dim"))
-            elif progress.complete:
-                cells.append(Text("ok", style="green"))
-            else:
-                cells.append(Text(f"{progress.ready}/{progress.total}", style="red"))
-        name = Text(f"{node} (stale)", style="bold red") if stale else Text(node)
-        table.add_row(name, *cells)
-    return table
 
 
 async def _read(
@@ -345,35 +275,51 @@ def _show(
     fleet: str | None,
     node: str | None,
     matrix: bool,
-) -> None:
+) -> bool:
+    """Print the view asked for; whether all is well in it (``--exit-code``)."""
     view, unreadable, targets = read
     now = datetime.now(UTC)
     if node is not None:
         if node not in view:
             raise CommandError(unreadable.get(node) or f"node {node} reports no status")
-        _node_detail(
-            console, node_rollups({node: view[node]}, now, stale_after)[node], now, targets
-        )
-        return
+        node_rollup = node_rollups({node: view[node]}, now, stale_after, targets)[node]
+        _node_detail(console, node_rollup, now, targets)
+        return node_rollup.healthy
+    well = False
     if not view:
         console.print(f"no node reports status in bucket {settings.bucket}")
-    elif matrix:
-        console.print(_matrix(view, now, stale_after))
+    elif fleet is not None:
+        rollup = fleet_rollups(view, now, stale_after, targets).get(fleet, FleetRollup(fleet))
+        console.print(_fleet_detail(rollup, view))
+        well = bool(rollup.ready) and not rollup.not_ready
+        target = (targets or {}).get(fleet)
+        if target is not None and target.next_images:
+            staged = next_rollup(view, fleet, target, now, stale_after)
+            console.print(_next_detail(staged))
+            well = well and not staged.not_ready
     else:
-        fleets = fleet_rollups(view, now, stale_after, targets)
-        if fleet is not None:
-            console.print(_fleet_detail(fleets.get(fleet, FleetRollup(fleet)), view))
-            target = (targets or {}).get(fleet)
-            if target is not None and target.next_images:
-                console.print(_next_detail(next_rollup(view, fleet, target, now, stale_after)))
+        summary = _overview(view, now, stale_after, targets)
+        well = summary.all_well
+        if matrix:
+            console.print(summary.summary_line(), markup=False, highlight=False)
+            console.print(matrix_view(view, now, stale_after, console.width))
         else:
-            console.print(_fleets_table(fleets))
-            table, left_out = _nodes_table(node_rollups(view, now, stale_after, targets), now)
-            console.print(table)
-            if left_out:
-                console.print(f"+{left_out} more nodes, all Fleets ready (--node NODE, --json)")
+            render_overview(console, summary, now)
     for name, reason in sorted(unreadable.items()):
         console.print(f"unreadable entry for node {name}: {reason}", markup=False)
+    return well and not unreadable
+
+
+def _overview(
+    view: dict[str, NodeStatus],
+    now: datetime,
+    stale_after: float,
+    targets: dict[str, FleetTarget] | None,
+) -> Overview:
+    return overview(
+        fleet_rollups(view, now, stale_after, targets),
+        node_rollups(view, now, stale_after, targets),
+    )
 
 
 async def _status(
@@ -383,16 +329,18 @@ async def _status(
     as_json: bool,
     check_log: bool,
     view_options: tuple[str | None, str | None, bool],
-) -> None:
+) -> bool:
     read = await _read(nats_settings, settings, check_log, view_options[0])
     if as_json:
-        doc = _json_view(settings, *read[:2], datetime.now(UTC), stale_after, read[2])
+        now = datetime.now(UTC)
+        summary = _overview(read[0], now, stale_after, read[2])
+        doc = _json_view(settings, summary, read[1], now, stale_after)
         # msgspec encodes the entries as they are, without a detour through dicts: thousands of
         # nodes take a fraction of json.dumps' time.
         encoded = msgspec.json.encode(doc, order="sorted")
         typer.echo(msgspec.json.format(encoded, indent=2).decode())
-        return
-    _show(Console(), settings, read, stale_after, *view_options)
+        return summary.all_well and not read[1]
+    return _show(Console(), settings, read, stale_after, *view_options)
 
 
 @with_nats_options
@@ -425,9 +373,21 @@ def status(
         bool,
         typer.Option("--matrix", envvar="STATUS_MATRIX", help="Draw the nodes x Fleets matrix."),
     ] = False,
+    exit_code: Annotated[
+        bool,
+        typer.Option(
+            "--exit-code",
+            envvar="STATUS_EXIT_CODE",
+            help="Exit 3 unless every Fleet shown is ready on every live node and no node is "
+            "stale, unreadable or wants no Fleet.",
+        ),
+    ] = False,
     subject_prefix: PrefixOption = DEFAULT_PREFIX,
 ) -> None:
-    """Per Fleet nodes ready and who misses what; per node Fleets ready, heartbeat, problems."""
+    """A summary line, then problems grouped by image and reason, Fleets, nodes.
+
+    --fleet and --node show one of them in full (every error text), --json everything.
+    """
     try:
         if fleet is not None:
             fleet = parse_fleet(fleet)
@@ -436,9 +396,11 @@ def status(
     except StatusError as e:
         fail(str(e), code=2)
     settings = status_settings(subject_prefix)
-    run_nats_command(
+    well = run_nats_command(
         _status(nats, settings, stale_after, as_json, check_log, (fleet, node, matrix))
     )
+    if exit_code and not well:
+        raise typer.Exit(NOT_ALL_WELL)
 
 
 def register(app: typer.Typer) -> None:

@@ -39,11 +39,13 @@ from image_syncer.options import (
     StaleAfterOption,
     with_nats_options,
 )
+from image_syncer.problems import group_problems, name_some, natural_key
 from image_syncer.statusbucket import status_settings
 from ops.durations import format_duration
 from wire.contract import NEXT_IMAGES_ANNOTATION
 from wire.natsconn import NatsSettings, connect
 from wire.nodestatus import (
+    Missing,
     NodeStatus,
     OutdatedEntry,
     StatusError,
@@ -98,6 +100,11 @@ class Verdict:
     next_change: float | None
     # Node -> its readiness, for the nodes not done (what a progress line ranks).
     behind: dict[str, NodeReadiness] = field(default_factory=dict)
+    # What the nodes not done miss, (node, image, why), why None when behind the log: what
+    # the timeout report groups (image_syncer.problems).
+    items: list[tuple[str, str, Missing | None]] = field(default_factory=list)
+    # Live nodes whose entry this reader cannot judge (an older schema), with why.
+    unjudged: dict[str, str] = field(default_factory=dict)
 
     @property
     def targeted(self) -> int:
@@ -148,7 +155,7 @@ def _judge(
     scope: Scope = Scope(),
 ) -> Verdict:
     verdict = Verdict([], [], [], {}, None)
-    for node, status in sorted(watch.view.items()):
+    for node, status in sorted(watch.view.items(), key=lambda item: natural_key(item[0])):
         if not verdict.live_node(node, status, now, stale_after):
             continue
         readiness = node_readiness(status, fleet, target, next_only=scope.next_only)
@@ -157,11 +164,15 @@ def _judge(
         elif readiness.verdict is not Readiness.DONE:
             verdict.missing[node] = _missing_line(readiness, target)
             verdict.behind[node] = readiness
+            if readiness.progress is None:
+                verdict.items.append((node, "", None))
+            else:
+                verdict.items.extend((node, i, w) for i, w in readiness.progress.missing.items())
     outdated: dict[str, OutdatedEntry] = watch.outdated
-    for node, entry in sorted(outdated.items()):
+    for node, entry in sorted(outdated.items(), key=lambda item: natural_key(item[0])):
         # A live node whose entry this reader cannot judge is not done: say why.
         if verdict.live_node(node, entry.status, now, stale_after):
-            verdict.missing[node] = str(entry)
+            verdict.missing[node] = verdict.unjudged[node] = str(entry)
     return verdict
 
 
@@ -192,10 +203,20 @@ def _timeout_report(
         f"{fleet} (event seq {target.seq}) not ready after {waited}: {len(verdict.missing)} of "
         f"{len(verdict.live)} live nodes not done{_scope_note(scope)}"
     ]
-    lines.extend(f"  {node}: {why}" for node, why in verdict.missing.items())
+    # Grouped as `status` groups them: one line per (image, reason), however many nodes.
+    for group in group_problems((node, fleet, i, w) for node, i, w in verdict.items):
+        what = f"{group.image}: {group.reason}" if group.image else group.reason
+        lines.append(f"  {what} on {_nodes(group.nodes)}")
+    for node, why in verdict.unjudged.items():
+        lines.append(f"  {node}: {why}")
     if verdict.stale:
-        lines.append(f"  ignored stale nodes: {', '.join(verdict.stale)}")
+        lines.append(f"  ignored stale nodes: {name_some(verdict.stale, 10)}")
+    lines.append(f"  (each node's full errors: image-syncer status --fleet {fleet})")
     return "\n".join(lines)
+
+
+def _nodes(nodes: set[str]) -> str:
+    return f"{len(nodes)} node{'s' * (len(nodes) != 1)} ({name_some(nodes)})"
 
 
 async def _wait(
