@@ -53,10 +53,13 @@ def main(argv: list[str]) -> int:
     # Only now the imports that reach nats-py.
     from ops.lifecycle import run_until_signalled
     from ops.logs import configure
+    from ops.proctitle import set_title
     from syncer.runner import run
     from syncer.settings import SyncerSettings
 
     settings = msgspec.convert(handover["settings"], type=SyncerSettings)
+    # ps shows which node each syncer serves (several run side by side in the demo, in tests).
+    set_title(f"image-syncer syncer {settings.node_name}", f"syncer {settings.node_name}")
     configure(handover["log_level"], "json" if handover["log_format"] == "json" else "logfmt")
     return run_until_signalled(lambda stopping: run(settings, stopping))
 

@@ -1,10 +1,11 @@
 """Stopping the node syncer is bounded, even when a cancellation is lost on the way.
 
-Python 3.11's ``asyncio.wait_for`` (nats-py's KV watcher waits through it) returns the awaited
-result instead of raising when the result arrives at the moment of the cancel. Under load this
-happened to the syncer's replay-request watch at stop: the watch, which ended only when cancelled,
-ran on and the syncer never returned. The race is made certain here by a watcher whose wait always
-swallows the cancel like that; NATS and containerd are real. A pass of the reconcile that hangs
+Python 3.11's ``asyncio.wait_for`` returns the awaited result instead of raising when the result
+arrives at the moment of the cancel. Under load this happened to the syncer's replay-request watch
+at stop (then a KV watcher): the watch, which ended only when cancelled, ran on and the syncer
+never returned. The race is made certain here by making every wait of the syncer's pushed
+consumers (replay requests, node images; ``syncer.following``) swallow the cancel like that; NATS
+and containerd are real. A pass of the reconcile that hangs
 (a call without a deadline) must not keep the syncer from stopping either.
 """
 
@@ -19,7 +20,6 @@ from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator
 
 import pytest
 from nats.js import JetStreamContext
-from nats.js.kv import KeyValue
 from syncer_harness import (  # noqa: F401  (fixtures)
     RunningSyncer,
     eventually,
@@ -33,6 +33,7 @@ from image_syncer.sandbox.containerd import Containerd
 from image_syncer.sandbox.registry import Registry
 from ops.lifecycle import cancel_and_wait, until_stopping
 from syncer.cri import RuntimeImage
+from syncer.following import PushedSubjects
 from syncer.keeping import Keeper
 from syncer.puller import Puller, PullResult
 from syncer.references import Holding, ImageRef
@@ -40,25 +41,27 @@ from syncer.runner import _Syncer, run
 from syncer.settings import SyncerSettings
 from wire.eventlog import LogSettings, publish_event
 from wire.nodestatus import NodeStatus, StatusSettings, get_status, open_status_bucket
+from wire.permissions import REPLAY_CONSUMER_SUFFIX
 
 pytestmark = [pytest.mark.nats, pytest.mark.cri]
 
 
 @pytest.fixture
 def lost_cancels(monkeypatch: pytest.MonkeyPatch) -> Iterator[asyncio.Event]:
-    """Every KV watcher wait swallows its cancel, as wait_for does when an update arrives with it;
-    the event is set once a watcher waits."""
+    """Every wait for a pushed message swallows its cancel, as wait_for does when a message
+    arrives with it; the event is set once the replay-request watch waits."""
     waiting = asyncio.Event()
-    updates: Callable[..., Awaitable[object]] = KeyValue.KeyWatcher.updates
+    wait: Callable[..., Awaitable[object]] = PushedSubjects.next
 
-    async def swallowing(self: KeyValue.KeyWatcher, timeout: float = 5.0) -> object:
-        waiting.set()
+    async def swallowing(self: PushedSubjects, timeout: float) -> object:
+        if self.name.endswith(REPLAY_CONSUMER_SUFFIX):
+            waiting.set()
         try:
-            return await updates(self, timeout)
+            return await wait(self, timeout)
         except asyncio.CancelledError:
-            return None  # "the update came": the cancel is gone
+            return None  # "the message came": the cancel is gone
 
-    monkeypatch.setattr(KeyValue.KeyWatcher, "updates", swallowing)
+    monkeypatch.setattr(PushedSubjects, "next", swallowing)
     yield waiting
 
 

@@ -94,6 +94,17 @@ class _Client(Client):
         super().__init__()
         # Set at the next reconnect, then replaced by a fresh one for the one after.
         self.next_reconnect = asyncio.Event()
+        # Set once this process drains or closes the connection itself: the disconnect that
+        # follows is the clean stop, not news worth a warning.
+        self.stopping = False
+
+    async def drain(self) -> None:
+        self.stopping = True
+        await super().drain()
+
+    async def close(self) -> None:
+        self.stopping = True
+        await super().close()
 
     def _mark_reconnected(self) -> None:
         done, self.next_reconnect = self.next_reconnect, asyncio.Event()
@@ -110,13 +121,22 @@ class _Client(Client):
 async def _open(options: dict[str, Any]) -> Client:
     client = _Client()
     report = options.get("reconnected_cb")
+    report_disconnect = options.get("disconnected_cb")
 
     async def reconnected() -> None:
         client._mark_reconnected()
         if report is not None:
             await report()
 
-    await client.connect(**{**options, "reconnected_cb": reconnected})
+    async def disconnected() -> None:
+        if client.stopping:
+            log.debug("nats connection closed")
+        elif report_disconnect is not None:
+            await report_disconnect()
+
+    await client.connect(
+        **{**options, "reconnected_cb": reconnected, "disconnected_cb": disconnected}
+    )
     return client
 
 
