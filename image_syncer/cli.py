@@ -12,6 +12,7 @@ from typing import Annotated, Protocol, cast
 
 import typer
 
+from image_syncer.helpformat import use_panelled_help
 from ops.logs import LogFormat, configure
 
 _LOG_FORMATS: dict[str, LogFormat] = {"logfmt": "logfmt", "json": "json"}
@@ -38,13 +39,35 @@ COMMANDS = {
 _ROOT_VALUE_OPTIONS = ("--log-level", "--log-format")
 
 
+def _version(value: bool) -> None:
+    if not value:
+        return
+    # Imported here: every other command starts without them.
+    from ops.buildinfo import package_version
+    from wire.nodestatus import SCHEMA
+
+    # The CLI and the DaemonSet are upgraded together: the schema says which entries it reads.
+    typer.echo(f"image-syncer {package_version()} (node status schema {SCHEMA})")
+    raise typer.Exit()
+
+
 def root(
     log_level: Annotated[
-        str, typer.Option(envvar="LOG_LEVEL", help="debug, info, warning or error.")
+        str,
+        typer.Option(envvar="LOG_LEVEL", metavar="LEVEL", help="debug, info, warning or error."),
     ] = "info",
     log_format: Annotated[
-        str, typer.Option(envvar="LOG_FORMAT", help="logfmt or json.")
+        str, typer.Option(envvar="LOG_FORMAT", metavar="FORMAT", help="logfmt or json.")
     ] = "logfmt",
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            callback=_version,
+            is_eager=True,
+            help="Print the version and the node status schema it reads, and exit.",
+        ),
+    ] = False,
 ) -> None:
     fmt = _LOG_FORMATS.get(log_format)
     if fmt is None:
@@ -66,6 +89,7 @@ def build_app(command: str | None = None) -> typer.Typer:
     modules = [COMMANDS[command]] if command in COMMANDS else list(dict.fromkeys(COMMANDS.values()))
     for module in modules:
         importlib.import_module(f"image_syncer.commands.{module}").register(app)
+    use_panelled_help(app)
     return app
 
 

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable
-from typing import Annotated, Any, TypeVar
+import urllib.parse
+from collections.abc import Callable, Mapping
+from typing import Annotated, Any, TypeVar, get_args
 
 import typer
+from typer.models import OptionInfo
 
 from ops.durations import DurationError, format_duration, parse_duration
-from wire.contract import DEFAULT_PREFIX
+from wire.contract import DEFAULT_PREFIX, ContractError, check_prefix
 from wire.eventlog import LogSettings
 from wire.natsconn import DEFAULT_URL, NatsSettings
 
@@ -25,11 +27,15 @@ __all__ = [
     "DEFAULT_DUPLICATE_WINDOW",
     "DEFAULT_PREFIX",
     "DEFAULT_TOMBSTONE_TTL",
+    "NATS_SCHEMES",
+    "Count",
     "DuplicateWindowOption",
     "Duration",
     "PrefixOption",
     "StaleAfterOption",
     "TombstoneTtlOption",
+    "check_nats_url",
+    "help_layout",
     "split_values",
     "with_nats_options",
 ]
@@ -45,8 +51,36 @@ def _duration(text: str) -> float:
 
 
 def Duration(help: str, envvar: str, *names: str) -> Any:
-    """A Go-style duration option (``15s``), parsed to seconds."""
+    """A Go-style duration option (``15s``), parsed to seconds, at most a year."""
     return typer.Option(*names, help=help, envvar=envvar, parser=_duration, metavar="DURATION")
+
+
+def _count(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str | int) -> int:
+        # typer hands the default over as it is written: an int.
+        try:
+            value = text if isinstance(text, int) else int(text.strip())
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= high:
+            raise typer.BadParameter(f"{text!r} is not a whole number from {low} to {high}")
+        return value
+
+    return parse
+
+
+def Count(help: str, envvar: str, low: int, high: int, *names: str) -> Any:
+    """A whole number from ``low`` to ``high`` (both in the help), refused outside them."""
+    return typer.Option(
+        *names, help=f"{help} ({low}-{high})", envvar=envvar, parser=_count(low, high), metavar="N"
+    )
+
+
+def _prefix(text: str) -> str:
+    try:
+        return check_prefix(text)
+    except ContractError as e:
+        raise typer.BadParameter(str(e)) from e
 
 
 PrefixOption = Annotated[
@@ -55,6 +89,7 @@ PrefixOption = Annotated[
         "--subject-prefix",
         envvar="SUBJECT_PREFIX",
         metavar="PREFIX",
+        parser=_prefix,
         help="First token(s) of every subject; each prefix has its own streams and buckets.",
     ),
 ]
@@ -86,7 +121,9 @@ _NATS_PARAMS = [
             typer.Option(
                 "--nats-url",
                 envvar="NATS_URL",
-                help="NATS server URL; repeat or comma-separate for a cluster.",
+                metavar="URL",
+                help="NATS server URL (nats://, tls://, ws://, wss://); repeat or "
+                "comma-separate for a cluster.",
                 rich_help_panel="NATS",
             ),
         ],
@@ -97,7 +134,9 @@ _NATS_PARAMS = [
         default=None,
         annotation=Annotated[
             str | None,
-            typer.Option(envvar="NATS_USER", help="NATS user name.", rich_help_panel="NATS"),
+            typer.Option(
+                envvar="NATS_USER", metavar="USER", help="NATS user name.", rich_help_panel="NATS"
+            ),
         ],
     ),
     inspect.Parameter(
@@ -108,6 +147,7 @@ _NATS_PARAMS = [
             str | None,
             typer.Option(
                 envvar="NATS_PASSWORD",
+                metavar="PASSWORD",
                 help="NATS password (prefer the env var).",
                 show_default=False,
                 rich_help_panel="NATS",
@@ -122,6 +162,7 @@ _NATS_PARAMS = [
             str | None,
             typer.Option(
                 envvar="NATS_TOKEN",
+                metavar="TOKEN",
                 help="NATS auth token (prefer the env var).",
                 show_default=False,
                 rich_help_panel="NATS",
@@ -136,6 +177,7 @@ _NATS_PARAMS = [
             str | None,
             typer.Option(
                 envvar="NATS_TOKEN_FILE",
+                metavar="PATH",
                 help="File holding the NATS auth token (a projected ServiceAccount token), "
                 "read again on every reconnect.",
                 rich_help_panel="NATS",
@@ -148,7 +190,12 @@ _NATS_PARAMS = [
         default=None,
         annotation=Annotated[
             str | None,
-            typer.Option(envvar="NATS_CREDS", help="NATS .creds file.", rich_help_panel="NATS"),
+            typer.Option(
+                envvar="NATS_CREDS",
+                metavar="PATH",
+                help="NATS .creds file.",
+                rich_help_panel="NATS",
+            ),
         ],
     ),
     inspect.Parameter(
@@ -158,7 +205,10 @@ _NATS_PARAMS = [
         annotation=Annotated[
             str | None,
             typer.Option(
-                envvar="NATS_TLS_CA", help="CA bundle to verify NATS TLS.", rich_help_panel="NATS"
+                envvar="NATS_TLS_CA",
+                metavar="PATH",
+                help="CA bundle to verify NATS TLS.",
+                rich_help_panel="NATS",
             ),
         ],
     ),
@@ -170,6 +220,34 @@ def split_values(values: list[str]) -> tuple[str, ...]:
     return tuple(v for raw in values for v in raw.replace(" ", ",").split(",") if v)
 
 
+NATS_SCHEMES = ("nats", "tls", "ws", "wss")
+
+
+def check_nats_url(url: str) -> str:
+    """``url`` if it is ``SCHEME://[USER[:PASSWORD]@]HOST[:PORT]`` with a scheme NATS clients
+    speak, else ``typer.BadParameter`` naming the problem: parsed before any connection, so a
+    typo is not reported seconds later as a DNS or network error."""
+    shown = url.rsplit("@", 1)[-1] if "@" in url else url  # never echo a password
+    scheme, sep, _ = url.partition("://")
+    if not sep or scheme.lower() not in NATS_SCHEMES:
+        raise typer.BadParameter(
+            f"{shown!r} is not a NATS URL: expected SCHEME://HOST[:PORT], scheme one of "
+            f"{', '.join(NATS_SCHEMES)}"
+        )
+    parts = urllib.parse.urlsplit(url)
+    if any(c.isspace() for c in url) or not parts.hostname:
+        raise typer.BadParameter(f"{shown!r} has no valid host: expected {scheme}://HOST[:PORT]")
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if port is not None and not 1 <= port <= 65535:
+        raise typer.BadParameter(f"{shown!r}: the port must be a number from 1 to 65535")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise typer.BadParameter(f"{shown!r}: a NATS URL has no path, query or fragment")
+    return url
+
+
 def nats_settings_from(
     nats_url: list[str],
     nats_user: str | None,
@@ -179,8 +257,25 @@ def nats_settings_from(
     nats_creds: str | None,
     nats_tls_ca: str | None,
 ) -> NatsSettings:
+    hint = "'--nats-url' / NATS_URL"
+    for raw in nats_url:
+        tokens = split_values([raw])
+        if len(tokens) > 1 and any("://" not in token for token in tokens):
+            # "nats://not a url" would read as three URLs, two without a scheme.
+            raise typer.BadParameter(
+                f"{raw.rsplit('@', 1)[-1]!r} is not a NATS URL: a URL holds no space (several "
+                "URLs are separated by commas or spaces, each SCHEME://HOST[:PORT])",
+                param_hint=hint,
+            )
+    servers = split_values(nats_url) or (DEFAULT_URL,)
+    for server in servers:
+        try:
+            check_nats_url(server)
+        except typer.BadParameter as e:
+            # Named like click names a flag, and raised as a usage error: exit 2.
+            raise typer.BadParameter(e.message, param_hint=hint) from None
     return NatsSettings(
-        servers=split_values(nats_url) or (DEFAULT_URL,),
+        servers=servers,
         user=nats_user,
         password=nats_password,
         token=nats_token,
@@ -204,3 +299,26 @@ def with_nats_options(command: F) -> F:
 
     wrapper.__signature__ = signature.replace(parameters=[*params, *_NATS_PARAMS])  # type: ignore[attr-defined]
     return wrapper  # type: ignore[return-value]
+
+
+def help_layout(
+    panels: Mapping[str, tuple[str, ...]], metavars: Mapping[str, str] | None = None
+) -> Callable[[F], F]:
+    """Group a command's options into help panels and give them metavars, without restating
+    each option: ``panels`` maps a panel title to parameter names, ``metavars`` a parameter name
+    to its metavar (every option without one shows a word, never a Python type)."""
+    metavars = metavars or {}
+
+    def apply(command: F) -> F:
+        for name, param in inspect.signature(command, eval_str=True).parameters.items():
+            info = next((a for a in get_args(param.annotation) if isinstance(a, OptionInfo)), None)
+            if info is None:
+                continue
+            for title, names in panels.items():
+                if name in names:
+                    info.rich_help_panel = title
+            if name in metavars:
+                info.metavar = metavars[name]
+        return command
+
+    return apply

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["DurationError", "format_duration", "parse_duration"]
+__all__ = ["MAX_DURATION", "DurationError", "format_duration", "parse_duration"]
+
+# No setting of the project means anything beyond a year; a larger value is a typo (a unit
+# missing a letter, digits repeated), refused rather than read as "forever".
+MAX_DURATION = 366 * 24 * 3600.0
 
 _UNITS = {
     "ns": 1e-9,
@@ -41,6 +45,11 @@ def parse_duration(text: str) -> float:
         position = match.end()
     if position != len(value):
         raise DurationError(f"invalid duration {text!r}; expected e.g. 15s, 1m30s, 250ms")
+    if total > MAX_DURATION:
+        raise DurationError(
+            f"duration {text!r} is longer than a year ({format_duration(MAX_DURATION)}), the "
+            "longest any setting takes"
+        )
     return total
 
 

@@ -114,15 +114,15 @@ class SyncerSettings:
     def __post_init__(self) -> None:
         if self.max_parallel_pulls < 1:
             raise ValueError("max_parallel_pulls must be at least 1")
-        if self.sync_period <= 0 or self.pull_timeout <= 0:
-            raise ValueError("sync_period and pull_timeout must be positive")
         if not 0 < self.backoff_min <= self.backoff_max:
-            raise ValueError("backoff bounds must satisfy 0 < min <= max")
+            raise ValueError("backoff_min must be positive and at most backoff_max")
         if self.max_ack_pending < 1:
             raise ValueError("max_ack_pending must be at least 1")
         if not self.node_name:
             raise ValueError("node_name must not be empty")
         positive = {
+            "sync_period": self.sync_period,
+            "pull_timeout": self.pull_timeout,
             "status_interval": self.status_interval,
             "stop_timeout": self.stop_timeout,
             "status_ttl": self.status_ttl,

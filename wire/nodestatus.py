@@ -145,7 +145,10 @@ def bucket_name(prefix: str) -> str:
 
 def check_node(node: str) -> str:
     if not _NODE_RE.match(node) or len(node) > 253:
-        raise StatusError(f"node name {node!r} is not a valid Kubernetes node name")
+        raise StatusError(
+            f"node name {node!r} is not a valid Kubernetes node name (lowercase letters, digits, "
+            "'-' and '.', starting and ending with a letter or digit, at most 253 characters)"
+        )
     return node
 
 

@@ -5,6 +5,7 @@ Every flag has an environment twin (Octops image-syncer's ``CONN_TARGET`` among 
 DaemonSets keep working) so the DaemonSet can configure it either way.
 """
 
+import re
 import socket
 from typing import Annotated, Any
 
@@ -12,8 +13,10 @@ import typer
 
 from image_syncer.options import (
     DEFAULT_PREFIX,
+    Count,
     Duration,
     PrefixOption,
+    help_layout,
     split_values,
     with_nats_options,
 )
@@ -21,6 +24,7 @@ from image_syncer.preflight import check_listen, check_readable
 from ops.durations import format_duration
 from syncer.settings import DEFAULT_CRI_ENDPOINT, SyncerSettings
 from wire.natsconn import NatsSettings
+from wire.nodestatus import StatusError, check_node
 
 __all__ = ["register"]
 
@@ -39,6 +43,86 @@ def _percent(text: str) -> float:
         raise typer.BadParameter(str(e)) from e
 
 
+# Help panels, so 45 flags read as a handful of topics (the NATS flags have their own panel).
+PANELS = {
+    "Node and runtime": (
+        "node_name",
+        "cri_endpoint",
+        "cri_call_timeout",
+        "runtime_unhealthy_after",
+        "metrics_addr",
+    ),
+    "Pulls": (
+        "sync_period",
+        "max_parallel_pulls",
+        "pull_timeout",
+        "pull_backoff_min",
+        "pull_backoff_max",
+        "registry_auth_file",
+        "kubelet_config_json",
+        "extra_image",
+        "max_cluster_pulls",
+        "registry_backoff",
+    ),
+    "Which Fleets": (
+        "fleet_selector",
+        "respect_scheduling",
+        "kube_api_url",
+        "node_refresh",
+        "startup_taint",
+        "startup_taint_timeout",
+    ),
+    "Keeping images": (
+        "pin_images",
+        "remove_unused",
+        "remove_grace",
+        "max_image_fs_usage",
+        "host_root",
+        "removal_backoff_after",
+        "removal_window",
+        "removal_backoff_max",
+    ),
+    "Event log": (
+        "subject_prefix",
+        "max_ack_pending",
+        "ack_wait",
+        "consumer_inactive_threshold",
+        "fetch_expiry",
+        "fetch_heartbeat",
+        "refold_period",
+        "lag_interval",
+    ),
+    "Node status": ("status_interval", "status_heartbeat", "status_replicas", "status_ttl"),
+}
+METAVARS = {
+    "node_name": "NODE",
+    "cri_endpoint": "URL",
+    "metrics_addr": "[HOST]:PORT",
+    "registry_auth_file": "PATH",
+    "kubelet_config_json": "PATH",
+    "fleet_selector": "SELECTOR",
+    "kube_api_url": "URL",
+    "startup_taint": "KEY",
+    "extra_image": "IMAGE",
+    "host_root": "PATH",
+}
+# Setting names as the settings' own checks say them -> the flag a user typed.
+_FLAGS = {
+    "backoff_min": "--pull-backoff-min",
+    "backoff_max": "--pull-backoff-max",
+    "inactive_threshold": "--consumer-inactive-threshold",
+    "extra_images": "--extra-image",
+}
+
+
+def _flag_error(error: ValueError) -> str:
+    """The settings' refusal, naming flags (``--sync-period``), not fields (``sync_period``)."""
+    fields = sorted(SyncerSettings.__dataclass_fields__, key=len, reverse=True)
+    pattern = re.compile(r"\b(" + "|".join(fields) + r")\b")
+    return pattern.sub(lambda m: _FLAGS.get(m[1], "--" + m[1].replace("_", "-")), str(error))
+
+
+@help_layout(PANELS, METAVARS)
 @with_nats_options
 def syncer(
     *,
@@ -55,7 +139,7 @@ def syncer(
         float, Duration("How often to re-check the images (jittered).", "SYNC_PERIOD")
     ] = _duration(SyncerSettings.sync_period),
     max_parallel_pulls: Annotated[
-        int, typer.Option(envvar="MAX_PARALLEL_PULLS", min=1, help="Pulls running at once.")
+        int, Count("Pulls running at once.", "MAX_PARALLEL_PULLS", 1, 64)
     ] = SyncerSettings.max_parallel_pulls,
     pull_timeout: Annotated[
         float, Duration("Give up on one pull after this long.", "PULL_TIMEOUT")
@@ -80,7 +164,7 @@ def syncer(
         typer.Option(envvar="METRICS_ADDR", help="[host]:port for /metrics, /healthz, /readyz."),
     ] = ":8080",
     max_ack_pending: Annotated[
-        int, typer.Option(envvar="MAX_ACK_PENDING", min=1, help="Events in flight at once.")
+        int, Count("Events in flight at once.", "MAX_ACK_PENDING", 1, 10_000)
     ] = SyncerSettings.max_ack_pending,
     ack_wait: Annotated[
         float, Duration("Redeliver an event not acked (nor kept alive) this long.", "ACK_WAIT")
@@ -114,10 +198,7 @@ def syncer(
         ),
     ] = _duration(SyncerSettings.status_heartbeat),
     status_replicas: Annotated[
-        int,
-        typer.Option(
-            envvar="STATUS_REPLICAS", min=1, help="Replicas of the status and pulled-image buckets."
-        ),
+        int, Count("Replicas of the status and pulled-image buckets.", "STATUS_REPLICAS", 1, 5)
     ] = SyncerSettings.status_replicas,
     status_ttl: Annotated[
         float, Duration("A vanished node's status entry expires after this.", "STATUS_TTL")
@@ -216,10 +297,11 @@ def syncer(
     ] = [],  # noqa: B006 - typer reads the default, never mutates it
     max_cluster_pulls: Annotated[
         int,
-        typer.Option(
-            envvar="MAX_CLUSTER_PULLS",
-            min=0,
-            help="At most this many nodes pull one image at a time, cluster-wide; 0: no limit.",
+        Count(
+            "At most this many nodes pull one image at a time, cluster-wide; 0: no limit.",
+            "MAX_CLUSTER_PULLS",
+            0,
+            100_000,
         ),
     ] = SyncerSettings.max_cluster_pulls,
     registry_backoff: Annotated[
@@ -303,10 +385,11 @@ def syncer(
     ] = "",
     removal_backoff_after: Annotated[
         int,
-        typer.Option(
-            envvar="REMOVAL_BACKOFF_AFTER",
-            min=1,
-            help="Back off re-pulling an image removed behind our back this often per window.",
+        Count(
+            "Back off re-pulling an image removed behind our back this often per window.",
+            "REMOVAL_BACKOFF_AFTER",
+            1,
+            1000,
         ),
     ] = SyncerSettings.removal_backoff_after,
     removal_window: Annotated[
@@ -318,6 +401,11 @@ def syncer(
     ] = _duration(SyncerSettings.removal_backoff_max),
 ) -> None:
     """Pre-pull the images of every Fleet onto this node and keep them there."""
+    try:
+        check_node(node_name)
+    except StatusError as e:
+        # Its durable, its status keys and its permissions are all named after it.
+        raise typer.BadParameter(str(e), param_hint="'--node-name' / NODE_NAME") from e
     check_listen(metrics_addr, "--metrics-addr")
     check_readable(registry_auth_file, "--registry-auth-file")
     check_readable(kubelet_config_json, "--kubelet-config-json")
@@ -380,7 +468,7 @@ def syncer(
             nats=nats,
         )
     except ValueError as e:
-        raise typer.BadParameter(str(e)) from e
+        raise typer.BadParameter(_flag_error(e)) from e
     # The long-running process sheds the CLI's libraries (see image_syncer.syncerproc).
     exec_syncer(settings)
 
