@@ -6,7 +6,8 @@ arriving in each node's runtime: first pulls, an image deleted behind the syncer
 back, a Fleet update, the same update staged first (next-images annotation) and its measured
 time next to the unstaged one, a cold node that joins with the startup taint and is untainted
 once its images are there, a Fleet delete. Everything it starts is stopped, and its directory
-removed, on the way out (Ctrl-C included).
+removed, on the way out (Ctrl-C and SIGTERM included). A syncer that exits on its own stops the
+demo at once, with its last log lines.
 
 The cold node's Node object lives in the sandbox's fake Kubernetes API server (the one fake in
 the demo: no kube-apiserver runs here), which speaks the real protocol to the syncer's own calls.
@@ -19,6 +20,7 @@ import contextlib
 import functools
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -67,6 +69,12 @@ class DemoFailed(RuntimeError):
     """A step did not converge in time; the message says which, and where the logs are."""
 
 
+# The syncers running now: every wait checks that none of them exited behind the demo's back.
+_running: list[Node] = []
+# Lines of a syncer's log shown when it exits on its own: its last words say why.
+_LAST_LINES = 15
+
+
 @dataclass
 class Node:
     name: str
@@ -99,10 +107,28 @@ def cli(*args: str, nats_url: str, capture: bool = True) -> str:
 def wait_for(what: str, check: Callable[[], bool], timeout: float = 60.0) -> float:
     started = time.monotonic()
     while time.monotonic() - started < timeout:
+        _check_syncers()
         if check():
             return time.monotonic() - started
         time.sleep(0.1)
     raise DemoFailed(f"timed out after {timeout:.0f}s waiting for: {what}")
+
+
+def _check_syncers() -> None:
+    """A syncer that exited stops the demo at once, with its last log lines: waiting on would
+    only end in a timeout, and its log is in a directory the demo removes on the way out."""
+    for node in _running:
+        process = node.process
+        if process is None or process.poll() is None:
+            continue
+        tail = ""
+        if node.log_path is not None and node.log_path.exists():
+            lines = node.log_path.read_text(errors="replace").splitlines()[-_LAST_LINES:]
+            tail = "\n".join("    " + line for line in lines)
+        raise DemoFailed(
+            f"the syncer of {node.name} exited with code {process.returncode}; its last log "
+            f"lines:\n{tail}"
+        )
 
 
 def start_syncer(
@@ -129,6 +155,7 @@ def start_syncer(
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
+    _running.append(node)
     threading.Thread(target=_echo, args=(node,), daemon=True).start()
 
 
@@ -167,8 +194,22 @@ def step(text: str) -> None:
     console.print(f"\n[bold cyan]==>[/bold cyan] [bold]{text}[/bold]")
 
 
+def _terminated(signum: int, frame: object) -> None:
+    # SIGTERM unwinds like Ctrl-C: every process the demo started is stopped, its files removed.
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_demo(*, nodes: int = 2, sync_period: str = "2s", keep: bool = False) -> None:
-    with sandbox(keep) as workdir, contextlib.ExitStack() as stack:
+    with _sigterm_unwinds(), sandbox(keep) as workdir, contextlib.ExitStack() as stack:
         step("Starting an embedded NATS JetStream server, a registry and one containerd per node")
         nats = stack.enter_context(NatsServer(workdir / "nats"))
         registry = Registry(workdir / "registry")
@@ -433,6 +474,8 @@ async def _publish_sidecar(nats_url: str, image: str) -> None:
 
 
 def _stop_syncer(node: Node) -> int | None:
+    if node in _running:
+        _running.remove(node)
     process, node.process = node.process, None
     if process is None:
         return None
