@@ -345,3 +345,53 @@ def test_usage_errors_of_the_console_script_are_one_line() -> None:
         assert result.returncode == 2, result.stderr
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
+
+
+def fleet_yaml(name: str, namespace: str = "default") -> str:
+    return yaml.safe_dump(
+        build_fleet(name, [f"registry.local/{name}:v1"], namespace=namespace), sort_keys=False
+    )
+
+
+async def test_publish_many_fleets_from_files_a_directory_and_stdin_in_one_run(
+    publish, js: JetStreamContext, prefix: str, tmp_path
+) -> None:
+    directory = tmp_path / "fleets"
+    directory.mkdir()
+    for i in range(1, 29):
+        (directory / f"fleet-{i}.yaml").write_text(fleet_yaml(f"fleet-{i}"))
+    (directory / "README.md").write_text("not a manifest")
+    single = tmp_path / "lobby.yml"
+    single.write_text(fleet_yaml("lobby", "games"))
+
+    result = await publish(
+        "added", "-f", str(directory), "-f", str(single), "-f", "-", stdin=fleet_yaml("arena")
+    )
+
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert len(lines) == 30
+    # A directory in natural order (fleet-2 before fleet-10), then the other sources as given.
+    assert lines[1].startswith(f"{prefix}.fleet.events.added.default.fleet-2 ")
+    assert lines[9].startswith(f"{prefix}.fleet.events.added.default.fleet-10 ")
+    assert lines[28].startswith(f"{prefix}.fleet.events.added.games.lobby ")
+    assert lines[29].startswith(f"{prefix}.fleet.events.added.default.arena ")
+    assert len(await subjects_in(js, prefix)) == 30
+
+
+async def test_publish_many_refuses_everything_when_one_source_is_bad(
+    publish, js: JetStreamContext, prefix: str, tmp_path
+) -> None:
+    good, twin, bad = tmp_path / "a.yaml", tmp_path / "b.yaml", tmp_path / "c.yaml"
+    good.write_text(fleet_yaml("arena"))
+    twin.write_text(fleet_yaml("arena"))
+    bad.write_text("kind: Fleet\nmetadata: {name: Bad_Name}\n")
+
+    result = await publish("added", "-f", str(good), "-f", str(twin))
+    assert result.exit_code == 2
+    assert f"Fleet default/arena is in both {good} and {twin}" in result.output
+    result = await publish("added", "-f", str(good), "-f", str(bad))
+    assert result.exit_code == 2 and str(bad) in result.output
+    result = await publish("added", "-f", str(tmp_path / "empty-dir-that-is-a-file.txt"))
+    assert result.exit_code == 2
+    assert await subjects_in(js, prefix) == {}

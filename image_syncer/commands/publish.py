@@ -3,7 +3,8 @@
 Events go through :func:`wire.eventlog.publish_event`, exactly as the broadcaster's do, so what
 lands in the log (subject, envelope, Nats-Msg-Id, tombstone TTL, compaction on delete) is what a
 real cluster would produce. Every Fleet is built or loaded and checked before the first publish:
-a bad document refuses the whole file.
+a bad document refuses the whole run. Many Fleets (several ``-f``, a directory, stdin) go out
+from one process over one connection: 30 Fleets are one CLI start, not 30.
 """
 
 import sys
@@ -13,7 +14,7 @@ from typing import Annotated, Any
 import typer
 
 from image_syncer.fleetlog import ensure_stream_exists
-from image_syncer.fleets import FleetError, build_fleet, load_fleets
+from image_syncer.fleets import FleetError, build_fleet, fleet_key, load_fleets
 from image_syncer.oneshot import CommandError, fail, jetstream, run_nats_command
 from image_syncer.options import (
     DEFAULT_PREFIX,
@@ -22,6 +23,7 @@ from image_syncer.options import (
     TombstoneTtlOption,
     with_nats_options,
 )
+from image_syncer.problems import natural_key
 from wire.contract import Action, ContractError, EventType, Kind, check_prefix, subject_for
 from wire.eventlog import LogSettings, publish_event
 from wire.natsconn import NatsSettings
@@ -76,12 +78,14 @@ def publish(
         ),
     ] = None,
     file: Annotated[
-        str | None,
+        list[str] | None,
         typer.Option(
             "--file",
             "-f",
-            metavar="FILE",
-            help="Fleet manifest(s), several YAML documents; - for stdin.",
+            metavar="PATH",
+            help="Fleet manifests: a YAML file (several documents), a directory (its *.yaml, "
+            "*.yml and *.json), or - for stdin; repeatable. All are checked before the first "
+            "publish, and published over one connection.",
         ),
     ] = None,
     subject_prefix: PrefixOption = DEFAULT_PREFIX,
@@ -114,15 +118,15 @@ def _fleets(
     init_images: list[str],
     replicas: int,
     resource_version: str | None,
-    file: str | None,
+    files: list[str] | None,
     next_images: list[str],
 ) -> list[dict[str, Any]]:
-    if file is not None:
+    if files:
         if name or images or init_images or next_images:
             raise CommandError(
                 "-f cannot be combined with --name, --image, --init-image or --next-image"
             )
-        return load_fleets(_read(file), namespace=namespace)
+        return _load_all(files, namespace)
     if not name or not images:
         raise CommandError("give --name and at least one --image, or -f FILE")
     return [
@@ -136,6 +140,46 @@ def _fleets(
             next_images=next_images,
         )
     ]
+
+
+# What a directory given to -f contributes: manifests, as kubectl apply -f DIR reads them.
+_MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def _load_all(files: list[str], namespace: str | None) -> list[dict[str, Any]]:
+    """Every Fleet of every source, checked; a Fleet named twice is refused (which one would
+    the log keep?)."""
+    fleets: list[dict[str, Any]] = []
+    seen: dict[str, str] = {}
+    for source in _sources(files):
+        try:
+            loaded = load_fleets(_read(source), namespace=namespace)
+        except FleetError as e:
+            raise FleetError(f"{source}: {e}") from e
+        for fleet in loaded:
+            key = fleet_key(fleet)
+            if key in seen:
+                raise CommandError(f"Fleet {key} is in both {seen[key]} and {source}")
+            seen[key] = source
+            fleets.append(fleet)
+    return fleets
+
+
+def _sources(files: list[str]) -> list[str]:
+    """Files as given; a directory's manifests in natural order; ``-`` (stdin) at most once."""
+    sources: list[str] = []
+    for file in files:
+        path = Path(file)
+        if file != "-" and path.is_dir():
+            found = [str(p) for p in path.iterdir() if p.suffix in _MANIFEST_SUFFIXES]
+            if not found:
+                raise CommandError(f"{file}: no *.yaml, *.yml or *.json manifest in it")
+            sources += sorted(found, key=natural_key)
+        else:
+            sources.append(file)
+    if sources.count("-") > 1:
+        raise CommandError("-f - (stdin) can be given once")
+    return sources
 
 
 def _read(file: str) -> str:
