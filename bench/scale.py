@@ -1,30 +1,34 @@
 """Scale: what thousands of idle syncers cost NATS, how fast one update reaches them, status reads.
 
 For each topology (one nats-server; three routed servers with the Fleet stream at R3) and each
-node count, worker processes simulate the nodes: each node is the syncer's real consumer graph
-(replay, its own durable consumer, fold, puller, reconciler; ``bench.syncerparts``) against an
-in-memory runtime whose pull is instant. Nodes share a NATS connection per ``--per-connection``
-nodes (5,000 TCP connections from one laptop-sized machine measure the client, not NATS); every
-node still has its own durable and its own fetch loop, so the JetStream load is the real one.
+node count, worker processes simulate the nodes. Each node runs what an idle syncer runs and
+what talks to NATS (``bench.syncerparts``): the replay, its own durable and long poll, the fold,
+the puller, the periodic reconcile, the status reporter (entry and heartbeat), and the pushed
+node-images and replay-request consumers; its runtime is in memory and pulls instantly. So its
+idle cost is a real syncer's (``bench.idle`` measures one real process the same way). Nodes
+share a NATS connection per ``--per-connection`` nodes (15,000 TCP connections from one
+machine measure the client, not NATS); every node still has its own consumers and requests.
 
 Measured per run:
-- idle: nats-server CPU (from /proc) and client messages in per second (``/varz in_msgs``, each
-  fetch is one) and JetStream API requests per second (``/jsz`` api.total), over ``--idle`` seconds
-  with every node idle; per node and in total;
+- idle: nats-server CPU (from /proc), client messages in per second (``/varz in_msgs``: every
+  pull request, API request and KV write counts) and JetStream API requests per second (``/jsz``
+  api.total), over ``--idle`` seconds with every node idle; per node and in total;
 - fan-out: one Fleet update published, the time until each node's runtime was asked to pull the
-  new image (p50/p99 over nodes, wall clock across processes);
+  new image (p50/p99 over nodes, wall clock across processes), and beside it the same for as many
+  bare consumers (a durable and a held pull request each, nothing else) in the same run: the
+  ratio between the two is the syncer's path, not the simulator's CPU, which both share;
 - server memory (``/varz mem``, summed over the cluster).
 
-Status (once, on the single server): ``--status-nodes`` entries written as syncers write them
-(``wire.nodestatus.summarize`` of ``--status-fleets`` Fleets each, all present but one image on one
+Status (once, on the single server, under a prefix of its own): ``--status-nodes`` entries
+written as syncers write them (``--status-fleets`` Fleets each, all present but one image on one
 node in ten), then ``image-syncer status``, ``status --json`` and ``wait --fleet`` run as an
 operator runs them; their wall time and the bytes of an entry are reported.
 
 The JSON line's figure is what one idle node sends the server per second at the largest size on
-one server: client messages in (``/varz``), which counts every pull request (nats-server's JS API
-counter ``/jsz api.total`` does not count pull requests, so it is reported beside, not used) and
-every API request (target <= 0.05). The baseline is the same figure for a bare 1 s fetch loop per
-durable measured in the same run (what the syncer did before long polls); ratio figure/baseline.
+one server (target <= 0.1, issue 26). The baseline is the same figure for a bare 1 s fetch loop
+per durable measured in the same run (what the syncer did before long polls); ratio
+figure/baseline. 15,000 nodes (GKE's cluster limit): ``--sizes 15000 --processes 8`` on a
+machine with the cores and memory for it; the worker start-up waits up to 0.2 s per node.
 """
 
 from __future__ import annotations
@@ -44,15 +48,24 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
 from bench.fakeruntime import MemoryRuntime
 from bench.report import emit, percentile, production_logging
 from bench.services import PREFIX, log_settings
-from bench.syncerparts import node
+from bench.syncerparts import idle_loops, node
 from image_syncer.fleets import build_fleet
 from image_syncer.sandbox.nats_server import NatsServer
 from image_syncer.sandbox.processes import free_port
-from wire.contract import Kind
-from wire.eventlog import LogSettings, ensure_streams, publish_event, stream_name
+from wire.contract import AGONES_SDK_SOURCE, Kind, NodeImages
+from wire.eventlog import (
+    LogSettings,
+    ensure_node_images_stream,
+    ensure_streams,
+    publish_event,
+    publish_node_images,
+    stream_name,
+)
 from wire.natsconn import NatsSettings, connect
 from wire.nodestatus import (
     NodeStatus,
@@ -65,7 +78,9 @@ from wire.nodestatus import (
 
 NAME = "scale"
 FLEET = "scale"
-TARGET_API_PER_NODE = 0.05
+TARGET_API_PER_NODE = 0.1
+# How long a bare consumer's pull request is held (the syncer's --fetch-expiry default).
+RAW_EXPIRY = 30.0
 
 
 def image(version: int) -> str:
@@ -134,8 +149,14 @@ def sample(group: list[NatsServer]) -> dict[str, float]:
 # --- a worker process: many simulated nodes ---------------------------------------------------
 
 
-async def worker(urls: list[str], first: int, count: int, per_connection: int, raw: bool) -> None:
-    """Run nodes ``first..first+count``; print ``ready``, then ``arrived <t>`` per pull."""
+async def worker(urls: list[str], first: int, count: int, per_connection: int, mode: str) -> None:
+    """Run nodes ``first..first+count``; print ``ready``, then ``arrived <ref> <t>`` per pull.
+
+    ``mode``: ``syncer`` (what an idle syncer runs: the long poll, the reconcile, the status
+    reporter, the node-images and replay-request followers), ``raw`` (the idle baseline: a bare
+    1 s fetch loop per durable) or ``rawfan`` (the fan-out baseline: one held pull request per
+    durable, nothing else, ``arrived raw <t>`` per delivery).
+    """
     production_logging()
     settings = NatsSettings(servers=tuple(urls))
     stopping = asyncio.Event()
@@ -146,20 +167,23 @@ async def worker(urls: list[str], first: int, count: int, per_connection: int, r
         print(f"arrived {ref} {time.time()}", flush=True)
 
     async def start(index: int, js: Any) -> None:
+        if mode == "rawfan":
+            tasks.append(asyncio.create_task(_raw_delivery(js, f"raw-{index}", stopping)))
+            return
         runtime = MemoryRuntime([image(0)], on_pull=pulled)
         parts = node(js, settings, f"scale-{index}", runtime)
         await parts.consumer.replay()
         await parts.reconciler.refresh()
         await parts.consumer.start_durable()
-        if raw:
+        if mode == "raw":
             tasks.append(asyncio.create_task(_raw_fetch_loop(parts, stopping)))
-        else:
-            tasks.append(asyncio.create_task(parts.consumer.run(stopping)))
+            return
+        tasks.extend(asyncio.create_task(c) for c in await idle_loops(parts, js, stopping))
 
     for base in range(first, first + count, per_connection):
         nc = await connect(settings, name=f"scale-{base}")
         clients.append(nc)
-        js = nc.jetstream()
+        js = nc.jetstream(timeout=30)
         group = range(base, min(base + per_connection, first + count))
         await asyncio.gather(*(start(i, js) for i in group))
     print("ready", flush=True)
@@ -184,11 +208,35 @@ async def _raw_fetch_loop(parts: Any, stopping: asyncio.Event) -> None:
             continue
 
 
+async def _raw_delivery(js: Any, name: str, stopping: asyncio.Event) -> None:
+    """The fan-out baseline: a durable of its own and a held pull request, no decode, no fold."""
+    stream = stream_name(PREFIX, Kind.FLEET)
+    await js.add_consumer(
+        stream,
+        ConsumerConfig(
+            durable_name=name,
+            deliver_policy=DeliverPolicy.NEW,
+            ack_policy=AckPolicy.EXPLICIT,
+            mem_storage=True,
+            num_replicas=1,
+        ),
+    )
+    sub = await js.pull_subscribe_bind(durable=name, stream=stream)
+    while not stopping.is_set():
+        try:
+            msgs = await sub.fetch(1, timeout=RAW_EXPIRY)
+        except Exception:
+            continue
+        print(f"arrived raw {time.time()}", flush=True)
+        for msg in msgs:
+            await msg.ack()
+
+
 # --- one run: start nodes, idle, fan out --------------------------------------------------------
 
 
 class Workers:
-    def __init__(self, urls: list[str], nodes: int, processes: int, per_conn: int, raw: bool):
+    def __init__(self, urls: list[str], nodes: int, processes: int, per_conn: int, mode: str):
         self.arrivals: list[tuple[str, float]] = []
         share = -(-nodes // processes)
         self.procs = []
@@ -198,7 +246,7 @@ class Workers:
                 continue
             command = [
                 sys.executable, "-m", "bench.scale", "worker", ",".join(urls),
-                str(first), str(count), str(per_conn), "raw" if raw else "syncer",
+                str(first), str(count), str(per_conn), mode,
             ]  # fmt: skip
             self.procs.append(
                 subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -235,10 +283,10 @@ class Workers:
 
 
 async def run_size(
-    group: list[NatsServer], nodes: int, args: argparse.Namespace, raw: bool, version: int
+    group: list[NatsServer], nodes: int, args: argparse.Namespace, mode: str, version: int
 ) -> dict[str, Any]:
     urls = [s.url for s in group]
-    workers = Workers(urls, nodes, args.processes, args.per_connection, raw)
+    workers = Workers(urls, nodes, args.processes, args.per_connection, mode)
     started = time.monotonic()
     try:
         await workers.ready(timeout=max(120.0, nodes * 0.2))
@@ -260,20 +308,22 @@ async def run_size(
             "idle_server_cpu_pct": round(100 * (after["cpu"] - before["cpu"]) / window, 1),
             "server_mem_mb": round(after["mem"] / 2**20, 1),
         }
-        if not raw:
-            result.update(await fan_out(urls, workers, nodes, version))
+        if mode != "raw":
+            result.update(await fan_out(urls, workers, nodes, version, mode == "rawfan"))
         return result
     finally:
         workers.stop()
 
 
-async def fan_out(urls: list[str], workers: Workers, nodes: int, version: int) -> dict[str, Any]:
+async def fan_out(
+    urls: list[str], workers: Workers, nodes: int, version: int, raw: bool
+) -> dict[str, Any]:
     nc = await connect(NatsSettings(servers=tuple(urls)), name="scale publisher")
     try:
         obj = build_fleet(FLEET, [image(version)], resource_version=str(version + 1))
         published = time.time()
         await publish_event(nc.jetstream(), log_settings(), "fleet.events.updated", obj)
-        wanted = image(version)
+        wanted = "raw" if raw else image(version)
         deadline = time.monotonic() + 120
         while sum(1 for ref, _ in workers.arrivals if ref.endswith(wanted)) < nodes:
             if time.monotonic() > deadline:
@@ -307,6 +357,11 @@ async def prepare_log(group: list[NatsServer], cluster: bool) -> None:
                     raise
                 await asyncio.sleep(1)
         await publish_event(js, settings, "fleet.events.added", build_fleet(FLEET, [image(0)]))
+        # What a real install holds besides the log: the node images a broadcaster published
+        # (each node follows them), and the status bucket (each node writes and watches it).
+        await ensure_node_images_stream(js, settings)
+        await publish_node_images(js, settings, NodeImages(AGONES_SDK_SOURCE, [image(0)]))
+        await ensure_status_bucket(js, StatusSettings(prefix=PREFIX, replicas=settings.replicas))
     finally:
         await nc.close()
 
@@ -336,14 +391,18 @@ async def _consumers(js: Any, stream: str) -> Any:
 
 
 async def status_reads(server: NatsServer, nodes: int, fleets: int) -> dict[str, Any]:
-    settings = StatusSettings(prefix=PREFIX)
+    # A prefix of its own: the simulated nodes of the runs before left live entries (and a log)
+    # under PREFIX, which `wait` would wait for until they turn stale.
+    prefix = f"{PREFIX}status"
+    settings = StatusSettings(prefix=prefix)
     names = [f"default/fleet-{i:03}" for i in range(fleets)]
     images = {f: [f"registry.example/{f.split('/')[1]}:v1"] for f in names}
     nc = await connect(NatsSettings(servers=(server.url,)), name="scale status")
     try:
         js = nc.jetstream(timeout=30)
         await ensure_status_bucket(js, settings)
-        log = LogSettings(prefix=PREFIX)
+        log = LogSettings(prefix=prefix)
+        await ensure_streams(js, log)
         seqs = {}
         for fleet in names:
             obj = build_fleet(fleet.split("/")[1], images[fleet])
@@ -378,7 +437,7 @@ async def status_reads(server: NatsServer, nodes: int, fleets: int) -> dict[str,
     finally:
         await nc.close()
     cli = [sys.executable, "-m", "image_syncer"]
-    common = ["--nats-url", server.url, "--subject-prefix", PREFIX]
+    common = ["--nats-url", server.url, "--subject-prefix", prefix]
     timings: dict[str, float | str] = {}
     for label, args in (
         ("status_s", ["status"]),
@@ -432,11 +491,19 @@ async def measure(argv: Sequence[str] | None) -> dict[str, Any]:
         with servers(cluster) as group:
             await prepare_log(group, cluster)
             if not cluster and args.baseline_nodes:
-                baseline = await run_size(group, args.baseline_nodes, args, True, 0)
+                baseline = await run_size(group, args.baseline_nodes, args, "raw", 0)
                 await reset_durables(group)
             for version, nodes in enumerate(sizes, start=1):
-                runs[topology].append(await run_size(group, nodes, args, False, version))
-                print(json.dumps({topology: runs[topology][-1]}), file=sys.stderr, flush=True)
+                # The same number of bare consumers first: what NATS itself takes to deliver
+                # one message to that many, on this machine, in this run.
+                raw = await run_size(group, nodes, args, "rawfan", 1000 + version)
+                await reset_durables(group)
+                run = await run_size(group, nodes, args, "syncer", version)
+                run["fanout_p99_ratio_to_raw"] = _ratio(run, raw, "fanout_p99_ms")
+                run["fanout_p50_ratio_to_raw"] = _ratio(run, raw, "fanout_p50_ms")
+                run["raw_delivery"] = {k: v for k, v in raw.items() if k.startswith("fanout")}
+                runs[topology].append(run)
+                print(json.dumps({topology: run}), file=sys.stderr, flush=True)
                 await reset_durables(group)
             if not cluster and args.status_nodes:
                 status = await status_reads(group[0], args.status_nodes, args.status_fleets)
@@ -461,11 +528,17 @@ async def measure(argv: Sequence[str] | None) -> dict[str, Any]:
     )
 
 
+def _ratio(run: dict[str, Any], raw: dict[str, Any], key: str) -> float | None:
+    if not run.get(key) or not raw.get(key):
+        return None
+    return round(float(run[key]) / float(raw[key]), 2)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "worker":
         urls, first, count, per_conn, mode = argv[1:6]
-        asyncio.run(worker(urls.split(","), int(first), int(count), int(per_conn), mode == "raw"))
+        asyncio.run(worker(urls.split(","), int(first), int(count), int(per_conn), mode))
         return 0
     asyncio.run(measure(argv))
     return 0

@@ -2,11 +2,16 @@
 
 Benchmarks measure the real replay and live paths (``FleetConsumer``), so they build the same
 graph the runner builds: desired state, puller, inventory, reconciler, consumer, with any CRI
-client.
+client. :func:`idle_loops` adds what else a syncer runs while idle and what talks to NATS: the
+status reporter, the node-images follower, the replay-request watch and the periodic reconcile
+(whose time rides on the heartbeat), wired as ``syncer.runner`` and ``syncer.gatekeeper`` wire
+them, so a simulated node costs NATS what a real one does.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -20,13 +25,18 @@ from syncer.consumer import FleetConsumer
 from syncer.cri import CriClient
 from syncer.desired import DesiredState
 from syncer.inventory import Inventory
+from syncer.nodeimages import NodeImageSet
 from syncer.puller import Puller
 from syncer.reconcile import Reconciler
+from syncer.replayrequests import ReplayRequests
 from syncer.runtimehealth import RuntimeHealth
 from syncer.settings import SyncerSettings
+from syncer.snapshot import node_state
+from syncer.status import StatusReporter
 from wire.natsconn import NatsSettings
+from wire.nodestatus import StatusSettings
 
-__all__ = ["Node", "node"]
+__all__ = ["Node", "idle_loops", "node"]
 
 # Replay never touches the runtime; a client to a socket that does not exist proves it.
 NO_RUNTIME = "unix:///nonexistent/bench-cri.sock"
@@ -69,3 +79,39 @@ def node(
     reconciler = Reconciler(client, desired, inventory, runtime, health)
     consumer = FleetConsumer(js, settings, desired, inventory, health)
     return Node(settings, desired, puller, inventory, reconciler, consumer, health)
+
+
+async def idle_loops(
+    parts: Node, js: JetStreamContext, stopping: asyncio.Event
+) -> list[Coroutine[Any, Any, None]]:
+    """After the replay and the durable's start: the loops an idle syncer runs, ready to run
+    (the node images and a pending replay request are read first, as the runner does)."""
+    settings = parts.settings
+    status = StatusSettings(prefix=settings.subject_prefix, node_ttl=settings.status_ttl)
+    images = NodeImageSet(settings.extra_images)
+    pushed = images.follower(js, settings.subject_prefix, settings.durable)
+    await images.load(pushed)
+    parts.desired.set_node_images(images.sources)
+    requests = ReplayRequests(js, settings.node_name, status, rebuild=parts.consumer.rebuild)
+    await requests.find_pending()
+    reporter = StatusReporter(
+        js,
+        status,
+        settings.node_name,
+        lambda: node_state(
+            parts.desired,
+            parts.inventory,
+            last_reconcile=parts.reconciler.last_reconcile,
+            replayed_request=requests.honoured,
+            log_created=parts.consumer.stream_created,
+        ),
+        interval=settings.status_interval,
+        heartbeat=max(settings.status_heartbeat, settings.status_interval),
+    )
+    return [
+        parts.consumer.run(stopping),
+        parts.reconciler.run(settings.sync_period, stopping),
+        reporter.run(stopping),
+        images.follow(pushed, stopping),
+        requests.watch(stopping),
+    ]
