@@ -181,7 +181,8 @@ async def worker(urls: list[str], first: int, count: int, per_connection: int, m
         tasks.extend(asyncio.create_task(c) for c in await idle_loops(parts, js, stopping))
 
     for base in range(first, first + count, per_connection):
-        nc = await connect(settings, name=f"scale-{base}")
+        # Retried like the real syncer: on a loaded machine a first connect can time out.
+        nc = await connect(settings, name=f"scale-{base}", retry_forever=True)
         clients.append(nc)
         js = nc.jetstream(timeout=30)
         group = range(base, min(base + per_connection, first + count))

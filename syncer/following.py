@@ -10,9 +10,11 @@ not client messages) so a lost consumer is noticed.
 The consumer is named after the node's durable (``syncer-<node>-images``) and created on
 ``$JS.API.CONSUMER.CREATE.<stream>.<name>.<filter>``: a node identity never needs the bare
 ``CONSUMER.CREATE.<stream>`` that ``kv.watch()`` and nats-py's ordered consumers send, and the
-server refuses a body whose filter differs from the one in the subject. It is deleted and created
-again on every (re)open, so it delivers the current messages again whatever a previous process
-left behind; callers treat a message they already applied as no news.
+server refuses a body whose filter differs from the one in the subject. It is ephemeral: the
+server removes it ``inactive`` seconds after nobody listens. Every (re)open creates it afresh,
+so it delivers the current messages again: one left by a previous process (or by this one,
+before the connection was cut) is waited out rather than deleted, so a node needs no right to
+delete consumers. Callers treat a message they already applied as no news.
 """
 
 from __future__ import annotations
@@ -34,14 +36,20 @@ from ops.lifecycle import sleep_unless_stopping
 from ops.retry import Backoff
 from wire.natsconn import RETRYABLE
 
-__all__ = ["ConsumerLost", "PushedSubjects", "follow"]
+__all__ = ["INACTIVE_THRESHOLD", "ConsumerBusy", "ConsumerLost", "PushedSubjects", "follow"]
 
 log = logging.getLogger(__name__)
 
 # Heartbeats missed in a row that mean the consumer (or its server) is gone.
 _MISSED_HEARTBEATS = 2
-# A consumer nobody listens to any more (its node vanished) goes away after this.
-_INACTIVE_THRESHOLD = 300.0
+# A consumer nobody listens to any more (its process stopped, its node vanished) goes away
+# after this; a reopen waits at most this long (plus a margin) for the previous one to go.
+INACTIVE_THRESHOLD = 10.0
+_WAIT_OUT_MARGIN = 5.0
+
+
+class ConsumerBusy(Exception):
+    """The consumer of a previous listener did not go away in time; try again later."""
 
 
 class ConsumerLost(Exception):
@@ -65,6 +73,7 @@ class PushedSubjects:
         name: str,
         *,
         heartbeat: float = 5.0,
+        inactive: float = INACTIVE_THRESHOLD,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._js = js
@@ -72,6 +81,7 @@ class PushedSubjects:
         self.filter_subject = filter_subject
         self.name = name
         self.heartbeat = heartbeat
+        self.inactive = inactive
         self._clock = clock
         self._queue: asyncio.Queue[Msg] = asyncio.Queue()
         self._sub: Subscription | None = None
@@ -79,15 +89,15 @@ class PushedSubjects:
         self.caught_up = False
 
     async def open(self) -> None:
-        """(Re)create the consumer; raises NotFoundError when the stream does not exist yet."""
+        """(Re)create the consumer; raises NotFoundError when the stream does not exist yet,
+        :class:`ConsumerBusy` when a previous one of the same name does not go away."""
         await self.close()
+        await self._wait_out_previous()
         nc = self._js._nc
         deliver = nc.new_inbox()
         self._queue = asyncio.Queue()
         # Subscribed before the consumer exists, so its first deliveries cannot be missed.
         self._sub = await nc.subscribe(deliver, cb=self._received)
-        with contextlib.suppress(nats.js.errors.NotFoundError):
-            await self._js.delete_consumer(self.stream, self.name)
         info = await self._js.add_consumer(
             self.stream,
             ConsumerConfig(
@@ -98,13 +108,26 @@ class PushedSubjects:
                 ack_policy=AckPolicy.NONE,
                 filter_subject=self.filter_subject,
                 idle_heartbeat=self.heartbeat,
-                inactive_threshold=_INACTIVE_THRESHOLD,
+                inactive_threshold=self.inactive,
                 mem_storage=True,
                 num_replicas=1,
             ),
         )
         self._last_heard = self._clock()
         self.caught_up = not info.num_pending
+
+    async def _wait_out_previous(self) -> None:
+        """Until no consumer of this name exists: created over, it would keep its place and
+        not deliver the current messages again."""
+        deadline = self._clock() + self.inactive + _WAIT_OUT_MARGIN
+        while True:
+            try:
+                await self._js.consumer_info(self.stream, self.name)
+            except nats.js.errors.NotFoundError:
+                return  # no such consumer (or no such stream: add_consumer will say which)
+            if self._clock() > deadline:
+                raise ConsumerBusy(f"consumer {self.name} on {self.stream} is still there")
+            await asyncio.sleep(1.0)
 
     @property
     def is_open(self) -> bool:
@@ -171,6 +194,8 @@ async def follow(
             except ConsumerLost as e:
                 log.info("consumer lost, re-creating it", extra={"what": what, "error": str(e)})
                 continue
+            except ConsumerBusy as e:
+                log.info("consumer still in use, retrying", extra={"what": what, "error": str(e)})
             except nats.js.errors.NotFoundError:
                 pass  # nothing was ever published there: look again later, quietly
             except RETRYABLE as e:

@@ -23,7 +23,7 @@ from nats.js import JetStreamContext
 
 from ops.logs import describe_error
 from syncer import metrics
-from syncer.following import ConsumerLost, PushedSubjects, follow
+from syncer.following import ConsumerBusy, ConsumerLost, PushedSubjects, follow
 from syncer.references import ImageRef, InvalidImageReference, normalize
 from wire.contract import ContractError, NodeImages, decode_node_images, node_images_filter
 from wire.eventlog import node_images_stream_name
@@ -105,7 +105,7 @@ class NodeImageSet:
                 self._take(msg.data)
         except nats.js.errors.NotFoundError:
             await pushed.close()
-        except (*RETRYABLE, ConsumerLost) as e:
+        except (*RETRYABLE, ConsumerLost, ConsumerBusy) as e:
             await pushed.close()
             metrics.NATS_ERRORS.labels("node_images").inc()
             log.warning("cannot read the node images yet", extra={"error": describe_error(e)})

@@ -117,11 +117,9 @@ def _stream_reader(stream: str, *, named: bool = True) -> list[str]:
 
 def _pushed(stream: str, consumer: str, filter_subject: str) -> list[str]:
     """One named push consumer (``syncer.following``): created on the subject that names its
-    filter, so its body cannot pick another; deleted before it is created again."""
-    return [
-        f"{_API}.CONSUMER.CREATE.{stream}.{consumer}.{filter_subject}",
-        f"{_API}.CONSUMER.DELETE.{stream}.{consumer}",
-    ]
+    filter, so its body cannot pick another (its existence is checked with CONSUMER.INFO,
+    which the stream reader grants). Never deleted by the node: it expires when unused."""
+    return [f"{_API}.CONSUMER.CREATE.{stream}.{consumer}.{filter_subject}"]
 
 
 # The suffixes of a node's push consumers on its durable's name (syncer.nodeimages and
@@ -228,9 +226,6 @@ def syncer_permissions(prefix: str = DEFAULT_PREFIX) -> RolePermissions:
         f"$JS.ACK.{stream}.>",
         # Read (never write) the images every node needs besides the Fleets'.
         *_stream_reader(node_images_stream_name(prefix)),
-        # Its push consumers there and on its replay key are re-created from scratch.
-        f"{_API}.CONSUMER.DELETE.{node_images_stream_name(prefix)}.*",
-        f"{_API}.CONSUMER.DELETE.KV_{nodestatus.bucket_name(prefix)}.*",
         *_kv_bucket(nodestatus.bucket_name(prefix)),
         *_kv_bucket(bucket_for(PULLED_BUCKET, prefix)),
         *_kv_bucket(bucket_for(PINNED_BUCKET, prefix)),
