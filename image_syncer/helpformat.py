@@ -11,12 +11,15 @@ a Python type.
 
 from __future__ import annotations
 
+import re
 from typing import Any, get_args
 
 import typer
 from typer.core import TyperCommand, TyperGroup
 
 __all__ = ["PanelledCommand", "PanelledGroup", "use_panelled_help"]
+
+_PYTHON_TYPE = re.compile(r" <(str|int|float|bool|list\[\w+\])>")
 
 
 def _sections(command: Any, ctx: Any, formatter: Any) -> None:
@@ -26,6 +29,8 @@ def _sections(command: Any, ctx: Any, formatter: Any) -> None:
         record = param.get_help_record(ctx)
         if record is None:
             continue
+        # typer adds an argument's Python type to its name ("NAMESPACE/NAME <str>").
+        record = (_PYTHON_TYPE.sub("", record[0]), record[1])
         default = "Arguments" if param.param_type_name == "argument" else "Options"
         panels.setdefault(getattr(param, "rich_help_panel", None) or default, []).append(record)
     for title, rows in panels.items():

@@ -21,6 +21,7 @@ COMMANDS = [
     ["broadcaster"],
     ["status"],
     ["wait"],
+    ["rollout"],
     ["publish"],
     ["events"],
     ["replay"],

@@ -69,7 +69,8 @@ async def test_wait_next_waits_for_the_next_images_alone(
     assert err.splitlines() == [
         f"{FLEET} (event seq {seq}) not ready after 500ms: 1 of 3 live nodes not done "
         "(next images only)",
-        f"  node-b: 0/1 images; missing {NEXT} (pulling)",
+        f"  {NEXT}: pulling on 1 node (node-b)",
+        f"  (each node's full errors: image-syncer status --fleet {FLEET})",
     ]
     await report(js, settings, "node-b", desired=desired, present={CURRENT, NEXT}, seqs=at)
     code, out, err = await run_cli(*next_only)
