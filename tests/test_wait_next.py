@@ -82,7 +82,7 @@ async def test_wait_next_waits_for_the_next_images_alone(
     all_images = cli_args(nats_server, prefix, "wait", "--fleet", FLEET, "--timeout", "500ms")
     code, out, err = await run_cli(*all_images)
     assert code == 1
-    assert f"  node-a: 1/2 images; missing {CURRENT} (pulling)" in err.splitlines()
+    assert f"  {CURRENT}: pulling on 1 node (node-a)" in err.splitlines()
 
 
 async def test_wait_next_fails_at_once_when_the_fleet_names_none(
