@@ -228,6 +228,8 @@ async def _raw_delivery(js: Any, name: str, stopping: asyncio.Event) -> None:
             msgs = await sub.fetch(1, timeout=RAW_EXPIRY)
         except Exception:
             continue
+        if not msgs:
+            continue  # the request expired: nats-py may say so with an empty batch
         print(f"arrived raw {time.time()}", flush=True)
         for msg in msgs:
             await msg.ack()
