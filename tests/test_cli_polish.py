@@ -75,6 +75,11 @@ def test_syncer_help_groups_its_flags_in_panels() -> None:
     assert "--consumer-inactive-threshold DURATION" in out
     assert "CONSUMER_INACTIVE_THRESHOLD" in " ".join(out.split())
     assert "--max-parallel-pulls N" in out
+    # A new flag lands in a panel too: the catch-all section holds --help alone.
+    catch_all = out.split("\nOptions:\n", 1)[1].split("\n\n", 1)[0]
+    assert [line.split()[0] for line in catch_all.splitlines() if line.startswith("  -")] == [
+        "--help"
+    ]
 
 
 @pytest.mark.parametrize(

@@ -93,6 +93,14 @@ PANELS = {
         "lag_interval",
     ),
     "Node status": ("status_interval", "status_heartbeat", "status_replicas", "status_ttl"),
+    "Seeding through a mirror": (
+        "mirror",
+        "seeds",
+        "seed_per",
+        "seed_timeout",
+        "seed_report_ttl",
+        "max_mirror_pulls",
+    ),
 }
 METAVARS = {
     "node_name": "NODE",
@@ -105,6 +113,8 @@ METAVARS = {
     "startup_taint": "KEY",
     "extra_image": "IMAGE",
     "host_root": "PATH",
+    "mirror": "HOST",
+    "seed_per": "LABEL",
 }
 # Setting names as the settings' own checks say them -> the flag a user typed.
 _FLAGS = {
