@@ -258,9 +258,13 @@ class Workers:
     async def ready(self, timeout: float) -> None:
         async def one(proc: subprocess.Popen[str]) -> None:
             assert proc.stdout is not None
-            line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), timeout)
-            if line.strip() != "ready":
-                raise RuntimeError(f"worker failed (exit {proc.poll()}): {line!r}")
+            while True:
+                line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), timeout)
+                if line.strip() == "ready":
+                    return
+                # Pulls at start (the update a run before published) are not this run's news.
+                if not line.startswith("arrived "):
+                    raise RuntimeError(f"worker failed (exit {proc.poll()}): {line!r}")
 
         await asyncio.gather(*(one(p) for p in self.procs))
         for proc in self.procs:
