@@ -51,6 +51,7 @@ from typing import Any
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from bench.fakeruntime import MemoryRuntime
+from bench.idle import Counter
 from bench.report import emit, percentile, production_logging
 from bench.services import PREFIX, log_settings
 from bench.syncerparts import idle_loops, node
@@ -299,9 +300,15 @@ async def run_size(
         await workers.ready(timeout=max(120.0, nodes * 0.2))
         startup = time.monotonic() - started
         await asyncio.sleep(min(5.0, args.idle / 4))  # settle: the start-up's own traffic
+        # What the idle nodes send, by kind (a subscriber sends nothing itself).
+        observer = await connect(NatsSettings(servers=(urls[0],)), name="scale observer")
+        counter = Counter()
+        await observer.subscribe(">", cb=counter.record)
+        await observer.flush()
         before = sample(group)
         await asyncio.sleep(args.idle)
         after = sample(group)
+        await observer.close()
         window = after["at"] - before["at"]
         result: dict[str, Any] = {
             "nodes": nodes,
@@ -314,6 +321,7 @@ async def run_size(
             ),
             "idle_server_cpu_pct": round(100 * (after["cpu"] - before["cpu"]) / window, 1),
             "server_mem_mb": round(after["mem"] / 2**20, 1),
+            "idle_by_kind": dict(sorted(counter.kinds.items())),
         }
         if mode != "raw":
             result.update(await fan_out(urls, workers, nodes, version, mode == "rawfan"))

@@ -140,22 +140,36 @@ class PushedSubjects:
         """The next message, None if none came within ``timeout``; raises :class:`ConsumerLost`."""
         deadline = self._clock() + timeout
         while True:
-            silence = self._last_heard + _MISSED_HEARTBEATS * self.heartbeat + 1.0
-            if self._clock() > silence:
-                raise ConsumerLost(f"consumer {self.name} on {self.stream} went silent")
-            wait = min(deadline, silence) - self._clock()
-            if wait <= 0:
-                return None
-            try:
-                msg = await asyncio.wait_for(self._queue.get(), wait)
-            except TimeoutError:
-                continue
+            msg = self._queued()
+            if msg is None:
+                silence = self._last_heard + _MISSED_HEARTBEATS * self.heartbeat + 1.0
+                if self._clock() > silence:
+                    # A busy process may not have read what arrived: one turn of the loop first.
+                    await asyncio.sleep(0)
+                    if self._queue.empty():
+                        raise ConsumerLost(f"consumer {self.name} on {self.stream} went silent")
+                    continue
+                wait = min(deadline, silence) - self._clock()
+                if wait <= 0:
+                    return None
+                try:
+                    msg = await asyncio.wait_for(self._queue.get(), wait)
+                except TimeoutError:
+                    continue
             self._last_heard = self._clock()
             if JetStreamContext.is_status_msg(msg):
                 continue  # an idle heartbeat: the consumer is there
             if not msg.metadata.num_pending:
                 self.caught_up = True
             return msg
+
+    def _queued(self) -> Msg | None:
+        """What already arrived, before judging silence: heartbeats that waited in the queue
+        while this process was busy still say the consumer is there."""
+        try:
+            return self._queue.get_nowait()
+        except asyncio.QueueEmpty:
+            return None
 
     async def close(self) -> None:
         if self._sub is not None:
