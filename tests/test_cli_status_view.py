@@ -9,6 +9,7 @@ node's selector excludes every Fleet.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sys
 
@@ -170,3 +171,18 @@ async def test_wait_groups_its_timeout_report_like_status(
     lines = err.splitlines()
     assert lines[1] == "  behind the log on 6 nodes (node-1, node-2, node-3 +3)", err
     assert len(lines) == 3, err
+
+
+@pytest.mark.usefixtures("cluster")
+async def test_status_json_carries_the_summary_and_the_groups_with_the_full_errors(
+    nats_server: NatsServer, prefix: str
+) -> None:
+    code, out, err = await run_at(80, *cli_args(nats_server, prefix, "status", "--json"))
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["summary"].startswith("30 Fleets, 6 live nodes: 28 ready everywhere, 2 failing")
+    groups = {(g["image"], g["reason"]): g for g in doc["problems"]}
+    group = groups[(image(NOT_FOUND), "not found")]
+    assert group["nodes"] == NODES[:5] and group["fleets"] == [NOT_FOUND] and group["failing"]
+    assert group["error"] == raw_error(image(NOT_FOUND), "not found")
+    assert doc["nodes"]["node-6"]["problems"] == ["wants no Fleet: all 30 excluded"]
