@@ -354,7 +354,7 @@ def fleet_yaml(name: str, namespace: str = "default") -> str:
 
 
 async def test_publish_many_fleets_from_files_a_directory_and_stdin_in_one_run(
-    publish, js: JetStreamContext, prefix: str, tmp_path
+    publish: Callable[..., Awaitable[Result]], js: JetStreamContext, prefix: str, tmp_path: Path
 ) -> None:
     directory = tmp_path / "fleets"
     directory.mkdir()
@@ -380,7 +380,7 @@ async def test_publish_many_fleets_from_files_a_directory_and_stdin_in_one_run(
 
 
 async def test_publish_many_refuses_everything_when_one_source_is_bad(
-    publish, js: JetStreamContext, prefix: str, tmp_path
+    publish: Callable[..., Awaitable[Result]], js: JetStreamContext, prefix: str, tmp_path: Path
 ) -> None:
     good, twin, bad = tmp_path / "a.yaml", tmp_path / "b.yaml", tmp_path / "c.yaml"
     good.write_text(fleet_yaml("arena"))

@@ -14,10 +14,12 @@ import os
 import sys
 
 import pytest
+from fleetdicts import fleet
 from nats.js import JetStreamContext
-from test_cli_status import cli_args, finish, publish, report
+from status_harness import cli_args, finish, report
 
 from image_syncer.sandbox.nats_server import NatsServer
+from wire.eventlog import LogSettings, publish_event
 from wire.nodestatus import StatusSettings
 
 pytestmark = pytest.mark.nats
@@ -101,8 +103,8 @@ async def test_status_summarizes_then_groups_the_failures_by_image_and_reason(
     )
     # The runtime's words are for --fleet/--node/--json: each broken image is named once.
     assert "failed to pull and unpack" not in out
-    for fleet in (NOT_FOUND, UNAUTHORIZED):
-        assert " ".join(out.split()).count(image(fleet)) == 1, out
+    for broken in (NOT_FOUND, UNAUTHORIZED):
+        assert " ".join(out.split()).count(image(broken)) == 1, out
     problems = section(out, "Problems")
     text = " ".join(" ".join(problems).split())
     assert "not found" in text and "unauthorized" in text
@@ -161,8 +163,9 @@ async def test_the_matrix_lists_the_cells_not_ok_when_the_nodes_do_not_fit(
 async def test_wait_groups_its_timeout_report_like_status(
     js: JetStreamContext, nats_server: NatsServer, prefix: str
 ) -> None:
-    seq = await publish(js, prefix, "added", [image(NOT_FOUND)])
-    del seq  # the nodes above never folded it: they are behind
+    # The nodes above never folded this Fleet: all six are behind the log.
+    obj = fleet("simple", image(NOT_FOUND))
+    await publish_event(js, LogSettings(prefix=prefix), "fleet.events.added", obj)
     code, out, err = await run_at(
         80,
         *cli_args(nats_server, prefix, "wait", "--fleet", "default/simple", "--timeout", "300ms"),

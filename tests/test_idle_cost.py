@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import msgspec
 import pytest
@@ -21,7 +21,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.errors import KeyNotFoundError
 from polling import eventually
-from test_syncer import RunningSyncer
+from syncer_harness import RunningSyncer
 
 from image_syncer.sandbox.containerd import Containerd
 from image_syncer.sandbox.nats_server import NatsServer
@@ -83,7 +83,7 @@ async def test_an_idle_syncer_sends_only_its_poll_and_its_heartbeat(
     own_nats_server: NatsServer,
     admin: Client,
     containerd: Containerd,
-    push,  # type: ignore[no-untyped-def]
+    push: Callable[..., str],
 ) -> None:
     js = admin.jetstream()
     log = LogSettings(prefix=PREFIX)
@@ -150,9 +150,9 @@ async def test_an_idle_syncer_sends_only_its_poll_and_its_heartbeat(
         assert last > entry.summary.last_reconcile
 
         # And news is still written at once.
-        writes = seen.count(node_subject)
+        entries = seen.count(node_subject)
         await publish_event(js, log, "fleet.events.added", fleet("news", push()))
-        await eventually(lambda: seen.count(node_subject) > writes, "the news written")
+        await eventually(lambda: seen.count(node_subject) > entries, "the news written")
         written = msgspec.json.decode((await kv.get(node_key(NODE))).value or b"")
         assert "default/news" in written["summary"]["fleets"]
     finally:
