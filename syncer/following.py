@@ -234,6 +234,9 @@ async def _deliver(
         if pushed.caught_up and not announced:
             on_caught_up()
             announced = True
-        msg = await pushed.next(timeout=1.0)
+        # Woken by the idle heartbeats anyway; a longer wait costs nothing, a shorter one would
+        # wake thousands of simulated nodes (bench/scale) for nothing. Stopping ends the loop
+        # through its cancel, or by this timeout if a cancel was lost.
+        msg = await pushed.next(timeout=2 * pushed.heartbeat)
         if msg is not None:
             await on_message(msg)
