@@ -381,6 +381,15 @@ async def prepare_log(group: list[NatsServer], cluster: bool) -> None:
         await nc.close()
 
 
+async def publish_base(group: list[NatsServer], resource_version: int) -> None:
+    nc = await connect(NatsSettings(servers=tuple(s.url for s in group)), name="scale base")
+    try:
+        obj = build_fleet(FLEET, [image(0)], resource_version=str(resource_version))
+        await publish_event(nc.jetstream(timeout=30), log_settings(), "fleet.events.updated", obj)
+    finally:
+        await nc.close()
+
+
 async def reset_durables(group: list[NatsServer]) -> None:
     """Drop every node's durable between sizes, as vanished nodes' consumers would expire."""
     nc = await connect(NatsSettings(servers=tuple(s.url for s in group)), name="scale reset")
@@ -513,6 +522,9 @@ async def measure(argv: Sequence[str] | None) -> dict[str, Any]:
                 # one message to that many, on this machine, in this run.
                 raw = await run_size(group, nodes, args, "rawfan", 1000 + version)
                 await reset_durables(group)
+                # Back to the image the nodes hold: the bare run's update is nobody's to pull
+                # (pulled in the idle window, it would replace heartbeats with status writes).
+                await publish_base(group, 2000 + version)
                 run = await run_size(group, nodes, args, "syncer", version)
                 run["fanout_p99_ratio_to_raw"] = _ratio(run, raw, "fanout_p99_ms")
                 run["fanout_p50_ratio_to_raw"] = _ratio(run, raw, "fanout_p50_ms")
