@@ -28,9 +28,11 @@ from image_syncer.sandbox.nats_server import NatsServer
 from syncer.settings import SyncerSettings
 from wire.contract import AGONES_SDK_SOURCE, NodeImages
 from wire.eventlog import (
+    MAX_CONSUMERS,
     LogSettings,
     ensure_node_images_stream,
     ensure_streams,
+    node_images_stream_name,
     publish_event,
     publish_node_images,
 )
@@ -157,3 +159,18 @@ async def test_an_idle_syncer_sends_only_its_poll_and_its_heartbeat(
         assert "default/news" in written["summary"]["fleets"]
     finally:
         assert await running.stop() == 0
+
+
+async def test_the_streams_of_the_pushed_consumers_admit_one_per_node_past_a_thousand(
+    admin: Client,
+) -> None:
+    # nats-server caps a stream at 1,000 consumers unless it sets its own limit: with one pushed
+    # consumer per node on each, the 1,001st node could follow neither (seen at 2,000 simulated
+    # nodes: "maximum consumers limit reached", re-created over and over).
+    js = admin.jetstream()
+    log = LogSettings(prefix=PREFIX)
+    status = StatusSettings(prefix=PREFIX)
+    await ensure_node_images_stream(js, log)
+    await ensure_status_bucket(js, status)
+    for stream in (node_images_stream_name(PREFIX), f"KV_{status.bucket}"):
+        assert (await js.stream_info(stream)).config.max_consumers == MAX_CONSUMERS, stream

@@ -486,6 +486,9 @@ def node_images_stream_config(settings: LogSettings) -> StreamConfig:
         max_msgs_per_subject=1,
         discard=DiscardPolicy.OLD,
         duplicate_window=settings.duplicate_window,
+        # Every node follows it through a consumer of its own (syncer.following): without a
+        # limit set here the server allows 1,000, and the 1,001st node could not follow it.
+        max_consumers=MAX_CONSUMERS,
     )
 
 

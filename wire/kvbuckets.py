@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from nats.js.api import DiscardPolicy, StorageType, StreamConfig
 
+from wire.eventlog import MAX_CONSUMERS
+
 __all__ = ["ttl_bucket_config"]
 
 
@@ -22,7 +24,9 @@ def ttl_bucket_config(bucket: str, description: str, replicas: int) -> StreamCon
         num_replicas=replicas,
         max_msgs_per_subject=1,
         max_msgs=-1,
-        max_consumers=-1,
+        # -1 reads as the server's default, 1,000 consumers: every node follows its replay key
+        # here through a consumer of its own (syncer.following), and readers watch it.
+        max_consumers=MAX_CONSUMERS,
         discard=DiscardPolicy.NEW,
         duplicate_window=120.0,
         allow_rollup_hdrs=True,
