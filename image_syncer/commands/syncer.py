@@ -51,6 +51,7 @@ PANELS = {
         "cri_call_timeout",
         "runtime_unhealthy_after",
         "metrics_addr",
+        "stop_timeout",
     ),
     "Pulls": (
         "sync_period",
@@ -81,6 +82,7 @@ PANELS = {
         "removal_backoff_after",
         "removal_window",
         "removal_backoff_max",
+        "ledger_ttl",
     ),
     "Event log": (
         "subject_prefix",
