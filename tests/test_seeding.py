@@ -220,7 +220,7 @@ async def test_without_nats_a_node_pulls_at_once(make_node, node_connections) ->
         ({"MIRROR": "*", "SEED_PER": "not a label"}, "seed-per 'not a label' is not a label key"),
         ({"MIRROR": "*", "SEEDS": "0"}, "SEEDS"),
         ({"SEED_TIMEOUT": "soon"}, "SEED_TIMEOUT"),
-        ({"SEED_REPORT_TTL": "0s"}, "seed_report_ttl must be positive"),
+        ({"SEED_REPORT_TTL": "0s"}, "--seed-report-ttl must be positive"),
         ({"MAX_MIRROR_PULLS": "-1"}, "MAX_MIRROR_PULLS"),
     ],
 )
