@@ -35,10 +35,12 @@ from authcallout.natsjwt import (
 from authcallout.tokenreview import Identity, Refused, ReviewUnavailable, TokenReviewer
 from ops.lifecycle import sleep_unless_stopping, until_stopping
 from ops.serving import Health, parse_addr, serve_http
+from wire.durables import ensure_node_durable
 from wire.natsconn import NatsSettings, connect
 from wire.nodestatus import StatusError
 from wire.permissions import (
     ACCOUNT,
+    JS_ACCOUNT,
     RolePermissions,
     admin_permissions,
     broadcaster_permissions,
@@ -55,7 +57,7 @@ QUEUE = "image-syncer-auth"
 REQUESTS = Counter(
     "image_syncer_auth_requests",
     "NATS connection attempts the callout answered, by result "
-    "(authorized, refused, unavailable, malformed, error) and role.",
+    "(authorized, refused, unavailable, malformed, error, provision_failed) and role.",
     ["result", "role"],
 )
 
@@ -106,7 +108,10 @@ def _user_name(role: RolePermissions, identity: Identity) -> str:
 
 
 class _Callout:
-    def __init__(self, settings: CalloutSettings, signer: Signer, reviewer: TokenReviewer) -> None:
+    def __init__(
+        self, nc: Client, settings: CalloutSettings, signer: Signer, reviewer: TokenReviewer
+    ) -> None:
+        self.js = nc.jetstream(timeout=5.0)
         self.settings = settings
         self.signer = signer
         self.reviewer = reviewer
@@ -152,6 +157,8 @@ class _Callout:
             REQUESTS.labels("unavailable", "").inc()
             log.warning("nats client not reviewed", extra={"reason": str(e), **where})
             return encode_response(self.signer, request, error="token review unavailable")
+        if identity.node and role.user.startswith("syncer:"):
+            await self._provision(identity.node)
         now = time.time()
         cap = now + self.settings.max_session
         expires = int(min(identity.expires or cap, cap))
@@ -159,7 +166,8 @@ class _Callout:
             self.signer,
             request,
             name=_user_name(role, identity),
-            account=ACCOUNT,
+            # The operator works inside the JetStream account; every other client outside it.
+            account=JS_ACCOUNT if role.user == admin_permissions().user else ACCOUNT,
             publish=role.publish,
             subscribe=role.subscribe,
             expires=expires,
@@ -178,6 +186,17 @@ class _Callout:
         )
         return encode_response(self.signer, request, user_jwt=user)
 
+    async def _provision(self, node: str) -> None:
+        """The node's durable, which it may not create itself: made before it is let in."""
+        try:
+            if not await ensure_node_durable(self.js, node, self.settings.subject_prefix):
+                log.warning("node durable not created: no Fleet stream yet", extra={"node": node})
+        except (nats.errors.Error, TimeoutError, OSError) as e:
+            # Let it in anyway: it reads the log and retries (reconnecting) until the durable is
+            # there, rather than being locked out while NATS is slow.
+            REQUESTS.labels("provision_failed", "syncer").inc()
+            log.warning("node durable not created", extra={"node": node, "error": repr(e)})
+
     async def drain(self) -> None:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -187,7 +206,7 @@ async def serve(
     nc: Client, settings: CalloutSettings, signer: Signer, reviewer: TokenReviewer
 ) -> tuple[Subscription, _Callout]:
     """Subscribe the callout on ``nc``; returns (subscription, callout) for tests and ``run``."""
-    callout = _Callout(settings, signer, reviewer)
+    callout = _Callout(nc, settings, signer, reviewer)
     sub = await nc.subscribe(AUTH_SUBJECT, queue=QUEUE, cb=callout.on_request)
     await nc.flush()
     return sub, callout

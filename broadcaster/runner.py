@@ -41,9 +41,10 @@ from ops.lifecycle import until_stopping, wait_any
 from ops.retry import Backoff, retry
 from ops.serving import Health, parse_addr, serve_http
 from wire.eventlog import ensure_streams
+from wire.kvbuckets import ensure_bucket
 from wire.natsconn import RETRYABLE, connect
 from wire.nodestatus import StatusSettings
-from wire.permissions import BROADCASTER_INBOX, inbox_prefix
+from wire.permissions import BROADCASTER_INBOX, inbox_prefix, install_buckets
 
 __all__ = ["run"]
 
@@ -255,6 +256,10 @@ async def _ensure_streams(js: JetStreamContext, settings: Settings) -> bool:
 
     async def attempt() -> bool:
         await ensure_streams(js, settings.log, settings.kinds)
+        # Every bucket the nodes use, with its final config: no node may create one, and one
+        # found with another config is refused (BucketConfigError stops the broadcaster).
+        for config in install_buckets(settings.log.prefix, settings.log.replicas):
+            await ensure_bucket(js, config)
         return True
 
     backoff = Backoff(settings.backoff_initial, settings.backoff_max)

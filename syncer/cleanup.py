@@ -22,7 +22,6 @@ The grace clock is in memory: after a restart it starts again, which only ever d
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import time
@@ -31,14 +30,14 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import msgspec
-import nats.js.errors
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
 from syncer.cri import CriError
 from syncer.ledger import DEFAULT_TTL, Conflict, NodeLedger, Stored
 from syncer.references import ImageRef, InvalidImageReference, normalize
-from wire.kvbuckets import ttl_bucket_config
+from wire.directread import read_keys
+from wire.kvbuckets import bind_bucket, ttl_bucket_config
 
 __all__ = [
     "BUCKET",
@@ -98,16 +97,10 @@ async def ensure_pulled_bucket(
     *,
     description: str = "image-syncer: images each node's syncer pulled itself",
 ) -> KeyValue:
-    """The bucket (or another per-node ledger), created on first use by whichever syncer gets
-    there first; its keys may carry a TTL (:mod:`syncer.ledger`)."""
-    try:
-        return await js.key_value(bucket)
-    except nats.js.errors.BucketNotFoundError:
-        pass
-    # Another syncer may create it in between: then adding fails and binding works.
-    with contextlib.suppress(nats.js.errors.BadRequestError):
-        await js.add_stream(ttl_bucket_config(bucket, description, replicas))
-    return await js.key_value(bucket)
+    """The bucket (or another per-node ledger): created by the broadcaster at install
+    (``wire.permissions.install_buckets``); bound here, created only where no auth forbids it.
+    Its keys may carry a TTL (:mod:`syncer.ledger`)."""
+    return await bind_bucket(js, ttl_bucket_config(bucket, description, replicas))
 
 
 class Cleaner:
@@ -171,19 +164,13 @@ class Cleaner:
         return frozenset(self._pulled)
 
     async def load(self) -> None:
-        # A watch on "<node>.*" (one token: the hash) reads exactly this node's records, even
-        # when the node name has dots; nats-py's keys(filters=) matches substrings instead.
-        watcher = await self.kv.watch(f"{self.node}.*", ignore_deletes=True)
-        try:
-            # The watcher's iteration has no deadline of its own: a load that hangs (the NATS
-            # connection lost mid-way) fails instead, and is tried again.
-            async with asyncio.timeout(LOAD_TIMEOUT):
-                async for entry in watcher:
-                    if entry is None:  # the end of the current values
-                        break
-                    self._load_record(entry.key, entry.value or b"", entry.revision or 0)
-        finally:
-            await watcher.stop()
+        # "<node>.*" (one token: the hash) is exactly this node's records, even when the node
+        # name has dots; read with direct gets, since a node may create no watch consumer.
+        # A load that hangs (the NATS connection lost mid-way) fails instead, and is tried again.
+        async with asyncio.timeout(LOAD_TIMEOUT):
+            found = await read_keys(self.kv._js, self.kv._name, f"{self.node}.*")
+        for key, message in found.items():
+            self._load_record(key, message.data, message.seq)
 
     def _load_record(self, key: str, value: bytes, revision: int) -> None:
         try:

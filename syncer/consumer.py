@@ -148,7 +148,7 @@ class FleetConsumer:
                 break
             self._replayed = position
             self._dispatcher.last_seq = 0  # the sequences before belong to the folded past
-            await self.durable.start(position.seq)
+            await self._start_durable(position.seq)
             if await self._same_stream(position):
                 break
             log.warning("stream re-created during the rebuild, folding again")
@@ -182,7 +182,13 @@ class FleetConsumer:
 
     async def start_durable(self) -> None:
         """(Re)create the durable to deliver what comes after ``last_seq``, and bind to it."""
-        await self.durable.start(self.last_seq)
+        await self._start_durable(self.last_seq)
+
+    async def _start_durable(self, after_seq: int) -> None:
+        if self._settings.consumer_provisioned:
+            # Made at login, delivering from the start: skip what the fold already holds.
+            self._dispatcher.skip_through = after_seq
+        await self.durable.start(after_seq)
 
     async def _recover(self, stopping: asyncio.Event) -> None:
         await self.durable.recover(self._health, stopping, on_lost=self._rebuild_lost)

@@ -49,6 +49,9 @@ class Dispatcher:
         self._ack_wait = ack_wait
         self._on_change = on_change
         self.last_seq = 0
+        # Delivered again by a durable that could not be restarted after the replay (one made at
+        # the node's login): already folded, acked without folding again.
+        self.skip_through = 0
         self._settling: set[asyncio.Task[None]] = set()
 
     async def dispatch(self, msg: Msg) -> None:
@@ -61,6 +64,9 @@ class Dispatcher:
         if msg.metadata.num_delivered > 1:
             metrics.REDELIVERED.inc()
         seq = msg.metadata.sequence.stream
+        if seq <= self.skip_through:
+            await self._ack(msg, event.event_type, "stale")
+            return
         self.last_seq = max(self.last_seq, seq)
         # The lag as the server saw it when delivering: no consumer_info needed for the gauges.
         metrics.CONSUMER_LAG.set(msg.metadata.num_pending or 0)

@@ -21,7 +21,7 @@ import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import ConsumerConfig
 
 from ops.logs import describe_error
 from ops.retry import Backoff, retry
@@ -29,6 +29,7 @@ from ops.serving import Health
 from syncer import metrics
 from syncer.longpoll import Poll, drain, long_poll
 from syncer.settings import SyncerSettings
+from wire.durables import DurableLimits, durable_config
 from wire.natsconn import RETRYABLE, is_connected
 
 __all__ = ["Durable"]
@@ -54,23 +55,19 @@ class Durable:
 
     def config(self, start_seq: int) -> ConsumerConfig:
         s = self._settings
-        return ConsumerConfig(
-            durable_name=self.name,
-            description=f"image-syncer node {s.node_name}",
-            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-            opt_start_seq=max(1, start_seq),
-            ack_policy=AckPolicy.EXPLICIT,
-            ack_wait=s.ack_wait,
-            max_deliver=-1,
-            max_ack_pending=s.max_ack_pending,
-            filter_subject=self.subject,
-            inactive_threshold=s.inactive_threshold,
-            mem_storage=True,
-            num_replicas=1,
-        )
+        limits = DurableLimits(s.ack_wait, s.max_ack_pending, s.inactive_threshold)
+        return durable_config(s.node_name, s.subject_prefix, limits, start_seq)
 
     async def start(self, after_seq: int) -> None:
-        """(Re)create the durable to deliver what comes after ``after_seq``, and bind to it."""
+        """(Re)create the durable to deliver what comes after ``after_seq``, and bind to it.
+
+        With ``--consumer-provisioned`` (per-node identities) the node may not create it: it binds
+        to the one made at its login, and the caller skips what it delivers up to ``after_seq``.
+        A missing one is made again at the next login, so the syncer reconnects.
+        """
+        if self._settings.consumer_provisioned:
+            await self._bind_provisioned()
+            return
         # The start sequence of an existing consumer cannot be changed: replace it.
         try:
             # A consumer whose only server is gone cannot be deleted (the request times out);
@@ -87,6 +84,21 @@ class Durable:
             "consumer ready",
             extra={"consumer": self.name, "stream": self.stream, "start_seq": after_seq + 1},
         )
+
+    async def _bind_provisioned(self) -> None:
+        try:
+            await self._js.consumer_info(self.stream, self.name)
+        except nats.js.errors.NotFoundError:
+            metrics.NATS_ERRORS.labels("consumer_missing").inc()
+            log.warning(
+                "consumer missing, reconnecting so that the login creates it",
+                extra={"consumer": self.name, "stream": self.stream},
+            )
+            await self._js._nc.force_reconnect()
+            raise
+        await self.unbind()
+        self._sub = await self._js.pull_subscribe_bind(durable=self.name, stream=self.stream)
+        log.info("consumer bound", extra={"consumer": self.name, "stream": self.stream})
 
     async def fetch(self, batch: int, timeout: float) -> list[Msg]:
         return list(await self._sub.fetch(batch=batch, timeout=timeout))

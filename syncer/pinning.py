@@ -48,6 +48,7 @@ from syncer.containerd_images import PIN_LABEL, PIN_VALUE, ImageRecord
 from syncer.cri import CriError, RuntimeUnavailable, RuntimeVersion
 from syncer.ledger import DEFAULT_TTL, Conflict, NodeLedger
 from syncer.references import Holding, ImageRef, InvalidImageReference, normalize
+from wire.directread import read_keys
 
 __all__ = [
     "BUCKET",
@@ -160,18 +161,12 @@ class PinLedger:
         return ledger
 
     async def load(self) -> None:
-        # "<node>.*" is exactly this node's keys even when its name has dots (one hash token).
-        watcher = await self.kv.watch(f"{self.node}.*", ignore_deletes=True)
-        try:
-            # The watcher's iteration has no deadline of its own: a load that hangs (the NATS
-            # connection lost mid-way) fails instead, and is tried again.
-            async with asyncio.timeout(LOAD_TIMEOUT):
-                async for entry in watcher:
-                    if entry is None:
-                        break
-                    self._load(entry.key, entry.value or b"", entry.revision or 0)
-        finally:
-            await watcher.stop()
+        # "<node>.*" is exactly this node's keys even when its name has dots (one hash token);
+        # read with direct gets (a node may create no watch consumer), failing if it hangs.
+        async with asyncio.timeout(LOAD_TIMEOUT):
+            found = await read_keys(self.kv._js, self.kv._name, f"{self.node}.*")
+        for key, message in found.items():
+            self._load(key, message.data, message.seq)
 
     def _load(self, key: str, value: bytes, revision: int) -> None:
         try:

@@ -45,6 +45,9 @@ class SyncerSettings:
     max_ack_pending: int = 256
     ack_wait: float = 30.0
     inactive_threshold: float = 24 * 3600.0
+    # Per-node NATS identities: the node's durable is created at its login (the auth callout),
+    # never by the node, which binds to it and skips what its replay already folded.
+    consumer_provisioned: bool = False
     cri_call_timeout: float = 30.0
     # Docker config.json files ({"auths": {...}}): a mounted pull Secret, the kubelet's own.
     registry_auth_file: str | None = None
@@ -65,6 +68,8 @@ class SyncerSettings:
     # Anti-entropy: fold the whole log again this often (jittered; 0 = only after a reconnect
     # or a lost durable), so a Fleet whose delete never arrived is dropped.
     refold_period: float = 3600.0
+    # The node-images stream is read again this often (a node creates no consumer to follow it).
+    node_images_period: float = 60.0
     # /healthz fails once the runtime has not answered for this long (stale hostPath socket).
     runtime_unhealthy_after: float = 300.0
     # Which Fleets: a label selector on Fleet labels; empty selects all.
@@ -149,6 +154,8 @@ class SyncerSettings:
             raise ValueError("ledger_ttl must be at least 1m (the node renews it every quarter)")
         if self.refold_period < 0:
             raise ValueError("refold_period must not be negative (0 turns the timer off)")
+        if self.node_images_period <= 0:
+            raise ValueError("node_images_period must be positive")
         if self.max_cluster_pulls < 0:
             raise ValueError("max_cluster_pulls must not be negative (0 turns the budget off)")
         self._check_seeding()

@@ -71,6 +71,7 @@ from wire.contract import (
     subject_filter,
     subject_for,
 )
+from wire.directread import read_direct
 
 __all__ = [
     "MAX_CONSUMERS",
@@ -141,6 +142,8 @@ def stream_config(settings: LogSettings, kind: Kind) -> StreamConfig:
         duplicate_window=settings.duplicate_window,
         allow_msg_ttl=True,
         allow_rollup_hdrs=False,
+        # Nodes read the log with direct gets (wire.directread): they may create no consumer.
+        allow_direct=True,
         deny_delete=False,
         deny_purge=False,
         max_consumers=MAX_CONSUMERS,
@@ -375,17 +378,28 @@ async def read_log(
     subject: str | None = None,
     follow: bool = False,
     batch: int = 1000,
-    idle_timeout: float = 5.0,
 ) -> AsyncIterator[StoredMessage]:
     """Yield the stream's messages in sequence order, from the first.
 
     Without ``follow`` the iteration ends at the last message that existed when it began, so
-    it finishes even while writers keep appending. Reads go through an ephemeral ordered
-    consumer: no ack traffic, no server-side state left behind.
+    it finishes even while writers keep appending; it reads with batched direct gets
+    (:mod:`wire.directread`), which a node identity may send, and leaves nothing behind. With
+    ``follow`` (the CLI, the broadcaster: never a node) it goes through an ephemeral ordered
+    consumer.
     """
     info = await js.stream_info(stream)
     last_seq = info.state.last_seq
-    if not follow and info.state.messages == 0:
+    if not follow:
+        if info.state.messages == 0:
+            return
+        async for direct in read_direct(js, stream, subject=subject or ">", batch=batch):
+            if direct.seq > last_seq:
+                return
+            yield StoredMessage(
+                direct.seq, direct.time, direct.subject, direct.data, direct.headers
+            )
+            if direct.seq >= last_seq:
+                return
         return
     # A callback feeding our own queue, rather than next_msg(): next_msg creates a task and a
     # wait_for per message, which doubled the cost of a replay. Here a message that is already
@@ -405,16 +419,8 @@ async def read_log(
         pending_msgs_limit=batch * 64,
     )
     try:
-        if not follow and subject and await _matches_nothing(sub, inbox):
-            return
         while True:
-            msg = await _next(inbox, None if follow else idle_timeout)
-            if msg is None:
-                # Quiet for a while: done if nothing (matching) is left, e.g. a filter that
-                # matches nothing, or messages purged or expired since we looked.
-                if inbox.empty() and await _caught_up(sub):
-                    return
-                continue
+            msg = await inbox.get()
             meta = msg.metadata
             yield StoredMessage(
                 seq=meta.sequence.stream,
@@ -423,38 +429,8 @@ async def read_log(
                 data=msg.data,
                 headers=dict(msg.headers or {}),
             )
-            if not follow and meta.sequence.stream >= last_seq:
-                return
-            if not follow and meta.num_pending == 0:
-                return
     finally:
         await _quiet_unsubscribe(sub)
-
-
-async def _next(inbox: asyncio.Queue[Msg], timeout: float | None) -> Msg | None:
-    try:
-        return inbox.get_nowait()
-    except asyncio.QueueEmpty:
-        pass
-    try:
-        return await asyncio.wait_for(inbox.get(), timeout)
-    except TimeoutError:
-        return None
-
-
-async def _matches_nothing(
-    sub: JetStreamContext.PushSubscription, inbox: asyncio.Queue[Msg]
-) -> bool:
-    # num_pending alone is not enough: messages the server already pushed may still be on
-    # their way to us, and returning then would make a replay silently fold nothing.
-    info = await sub.consumer_info()
-    nothing_delivered = info.delivered is None or info.delivered.consumer_seq == 0
-    return info.num_pending == 0 and nothing_delivered and inbox.empty()
-
-
-async def _caught_up(sub: JetStreamContext.PushSubscription) -> bool:
-    info = await sub.consumer_info()
-    return info.num_pending == 0
 
 
 async def _quiet_unsubscribe(sub: JetStreamContext.PushSubscription) -> None:
@@ -489,6 +465,8 @@ def node_images_stream_config(settings: LogSettings) -> StreamConfig:
         # Every node follows it through a consumer of its own (syncer.following): without a
         # limit set here the server allows 1,000, and the 1,001st node could not follow it.
         max_consumers=MAX_CONSUMERS,
+        allow_rollup_hdrs=False,
+        allow_direct=True,
     )
 
 

@@ -57,7 +57,7 @@ from nats.js.api import StreamConfig
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from wire.contract import DEFAULT_PREFIX, check_prefix
-from wire.kvbuckets import ttl_bucket_config
+from wire.kvbuckets import bind_bucket, ttl_bucket_config
 
 __all__ = [
     "DEFAULT_BUCKET",
@@ -112,7 +112,10 @@ OLD_READER_NOTICE = "status schema 3: upgrade image-syncer to read this entry"
 # Kubernetes node names are DNS-1123 subdomains; all of their characters are valid in KV keys.
 # How long a status read waits for entries its watch's consumer already delivered (in flight).
 _CATCH_UP_TIMEOUT = 5.0
-_NODE_RE = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+# A DNS-1123 subdomain, as Kubernetes requires of node names: dot-separated labels of at most 63
+# characters, each starting and ending alphanumeric (so no "a..b", no ".a", no "a-.b").
+_LABEL = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
+_NODE_RE = re.compile(rf"^{_LABEL}(\.{_LABEL})*$")
 _NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 
 
@@ -501,15 +504,9 @@ def _bucket_stream_config(settings: StatusSettings) -> StreamConfig:
 
 
 async def ensure_status_bucket(js: JetStreamContext, settings: StatusSettings) -> KeyValue:
-    """Create the bucket, or bring an existing one's settings in line. Idempotent."""
-    config = _bucket_stream_config(settings)
-    try:
-        # Creating is idempotent for an identical config, and all that a per-node NATS identity
-        # may do to the bucket; only a differing bucket needs the (operator's) update.
-        await js.add_stream(config)
-    except nats.js.errors.BadRequestError:
-        await js.update_stream(config)
-    return await js.key_value(settings.bucket)
+    """The bucket: created with its final config by the broadcaster at install
+    (``wire.permissions.install_buckets``); bound here, created only where no auth forbids it."""
+    return await bind_bucket(js, _bucket_stream_config(settings))
 
 
 async def open_status_bucket(js: JetStreamContext, settings: StatusSettings) -> KeyValue | None:

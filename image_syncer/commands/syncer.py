@@ -188,6 +188,14 @@ def syncer(
             "CONSUMER_INACTIVE_THRESHOLD",
         ),
     ] = _duration(SyncerSettings.inactive_threshold),
+    consumer_provisioned: Annotated[
+        bool,
+        typer.Option(
+            envvar="CONSUMER_PROVISIONED",
+            help="The node's consumer is created at its NATS login (auth callout): bind to it, "
+            "never create it.",
+        ),
+    ] = SyncerSettings.consumer_provisioned,
     cri_call_timeout: Annotated[
         float, Duration("Deadline of every CRI call but pulls.", "CRI_CALL_TIMEOUT")
     ] = _duration(SyncerSettings.cri_call_timeout),
@@ -223,6 +231,13 @@ def syncer(
             "REFOLD_PERIOD",
         ),
     ] = _duration(SyncerSettings.refold_period),
+    node_images_period: Annotated[
+        float,
+        Duration(
+            "Read the node-images stream (the Agones SDK sidecar's image) again this often.",
+            "NODE_IMAGES_PERIOD",
+        ),
+    ] = _duration(SyncerSettings.node_images_period),
     lag_interval: Annotated[
         float,
         Duration(
@@ -441,6 +456,7 @@ def syncer(
             max_ack_pending=max_ack_pending,
             ack_wait=ack_wait,
             inactive_threshold=consumer_inactive_threshold,
+            consumer_provisioned=consumer_provisioned,
             cri_call_timeout=cri_call_timeout,
             registry_auth_file=registry_auth_file,
             kubelet_config_json=kubelet_config_json,
@@ -450,6 +466,7 @@ def syncer(
             status_heartbeat=status_heartbeat,
             lag_interval=lag_interval,
             refold_period=refold_period,
+            node_images_period=node_images_period,
             fetch_expiry=fetch_expiry,
             fetch_heartbeat=fetch_heartbeat,
             runtime_unhealthy_after=runtime_unhealthy_after,
