@@ -248,6 +248,8 @@ class _Wiring:
             replicas=self.settings.status_replicas,
             backoff=self.settings.registry_backoff,
             max_mirror_pulls=self.settings.max_mirror_pulls,
+            # A pull ends by its timeout; its slot counts no longer (one lease of slack).
+            max_hold=self.settings.pull_timeout + BudgetSettings.lease,
         )
         return PullBudget(self.js, settings, self.settings.node_name)
 
@@ -261,6 +263,7 @@ class _Wiring:
             replicas=self.settings.status_replicas,
             deadline=self.settings.seed_timeout,
             report_ttl=self.settings.seed_report_ttl,
+            max_hold=self.settings.pull_timeout + SeedSettings.lease,
         )
         return Seeding(self.nc, settings, self.settings.node_name, group=self._seed_group)
 

@@ -5,22 +5,26 @@ A thousand nodes pulling one new 5 GB image at once is a registry outage or a ra
 one of N slots of the image before it pulls and gives it back after; the others wait their turn,
 retrying with jittered, growing pauses so they do not stampede the moment a slot frees.
 
-A slot is a key ``slot.<image>.<i>`` in the KV bucket ``IMAGE_SYNCER_PULL_SLOTS``, taken with
-``create`` (which fails if the key exists) and written with a per-message TTL (``lease``). The
-holder renews it while it pulls; a holder that dies stops renewing, and its slot frees itself
-when the TTL runs out. No clocks are compared, no one has to clean up after the dead.
+A slot is a counted lease (:mod:`syncer.leases`) of the family ``slot.<image>`` in the KV bucket
+``IMAGE_SYNCER_PULL_SLOTS``: the holder's own keys ``slot.<image>.<node>`` and
+``alive.slot.<image>.<node>``, which NATS lets no other node write or delete. The holder renews
+its alive key while it pulls; a holder that dies frees its slot one ``lease`` later, and none
+counts longer than the pull timeout plus a lease (``max_hold``), whatever TTL it wrote, since
+readers go by the server's timestamps.
 
 A registry that answers 429 / Too Many Requests (the runtime's pull error says so) gets a key
-``backoff.<registry>`` with a TTL of ``backoff``: every node reads it before taking a slot for an
-image of that registry and waits for as long as the key exists, so the whole cluster backs off,
-not just the node that was told. The server expires the key by its own clock; the value carries
-only the duration (for status), never a timestamp another node would compare with its clock.
+``backoff.<registry>.<node>`` with a TTL of ``backoff``: every node reads them before taking a
+slot for an image of that registry and waits for as long as one exists, so the whole cluster backs
+off, not just the node that was told. The server expires the keys by its own clock; a value
+carries only the duration (for status), never a timestamp another node would compare with its
+clock, and no entry holds a node back longer than its duration, at most the reader's own
+``--registry-backoff``, from when that node first saw it (its own monotonic clock).
 
 Pulls that go to a mirror rather than the registry (``--mirror``: a node fetching from a
 pull-through cache or its peers after a seed reported the image, see :mod:`syncer.seeding`) do
-not spend the registry's slots and ignore its backoff: they take slots ``mirror.<image>.<i>``
-of their own limit (``--max-mirror-pulls``, 0: none), so the registry's budget is spent on the
-pulls that reach it.
+not spend the registry's slots and ignore its backoff: they take slots of the family
+``mirror.<image>``, of their own limit (``--max-mirror-pulls``, 0: none), so the registry's
+budget is spent on the pulls that reach it.
 
 The budget never stops pulling for good: if NATS cannot be reached, the node pulls without a
 slot (one warning per outage, a metric) rather than leave its images missing.
@@ -40,16 +44,17 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import msgspec
-import nats.js.errors
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
 from ops.lifecycle import sleep_unless_stopping
 from syncer import metrics
-from syncer.leases import Lease, lease_ttl, release, take
+from syncer.leases import Lease, alive_key, lease_ttl, release, take
 from syncer.references import ImageRef
 from wire.contract import check_prefix
-from wire.kvbuckets import ttl_bucket_config
+from wire.directread import read_keys
+from wire.kvbuckets import SLOTS_MAX_AGE, bind_bucket, ttl_bucket_config
+from wire.permissions import node_token
 from wire.pullfailures import PullFailure, classify
 
 __all__ = ["BudgetSettings", "PullBudget", "budget_bucket", "is_rate_limited", "open_budget_bucket"]
@@ -86,6 +91,8 @@ class BudgetSettings:
     backoff: float = 60.0
     # Slots per image for pulls served by a mirror; 0: mirrored pulls take no slot.
     max_mirror_pulls: int = 0
+    # No holder counts longer than this after taking its slot (the pull timeout plus a lease).
+    max_hold: float = 630.0
 
 
 class _Backoff(msgspec.Struct, frozen=True):
@@ -105,8 +112,8 @@ def _slot_prefix(image: ImageRef, mirrored: bool) -> str:
     return ("mirror." if mirrored else "slot.") + image_hash(image)
 
 
-def _backoff_key(image: ImageRef) -> str:
-    return "backoff." + re.sub(r"[^A-Za-z0-9_-]", "_", image.domain)
+def _registry_token(image: ImageRef) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", image.domain)
 
 
 class PullBudget:
@@ -167,7 +174,7 @@ class PullBudget:
             return
         lease = Lease(
             self._js,
-            self._subject(key),
+            self._subject(alive_key(key, self._node)),
             self._node,
             revision,
             self._settings.lease,
@@ -195,8 +202,9 @@ class PullBudget:
         try:
             await self._bucket()
             # With a TTL, so a backoff ends even if nobody is left to lift it.
+            key = f"backoff.{_registry_token(image)}.{node_token(self._node)}"
             await self._js.publish(
-                self._subject(_backoff_key(image)), value, msg_ttl=self._ttl(self._settings.backoff)
+                self._subject(key), value, msg_ttl=self._ttl(self._settings.backoff)
             )
         except Exception as e:
             self._record_failure(e)
@@ -241,42 +249,48 @@ class PullBudget:
         return None, 0
 
     async def _try_take(self, image: ImageRef, mirrored: bool) -> tuple[str, int] | None:
-        kv = await self._bucket()
-        prefix = _slot_prefix(image, mirrored)
-        order = list(range(self._limit(mirrored)))
-        random.Random(self._rng()).shuffle(order)
-        for index in order:
-            key = f"{prefix}.{index}"
-            revision = await take(kv, key, self._node, self._settings.lease)
-            if revision is not None:
-                return key, revision
-        return None
+        await self._bucket()
+        family = _slot_prefix(image, mirrored)
+        revision = await take(
+            self._js,
+            budget_bucket(self._settings.prefix),
+            family,
+            self._node,
+            limit=self._limit(mirrored),
+            ttl=self._settings.lease,
+            max_hold=self._settings.max_hold,
+        )
+        return None if revision is None else (family, revision)
 
     async def _respect_backoff(self, image: ImageRef) -> None:
-        """Wait while the registry's backoff key exists: its TTL, kept by the server, is the
-        backoff. No timestamp is read from it, so no node's clock is compared with another's;
-        and no key holds this node back longer than its duration (at most ``--cluster-backoff``)
-        from when this node first saw it, by its own monotonic clock (a key written without a
-        TTL, by a bug or a hostile node, cannot stop the cluster's pulls for good)."""
-        kv = await self._bucket()
-        key = _backoff_key(image)
+        """Wait while a backoff entry of the registry exists: its TTL, kept by the server, is
+        the backoff. No timestamp is read from it, so no node's clock is compared with another's;
+        and no entry holds this node back longer than its duration (at most
+        ``--registry-backoff``) from when this node first saw it, by its own monotonic clock (an
+        entry written without a TTL, by a bug or a hostile node, cannot stop pulls for good)."""
+        await self._bucket()
+        bucket = budget_bucket(self._settings.prefix)
+        pattern = f"backoff.{_registry_token(image)}.*"
         while not self._stopping.is_set():
-            try:
-                entry = await kv.get(key)
-            except nats.js.errors.KeyNotFoundError:  # expired (or lifted): go ahead
+            entries = await read_keys(self._js, bucket, pattern)
+            if not entries:  # expired (or lifted): go ahead
                 return
-            try:
-                seconds = msgspec.json.decode(entry.value or b"", type=_Backoff).seconds
-            except msgspec.DecodeError:
-                seconds = 0.0
-            limit = min(seconds, self._settings.backoff) if seconds > 0 else self._settings.backoff
-            revision, first_seen = self._backoffs_seen.get(key, (-1, 0.0))
-            if revision != entry.revision:
-                revision, first_seen = entry.revision or 0, self._monotonic()
-                self._backoffs_seen[key] = (revision, first_seen)
-                # For status only: when it ends at the latest, in this node's own clock.
-                self.backoff_until = self._wall_clock() + timedelta(seconds=limit)
-            left = limit - (self._monotonic() - first_seen)
+            left = 0.0
+            for key, entry in entries.items():
+                try:
+                    seconds = msgspec.json.decode(entry.data, type=_Backoff).seconds
+                except msgspec.DecodeError:
+                    seconds = 0.0
+                limit = (
+                    min(seconds, self._settings.backoff) if seconds > 0 else self._settings.backoff
+                )
+                revision, first_seen = self._backoffs_seen.get(key, (-1, 0.0))
+                if revision != entry.seq:
+                    revision, first_seen = entry.seq, self._monotonic()
+                    self._backoffs_seen[key] = (revision, first_seen)
+                    # For status only: when it ends at the latest, in this node's own clock.
+                    self.backoff_until = self._wall_clock() + timedelta(seconds=limit)
+                left = max(left, limit - (self._monotonic() - first_seen))
             if left <= 0:
                 return
             await self._sleep(min(left, _MAX_RETRY) + self._jitter(_FIRST_RETRY))
@@ -288,10 +302,10 @@ class PullBudget:
     def _ttl(seconds: float) -> float:
         return lease_ttl(seconds)
 
-    async def _release(self, key: str) -> None:
+    async def _release(self, family: str) -> None:
         try:
-            kv = await self._bucket()
-            await release(kv, key, self._settings.lease)
+            await self._bucket()
+            await release(self._js, budget_bucket(self._settings.prefix), family, self._node)
         except Exception as e:
             # The TTL frees it anyway.
             self._record_failure(e)
@@ -325,15 +339,12 @@ class PullBudget:
 
 
 async def open_budget_bucket(js: JetStreamContext, prefix: str, replicas: int) -> KeyValue:
-    """The budget's bucket (slots, backoffs, seed leases and reports), created if missing."""
-    name = budget_bucket(prefix)
+    """The budget's bucket (slots, backoffs, seed leases and reports): created by the broadcaster
+    at install (``wire.permissions.install_buckets``); bound here."""
     config = ttl_bucket_config(
-        name, "image-syncer: cluster-wide pull slots, registry backoffs and seeds", replicas
+        budget_bucket(prefix),
+        "image-syncer: cluster-wide pull slots, registry backoffs and seeds",
+        replicas,
+        max_age=SLOTS_MAX_AGE,
     )
-    try:
-        return await js.key_value(name)
-    except nats.js.errors.BucketNotFoundError:
-        pass
-    with contextlib.suppress(nats.js.errors.BadRequestError):
-        await js.add_stream(config)
-    return await js.key_value(name)
+    return await bind_bucket(js, config)

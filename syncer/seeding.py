@@ -14,10 +14,11 @@ mirror answers. Without ``--mirror`` nothing here runs and pulls are as before.
 
 In the pull-budget bucket (:func:`syncer.pullbudget.budget_bucket`):
 
-- ``seed.<image>.<group>.<i>``: a seed's lease (:mod:`syncer.leases`), TTL ``lease``, renewed
-  while it pulls, purged after. A seed that dies frees it when the TTL runs out. A seed that is
-  slow is not cut off: a node that has waited ``deadline`` on its own clock may take lease
-  ``seeds + i`` as well (one more seed per deadline), so no clocks of two nodes are compared.
+- ``seed.<image>.<group>``: the seeds' counted lease (:mod:`syncer.leases`: each seed's own
+  keys, alive renewed while it pulls, deleted after). A seed that dies frees it one ``lease``
+  later. A seed that is slow is not cut off: a node that has waited ``deadline`` on its own
+  clock may count ``seeds + i`` holders as well (one more seed per deadline), so no clocks of
+  two nodes are compared.
 - ``seeded.<image>.<node>``: "this node holds the image", written by the seed after its pull,
   TTL ``report_ttl``; one key per node, so a node writes only its own. Waiters read the newest
   of them with one direct get (``last_by_subj`` on ``seeded.<image>.>``) and check it names the
@@ -46,7 +47,7 @@ from nats.js.kv import KeyValue
 
 from ops.lifecycle import sleep_unless_stopping
 from syncer import metrics
-from syncer.leases import Lease, lease_ttl, release, take
+from syncer.leases import Lease, alive_key, lease_ttl, release, take
 from syncer.pullbudget import budget_bucket, image_hash, open_budget_bucket
 from syncer.references import ImageRef
 
@@ -85,6 +86,8 @@ class SeedSettings:
     deadline: float = 600.0
     # How long a seed's "complete" report stands.
     report_ttl: float = 3600.0
+    # No seed counts longer than this after taking its lease (the pull timeout plus a lease).
+    max_hold: float = 630.0
 
 
 class SeedReport(msgspec.Struct, frozen=True):
@@ -199,22 +202,28 @@ class Seeding:
         return SeedTurn(mirrored=False), None
 
     async def _try_seed(self, image: ImageRef, seeds: int) -> tuple[str, Lease] | None:
-        kv = await self._bucket()
-        prefix = f"seed.{image_hash(image)}.{self._group_key()}"
-        for index in range(seeds):
-            key = f"{prefix}.{index}"
-            revision = await take(kv, key, self._node, self._settings.lease)
-            if revision is not None:
-                lease = Lease(
-                    self._js,
-                    self._subject(key),
-                    self._node,
-                    revision,
-                    self._settings.lease,
-                    self._record_failure,
-                )
-                return key, lease
-        return None
+        await self._bucket()
+        family = f"seed.{image_hash(image)}.{self._group_key()}"
+        revision = await take(
+            self._js,
+            budget_bucket(self._settings.prefix),
+            family,
+            self._node,
+            limit=seeds,
+            ttl=self._settings.lease,
+            max_hold=self._settings.max_hold,
+        )
+        if revision is None:
+            return None
+        lease = Lease(
+            self._js,
+            self._subject(alive_key(family, self._node)),
+            self._node,
+            revision,
+            self._settings.lease,
+            self._record_failure,
+        )
+        return family, lease
 
     async def _reported(self, image: ImageRef) -> bool:
         """Has a seed reported ``image`` complete? One direct get of the newest report."""
@@ -257,10 +266,10 @@ class Seeding:
             return
         log.info("seed complete", extra={"image": str(image), "node": self._node})
 
-    async def _release(self, key: str) -> None:
+    async def _release(self, family: str) -> None:
         try:
-            kv = await self._bucket()
-            await release(kv, key, self._settings.lease)
+            await self._bucket()
+            await release(self._js, budget_bucket(self._settings.prefix), family, self._node)
         except Exception as e:
             self._record_failure(e)  # the TTL frees it anyway
 

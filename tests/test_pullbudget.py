@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 
@@ -246,3 +247,45 @@ async def test_mirrored_pulls_neither_wait_out_nor_raise_a_registry_backoff(make
     held_back.task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await held_back.task
+
+
+# --- what a hostile node writes into the budget --------------------------------------------
+# Entries without TTL under both the old shared keys (what the budget read before) and the
+# per-node keys it reads now: none may hold another node's pulls past its own bounds.
+
+
+async def _forge(js: JetStreamContext, prefix: str, keys: list[str], value: bytes) -> None:
+    # No Nats-TTL: the entry would live as long as the bucket lets it.
+    for key in keys:
+        await js.publish(f"$KV.{budget_bucket(prefix)}.{key}", value)
+
+
+async def test_a_backoff_dated_2099_holds_pulls_for_the_readers_backoff_only(  # type: ignore[no-untyped-def]
+    make_node, js: JetStreamContext, prefix: str
+) -> None:
+    b = await make_node("node-b")  # backoff 2s
+    async with b.slot(OTHER_REGISTRY_IMAGE):  # binds (creates) the bucket
+        pass
+    registry = IMAGE.domain.replace(".", "_").replace(":", "_")
+    value = b'{"until": "2099-01-01T00:00:00Z", "node": "evil", "error": "429"}'
+    await _forge(js, prefix, [f"backoff.{registry}", f"backoff.{registry}.evil"], value)
+    waiter = Holder(b)
+    await asyncio.wait_for(waiter.holding.wait(), 60)
+    assert b.backoff_until is not None and b.backoff_until.year < 2099
+    waiter.release.set()
+    await waiter.task
+
+
+async def test_a_slot_written_without_ttl_blocks_nobody_past_one_lease(  # type: ignore[no-untyped-def]
+    make_node, js: JetStreamContext, prefix: str
+) -> None:
+    b = await make_node("node-b")  # one slot, lease 2s
+    async with b.slot(OTHER_REGISTRY_IMAGE):  # binds (creates) the bucket
+        pass
+    token = hashlib.sha256(str(IMAGE).encode()).hexdigest()[:24]
+    keys = [f"slot.{token}.0", f"slot.{token}.evil", f"alive.slot.{token}.evil"]
+    await _forge(js, prefix, keys, b"evil")
+    waiter = Holder(b)
+    await asyncio.wait_for(waiter.holding.wait(), 60)
+    waiter.release.set()
+    await waiter.task
