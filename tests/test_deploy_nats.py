@@ -31,7 +31,6 @@ from deploy_support import (
 )
 from fleetdicts import fleet
 from nats.aio.client import Client
-from nats.js.api import ConsumerConfig
 from polling import eventually
 
 from image_syncer.sandbox.nats_server import nats_server_binary
@@ -50,6 +49,8 @@ from wire.eventlog import (
     read_node_images,
     stream_name,
 )
+from wire.durables import DurableLimits, durable_config
+from wire.kvbuckets import ensure_bucket
 from wire.permissions import (
     LEASE_BUCKET,
     NODES_BUCKET,
@@ -59,6 +60,7 @@ from wire.permissions import (
     SLOTS_BUCKET,
     broadcaster_permissions,
     bucket_for,
+    install_buckets,
     render_accounts,
     syncer_permissions,
 )
@@ -110,13 +112,15 @@ def test_permissions_follow_the_prefix_and_never_grant_destruction(prefix: str) 
     assert f"{prefix}.gameserver.events.*.*.*" in broadcaster.publish
     assert f"$JS.API.STREAM.PURGE.{fleets}" in broadcaster.publish
     assert not [s for s in syncer.publish if s.startswith(f"{prefix}.")], "syncer publishes events"
-    assert f"$KV.{bucket_for(NODES_BUCKET, prefix)}.>" in syncer.publish
+    assert f"$KV.{bucket_for(NODES_BUCKET, prefix)}.node.>" in syncer.publish
     # The only delete anyone holds: a syncer replacing a consumer of the fleet stream.
     deletes = [s for s in broadcaster.publish + syncer.publish if "DELETE" in s]
     assert deletes == [f"$JS.API.CONSUMER.DELETE.{fleets}.*"]
     for subjects in (broadcaster.publish, syncer.publish):
         assert ">" not in subjects and "$JS.API.>" not in subjects
-    assert not [s for s in syncer.publish if "PURGE" in s or "STREAM.CREATE." + fleets in s]
+    # No syncer creates a stream or bucket (the broadcaster does, with their final config).
+    assert not [s for s in syncer.publish if "PURGE" in s or "STREAM.CREATE" in s]
+    assert not [s for s in syncer.publish if "STREAM.UPDATE" in s]
     for role in (broadcaster, syncer):
         assert role.subscribe == ("_INBOX.>",)
 
@@ -293,11 +297,12 @@ async def test_syncer_consumes_through_its_durable_and_writes_its_buckets(
     settings = LogSettings()
     await ensure_streams(broadcaster.jetstream(timeout=5), settings)
     await publish_event(broadcaster.jetstream(), settings, "fleet.events.added", _fleet("s1"))
+    for config in install_buckets("agones"):
+        await ensure_bucket(broadcaster.jetstream(timeout=5), config)
     js = syncer.jetstream(timeout=5)
     assert [m async for m in read_log(js, FLEETS)]
-    sub = await js.pull_subscribe(
-        "", durable="syncer-node-1", stream=FLEETS, config=ConsumerConfig(max_ack_pending=100)
-    )
+    await js.add_consumer(FLEETS, durable_config("node-1", "agones", DurableLimits(), 1))
+    sub = await js.pull_subscribe_bind(durable="syncer-node-1", stream=FLEETS)
     messages = await sub.fetch(100, timeout=5)
     for message in messages[:-1]:
         await message.ack_sync()
@@ -306,12 +311,16 @@ async def test_syncer_consumes_through_its_durable_and_writes_its_buckets(
     # A replay replaces the durable to move its start sequence.
     await sub.unsubscribe()
     assert await js.delete_consumer(FLEETS, "syncer-node-1")
-    for bucket in (NODES_BUCKET, PULLED_BUCKET, PINNED_BUCKET, SLOTS_BUCKET):
-        kv = await js.create_key_value(bucket=bucket, history=1)
-        await kv.put("node.node-1", b"{}")
-        assert (await kv.get("node.node-1")).value == b"{}"
-        assert "node.node-1" in await kv.keys()
-        await kv.delete("node.node-1")
+    for bucket, key in (
+        (NODES_BUCKET, "node.node-1"),
+        (PULLED_BUCKET, "node-1.abc"),
+        (PINNED_BUCKET, "node-1.abc"),
+        (SLOTS_BUCKET, "slot.abc.node-1"),
+    ):
+        kv = await js.key_value(bucket)
+        await kv.put(key, b"{}")
+        assert (await kv.get(key)).value == b"{}"
+        await kv.delete(key)
     _no_violations(server, "syncer")
 
 

@@ -154,7 +154,6 @@ def _stream_reader(stream: str) -> list[str]:
         f"{_API}.CONSUMER.CREATE.{stream}",
         f"{_API}.CONSUMER.CREATE.{stream}.>",
         f"{_API}.CONSUMER.INFO.{stream}.*",
-        f"{_API}.CONSUMER.DELETE.{stream}.*",
         # Flow-control replies of push consumers.
         f"$JS.FC.{stream}.>",
     ]
