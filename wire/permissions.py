@@ -349,7 +349,6 @@ def node_syncer_permissions(node: str, prefix: str = DEFAULT_PREFIX) -> RolePerm
     stream = stream_name(prefix, Kind.FLEET)
     status = nodestatus.bucket_name(prefix)
     slots = bucket_for(SLOTS_BUCKET, prefix)
-    token = node_token(node)
     publish = [
         *_node_reads(prefix),
         *_node_consumer(stream, durable_name(node)),
