@@ -8,6 +8,7 @@ or one the file grants too widely, fails here rather than on a cluster.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import urllib.request
@@ -30,6 +31,7 @@ from deploy_support import (
     one,
 )
 from fleetdicts import fleet
+from hostile_world import concrete
 from nats.aio.client import Client
 from polling import eventually
 
@@ -38,6 +40,7 @@ from image_syncer.sandbox.processes import free_port, stop_process, wait_until
 from syncer import cleanup, pinning, pullbudget
 from wire import nodestatus
 from wire.contract import AGONES_SDK_SOURCE, Kind, NodeImages
+from wire.durables import DurableLimits, durable_config
 from wire.eventlog import (
     LogSettings,
     ensure_node_images_stream,
@@ -49,7 +52,6 @@ from wire.eventlog import (
     read_node_images,
     stream_name,
 )
-from wire.durables import DurableLimits, durable_config
 from wire.kvbuckets import ensure_bucket
 from wire.permissions import (
     LEASE_BUCKET,
@@ -378,3 +380,43 @@ async def test_a_wrong_password_is_refused(server: Server) -> None:
             await client.connect(server.url, user="syncer", password="wrong", allow_reconnect=False)
     finally:
         await client.close()
+
+
+async def test_no_reply_subject_lets_the_shared_syncer_make_the_server_write(
+    server: Server, syncer: Client, broadcaster: Client, admin: Client
+) -> None:
+    """The static install has the same structure: every API verb the shared syncer may send,
+    with every subject a stream or bucket captures as its reply, stores nothing anywhere."""
+    settings = LogSettings()
+    bjs = broadcaster.jetstream(timeout=5)
+    await ensure_streams(bjs, settings, (Kind.FLEET, Kind.GAMESERVER))
+    await ensure_node_images_stream(bjs, settings)
+    for config in install_buckets("agones"):
+        await ensure_bucket(bjs, config)
+    await publish_event(bjs, settings, "fleet.events.added", _fleet("replied"))
+    ajs = admin.jetstream(timeout=5)
+    streams = await ajs.streams_info()
+    replies = [concrete(s) for info in streams for s in info.config.subjects or []]
+    replies += [f"$JS.API.STREAM.PURGE.{info.config.name}" for info in streams]
+    verbs = [concrete(p) for p in syncer_permissions().publish if p.startswith("$JS.API.")]
+    verbs = [v.replace(".forged.x", "") if ".DIRECT.GET." in v else v for v in verbs]
+
+    async def state() -> dict[str, tuple[int, int]]:
+        return {
+            info.config.name or "": (info.state.last_seq, info.state.messages)
+            for info in await ajs.streams_info()
+        }
+
+    before = await state()
+    for verb in verbs:
+        body = b'{"seq": 1}' if ".DIRECT.GET." in verb else b""
+        for reply in replies:
+            await syncer.publish(verb, body, reply=reply)
+    await syncer.flush()
+    # Each path answers a request with a real reply only after what it queued before.
+    for verb in verbs:
+        body = b'{"seq": 1}' if ".DIRECT.GET." in verb else b""
+        with contextlib.suppress(nats.errors.Error):
+            await syncer.request(verb, body, timeout=2)
+    assert len(verbs) * len(replies) > 300
+    assert await state() == before
