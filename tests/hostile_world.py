@@ -205,8 +205,11 @@ class World:
             f"$KV.{bucket_for(PINNED_BUCKET, p)}.{NODE_A}.*",
             *(
                 f"$KV.{slots}.{kind}.*.{node_token(NODE_A)}"
-                for kind in ("slot", "alive", "backoff")
+                for kind in ("slot", "mirror", "backoff", "alive.slot", "alive.mirror")
             ),
+            f"$KV.{slots}.seed.*.*.{node_token(NODE_A)}",
+            f"$KV.{slots}.alive.seed.*.*.{node_token(NODE_A)}",
+            f"$KV.{slots}.seeded.*.{NODE_A}",
         ]
         return any(matches(pattern, subject) for pattern in mine)
 
@@ -258,7 +261,7 @@ async def open_world(inst: Installation) -> World:
             b'{"ref": "registry.example/b:1"}',
         ),
         (bucket_for(SLOTS_BUCKET, inst.prefix), f"slot.img.{token_b}", b"node-b"),
-        (bucket_for(SLOTS_BUCKET, inst.prefix), f"alive.img.{token_b}", b"node-b"),
+        (bucket_for(SLOTS_BUCKET, inst.prefix), f"alive.slot.img.{token_b}", b"node-b"),
         (bucket_for(SLOTS_BUCKET, inst.prefix), f"backoff.registry_example.{token_b}", b"{}"),
     ]
     ttl_buckets = {c.name for c in install_buckets(inst.prefix) if c.allow_msg_ttl}

@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import nats.errors
 import nats.js.errors
@@ -388,6 +388,7 @@ async def test_a_bucket_made_by_someone_else_is_refused_and_rollups_repaired(wor
     """What the broadcaster finds at start: a foreign bucket stops it, a lax one is fixed."""
     fresh = f"p{uuid.uuid4().hex[:6]}"
     slots, status = install_buckets(fresh)[3], install_buckets(fresh)[0]
+    assert slots.name is not None and status.name is not None
     # Made by a node of the old design: its subjects also capture other clients' replies.
     await world.js.add_stream(
         StreamConfig(name=slots.name, subjects=[f"$KV.{slots.name[3:]}.>", "_INBOX.>"])
@@ -506,11 +507,11 @@ def _known(world: World) -> dict[str, Attack]:
     }
 
 
-def _both(*actions: object) -> object:
+def _both(*actions: Callable[[], Awaitable[object]]) -> Callable[[], Awaitable[object]]:
     async def action() -> None:
         for one in actions:
             with contextlib.suppress(nats.errors.Error, TimeoutError):
-                await one()  # type: ignore[operator]
+                await one()
 
     return action
 
