@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import nats.errors
+import nats.js.errors
 import pytest
 from fakekube import FakeKube
 from fleetdicts import fleet
@@ -476,6 +477,63 @@ async def test_syncer_retries_and_recovers_once_given_a_valid_token(
         image = push()
         await publish_event(js, log_settings, "fleet.events.added", fleet("late", image))
         await eventually(lambda: image in containerd.image_refs(), f"{image} pulled")
+    finally:
+        assert await syncer.stop() == 0
+        await admin.close()
+
+
+async def test_a_lost_durable_is_made_again_at_the_nodes_next_login(
+    callout: Callout,
+    containerd: Containerd,
+    push: Callable[..., str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The node may not create its durable: when it is gone (a NATS restart drops the
+    memory-backed consumer), the syncer reconnects, and the callout makes it at the login."""
+    node = f"node-{uuid.uuid4().hex[:6]}"
+    admin = await callout.admin()
+    js = admin.jetstream()
+    log_settings = LogSettings(prefix=callout.prefix)
+    await install(js, callout.prefix)
+    settings = SyncerSettings(
+        node_name=node,
+        cri_endpoint=containerd.endpoint,
+        sync_period=1.0,
+        subject_prefix=callout.prefix,
+        metrics_addr="",
+        consumer_provisioned=True,
+        fetch_expiry=2.0,
+        fetch_heartbeat=0.5,
+        nats=callout.node_settings(node),
+    )
+    fleets = stream_name(callout.prefix, Kind.FLEET)
+    syncer = await RunningSyncer(settings).start()
+    try:
+        assert (await js.consumer_info(fleets, durable_name(node))).config.filter_subject
+        logins = len(logged(caplog, "nats client authorized", node=node))
+        await js.delete_consumer(fleets, durable_name(node))
+        image = push()
+        await publish_event(js, log_settings, "fleet.events.added", fleet("after-loss", image))
+        # The replay that follows the loss reads the log without a consumer: the image comes.
+        await eventually(lambda: image in containerd.image_refs(), f"{image} pulled")
+        await eventually(
+            lambda: len(logged(caplog, "nats client authorized", node=node)) > logins,
+            "the syncer logged in again",
+        )
+
+        async def durable_back() -> bool:
+            try:
+                await js.consumer_info(fleets, durable_name(node))
+            except nats.js.errors.NotFoundError:
+                return False
+            return True
+
+        await _until(durable_back, "the durable made again at the login")
+        # And it delivers: a Fleet published now is pulled through the live loop.
+        later = push()
+        await publish_event(js, log_settings, "fleet.events.added", fleet("later", later))
+        await eventually(lambda: later in containerd.image_refs(), f"{later} pulled")
+        assert not callout.violations(f"syncer {node}")
     finally:
         assert await syncer.stop() == 0
         await admin.close()
