@@ -27,8 +27,10 @@ from image_syncer.sandbox.containerd import Containerd
 from image_syncer.sandbox.images import build_image, push_image
 from image_syncer.sandbox.mirror import MirroredRegistry
 from syncer.cri import CriClient
+from syncer.leases import Lease, alive_key, take
 from syncer.pullbudget import budget_bucket, image_hash, open_budget_bucket
 from syncer.references import normalize
+from syncer.seeding import SeedSettings
 from syncer.settings import SyncerSettings
 from wire.eventlog import LogSettings, publish_event
 from wire.natsconn import NatsSettings
@@ -134,6 +136,19 @@ async def test_with_a_mirror_the_upstream_serves_each_blob_once_per_seed_for_any
     assert len(logged(caplog, "seed complete")) == 1
 
 
+async def hold_seed(js: JetStreamContext, prefix: str, family: str) -> asyncio.Task[None]:
+    """Another node holds the family's seed lease (syncer.leases), renewing it as a seed would,
+    until the returned task is cancelled."""
+    await open_budget_bucket(js, prefix, 1)
+    ttl = SeedSettings.lease
+    bucket = budget_bucket(prefix)
+    revision = await take(js, bucket, family, "node-elsewhere", limit=1, ttl=ttl, max_hold=600)
+    assert revision is not None
+    subject = f"$KV.{bucket}.{alive_key(family, 'node-elsewhere')}"
+    lease = Lease(js, subject, "node-elsewhere", revision, ttl, lambda e: None)
+    return asyncio.create_task(lease.keep())
+
+
 async def test_nodes_wait_for_the_seed_and_say_so(
     mirrored: MirroredRegistry,
     mirror_nodes: list[Containerd],
@@ -148,9 +163,7 @@ async def test_nodes_wait_for_the_seed_and_say_so(
     settings = node_settings(mirror_nodes[0], nats_settings, prefix, mirror=("*",))
     await run_nodes([settings])
     # Another node is seeding this image (it holds the lease; the test plays it).
-    kv = await open_budget_bucket(js, prefix, 1)
-    lease = f"seed.{image_hash(image)}._.0"
-    await kv.create(lease, b"node-elsewhere", msg_ttl=600)
+    holder = await hold_seed(js, prefix, f"seed.{image_hash(image)}._")
     await publish_event(js, log_settings, "fleet.events.added", fleet("game", ref))
 
     async def waiting_seed() -> bool:
@@ -170,6 +183,7 @@ async def test_nodes_wait_for_the_seed_and_say_so(
         msg_ttl=600,
     )
     await eventually(lambda: holds(mirror_nodes[0], ref), "the node to pull after the report")
+    holder.cancel()
 
 
 async def test_without_a_mirror_pulls_are_as_before(
@@ -215,11 +229,11 @@ async def test_seeds_are_counted_per_value_of_the_seed_per_label(
     ref = push()
     image = normalize(ref)
     # The cluster-wide group's seed is busy elsewhere; this node's zone has none yet.
-    kv = await open_budget_bucket(js, prefix, 1)
-    await kv.create(f"seed.{image_hash(image)}._.0", b"node-elsewhere", msg_ttl=600)
+    holder = await hold_seed(js, prefix, f"seed.{image_hash(image)}._")
     with OpenApiServer(node, token="unused") as api:
         await run_nodes([replace(settings, kube_api_url=api.url)])
         await publish_event(js, log_settings, "fleet.events.added", fleet("game", ref))
         await eventually(lambda: ref in containerd.image_refs(), "the zone's seed to pull")
     (seeding,) = logged(caplog, "seeding image")
-    assert seeding.lease == f"seed.{image_hash(image)}.zone-a.0"  # type: ignore[attr-defined]
+    holder.cancel()
+    assert seeding.lease == f"seed.{image_hash(image)}.zone-a"  # type: ignore[attr-defined]
