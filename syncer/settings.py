@@ -68,8 +68,6 @@ class SyncerSettings:
     # Anti-entropy: fold the whole log again this often (jittered; 0 = only after a reconnect
     # or a lost durable), so a Fleet whose delete never arrived is dropped.
     refold_period: float = 3600.0
-    # The node-images stream is read again this often (a node creates no consumer to follow it).
-    node_images_period: float = 60.0
     # /healthz fails once the runtime has not answered for this long (stale hostPath socket).
     runtime_unhealthy_after: float = 300.0
     # Which Fleets: a label selector on Fleet labels; empty selects all.
@@ -154,8 +152,6 @@ class SyncerSettings:
             raise ValueError("ledger_ttl must be at least 1m (the node renews it every quarter)")
         if self.refold_period < 0:
             raise ValueError("refold_period must not be negative (0 turns the timer off)")
-        if self.node_images_period <= 0:
-            raise ValueError("node_images_period must be positive")
         if self.max_cluster_pulls < 0:
             raise ValueError("max_cluster_pulls must not be negative (0 turns the budget off)")
         self._check_seeding()

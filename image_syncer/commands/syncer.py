@@ -231,13 +231,6 @@ def syncer(
             "REFOLD_PERIOD",
         ),
     ] = _duration(SyncerSettings.refold_period),
-    node_images_period: Annotated[
-        float,
-        Duration(
-            "Read the node-images stream (the Agones SDK sidecar's image) again this often.",
-            "NODE_IMAGES_PERIOD",
-        ),
-    ] = _duration(SyncerSettings.node_images_period),
     lag_interval: Annotated[
         float,
         Duration(
@@ -466,7 +459,6 @@ def syncer(
             status_heartbeat=status_heartbeat,
             lag_interval=lag_interval,
             refold_period=refold_period,
-            node_images_period=node_images_period,
             fetch_expiry=fetch_expiry,
             fetch_heartbeat=fetch_heartbeat,
             runtime_unhealthy_after=runtime_unhealthy_after,
