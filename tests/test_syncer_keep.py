@@ -16,6 +16,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import msgspec
+import nats.js.errors
 import polling
 import pytest
 from nats.js import JetStreamContext
@@ -37,7 +39,14 @@ from syncer.containerd_images import PIN_LABEL, PIN_VALUE
 from syncer.cri import CriClient, RuntimeImage
 from syncer.settings import SyncerSettings
 from wire.eventlog import LogSettings, publish_event
-from wire.nodestatus import NodeState, StatusSettings, get_status, open_status_bucket
+from wire.nodestatus import (
+    NodeState,
+    StatusSettings,
+    beat_key,
+    decode_heartbeat,
+    get_status,
+    open_status_bucket,
+)
 
 pytestmark = [pytest.mark.nats, pytest.mark.cri]
 
@@ -66,7 +75,18 @@ async def node_state(js: JetStreamContext, settings: SyncerSettings) -> NodeStat
     # None until the syncer's first status write created the bucket.
     kv = await open_status_bucket(js, StatusSettings(prefix=settings.subject_prefix))
     status = await get_status(kv, settings.node_name) if kv is not None else None
-    return status.summary if status is not None else None
+    if kv is None or status is None:
+        return None
+    # The last reconcile's time rides on the heartbeat (the entry is written only on news):
+    # read the newer of the two, as every status reader does.
+    try:
+        beat = decode_heartbeat((await kv.get(beat_key(settings.node_name))).value or b"")
+    except nats.js.errors.KeyNotFoundError:
+        return status.summary
+    seen = status.summary.last_reconcile
+    if beat.last_reconcile is not None and (seen is None or beat.last_reconcile > seen):
+        return msgspec.structs.replace(status.summary, last_reconcile=beat.last_reconcile)
+    return status.summary
 
 
 async def until_state(
