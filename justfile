@@ -33,7 +33,7 @@ lock:
     {{uv}} pip compile locks/build.in {{lock_flags}} -o locks/build.txt
 
 # Mutation testing of the pure modules, per module (mutmut; [tool.mutmut] in pyproject.toml).
-# `./dev mutate syncer/desired.py` for one; `./dev mutate --report --survivors` for the last results.
+# `./dev mutate syncer/folding/desired.py` for one; `./dev mutate --report --survivors` for the last results.
 mutate *ARGS:
     {{python}} tests/mutation.py {{ARGS}}
 

@@ -16,9 +16,9 @@ import grpc
 import grpc.aio
 
 from bench.fakeruntime import MemoryRuntime
-from syncer.cri import RuntimeImage
 from syncer.cri_api import api_pb2
 from syncer.cri_api.api_pb2_grpc import ImageServiceServicer, add_ImageServiceServicer_to_server
+from syncer.runtime.cri import RuntimeImage
 
 __all__ = ["serve_cri"]
 

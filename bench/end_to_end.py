@@ -32,9 +32,9 @@ from bench.services import (
 from image_syncer.fleets import build_fleet
 from image_syncer.sandbox.images import push_image
 from ops.serving import Health
-from syncer.cri import CriClient
-from syncer.references import normalize
+from syncer.folding.references import normalize
 from syncer.runner import run
+from syncer.runtime.cri import CriClient
 from syncer.settings import SyncerSettings
 from wire.eventlog import publish_event
 
@@ -66,7 +66,7 @@ async def measure(argv: Sequence[str] | None) -> dict[str, Any]:
     runs = repeats(args, 9)
     production_logging()
     synced = Synced()
-    logging.getLogger("syncer.inventory").addHandler(synced)
+    logging.getLogger("syncer.pulling.inventory").addHandler(synced)
     ours, direct = [], []
     with nats_server() as server, registry() as reg, containerd() as runtime:
         refs = [f"{reg.address}/bench/e2e-{i}:v1" for i in range(2 * runs)]

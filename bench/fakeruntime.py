@@ -11,8 +11,8 @@ import hashlib
 import time
 from collections.abc import Callable, Iterable
 
-from syncer.cri import ImageFilesystem, RegistryAuth, RuntimeImage
-from syncer.references import normalize
+from syncer.folding.references import normalize
+from syncer.runtime.cri import ImageFilesystem, RegistryAuth, RuntimeImage
 
 __all__ = ["MemoryRuntime"]
 

@@ -34,9 +34,9 @@ from image_syncer.sandbox.images import build_image, push_image
 from image_syncer.sandbox.mirror import MirroredRegistry
 from image_syncer.sandbox.nats_server import NatsServer
 from ops.serving import Health
-from syncer.cri import CriClient
-from syncer.references import normalize
+from syncer.folding.references import normalize
 from syncer.runner import run
+from syncer.runtime.cri import CriClient
 from syncer.settings import SyncerSettings
 from wire.eventlog import LogSettings, ensure_streams, publish_event
 

@@ -4,7 +4,7 @@ Benchmarks measure the real replay and live paths (``FleetConsumer``), so they b
 graph the runner builds: desired state, puller, inventory, reconciler, consumer, with any CRI
 client. :func:`idle_loops` adds what else a syncer runs while idle and what talks to NATS: the
 status reporter, the node-images follower, the replay-request watch and the periodic reconcile
-(whose time rides on the heartbeat), wired as ``syncer.runner`` and ``syncer.gatekeeper`` wire
+(whose time rides on the heartbeat), wired as ``syncer.runner`` and ``syncer.node.gatekeeper`` wire
 them, so a simulated node costs NATS what a real one does.
 """
 
@@ -21,18 +21,18 @@ from bench.fakeruntime import MemoryRuntime
 from bench.services import PREFIX
 from ops.retry import Backoff
 from ops.serving import Health
-from syncer.consumer import FleetConsumer
-from syncer.cri import CriClient
-from syncer.desired import DesiredState
-from syncer.inventory import Inventory
-from syncer.nodeimages import NodeImageSet
-from syncer.puller import Puller
-from syncer.reconcile import Reconciler
-from syncer.replayrequests import ReplayRequests
-from syncer.runtimehealth import RuntimeHealth
+from syncer.folding.desired import DesiredState
+from syncer.node.nodeimages import NodeImageSet
+from syncer.pulling.inventory import Inventory
+from syncer.pulling.puller import Puller
+from syncer.pulling.reconcile import Reconciler
+from syncer.pulling.runtimehealth import RuntimeHealth
+from syncer.reading.consumer import FleetConsumer
+from syncer.reporting.nodestate import node_state
+from syncer.reporting.replayrequests import ReplayRequests
+from syncer.reporting.reporter import StatusReporter
+from syncer.runtime.cri import CriClient
 from syncer.settings import SyncerSettings
-from syncer.snapshot import node_state
-from syncer.status import StatusReporter
 from wire.natsconn import NatsSettings
 from wire.nodestatus import StatusSettings
 

@@ -15,7 +15,7 @@ import nats.js.errors
 from nats.js import JetStreamContext
 
 from image_syncer.oneshot import CommandError
-from syncer.references import InvalidImageReference, normalize
+from syncer.folding.references import InvalidImageReference, normalize
 from wire.contract import (
     Action,
     ContractError,

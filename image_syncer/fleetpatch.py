@@ -29,7 +29,7 @@ from typing import Any
 from kubernetes.client import ApiException, CustomObjectsApi
 from urllib3.exceptions import HTTPError
 
-from syncer.references import InvalidImageReference, normalize
+from syncer.folding.references import InvalidImageReference, normalize
 from wire.contract import NEXT_IMAGES_ANNOTATION, parse_next_images
 
 __all__ = [

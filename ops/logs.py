@@ -4,7 +4,7 @@ Code logs a short fixed message and puts the facts in ``extra``::
 
     log.info("fleet synced", extra={"fleet": "default/simple", "image": img, "ref": ref})
 
-which renders as ``ts=... level=info logger=syncer.inventory msg="fleet synced"
+which renders as ``ts=... level=info logger=syncer.pulling.inventory msg="fleet synced"
 fleet=default/simple image=... ref=...``. The fixed message keeps lines greppable (Octops
 image-syncer's (Go) ``image already present`` and ``fleet synced`` stay exactly as operators know
 them); the fields make them queryable.

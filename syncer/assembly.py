@@ -17,28 +17,28 @@ from nats.js import JetStreamContext
 from ops.retry import Backoff
 from ops.serving import Health
 from syncer import metrics
-from syncer.consumer import FleetConsumer
-from syncer.cri import CriClient, RuntimeImage
-from syncer.desired import DesiredState
-from syncer.filtering import FleetFilter
-from syncer.folding import report_transition
-from syncer.gatekeeper import Gatekeeper
-from syncer.inventory import Inventory
-from syncer.keeping import Keeper
-from syncer.nodeinfo import ApiEndpoint, NodeWatcher
-from syncer.pullbudget import BudgetSettings, PullBudget
-from syncer.puller import Puller
-from syncer.reconcile import Reconciler
-from syncer.references import ImageRef
-from syncer.refold import Refolder
-from syncer.registryauth import RegistryCredentials
-from syncer.replayrequests import ReplayRequests
-from syncer.runtimehealth import RuntimeHealth
-from syncer.seeding import Seeding, SeedSettings
+from syncer.folding.desired import DesiredState
+from syncer.folding.filtering import FleetFilter
+from syncer.folding.references import ImageRef
+from syncer.folding.transitions import report_transition
+from syncer.keeping.keeper import Keeper
+from syncer.keeping.unusedimages import UnrecordedLabels, UnusedImages
+from syncer.node.gatekeeper import Gatekeeper
+from syncer.node.nodeinfo import ApiEndpoint, NodeWatcher
+from syncer.pulling.inventory import Inventory
+from syncer.pulling.pullbudget import BudgetSettings, PullBudget
+from syncer.pulling.puller import Puller
+from syncer.pulling.reconcile import Reconciler
+from syncer.pulling.registryauth import RegistryCredentials
+from syncer.pulling.runtimehealth import RuntimeHealth
+from syncer.pulling.seeding import Seeding, SeedSettings
+from syncer.reading.antientropy import Refolder
+from syncer.reading.consumer import FleetConsumer
+from syncer.reporting.nodestate import node_state
+from syncer.reporting.replayrequests import ReplayRequests
+from syncer.reporting.reporter import StatusReporter
+from syncer.runtime.cri import CriClient, RuntimeImage
 from syncer.settings import SyncerSettings
-from syncer.snapshot import node_state
-from syncer.status import StatusReporter
-from syncer.unused import UnrecordedLabels, UnusedImages
 from wire.contract import Fleet
 from wire.nodestatus import NodeState, StatusError, StatusSettings, check_node
 

@@ -30,11 +30,11 @@ from ops.lifecycle import Deadline, cancel_and_wait, every, until_stopping
 from ops.retry import Backoff, retry
 from ops.serving import Health, parse_addr, serve_http
 from syncer import assembly, metrics
-from syncer.cri import CriClient, CriError
-from syncer.nodeinfo import NodeInfoError
-from syncer.registryauth import RegistryCredentials
-from syncer.replay import replay_until_done
-from syncer.runtimehealth import RuntimeHealth
+from syncer.node.nodeinfo import NodeInfoError
+from syncer.pulling.registryauth import RegistryCredentials
+from syncer.pulling.runtimehealth import RuntimeHealth
+from syncer.reading.replay import replay_until_done
+from syncer.runtime.cri import CriClient, CriError
 from syncer.settings import CLOSING_BOUND, SyncerSettings
 from wire.natsconn import RETRYABLE, connect
 from wire.permissions import inbox_prefix

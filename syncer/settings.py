@@ -6,8 +6,8 @@ import re
 import socket
 from dataclasses import dataclass, field
 
-from syncer.filtering import FleetFilter
-from syncer.references import normalize
+from syncer.folding.filtering import FleetFilter
+from syncer.folding.references import normalize
 from wire.contract import DEFAULT_PREFIX
 from wire.natsconn import NatsSettings
 
@@ -90,7 +90,7 @@ class SyncerSettings:
     # cluster holds back pulls from a registry that answered 429.
     max_cluster_pulls: int = 0
     registry_backoff: float = 60.0
-    # Seeding (syncer.seeding): registry hosts this node's runtime pulls through a mirror
+    # Seeding (syncer.pulling.seeding): registry hosts this node's runtime pulls through a mirror
     # ("*": all; empty: seeding off), seeds per image (per value of the node label seed_per,
     # "" = one group), how long a waiting node gives a seed before seeding too, how long a
     # seed's report stands; and the cluster-wide slots per image for mirrored pulls (0 = none).

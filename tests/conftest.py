@@ -12,10 +12,10 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
-from fakekube import FakeKube
 from hypothesis import settings as hypothesis_settings
 from nats.aio.client import Client
 from nats.js import JetStreamContext
+from support.fakekube import FakeKube
 
 from image_syncer.sandbox.containerd import Containerd
 from image_syncer.sandbox.images import push_image
@@ -46,7 +46,7 @@ def own_nats_server(tmp_path: Path) -> Iterator[NatsServer]:
 
 @pytest.fixture
 def kube(tmp_path: Path) -> Iterator[FakeKube]:
-    """A fake Kubernetes API server of the test's own (see tests/fakekube), with a kubeconfig."""
+    """A fake Kubernetes API server of the test's own (see tests/support/fakekube), with a kubeconfig."""
     with FakeKube(tmp_path / "kube") as server:
         yield server
 

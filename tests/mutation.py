@@ -54,7 +54,7 @@ def configured_modules() -> list[str]:
 
 
 def run(module: str) -> None:
-    """Mutate ``module`` (``syncer/desired.py``) and run its tests; mutmut's output to a log."""
+    """Mutate ``module`` (``syncer/folding/desired.py``) and run its tests; mutmut's output to a log."""
     pattern = module.removesuffix(".py").replace("/", ".") + ".*"
     MUTANTS.mkdir(exist_ok=True)
     log = MUTANTS / f"{module.replace('/', '.')}.log"

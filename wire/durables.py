@@ -3,8 +3,8 @@
 A node may not create consumers (:mod:`wire.permissions`, rule 1), so with per-node identities
 the auth callout creates ``syncer-<node>`` when the node logs in (:func:`ensure_node_durable`),
 delivering from the first message: the node's replay folds the log first, then skips what the
-durable brings again up to the sequence folded (:mod:`syncer.durable`). The static install and
-the sandbox let the syncer create it itself, starting after the sequence it folded. Both use
+durable brings again up to the sequence folded (:mod:`syncer.reading.durable`). The static install
+and the sandbox let the syncer create it itself, starting after the sequence it folded. Both use
 :func:`durable_config`, so a durable is the same whoever made it. The create request names the
 filter in its subject (``CONSUMER.CREATE.<stream>.<name>.<filter>``), so the server refuses a
 body with another filter or name.

@@ -1,7 +1,7 @@
 """Image references in the one normal form that every reader of the bus compares.
 
 A Fleet may say ``nginx``; containerd reports ``docker.io/library/nginx:latest``, and node status
-entries carry the normalized form. The syncer (``syncer.references``, which builds its
+entries carry the normalized form. The syncer (``syncer.folding.references``, which builds its
 ``ImageRef`` on :func:`parse_reference`) and the broadcaster (which reads node status against a
 Fleet's next images) must normalize alike, so the grammar is applied here, once: docker-image-py,
 a port of distribution/reference, the grammar the runtimes themselves use.

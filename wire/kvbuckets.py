@@ -12,7 +12,7 @@ with ``Nats-Rollup: all`` would otherwise wipe every other node's keys. nats-py'
 sends that header, so image-syncer deletes keys (``kv.delete``) and never purges them. Buckets
 whose keys carry their own TTL (node status, pull slots) allow per-message TTLs; the pull-slot
 bucket also has a ``max_age``, so no entry outlives it whatever TTL its writer chose (readers
-check entries' age too, see :mod:`syncer.pullbudget`).
+check entries' age too, see :mod:`syncer.pulling.pullbudget`).
 """
 
 from __future__ import annotations

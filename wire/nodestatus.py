@@ -10,8 +10,8 @@ Every syncer keeps two entries in the bucket ``IMAGE_SYNCER_NODES`` (other subje
   what changes all the time without telling a reader anything new (the last reconcile's time), so
   the entry itself is written only when something a reader uses changed.
 
-The syncer writes them (``syncer.status``); ``image-syncer status`` and ``wait`` read them. Both
-import the shapes from here and nowhere else, so writer and readers cannot drift.
+The syncer writes them (``syncer.reporting.reporter``); ``image-syncer status`` and ``wait`` read
+them. Both import the shapes from here and nowhere else, so writer and readers cannot drift.
 
 Compact by design. Thousands of nodes times hundreds of Fleets must fit in a read of a couple of
 seconds, so an entry says per Fleet only which event it was folded from and, if the node does not
@@ -21,7 +21,7 @@ Image strings appear only for what is missing. Features that have something to s
 whose fields all have defaults.
 
 The same bucket holds replay requests, ``replay.<node>``: ``image-syncer replay`` writes one, the
-node's syncer honours it (``syncer.replaycontrol``) and deletes it.
+node's syncer honours it (``syncer.reporting.replaykv``) and deletes it.
 
 Ageing out. Status entries and heartbeats are written with a per-message TTL (``node_ttl``): a
 node that vanished without a word disappears from the bucket once they expire. Replay requests

@@ -94,12 +94,12 @@ ACCOUNT = "IMAGE_SYNCER"
 # Every stream and bucket lives here, reached by the clients only through service imports.
 JS_ACCOUNT = "JS"
 NODES_BUCKET = nodestatus.DEFAULT_BUCKET
-# The syncer's cleanup records (syncer.cleanup.BUCKET; a test keeps the two equal).
+# The syncer's cleanup records (syncer.keeping.cleaner.BUCKET; a test keeps the two equal).
 PULLED_BUCKET = "IMAGE_SYNCER_PULLED"
-# The names each syncer pinned itself (syncer.pinning.BUCKET; a test keeps the two equal).
+# The names each syncer pinned itself (syncer.keeping.pinning.BUCKET; a test keeps the two equal).
 PINNED_BUCKET = "IMAGE_SYNCER_PINNED"
 # The cluster-wide pull slots, registry backoffs, seed leases and seed reports
-# (syncer.pullbudget.BUCKET; a test keeps the two equal).
+# (syncer.pulling.pullbudget.BUCKET; a test keeps the two equal).
 SLOTS_BUCKET = "IMAGE_SYNCER_PULL_SLOTS"
 LEASE_BUCKET = "IMAGE_SYNCER_LEASE"
 SYNCER_CONSUMER_PREFIX = "syncer-"
@@ -170,8 +170,8 @@ def _pushed(stream: str, consumer: str, filter_subject: str) -> list[str]:
     ]
 
 
-# The suffixes of a node's push consumers on its durable's name (syncer.nodeimages and
-# syncer.replaycontrol use the same; a test keeps them equal).
+# The suffixes of a node's push consumers on its durable's name (syncer.node.nodeimages and
+# syncer.reporting.replaykv use the same; a test keeps them equal).
 IMAGES_CONSUMER_SUFFIX = "-images"
 REPLAY_CONSUMER_SUFFIX = "-replay"
 
@@ -231,7 +231,7 @@ def install_buckets(prefix: str = DEFAULT_PREFIX, replicas: int = 1) -> list[Str
             "image-syncer: per-node status and replay requests",
             replicas,
         ),
-        # The ledgers' keys carry a TTL too (syncer.ledger).
+        # The ledgers' keys carry a TTL too (syncer.keeping.ledger).
         ttl_bucket_config(
             bucket_for(PULLED_BUCKET, prefix),
             "image-syncer: images each node's syncer pulled itself",
@@ -387,8 +387,9 @@ def callout_permissions(prefix: str = DEFAULT_PREFIX) -> RolePermissions:
 
 
 def _budget_keys(bucket: str, node: str) -> list[str]:
-    """The keys of the pull budget's bucket (:mod:`syncer.leases`, :mod:`syncer.pullbudget`,
-    :mod:`syncer.seeding`) one node writes, each ending with the node (rule 3): its tickets
+    """The keys of the pull budget's bucket (:mod:`syncer.pulling.leases`,
+    :mod:`syncer.pulling.pullbudget`,
+    :mod:`syncer.pulling.seeding`) one node writes, each ending with the node (rule 3): its tickets
     and alive keys of pull slots, mirror slots and seed leases, its registry backoffs, its seed
     reports."""
     token = node_token(node)

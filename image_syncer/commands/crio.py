@@ -1,7 +1,7 @@
 """Command: ``crio-pinned-config``, CRI-O's ``pinned_images`` drop-in for the Fleets on the log.
 
-CRI-O pins images by configuration only (see :mod:`syncer.crio`), so the syncer cannot pin on
-CRI-O nodes by itself; this prints the drop-in for the images of every live Fleet the syncers
+CRI-O pins images by configuration only (see :mod:`syncer.keeping.criopins`), so the syncer cannot
+pin on CRI-O nodes by itself; this prints the drop-in for the images of every live Fleet the syncers
 would admit (same ``--fleet-selector`` and opt-out annotation), the images every node keeps
 besides (the node-images stream: the Agones SDK sidecar), plus ``--extra-image``.
 """
@@ -14,9 +14,9 @@ import typer
 from image_syncer.fleetlog import read_fleets
 from image_syncer.oneshot import CommandError, fail, jetstream, run_nats_command
 from image_syncer.options import DEFAULT_PREFIX, PrefixOption, split_values, with_nats_options
-from syncer.crio import pinned_images_dropin
-from syncer.filtering import FleetFilter, SelectorError
-from syncer.references import InvalidImageReference, normalize
+from syncer.folding.filtering import FleetFilter, SelectorError
+from syncer.folding.references import InvalidImageReference, normalize
+from syncer.keeping.criopins import pinned_images_dropin
 from wire.contract import Action, Fleet, Kind, check_prefix, images_of
 from wire.eventlog import read_node_images, stream_name
 from wire.natsconn import NatsSettings

@@ -67,7 +67,7 @@ from image_syncer.options import (
 )
 from image_syncer.statusbucket import status_settings
 from ops.durations import format_duration
-from syncer.references import normalize
+from syncer.folding.references import normalize
 from wire.contract import NEXT_IMAGES_ANNOTATION, parse_next_images
 from wire.natsconn import NatsSettings
 from wire.nodestatus import StatusError, StatusSettings, parse_fleet

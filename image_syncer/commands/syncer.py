@@ -35,7 +35,7 @@ def _duration(seconds: float) -> Any:
 
 
 def _percent(text: str) -> float:
-    from syncer.diskbudget import parse_percent
+    from syncer.keeping.diskbudget import parse_percent
 
     try:
         return parse_percent(text)

@@ -43,8 +43,8 @@ use. What it models:
   and ``authenticated: false`` with an ``invalid bearer token`` error for an unknown or expired
   token or one whose audiences do not meet the requested ones.
 
-tests/kubeshapes.py names the Kubernetes source of every shape; tests/test_fakekube_shapes.py
-holds the fake to them.
+tests/support/kubeshapes.py names the Kubernetes source of every shape;
+tests/unit/test_fakekube_shapes.py holds the fake to them.
 """
 
 from __future__ import annotations
