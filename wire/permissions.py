@@ -96,7 +96,7 @@ JS_ACCOUNT = "JS"
 NODES_BUCKET = nodestatus.DEFAULT_BUCKET
 # The syncer's cleanup records (syncer.keeping.cleaner.BUCKET; a test keeps the two equal).
 PULLED_BUCKET = "IMAGE_SYNCER_PULLED"
-# The names each syncer pinned itself (syncer.keeping.pinning.BUCKET; a test keeps the two equal).
+# The names each syncer pinned itself (syncer.keeping.pinledger.BUCKET; a test keeps the two equal).
 PINNED_BUCKET = "IMAGE_SYNCER_PINNED"
 # The cluster-wide pull slots, registry backoffs, seed leases and seed reports
 # (syncer.pulling.pullbudget.BUCKET; a test keeps the two equal).

@@ -28,7 +28,9 @@ from syncer.folding.references import Holding, ImageRef, InvalidImageReference, 
 from syncer.keeping.diskbudget import DiskBudget
 from syncer.keeping.gcfight import RemovalTracker
 from syncer.keeping.manifestsize import ManifestSizes
-from syncer.keeping.pinning import BUCKET, Pinner, PinningSupport, pinning_support
+from syncer.keeping.pinledger import BUCKET
+from syncer.keeping.pinning import Pinner
+from syncer.keeping.pinsupport import PinningSupport, pinning_support
 from syncer.pulling.puller import PullResult
 from syncer.runtime.containerd_images import ContainerdImages
 from syncer.runtime.cri import (

@@ -32,223 +32,28 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Collection, Iterable, Mapping
-from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import Awaitable, Collection, Mapping
 
 import grpc
-import msgspec
 from nats.js import JetStreamContext
-from nats.js.kv import KeyValue
 
 from ops.lifecycle import cancel_and_wait
 from syncer import metrics
-from syncer.folding.references import Holding, ImageRef, InvalidImageReference, normalize
-from syncer.keeping.cleaner import LOAD_TIMEOUT, ensure_pulled_bucket, record_key
-from syncer.keeping.ledger import DEFAULT_TTL, Conflict, NodeLedger
+from syncer.folding.references import Holding, ImageRef, normalize
+from syncer.keeping.ledger import DEFAULT_TTL
+from syncer.keeping.pinledger import BUCKET, PinLedger
+from syncer.keeping.pinsupport import ImageLabels
 from syncer.runtime.containerd_images import PIN_LABEL, PIN_VALUE, ImageRecord
-from syncer.runtime.cri import CriError, RuntimeUnavailable, RuntimeVersion
-from wire.directread import read_keys
+from syncer.runtime.cri import CriError
 
-__all__ = [
-    "BUCKET",
-    "PINNED_BY_LABEL",
-    "ImageLabels",
-    "PinLedger",
-    "Pinner",
-    "PinningSupport",
-    "pinning_support",
-]
+__all__ = ["PINNED_BY_LABEL", "Pinner"]
 
 log = logging.getLogger(__name__)
 
-BUCKET = "IMAGE_SYNCER_PINNED"
 # Next to the pin label on every name this syncer pinned; the value is its node.
 PINNED_BY_LABEL = "image-syncer.octops.io/pinned-by"
-# A name no image has: asking for it shows the images service answers (NOT_FOUND is an answer).
-_PROBE_NAME = "image-syncer.invalid/probe:pinning"
-_DESCRIPTION = "image-syncer: image names each node's syncer pinned itself"
 # How long a cancelled pin gets to wind down at stop.
 _CANCEL_PATIENCE = 0.5
-
-
-class ImageLabels(Protocol):
-    """What pinning needs of the runtime:
-    :class:`syncer.runtime.containerd_images.ContainerdImages`."""
-
-    async def names_of(self, name: str) -> list[ImageRecord]: ...
-
-    async def list(self, *filters: str) -> list[ImageRecord]: ...
-
-    async def set_label(self, name: str, key: str, value: str) -> None: ...
-
-    async def remove_label(self, name: str, key: str) -> None: ...
-
-
-@dataclass(frozen=True)
-class PinningSupport:
-    """Whether this node's runtime can be told to pin, and in words why (for logs and status)."""
-
-    enabled: bool
-    reason: str
-
-    def describe(self) -> str:
-        return self.reason if self.enabled else f"off: {self.reason}"
-
-
-class _Probe(Protocol):
-    async def get(self, name: str) -> ImageRecord | None: ...
-
-
-async def pinning_support(
-    wanted: bool, version: RuntimeVersion | CriError, images: _Probe
-) -> PinningSupport:
-    """Decide once at start: pin on containerd whose images service answers, else say why not.
-
-    ``version`` is the CRI Version answer, or the error asking for it raised. Raises
-    RuntimeUnavailable when containerd's images service cannot be reached: undecided, ask again.
-    """
-    if not wanted:
-        return PinningSupport(False, "disabled by --pin-images=false")
-    if isinstance(version, CriError):
-        return PinningSupport(False, f"the runtime did not say which it is: {version}")
-    runtime = f"{version.name} {version.version}".strip()
-    if version.name == "containerd":
-        try:
-            await images.get(_PROBE_NAME)
-        except RuntimeUnavailable:
-            raise
-        except CriError as e:
-            return PinningSupport(False, f"{runtime}: its images service does not answer: {e}")
-        return PinningSupport(True, f"{runtime}: label {PIN_LABEL}={PIN_VALUE}")
-    if version.name == "cri-o":
-        return PinningSupport(
-            False,
-            f"{runtime} pins by configuration only: roll out `image-syncer crio-pinned-config`",
-        )
-    return PinningSupport(False, f"{runtime or 'this runtime'} offers no way to pin images")
-
-
-class _Record(msgspec.Struct):
-    ref: str
-    names: list[str]
-    pinned_at: float
-
-
-class PinLedger:
-    """Which names of which images this node's syncer pinned itself (durable, per node)."""
-
-    def __init__(self, kv: KeyValue, node: str, ledger: NodeLedger) -> None:
-        self.kv = kv
-        self.node = node
-        self.ledger = ledger
-        self.names: dict[str, frozenset[str]] = {}  # normalized reference -> names we labelled
-        self._revisions: dict[str, int] = {}  # normalized reference -> its record's revision
-        self._refreshed_at: float | None = None  # monotonic; None: at the first sync
-
-    @classmethod
-    async def open(
-        cls,
-        js: JetStreamContext,
-        node: str,
-        *,
-        bucket: str = BUCKET,
-        replicas: int = 1,
-        ttl: float | None = DEFAULT_TTL,
-    ) -> PinLedger:
-        kv = await ensure_pulled_bucket(js, bucket, replicas, description=_DESCRIPTION)
-        ledger = cls(kv, node, await NodeLedger.bind(js, kv, bucket, ttl))
-        await ledger.load()
-        return ledger
-
-    async def load(self) -> None:
-        # "<node>.*" is exactly this node's keys even when its name has dots (one hash token);
-        # read with direct gets (a node may create no watch consumer), failing if it hangs.
-        async with asyncio.timeout(LOAD_TIMEOUT):
-            found = await read_keys(self.kv._js, self.kv._name, f"{self.node}.*")
-        for key, message in found.items():
-            self._load(key, message.data, message.seq)
-
-    def _load(self, key: str, value: bytes, revision: int) -> None:
-        try:
-            record = msgspec.json.decode(value, type=_Record)
-            ref = str(normalize(record.ref))
-        except (msgspec.DecodeError, InvalidImageReference) as e:
-            log.warning("unreadable pin record ignored", extra={"key": key, "error": str(e)})
-            return
-        self.names[ref] = frozenset(record.names)
-        self._revisions[ref] = revision
-
-    def ours(self) -> frozenset[str]:
-        """Every name this syncer labelled, whichever reference it was for."""
-        return frozenset(name for names in self.names.values() for name in names)
-
-    async def reread(self, ref: str) -> None:
-        """Take ``ref``'s record as the bucket holds it now (another pod of this node may have
-        written it since we loaded)."""
-        stored = await self.ledger.read(record_key(self.node, ref))
-        self._revisions[ref] = stored.revision
-        if stored.value is None:
-            self.names.pop(ref, None)
-        else:
-            self._load(record_key(self.node, ref), stored.value, stored.revision)
-
-    async def record(self, ref: str, names: Iterable[str]) -> None:
-        """Add ``names`` to ``ref``'s record; names another writer recorded stay."""
-        names = frozenset(names)
-        while True:
-            merged = names | self.names.get(ref, frozenset())
-            if self.names.get(ref) == merged:
-                return
-            try:
-                await self._write(ref, merged)
-            except Conflict:
-                await self.reread(ref)
-                continue
-            return
-
-    async def forget(self, ref: str, names: Iterable[str]) -> None:
-        """Drop ``names`` (unlabelled) from ``ref``'s record, the record once none is left."""
-        names = frozenset(names)
-        key = record_key(self.node, ref)
-        while ref in self.names:
-            left = self.names[ref] - names
-            try:
-                if left:
-                    await self._write(ref, left)
-                else:
-                    await self.ledger.delete(key, last=self._revisions.get(ref, 0))
-                    del self.names[ref]
-            except Conflict:
-                await self.reread(ref)
-                continue
-            return
-
-    async def refresh(self, now: float) -> None:
-        """Write every record again (their TTL starts over): at the first sync, then every
-        quarter of the TTL; a failure is retried at the next sync."""
-        every = self.ledger.refresh_every
-        if every is None or (self._refreshed_at is not None and now - self._refreshed_at < every):
-            return
-        for ref in sorted(self.names):
-            names = self.names[ref]
-            try:
-                await self._write(ref, names)
-            except Conflict:
-                # Written by another pod since (merge), or expired (an outage longer than the
-                # TTL): what we know is written again either way.
-                await self.reread(ref)
-                await self._write(ref, names | self.names.get(ref, frozenset()))
-        self._refreshed_at = now
-
-    async def _write(self, ref: str, names: frozenset[str]) -> None:
-        record = _Record(ref=ref, names=sorted(names), pinned_at=time.time())
-        self._revisions[ref] = await self.ledger.write(
-            record_key(self.node, ref),
-            msgspec.json.encode(record),
-            last=self._revisions.get(ref, 0),
-        )
-        self.names[ref] = names
 
 
 class Pinner:

@@ -37,7 +37,7 @@ from support.polling import eventually
 
 from image_syncer.sandbox.nats_server import nats_server_binary
 from image_syncer.sandbox.processes import free_port, stop_process, wait_until
-from syncer.keeping import cleaner, pinning
+from syncer.keeping import cleaner, pinledger
 from syncer.pulling import pullbudget
 from wire import nodestatus
 from wire.contract import AGONES_SDK_SOURCE, Kind, NodeImages
@@ -91,7 +91,7 @@ def test_committed_accounts_file_is_generated_from_wire_permissions() -> None:
 def test_bucket_names_are_the_ones_the_roles_use(prefix: str) -> None:
     assert bucket_for(NODES_BUCKET, prefix) == nodestatus.bucket_name(prefix)
     assert PULLED_BUCKET == cleaner.BUCKET
-    assert PINNED_BUCKET == pinning.BUCKET
+    assert PINNED_BUCKET == pinledger.BUCKET
     assert bucket_for(SLOTS_BUCKET, prefix) == pullbudget.budget_bucket(prefix)
 
 

@@ -19,7 +19,9 @@ from support.polling import eventually
 from image_syncer.sandbox.containerd import Containerd
 from syncer.folding.references import ImageRef, PresentImages, normalize
 from syncer.keeping.cleaner import record_key
-from syncer.keeping.pinning import BUCKET, PinLedger, Pinner, pinning_support
+from syncer.keeping.pinledger import BUCKET, PinLedger
+from syncer.keeping.pinning import Pinner
+from syncer.keeping.pinsupport import pinning_support
 from syncer.runtime.containerd_images import PIN_LABEL, PIN_VALUE, ContainerdImages
 from syncer.runtime.cri import CriClient, RuntimeUnavailable, RuntimeVersion
 from wire.permissions import bucket_for
