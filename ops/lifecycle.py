@@ -38,6 +38,8 @@ T = TypeVar("T")
 
 # After a second signal, the main task is cancelled again this often until it is over.
 _RECANCEL = 0.1
+# How long what a second signal left running gets to end once cancelled.
+_LEFTOVER_PATIENCE = 1.0
 
 
 def run_until_signalled(main: Callable[[asyncio.Event], Awaitable[int | None]]) -> int:
@@ -50,11 +52,11 @@ async def _run(main: Callable[[asyncio.Event], Awaitable[int | None]]) -> int | 
     stopping = asyncio.Event()
     task = asyncio.current_task()
     assert task is not None
-    hurried = False
+    hurried = over = False
 
     def hurry() -> None:
         # One cancel can be swallowed (see cancel_and_wait): repeat until the task is over.
-        if not task.done():
+        if not task.done() and not over:
             task.cancel()
             loop.call_later(_RECANCEL, hurry)
 
@@ -76,12 +78,30 @@ async def _run(main: Callable[[asyncio.Event], Awaitable[int | None]]) -> int | 
     except asyncio.CancelledError:
         if not hurried:
             raise
+        over = True
         task.uncancel()
+        await _end_the_rest(_LEFTOVER_PATIENCE)
         log.info("stopped at once")
         return 0
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+
+
+async def _end_the_rest(patience: float) -> None:
+    """Cancel what a hurried stop left running and let it end here, errors and all.
+
+    Left to ``asyncio.run``, each leftover's last exception (e.g. nats-py's ConnectionClosedError
+    from a long poll cancelled as the connection closed) is logged as an unhandled error with its
+    traceback, on a stop that went as asked."""
+    rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for leftover in rest:
+        leftover.cancel()
+    if rest:
+        await asyncio.wait(rest, timeout=patience)
+    for leftover in rest:
+        if leftover.done() and not leftover.cancelled():
+            leftover.exception()  # retrieved: not "never retrieved" either
 
 
 class Deadline:
