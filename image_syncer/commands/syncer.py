@@ -89,6 +89,7 @@ PANELS = {
         "max_ack_pending",
         "ack_wait",
         "consumer_inactive_threshold",
+        "consumer_provisioned",
         "fetch_expiry",
         "fetch_heartbeat",
         "refold_period",
