@@ -88,7 +88,9 @@ async def test_syncer_sigkilled_mid_pull_converges_after_restart(
         # without the CLI's libraries nor aiohttp.
         assert syncer.process is not None
         cmdline, maps = _proc(syncer.process.pid)
-        assert b"image_syncer.syncerproc" in cmdline.split(b"\0")
+        # With setproctitle installed (CI has it) the command line is the title instead.
+        argv = cmdline.split(b"\0")
+        assert b"image_syncer.syncerproc" in argv or argv[0].startswith(b"image-syncer syncer ")
         assert "pydantic_core" not in maps and "/aiohttp/" not in maps
         # Freeze the registry: the next pull hangs half-way, and the syncer dies during it.
         assert own_registry.process is not None
