@@ -28,6 +28,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 import nats.errors
 import nats.js.errors
 import pytest
+from nats.aio.msg import Msg
 from nats.js.api import StreamConfig
 from support.hostile_world import (
     NODE_A,
@@ -49,12 +50,14 @@ from support.hostile_world import (
 from support.polling import eventually
 
 from wire import nodestatus
-from wire.contract import Kind, subject_filter
+from wire.contract import Kind, node_images_filter, subject_filter
 from wire.kvbuckets import BucketConfigError, ensure_bucket, kv_bucket_config
 from wire.natsconn import NatsSettings, NatsUnavailable, connect
 from wire.permissions import (
+    IMAGES_CONSUMER_SUFFIX,
     PINNED_BUCKET,
     PULLED_BUCKET,
+    REPLAY_CONSUMER_SUFFIX,
     SLOTS_BUCKET,
     bucket_for,
     durable_name,
@@ -124,7 +127,28 @@ VERBS = {
     "CONSUMER.RESET": "SC",
 }
 
-CONSUMER_NAMES = (durable_name(NODE_B), durable_name(NODE_NEW), durable_name(NODE_A), "evil")
+# Every durable name, and every push consumer name (``syncer.following``), of node-a, node-b and
+# a node that has not started, and one that is nobody's.
+CONSUMER_NAMES = (
+    *(
+        durable_name(node) + suffix
+        for node in (NODE_B, NODE_NEW, NODE_A)
+        for suffix in ("", IMAGES_CONSUMER_SUFFIX, REPLAY_CONSUMER_SUFFIX)
+    ),
+    "evil",
+)
+
+
+def consumer_filters(world: World) -> list[str]:
+    """Every filter a consumer name's subject may carry: the log's, each push consumer's (node
+    images, each node's replay key), and one outside every stream."""
+    status = nodestatus.bucket_name(world.prefix)
+    return [
+        subject_filter(world.prefix, Kind.FLEET),
+        node_images_filter(world.prefix),
+        *(f"$KV.{status}.{nodestatus.replay_key(n)}" for n in (NODE_A, NODE_B, NODE_NEW)),
+        "other.>",
+    ]
 
 
 def _body(verb: str, stream: str, name: str, capture: str) -> bytes:
@@ -169,11 +193,7 @@ def api_requests(world: World, streams: dict[str, list[str]]) -> list[tuple[str,
                     found.append((f"{base}.{stream}.{subject}", b""))
             else:
                 for name in CONSUMER_NAMES:
-                    filters = (
-                        [""]
-                        if shape == "SC"
-                        else [subject_filter(world.prefix, Kind.FLEET), "other.>"]
-                    )
+                    filters = [""] if shape == "SC" else consumer_filters(world)
                     for flt in filters:
                         tail = f".{flt}" if flt else ""
                         found.append(
@@ -235,22 +255,26 @@ async def test_every_api_verb_a_node_may_not_send_is_refused_and_changes_nothing
     streams = await stored_subjects(world)
     requests = api_requests(world, streams)
     refused = [(s, b) for s, b in requests if not allowed(world, s)]
-    # What a node may send at all: reads, and its own durable's pulls and state.
+    # What a node may send at all: reads, its own durable's pulls and state, and its own two
+    # push consumers, each on its one filter (judged by the next tests).
+    pushed = own_push_consumers(world)
+    own = {
+        f"CONSUMER.INFO.{world.fleets}.{durable_name(NODE_A)}",
+        f"CONSUMER.MSG.NEXT.{world.fleets}.{durable_name(NODE_A)}",
+        *(f"CONSUMER.CREATE.{stream}.{name}.{flt}" for stream, name, flt in pushed),
+        *(f"CONSUMER.INFO.{stream}.{name}" for stream, name, _ in pushed),
+    }
     for subject, _ in requests:
         if allowed(world, subject):
             verb = subject.removeprefix("$JS.API.")
             assert (
-                verb == "INFO"
-                or verb.startswith(("STREAM.INFO.", "DIRECT.GET."))
-                or verb
-                in {
-                    f"CONSUMER.INFO.{world.fleets}.{durable_name(NODE_A)}",
-                    f"CONSUMER.MSG.NEXT.{world.fleets}.{durable_name(NODE_A)}",
-                }
+                verb == "INFO" or verb.startswith(("STREAM.INFO.", "DIRECT.GET.")) or verb in own
             ), f"node-a may send {subject}"
+    for stream, name, flt in pushed:
+        assert f"$JS.API.CONSUMER.CREATE.{stream}.{name}.{flt}" in dict(requests)
     capture = concrete(subject_filter(world.prefix, Kind.FLEET))
     attacks = [_send(world, s, b, reply=capture) for s, b in refused]
-    assert len(attacks) > 400, len(attacks)
+    assert len(attacks) > 1000, len(attacks)
     changed = await judge(world, attacks, lambda: barrier(world))
     assert not changed, "\n".join(changed)
 
@@ -279,6 +303,109 @@ async def test_no_reply_subject_makes_the_server_write_anywhere(world: World) ->
         failures += await judge(world, batch, lambda: barrier(world))
     assert total > 1000, total
     assert not failures, "\n".join(failures)
+
+
+def own_push_consumers(world: World) -> list[tuple[str, str, str]]:
+    """(stream, name, filter) of every consumer node-a's permissions let it create: read from
+    the permissions under test, so a create granted anywhere else shows up here too."""
+    found = []
+    for pattern in node_syncer_permissions(NODE_A, world.prefix).publish:
+        if pattern.startswith("$JS.API.CONSUMER.CREATE."):
+            stream, name, flt = pattern.removeprefix("$JS.API.CONSUMER.CREATE.").split(".", 2)
+            found.append((stream, name, flt))
+    return found
+
+
+def delivery_targets(world: World, streams: dict[str, list[str]]) -> list[str]:
+    """Where a push consumer must never deliver: every reply target, other roles' inboxes."""
+    others = [inbox_prefix(r) for r in ("broadcaster", durable_name(NODE_B), "admin")]
+    return [*reply_subjects(world, streams), *(f"{o}.x" for o in others), "_INBOX.x"]
+
+
+async def _repoint(world: World, stream: str, name: str, flt: str, deliver: str) -> bool:
+    """Node-a's push consumer made afresh to deliver everything under its filter to
+    ``deliver``; returns once it delivered all of it, if anyone listens there. False: the
+    server refused it (a deliver subject inside its own stream "forms a cycle")."""
+    with contextlib.suppress(nats.js.errors.NotFoundError):
+        await world.js.delete_consumer(stream, name)  # the operator clears the previous one
+    config = {
+        "name": name,
+        "filter_subject": flt,
+        "deliver_subject": deliver,
+        "deliver_policy": "all",
+        "ack_policy": "none",
+    }
+    body = json.dumps({"stream_name": stream, "config": config}).encode()
+    answer = json.loads(
+        (
+            await world.attacker.request(
+                f"$JS.API.CONSUMER.CREATE.{stream}.{name}.{flt}", body, timeout=5
+            )
+        ).data
+    )
+    if "error" in answer:
+        return False
+
+    async def delivered_or_unheard() -> bool:
+        # The server pushes only where someone listens (push_bound); it then sends at once.
+        info = await world.js.consumer_info(stream, name)
+        return not info.push_bound or not info.num_pending
+
+    await eventually(delivered_or_unheard, f"{name} to deliver to {deliver}")
+    return True
+
+
+async def test_no_push_consumer_a_node_may_make_delivers_anywhere_but_its_own_inbox(
+    world: World,
+) -> None:
+    """The body of a consumer create names its deliver subject, and no permission can check a
+    body: node-a may point its own push consumers anywhere. The deliveries (node images, and its
+    own replay key, which holds what it likes) must land nowhere that stores or acts on them."""
+    streams = await stored_subjects(world)
+    pushed = own_push_consumers(world)
+    assert {name for _, name, _ in pushed} == {
+        durable_name(NODE_A) + IMAGES_CONSUMER_SUFFIX,
+        durable_name(NODE_A) + REPLAY_CONSUMER_SUFFIX,
+    }
+    attacks: list[Attack] = []
+    made: set[str] = set()
+    for stream, name, flt in pushed:
+        for target in delivery_targets(world, streams):
+
+            async def action(
+                stream: str = stream, name: str = name, flt: str = flt, target: str = target
+            ) -> None:
+                if await _repoint(world, stream, name, flt, target):
+                    made.add(f"{name} {target}")
+
+            attacks.append((f"{name} delivering to {target}", action))
+    assert len(attacks) > 50, len(attacks)
+    # The worst case: the operator (the one user inside the JetStream account) listens to
+    # everything there, so every target has a listener in the account whose streams capture it.
+    heard: list[str] = []
+
+    async def listen(msg: Msg) -> None:
+        heard.append(msg.subject)
+
+    operator = await world.admin.subscribe(">", cb=listen)
+    try:
+        changed = await judge(world, attacks, lambda: barrier(world))
+    finally:
+        await operator.unsubscribe()
+    assert not changed, "\n".join(changed)
+    targets = set(delivery_targets(world, streams))
+    assert not targets & set(heard), sorted(targets & set(heard))
+    # The server refuses only targets inside the consumer's own stream: most were made.
+    assert len(made) > len(attacks) * 3 // 4, (len(made), len(attacks))
+    # The same consumers do deliver, where node-a listens: the attacks above were not empty.
+    for stream, name, flt in pushed:
+        inbox = f"{inbox_prefix(durable_name(NODE_A))}.{name}"
+        sub = await world.attacker.subscribe(inbox)
+        assert await _repoint(world, stream, name, flt, inbox)
+        msg = await sub.next_msg(timeout=10)
+        assert msg.data, name
+        await sub.unsubscribe()
+    assert not world.errors or all("Permissions Violation" in e for e in world.errors)
 
 
 HEADERS: list[dict[str, str]] = [

@@ -55,9 +55,11 @@ from wire.permissions import (
     AUTH_PASSWORD_ENV,
     AUTH_USER,
     CALLOUT_ISSUER_ENV,
+    IMAGES_CONSUMER_SUFFIX,
     LEASE_BUCKET,
     PINNED_BUCKET,
     PULLED_BUCKET,
+    REPLAY_CONSUMER_SUFFIX,
     SLOTS_BUCKET,
     bucket_for,
     durable_name,
@@ -93,6 +95,12 @@ def concrete(pattern: str, filler: str = "forged") -> str:
     return ".".join(
         filler if t == "*" else f"{filler}.x" if t == ">" else t for t in pattern.split(".")
     )
+
+
+# A Fleet event as node-a would forge it, where it may write what it likes.
+FORGED_EVENT = json.dumps(
+    {"type": "fleet.events.added", "message": fleet("forged", "evil.example/x:1")}
+).encode()
 
 
 @dataclass
@@ -213,6 +221,12 @@ class World:
         ]
         return any(matches(pattern, subject) for pattern in mine)
 
+    def own_consumer(self, name: str) -> bool:
+        """Node-a's consumers: its durable (made at its login) and the push consumers it makes
+        for itself (``syncer.following``). What they deliver, and where, is judged apart."""
+        durable = durable_name(NODE_A)
+        return name in (durable, durable + IMAGES_CONSUMER_SUFFIX, durable + REPLAY_CONSUMER_SUFFIX)
+
     async def close(self) -> None:
         for client in (self.attacker, self.node_b, self.admin):
             with contextlib.suppress(Exception):
@@ -284,9 +298,10 @@ async def open_world(inst: Installation) -> World:
         error_cb=on_error,
         allow_reconnect=False,
     )
-    await attacker.jetstream(timeout=5).publish(
-        f"$KV.{status}.{nodestatus.node_key(NODE_A)}", b'{"node": "a"}'
-    )
+    ajs = attacker.jetstream(timeout=5)
+    await ajs.publish(f"$KV.{status}.{nodestatus.node_key(NODE_A)}", b'{"node": "a"}')
+    # Its own replay key holds what it likes: what its replay consumer would deliver.
+    await ajs.publish(f"$KV.{status}.{nodestatus.replay_key(NODE_A)}", FORGED_EVENT)
     return World(inst, admin, js, node_b, attacker, errors)
 
 
@@ -302,7 +317,7 @@ async def snapshot(world: World) -> dict[str, Any]:
         messages = [m for m in await _messages(js, info) if not world.own(name, m[1])]
         consumers = []
         for c in await js.consumers_info(name):
-            if c.name == durable_name(NODE_A):
+            if world.own_consumer(c.name):
                 continue
             consumers.append(
                 (
