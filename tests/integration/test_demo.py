@@ -7,18 +7,17 @@ import re
 import signal
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 
-def test_demo_runs_the_whole_loop_and_leaves_nothing_behind() -> None:
-    before = set(Path(tempfile.gettempdir()).glob("image-syncer-demo-*"))
+def test_demo_runs_the_whole_loop_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    # Its own TMPDIR: another demo running on the machine meanwhile has its directory in /tmp.
     result = subprocess.run(
         [sys.executable, "-m", "image_syncer", "demo", "--nodes", "1", "--sync-period", "1s"],
         capture_output=True,
         text=True,
         timeout=240,
-        env={**os.environ, "COLUMNS": "200"},
+        env={**os.environ, "COLUMNS": "200", "TMPDIR": str(tmp_path)},
         check=False,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -40,7 +39,8 @@ def test_demo_runs_the_whole_loop_and_leaves_nothing_behind() -> None:
     assert 'msg="startup taint removed, node open for game servers"' in out
     assert "node-a: exited 0" in out and "node-b: exited 0" in out
     assert "Demo complete." in out
-    assert set(Path(tempfile.gettempdir()).glob("image-syncer-demo-*")) == before
+    assert list(tmp_path.glob("image-syncer-demo-*")) == []
+    assert demo_processes(tmp_path) == []
 
 
 def demo_processes(directory: Path) -> list[str]:
