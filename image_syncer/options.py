@@ -12,11 +12,10 @@ from __future__ import annotations
 import functools
 import inspect
 import urllib.parse
-from collections.abc import Callable, Mapping
-from typing import Annotated, Any, TypeVar, get_args
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
 
 import typer
-from typer.models import OptionInfo
 
 from ops.durations import DurationError, format_duration, parse_duration
 from wire.contract import DEFAULT_PREFIX, ContractError, check_prefix
@@ -27,6 +26,7 @@ __all__ = [
     "DEFAULT_DUPLICATE_WINDOW",
     "DEFAULT_PREFIX",
     "DEFAULT_TOMBSTONE_TTL",
+    "NATS_PARAMS",
     "NATS_SCHEMES",
     "Count",
     "DuplicateWindowOption",
@@ -35,7 +35,10 @@ __all__ = [
     "StaleAfterOption",
     "TombstoneTtlOption",
     "check_nats_url",
-    "help_layout",
+    "count_parser",
+    "duration_parser",
+    "nats_settings_from",
+    "prefix_parser",
     "split_values",
     "with_nats_options",
 ]
@@ -43,7 +46,7 @@ __all__ = [
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _duration(text: str) -> float:
+def duration_parser(text: str) -> float:
     try:
         return parse_duration(text)
     except DurationError as e:
@@ -52,10 +55,12 @@ def _duration(text: str) -> float:
 
 def Duration(help: str, envvar: str, *names: str) -> Any:
     """A Go-style duration option (``15s``), parsed to seconds, at most a year."""
-    return typer.Option(*names, help=help, envvar=envvar, parser=_duration, metavar="DURATION")
+    return typer.Option(
+        *names, help=help, envvar=envvar, parser=duration_parser, metavar="DURATION"
+    )
 
 
-def _count(low: int, high: int) -> Callable[[str], int]:
+def count_parser(low: int, high: int) -> Callable[[str], int]:
     def parse(text: str | int) -> int:
         # typer hands the default over as it is written: an int.
         try:
@@ -72,11 +77,15 @@ def _count(low: int, high: int) -> Callable[[str], int]:
 def Count(help: str, envvar: str, low: int, high: int, *names: str) -> Any:
     """A whole number from ``low`` to ``high`` (both in the help), refused outside them."""
     return typer.Option(
-        *names, help=f"{help} ({low}-{high})", envvar=envvar, parser=_count(low, high), metavar="N"
+        *names,
+        help=f"{help} ({low}-{high})",
+        envvar=envvar,
+        parser=count_parser(low, high),
+        metavar="N",
     )
 
 
-def _prefix(text: str) -> str:
+def prefix_parser(text: str) -> str:
     try:
         return check_prefix(text)
     except ContractError as e:
@@ -89,7 +98,7 @@ PrefixOption = Annotated[
         "--subject-prefix",
         envvar="SUBJECT_PREFIX",
         metavar="PREFIX",
-        parser=_prefix,
+        parser=prefix_parser,
         help="First token(s) of every subject; each prefix has its own streams and buckets.",
     ),
 ]
@@ -111,7 +120,7 @@ DEFAULT_TOMBSTONE_TTL: Any = format_duration(LogSettings.tombstone_ttl)
 DEFAULT_DUPLICATE_WINDOW: Any = format_duration(LogSettings.duplicate_window)
 
 
-_NATS_PARAMS = [
+NATS_PARAMS = [
     inspect.Parameter(
         "nats_url",
         inspect.Parameter.KEYWORD_ONLY,
@@ -294,31 +303,8 @@ def with_nats_options(command: F) -> F:
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        nats_kwargs = {p.name: kwargs.pop(p.name) for p in _NATS_PARAMS}
+        nats_kwargs = {p.name: kwargs.pop(p.name) for p in NATS_PARAMS}
         return command(*args, nats=nats_settings_from(**nats_kwargs), **kwargs)
 
-    wrapper.__signature__ = signature.replace(parameters=[*params, *_NATS_PARAMS])  # type: ignore[attr-defined]
+    wrapper.__signature__ = signature.replace(parameters=[*params, *NATS_PARAMS])  # type: ignore[attr-defined]
     return wrapper  # type: ignore[return-value]
-
-
-def help_layout(
-    panels: Mapping[str, tuple[str, ...]], metavars: Mapping[str, str] | None = None
-) -> Callable[[F], F]:
-    """Group a command's options into help panels and give them metavars, without restating
-    each option: ``panels`` maps a panel title to parameter names, ``metavars`` a parameter name
-    to its metavar (every option without one shows a word, never a Python type)."""
-    metavars = metavars or {}
-
-    def apply(command: F) -> F:
-        for name, param in inspect.signature(command, eval_str=True).parameters.items():
-            info = next((a for a in get_args(param.annotation) if isinstance(a, OptionInfo)), None)
-            if info is None:
-                continue
-            for title, names in panels.items():
-                if name in names:
-                    info.rich_help_panel = title
-            if name in metavars:
-                info.metavar = metavars[name]
-        return command
-
-    return apply

@@ -101,14 +101,15 @@ def assemble(
 
 def node_watcher(settings: SyncerSettings) -> NodeWatcher | None:
     """The watcher of this node's labels and taints, when a setting needs them."""
+    fleets, taint = settings.fleets, settings.gate.taint
     # --seed-per reads a label of this node only when seeding is on at all.
-    seed_per = settings.seed_per and settings.mirror
-    if not settings.respect_scheduling and not settings.startup_taint and not seed_per:
+    seed_per = settings.seeding.per and settings.seeding.mirror
+    if not fleets.respect_scheduling and not taint and not seed_per:
         return None
-    endpoint = ApiEndpoint.from_url(settings.kube_api_url)
-    ignored = frozenset({settings.startup_taint}) if settings.startup_taint else frozenset()
+    endpoint = ApiEndpoint.from_url(fleets.kube_api_url)
+    ignored = frozenset({taint}) if taint else frozenset()
     return NodeWatcher(
-        endpoint, settings.node_name, refresh=settings.node_refresh, ignored_taints=ignored
+        endpoint, settings.node_name, refresh=fleets.node_refresh, ignored_taints=ignored
     )
 
 
@@ -137,19 +138,28 @@ class _Wiring:
         self.nc = nc
         self.js: JetStreamContext = nc.jetstream()
         self.node_watcher = node_watcher
-        self.fleet_filter = FleetFilter.parse(settings.fleet_selector)
+        self.node = settings.node_name
+        self.prefix = settings.subject_prefix
+        self.fleet_filter = FleetFilter.parse(settings.fleets.selector)
         # Fleets are judged again only when the node changes, which only a node watcher sees.
         self.desired = DesiredState(admit=self.admit, keep_objects=node_watcher is not None)
         self.budget = self._budget()
         self.seeding = self._seeding()
         self.keeper = Keeper(
-            settings, cri, auth_for=lambda image: credentials.for_image(str(image))
+            settings.keeping,
+            settings.runtime,
+            cri,
+            node=self.node,
+            prefix=self.prefix,
+            replicas=settings.status.replicas,
+            auth_for=lambda image: credentials.for_image(str(image)),
         )
+        pulls = settings.pulls
         self.puller = Puller(
             cri,
-            max_parallel=settings.max_parallel_pulls,
-            pull_timeout=settings.pull_timeout,
-            backoff=Backoff(settings.backoff_min, settings.backoff_max),
+            max_parallel=pulls.max_parallel,
+            pull_timeout=pulls.timeout,
+            backoff=Backoff(pulls.backoff_min, pulls.backoff_max),
             auth_for=lambda image: credentials.for_image(str(image)),
             budget=self.budget,
             hold=self.keeper.hold_off,
@@ -176,23 +186,26 @@ class _Wiring:
         self.runtime = runtime
         self.consumer = FleetConsumer(
             self.js,
-            settings,
+            settings.consumer,
             self.desired,
             self.inventory,
             health,
+            node=self.node,
+            prefix=self.prefix,
             on_change=self.poke,
             on_rebuilt=self.on_desired_change,
         )
-        self.refolder = Refolder(self.consumer.refold, period=settings.refold_period)
+        self.refolder = Refolder(self.consumer.refold, period=settings.consumer.refold_period)
         self.status_settings = StatusSettings(
-            prefix=settings.subject_prefix,
-            replicas=settings.status_replicas,
-            node_ttl=settings.status_ttl,
+            prefix=self.prefix, replicas=settings.status.replicas, node_ttl=settings.status.ttl
         )
         self.gatekeeper = Gatekeeper(
-            settings,
+            settings.gate,
             self.desired,
             node_watcher,
+            extra_images=pulls.extra_images,
+            node=self.node,
+            prefix=self.prefix,
             is_present=self.inventory.is_present,
             on_change=self.on_desired_change,
             on_status=self.poke,
@@ -205,7 +218,7 @@ class _Wiring:
 
     def admit(self, fleet: Fleet) -> tuple[bool, str]:
         admitted, reason = self.fleet_filter.admits(fleet)
-        if admitted and self.node_watcher is not None and self.settings.respect_scheduling:
+        if admitted and self.node_watcher is not None and self.settings.fleets.respect_scheduling:
             admitted, reason = self.node_watcher.schedulable(fleet.pod_spec)
         return admitted, reason
 
@@ -218,76 +231,80 @@ class _Wiring:
             await self.unused.before_pull(image)
 
     def _unused(self, cri: CriClient) -> UnusedImages | None:
-        if not self.settings.remove_unused:
+        keeping = self.settings.keeping
+        if not keeping.remove_unused:
             return None
         return UnusedImages(
             self.js,
-            self.settings.node_name,
+            self.node,
             # Unpinned first: a pin of ours must not outlive the image.
             self.keeper.removing(cri.remove_image),
             containers=cri,  # images running containers use are never removed
             guard=self.inventory.removal,
             labels=self._unrecorded_labels,
-            grace=self.settings.remove_grace,
-            prefix=self.settings.subject_prefix,
-            replicas=self.settings.status_replicas,
-            ledger_ttl=self.settings.ledger_ttl,
+            grace=keeping.remove_grace,
+            prefix=self.prefix,
+            replicas=self.settings.status.replicas,
+            ledger_ttl=keeping.ledger_ttl,
         )
 
     def _unrecorded_labels(self) -> UnrecordedLabels | None:
         # Pulls NATS could not record are labelled in the runtime where pinning labels.
         images = self.keeper.labels()
-        return UnrecordedLabels(images, self.settings.node_name) if images is not None else None
+        return UnrecordedLabels(images, self.node) if images is not None else None
 
     def _budget(self) -> PullBudget | None:
-        if not self.settings.max_cluster_pulls and not self.settings.max_mirror_pulls:
+        pulls, max_mirror_pulls = self.settings.pulls, self.settings.seeding.max_mirror_pulls
+        if not pulls.max_cluster and not max_mirror_pulls:
             return None
         settings = BudgetSettings(
-            max_pulls=self.settings.max_cluster_pulls,
-            prefix=self.settings.subject_prefix,
-            replicas=self.settings.status_replicas,
-            backoff=self.settings.registry_backoff,
-            max_mirror_pulls=self.settings.max_mirror_pulls,
+            max_pulls=pulls.max_cluster,
+            prefix=self.prefix,
+            replicas=self.settings.status.replicas,
+            backoff=pulls.registry_backoff,
+            max_mirror_pulls=max_mirror_pulls,
             # A pull ends by its timeout; its slot counts no longer (one lease of slack).
-            max_hold=self.settings.pull_timeout + BudgetSettings.lease,
+            max_hold=pulls.timeout + BudgetSettings.lease,
         )
-        return PullBudget(self.js, settings, self.settings.node_name)
+        return PullBudget(self.js, settings, self.node)
 
     def _seeding(self) -> Seeding | None:
-        if not self.settings.mirror:
+        seeding = self.settings.seeding
+        if not seeding.mirror:
             return None
         settings = SeedSettings(
-            mirrored=self.settings.mirror,
-            seeds=self.settings.seeds,
-            prefix=self.settings.subject_prefix,
-            replicas=self.settings.status_replicas,
-            deadline=self.settings.seed_timeout,
-            report_ttl=self.settings.seed_report_ttl,
-            max_hold=self.settings.pull_timeout + SeedSettings.lease,
+            mirrored=seeding.mirror,
+            seeds=seeding.seeds,
+            prefix=self.prefix,
+            replicas=self.settings.status.replicas,
+            deadline=seeding.timeout,
+            report_ttl=seeding.report_ttl,
+            max_hold=self.settings.pulls.timeout + SeedSettings.lease,
         )
-        return Seeding(self.nc, settings, self.settings.node_name, group=self._seed_group)
+        return Seeding(self.nc, settings, self.node, group=self._seed_group)
 
     def _seed_group(self) -> str:
         """The node's value of ``--seed-per`` (its zone, say): seeds are counted per value."""
         known = self.node_watcher.current if self.node_watcher is not None else None
-        if not self.settings.seed_per or known is None:
+        label = self.settings.seeding.per
+        if not label or known is None:
             return ""
-        return known.labels.get(self.settings.seed_per, "")
+        return known.labels.get(label, "")
 
     def _reporter(self) -> StatusReporter | None:
         try:
-            check_node(self.settings.node_name)
+            check_node(self.node)
         except StatusError as e:
             log.warning("node status disabled", extra={"error": str(e)})
             return None
-        interval = self.settings.status_interval
+        status = self.settings.status
         return StatusReporter(
             self.js,
             self.status_settings,
-            self.settings.node_name,
+            self.node,
             self.node_state,
-            interval=interval,
-            heartbeat=max(self.settings.status_heartbeat, interval),
+            interval=status.interval,
+            heartbeat=max(status.heartbeat, status.interval),
             on_error=lambda _: metrics.NATS_ERRORS.labels("status_write").inc(),
         )
 
@@ -297,7 +314,7 @@ class _Wiring:
             return None
         return ReplayRequests(
             self.js,
-            self.settings.node_name,
+            self.node,
             self.status_settings,
             rebuild=self.consumer.rebuild,
             on_rebuilt=self.on_desired_change,

@@ -8,7 +8,7 @@ reconcile, then side by side: the live consumer and the periodic reconcile (the 
 is the end of the syncer), and the background tasks: the node status reporter, the replay-request
 watch, the consumer-lag gauge, the NATS and runtime watches and the node watcher. /readyz says
 false until NATS is connected, the runtime answers and the replay is done; /healthz fails when a
-loop stops turning or the runtime has not answered for ``runtime_unhealthy_after``. Stop
+loop stops turning or the runtime has not answered for ``--runtime-unhealthy-after``. Stop
 (``stopping`` set by SIGTERM, also during the start): take no more events, let running pulls
 finish for ``--stop-timeout``, then cancel them; hand their events back, write the last status,
 close the connections, return 0. Every step after the drain has its own bound (together
@@ -66,7 +66,7 @@ async def run(
     for check in ("nats", "runtime", "replay"):
         health.set(check, False, "starting")
     credentials = RegistryCredentials.from_paths(
-        settings.registry_auth_file, settings.kubelet_config_json
+        settings.pulls.registry_auth_file, settings.pulls.kubelet_config_json
     )
     try:
         node_watcher = assembly.node_watcher(settings)
@@ -79,18 +79,18 @@ async def run(
         extra={
             "node": settings.node_name,
             "consumer": settings.durable,
-            "cri_endpoint": settings.cri_endpoint,
+            "cri_endpoint": settings.runtime.endpoint,
             "nats": settings.nats.safe_servers(),
-            "fleet_selector": settings.fleet_selector,
-            "respect_scheduling": settings.respect_scheduling,
-            "remove_unused": settings.remove_unused,
-            "startup_taint": settings.startup_taint,
-            "extra_images": len(settings.extra_images),
-            "mirror": ",".join(settings.mirror),
+            "fleet_selector": settings.fleets.selector,
+            "respect_scheduling": settings.fleets.respect_scheduling,
+            "remove_unused": settings.keeping.remove_unused,
+            "startup_taint": settings.gate.taint,
+            "extra_images": len(settings.pulls.extra_images),
+            "mirror": ",".join(settings.seeding.mirror),
         },
     )
-    cri = CriClient(settings.cri_endpoint, call_timeout=settings.cri_call_timeout)
-    runtime = RuntimeHealth(cri, health, allowance=settings.runtime_unhealthy_after)
+    cri = CriClient(settings.runtime.endpoint, call_timeout=settings.runtime.call_timeout)
+    runtime = RuntimeHealth(cri, health, allowance=settings.runtime.unhealthy_after)
     nc: Client | None = None
     try:
         nc = await until_stopping(
@@ -165,7 +165,7 @@ class _Syncer:
                 tasks += self._background()
                 loops = [
                     self._task(
-                        self.parts.reconciler.run(self.parts.settings.sync_period, self.stopping),
+                        self.parts.reconciler.run(self.parts.settings.pulls.period, self.stopping),
                         "reconcile",
                     ),
                     self._task(self.parts.consumer.run(self.stopping), "consumer"),
@@ -270,9 +270,10 @@ class _Syncer:
     def _background(self) -> list[asyncio.Task[None]]:
         """The tasks beside the two loops; a new periodic chore goes here (see ``every``)."""
         tasks = []
-        if self.parts.settings.lag_interval > 0:
+        lag_interval = self.parts.settings.consumer.lag_interval
+        if lag_interval > 0:
             lag = every(
-                self.parts.settings.lag_interval,
+                lag_interval,
                 self.stopping,
                 self.parts.consumer.durable.refresh_lag,
             )
@@ -332,4 +333,4 @@ class _Syncer:
 
     async def _watch_runtime(self) -> None:
         # During a long replay nothing else asks the runtime; the reconcile period bounds it.
-        await self.parts.runtime.watch(min(self.parts.settings.sync_period, 15.0), self.stopping)
+        await self.parts.runtime.watch(min(self.parts.settings.pulls.period, 15.0), self.stopping)

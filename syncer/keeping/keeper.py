@@ -41,7 +41,7 @@ from syncer.runtime.cri import (
     RuntimeUnavailable,
     RuntimeVersion,
 )
-from syncer.settings import SyncerSettings
+from syncer.settings import KeepingSettings, RuntimeSettings
 from wire.nodestatus import DiskSummary, PinSummary
 from wire.permissions import bucket_for
 
@@ -60,15 +60,20 @@ class Keeper:
 
     def __init__(
         self,
-        settings: SyncerSettings,
+        settings: KeepingSettings,
+        runtime: RuntimeSettings,
         cri: CriClient,
+        *,
+        node: str,
+        prefix: str,
+        replicas: int,
         auth_for: Callable[[ImageRef], Sequence[RegistryAuth]] = lambda _: (),
     ) -> None:
+        """``node``, ``prefix``, ``replicas``: whose pins, in which bucket, how replicated."""
         self._settings = settings
+        self._node, self._prefix, self._replicas = node, prefix, replicas
         self._cri = cri
-        self.images = ContainerdImages(
-            settings.cri_endpoint, call_timeout=settings.cri_call_timeout
-        )
+        self.images = ContainerdImages(runtime.endpoint, call_timeout=runtime.call_timeout)
         self.budget = DiskBudget(
             cri.image_fs_info, max_usage=settings.max_image_fs_usage, host_root=settings.host_root
         )
@@ -105,9 +110,9 @@ class Keeper:
             self.pinner = Pinner(
                 self.images,
                 js,
-                self._settings.node_name,
-                bucket=bucket_for(BUCKET, self._settings.subject_prefix),
-                replicas=self._settings.status_replicas,
+                self._node,
+                bucket=bucket_for(BUCKET, self._prefix),
+                replicas=self._replicas,
                 ttl=self._settings.ledger_ttl,
             )
             log.info("images will be pinned", extra={"runtime": self.support.reason})

@@ -26,7 +26,7 @@ from syncer.following import PushedSubjects
 from syncer.node.nodeimages import NodeImageSet
 from syncer.node.nodeinfo import NodeWatcher
 from syncer.node.startupgate import StartupGate
-from syncer.settings import SyncerSettings
+from syncer.settings import GateSettings, durable_name
 from wire.natsconn import RETRYABLE
 from wire.nodestatus import GateStatus, StatusSettings, get_status, open_status_bucket
 
@@ -38,34 +38,38 @@ log = logging.getLogger(__name__)
 class Gatekeeper:
     def __init__(
         self,
-        settings: SyncerSettings,
+        settings: GateSettings,
         desired: DesiredState,
         node_watcher: NodeWatcher | None,
         *,
+        extra_images: tuple[str, ...],
+        node: str,
+        prefix: str,
         is_present: Callable[[ImageRef], bool],
         on_change: Callable[[], None],
         on_status: Callable[[], None] = lambda: None,
         stalled: Callable[[], str] = lambda: "",
     ) -> None:
         """``on_change``: the desired images changed; ``on_status``: the gate's status did;
-        ``stalled``: why no missing image can arrive now, or ""."""
-        self.settings = settings
+        ``stalled``: why no missing image can arrive now, or ""; ``extra_images``: what every
+        node keeps besides the Fleets'; ``node``, ``prefix``: whose pushed images, whose status."""
+        self.node, self.prefix = node, prefix
         self.desired = desired
         self.is_present = is_present
         self.on_change = on_change
-        self.images = NodeImageSet(settings.extra_images, on_change=self._images_changed)
+        self.images = NodeImageSet(extra_images, on_change=self._images_changed)
         self._pushed: PushedSubjects | None = None
         desired.set_node_images(self.images.sources)
         self._ready = False
         self.gate: StartupGate | None = None
-        if settings.startup_taint and node_watcher is not None:
+        if settings.taint and node_watcher is not None:
             self.gate = StartupGate(
-                settings.startup_taint,
+                settings.taint,
                 node_watcher,
                 missing=self.missing,
                 ready=lambda: self._ready and self.images.loaded,
                 stalled=stalled,
-                timeout=settings.startup_taint_timeout,
+                timeout=settings.timeout,
                 on_change=on_status,
             )
 
@@ -83,13 +87,13 @@ class Gatekeeper:
 
     async def prepare(self, js: JetStreamContext, status: StatusSettings | None) -> None:
         """Before the replay: read the node-wide images, and the gate the last run left."""
-        self._pushed = self.images.follower(js, self.settings.subject_prefix, self.settings.durable)
+        self._pushed = self.images.follower(js, self.prefix, durable_name(self.node))
         await self.images.load(self._pushed)
         if self.gate is None or status is None:
             return
         try:
             kv = await open_status_bucket(js, status)
-            previous = None if kv is None else await get_status(kv, self.settings.node_name)
+            previous = None if kv is None else await get_status(kv, self.node)
         except (*RETRYABLE, ValueError) as e:
             # Unknown: the timeout starts over, which only delays the opening.
             log.warning("cannot read this node's previous gate", extra={"error": repr(e)})
@@ -106,9 +110,7 @@ class Gatekeeper:
         self, js: JetStreamContext, stopping: asyncio.Event
     ) -> list[Coroutine[Any, Any, None]]:
         if self._pushed is None:
-            self._pushed = self.images.follower(
-                js, self.settings.subject_prefix, self.settings.durable
-            )
+            self._pushed = self.images.follower(js, self.prefix, durable_name(self.node))
         work = [self.images.follow(self._pushed, stopping)]
         if self.gate is not None:
             work.append(self.gate.run(stopping))

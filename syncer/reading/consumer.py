@@ -47,7 +47,7 @@ from syncer.reading.dispatch import Dispatcher
 from syncer.reading.durable import Durable
 from syncer.reading.longpoll import Poll
 from syncer.reading.replay import LogPosition, replay_log
-from syncer.settings import SyncerSettings
+from syncer.settings import ConsumerSettings
 from wire.contract import Kind, subject_filter
 from wire.eventlog import stream_name
 from wire.natsconn import next_reconnect
@@ -70,11 +70,13 @@ class FleetConsumer:
     def __init__(
         self,
         js: JetStreamContext,
-        settings: SyncerSettings,
+        settings: ConsumerSettings,
         desired: DesiredState,
         inventory: Inventory,
         health: Health,
         *,
+        node: str,
+        prefix: str,
         on_change: Callable[[], None] = lambda: None,
         on_rebuilt: Callable[[], None] = lambda: None,
     ) -> None:
@@ -88,9 +90,11 @@ class FleetConsumer:
         # rebuild sets ``_wake`` first, so it does not wait for a poll held by the server.
         self._pause = asyncio.Lock()
         self._wake = asyncio.Event()
-        self.stream = stream_name(settings.subject_prefix, Kind.FLEET)
-        self.subject = subject_filter(settings.subject_prefix, Kind.FLEET)
-        self.durable = Durable(js, settings, self.stream, self.subject)
+        self.stream = stream_name(prefix, Kind.FLEET)
+        self.subject = subject_filter(prefix, Kind.FLEET)
+        self.durable = Durable(
+            js, settings, node=node, prefix=prefix, stream=self.stream, subject=self.subject
+        )
         self._dispatcher = Dispatcher(
             desired, inventory, ack_wait=settings.ack_wait, on_change=on_change
         )
@@ -186,7 +190,7 @@ class FleetConsumer:
         await self._start_durable(self.last_seq)
 
     async def _start_durable(self, after_seq: int) -> None:
-        if self._settings.consumer_provisioned:
+        if self._settings.provisioned:
             # Made at login, delivering from the start: skip what the fold already holds.
             self._dispatcher.skip_through = after_seq
         await self.durable.start(after_seq)

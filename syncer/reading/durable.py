@@ -28,7 +28,7 @@ from ops.retry import Backoff, retry
 from ops.serving import Health
 from syncer import metrics
 from syncer.reading.longpoll import Poll, drain, long_poll
-from syncer.settings import SyncerSettings
+from syncer.settings import ConsumerSettings, durable_name
 from wire.durables import DurableLimits, durable_config
 from wire.natsconn import RETRYABLE, is_connected
 
@@ -43,20 +43,29 @@ _UNANSWERED_MEANS_GONE = 3
 
 class Durable:
     def __init__(
-        self, js: JetStreamContext, settings: SyncerSettings, stream: str, subject: str
+        self,
+        js: JetStreamContext,
+        settings: ConsumerSettings,
+        *,
+        node: str,
+        prefix: str,
+        stream: str,
+        subject: str,
     ) -> None:
         self._js = js
         self._settings = settings
+        self._node = node
+        self._prefix = prefix
         self.stream = stream
         self.subject = subject
-        self.name = settings.durable
+        self.name = durable_name(node)
         self._unanswered = 0  # consecutive unanswered existence checks
         self._sub: Any = None
 
     def config(self, start_seq: int) -> ConsumerConfig:
         s = self._settings
         limits = DurableLimits(s.ack_wait, s.max_ack_pending, s.inactive_threshold)
-        return durable_config(s.node_name, s.subject_prefix, limits, start_seq)
+        return durable_config(self._node, self._prefix, limits, start_seq)
 
     async def start(self, after_seq: int) -> None:
         """(Re)create the durable to deliver what comes after ``after_seq``, and bind to it.
@@ -65,7 +74,7 @@ class Durable:
         to the one made at its login, and the caller skips what it delivers up to ``after_seq``.
         A missing one is made again at the next login, so the syncer reconnects.
         """
-        if self._settings.consumer_provisioned:
+        if self._settings.provisioned:
             await self._bind_provisioned()
             return
         # The start sequence of an existing consumer cannot be changed: replace it.

@@ -1,0 +1,140 @@
+"""A command's settings as flags, generated from the settings' own fields.
+
+A command declares ``settings: SomeSettings`` and decorates itself with
+:func:`with_settings_options`: every field that declares its flag (:mod:`ops.flagfields`), in the
+root and in each of its sections, becomes one typer option with its environment twin, help,
+metavar, parser and help panel (its section's); a ``NatsSettings`` field becomes the ``--nats-*``
+flags of :func:`~image_syncer.options.with_nats_options`. The command receives the settings
+built from the parsed values, each section checked as it is built; a refusal is a usage error
+naming the flag. Defaults come from the fields, so ``--help`` shows what the settings hold.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+from collections.abc import Callable, Iterator
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from image_syncer.options import (
+    NATS_PARAMS,
+    count_parser,
+    duration_parser,
+    nats_settings_from,
+    prefix_parser,
+    split_values,
+)
+from ops.durations import format_duration
+from ops.flagfields import Flag, Kind, build, flagged_fields, is_section, section_fields
+from wire.natsconn import NatsSettings
+
+__all__ = ["settings_params", "with_settings_options"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _percent(text: str) -> float:
+    # Imported when parsed: the help does not pay for the disk budget's imports.
+    from syncer.keeping.diskbudget import parse_percent
+
+    try:
+        return parse_percent(text)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
+
+
+def _default(f: dataclasses.Field[Any]) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    raise TypeError(f"the setting {f.name} has no default to show")
+
+
+def _option(spec: Flag, kind: Any, default: Any, panel: str) -> tuple[Any, Any]:
+    """The typer annotation and the default (as typer shows it and parses it back)."""
+    common: dict[str, Any] = {"envvar": spec.env, "rich_help_panel": panel}
+    if spec.metavar is not None:
+        common["metavar"] = spec.metavar
+    if spec.kind is Kind.DURATION:
+        option = typer.Option(
+            spec.name, help=spec.help, parser=duration_parser, **{"metavar": "DURATION", **common}
+        )
+        return Annotated[float, option], format_duration(default)
+    if spec.kind is Kind.COUNT:
+        assert spec.low is not None and spec.high is not None
+        option = typer.Option(
+            spec.name,
+            help=f"{spec.help} ({spec.low}-{spec.high})",
+            parser=count_parser(spec.low, spec.high),
+            **{"metavar": "N", **common},
+        )
+        return Annotated[int, option], default
+    if spec.kind is Kind.NUMBER:
+        return Annotated[
+            int, typer.Option(spec.name, help=spec.help, min=spec.low, **common)
+        ], default
+    if spec.kind is Kind.PERCENT:
+        option = typer.Option(
+            spec.name, help=spec.help, parser=_percent, **{"metavar": "PERCENT", **common}
+        )
+        return Annotated[float, option], f"{default:.0%}"
+    if spec.kind is Kind.LIST:
+        return Annotated[list[str], typer.Option(spec.name, help=spec.help, **common)], list(
+            default
+        )
+    if spec.kind is Kind.PREFIX:
+        option = typer.Option(spec.name, help=spec.help, parser=prefix_parser, **common)
+        return Annotated[str, option], default
+    # A switch shows its --no- twin, as typer names it when no name is given.
+    names = (f"{spec.name}/--no-{spec.name[2:]}",) if kind is bool else (spec.name,)
+    return Annotated[kind, typer.Option(*names, help=spec.help, **common)], default
+
+
+def settings_params(root: type) -> Iterator[inspect.Parameter]:
+    """One keyword parameter per flag of ``root`` and its sections, in the order of the help."""
+    for section, f, kind, spec in flagged_fields(root):
+        annotation, default = _option(spec, kind, _default(f), spec.panel or section.panel)  # type: ignore[attr-defined]
+        yield inspect.Parameter(
+            spec.param, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation
+        )
+    if any(kind is NatsSettings for _, kind in section_fields(root)):
+        yield from NATS_PARAMS
+
+
+def _nats_field(root: type) -> str | None:
+    return next((f.name for f, kind in section_fields(root) if kind is NatsSettings), None)
+
+
+def with_settings_options(command: F) -> F:
+    """Replace the command's ``settings`` parameter by the flags of its type's fields."""
+    # eval_str: modules with `from __future__ import annotations` hold their hints as strings.
+    signature = inspect.signature(command, eval_str=True)
+    root = signature.parameters["settings"].annotation
+    if not is_section(root):
+        raise TypeError(f"{command.__name__}: settings must be a section, not {root!r}")
+    flags = list(settings_params(root))
+    lists = {spec.param for _, _, _, spec in flagged_fields(root) if spec.kind is Kind.LIST}
+    nats = _nats_field(root)
+    params = [p for p in signature.parameters.values() if p.name != "settings"]
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        values = {p.name: kwargs.pop(p.name) for p in flags if p.name in kwargs}
+        for name in lists:
+            values[name] = split_values(values[name])
+        if nats is not None:
+            nats_values = {p.name: values.pop(p.name) for p in NATS_PARAMS}
+            values[nats] = nats_settings_from(**nats_values)
+        try:
+            settings = build(root, values)
+        except ValueError as e:
+            # The sections name the flag they refuse (--pull-timeout must be positive).
+            raise typer.BadParameter(str(e)) from e
+        return command(*args, settings=settings, **kwargs)
+
+    wrapper.__signature__ = signature.replace(parameters=[*params, *flags])  # type: ignore[attr-defined]
+    return wrapper  # type: ignore[return-value]
