@@ -35,7 +35,7 @@ from ops.serving import Health
 from syncer.folding.references import normalize
 from syncer.runner import run
 from syncer.runtime.cri import CriClient
-from syncer.settings import SyncerSettings
+from syncer.settings import PullSettings, RuntimeSettings, SyncerSettings
 from wire.eventlog import publish_event
 
 NAME = "end-to-end"
@@ -76,10 +76,10 @@ async def measure(argv: Sequence[str] | None) -> dict[str, Any]:
             js = await fleet_stream(nc)
             settings = SyncerSettings(
                 node_name="e2e",
-                cri_endpoint=runtime.endpoint,
+                runtime=RuntimeSettings(endpoint=runtime.endpoint),
                 subject_prefix=log_settings().prefix,
                 metrics_addr="",
-                sync_period=3600.0,
+                pulls=PullSettings(period=3600.0),
                 nats=nats_settings(server),
             )
             stopping, health = asyncio.Event(), Health()

@@ -37,7 +37,13 @@ from ops.serving import Health
 from syncer.folding.references import normalize
 from syncer.runner import run
 from syncer.runtime.cri import CriClient
-from syncer.settings import SyncerSettings
+from syncer.settings import (
+    KeepingSettings,
+    PullSettings,
+    RuntimeSettings,
+    SeedingSettings,
+    SyncerSettings,
+)
 from wire.eventlog import LogSettings, ensure_streams, publish_event
 
 NAME = "seeding"
@@ -68,12 +74,14 @@ async def syncers(
         for i, runtime in enumerate(runtimes):
             settings = SyncerSettings(
                 node_name=f"{mode}-{i}",
-                cri_endpoint=runtime.endpoint,
+                runtime=RuntimeSettings(endpoint=runtime.endpoint),
                 subject_prefix=prefix,
                 metrics_addr="",
-                sync_period=3600.0,
-                pin_images=False,
-                mirror=(mirrored.upstream.address,) if mode == "seeded" else (),
+                pulls=PullSettings(period=3600.0),
+                keeping=KeepingSettings(pin_images=False),
+                seeding=SeedingSettings(
+                    mirror=(mirrored.upstream.address,) if mode == "seeded" else ()
+                ),
                 nats=nats_settings(server),
             )
             health = Health()

@@ -58,26 +58,31 @@ def node(
     nats: NatsSettings,
     name: str = "bench",
     cri: CriClient | MemoryRuntime | None = None,
-    **overrides: Any,
 ) -> Node:
-    settings = SyncerSettings(
-        node_name=name, subject_prefix=PREFIX, metrics_addr="", nats=nats, **overrides
-    )
+    settings = SyncerSettings(node_name=name, subject_prefix=PREFIX, metrics_addr="", nats=nats)
     # A MemoryRuntime has every CriClient method the syncer calls, without being one.
     client = cast(CriClient, cri) if cri is not None else CriClient(NO_RUNTIME)
     health = Health()
     desired = DesiredState()
     puller = Puller(
         client,
-        max_parallel=settings.max_parallel_pulls,
-        pull_timeout=settings.pull_timeout,
-        backoff=Backoff(settings.backoff_min, settings.backoff_max),
+        max_parallel=settings.pulls.max_parallel,
+        pull_timeout=settings.pulls.timeout,
+        backoff=Backoff(settings.pulls.backoff_min, settings.pulls.backoff_max),
     )
     inventory = Inventory(desired, puller)
     runtime = RuntimeHealth(client, health)
     puller.subscribe(runtime.on_pull_result)
     reconciler = Reconciler(client, desired, inventory, runtime, health)
-    consumer = FleetConsumer(js, settings, desired, inventory, health)
+    consumer = FleetConsumer(
+        js,
+        settings.consumer,
+        desired,
+        inventory,
+        health,
+        node=settings.node_name,
+        prefix=settings.subject_prefix,
+    )
     return Node(settings, desired, puller, inventory, reconciler, consumer, health)
 
 
@@ -87,8 +92,8 @@ async def idle_loops(
     """After the replay and the durable's start: the loops an idle syncer runs, ready to run
     (the node images and a pending replay request are read first, as the runner does)."""
     settings = parts.settings
-    status = StatusSettings(prefix=settings.subject_prefix, node_ttl=settings.status_ttl)
-    images = NodeImageSet(settings.extra_images)
+    status = StatusSettings(prefix=settings.subject_prefix, node_ttl=settings.status.ttl)
+    images = NodeImageSet(settings.pulls.extra_images)
     pushed = images.follower(js, settings.subject_prefix, settings.durable)
     await images.load(pushed)
     parts.desired.set_node_images(images.sources)
@@ -105,12 +110,12 @@ async def idle_loops(
             replayed_request=requests.honoured,
             log_created=parts.consumer.stream_created,
         ),
-        interval=settings.status_interval,
-        heartbeat=max(settings.status_heartbeat, settings.status_interval),
+        interval=settings.status.interval,
+        heartbeat=max(settings.status.heartbeat, settings.status.interval),
     )
     return [
         parts.consumer.run(stopping),
-        parts.reconciler.run(settings.sync_period, stopping),
+        parts.reconciler.run(settings.pulls.period, stopping),
         reporter.run(stopping),
         images.follow(pushed, stopping),
         requests.watch(stopping),

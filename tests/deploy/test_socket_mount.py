@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import os
 import subprocess
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -31,6 +30,7 @@ from support.faults_harness import (
     syncer_settings,
     wait_all_converged,
 )
+from support.syncer_harness import override
 
 from image_syncer.sandbox.containerd import Containerd, short_dir
 from syncer.runtime.cri import CriClient
@@ -126,7 +126,7 @@ async def test_a_syncer_dialling_through_the_directory_mount_survives_runtime_re
     images = Images(push, 4)
     churn = Churn(kube, images, seed=16)
     settings = syncer_settings(node_name(), own_containerd, nats_settings, prefix)
-    settings = dataclasses.replace(settings, cri_endpoint=f"unix://{through_dir}")
+    settings = override(settings, cri_endpoint=f"unix://{through_dir}")
     syncer = await InProcessSyncer(settings, own_containerd).start()
     nodes = [(syncer.node, own_containerd)]
     try:
@@ -137,6 +137,8 @@ async def test_a_syncer_dialling_through_the_directory_mount_survives_runtime_re
             churn.steps(3)  # events arrive while the runtime is down
             await asyncio.to_thread(own_containerd.restart)
             await wait_all_converged(js, prefix, kube, nodes, images)
-        await eventually(lambda: _answers(settings.cri_endpoint), "the syncer's endpoint answers")
+        await eventually(
+            lambda: _answers(settings.runtime.endpoint), "the syncer's endpoint answers"
+        )
     finally:
         await syncer.stop()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from support.faults_harness import (
     syncer_settings,
     wait_all_converged,
 )
+from support.syncer_harness import override
 
 from image_syncer.sandbox.containerd import Containerd
 from image_syncer.sandbox.nats_server import NatsServer
@@ -147,7 +147,9 @@ async def test_r3_cluster_loses_the_node_holding_the_syncers_consumer(
     js = nc.jetstream(timeout=10)
     broadcaster = await InProcessBroadcaster(broadcaster_settings(kube, servers, log)).start()
     # The node status and pulled-image buckets are replicated like the log, as in production.
-    settings = replace(syncer_settings(node_name(), containerd, servers, prefix), status_replicas=3)
+    settings = override(
+        syncer_settings(node_name(), containerd, servers, prefix), status_replicas=3
+    )
     syncer = await InProcessSyncer(settings, containerd).start()
     nodes = [(syncer.node, containerd)]
     stream = stream_name(prefix, Kind.FLEET)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import os
 import signal
 from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator
@@ -26,6 +25,7 @@ from support.syncer_harness import (  # noqa: F401  (fixtures)
     fleet,
     info_logs_fixture,
     logged,
+    override,
     settings_fixture,
 )
 
@@ -147,9 +147,7 @@ async def test_a_stop_during_the_start_drains_what_the_start_began(
     os.killpg(own_registry.process.pid, signal.SIGSTOP)  # the first reconcile's pull waits
     try:
         stopping = asyncio.Event()
-        task = asyncio.create_task(
-            run(dataclasses.replace(settings, extra_images=(image,)), stopping)
-        )
+        task = asyncio.create_task(run(override(settings, extra_image=(image,)), stopping))
         await asyncio.wait_for(durable.wait(), 60)
         await asyncio.wait_for(pulling.wait(), 60)  # the runtime is pulling
         stopping.set()
@@ -172,7 +170,7 @@ async def test_the_last_status_is_written_though_the_throttle_says_not_yet(
     write at stop went through that throttle: a stopped node kept showing the state of its
     last write (here: the one at start, before the Fleet) until the entry's TTL."""
     image = push()
-    quiet = dataclasses.replace(settings, status_interval=600.0)
+    quiet = override(settings, status_interval=600.0)
     running = await RunningSyncer(quiet).start()
     try:
         await eventually(lambda: status_of(js, quiet), "the first status write")

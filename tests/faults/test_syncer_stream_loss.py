@@ -17,7 +17,14 @@ import pytest
 from nats.js import JetStreamContext
 from support.faults_harness import eventually
 from support.linkcut import Link
-from support.syncer_harness import RunningSyncer, fleet, info_logs_fixture, logged, settings_fixture
+from support.syncer_harness import (
+    RunningSyncer,
+    fleet,
+    info_logs_fixture,
+    logged,
+    override,
+    settings_fixture,
+)
 
 from image_syncer.sandbox.containerd import Containerd
 from image_syncer.sandbox.nats_server import NatsServer
@@ -119,7 +126,7 @@ async def test_a_fleet_deleted_while_the_node_was_cut_off_longer_than_its_tombst
 ) -> None:
     gone, kept = push(), push()
     short_tombstones = replace(log_settings, tombstone_ttl=1.0)
-    cut_off = replace(
+    cut_off = override(
         settings,
         nats=NatsSettings(servers=(link.url,)),
         remove_unused=True,
@@ -172,7 +179,7 @@ async def test_the_refold_timer_drops_a_fleet_gone_from_the_log_without_an_event
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     gone, kept = push(), push()
-    running = await RunningSyncer(replace(settings, refold_period=1.0)).start()
+    running = await RunningSyncer(override(settings, refold_period=1.0)).start()
     try:
         await publish_event(js, log_settings, "fleet.events.added", fleet("gone", gone))
         await publish_event(js, log_settings, "fleet.events.added", fleet("kept", kept))

@@ -28,7 +28,14 @@ from nats.js.api import ConsumerConfig, StorageType, StreamConfig
 from support.fakekube import FakeKube
 from support.fleetdicts import fleet
 from support.polling import eventually as _until
-from support.syncer_harness import DEADLINE, RunningSyncer, eventually, logged, metric
+from support.syncer_harness import (
+    DEADLINE,
+    RunningSyncer,
+    eventually,
+    logged,
+    metric,
+    settings_with,
+)
 
 from authcallout.natsjwt import Signer, new_account_seed
 from authcallout.service import CalloutSettings, run
@@ -37,7 +44,6 @@ from image_syncer.sandbox.containerd import Containerd
 from image_syncer.sandbox.nats_server import NatsServer
 from ops.logs import fields_of
 from syncer.keeping import cleaner
-from syncer.settings import SyncerSettings
 from wire import nodestatus
 from wire.contract import Kind
 from wire.eventlog import LogSettings, ensure_streams, publish_event, stream_name
@@ -245,7 +251,7 @@ async def test_a_node_can_touch_only_itself(
     before = await snapshot()
 
     # A's own syncer works end to end through its per-node identity.
-    settings = SyncerSettings(
+    settings = settings_with(
         node_name=node_a,
         cri_endpoint=containerd.endpoint,
         sync_period=1.0,
@@ -444,7 +450,7 @@ async def test_syncer_retries_and_recovers_once_given_a_valid_token(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     node = f"node-{uuid.uuid4().hex[:6]}"
-    settings = SyncerSettings(
+    settings = settings_with(
         node_name=node,
         cri_endpoint=containerd.endpoint,
         sync_period=1.0,
@@ -495,7 +501,7 @@ async def test_a_lost_durable_is_made_again_at_the_nodes_next_login(
     js = admin.jetstream()
     log_settings = LogSettings(prefix=callout.prefix)
     await install(js, callout.prefix)
-    settings = SyncerSettings(
+    settings = settings_with(
         node_name=node,
         cri_endpoint=containerd.endpoint,
         sync_period=1.0,

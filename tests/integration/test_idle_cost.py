@@ -21,11 +21,10 @@ from nats.aio.msg import Msg
 from nats.js.errors import KeyNotFoundError
 from support.fleetdicts import fleet
 from support.polling import eventually
-from support.syncer_harness import RunningSyncer
+from support.syncer_harness import RunningSyncer, settings_with
 
 from image_syncer.sandbox.containerd import Containerd
 from image_syncer.sandbox.nats_server import NatsServer
-from syncer.settings import SyncerSettings
 from wire.contract import AGONES_SDK_SOURCE, NodeImages
 from wire.eventlog import (
     MAX_CONSUMERS,
@@ -98,7 +97,7 @@ async def test_an_idle_syncer_sends_only_its_poll_and_its_heartbeat(
     await publish_event(js, log, "fleet.events.added", fleet("idle", push()))
     seen = Seen()
     await admin.subscribe(">", cb=seen.record)
-    settings = SyncerSettings(
+    settings = settings_with(
         node_name=NODE,
         cri_endpoint=containerd.endpoint,
         # Many reconciles per heartbeat: each used to rewrite the whole status entry.
@@ -141,7 +140,7 @@ async def test_an_idle_syncer_sends_only_its_poll_and_its_heartbeat(
         assert window.count(node_subject) == 0
         # Each poll is held for the whole expiry: at most one per expiry, plus the one running.
         polls = window.count(msg_next)
-        assert polls <= BEATS * settings.status_heartbeat / settings.fetch_expiry + 1
+        assert polls <= BEATS * settings.status.heartbeat / settings.consumer.fetch_expiry + 1
         assert after - before <= len(window) + 1, (after - before, window)
 
         # The reader still sees the reconciles: the heartbeat carries the last one's time.

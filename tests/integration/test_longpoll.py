@@ -10,7 +10,6 @@ signal (the reconnect, the server's 409), not because a poll ran out.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -20,7 +19,7 @@ import nats.js.errors
 import pytest
 from nats.js import JetStreamContext
 from support.fleetdicts import fleet
-from support.syncer_harness import RunningSyncer, eventually, logged
+from support.syncer_harness import RunningSyncer, eventually, logged, override, settings_with
 
 from image_syncer.sandbox.containerd import Containerd
 from image_syncer.sandbox.nats_server import NatsServer
@@ -38,13 +37,13 @@ LONG = 600.0
 
 @pytest.fixture
 def base(containerd: Containerd, prefix: str) -> SyncerSettings:
-    return SyncerSettings(
+    return settings_with(
         node_name="node-longpoll.example",
         cri_endpoint=containerd.endpoint,
         sync_period=1.0,
         pull_timeout=30.0,
-        backoff_min=0.2,
-        backoff_max=1.0,
+        pull_backoff_min=0.2,
+        pull_backoff_max=1.0,
         subject_prefix=prefix,
         metrics_addr="",
         status_interval=0.2,
@@ -126,7 +125,7 @@ async def test_an_idle_syncer_polls_silently_and_asks_nothing_else(
     existence_checks: list[str],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    settings = dataclasses.replace(base, nats=nats_settings, fetch_expiry=3.0, fetch_heartbeat=1.0)
+    settings = override(base, nats=nats_settings, fetch_expiry=3.0, fetch_heartbeat=1.0)
     caplog.set_level(logging.INFO)
     running = await RunningSyncer(settings).start()
     try:
@@ -163,7 +162,7 @@ async def test_the_long_poll_recovers_after_a_nats_restart(
     js = nc.jetstream()
     await ensure_streams(js, log_settings)
     caplog.set_level(logging.INFO)
-    running = await RunningSyncer(dataclasses.replace(base, nats=nats)).start()
+    running = await RunningSyncer(override(base, nats=nats)).start()
     try:
         first = push()
         await publish_event(js, log_settings, "fleet.events.added", fleet("before", first))
@@ -190,7 +189,7 @@ async def test_the_long_poll_recovers_when_its_durable_is_deleted(
     push: Callable[..., str],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    settings = dataclasses.replace(base, nats=nats_settings)
+    settings = override(base, nats=nats_settings)
     caplog.set_level(logging.INFO)
     running = await RunningSyncer(settings).start()
     try:

@@ -9,7 +9,6 @@ is never proven by waiting: a later event that *is* acted on witnesses the earli
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import pytest
@@ -25,6 +24,7 @@ from support.syncer_harness import (
     logged,
     metric,
     norm,
+    override,
     push_tag,
     unpushed,
 )
@@ -59,7 +59,7 @@ async def test_next_image_is_staged_then_the_move_pulls_nothing(
 ) -> None:
     log_settings = LogSettings(prefix=settings.subject_prefix)
     current, upcoming = push(), unpushed(push, "next")
-    settings = dataclasses.replace(settings, remove_unused=True, remove_grace=0.0)
+    settings = override(settings, remove_unused=True, remove_grace=0.0)
     syncer = await RunningSyncer(settings).start()
     try:
         await publish_event(

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import replace
 from functools import partial
 
 import nats.js.errors
@@ -21,7 +20,14 @@ import pytest
 from nats.js import JetStreamContext
 from support.fakenodeapi import OpenApiServer
 from support.fleetdicts import fleet
-from support.syncer_harness import RunningSyncer, eventually, info_logs_fixture, logged
+from support.syncer_harness import (
+    RunningSyncer,
+    eventually,
+    info_logs_fixture,
+    logged,
+    override,
+    settings_with,
+)
 
 from image_syncer.sandbox.containerd import Containerd
 from image_syncer.sandbox.images import build_image, push_image
@@ -47,19 +53,19 @@ ZONE = "topology.kubernetes.io/zone"
 def node_settings(
     runtime: Containerd, nats_settings: NatsSettings, prefix: str, **more: object
 ) -> SyncerSettings:
-    settings = SyncerSettings(
+    settings = settings_with(
         node_name=f"node-{uuid.uuid4().hex[:6]}.example",
         cri_endpoint=runtime.endpoint,
         sync_period=1.0,
         pull_timeout=60.0,
-        backoff_min=0.2,
-        backoff_max=1.0,
+        pull_backoff_min=0.2,
+        pull_backoff_max=1.0,
         subject_prefix=prefix,
         metrics_addr="",
         status_interval=0.2,
         nats=nats_settings,
     )
-    return replace(settings, **more)  # type: ignore[arg-type]
+    return override(settings, **more)
 
 
 # Starts syncers with these settings, in-process; they are stopped after the test.
@@ -231,7 +237,7 @@ async def test_seeds_are_counted_per_value_of_the_seed_per_label(
     # The cluster-wide group's seed is busy elsewhere; this node's zone has none yet.
     holder = await hold_seed(js, prefix, f"seed.{image_hash(image)}._")
     with OpenApiServer(node, token="unused") as api:
-        await run_nodes([replace(settings, kube_api_url=api.url)])
+        await run_nodes([override(settings, kube_api_url=api.url)])
         await publish_event(js, log_settings, "fleet.events.added", fleet("game", ref))
         await eventually(lambda: ref in containerd.image_refs(), "the zone's seed to pull")
     (seeding,) = logged(caplog, "seeding image")

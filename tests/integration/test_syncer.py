@@ -16,7 +16,6 @@ import signal
 import sys
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,15 @@ import pytest
 from nats.js import JetStreamContext
 from support import polling
 from support.fleetdicts import fleet
-from support.syncer_harness import DEADLINE, RunningSyncer, eventually, logged, metric
+from support.syncer_harness import (
+    DEADLINE,
+    RunningSyncer,
+    eventually,
+    logged,
+    metric,
+    override,
+    settings_with,
+)
 
 from image_syncer.sandbox.containerd import Containerd
 from image_syncer.sandbox.nats_server import NatsServer
@@ -42,13 +49,13 @@ pytestmark = [pytest.mark.nats, pytest.mark.cri]
 
 @pytest.fixture
 def settings(containerd: Containerd, nats_settings: NatsSettings, prefix: str) -> SyncerSettings:
-    return SyncerSettings(
+    return settings_with(
         node_name=f"node-{uuid.uuid4().hex[:6]}.example",
         cri_endpoint=containerd.endpoint,
         sync_period=1.0,
         pull_timeout=30.0,
-        backoff_min=0.2,
-        backoff_max=1.0,
+        pull_backoff_min=0.2,
+        pull_backoff_max=1.0,
         subject_prefix=prefix,
         metrics_addr="",
         nats=nats_settings,
@@ -158,7 +165,7 @@ async def test_events_published_while_stopped_converge_on_restart(
         )
         assert info.config.durable_name == settings.durable
         assert info.config.mem_storage and info.config.num_replicas in (0, 1)
-        assert info.config.inactive_threshold == settings.inactive_threshold
+        assert info.config.inactive_threshold == settings.consumer.inactive_threshold
         # A Fleet created and deleted while the syncer was down is never pulled.
         assert gone not in containerd.image_refs()
     finally:
@@ -173,9 +180,9 @@ async def test_two_nodes_each_converge_with_their_own_durable(
     containerd: Containerd,
     own_containerd: Containerd,
 ) -> None:
-    a = await RunningSyncer(replace(settings, node_name="node-a")).start()
+    a = await RunningSyncer(override(settings, node_name="node-a")).start()
     b = await RunningSyncer(
-        replace(settings, node_name="node-b", cri_endpoint=own_containerd.endpoint)
+        override(settings, node_name="node-b", cri_endpoint=own_containerd.endpoint)
     ).start()
     try:
         image = push()
@@ -318,7 +325,7 @@ async def test_sigterm_of_the_cli_exits_zero(
     env = {
         **os.environ,
         "NODE_NAME": "cli-node",
-        "CONN_TARGET": settings.cri_endpoint,
+        "CONN_TARGET": settings.runtime.endpoint,
         "NATS_URL": settings.nats.servers[0],
         "SUBJECT_PREFIX": log_settings.prefix,
         "SYNC_PERIOD": "1s",
@@ -372,7 +379,7 @@ async def test_nats_restart_consumer_recreated_and_events_followed(
     try:
         js = nc.jetstream()
         await ensure_streams(js, log_settings)
-        running = await RunningSyncer(replace(settings, nats=nats)).start()
+        running = await RunningSyncer(override(settings, nats=nats)).start()
         try:
             before = push()
             await publish_event(js, log_settings, "fleet.events.added", fleet("pre", before))
@@ -406,7 +413,7 @@ async def test_private_registry_credentials_from_a_dockerconfigjson(
         json.dumps({"auths": {auth_registry.address: {"username": user, "password": password}}})
     )
     image = push(into=auth_registry)
-    running = await RunningSyncer(replace(settings, registry_auth_file=str(auth_file))).start()
+    running = await RunningSyncer(override(settings, registry_auth_file=str(auth_file))).start()
     try:
         await publish_event(js, log_settings, "fleet.events.added", fleet("private", image))
         await eventually(lambda: image in containerd.image_refs(), "private image pulled")

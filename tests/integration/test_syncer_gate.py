@@ -7,7 +7,6 @@ toward the gate.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,7 +18,16 @@ from support import polling
 from support.fakekube import FakeKube
 from support.fakekube.harness import controller, set_sidecar
 from support.gate_harness import GATE, GATE_TAINT, OTHER, gated, node_status, taints, until_gate
-from support.syncer_harness import RunningSyncer, cli, eventually, fleet, logged, metric, norm
+from support.syncer_harness import (
+    RunningSyncer,
+    cli,
+    eventually,
+    fleet,
+    logged,
+    metric,
+    norm,
+    override,
+)
 from support.syncer_harness import info_logs_fixture as info_logs_fixture
 from support.syncer_harness import settings_fixture as settings_fixture
 from support.tmpfs import fill_to, tmpfs_containerd
@@ -114,7 +122,7 @@ async def test_a_new_node_not_ready_yet_keeps_its_gate_closed_until_the_images_a
             "spec": {"taints": [NOT_READY, GATE_TAINT]},
         },
     )
-    settings = dataclasses.replace(
+    settings = override(
         settings,
         startup_taint=GATE,
         kube_api_url=kube.url,
@@ -158,7 +166,7 @@ async def test_timeout_opens_with_a_warning_and_a_restart_resumes_the_clock(
     # Restarted with a timeout shorter than the time already spent closed: it opens at once,
     # which proves the clock resumed instead of starting over.
     timeouts = metric("image_syncer_syncer_gate_timeouts_total")
-    restarted = dataclasses.replace(settings, startup_taint_timeout=0.5)
+    restarted = override(settings, startup_taint_timeout=0.5)
     caplog.clear()
     second = await RunningSyncer(restarted).start()
     try:
@@ -233,7 +241,7 @@ async def test_sidecar_and_extra_images_are_kept_shown_and_gate_the_node(
     assert await sidecar.refresh_once()
     await publish_event(js, log_settings, "fleet.events.added", fleet("g", game))
     settings = gated(settings, kube, extra_images=(extra,), remove_unused=True, remove_grace=0.0)
-    other_node = dataclasses.replace(settings, node_name="other-" + settings.node_name)
+    other_node = override(settings, node_name="other-" + settings.node_name)
     syncers = [await RunningSyncer(settings).start(), await RunningSyncer(other_node).start()]
     try:
         await eventually(

@@ -8,7 +8,6 @@ containerd 1.6 stores the label but does not report ``pinned`` back through CRI.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import os
 import uuid
 from collections.abc import Callable, Iterator
@@ -30,6 +29,7 @@ from support.syncer_harness import (  # noqa: F401  (fixtures)
     logged,
     metric,
     norm,
+    override,
     settings_fixture,
 )
 from support.tmpfs import fill_to, tmpfs_containerd
@@ -128,7 +128,7 @@ async def test_pins_follow_the_fleets_and_someone_elses_pin_stays(
     async with CriClient(containerd.endpoint) as kubelet:
         await kubelet.pull_image(hand_pinned, timeout=60)
     await asyncio.to_thread(containerd.ctr, "images", "label", hand_pinned, PINNED)
-    running = await RunningSyncer(dataclasses.replace(settings, status_interval=0.2)).start()
+    running = await RunningSyncer(override(settings, status_interval=0.2)).start()
     try:
         for name, image in (
             ("deleted", deleted),
@@ -223,7 +223,7 @@ async def test_an_extra_image_is_pinned_though_no_fleet_wants_it(
     push: Callable[..., str],
 ) -> None:
     extra, fleets = push(), push()
-    running = await RunningSyncer(dataclasses.replace(settings, extra_images=(extra,))).start()
+    running = await RunningSyncer(override(settings, extra_image=(extra,))).start()
     try:
         await publish_event(js, log_settings, "fleet.events.added", fleet("brief", fleets))
         await eventually(lambda: fully_pinned(containerd, extra), "the extra image pinned")
@@ -244,9 +244,7 @@ async def test_remove_unused_unpins_before_it_removes(
     push: Callable[..., str],
 ) -> None:
     image = push()
-    running = await RunningSyncer(
-        dataclasses.replace(settings, remove_unused=True, remove_grace=0.0)
-    ).start()
+    running = await RunningSyncer(override(settings, remove_unused=True, remove_grace=0.0)).start()
     try:
         await publish_event(js, log_settings, "fleet.events.added", fleet("gone", image))
         await eventually(lambda: fully_pinned(containerd, image), "pinned")
@@ -265,7 +263,7 @@ async def test_without_pinning_nothing_is_labelled(
     push: Callable[..., str],
 ) -> None:
     image = push()
-    running = await RunningSyncer(dataclasses.replace(settings, pin_images=False)).start()
+    running = await RunningSyncer(override(settings, pin_images=False)).start()
     try:
         await publish_event(js, log_settings, "fleet.events.added", fleet("plain", image))
         await eventually(lambda: image in containerd.image_refs(), "the image arrives")
@@ -297,9 +295,7 @@ async def test_a_full_image_filesystem_pauses_pulls_until_space_frees(
     push: Callable[..., str],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    settings = dataclasses.replace(
-        settings, cri_endpoint=small_containerd.endpoint, max_image_fs_usage=0.8
-    )
+    settings = override(settings, cri_endpoint=small_containerd.endpoint, max_image_fs_usage=0.8)
     ballast = fill_to(small_containerd.state_dir / "root", 0.9)
     image = push()
     skipped_before = metric("image_syncer_syncer_pulls_skipped_total", reason="disk_budget")
@@ -353,7 +349,7 @@ async def test_a_burst_of_queued_pulls_cannot_fill_the_disk(
     (its compressed layer in the content store, unpacked in the snapshotter), at 50%: one fits,
     a second would take the disk to ~96%. Before, all three passed one look at the disk taken
     before they queued, and the tmpfs ran out."""
-    settings = dataclasses.replace(
+    settings = override(
         settings,
         cri_endpoint=small_containerd.endpoint,
         max_image_fs_usage=0.8,
@@ -405,9 +401,7 @@ async def test_paused_clears_on_its_own_once_the_refused_image_is_not_wanted(
 ) -> None:
     """Issue 23 fault 10: the budget was read only when a pull asked; once the refused image was
     no longer wanted nothing asked, and "paused", the alert's gauge and the usage gauge stayed."""
-    settings = dataclasses.replace(
-        settings, cri_endpoint=small_containerd.endpoint, max_image_fs_usage=0.8
-    )
+    settings = override(settings, cri_endpoint=small_containerd.endpoint, max_image_fs_usage=0.8)
     ballast = fill_to(small_containerd.state_dir / "root", 0.9)
     image = push()
     running = await RunningSyncer(settings).start()
@@ -451,7 +445,7 @@ async def test_one_removal_is_pulled_again_at_once_repeated_ones_back_off_with_a
     push: Callable[..., str],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    settings = dataclasses.replace(
+    settings = override(
         settings, removal_backoff_after=2, removal_window=3600.0, removal_backoff_max=3600.0
     )
     image = push()

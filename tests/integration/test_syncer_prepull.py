@@ -14,7 +14,6 @@ import os
 import sys
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from support.syncer_harness import (  # noqa: F401  (fixtures)
     logged,
     metric,
     norm,
+    override,
     settings_fixture,
 )
 
@@ -113,7 +113,7 @@ async def test_fleet_selector_keeps_only_matching_fleets(
 ) -> None:
     chosen, other = push(), push()
     running = await RunningSyncer(
-        replace(settings, fleet_selector="tier in (game),!canary")
+        override(settings, fleet_selector="tier in (game),!canary")
     ).start()
     try:
         await publish_event(
@@ -157,7 +157,7 @@ async def test_respect_scheduling_follows_the_nodes_taints_and_labels(
 ) -> None:
     untolerating, tolerating, selecting = push(), push(), push()
     running = await RunningSyncer(
-        replace(settings, respect_scheduling=True, kube_api_url=api.url, node_refresh=0.3)
+        override(settings, respect_scheduling=True, kube_api_url=api.url, node_refresh=0.3)
     ).start()
     try:
         toleration = [{"key": "dedicated", "operator": "Exists", "effect": "NoSchedule"}]
@@ -213,7 +213,7 @@ async def test_deleted_fleets_image_is_removed_after_grace_but_not_others(
     async with CriClient(containerd.endpoint) as cri:
         await cri.pull_image(theirs, timeout=30)  # on the node, but not pulled by the syncer
     removed_before = metric("image_syncer_syncer_images_removed_total", outcome="removed")
-    running = await RunningSyncer(replace(settings, remove_unused=True, remove_grace=1.0)).start()
+    running = await RunningSyncer(override(settings, remove_unused=True, remove_grace=1.0)).start()
     try:
         await publish_event(js, log_settings, "fleet.events.added", fleet("old", ours))
         await publish_event(js, log_settings, "fleet.events.added", fleet("kubelets", theirs))
@@ -252,7 +252,7 @@ async def test_fleet_recreated_inside_the_grace_keeps_its_image(
 ) -> None:
     image = push()
     running = await RunningSyncer(
-        replace(settings, remove_unused=True, remove_grace=3600.0)
+        override(settings, remove_unused=True, remove_grace=3600.0)
     ).start()
     try:
         await publish_event(js, log_settings, "fleet.events.added", fleet("phoenix", image))

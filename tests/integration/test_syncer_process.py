@@ -38,7 +38,7 @@ async def test_the_syncer_process_is_named_after_its_node_and_stops_without_a_wa
     env = {
         **os.environ,
         "NODE_NAME": settings.node_name,
-        "CONN_TARGET": settings.cri_endpoint,
+        "CONN_TARGET": settings.runtime.endpoint,
         "NATS_URL": settings.nats.servers[0],
         "SUBJECT_PREFIX": settings.subject_prefix,
         "METRICS_ADDR": f"127.0.0.1:{port}",

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -23,6 +22,7 @@ from support.syncer_harness import (
     info_logs_fixture,
     logged,
     norm,
+    override,
     settings_fixture,
 )
 
@@ -79,7 +79,7 @@ def gate_method(monkeypatch: pytest.MonkeyPatch, name: str, gate: Gate) -> None:
 
 @pytest.fixture
 def removing(settings: SyncerSettings) -> SyncerSettings:
-    return replace(settings, sync_period=3600.0, remove_unused=True, remove_grace=0.0)
+    return override(settings, sync_period=3600.0, remove_unused=True, remove_grace=0.0)
 
 
 async def _kick_a_pass(js: JetStreamContext, settings: SyncerSettings) -> None:

@@ -7,7 +7,6 @@ are the observable of a replay), the CLI as a subprocess, as an operator or a CD
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import re
 import uuid
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from support.syncer_harness import (  # noqa: F401  (fixtures)
     info_logs_fixture,
     logged,
     norm,
+    override,
     settings_fixture,
     status_json,
 )
@@ -149,7 +149,7 @@ async def test_wait_right_after_an_update_waits_for_the_new_version_not_the_old_
 ) -> None:
     # Status written at most every 3s: for seconds after publishing v2 the node's entry still
     # speaks of v1, all present, which a wait that ignored sequences took for "done".
-    settings = dataclasses.replace(settings, status_interval=3.0)
+    settings = override(settings, status_interval=3.0)
     status_settings = StatusSettings(prefix=settings.subject_prefix)
     v1_image = push()
     # v2's new image is not in the registry yet: nothing can make it present before we push it.

@@ -34,6 +34,7 @@ from ops.serving import Health
 from support import polling
 from support.fakekube import FakeKube
 from support.fakekube.harness import fleet, wait_converged, with_image
+from support.syncer_harness import settings_with
 from syncer.folding.references import normalize
 from syncer.runner import run as run_syncer
 from syncer.settings import SyncerSettings
@@ -101,13 +102,13 @@ class InProcessBroadcaster:
 def syncer_settings(
     node: str, containerd: Containerd, nats: NatsSettings, prefix: str
 ) -> SyncerSettings:
-    return SyncerSettings(
+    return settings_with(
         node_name=node,
         cri_endpoint=containerd.endpoint,
         sync_period=1.0,
         pull_timeout=30.0,
-        backoff_min=0.2,
-        backoff_max=1.0,
+        pull_backoff_min=0.2,
+        pull_backoff_max=1.0,
         subject_prefix=prefix,
         metrics_addr="",
         ack_wait=5.0,

@@ -4,13 +4,13 @@ the fake API server, the Node's taints, and the gate's state as the node's statu
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from nats.js import JetStreamContext
 
 from support import polling
 from support.fakekube import FakeKube
+from support.syncer_harness import override
 from syncer.settings import SyncerSettings
 from wire.nodestatus import GateStatus, NodeStatus, StatusSettings, get_status, open_status_bucket
 
@@ -39,7 +39,7 @@ def gated(settings: SyncerSettings, kube: FakeKube, **changes: Any) -> SyncerSet
             "spec": {"taints": [OTHER, GATE_TAINT]},
         },
     )
-    return dataclasses.replace(
+    return override(
         settings, startup_taint=GATE, kube_api_url=kube.url, node_refresh=0.5, **changes
     )
 

@@ -19,6 +19,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from image_syncer.sandbox.containerd import Containerd
+from ops.flagfields import build, override
 from ops.logs import fields_of
 from ops.serving import Health
 from support import polling
@@ -38,14 +39,23 @@ __all__ = [
     "logged",
     "metric",
     "norm",
+    "override",
     "push_tag",
     "settings_fixture",
+    "settings_with",
     "status_json",
     "unpushed",
 ]
 
 
 DEADLINE = 60.0
+
+
+def settings_with(**flags: Any) -> SyncerSettings:
+    """Syncer settings as these flags set them (``pull_timeout=30.0``, ``cri_endpoint=...``,
+    named as the flags are, in whichever section they live), the rest at their defaults; change
+    them further with :func:`override`."""
+    return build(SyncerSettings, flags)
 
 
 async def eventually(check: Callable[[], object], what: str, timeout: float = DEADLINE) -> None:
@@ -108,13 +118,13 @@ class RunningSyncer:
 def settings_fixture(
     containerd: Containerd, nats_settings: NatsSettings, prefix: str
 ) -> SyncerSettings:
-    return SyncerSettings(
+    return settings_with(
         node_name=f"node-{uuid.uuid4().hex[:6]}.example",
         cri_endpoint=containerd.endpoint,
         sync_period=1.0,
         pull_timeout=30.0,
-        backoff_min=0.2,
-        backoff_max=1.0,
+        pull_backoff_min=0.2,
+        pull_backoff_max=1.0,
         subject_prefix=prefix,
         metrics_addr="",
         status_interval=0.2,
