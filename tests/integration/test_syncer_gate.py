@@ -240,7 +240,7 @@ async def test_sidecar_and_extra_images_are_kept_shown_and_gate_the_node(
     sidecar = SidecarWatcher(api.api_client, js, log_settings, SidecarSettings())
     assert await sidecar.refresh_once()
     await publish_event(js, log_settings, "fleet.events.added", fleet("g", game))
-    settings = gated(settings, kube, extra_images=(extra,), remove_unused=True, remove_grace=0.0)
+    settings = gated(settings, kube, extra_image=(extra,), remove_unused=True, remove_grace=0.0)
     other_node = override(settings, node_name="other-" + settings.node_name)
     syncers = [await RunningSyncer(settings).start(), await RunningSyncer(other_node).start()]
     try:
