@@ -54,44 +54,41 @@ def _default(f: dataclasses.Field[Any]) -> Any:
     raise TypeError(f"the setting {f.name} has no default to show")
 
 
+def _parsing(spec: Flag, kind: Any, default: Any) -> tuple[Any, dict[str, Any], Any]:
+    """For a flag of this kind: the Python type typer sees, how the option parses and shows its
+    value, and the default as typer shows it and parses it back (``15s``, ``80%``)."""
+    match spec.kind:
+        case Kind.DURATION:
+            return (
+                float,
+                {"parser": duration_parser, "metavar": "DURATION"},
+                format_duration(default),
+            )
+        case Kind.COUNT:
+            assert spec.low is not None and spec.high is not None
+            return int, {"parser": count_parser(spec.low, spec.high), "metavar": "N"}, default
+        case Kind.NUMBER:
+            return int, {"min": spec.low}, default
+        case Kind.PERCENT:
+            return float, {"parser": _percent, "metavar": "PERCENT"}, f"{default:.0%}"
+        case Kind.LIST:
+            return list[str], {}, list(default)
+        case Kind.PREFIX:
+            return str, {"parser": prefix_parser}, default
+    return kind, {}, default
+
+
 def _option(spec: Flag, kind: Any, default: Any, panel: str) -> tuple[Any, Any]:
-    """The typer annotation and the default (as typer shows it and parses it back)."""
-    common: dict[str, Any] = {"envvar": spec.env, "rich_help_panel": panel}
+    """The typer annotation of one flag, and its default."""
+    python, parsing, shown = _parsing(spec, kind, default)
     if spec.metavar is not None:
-        common["metavar"] = spec.metavar
-    if spec.kind is Kind.DURATION:
-        option = typer.Option(
-            spec.name, help=spec.help, parser=duration_parser, **{"metavar": "DURATION", **common}
-        )
-        return Annotated[float, option], format_duration(default)
-    if spec.kind is Kind.COUNT:
-        assert spec.low is not None and spec.high is not None
-        option = typer.Option(
-            spec.name,
-            help=f"{spec.help} ({spec.low}-{spec.high})",
-            parser=count_parser(spec.low, spec.high),
-            **{"metavar": "N", **common},
-        )
-        return Annotated[int, option], default
-    if spec.kind is Kind.NUMBER:
-        return Annotated[
-            int, typer.Option(spec.name, help=spec.help, min=spec.low, **common)
-        ], default
-    if spec.kind is Kind.PERCENT:
-        option = typer.Option(
-            spec.name, help=spec.help, parser=_percent, **{"metavar": "PERCENT", **common}
-        )
-        return Annotated[float, option], f"{default:.0%}"
-    if spec.kind is Kind.LIST:
-        return Annotated[list[str], typer.Option(spec.name, help=spec.help, **common)], list(
-            default
-        )
-    if spec.kind is Kind.PREFIX:
-        option = typer.Option(spec.name, help=spec.help, parser=prefix_parser, **common)
-        return Annotated[str, option], default
-    # A switch shows its --no- twin, as typer names it when no name is given.
-    names = (f"{spec.name}/--no-{spec.name[2:]}",) if kind is bool else (spec.name,)
-    return Annotated[kind, typer.Option(*names, help=spec.help, **common)], default
+        parsing["metavar"] = spec.metavar
+    # A switch shows its --no- twin, as typer names it when it is given no name.
+    names = (f"{spec.name}/--no-{spec.name[2:]}",) if python is bool else (spec.name,)
+    # A count shows its range, as every count flag of the CLI does.
+    text = f"{spec.help} ({spec.low}-{spec.high})" if spec.kind is Kind.COUNT else spec.help
+    option = typer.Option(*names, help=text, envvar=spec.env, rich_help_panel=panel, **parsing)
+    return Annotated[python, option], shown
 
 
 def settings_params(root: type) -> Iterator[inspect.Parameter]:

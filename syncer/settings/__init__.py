@@ -1,10 +1,13 @@
 """Everything the node syncer is told, in one typed value built by the CLI (flags + env twins).
 
 :class:`SyncerSettings` holds what every part reads (the node's name, the subject prefix) and one
-section per concern (:mod:`syncer.settings.sections`): ``settings.pulls.timeout``,
-``settings.status.interval``, ``settings.keeping.remove_unused``... :mod:`syncer.assembly` hands
-each part only its section. Every field declares its flag (:mod:`ops.flagfields`), and the CLI
-generates the flags from them: a new setting is one field here, nothing else.
+section per concern (``settings.pulls.timeout``, ``settings.status.interval``,
+``settings.keeping.remove_unused``...), small frozen dataclasses in the modules beside this one
+(``pulling``, ``reading``, ``reporting``, ``fleets``, ``keeping``); :mod:`syncer.assembly` hands
+each part only its section. Every field declares its flag and environment twin
+(:mod:`ops.flagfields`), the CLI generates the flags from them, and each section checks itself
+when built, naming the flags it refuses: a new setting is one field, nothing else. A section's
+``panel`` is the title its flags are shown under in ``syncer --help``.
 """
 
 from __future__ import annotations
@@ -14,17 +17,16 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from ops.flagfields import Kind, flag, require_positive
-from syncer.settings.sections import (
+from syncer.settings.fleets import FleetSettings, GateSettings
+from syncer.settings.keeping import KeepingSettings
+from syncer.settings.pulling import (
     DEFAULT_CRI_ENDPOINT,
-    ConsumerSettings,
-    FleetSettings,
-    GateSettings,
-    KeepingSettings,
     PullSettings,
     RuntimeSettings,
     SeedingSettings,
-    StatusReportSettings,
 )
+from syncer.settings.reading import ConsumerSettings
+from syncer.settings.reporting import StatusReportSettings
 from wire.contract import DEFAULT_PREFIX
 from wire.natsconn import NatsSettings
 
