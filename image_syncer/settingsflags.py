@@ -98,11 +98,12 @@ def settings_params(root: type) -> Iterator[inspect.Parameter]:
         yield inspect.Parameter(
             spec.param, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation
         )
-    if any(kind is NatsSettings for _, kind in section_fields(root)):
+    if _nats_field(root) is not None:
         yield from NATS_PARAMS
 
 
 def _nats_field(root: type) -> str | None:
+    """The root's ``NatsSettings`` field, filled in from the ``--nats-*`` flags."""
     return next((f.name for f, kind in section_fields(root) if kind is NatsSettings), None)
 
 
