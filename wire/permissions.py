@@ -33,6 +33,12 @@ Every list is an allow-list. The rules every new subject, bucket or consumer mus
    bucket found with another config is refused. Entries nodes write that others wait on carry a
    TTL, the bucket a ``max_age``, and readers check their age (no header can be forbidden).
 5. Whatever a node writes that another reads is validated by the reader.
+6. The ``reader`` role (``wait``, ``status``, ``rollout --stage-only``: a CD job's identity,
+   copied into every Fleet's namespace) only reads: ``$JS.API.INFO``, and ``STREAM.INFO`` and
+   ``DIRECT.GET`` on the Fleet stream, the node images and the buckets those commands read
+   (:func:`reader_permissions`); no consumer of any kind, no other publish, replies only on its
+   own inbox ``_INBOX.reader.>``. It keeps a live view by polling with direct gets
+   (:class:`wire.nodestatus.StatusWatch`).
 
 The static install has one shared syncer user: NATS wildcards match whole tokens, so it may use
 any node's durable, write any node's keys and slots, and create the Fleet stream's consumers
@@ -71,6 +77,7 @@ __all__ = [
     "PASSWORD_ENV",
     "PINNED_BUCKET",
     "PULLED_BUCKET",
+    "READER_INBOX",
     "REPLAY_CONSUMER_SUFFIX",
     "SLOTS_BUCKET",
     "SYNCER_CONSUMER_PREFIX",
@@ -85,6 +92,7 @@ __all__ = [
     "install_buckets",
     "node_syncer_permissions",
     "node_token",
+    "reader_permissions",
     "render_accounts",
     "render_callout_accounts",
     "syncer_permissions",
@@ -110,6 +118,7 @@ PASSWORD_ENV = {
     "broadcaster": "NATS_BROADCASTER_PASSWORD",
     "syncer": "NATS_SYNCER_PASSWORD",
     "admin": "NATS_ADMIN_PASSWORD",
+    "reader": "NATS_READER_PASSWORD",
 }
 
 # With the auth callout: the callout service's own account and user (it alone bypasses the
@@ -221,6 +230,9 @@ def inbox_prefix(identity: str) -> str:
 
 
 BROADCASTER_INBOX = "broadcaster"
+# The inbox identity of the read-only commands (wait, status, rollout): the reader role may
+# subscribe to this prefix alone.
+READER_INBOX = "reader"
 
 
 def install_buckets(prefix: str = DEFAULT_PREFIX, replicas: int = 1) -> list[StreamConfig]:
@@ -374,6 +386,22 @@ def node_syncer_permissions(node: str, prefix: str = DEFAULT_PREFIX) -> RolePerm
     return RolePermissions(f"syncer:{node}", tuple(publish), subscribe)
 
 
+def reader_permissions(prefix: str = DEFAULT_PREFIX) -> RolePermissions:
+    """Read what ``wait``, ``status`` and ``rollout --stage-only`` read, and nothing else (rule 6).
+
+    The Fleet stream (its newest events), the node images, and the node status bucket, through
+    ``STREAM.INFO`` and direct gets only: no consumer, so no body that names a deliver subject
+    or re-points a durable. Replies on its own inbox only. Nothing it may send writes.
+    """
+    publish = [
+        f"{_API}.INFO",
+        *_direct_reader(stream_name(prefix, Kind.FLEET)),
+        *_direct_reader(node_images_stream_name(prefix)),
+        *_direct_reader(f"KV_{nodestatus.bucket_name(prefix)}"),
+    ]
+    return RolePermissions("reader", tuple(publish), (f"{inbox_prefix(READER_INBOX)}.>",))
+
+
 def callout_permissions(prefix: str = DEFAULT_PREFIX) -> RolePermissions:
     """The auth callout's own user: answer auth requests, and create each node's durable at its
     login (rule 2; :mod:`authcallout.durables`), with the filter fixed by the subject."""
@@ -483,7 +511,11 @@ def render_accounts(prefix: str = DEFAULT_PREFIX) -> str:
     """The ``accounts`` block that ``nats.conf`` includes, for one subject prefix."""
     users = "".join(
         _user_block(role, PASSWORD_ENV[role.user])
-        for role in (broadcaster_permissions(prefix), syncer_permissions(prefix))
+        for role in (
+            broadcaster_permissions(prefix),
+            syncer_permissions(prefix),
+            reader_permissions(prefix),
+        )
     )
     admin = f"      {{ user: {admin_user()}, password: ${PASSWORD_ENV[admin_user()]} }}\n"
     return (

@@ -31,7 +31,12 @@ from support.deploy import (
 
 from authcallout.natsjwt import Signer, new_account_seed
 from image_syncer.sandbox.nats_server import nats_server_binary
-from wire.permissions import AUTH_PASSWORD_ENV, CALLOUT_ISSUER_ENV, render_callout_accounts
+from wire.permissions import (
+    AUTH_PASSWORD_ENV,
+    CALLOUT_ISSUER_ENV,
+    PASSWORD_ENV,
+    render_callout_accounts,
+)
 
 AUTH = "image-syncer-auth"
 
@@ -94,9 +99,7 @@ def test_servers_mount_the_callout_config_with_its_variables_from_the_secret(
             "name": "image-syncer-nats",
             "key": key,
         }
-    assert not {"NATS_BROADCASTER_PASSWORD", "NATS_SYNCER_PASSWORD", "NATS_ADMIN_PASSWORD"} & set(
-        env
-    )
+    assert not set(PASSWORD_ENV.values()) & set(env)
     # The file parses in the real server with exactly those variables.
     (tmp_path / "auth.conf").write_text(accounts["data"]["auth.conf"])
     (tmp_path / "nats.conf").write_text("port: -1\ninclude ./auth.conf\n")
