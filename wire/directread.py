@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -24,7 +24,7 @@ from nats.aio.client import Client
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 
-__all__ = ["DirectMessage", "read_direct", "read_keys"]
+__all__ = ["DirectMessage", "read_direct", "read_keys", "read_last"]
 
 _END_OF_BATCH = "204"
 _NOT_FOUND = "404"
@@ -85,48 +85,68 @@ async def read_direct(
     Raises ``nats.js.errors.NotFoundError`` when the stream does not exist and
     ``nats.errors.TimeoutError`` when the server stops answering.
     """
-    nc = _client(js)
     seq = max(1, start_seq)
     while True:
-        inbox = nc.new_inbox()
-        sub = await nc.subscribe(inbox)
         got = 0
-        try:
-            request = {"seq": seq, "next_by_subj": subject, "batch": batch}
-            await nc.publish(
-                f"$JS.API.DIRECT.GET.{stream}", json.dumps(request).encode(), reply=inbox
-            )
-            while True:
-                try:
-                    msg = await sub.next_msg(timeout=timeout)
-                except nats.errors.TimeoutError:
-                    if got == 0:
-                        await js.stream_info(stream)  # NotFoundError when it is gone
-                    raise
-                headers = dict(msg.headers or {})
-                status = headers.get("Status")
-                if status == _END_OF_BATCH:
-                    break
-                if status == _NOT_FOUND:
-                    return  # nothing (more) matches
-                if status:
-                    raise nats.js.errors.APIError(
-                        code=int(status), description=headers.get("Description", "")
-                    )
+        request = {"seq": seq, "next_by_subj": subject, "batch": batch}
+        # Closed with this generator: a reader that stops early leaves no subscription behind.
+        async with contextlib.aclosing(_answers(js, stream, request, timeout)) as answers:
+            async for message in answers:
                 got += 1
-                seq = int(headers.get("Nats-Sequence", "0"))
-                yield DirectMessage(
-                    seq=seq,
-                    subject=headers.get("Nats-Subject", ""),
-                    time=_time(headers.get("Nats-Time-Stamp")),
-                    data=msg.data,
-                    headers={k: v for k, v in headers.items() if k not in _SERVER_HEADERS},
-                )
-        finally:
-            await _unsubscribe(sub)
+                seq = message.seq
+                yield message
         if got < batch:
             return
         seq += 1
+
+
+async def read_last(
+    js: JetStreamContext, stream: str, subject: str, *, batch: int = 1000, timeout: float = 5.0
+) -> list[DirectMessage]:
+    """The newest message of each subject of ``stream`` matching ``subject`` (a wildcard
+    filter), in sequence order, at most ``batch``: one request, however long the history.
+
+    Raises as :func:`read_direct` does.
+    """
+    request = {"multi_last": [subject], "batch": batch}
+    return [message async for message in _answers(js, stream, request, timeout)]
+
+
+async def _answers(
+    js: JetStreamContext, stream: str, request: dict[str, object], timeout: float
+) -> AsyncGenerator[DirectMessage]:
+    """One batched direct get: its messages, until the server's end of batch (or nothing)."""
+    nc = _client(js)
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    got = 0
+    try:
+        await nc.publish(f"$JS.API.DIRECT.GET.{stream}", json.dumps(request).encode(), reply=inbox)
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=timeout)
+            except nats.errors.TimeoutError:
+                if got == 0:
+                    await js.stream_info(stream)  # NotFoundError when it is gone
+                raise
+            headers = dict(msg.headers or {})
+            status = headers.get("Status")
+            if status in (_END_OF_BATCH, _NOT_FOUND):
+                return  # the batch is complete, or nothing (more) matches
+            if status:
+                raise nats.js.errors.APIError(
+                    code=int(status), description=headers.get("Description", "")
+                )
+            got += 1
+            yield DirectMessage(
+                seq=int(headers.get("Nats-Sequence", "0")),
+                subject=headers.get("Nats-Subject", ""),
+                time=_time(headers.get("Nats-Time-Stamp")),
+                data=msg.data,
+                headers={k: v for k, v in headers.items() if k not in _SERVER_HEADERS},
+            )
+    finally:
+        await _unsubscribe(sub)
 
 
 async def _unsubscribe(sub: Subscription) -> None:

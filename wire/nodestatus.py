@@ -40,6 +40,7 @@ node.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import enum
 import re
@@ -54,13 +55,15 @@ import nats.errors
 import nats.js.errors
 from nats.js import JetStreamContext
 from nats.js.api import StreamConfig
-from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
+from nats.js.kv import KeyValue
 
 from wire.contract import DEFAULT_PREFIX, check_prefix
+from wire.directread import read_direct
 from wire.kvbuckets import bind_bucket, ttl_bucket_config
 
 __all__ = [
     "DEFAULT_BUCKET",
+    "DEFAULT_POLL_INTERVAL",
     "SCHEMA",
     "BudgetSummary",
     "DiskSummary",
@@ -105,13 +108,13 @@ NODE_KEY_PREFIX = "node."
 BEAT_KEY_PREFIX = "beat."
 REPLAY_KEY_PREFIX = "replay."
 SCHEMA = 3
+# How often a :class:`StatusWatch` reads what changed, unless its reader says otherwise.
+DEFAULT_POLL_INTERVAL = 2.0
 # What a schema-2 reader finds in ``$.state`` of a newer entry; it expects an object there, so
 # its decode error quotes this instead of silently reading a node with no Fleets.
 OLD_READER_NOTICE = "status schema 3: upgrade image-syncer to read this entry"
 
 # Kubernetes node names are DNS-1123 subdomains; all of their characters are valid in KV keys.
-# How long a status read waits for entries its watch's consumer already delivered (in flight).
-_CATCH_UP_TIMEOUT = 5.0
 # A DNS-1123 subdomain, as Kubernetes requires of node names: dot-separated labels of at most 63
 # characters, each starting and ending alphanumeric (so no "a..b", no ".a", no "a-.b").
 _LABEL = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
@@ -552,19 +555,34 @@ async def get_status(kv: KeyValue, node: str) -> NodeStatus | None:
 
 
 class StatusWatch:
-    """A live view ``{node: status}`` of the bucket, kept current by a KV watch.
+    """A live view ``{node: status}`` of the bucket, kept current by polling it with direct gets.
 
     ``async with StatusWatch(kv) as watch`` reads every current entry first; then each
-    ``await watch.next(timeout)`` applies one change (True) or times out (False), so a reader
-    can bound its waits by a deadline without polling. A node's ``reported_at`` in the view is
-    the newer of its entry's and its heartbeat's. Entries of an older schema are kept in
-    ``outdated`` (node -> their header), entries that cannot be decoded in ``invalid`` (node ->
-    reason), so a reader can name them instead of silently dropping them.
+    ``await watch.next(timeout)`` waits for the next poll (one every ``interval`` seconds at
+    most) that finds something new and applies it (True), or times out (False), so a reader
+    can bound its waits by a deadline. A node's ``reported_at`` in the view is the newer of its
+    entry's and its heartbeat's. Entries of an older schema are kept in ``outdated`` (node ->
+    their header), entries that cannot be decoded in ``invalid`` (node -> reason), so a reader
+    can name them instead of silently dropping them.
+
+    Why polling rather than ``kv.watch()``: a watch is an ordered consumer, created through the
+    bare ``$JS.API.CONSUMER.CREATE.<stream>``, whose body may name any consumer and deliver
+    subject; the read-only role of ``wait`` and ``status`` may not send it
+    (:mod:`wire.permissions`, rule 6). A poll asks the stream's info and, when its last sequence
+    moved, reads only what was written since (:mod:`wire.directread`): an idle bucket costs one
+    small request per interval, a busy one what changed. A bucket created again (its sequences
+    start over) is read again in whole.
     """
 
-    def __init__(self, kv: KeyValue) -> None:
-        self._kv = kv
-        self._watcher: KeyValue.KeyWatcher | None = None
+    def __init__(self, kv: KeyValue, *, interval: float = DEFAULT_POLL_INTERVAL) -> None:
+        # nats-py keeps the context and names on the KeyValue and offers no accessor.
+        self._js: JetStreamContext = kv._js
+        self._stream: str = kv._stream
+        self._prefix = f"$KV.{kv._name}."
+        self._interval = interval
+        self._seen = 0
+        self._created: datetime | None = None
+        self._polled = 0.0
         self._beats: dict[str, Heartbeat] = {}
         self._written: dict[str, NodeStatus] = {}
         self.view: dict[str, NodeStatus] = {}
@@ -572,54 +590,64 @@ class StatusWatch:
         self.invalid: dict[str, str] = {}
 
     async def __aenter__(self) -> StatusWatch:
-        # One watch over the whole bucket (node., beat. and replay. keys): one consumer, and
-        # node entries and heartbeats arrive in the order they were written.
-        self._watcher = await self._kv.watch(">")
-        read = 0
-        while (entry := await self._watcher.updates(timeout=None)) is not None:
-            self._apply(entry)
-            read += 1
-        await self._catch_up(read)
+        await self._poll()
         return self
 
-    async def _catch_up(self, read: int) -> None:
-        # nats-py ends the current entries with None once one arrives with nothing pending after
-        # it, but also at once if its consumer_info reply overtakes the first entries (the server
-        # sends them by another path; seen under load): a one-shot read (status) then showed an
-        # empty bucket. Read on until this watch holds what its consumer delivered so far.
-        assert self._watcher is not None and self._watcher._sub is not None
-        info = await self._watcher._sub.consumer_info()
-        while read < info.delivered.consumer_seq:
-            try:
-                entry = await self._watcher.updates(timeout=_CATCH_UP_TIMEOUT)
-            except (nats.errors.TimeoutError, TimeoutError):
-                return  # a message nats-py drops without an entry: nothing more is coming
-            if entry is not None:
-                self._apply(entry)
-                read += 1
-
     async def __aexit__(self, *exc: object) -> None:
-        if self._watcher is not None:
-            with contextlib.suppress(Exception):
-                await self._watcher.stop()
+        return None  # a poll leaves nothing behind on the server
 
     async def next(self, timeout: float) -> bool:
-        """Apply the next change; False if none came within ``timeout`` seconds."""
-        assert self._watcher is not None, "use StatusWatch as an async context manager"
-        try:
-            entry = await self._watcher.updates(timeout=max(timeout, 0.001))
-        except (nats.errors.TimeoutError, TimeoutError):
-            return False
-        if entry is not None:
-            self._apply(entry)
-        return True
+        """Apply what changed at the next poll that finds something; False if none did within
+        ``timeout`` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(timeout, 0.0)
+        while True:
+            due = self._polled + self._interval
+            if due > deadline:
+                await asyncio.sleep(max(deadline - loop.time(), 0.0))
+                return False
+            await asyncio.sleep(max(due - loop.time(), 0.0))
+            if await self._poll():
+                return True
 
-    def _apply(self, entry: KeyValue.Entry) -> None:
-        gone = entry.operation in (KV_DEL, KV_PURGE)
-        if entry.key.startswith(NODE_KEY_PREFIX):
-            self._apply_status(entry.key[len(NODE_KEY_PREFIX) :], None if gone else entry.value)
-        elif entry.key.startswith(BEAT_KEY_PREFIX):
-            self._apply_beat(entry.key[len(BEAT_KEY_PREFIX) :], None if gone else entry.value)
+    async def _poll(self) -> bool:
+        """Read what was written since the last poll; whether anything was."""
+        self._polled = asyncio.get_running_loop().time()
+        try:
+            info = await self._js.stream_info(self._stream)
+        except nats.js.errors.NotFoundError:
+            # The bucket is gone: no node reports anything.
+            changed = bool(self._written or self._beats or self.outdated or self.invalid)
+            self._forget()
+            return changed
+        last = info.state.last_seq
+        if info.created != self._created or last < self._seen:
+            self._forget()  # a bucket of its own, whose sequences started over
+            self._created = info.created
+        elif last == self._seen:
+            return False
+        applied = 0
+        async for message in read_direct(self._js, self._stream, start_seq=self._seen + 1):
+            gone = message.headers.get("KV-Operation") in ("DEL", "PURGE")
+            self._apply(message.subject.removeprefix(self._prefix), None if gone else message.data)
+            self._seen = max(self._seen, message.seq)
+            applied += 1
+        return applied > 0 or self._seen == 0
+
+    def _forget(self) -> None:
+        self._seen = 0
+        self._created = None
+        self._beats.clear()
+        self._written.clear()
+        self.view.clear()
+        self.outdated.clear()
+        self.invalid.clear()
+
+    def _apply(self, key: str, value: bytes | None) -> None:
+        if key.startswith(NODE_KEY_PREFIX):
+            self._apply_status(key[len(NODE_KEY_PREFIX) :], value)
+        elif key.startswith(BEAT_KEY_PREFIX):
+            self._apply_beat(key[len(BEAT_KEY_PREFIX) :], value)
 
     def _apply_status(self, node: str, value: bytes | None) -> None:
         self._written.pop(node, None)

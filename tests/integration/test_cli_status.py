@@ -12,6 +12,7 @@ import re
 from collections.abc import AsyncIterator
 from typing import Any
 
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from support.fleetdicts import fleet
 from support.polling import eventually as until
@@ -56,9 +57,18 @@ async def publish(
     return ack.seq
 
 
-async def watchers_on(js: JetStreamContext, settings: StatusSettings) -> int:
-    info = await js.stream_info(f"KV_{settings.bucket}")
-    return info.state.consumer_count
+async def bucket_reads(js: JetStreamContext, settings: StatusSettings) -> list[str]:
+    """Every direct get of the status bucket sent from now on (``wait``'s first read of the
+    bucket among them): a plain subscriber on the API subject hears each request too."""
+    heard: list[str] = []
+
+    async def record(msg: Msg) -> None:
+        heard.append(msg.subject)
+
+    nc = js._nc
+    await nc.subscribe(f"$JS.API.DIRECT.GET.KV_{settings.bucket}", cb=record)
+    await nc.flush()
+    return heard
 
 
 # --- status ---------------------------------------------------------------------------------
@@ -295,12 +305,9 @@ async def test_wait_returns_once_every_live_node_has_the_images(
     await report(js, settings, "node-b", present=set(IMAGES[:1]), pulling=set(IMAGES[1:]), seqs=at)
     await report(js, settings, "node-c", age=3600)  # stale and empty: ignored
     await report(js, settings, "node-d", desired={}, excluded={FLEET}, seqs=at)  # not targeted
+    reads = await bucket_reads(js, settings)
     process = await start_cli(*cli_args(nats_server, prefix, "wait", "--fleet", FLEET))
-
-    async def watching() -> bool:
-        return await watchers_on(js, settings) > 0
-
-    await until(watching, "wait to watch the bucket")
+    await until(lambda: bool(reads), "wait to read the bucket")
     assert process.returncode is None  # node-b still pulls
     await report(js, settings, "node-b", present=set(IMAGES), seqs=at)
     code, out, err = await finish(process)
@@ -482,6 +489,7 @@ async def test_wait_stops_waiting_for_a_node_that_turns_stale(
     stale_after, node_b_left = 120.0, 3.0
     seq = await publish(js, prefix, "added")
     await report(js, settings, "node-b")
+    reads = await bucket_reads(js, settings)
     process = await start_cli(
         *cli_args(
             nats_server,
@@ -493,11 +501,7 @@ async def test_wait_stops_waiting_for_a_node_that_turns_stale(
             f"{stale_after:.0f}s",
         )
     )
-
-    async def watching() -> bool:
-        return await watchers_on(js, settings) > 0
-
-    await until(watching, "wait to watch the bucket")
+    await until(lambda: bool(reads), "wait to read the bucket")
     await report(js, settings, "node-a", present=set(IMAGES), seqs={FLEET: seq})
     await report(js, settings, "node-b", age=stale_after - node_b_left)
     code, out, err = await finish(process)
