@@ -26,6 +26,7 @@ from wire.contract import (
     next_images_of,
     object_filter,
 )
+from wire.directread import read_last
 from wire.eventlog import LogSettings, StoredMessage, ensure_streams, read_log, stream_name
 from wire.nodestatus import parse_fleet
 from wire.readiness import FleetTarget
@@ -35,6 +36,7 @@ __all__ = [
     "fleet_filter",
     "fold_fleet_log",
     "log_targets",
+    "newest_event",
     "read_fleets",
     "stream_created",
     "target_of",
@@ -111,6 +113,35 @@ async def read_fleets(
         return None
 
 
+async def newest_event(
+    js: JetStreamContext, prefix: str, fleet: str
+) -> dict[str, tuple[int, Event]] | None:
+    """``fleet``'s newest event as :func:`read_fleets` folds it (None: no stream, empty: no
+    event), read as the newest message of each of its subjects, one per action: one direct get
+    however long its history, which a read-only identity may send. Only when that message does
+    not decode (the fold skips it) is the whole history read.
+    """
+    stream = stream_name(prefix, Kind.FLEET)
+    subject = fleet_filter(prefix, fleet)
+    try:
+        # First, as read_log does: a direct get to a missing stream would only time out.
+        if not (await js.stream_info(stream)).state.messages:
+            return {}
+    except nats.js.errors.NotFoundError:
+        return None
+    last = await read_last(js, stream, subject)
+    if not last:
+        return {}
+    newest = max(last, key=lambda message: message.seq)
+    try:
+        event = decode_event(newest.data)
+    except ContractError:
+        return await read_fleets(js, prefix, subject)
+    if event.kind is not Kind.FLEET or event.key != fleet:
+        return await read_fleets(js, prefix, subject)
+    return {fleet: (newest.seq, event)}
+
+
 async def stream_created(js: JetStreamContext, prefix: str) -> datetime | None:
     """When the Fleet stream was created (which incarnation its sequences belong to)."""
     try:
@@ -121,7 +152,7 @@ async def stream_created(js: JetStreamContext, prefix: str) -> datetime | None:
 
 async def wait_target(js: JetStreamContext, prefix: str, fleet: str) -> FleetTarget:
     created = await stream_created(js, prefix)
-    newest = await read_fleets(js, prefix, fleet_filter(prefix, fleet))
+    newest = await newest_event(js, prefix, fleet)
     if not newest or fleet not in newest:
         stream = stream_name(prefix, Kind.FLEET)
         raise CommandError(f"fleet {fleet} is not in the event log (stream {stream})")

@@ -38,8 +38,16 @@ import typer
 from nats.js import JetStreamContext
 
 from broadcaster.kubeapi import KubeConfigError, custom_objects_api
-from image_syncer.commands.wait import MinReadyOption, Scope, Verdict, follow
-from image_syncer.fleetlog import fleet_filter, read_fleets, stream_created, target_of
+from image_syncer.commands.wait import (
+    MinReadyOption,
+    PollIntervalOption,
+    Scope,
+    Verdict,
+    check_poll_interval,
+    follow,
+    reader_settings,
+)
+from image_syncer.fleetlog import newest_event, stream_created, target_of
 from image_syncer.fleetpatch import (
     ApiUnavailable,
     BadRollout,
@@ -70,7 +78,7 @@ from ops.durations import format_duration
 from syncer.folding.references import normalize
 from wire.contract import NEXT_IMAGES_ANNOTATION, parse_next_images
 from wire.natsconn import NatsSettings
-from wire.nodestatus import StatusError, StatusSettings, parse_fleet
+from wire.nodestatus import DEFAULT_POLL_INTERVAL, StatusError, StatusSettings, parse_fleet
 from wire.readiness import FleetTarget
 
 __all__ = ["register"]
@@ -94,6 +102,7 @@ class _Job:
     ignore_not_found: bool
     nats: NatsSettings
     status: StatusSettings
+    poll_interval: float = DEFAULT_POLL_INTERVAL
 
 
 async def _rollout(job: _Job, api: FleetApi) -> None:
@@ -117,7 +126,7 @@ async def _rollout(job: _Job, api: FleetApi) -> None:
         await _finish_moved(api, job, staged)
         return
     typer.echo(f"{job.fleet}: staged, {NEXT_IMAGES_ANNOTATION}={staged.next_images}")
-    async with jetstream(job.nats, "image-syncer-rollout") as js:
+    async with jetstream(reader_settings(job.nats), "image-syncer-rollout") as js:
         target = await _logged_target(js, job, staged, deadline)
         progress = _Progress(job.fleet, sys.stderr)
         scope = Scope(next_only=True, min_ready=job.min_ready)
@@ -132,6 +141,7 @@ async def _rollout(job: _Job, api: FleetApi) -> None:
                 stale_after=job.stale_after,
                 scope=scope,
                 progress=progress,
+                poll_interval=job.poll_interval,
             )
         finally:
             progress.close()
@@ -219,7 +229,7 @@ async def _logged_target(
     wanted = {str(normalize(image)) for image in parse_next_images(plan.next_images)}
     while True:
         created = await stream_created(js, prefix)
-        newest = await read_fleets(js, prefix, fleet_filter(prefix, job.fleet)) or {}
+        newest = await newest_event(js, prefix, job.fleet) or {}
         if job.fleet in newest:
             target = target_of(job.fleet, *newest[job.fleet], stream_created=created)
             if isinstance(target, FleetTarget) and wanted <= set(target.next_images):
@@ -336,6 +346,7 @@ def rollout(
     ] = False,
     min_ready: MinReadyOption = 100.0,
     stale_after: StaleAfterOption = "1m",  # type: ignore[assignment]
+    poll_interval: PollIntervalOption = "2s",  # type: ignore[assignment]
     kubeconfig: Annotated[
         str | None,
         typer.Option(
@@ -373,6 +384,7 @@ def rollout(
         ignore_not_found=ignore_not_found,
         nats=nats,
         status=status_settings(subject_prefix),
+        poll_interval=check_poll_interval(poll_interval),
     )
     try:
         api = _api(kubeconfig, fleet)

@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from image_syncer.fleetlog import fleet_filter, log_targets, read_fleets, target_of
+from image_syncer.fleetlog import log_targets, newest_event, target_of
 from image_syncer.nodeview import (
     FleetRollup,
     NodeRollup,
@@ -57,6 +57,7 @@ from wire.nodestatus import (
     list_statuses,
     parse_fleet,
 )
+from wire.permissions import READER_INBOX, inbox_prefix
 from wire.readiness import FleetTarget, fleet_progress
 
 __all__ = ["NOT_ALL_WELL", "register"]
@@ -248,7 +249,10 @@ async def _read(
     check_log: bool,
     fleet: str | None = None,
 ) -> tuple[dict[str, NodeStatus], dict[str, str], dict[str, FleetTarget] | None]:
-    nc = await connect(nats_settings, name="image-syncer-status")
+    # Replies on the read-only role's inbox: reading is all status does.
+    nc = await connect(
+        nats_settings.with_inbox(inbox_prefix(READER_INBOX)), name="image-syncer-status"
+    )
     try:
         js = nc.jetstream()
         view, unreadable = await list_statuses(await open_bucket(js, settings))
@@ -262,7 +266,7 @@ async def _read(
 
 async def _one_target(js: JetStreamContext, prefix: str, fleet: str) -> dict[str, FleetTarget]:
     """``fleet``'s newest event alone (a few messages), to tell its next images apart."""
-    newest = await read_fleets(js, prefix, fleet_filter(prefix, fleet)) or {}
+    newest = await newest_event(js, prefix, fleet) or {}
     target = target_of(fleet, *newest[fleet]) if fleet in newest else None
     return {fleet: target} if isinstance(target, FleetTarget) else {}
 

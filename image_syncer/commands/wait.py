@@ -3,9 +3,11 @@
 ``wait`` is run right after a publish, when every node's entry may still speak of the Fleet's
 previous version (whose images are all present). So it first reads the Fleet's newest event from
 the log itself (:mod:`image_syncer.fleetlog`) and counts a node as done only once the node
-reports having folded that event and holds its images. It follows the status bucket with a KV
-watch and wakes only on a change, on a node turning stale, or at its deadline. Started on a fresh
-install, before any syncer created the bucket, it waits for the bucket until its deadline too.
+reports having folded that event and holds its images. It follows the status bucket by reading
+what changed every ``--poll-interval`` (direct gets, :class:`wire.nodestatus.StatusWatch`: the
+read-only ``reader`` role suffices) and judges again on a change, on a node turning stale, or at
+its deadline. Started on a fresh install, before any syncer created the bucket, it waits for the
+bucket until its deadline too.
 
 ``--fleet`` counts the Fleet's current images and its next images (the annotation
 ``image-syncer.octops.io/next-images``); ``--next`` waits for the next images alone, the step
@@ -45,6 +47,7 @@ from ops.durations import format_duration
 from wire.contract import NEXT_IMAGES_ANNOTATION
 from wire.natsconn import NatsSettings, connect
 from wire.nodestatus import (
+    DEFAULT_POLL_INTERVAL,
     Missing,
     NodeStatus,
     OutdatedEntry,
@@ -55,9 +58,10 @@ from wire.nodestatus import (
     open_status_bucket,
     parse_fleet,
 )
+from wire.permissions import READER_INBOX, inbox_prefix
 from wire.readiness import FleetTarget, NodeReadiness, Readiness, node_readiness
 
-__all__ = ["Scope", "Verdict", "follow", "register"]
+__all__ = ["PollIntervalOption", "Scope", "Verdict", "follow", "reader_settings", "register"]
 
 
 MinReadyOption = Annotated[
@@ -72,8 +76,26 @@ MinReadyOption = Annotated[
     ),
 ]
 
-# How often ``wait`` looks for the bucket on a fresh install, before any syncer created it.
-_BUCKET_POLL = 2.0
+PollIntervalOption = Annotated[
+    float,
+    Duration(
+        "How often the nodes' status is read again while waiting (only what changed).",
+        "STATUS_POLL_INTERVAL",
+        "--poll-interval",
+    ),
+]
+
+
+def reader_settings(settings: NatsSettings) -> NatsSettings:
+    """Replies on the read-only role's own inbox, the one prefix that role may subscribe to."""
+    return settings.with_inbox(inbox_prefix(READER_INBOX))
+
+
+def check_poll_interval(seconds: float) -> float:
+    """A positive interval, or exit 2: zero would read the bucket in a busy loop."""
+    if seconds <= 0:
+        fail("--poll-interval must be positive", code=2)
+    return seconds
 
 
 @dataclass(frozen=True)
@@ -226,10 +248,11 @@ async def _wait(
     timeout: float,
     stale_after: float,
     scope: Scope = Scope(),
+    poll_interval: float = DEFAULT_POLL_INTERVAL,
 ) -> bool:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    nc = await connect(nats_settings, name="image-syncer-wait")
+    nc = await connect(reader_settings(nats_settings), name="image-syncer-wait")
     try:
         js = nc.jetstream()
         # Read once: a CD pipeline waits for the version it just published (or a newer one).
@@ -250,6 +273,7 @@ async def _wait(
             timeout=timeout,
             stale_after=stale_after,
             scope=scope,
+            poll_interval=poll_interval,
         )
     finally:
         await nc.close()
@@ -266,12 +290,14 @@ async def follow(
     stale_after: float,
     scope: Scope = Scope(),
     progress: Callable[[Verdict], None] | None = None,
+    poll_interval: float = DEFAULT_POLL_INTERVAL,
 ) -> bool:
     """Follow the nodes' status until ``scope`` is done for ``target`` (True) or ``deadline``.
 
     ``deadline`` is on the event loop's clock; ``timeout`` is what the user gave, for the
     report. ``progress`` sees every new verdict (``rollout``
-    draws it); the outcome is reported on stdout (done) or stderr (not done).
+    draws it); the outcome is reported on stdout (done) or stderr (not done). The status is read
+    again every ``poll_interval`` seconds, the bucket looked for as often while it is missing.
     """
     loop = asyncio.get_running_loop()
     while (kv := await open_status_bucket(js, settings)) is None:
@@ -284,8 +310,8 @@ async def follow(
                 err=True,
             )
             return False
-        await asyncio.sleep(min(_BUCKET_POLL, remaining))
-    async with StatusWatch(kv) as watch:
+        await asyncio.sleep(min(poll_interval, remaining))
+    async with StatusWatch(kv, interval=poll_interval) as watch:
         while True:
             verdict = _judge(watch, fleet, target, datetime.now(UTC), stale_after, scope)
             if progress is not None:
@@ -358,6 +384,7 @@ def wait(
         ),
     ] = False,
     min_ready: MinReadyOption = 100.0,
+    poll_interval: PollIntervalOption = "2s",  # type: ignore[assignment]
 ) -> None:
     """Exit 0 once every live node folded the Fleet's newest event and holds all of its images.
 
@@ -371,7 +398,9 @@ def wait(
         fail(f"--fleet: {e}", code=2)
     settings = status_settings(subject_prefix)
     scope = Scope(next_only=next_only, min_ready=min_ready)
-    if not run_nats_command(_wait(nats, settings, fleet, timeout, stale_after, scope)):
+    poll_interval = check_poll_interval(poll_interval)
+    waiting = _wait(nats, settings, fleet, timeout, stale_after, scope, poll_interval)
+    if not run_nats_command(waiting):
         raise typer.Exit(1)
 
 
