@@ -11,9 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
-import urllib.request
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +31,18 @@ from support.deploy import (
 )
 from support.fleetdicts import fleet
 from support.hostile_world import concrete
-from support.polling import eventually
+from support.staticnats import (
+    Server,
+    login,
+    no_violations,
+    password_env,
+    route_env,
+    running,
+    violation,
+    write_config,
+)
 
 from image_syncer.sandbox.nats_server import nats_server_binary
-from image_syncer.sandbox.processes import free_port, stop_process, wait_until
 from syncer.keeping import cleaner, pinledger
 from syncer.pulling import pullbudget
 from wire import nodestatus
@@ -57,7 +63,6 @@ from wire.kvbuckets import ensure_bucket
 from wire.permissions import (
     LEASE_BUCKET,
     NODES_BUCKET,
-    PASSWORD_ENV,
     PINNED_BUCKET,
     PULLED_BUCKET,
     SLOTS_BUCKET,
@@ -68,7 +73,6 @@ from wire.permissions import (
     syncer_permissions,
 )
 
-PASSWORDS = {user: f"pw-{user}-{os.getpid()}" for user in PASSWORD_ENV}
 FLEETS = stream_name("agones", Kind.FLEET)
 
 
@@ -130,8 +134,8 @@ def test_permissions_follow_the_prefix_and_never_grant_destruction(prefix: str) 
 
 @pytest.mark.parametrize("name", list(NATS_BUILDS))
 def test_server_config_parses_and_fails_closed_without_passwords(name: str, tmp_path: Path) -> None:
-    config = _write_config(name, tmp_path)
-    env = {**os.environ, "SERVER_NAME": "nats-0", **_password_env(), **_route_env()}
+    config = write_config(name, tmp_path)
+    env = {**os.environ, "SERVER_NAME": "nats-0", **password_env(), **route_env()}
     checked = subprocess.run(
         [nats_server_binary(), "-t", "-c", str(config)], env=env, capture_output=True, text=True
     )
@@ -147,75 +151,14 @@ def test_server_config_parses_and_fails_closed_without_passwords(name: str, tmp_
 # --- The shipped config in a real server -----------------------------------------------------
 
 
-def _password_env() -> dict[str, str]:
-    return {PASSWORD_ENV[user]: password for user, password in PASSWORDS.items()}
-
-
-def _route_env() -> dict[str, str]:
-    # What the StatefulSet composes from the Secret (test_deploy_nats_routes runs it for real).
-    password = f"route-{os.getpid()}"
-    return {
-        "NATS_ROUTE_PASSWORD": password,
-        "NATS_ROUTES": f"[nats://route:{password}@127.0.0.1:{free_port()}]",
-    }
-
-
-def _write_config(name: str, directory: Path) -> Path:
-    """The pod's /etc/nats, with only the in-pod paths moved into ``directory``."""
-    directory.mkdir(parents=True, exist_ok=True)
-    files = nats_config_files(name)
-    conf = files["nats.conf"]
-    for pod_path, local in (("/data", directory / "data"), ("/var/run/nats", directory)):
-        assert pod_path in conf
-        conf = conf.replace(f"{pod_path}/", f"{local}/")
-    (directory / "nats.conf").write_text(conf)
-    (directory / "auth.conf").write_text(files["auth.conf"])
-    return directory / "nats.conf"
-
-
-@dataclass
-class Server:
-    url: str
-    process: subprocess.Popen[bytes]
-    errors: list[tuple[str, str]] = field(default_factory=list)
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    directory = tmp_path_factory.mktemp("deploy-nats")
-    config = _write_config("nats/single", directory)
-    port, monitor = free_port(), free_port()
-    command = [nats_server_binary(), "-c", str(config), "-a", "127.0.0.1"]
-    command += ["-p", str(port), "-m", str(monitor)]
-    log_file = directory / "nats.log"
-    with log_file.open("wb") as log:
-        process = subprocess.Popen(
-            command,
-            env={**os.environ, "SERVER_NAME": "nats-0", **_password_env()},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def ready() -> bool:
-        url = f"http://127.0.0.1:{monitor}/healthz?js-enabled-only=true"
-        with urllib.request.urlopen(url, timeout=1) as response:
-            result: bool = response.status == 200
-            return result
-
-    wait_until(ready, timeout=30, what="nats-server (deploy config)", process=process,
-               log_file=log_file)  # fmt: skip
-    yield Server(f"nats://127.0.0.1:{port}", process)
-    stop_process(process)
+    with running(tmp_path_factory.mktemp("deploy-nats")) as result:
+        yield result
 
 
 async def _login(server: Server, user: str) -> Client:
-    async def on_error(e: Exception) -> None:
-        server.errors.append((user, str(e)))
-
-    return await nats.connect(
-        server.url, user=user, password=PASSWORDS[user], error_cb=on_error, name=f"test-{user}"
-    )
+    return await login(server, user)
 
 
 @pytest.fixture
@@ -246,19 +189,8 @@ async def _denied(server: Server, client: Client, user: str, subject: str) -> No
     await _violation(server, user, subject)
 
 
-async def _violation(server: Server, user: str, subject: str) -> None:
-    wanted = f'"{subject.lower()}"'
-
-    def denied() -> bool:
-        hits = [e for u, e in server.errors if u == user and wanted in e.lower()]
-        return any("permissions violation" in e.lower() for e in hits)
-
-    await eventually(denied, lambda: f"{user} denied {subject}; errors seen: {server.errors}")
-
-
-def _no_violations(server: Server, user: str) -> None:
-    mine = [e for u, e in server.errors if u == user]
-    assert not [e for e in mine if "permissions violation" in e.lower()], mine
+_violation = violation
+_no_violations = no_violations
 
 
 async def test_broadcaster_manages_its_streams_publishes_and_reads(

@@ -30,6 +30,14 @@ import nats.js.errors
 import pytest
 from nats.aio.msg import Msg
 from nats.js.api import StreamConfig
+from support.attacks import (
+    HEADERS,
+    allowed,
+    api_requests,
+    reply_subjects,
+    send,
+    stored_subjects,
+)
 from support.hostile_world import (
     NODE_A,
     NODE_B,
@@ -43,14 +51,12 @@ from support.hostile_world import (
     concrete,
     installation,
     judge,
-    matches,
     open_world,
-    snapshot,
 )
 from support.polling import eventually
 
 from wire import nodestatus
-from wire.contract import Kind, node_images_filter, subject_filter
+from wire.contract import Kind, subject_filter
 from wire.kvbuckets import BucketConfigError, ensure_bucket, kv_bucket_config
 from wire.natsconn import NatsSettings, NatsUnavailable, connect
 from wire.permissions import (
@@ -88,164 +94,6 @@ async def world(inst: Installation) -> AsyncIterator[World]:
 
 # --- what gets generated ------------------------------------------------------------------
 
-# Every verb of the JetStream API (nats-server 2.15, server/jetstream_api.go), by what follows it:
-# "" nothing, "S" a stream, "SC" a stream and a consumer, "SCF" and a filter, "SX" a subject.
-VERBS = {
-    "INFO": "",
-    "STREAM.LIST": "",
-    "STREAM.NAMES": "",
-    "ACCOUNT.PURGE": "",
-    "META.LEADER.STEPDOWN": "",
-    "SERVER.REMOVE": "",
-    "STREAM.CREATE": "S",
-    "STREAM.UPDATE": "S",
-    "STREAM.DELETE": "S",
-    "STREAM.INFO": "S",
-    "STREAM.PURGE": "S",
-    "STREAM.MSG.DELETE": "S",
-    "STREAM.MSG.GET": "S",
-    "STREAM.SNAPSHOT": "S",
-    "STREAM.RESTORE": "S",
-    "STREAM.LEADER.STEPDOWN": "S",
-    "STREAM.PEER.REMOVE": "S",
-    "ACCOUNT.STREAM.MOVE": "S",
-    "ACCOUNT.STREAM.CANCEL_MOVE": "S",
-    "DIRECT.GET": "S",
-    "DIRECT.GET.": "SX",
-    "CONSUMER.CREATE": "S",
-    "CONSUMER.CREATE.": "SC",
-    "CONSUMER.CREATE..": "SCF",
-    "CONSUMER.DURABLE.CREATE": "SC",
-    "CONSUMER.DELETE": "SC",
-    "CONSUMER.INFO": "SC",
-    "CONSUMER.LIST": "S",
-    "CONSUMER.NAMES": "S",
-    "CONSUMER.MSG.NEXT": "SC",
-    "CONSUMER.LEADER.STEPDOWN": "SC",
-    "CONSUMER.PAUSE": "SC",
-    "CONSUMER.UNPIN": "SC",
-    "CONSUMER.RESET": "SC",
-}
-
-# Every durable name, and every push consumer name (``syncer.following``), of node-a, node-b and
-# a node that has not started, and one that is nobody's.
-CONSUMER_NAMES = (
-    *(
-        durable_name(node) + suffix
-        for node in (NODE_B, NODE_NEW, NODE_A)
-        for suffix in ("", IMAGES_CONSUMER_SUFFIX, REPLAY_CONSUMER_SUFFIX)
-    ),
-    "evil",
-)
-
-
-def consumer_filters(world: World) -> list[str]:
-    """Every filter a consumer name's subject may carry: the log's, each push consumer's (node
-    images, each node's replay key), and one outside every stream."""
-    status = nodestatus.bucket_name(world.prefix)
-    return [
-        subject_filter(world.prefix, Kind.FLEET),
-        node_images_filter(world.prefix),
-        *(f"$KV.{status}.{nodestatus.replay_key(n)}" for n in (NODE_A, NODE_B, NODE_NEW)),
-        "other.>",
-    ]
-
-
-def _body(verb: str, stream: str, name: str, capture: str) -> bytes:
-    """The most harmful body each verb takes: configs that capture, re-point or blind."""
-    consumer = {
-        "name": name,
-        "durable_name": name,
-        "filter_subject": "nothing.matches.this",
-        "deliver_subject": capture,
-        "ack_policy": "none",
-    }
-    bodies: dict[str, object] = {
-        "STREAM.CREATE": {"name": stream, "subjects": ["_INBOX.>", capture]},
-        "STREAM.UPDATE": {"name": stream, "subjects": ["_INBOX.>"], "allow_rollup_hdrs": True},
-        "STREAM.PURGE": {},
-        "STREAM.MSG.DELETE": {"seq": 1},
-        "STREAM.MSG.GET": {"seq": 1},
-        "DIRECT.GET": {"seq": 1, "next_by_subj": ">", "batch": 10},
-        "CONSUMER.MSG.NEXT": {"batch": 1, "no_wait": True},
-        "CONSUMER.PAUSE": {"pause_until": "2099-01-01T00:00:00Z"},
-        "CONSUMER.RESET": {"seq": 1},
-    }
-    if verb.startswith("CONSUMER.CREATE") or verb == "CONSUMER.DURABLE.CREATE":
-        return json.dumps({"stream_name": stream, "config": consumer}).encode()
-    return json.dumps(bodies.get(verb, {})).encode()
-
-
-def api_requests(world: World, streams: dict[str, list[str]]) -> list[tuple[str, bytes]]:
-    """Every verb on every stream (and consumer name, filter, stored subject): subject, body."""
-    capture = concrete(subject_filter(world.prefix, Kind.FLEET))
-    found = []
-    for verb, shape in VERBS.items():
-        base = f"$JS.API.{verb.rstrip('.')}"
-        if not shape:
-            found.append((base, _body(verb, "", "", capture)))
-            continue
-        for stream, subjects in streams.items():
-            if shape == "S":
-                found.append((f"{base}.{stream}", _body(verb, stream, "", capture)))
-            elif shape == "SX":
-                for subject in subjects:
-                    found.append((f"{base}.{stream}.{subject}", b""))
-            else:
-                for name in CONSUMER_NAMES:
-                    filters = [""] if shape == "SC" else consumer_filters(world)
-                    for flt in filters:
-                        tail = f".{flt}" if flt else ""
-                        found.append(
-                            (f"{base}.{stream}.{name}{tail}", _body(verb, stream, name, capture))
-                        )
-    return found
-
-
-async def stored_subjects(world: World) -> dict[str, list[str]]:
-    """Each stream's capture patterns made concrete, plus the subjects it stores now."""
-    result: dict[str, list[str]] = {}
-    for stream, state in (await snapshot(world)).items():
-        config = json.loads(state["config"])
-        subjects = [concrete(s) for s in config.get("subjects") or []]
-        subjects += sorted({m[1] for m in state["messages"]})
-        result[stream] = list(dict.fromkeys(subjects))
-    return result
-
-
-def allowed(world: World, subject: str) -> bool:
-    """Whether node-a's permissions let it send ``subject`` at all."""
-    return any(matches(p, subject) for p in node_syncer_permissions(NODE_A, world.prefix).publish)
-
-
-def reply_subjects(world: World, streams: dict[str, list[str]]) -> list[str]:
-    """Where an answer must never land: every captured subject, and every API verb."""
-    replies = [s for subjects in streams.values() for s in subjects]
-    for stream in streams:
-        replies += [
-            f"$JS.API.STREAM.PURGE.{stream}",
-            f"$JS.API.STREAM.DELETE.{stream}",
-            f"$JS.API.STREAM.UPDATE.{stream}",
-        ]
-    replies += [
-        f"$JS.API.CONSUMER.DELETE.{world.fleets}.{durable_name(NODE_B)}",
-        f"$JS.API.CONSUMER.CREATE.{world.fleets}.{durable_name(NODE_NEW)}",
-        f"$JS.ACK.{world.fleets}.{durable_name(NODE_B)}.1.1.1.0.0",
-        f"{inbox_prefix(durable_name(NODE_B))}.x",
-    ]
-    return list(dict.fromkeys(replies))
-
-
-def _send(
-    world: World, subject: str, body: bytes, reply: str = "", headers: dict[str, str] | None = None
-) -> Attack:
-    async def action() -> None:
-        await world.attacker.publish(subject, body, reply=reply, headers=headers)
-
-    label = f"{subject} reply={reply}" + (f" headers={headers}" if headers else "")
-    return label, action
-
-
 # --- the generated suites ------------------------------------------------------------------
 
 
@@ -273,7 +121,7 @@ async def test_every_api_verb_a_node_may_not_send_is_refused_and_changes_nothing
     for stream, name, flt in pushed:
         assert f"$JS.API.CONSUMER.CREATE.{stream}.{name}.{flt}" in dict(requests)
     capture = concrete(subject_filter(world.prefix, Kind.FLEET))
-    attacks = [_send(world, s, b, reply=capture) for s, b in refused]
+    attacks = [send(world, s, b, reply=capture) for s, b in refused]
     assert len(attacks) > 1000, len(attacks)
     changed = await judge(world, attacks, lambda: barrier(world))
     assert not changed, "\n".join(changed)
@@ -298,7 +146,7 @@ async def test_no_reply_subject_makes_the_server_write_anywhere(world: World) ->
     failures: list[str] = []
     total = 0
     for subject, body in requests:
-        batch = [_send(world, subject, body, reply=r) for r in replies]
+        batch = [send(world, subject, body, reply=r) for r in replies]
         total += len(batch)
         failures += await judge(world, batch, lambda: barrier(world))
     assert total > 1000, total
@@ -408,26 +256,6 @@ async def test_no_push_consumer_a_node_may_make_delivers_anywhere_but_its_own_in
     assert not world.errors or all("Permissions Violation" in e for e in world.errors)
 
 
-HEADERS: list[dict[str, str]] = [
-    {"Nats-Rollup": "all"},
-    {"Nats-Rollup": "sub"},
-    {"Nats-Rollup": "all", "KV-Operation": "PURGE"},
-    {"KV-Operation": "PURGE"},
-    {"KV-Operation": "DEL"},
-    {"Nats-Expected-Stream": "AGONES_FLEETS"},
-    {"Nats-Expected-Last-Sequence": "0"},
-    {"Nats-Expected-Last-Subject-Sequence": "0"},
-    {"Nats-Expected-Last-Msg-Id": "x"},
-    {"Nats-TTL": "never"},
-    {"Nats-TTL": "1s"},
-    {"Nats-TTL": "-1"},
-    {"Nats-Marker-Reason": "Purge"},
-    {"Nats-Marker-Reason": "MaxAge"},
-    {"Nats-Marker-Reason": "Remove"},
-    {"Nats-Msg-Id": "collide"},
-]
-
-
 async def test_no_header_on_any_subject_a_node_may_publish_touches_anything_else(
     world: World,
 ) -> None:
@@ -441,7 +269,7 @@ async def test_no_header_on_any_subject_a_node_may_publish_touches_anything_else
     assert any("$KV." in s for s in subjects) and any("$JS.ACK." in s for s in subjects)
     capture = concrete(subject_filter(world.prefix, Kind.FLEET))
     attacks = [
-        _send(world, subject, b"forged", reply=reply, headers=headers)
+        send(world, subject, b"forged", reply=reply, headers=headers)
         for subject in subjects
         for headers in HEADERS
         for reply in ("", capture)
@@ -498,7 +326,7 @@ async def test_no_stream_or_bucket_can_be_made_before_the_install(
     ]
     names += [c.name or "" for c in install_buckets(world.prefix)]
     attacks = [
-        _send(
+        send(
             world,
             f"$JS.API.STREAM.CREATE.{name}",
             json.dumps({"name": name, "subjects": ["_INBOX.>", f"$KV.{name}.>"]}).encode(),

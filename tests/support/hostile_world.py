@@ -26,7 +26,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import nats.errors
 import nats.js.errors
@@ -180,6 +180,26 @@ def installation(directory: Path, prefix: str) -> Iterator[Installation]:
             server.stop()
 
 
+class Attacked(Protocol):
+    """What the judge needs of a world under attack: the operator's view of the JetStream
+    account, the attacker's connection, and what the attacker owns and may send."""
+
+    @property
+    def js(self) -> JetStreamContext: ...
+
+    @property
+    def attacker(self) -> Client: ...
+
+    @property
+    def prefix(self) -> str: ...
+
+    def own(self, stream: str, subject: str) -> bool: ...
+
+    def own_consumer(self, name: str) -> bool: ...
+
+    def may_send(self) -> tuple[str, ...]: ...
+
+
 @dataclass
 class World:
     """Everything installed and filled; ``attacker`` is node-a's own valid login."""
@@ -226,6 +246,9 @@ class World:
         for itself (``syncer.following``). What they deliver, and where, is judged apart."""
         durable = durable_name(NODE_A)
         return name in (durable, durable + IMAGES_CONSUMER_SUFFIX, durable + REPLAY_CONSUMER_SUFFIX)
+
+    def may_send(self) -> tuple[str, ...]:
+        return node_syncer_permissions(NODE_A, self.prefix).publish
 
     async def close(self) -> None:
         for client in (self.attacker, self.node_b, self.admin):
@@ -308,7 +331,7 @@ async def open_world(inst: Installation) -> World:
 # --- snapshots ----------------------------------------------------------------------------
 
 
-async def snapshot(world: World) -> dict[str, Any]:
+async def snapshot(world: Attacked) -> dict[str, Any]:
     """Every stream and bucket (config, messages, consumers) but what node-a owns."""
     js = world.js
     found: dict[str, Any] = {}
@@ -388,7 +411,7 @@ async def run_quietly(action: Callable[[], Awaitable[object]]) -> None:
 
 
 async def judge(
-    world: World, attacks: list[Attack], barrier: Callable[[], Awaitable[None]]
+    world: Attacked, attacks: list[Attack], barrier: Callable[[], Awaitable[None]]
 ) -> list[str]:
     """Run ``attacks``, then ``barrier`` (which returns once the server handled them all);
     the attacks that changed anything, each with what it changed (bisected)."""
@@ -408,8 +431,8 @@ async def judge(
     ]
 
 
-async def barrier(world: World) -> None:
-    """Return once the server handled everything node-a sent before.
+async def barrier(world: Attacked) -> None:
+    """Return once the server handled everything the attacker sent before.
 
     A flush makes the server read (and permission-check) all of it; a request with a real reply
     on each path an attack may have queued (every stream's direct gets, the API, node-a's durable)
@@ -421,8 +444,9 @@ async def barrier(world: World) -> None:
     subjects = ["$JS.API.INFO"]
     for stream in streams:
         subjects += [f"$JS.API.STREAM.INFO.{stream}", f"$JS.API.DIRECT.GET.{stream}"]
-    subjects.append(f"$JS.API.CONSUMER.INFO.{world.fleets}.{durable_name(NODE_A)}")
-    allowed = node_syncer_permissions(NODE_A, world.prefix).publish
+    fleets = stream_name(world.prefix, Kind.FLEET)
+    subjects.append(f"$JS.API.CONSUMER.INFO.{fleets}.{durable_name(NODE_A)}")
+    allowed = world.may_send()
     for subject in [s for s in subjects if any(matches(p, s) for p in allowed)]:
         body = b'{"seq": 1}' if ".DIRECT.GET." in subject else b""
         with contextlib.suppress(nats.errors.Error, TimeoutError):
