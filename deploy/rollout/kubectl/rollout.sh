@@ -2,8 +2,8 @@
 # A CD pipeline step without a GitOps controller: move a Fleet to a new image only once the image
 # is on every node the Fleet targets. Needs kubectl (with the image-syncer plugin on PATH:
 # `pip install image-syncer` installs kubectl-image_syncer) and a kubeconfig whose identity may
-# get and patch the Fleet, plus NATS_URL (and NATS_USER/NATS_PASSWORD or NATS_CREDS) of an
-# identity that may read the event log and the node status bucket.
+# get and patch the Fleet, plus NATS_URL and NATS_USER=reader / NATS_PASSWORD: deploy/nats's
+# read-only user, which is all the command needs of NATS (docs/features.md, "Staged rollouts").
 #
 #   FLEET=game-servers/simple-game-server IMAGE=registry.example/game:1.39 ./rollout.sh
 #
