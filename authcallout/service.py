@@ -3,7 +3,8 @@
 nats-server hands each CONNECT (except the callout's own user) to ``$SYS.REQ.USER.AUTH`` in the
 callout account. Several replicas of this service share a queue group, so any one answers and none
 is a single point of failure. For each request: the client's token goes to a Kubernetes
-TokenReview (audience checked); the ServiceAccount picks the role (syncer, broadcaster, admin);
+TokenReview (audience checked); the ServiceAccount picks the role (syncer, broadcaster, admin,
+reader);
 a syncer's node comes from the token's pod binding, never from the client; the answer is a user
 JWT signed by the issuer key the server trusts, with that role's allow-lists from
 :mod:`wire.permissions` and an expiry no later than the token's, so a rotated or revoked token
@@ -45,6 +46,7 @@ from wire.permissions import (
     admin_permissions,
     broadcaster_permissions,
     node_syncer_permissions,
+    reader_permissions,
 )
 
 __all__ = ["AUTH_SUBJECT", "CalloutSettings", "Roles", "run", "serve"]
@@ -69,6 +71,9 @@ class Roles:
     syncer: tuple[str, ...] = ("image-syncer-node/image-syncer-syncer",)
     broadcaster: tuple[str, ...] = ("image-syncer/image-syncer-broadcaster",)
     admin: tuple[str, ...] = ("image-syncer/image-syncer-admin",)
+    # The staging Jobs of CD pipelines (deploy/rollout), one ServiceAccount per Fleet namespace:
+    # none unless listed.
+    reader: tuple[str, ...] = ()
 
     def permissions(self, identity: Identity, prefix: str) -> RolePermissions:
         ref = identity.account_ref
@@ -86,6 +91,8 @@ class Roles:
             return broadcaster_permissions(prefix, own_inbox=True)
         if ref in self.admin:
             return admin_permissions()
+        if ref in self.reader:
+            return reader_permissions(prefix)
         raise Refused(f"service account {ref} has no role here")
 
 

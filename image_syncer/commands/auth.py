@@ -70,6 +70,9 @@ def auth(
     admin_accounts: Annotated[
         str, _account_option("admin", "AUTH_ADMIN_ACCOUNTS")
     ] = "image-syncer/image-syncer-admin",
+    reader_accounts: Annotated[
+        str, _account_option("reader", "AUTH_READER_ACCOUNTS")
+    ] = "",
     subject_prefix: PrefixOption = DEFAULT_PREFIX,
     max_session: Annotated[
         float,
@@ -113,6 +116,7 @@ def auth(
             syncer=_accounts(syncer_accounts, "--syncer-accounts"),
             broadcaster=_accounts(broadcaster_accounts, "--broadcaster-accounts"),
             admin=_accounts(admin_accounts, "--admin-accounts"),
+            reader=_accounts(reader_accounts, "--reader-accounts"),
         ),
         subject_prefix=subject_prefix,
         max_session=max_session,

@@ -166,3 +166,31 @@ def test_the_kubectl_snippet_refuses_to_run_without_its_inputs() -> None:
     )
     assert result.returncode != 0
     assert "set FLEET=NAMESPACE/NAME" in result.stderr
+
+
+def test_with_the_auth_callout_the_job_logs_in_with_its_own_token(tmp_path: Path) -> None:
+    """No static user there: the Job's projected token, for the audience the callout checks,
+    and no password left from the Secret."""
+    resources = build_overlay(
+        tmp_path,
+        "resources: [{deploy}/rollout/argocd]\n"
+        "components: [{deploy}/rollout/components/auth-callout]\n",
+    )
+    job = one(resources, "Job", JOB)
+    stage = container(job, "stage")
+    env = {e["name"]: e for e in stage["env"]}
+    assert "NATS_USER" not in env and "NATS_PASSWORD" not in env
+    assert not set(env) - role_envvars("rollout")
+    path = env_value(stage, "NATS_TOKEN_FILE")
+    (mount,) = [m for m in stage["volumeMounts"] if path.startswith(m["mountPath"] + "/")]
+    (volume,) = [v for v in pod_spec(job)["volumes"] if v["name"] == mount["name"]]
+    (source,) = volume["projected"]["sources"]
+    token = source["serviceAccountToken"]
+    assert path == f"{mount['mountPath']}/{token['path']}"
+    callout = yaml.safe_load_all((DEPLOY / "syncer/components/auth-callout/auth.yaml").read_text())
+    (deployment,) = [d for d in callout if d and d["kind"] == "Deployment"]
+    assert token["audience"] == env_value(container(deployment, "auth"), "AUTH_AUDIENCE")
+    assert token["expirationSeconds"] <= 3600
+    # The identity the callout is told to map to the reader role.
+    assert pod_spec(job)["serviceAccountName"] == IDENTITY
+    assert one(resources, "Job", JOB)["metadata"]["namespace"] == NAMESPACE
