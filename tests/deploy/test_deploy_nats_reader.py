@@ -19,16 +19,15 @@ import os
 import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import nats.errors
 import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext
 from support.attacks import (
     HEADERS,
+    ReaderAttacker,
     allowed,
     api_requests,
     reply_subjects,
@@ -259,28 +258,10 @@ async def test_the_old_watch_of_the_status_bucket_is_refused_to_the_reader(
 # --- Generated attacks: the reader changes nothing ------------------------------------------
 
 
-@dataclass
-class ReaderWorld:
-    """The reader as the attacker; it owns nothing, so every change is one too many."""
-
-    js: JetStreamContext
-    attacker: Client
-    prefix: str = PREFIX
-
-    def own(self, stream: str, subject: str) -> bool:
-        return False
-
-    def own_consumer(self, name: str) -> bool:
-        return False
-
-    def may_send(self) -> tuple[str, ...]:
-        return reader_permissions(self.prefix).publish
-
-
 @pytest.fixture
-async def world(admin: Client, syncer: Client, reader: Client) -> ReaderWorld:
+async def world(admin: Client, syncer: Client, reader: Client) -> ReaderAttacker:
     await _fleet_with_nodes(admin, syncer, done=True)
-    return ReaderWorld(admin.jetstream(timeout=5), reader)
+    return ReaderAttacker(admin.jetstream(timeout=5), reader, PREFIX)
 
 
 async def _refused_by_the_server(server: Server, subjects: list[str]) -> None:
@@ -292,7 +273,7 @@ async def _refused_by_the_server(server: Server, subjects: list[str]) -> None:
 
 
 async def test_every_api_verb_the_reader_may_not_send_is_refused_and_changes_nothing(
-    server: Server, world: ReaderWorld
+    server: Server, world: ReaderAttacker
 ) -> None:
     streams = await stored_subjects(world)
     requests = api_requests(world, streams)
@@ -310,7 +291,9 @@ async def test_every_api_verb_the_reader_may_not_send_is_refused_and_changes_not
     await _refused_by_the_server(server, [s for s, _ in refused])
 
 
-async def test_no_reply_subject_makes_the_server_write_for_the_reader(world: ReaderWorld) -> None:
+async def test_no_reply_subject_makes_the_server_write_for_the_reader(
+    world: ReaderAttacker,
+) -> None:
     streams = await stored_subjects(world)
     requests = [(s, b) for s, b in api_requests(world, streams) if allowed(world, s)]
     assert requests
@@ -326,7 +309,7 @@ async def test_no_reply_subject_makes_the_server_write_for_the_reader(world: Rea
 
 
 async def test_no_header_on_any_subject_the_reader_may_publish_changes_anything(
-    world: ReaderWorld,
+    world: ReaderAttacker,
 ) -> None:
     subjects = [concrete(p) for p in world.may_send()]
     capture = concrete(subject_filter(PREFIX, Kind.FLEET))
@@ -341,7 +324,7 @@ async def test_no_header_on_any_subject_the_reader_may_publish_changes_anything(
 
 
 async def test_no_subscription_outside_the_readers_inbox(
-    server: Server, world: ReaderWorld, syncer: Client
+    server: Server, world: ReaderAttacker, syncer: Client
 ) -> None:
     got: list[str] = []
 

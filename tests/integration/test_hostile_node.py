@@ -32,6 +32,7 @@ from nats.aio.msg import Msg
 from nats.js.api import StreamConfig
 from support.attacks import (
     HEADERS,
+    ReaderAttacker,
     allowed,
     api_requests,
     reply_subjects,
@@ -55,10 +56,12 @@ from support.hostile_world import (
 )
 from support.polling import eventually
 
+from image_syncer.fleetlog import newest_event
 from wire import nodestatus
 from wire.contract import Kind, subject_filter
 from wire.kvbuckets import BucketConfigError, ensure_bucket, kv_bucket_config
 from wire.natsconn import NatsSettings, NatsUnavailable, connect
+from wire.nodestatus import StatusWatch
 from wire.permissions import (
     IMAGES_CONSUMER_SUFFIX,
     PINNED_BUCKET,
@@ -525,3 +528,36 @@ def test_node_names_are_dns_subdomains() -> None:
             nodestatus.check_node(bad)
     for good in ("a", "a.b", "node-1.eu-west-1.compute.internal", "a" * 63):
         assert nodestatus.check_node(good) == good
+
+
+async def test_the_staging_jobs_reader_identity_reads_and_changes_nothing(
+    world: World, inst: Installation
+) -> None:
+    """The callout's reader role (a ServiceAccount listed in --reader-accounts, the staging Job
+    of deploy/rollout): what wait and status read works, every API verb it may not send is
+    refused by the server and changes nothing."""
+    reader = await connect(inst.reader_settings(), name="reader")
+    try:
+        rjs = reader.jetstream(timeout=5)
+        kv = await rjs.key_value(nodestatus.bucket_name(world.prefix))
+        async with StatusWatch(kv) as watch:
+            # The suite's entries are not status entries a reader decodes: named, not dropped.
+            assert {NODE_A, NODE_B} <= set(watch.invalid)
+        newest = await newest_event(rjs, world.prefix, "default/game")
+        assert newest is not None and "default/game" in newest
+        attacker = ReaderAttacker(world.js, reader, world.prefix)
+        streams = await stored_subjects(attacker)
+        refused = [(s, b) for s, b in api_requests(attacker, streams) if not allowed(attacker, s)]
+        capture = concrete(subject_filter(world.prefix, Kind.FLEET))
+        attacks = [send(attacker, s, b, reply=capture) for s, b in refused]
+        assert len(attacks) > 1000, len(attacks)
+        changed = await judge(attacker, attacks, lambda: barrier(attacker))
+        assert not changed, "\n".join(changed)
+
+        def all_refused() -> list[str]:
+            seen = "\n".join(inst.violations("reader")).lower()
+            return [s for s, _ in refused if f'"{s.lower()}"' not in seen]
+
+        await eventually(lambda: not all_refused(), lambda: f"not refused: {all_refused()[:5]}")
+    finally:
+        await reader.close()

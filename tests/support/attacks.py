@@ -7,6 +7,10 @@ and on the static install's read-only ``reader`` (tests/deploy/test_deploy_nats_
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+
+from nats.aio.client import Client
+from nats.js import JetStreamContext
 
 from support.hostile_world import (
     NODE_A,
@@ -26,12 +30,14 @@ from wire.permissions import (
     REPLAY_CONSUMER_SUFFIX,
     durable_name,
     inbox_prefix,
+    reader_permissions,
 )
 
 __all__ = [
     "CONSUMER_NAMES",
     "HEADERS",
     "VERBS",
+    "ReaderAttacker",
     "allowed",
     "api_requests",
     "body_for",
@@ -221,3 +227,22 @@ HEADERS: list[dict[str, str]] = [
     {"Nats-Marker-Reason": "Remove"},
     {"Nats-Msg-Id": "collide"},
 ]
+
+
+@dataclass
+class ReaderAttacker:
+    """The read-only ``reader`` role as the attacker (static user or the callout's reader): it
+    owns nothing, so any change at all is one too many. ``js`` is the operator's view."""
+
+    js: JetStreamContext
+    attacker: Client
+    prefix: str
+
+    def own(self, stream: str, subject: str) -> bool:
+        return False
+
+    def own_consumer(self, name: str) -> bool:
+        return False
+
+    def may_send(self) -> tuple[str, ...]:
+        return reader_permissions(self.prefix).publish

@@ -59,6 +59,7 @@ from wire.permissions import (
     LEASE_BUCKET,
     PINNED_BUCKET,
     PULLED_BUCKET,
+    READER_INBOX,
     REPLAY_CONSUMER_SUFFIX,
     SLOTS_BUCKET,
     bucket_for,
@@ -73,6 +74,8 @@ from wire.permissions import (
 NS = "image-syncer"
 NODE_NS = "image-syncer-node"
 SYNCER_SA = "image-syncer-syncer"
+# The staging Job of deploy/rollout in a Fleet's namespace: the callout's reader role.
+READER_SA = "game-servers/image-syncer-rollout"
 NODE_A = "node-a.example"
 NODE_B = "node-b.example"
 # A node that has not started yet: its durable must not exist, nor be creatable by anyone else.
@@ -125,6 +128,15 @@ class Installation:
             inbox_prefix=inbox_prefix(durable_name(node)),
         )
 
+    def reader_settings(self) -> NatsSettings:
+        namespace, _, name = READER_SA.partition("/")
+        token = self.kube.issue_token(namespace, name)
+        return NatsSettings(
+            servers=(self.server.url,),
+            token_file=self.token_file(token),
+            inbox_prefix=inbox_prefix(READER_INBOX),
+        )
+
     def admin_settings(self) -> NatsSettings:
         token = self.kube.issue_token(NS, "image-syncer-admin")
         return NatsSettings(servers=(self.server.url,), token_file=self.token_file(token))
@@ -157,6 +169,7 @@ def installation(directory: Path, prefix: str) -> Iterator[Installation]:
             "AUTH_ISSUER_SEED_FILE": str(seed_file),
             "KUBECONFIG": str(kube.kubeconfig),
             "SUBJECT_PREFIX": prefix,
+            "AUTH_READER_ACCOUNTS": READER_SA,
         }
         with log_path.open("wb") as log:
             callout = subprocess.Popen(
