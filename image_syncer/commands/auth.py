@@ -70,9 +70,7 @@ def auth(
     admin_accounts: Annotated[
         str, _account_option("admin", "AUTH_ADMIN_ACCOUNTS")
     ] = "image-syncer/image-syncer-admin",
-    reader_accounts: Annotated[
-        str, _account_option("reader", "AUTH_READER_ACCOUNTS")
-    ] = "",
+    reader_accounts: Annotated[str, _account_option("reader", "AUTH_READER_ACCOUNTS")] = "",
     subject_prefix: PrefixOption = DEFAULT_PREFIX,
     max_session: Annotated[
         float,
