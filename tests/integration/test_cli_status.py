@@ -27,7 +27,7 @@ from support.status_harness import (
 )
 from support.status_harness import settings_fixture as settings_fixture
 
-from image_syncer.fleetlog import fleet_filter, fold_fleet_log, target_of
+from image_syncer.fleetlog import fleet_filter, fold_fleet_log, newest_event, read_fleets, target_of
 from image_syncer.nodeview import describe_missing
 from image_syncer.sandbox.nats_server import NatsServer
 from image_syncer.sandbox.processes import free_port
@@ -271,6 +271,32 @@ async def test_the_fold_keeps_each_fleets_newest_readable_event() -> None:
     assert target == FleetTarget(
         seq=5, images=("docker.io/library/nginx:latest", "127.0.0.1:5000/game:v2")
     )
+
+
+async def test_the_newest_event_is_read_by_subject_as_the_whole_log_folds_it(
+    js: JetStreamContext, prefix: str
+) -> None:
+    """``newest_event`` (one last-by-subject direct get) agrees with the fold of the whole log,
+    also when the newest message does not decode (the fold skips it, so it reads the history)."""
+    other = "default/other"
+    ack = await publish_event(
+        js, LogSettings(prefix=prefix), "fleet.events.added", fleet_obj(other, ["nginx"])
+    )
+    assert await newest_event(js, prefix, FLEET) == {}
+    for rv in ("1", "2", "3"):
+        await publish(js, prefix, "added" if rv == "1" else "updated", rv=rv)
+    whole = await read_fleets(js, prefix, fleet_filter(prefix, FLEET))
+    assert whole is not None
+    assert await newest_event(js, prefix, FLEET) == {FLEET: whole[FLEET]}
+    assert (await newest_event(js, prefix, other) or {})[other][0] == ack.seq
+    # The log keeps one message per subject: the unreadable one on another action's subject
+    # leaves the readable one in place, behind it.
+    namespace, _, name = FLEET.partition("/")
+    await js.publish(
+        subject_for(prefix, "fleet.events.added", namespace, name), b'{"not": "an envelope"}'
+    )
+    assert await read_fleets(js, prefix, fleet_filter(prefix, FLEET)) == whole
+    assert await newest_event(js, prefix, FLEET) == {FLEET: whole[FLEET]}
 
 
 async def test_a_deleted_or_imageless_fleet_has_nothing_to_wait_for() -> None:

@@ -363,6 +363,27 @@ async def test_watch_names_undecodable_entries(
         assert watch.view == {"node-a": status}
 
 
+async def test_watch_times_out_on_an_idle_bucket_and_reads_a_bucket_made_again(
+    js: JetStreamContext, settings: StatusSettings
+) -> None:
+    """The watch polls: nothing written means False at the timeout; a bucket deleted and made
+    again (its sequences start over) is read again in whole, the old nodes gone."""
+    kv = await ensure_status_bucket(js, settings)
+    old = NodeStatus(node="node-old", version="v", reported_at=T0, started_at=T0)
+    await put_status(js, settings, old)
+    async with StatusWatch(kv, interval=0.05) as watch:
+        assert watch.view == {"node-old": old}
+        assert not await watch.next(timeout=0.3)
+        await js.delete_stream(f"KV_{settings.bucket}")
+        assert await watch.next(timeout=10)
+        assert watch.view == {}
+        await ensure_status_bucket(js, settings)
+        new = NodeStatus(node="node-new", version="v", reported_at=T0, started_at=T0)
+        await put_status(js, settings, new)
+        assert await watch.next(timeout=10)
+        assert watch.view == {"node-new": new}
+
+
 # --- Reporter -------------------------------------------------------------------------------
 
 
