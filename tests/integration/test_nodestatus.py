@@ -382,6 +382,13 @@ async def test_watch_times_out_on_an_idle_bucket_and_reads_a_bucket_made_again(
         await put_status(js, settings, new)
         assert await watch.next(timeout=10)
         assert watch.view == {"node-new": new}
+        # Gone and made again between two polls: told apart by the bucket's creation time.
+        await js.delete_stream(f"KV_{settings.bucket}")
+        await ensure_status_bucket(js, settings)
+        newer = NodeStatus(node="node-newer", version="v", reported_at=T0, started_at=T0)
+        await put_status(js, settings, newer)
+        assert await watch.next(timeout=10)
+        assert watch.view == {"node-newer": newer}
 
 
 # --- Reporter -------------------------------------------------------------------------------
