@@ -538,7 +538,8 @@ def render_callout_accounts(prefix: str = DEFAULT_PREFIX) -> str:
     No user of the clients' account is listed: every client but the callout service's own
     user is handed to the callout, which answers with that client's permissions
     (:func:`node_syncer_permissions`, :func:`broadcaster_permissions`, :func:`admin_permissions`,
-    :func:`reader_permissions`) and account (``JS`` for the operator, :data:`ACCOUNT` for the others).
+    :func:`reader_permissions`) and account (``JS`` for the operator, :data:`ACCOUNT` for the
+    others).
     """
     callout = _user_block(callout_permissions(prefix), AUTH_PASSWORD_ENV, responses=True)
     return (
