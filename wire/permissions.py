@@ -389,14 +389,13 @@ def node_syncer_permissions(node: str, prefix: str = DEFAULT_PREFIX) -> RolePerm
 def reader_permissions(prefix: str = DEFAULT_PREFIX) -> RolePermissions:
     """Read what ``wait``, ``status`` and ``rollout --stage-only`` read, and nothing else (rule 6).
 
-    The Fleet stream (its newest events), the node images, and the node status bucket, through
-    ``STREAM.INFO`` and direct gets only: no consumer, so no body that names a deliver subject
+    The Fleet stream (its newest events) and the node status bucket, through ``STREAM.INFO``
+    and direct gets only: no consumer, so no body that names a deliver subject
     or re-points a durable. Replies on its own inbox only. Nothing it may send writes.
     """
     publish = [
         f"{_API}.INFO",
         *_direct_reader(stream_name(prefix, Kind.FLEET)),
-        *_direct_reader(node_images_stream_name(prefix)),
         *_direct_reader(f"KV_{nodestatus.bucket_name(prefix)}"),
     ]
     return RolePermissions("reader", tuple(publish), (f"{inbox_prefix(READER_INBOX)}.>",))

@@ -101,7 +101,6 @@ def test_the_reader_may_only_read_and_only_on_its_own_inbox() -> None:
     streams = {s.removeprefix(reads[0]) for s in role.publish if s.startswith(reads[0])}
     assert streams == {
         stream_name(PREFIX, Kind.FLEET),
-        f"{PREFIX.upper()}_NODE_IMAGES",
         f"KV_{nodestatus.bucket_name(PREFIX)}",
     }
     assert role.subscribe == ("_INBOX.reader.>",)
