@@ -118,7 +118,16 @@ async def test_an_idle_syncer_sends_only_its_poll_and_its_heartbeat(
 
         async def settled() -> bool:
             entry = decode_status((await kv.get(node_key(NODE))).value or b"")
-            return len(entry.summary.fleets) == 1 and not entry.summary.missing
+            pins = entry.summary.pins
+            # Pinned too: a pin finishing late (its ledger record, then the status saying so)
+            # is the end of the work, not idle traffic.
+            return (
+                len(entry.summary.fleets) == 1
+                and not entry.summary.missing
+                and pins is not None
+                and pins.images > 0
+                and pins.pinned == pins.images
+            )
 
         await eventually(settled, "the node holds its images", tolerate=(KeyNotFoundError,))
         await admin.flush()

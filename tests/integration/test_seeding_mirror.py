@@ -173,7 +173,10 @@ async def test_nodes_wait_for_the_seed_and_say_so(
     await publish_event(js, log_settings, "fleet.events.added", fleet("game", ref))
 
     async def waiting_seed() -> bool:
-        statuses = await js.key_value(bucket_name(prefix))
+        try:
+            statuses = await js.key_value(bucket_name(prefix))
+        except nats.js.errors.BucketNotFoundError:
+            return False  # the node makes it with its first status write (no auth in tests)
         entry = await get_status(statuses, settings.node_name)
         missing = entry.summary.missing.get(str(image)) if entry is not None else None
         return missing is not None and missing.state is MissingState.WAITING_SEED
