@@ -36,7 +36,6 @@ from nats.js.kv import KeyValue
 from syncer.folding.references import ImageRef, InvalidImageReference, normalize
 from syncer.keeping.ledger import DEFAULT_TTL, Conflict, NodeLedger, Stored
 from syncer.runtime.cri import CriError
-from wire.directread import read_keys
 from wire.kvbuckets import bind_bucket, ttl_bucket_config
 
 __all__ = [
@@ -165,10 +164,11 @@ class Cleaner:
 
     async def load(self) -> None:
         # "<node>.*" (one token: the hash) is exactly this node's records, even when the node
-        # name has dots; read with direct gets, since a node may create no watch consumer.
-        # A load that hangs (the NATS connection lost mid-way) fails instead, and is tried again.
+        # name has dots, as of the load (never a replica's older copy: a record it missed would
+        # leave its image on the node for good). A load that hangs (the NATS connection lost
+        # mid-way, no replica caught up) fails instead, and is tried again.
         async with asyncio.timeout(LOAD_TIMEOUT):
-            found = await read_keys(self.kv._js, self.kv._name, f"{self.node}.*")
+            found = await self.ledger.load(self.node)
         for key, message in found.items():
             self._load_record(key, message.data, message.seq)
 
@@ -201,8 +201,10 @@ class Cleaner:
         last = stored.revision if stored else (await self.ledger.read(key)).revision
         try:
             revision = await self.ledger.write(key, value, last=last)
-        except Conflict:
-            current = await self.ledger.read(key)
+        except Conflict as e:
+            # As new as the leader's revision: a replica behind would show a record deleted
+            # since, and ours would never be written again.
+            current = await self.ledger.read(key, at_least=e.last)
             if current.value is None:  # deleted since (the other pod removed the image)
                 revision = await self.ledger.write(key, value, last=current.revision)
             else:
@@ -303,8 +305,8 @@ class Cleaner:
         last = stored.revision if stored else (await self.ledger.read(key)).revision
         try:
             await self.ledger.delete(key, last=last)
-        except Conflict:
-            current = await self.ledger.read(key)
+        except Conflict as e:
+            current = await self.ledger.read(key, at_least=e.last)
             if current.value is not None:
                 # Written again since (the other syncer pod pulled it): its record stays.
                 self._stored[text] = current

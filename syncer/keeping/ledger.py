@@ -15,18 +15,29 @@ autoscaling leaves nothing behind, and a live node's records outlive any NATS ou
 three quarters of the TTL (after a longer one it writes them again from memory as soon as NATS
 answers). A bucket created without per-message TTLs (before this) keeps records without one: one
 warning, and it works as before.
+
+Reads that are not behind. Reads are direct gets, and any replica answers those, also one that
+has not caught up yet (a server back from a partition): a stale answer would say a record deleted
+since still exists, or miss one written since. Writes go to the stream leader only, and its answer
+says how far the stream is: a load (:meth:`NodeLedger.load`) first writes the node's fence key and
+takes only a reading that holds that write; a read after a :class:`Conflict` takes only an answer
+at least as new as the revision the leader named. A replica still behind is asked again.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import re
 from dataclasses import dataclass
 
 import nats.js.errors
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
-__all__ = ["DEFAULT_TTL", "Conflict", "NodeLedger", "Stored"]
+from wire.directread import DirectMessage, read_keys
+
+__all__ = ["DEFAULT_TTL", "FENCE", "Conflict", "NodeLedger", "StaleRead", "Stored"]
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +45,26 @@ DEFAULT_TTL = 30 * 24 * 3600.0
 # NATS' "wrong last sequence": the key was written since the writer read it.
 _WRONG_LAST_SEQUENCE = (10071, 10164)
 _EXPECTED_LAST = "Nats-Expected-Last-Subject-Sequence"
+# The leader's refusal names the key's revision: "wrong last sequence: 42" (10164 names none).
+_LEADERS_REVISION = re.compile(r"wrong last sequence: (\d+)")
+# The key ``<node>.<FENCE>`` of every per-node ledger: written before each load (no record).
+FENCE = "fence"
+# A replica behind the leader is asked again after this long, a single key this many times.
+_BEHIND_PAUSE = 0.1
+_BEHIND_TRIES = 20
 
 
 class Conflict(Exception):
-    """The key was written since the writer read it: read again, merge, write again."""
+    """The key was written since the writer read it: read again, merge, write again.
+    ``last``: the key's revision as the stream leader holds it (0 when it did not say)."""
+
+    def __init__(self, message: str, last: int = 0) -> None:
+        super().__init__(message)
+        self.last = last
+
+
+class StaleRead(Exception):
+    """Every answer came from a replica that has not caught up with the stream leader yet."""
 
 
 @dataclass(frozen=True)
@@ -77,7 +104,17 @@ class NodeLedger:
         """How often a live node writes its records again (None: they never expire)."""
         return self.ttl / 4 if self.ttl else None
 
-    async def read(self, key: str) -> Stored:
+    async def read(self, key: str, *, at_least: int = 0) -> Stored:
+        """The key as a replica holds it; with ``at_least`` (a :class:`Conflict`'s ``last``)
+        only an answer that new, else :class:`StaleRead`."""
+        for _ in range(_BEHIND_TRIES):
+            stored = await self._read_once(key)
+            if stored.revision >= at_least:
+                return stored
+            await asyncio.sleep(_BEHIND_PAUSE)
+        raise StaleRead(f"{key}: every answer older than revision {at_least}")
+
+    async def _read_once(self, key: str) -> Stored:
         try:
             entry = await self._kv.get(key)
         except nats.js.errors.KeyNotFoundError as e:
@@ -85,6 +122,19 @@ class NodeLedger:
             marker = getattr(e, "entry", None)
             return Stored(None, (marker.revision or 0) if marker is not None else 0)
         return Stored(entry.value or b"", entry.revision or 0)
+
+    async def load(self, node: str) -> dict[str, DirectMessage]:
+        """Every record of ``node`` (key -> message) as of now: the fence written first, then
+        read until the replica that answers holds it. Waits while only replicas behind answer
+        (the caller bounds it); fails like a write when the leader cannot take the fence."""
+        fence_key = f"{node}.{FENCE}"
+        fence = await self._publish(fence_key, b"", {})
+        while True:
+            found = await read_keys(self._js, self._bucket, f"{node}.*")
+            seen = found.pop(fence_key, None)
+            if seen is not None and seen.seq >= fence:
+                return found
+            await asyncio.sleep(_BEHIND_PAUSE)
 
     async def write(self, key: str, value: bytes, *, last: int) -> int:
         """Store ``value`` if ``last`` is still the key's revision; the new revision."""
@@ -101,7 +151,9 @@ class NodeLedger:
             )
         except nats.js.errors.APIError as e:
             if e.err_code in _WRONG_LAST_SEQUENCE:
-                raise Conflict(f"{key}: written since it was read") from e
+                named = _LEADERS_REVISION.search(e.description or "")
+                last = int(named.group(1)) if named else 0
+                raise Conflict(f"{key}: written since it was read", last) from e
             raise
         return ack.seq
 

@@ -20,7 +20,6 @@ from nats.js.kv import KeyValue
 from syncer.folding.references import InvalidImageReference, normalize
 from syncer.keeping.cleaner import LOAD_TIMEOUT, ensure_pulled_bucket, record_key
 from syncer.keeping.ledger import DEFAULT_TTL, Conflict, NodeLedger
-from wire.directread import read_keys
 
 __all__ = ["BUCKET", "PinLedger"]
 
@@ -63,10 +62,10 @@ class PinLedger:
         return ledger
 
     async def load(self) -> None:
-        # "<node>.*" is exactly this node's keys even when its name has dots (one hash token);
-        # read with direct gets (a node may create no watch consumer), failing if it hangs.
+        # "<node>.*" is exactly this node's keys even when its name has dots (one hash token),
+        # as of the load (never a replica's older copy), failing if it hangs.
         async with asyncio.timeout(LOAD_TIMEOUT):
-            found = await read_keys(self.kv._js, self.kv._name, f"{self.node}.*")
+            found = await self.ledger.load(self.node)
         for key, message in found.items():
             self._load(key, message.data, message.seq)
 
@@ -84,10 +83,10 @@ class PinLedger:
         """Every name this syncer labelled, whichever reference it was for."""
         return frozenset(name for names in self.names.values() for name in names)
 
-    async def reread(self, ref: str) -> None:
+    async def reread(self, ref: str, at_least: int = 0) -> None:
         """Take ``ref``'s record as the bucket holds it now (another pod of this node may have
-        written it since we loaded)."""
-        stored = await self.ledger.read(record_key(self.node, ref))
+        written it since we loaded); ``at_least``: a :class:`Conflict`'s revision."""
+        stored = await self.ledger.read(record_key(self.node, ref), at_least=at_least)
         self._revisions[ref] = stored.revision
         if stored.value is None:
             self.names.pop(ref, None)
@@ -103,8 +102,8 @@ class PinLedger:
                 return
             try:
                 await self._write(ref, merged)
-            except Conflict:
-                await self.reread(ref)
+            except Conflict as e:
+                await self.reread(ref, e.last)
                 continue
             return
 
@@ -120,8 +119,8 @@ class PinLedger:
                 else:
                     await self.ledger.delete(key, last=self._revisions.get(ref, 0))
                     del self.names[ref]
-            except Conflict:
-                await self.reread(ref)
+            except Conflict as e:
+                await self.reread(ref, e.last)
                 continue
             return
 
@@ -135,10 +134,10 @@ class PinLedger:
             names = self.names[ref]
             try:
                 await self._write(ref, names)
-            except Conflict:
+            except Conflict as e:
                 # Written by another pod since (merge), or expired (an outage longer than the
                 # TTL): what we know is written again either way.
-                await self.reread(ref)
+                await self.reread(ref, e.last)
                 await self._write(ref, names | self.names.get(ref, frozenset()))
         self._refreshed_at = now
 
