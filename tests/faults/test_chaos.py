@@ -45,11 +45,6 @@ def test_short_soak_converges_exactly() -> None:
     # No --dir: a passing soak removes its directory, a failing one keeps it and says where
     # (pytest's own temporary directories are rotated away by later runs).
     command += ["--settle", "300"]
-    # Known and not fixed yet (RELIABILITY.md, "Known, not fixed"): a syncer SIGKILLed two seconds
-    # after pulls whose records NATS timed out on can leave those images unowned, never removed;
-    # seed 7 hit it in one full-suite run of six. Syncer kills stay in `./dev chaos`;
-    # tests/faults/test_faults_syncer.py kills syncers one at a time.
-    command += ["--without", "syncer_kill"]
     soak = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         stdout, stderr = soak.communicate(timeout=1700)
