@@ -22,7 +22,6 @@ The grace clock is in memory: after a restart it starts again, which only ever d
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterable
@@ -34,25 +33,24 @@ from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
 from syncer.folding.references import ImageRef, InvalidImageReference, normalize
-from syncer.keeping.ledger import DEFAULT_TTL, Conflict, NodeLedger, Stored
+from syncer.keeping.ledger import (
+    DEFAULT_TTL,
+    LOAD_TIMEOUT,
+    Conflict,
+    NodeLedger,
+    Stored,
+    ensure_ledger_bucket,
+    record_key,
+)
 from syncer.runtime.cri import CriError
-from wire.kvbuckets import bind_bucket, ttl_bucket_config
 
-__all__ = [
-    "BUCKET",
-    "LOAD_TIMEOUT",
-    "Cleaner",
-    "Removal",
-    "ensure_pulled_bucket",
-    "record_key",
-]
+__all__ = ["BUCKET", "Cleaner", "Removal"]
 
 log = logging.getLogger(__name__)
 
 BUCKET = "IMAGE_SYNCER_PULLED"
 DEFAULT_GRACE = 600.0
-# Reading one node's records from a per-node ledger (this one, the pins') takes well under this.
-LOAD_TIMEOUT = 30.0
+_DESCRIPTION = "image-syncer: images each node's syncer pulled itself"
 
 Remover = Callable[[str], Awaitable[None]]
 
@@ -82,24 +80,6 @@ class Removal:
 
 def _key_of(ref: ImageRef) -> str:
     return ref.stored_name
-
-
-def record_key(node: str, ref: str) -> str:
-    """``<node>.<sha256 of the normalized reference>``; the node name may contain dots."""
-    return f"{node}.{hashlib.sha256(str(normalize(ref)).encode()).hexdigest()}"
-
-
-async def ensure_pulled_bucket(
-    js: JetStreamContext,
-    bucket: str = BUCKET,
-    replicas: int = 1,
-    *,
-    description: str = "image-syncer: images each node's syncer pulled itself",
-) -> KeyValue:
-    """The bucket (or another per-node ledger): created by the broadcaster at install
-    (``wire.permissions.install_buckets``); bound here, created only where no auth forbids it.
-    Its keys may carry a TTL (:mod:`syncer.keeping.ledger`)."""
-    return await bind_bucket(js, ttl_bucket_config(bucket, description, replicas))
 
 
 class Cleaner:
@@ -145,7 +125,7 @@ class Cleaner:
         ttl: float | None = DEFAULT_TTL,
     ) -> Cleaner:
         """Bind the bucket and load this node's records (they survive restarts)."""
-        kv = await ensure_pulled_bucket(js, bucket, replicas)
+        kv = await ensure_ledger_bucket(js, bucket, replicas, description=_DESCRIPTION)
         cleaner = cls(
             kv,
             node,

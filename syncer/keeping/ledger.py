@@ -27,6 +27,7 @@ at least as new as the revision the leader named. A replica still behind is aske
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import re
 from dataclasses import dataclass
@@ -35,13 +36,27 @@ import nats.js.errors
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
+from syncer.folding.references import normalize
 from wire.directread import DirectMessage, read_keys
+from wire.kvbuckets import bind_bucket, ttl_bucket_config
 
-__all__ = ["DEFAULT_TTL", "FENCE", "Conflict", "NodeLedger", "StaleRead", "Stored"]
+__all__ = [
+    "DEFAULT_TTL",
+    "FENCE",
+    "LOAD_TIMEOUT",
+    "Conflict",
+    "NodeLedger",
+    "StaleRead",
+    "Stored",
+    "ensure_ledger_bucket",
+    "record_key",
+]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TTL = 30 * 24 * 3600.0
+# Loading one node's records (pulled images, pins) takes well under this.
+LOAD_TIMEOUT = 30.0
 # NATS' "wrong last sequence": the key was written since the writer read it.
 _WRONG_LAST_SEQUENCE = (10071, 10164)
 _EXPECTED_LAST = "Nats-Expected-Last-Subject-Sequence"
@@ -52,6 +67,20 @@ FENCE = "fence"
 # A replica behind the leader is asked again after this long, a single key this many times.
 _BEHIND_PAUSE = 0.1
 _BEHIND_TRIES = 20
+
+
+def record_key(node: str, ref: str) -> str:
+    """``<node>.<sha256 of the normalized reference>``; the node name may contain dots."""
+    return f"{node}.{hashlib.sha256(str(normalize(ref)).encode()).hexdigest()}"
+
+
+async def ensure_ledger_bucket(
+    js: JetStreamContext, bucket: str, replicas: int = 1, *, description: str
+) -> KeyValue:
+    """A per-node ledger's bucket: created by the broadcaster at install
+    (``wire.permissions.install_buckets``); bound here, created only where no auth forbids it.
+    Its keys may carry a TTL."""
+    return await bind_bucket(js, ttl_bucket_config(bucket, description, replicas))
 
 
 class Conflict(Exception):

@@ -18,8 +18,14 @@ from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
 from syncer.folding.references import InvalidImageReference, normalize
-from syncer.keeping.cleaner import LOAD_TIMEOUT, ensure_pulled_bucket, record_key
-from syncer.keeping.ledger import DEFAULT_TTL, Conflict, NodeLedger
+from syncer.keeping.ledger import (
+    DEFAULT_TTL,
+    LOAD_TIMEOUT,
+    Conflict,
+    NodeLedger,
+    ensure_ledger_bucket,
+    record_key,
+)
 
 __all__ = ["BUCKET", "PinLedger"]
 
@@ -56,7 +62,7 @@ class PinLedger:
         replicas: int = 1,
         ttl: float | None = DEFAULT_TTL,
     ) -> PinLedger:
-        kv = await ensure_pulled_bucket(js, bucket, replicas, description=_DESCRIPTION)
+        kv = await ensure_ledger_bucket(js, bucket, replicas, description=_DESCRIPTION)
         ledger = cls(kv, node, await NodeLedger.bind(js, kv, bucket, ttl))
         await ledger.load()
         return ledger

@@ -31,8 +31,8 @@ from support.polling import eventually
 
 from image_syncer.sandbox.nats_server import NatsServer
 from image_syncer.sandbox.processes import free_port
-from syncer.keeping.cleaner import Cleaner, ensure_pulled_bucket, record_key
-from syncer.keeping.ledger import DEFAULT_TTL, NodeLedger
+from syncer.keeping.cleaner import Cleaner
+from syncer.keeping.ledger import DEFAULT_TTL, NodeLedger, ensure_ledger_bucket, record_key
 from syncer.runtime.cri import RuntimeImage
 from wire.directread import read_keys
 from wire.kvbuckets import ttl_bucket_config
@@ -156,7 +156,7 @@ async def test_a_ledger_loaded_from_a_copy_missing_a_record_is_not_taken(
         assert not await _holds(copy_side, NEW)  # what the copy answers: one record of two
 
         # The restarted syncer, connected where the copy answers.
-        kv = await ensure_pulled_bucket(copy_side.jetstream(), BUCKET, replicas=2)
+        kv = await ensure_ledger_bucket(copy_side.jetstream(), BUCKET, 2, description="pulled")
         ledger = await NodeLedger.bind(copy_side.jetstream(), kv, BUCKET, DEFAULT_TTL)
         restarted = Cleaner(kv, NODE, runtime.remove_image, ledger=ledger, grace=0)
         reads = await copy_side.subscribe(f"$JS.API.DIRECT.GET.{ledger_stream.name}")

@@ -22,7 +22,8 @@ from image_syncer.sandbox.containerd import Containerd
 from image_syncer.sandbox.images import push_image
 from image_syncer.sandbox.registry import Registry
 from syncer.folding.references import normalize
-from syncer.keeping.cleaner import BUCKET, record_key
+from syncer.keeping.cleaner import BUCKET
+from syncer.keeping.ledger import record_key
 from syncer.keeping.unusedimages import UNRECORDED_LABEL, UnrecordedLabels, UnusedImages
 from syncer.pulling.puller import PullResult
 from syncer.runtime.containerd_images import ContainerdImages

@@ -43,7 +43,7 @@ from authcallout.tokenreview import KubeConfigError, TokenReviewer
 from image_syncer.sandbox.containerd import Containerd
 from image_syncer.sandbox.nats_server import NatsServer
 from ops.logs import fields_of
-from syncer.keeping import cleaner
+from syncer.keeping import ledger
 from wire import nodestatus
 from wire.contract import Kind
 from wire.eventlog import LogSettings, ensure_streams, publish_event, stream_name
@@ -225,10 +225,10 @@ async def test_a_node_can_touch_only_itself(
     )
     status_kv = await nodestatus.ensure_status_bucket(js, status)
     await status_kv.put(nodestatus.node_key(node_b), b'{"b": "status"}')
-    pulled_kv = await cleaner.ensure_pulled_bucket(js, pulled_bucket)
-    ledger_b = cleaner.record_key(node_b, "registry.example/b:1")
+    pulled_kv = await ledger.ensure_ledger_bucket(js, pulled_bucket, description="pulled")
+    ledger_b = ledger.record_key(node_b, "registry.example/b:1")
     await pulled_kv.put(ledger_b, b"b-ledger")
-    pinned_kv = await cleaner.ensure_pulled_bucket(js, pinned_bucket)
+    pinned_kv = await ledger.ensure_ledger_bucket(js, pinned_bucket, description="pinned")
     await pinned_kv.put(ledger_b, b"b-pinned")
     await status_kv.put(nodestatus.beat_key(node_b), b"b-beat")
 
@@ -268,7 +268,7 @@ async def test_a_node_can_touch_only_itself(
     syncer = await RunningSyncer(settings).start()
     try:
         await eventually(lambda: image in containerd.image_refs(), f"{image} pulled by A")
-        own_record = cleaner.record_key(node_a, image)
+        own_record = ledger.record_key(node_a, image)
         await _until(lambda: _exists(pulled_kv, own_record), "A recorded its pull")
         await _until(lambda: _exists(status_kv, nodestatus.node_key(node_a)), "A wrote its status")
         # The report is written after the pull is recorded: poll for its line.

@@ -18,7 +18,8 @@ from nats.js.errors import KeyNotFoundError
 from support.polling import eventually
 
 from syncer.folding.references import normalize
-from syncer.keeping.cleaner import BUCKET, Cleaner, Removal, record_key
+from syncer.keeping.cleaner import BUCKET, Cleaner, Removal
+from syncer.keeping.ledger import record_key
 from syncer.runtime.cri import CriError, RuntimeImage
 
 GRACE = 600.0

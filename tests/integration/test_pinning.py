@@ -18,7 +18,7 @@ from support.polling import eventually
 
 from image_syncer.sandbox.containerd import Containerd
 from syncer.folding.references import ImageRef, PresentImages, normalize
-from syncer.keeping.cleaner import record_key
+from syncer.keeping.ledger import record_key
 from syncer.keeping.pinledger import BUCKET, PinLedger
 from syncer.keeping.pinning import Pinner
 from syncer.keeping.pinsupport import pinning_support
