@@ -55,7 +55,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_TTL = 30 * 24 * 3600.0
-# Loading one node's records (pulled images, pins) takes well under this.
+# Loading one node's records (pulled images, pins) takes well under this, a replica behind
+# the leader waited for included.
 LOAD_TIMEOUT = 30.0
 # NATS' "wrong last sequence": the key was written since the writer read it.
 _WRONG_LAST_SEQUENCE = (10071, 10164)
@@ -158,11 +159,18 @@ class NodeLedger:
         (the caller bounds it); fails like a write when the leader cannot take the fence."""
         fence_key = f"{node}.{FENCE}"
         fence = await self._publish(fence_key, b"", {})
+        behind = False
         while True:
             found = await read_keys(self._js, self._bucket, f"{node}.*")
             seen = found.pop(fence_key, None)
             if seen is not None and seen.seq >= fence:
                 return found
+            if not behind:
+                behind = True
+                log.info(
+                    "ledger answered by a replica behind the leader, asking again",
+                    extra={"bucket": self._bucket, "fence": fence},
+                )
             await asyncio.sleep(_BEHIND_PAUSE)
 
     async def write(self, key: str, value: bytes, *, last: int) -> int:
