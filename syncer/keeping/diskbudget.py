@@ -25,20 +25,7 @@ its own at every reconcile (:meth:`DiskBudget.reevaluate`), not only when a pull
 is read again, refusals of images no longer wanted or that fit now are dropped, and the status,
 ``disk_budget_exceeded`` and ``image_fs_usage_ratio`` follow the disk.
 
-Where the numbers come from: CRI ``ImageFsInfo`` names the filesystem that holds images (its
-mount point, e.g. ``/var/lib/containerd/io.containerd.snapshotter.v1.overlayfs``) and the bytes
-images use, but not its size. The size and free space come from ``statvfs`` of that mount point,
-seen through a read-only host mount (``--host-root``, e.g. ``/host`` when the DaemonSet mounts the
-host's ``/var/lib/containerd`` at ``/host/var/lib/containerd``). Usage is computed as the kubelet
-does: (capacity - available) / capacity.
-
-containerd keeps an image twice: compressed in its content store
-(``<root>/io.containerd.content.v1.content``) and unpacked in the snapshotter's directory, which
-is all ImageFsInfo names. Where a node-local cache serves peers from the content store (Spegel
-needs ``discard_unpacked_layers = false``, so the compressed layers stay), that store is part of
-what images cost; when it lies on another filesystem than the snapshots (a separate disk for
-the snapshotter), it is measured too, and the fuller of the two counts. On one filesystem, a
-pull is charged for both.
+How full the disk is: :mod:`syncer.keeping.imagefs` (CRI ``ImageFsInfo`` and ``statvfs``).
 
 When no usage can be known (no such path in the container, the runtime does not answer
 ImageFsInfo) the budget does not block: it is a safety net, not a reason to stop pre-pulling.
@@ -50,19 +37,17 @@ budget, within budget, unknown) is one log line, not one per pull.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 from syncer import metrics
 from syncer.folding.references import ImageRef
-from syncer.runtime.cri import CriError, ImageFilesystem
+from syncer.keeping.imagefs import FsInfo, FsUsage, ImageFs, Statvfs
 
-__all__ = ["CONTENT_STORE", "DEFAULT_MAX_USAGE", "DiskBudget", "FsUsage", "parse_percent"]
+__all__ = ["DEFAULT_MAX_USAGE", "DiskBudget", "FsUsage", "parse_percent"]
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +58,6 @@ _MAX_AGE = 1.0
 # with their manifest size.
 _SIZES_BELOW_ROOM = 0.25
 
-FsInfo = Callable[[], Awaitable[list[ImageFilesystem]]]
-Statvfs = Callable[[str], os.statvfs_result]
 # The compressed bytes a pull will write (from its manifest), None if unknown.
 SizeOf = Callable[[], Awaitable[int | None]]
 
@@ -91,38 +74,6 @@ def parse_percent(text: str) -> float:
     return percent / 100
 
 
-# containerd's content store, next to its snapshotters' directories under its root.
-CONTENT_STORE = "io.containerd.content.v1.content"
-_SNAPSHOTTER = "io.containerd.snapshotter.v1."
-
-
-@dataclass(frozen=True)
-class FsUsage:
-    """One image filesystem: CRI's view (mount point, bytes images use) and statvfs's.
-
-    ``stores``: how many of the places a pull writes to (the snapshotter's unpacked layers,
-    containerd's content store) are on this filesystem: a pull's size is charged that often.
-    """
-
-    mountpoint: str
-    images_bytes: int
-    capacity: int
-    available: int
-    stores: int = 1
-    device: int = 0  # st_dev: two paths on one filesystem share it
-
-    @property
-    def ratio(self) -> float:
-        return (self.capacity - self.available) / self.capacity
-
-    def describe(self) -> str:
-        return f"{self.mountpoint} {self.ratio:.0%} used"
-
-    def ratio_with(self, charged: int) -> float:
-        """The usage once ``charged`` more compressed bytes are written to each store here."""
-        return (self.capacity - self.available + charged * self.stores) / self.capacity
-
-
 class DiskBudget:
     """Answers "may this pull start now?" from a recent reading and the pulls in flight."""
 
@@ -135,10 +86,8 @@ class DiskBudget:
         statvfs: Statvfs = os.statvfs,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._fs_info = fs_info
+        self._fs = ImageFs(fs_info, host_root=host_root, statvfs=statvfs)
         self.max_usage = max_usage
-        self._host_root = host_root
-        self._statvfs = statvfs
         self._clock = clock
         self._lock = asyncio.Lock()
         self._read_at: float | None = None
@@ -224,9 +173,7 @@ class DiskBudget:
 
     def host_path(self, mountpoint: str) -> Path:
         """Where the host's ``mountpoint`` is seen from this process."""
-        if not self._host_root:
-            return Path(mountpoint)
-        return Path(self._host_root) / mountpoint.lstrip("/")
+        return self._fs.host_path(mountpoint)
 
     def _over(self, size: int) -> str:
         """Why the disk, with the pulls in flight and ``size`` more, is over budget; or ""."""
@@ -251,58 +198,18 @@ class DiskBudget:
             await self._read()
 
     async def _read(self) -> None:
-        try:
-            filesystems = await self._fs_info()
-        except CriError as e:
-            metrics.CRI_ERRORS.labels("ImageFsInfo").inc()
-            self._set_unknown(f"CRI ImageFsInfo failed: {e}")
+        reading = await self._fs.read()
+        self._warn_unreadable(reading.unreadable, bool(reading.usages))
+        if not reading.usages:
+            self._set_unknown(reading.failed)
             return
-        readings: dict[int, FsUsage] = {}
-        unreadable = []
-        for fs in filesystems:
-            for mountpoint in (fs.mountpoint, *_content_store(fs.mountpoint)):
-                usage = self._measure(mountpoint, fs.used_bytes)
-                if isinstance(usage, str):
-                    if mountpoint == fs.mountpoint:  # a content store may simply not exist
-                        unreadable.append(usage)
-                    continue
-                seen = readings.get(usage.device)
-                if seen is None:
-                    readings[usage.device] = usage
-                elif seen.mountpoint != usage.mountpoint:
-                    readings[usage.device] = dataclasses.replace(seen, stores=seen.stores + 1)
-        self._warn_unreadable(unreadable, bool(readings))
-        if not readings:
-            self._set_unknown(
-                unreadable[0] if unreadable else "the runtime reports no image filesystem"
-            )
-            return
-        self._readings = list(readings.values())
+        self._readings = reading.usages
         fullest = max(self._readings, key=lambda u: u.ratio)
         self.usage = fullest
         metrics.IMAGE_FS_USAGE.set(fullest.ratio)
         if self._unknown:
             self._unknown = ""
             log.info("image filesystem usage known again", extra={"usage": fullest.describe()})
-
-    def _measure(self, mountpoint: str, images_bytes: int) -> FsUsage | str:
-        path = self.host_path(mountpoint)
-        try:
-            stat = self._statvfs(str(path))
-            device = os.stat(path).st_dev
-        except OSError as e:
-            hint = "" if self._host_root else " (set --host-root to a read-only host mount)"
-            return f"cannot statvfs {path}: {e.strerror or e}{hint}"
-        capacity = stat.f_blocks * stat.f_frsize
-        if capacity <= 0:
-            return f"{path} reports no capacity"
-        return FsUsage(
-            mountpoint=mountpoint,
-            images_bytes=images_bytes,
-            capacity=capacity,
-            available=stat.f_bavail * stat.f_frsize,
-            device=device,
-        )
 
     def _warn_unreadable(self, reasons: list[str], others: bool) -> None:
         if others:
@@ -352,11 +259,3 @@ class DiskBudget:
         if not self._unknown:
             log.warning("disk budget not enforced: usage unknown", extra={"reason": reason})
         self._unknown = reason
-
-
-def _content_store(mountpoint: str) -> tuple[str, ...]:
-    """containerd's content store when ``mountpoint`` is one of its snapshotters' directories."""
-    path = Path(mountpoint)
-    if path.name.startswith(_SNAPSHOTTER):
-        return (str(path.parent / CONTENT_STORE),)
-    return ()
