@@ -24,7 +24,7 @@ from syncer.folding.transitions import report_transition
 from syncer.keeping.keeper import Keeper
 from syncer.keeping.unusedimages import UnrecordedLabels, UnusedImages
 from syncer.node.gatekeeper import Gatekeeper
-from syncer.node.nodeinfo import ApiEndpoint, NodeWatcher
+from syncer.node.nodeinfo import NodeWatcher
 from syncer.pulling.inventory import Inventory
 from syncer.pulling.pullbudget import BudgetSettings, PullBudget
 from syncer.pulling.puller import Puller
@@ -42,7 +42,7 @@ from syncer.settings import SyncerSettings
 from wire.contract import Fleet
 from wire.nodestatus import NodeState, StatusError, StatusSettings, check_node
 
-__all__ = ["Parts", "assemble", "node_watcher"]
+__all__ = ["Parts", "assemble"]
 
 log = logging.getLogger(__name__)
 
@@ -96,20 +96,6 @@ def assemble(
         gatekeeper=wired.gatekeeper,
         reporter=wired.reporter,
         requests=wired.requests,
-    )
-
-
-def node_watcher(settings: SyncerSettings) -> NodeWatcher | None:
-    """The watcher of this node's labels and taints, when a setting needs them."""
-    fleets, taint = settings.fleets, settings.gate.taint
-    # --seed-per reads a label of this node only when seeding is on at all.
-    seed_per = settings.seeding.per and settings.seeding.mirror
-    if not fleets.respect_scheduling and not taint and not seed_per:
-        return None
-    endpoint = ApiEndpoint.from_url(fleets.kube_api_url)
-    ignored = frozenset({taint}) if taint else frozenset()
-    return NodeWatcher(
-        endpoint, settings.node_name, refresh=fleets.node_refresh, ignored_taints=ignored
     )
 
 

@@ -30,7 +30,7 @@ from ops.lifecycle import Deadline, cancel_and_wait, every, until_stopping
 from ops.retry import Backoff, retry
 from ops.serving import Health, parse_addr, serve_http
 from syncer import assembly, metrics
-from syncer.node.nodeinfo import NodeInfoError
+from syncer.node.nodeinfo import NodeInfoError, watcher_for
 from syncer.pulling.registryauth import RegistryCredentials
 from syncer.pulling.runtimehealth import RuntimeHealth
 from syncer.reading.replay import replay_until_done
@@ -69,7 +69,14 @@ async def run(
         settings.pulls.registry_auth_file, settings.pulls.kubelet_config_json
     )
     try:
-        node_watcher = assembly.node_watcher(settings)
+        seeding = settings.seeding
+        node_watcher = watcher_for(
+            settings.node_name,
+            settings.fleets,
+            taint=settings.gate.taint,
+            # --seed-per reads a label of this node only when seeding is on at all.
+            seed_label=seeding.per if seeding.mirror else "",
+        )
     except NodeInfoError as e:
         log.error("cannot read this node from the API server", extra={"error": str(e)})
         return 2

@@ -29,6 +29,7 @@ import msgspec
 
 from ops.lifecycle import sleep_unless_stopping
 from syncer.folding.scheduling import NodeInfo, Taint, schedulable
+from syncer.settings.fleets import FleetSettings
 from wire.contract import PodSpec
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "api_call",
     "fetch_node",
     "node_path",
+    "watcher_for",
 ]
 
 log = logging.getLogger(__name__)
@@ -275,3 +277,15 @@ class NodeWatcher:
             kept = tuple(t for t in node.taints if t.key not in self.ignored_taints)
             node = dataclasses.replace(node, taints=kept)
         return schedulable(pod_spec, node)
+
+
+def watcher_for(
+    node: str, fleets: FleetSettings, *, taint: str, seed_label: str
+) -> NodeWatcher | None:
+    """The watcher of this node's labels and taints, when a setting needs them: scheduling
+    (``--respect-scheduling``), the startup taint, a node label seeds are counted per."""
+    if not fleets.respect_scheduling and not taint and not seed_label:
+        return None
+    endpoint = ApiEndpoint.from_url(fleets.kube_api_url)
+    ignored = frozenset({taint}) if taint else frozenset()
+    return NodeWatcher(endpoint, node, refresh=fleets.node_refresh, ignored_taints=ignored)
