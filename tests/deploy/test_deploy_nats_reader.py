@@ -30,6 +30,7 @@ from support.attacks import (
     ReaderAttacker,
     allowed,
     api_requests,
+    judge_replies,
     reply_subjects,
     send,
     stored_subjects,
@@ -296,13 +297,7 @@ async def test_no_reply_subject_makes_the_server_write_for_the_reader(
     streams = await stored_subjects(world)
     requests = [(s, b) for s, b in api_requests(world, streams) if allowed(world, s)]
     assert requests
-    replies = reply_subjects(world, streams)
-    failures: list[str] = []
-    total = 0
-    for subject, body in requests:
-        batch = [send(world, subject, body, reply=r) for r in replies]
-        total += len(batch)
-        failures += await judge(world, batch, lambda: barrier(world))
+    total, failures = await judge_replies(world, requests, reply_subjects(world, streams))
     assert total > 300, total
     assert not failures, "\n".join(failures)
 

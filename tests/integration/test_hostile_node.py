@@ -35,6 +35,7 @@ from support.attacks import (
     ReaderAttacker,
     allowed,
     api_requests,
+    judge_replies,
     reply_subjects,
     send,
     stored_subjects,
@@ -145,13 +146,7 @@ async def test_no_reply_subject_makes_the_server_write_anywhere(world: World) ->
     requests = [(s, b) for s, b in api_requests(world, streams) if allowed(world, s)]
     # Acks of its own durable, and the plain KV subjects it may write, take a reply too.
     requests.append((f"$JS.ACK.{world.fleets}.{durable_name(NODE_A)}.1.1.1.0.0", b"+ACK"))
-    replies = reply_subjects(world, streams)
-    failures: list[str] = []
-    total = 0
-    for subject, body in requests:
-        batch = [send(world, subject, body, reply=r) for r in replies]
-        total += len(batch)
-        failures += await judge(world, batch, lambda: barrier(world))
+    total, failures = await judge_replies(world, requests, reply_subjects(world, streams))
     assert total > 1000, total
     assert not failures, "\n".join(failures)
 

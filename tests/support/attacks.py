@@ -18,7 +18,9 @@ from support.hostile_world import (
     NODE_NEW,
     Attack,
     Attacked,
+    barrier,
     concrete,
+    judge,
     matches,
     snapshot,
 )
@@ -207,6 +209,20 @@ def send(
 
     label = f"{subject} reply={reply}" + (f" headers={headers}" if headers else "")
     return label, action
+
+
+async def judge_replies(
+    world: Attacked, requests: list[tuple[str, bytes]], replies: list[str]
+) -> tuple[int, list[str]]:
+    """Send each request once with each reply subject, judged one request at a time (so a
+    failure bisects within one request's batch); how many were sent, and what changed."""
+    failures: list[str] = []
+    total = 0
+    for subject, body in requests:
+        batch = [send(world, subject, body, reply=r) for r in replies]
+        total += len(batch)
+        failures += await judge(world, batch, lambda: barrier(world))
+    return total, failures
 
 
 HEADERS: list[dict[str, str]] = [
