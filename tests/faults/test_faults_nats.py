@@ -26,11 +26,11 @@ from support.faults_harness import (
     syncer_settings,
     wait_all_converged,
 )
+from support.natscluster import NatsCluster
 from support.syncer_harness import override
 
 from image_syncer.sandbox.containerd import Containerd
 from image_syncer.sandbox.nats_server import NatsServer
-from image_syncer.sandbox.processes import free_port
 from syncer.settings import durable_name
 from wire.contract import Kind
 from wire.eventlog import LogSettings, stream_name
@@ -82,44 +82,9 @@ async def test_nats_restarted_mid_stream(
         await nc.close()
 
 
-class Cluster:
-    """Three nats-servers on loopback, routed to each other, JetStream on each."""
-
-    def __init__(self, directory: Path) -> None:
-        ports = [free_port() for _ in range(3)]
-        routes = [f"nats-route://127.0.0.1:{p}" for p in ports]
-        self.servers = [
-            NatsServer(
-                directory / f"n{i}",
-                cluster_port=ports[i],
-                routes=[r for j, r in enumerate(routes) if j != i],
-                server_name=f"n{i}",
-            )
-            for i in range(3)
-        ]
-
-    @property
-    def urls(self) -> tuple[str, ...]:
-        return tuple(s.url for s in self.servers)
-
-    def by_name(self, name: str) -> NatsServer:
-        return next(s for s in self.servers if s.server_name == name)
-
-    def __enter__(self) -> Cluster:
-        for server in self.servers:
-            server.start(wait=False)
-        for server in self.servers:
-            server.wait_ready(timeout=60)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for server in self.servers:
-            server.stop(kill=True)
-
-
 @pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    with Cluster(tmp_path / "cluster") as running:
+def cluster(tmp_path: Path) -> Iterator[NatsCluster]:
+    with NatsCluster(tmp_path / "cluster") as running:
         yield running
 
 
@@ -134,7 +99,7 @@ async def _leader_of(js: JetStreamContext, stream: str, consumer: str | None = N
 
 async def test_r3_cluster_loses_the_node_holding_the_syncers_consumer(
     kube: FakeKube,
-    cluster: Cluster,
+    cluster: NatsCluster,
     containerd: Containerd,
     prefix: str,
     push: Callable[..., str],

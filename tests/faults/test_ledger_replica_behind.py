@@ -27,10 +27,9 @@ import pytest
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import Placement, StreamConfig, StreamSource
+from support.natscluster import NatsCluster
 from support.polling import eventually
 
-from image_syncer.sandbox.nats_server import NatsServer
-from image_syncer.sandbox.processes import free_port
 from syncer.keeping.cleaner import Cleaner
 from syncer.keeping.ledger import DEFAULT_TTL, NodeLedger, ensure_ledger_bucket, record_key
 from syncer.runtime.cri import RuntimeImage
@@ -48,41 +47,20 @@ NEW = "registry.example.com/games/arena:2.0"
 _NATS_DOWN = (TimeoutError, nats.errors.Error)
 
 
-class Cluster:
-    """Three routed nats-servers tagged ``side:main`` (n0, n1) and ``side:copy`` (n2); clients
-    stay on the server they were given (no_advertise: none learns the others' URLs)."""
-
-    def __init__(self, directory: Path) -> None:
-        ports = [free_port() for _ in range(3)]
-        routes = [f"nats-route://127.0.0.1:{p}" for p in ports]
-        self.servers = [
-            NatsServer(
-                directory / f"n{i}",
-                cluster_port=ports[i],
-                routes=[r for j, r in enumerate(routes) if j != i],
-                server_name=f"n{i}",
-                cluster_config="no_advertise: true",
-                extra_config=f'server_tags: ["side:{"copy" if i == 2 else "main"}"]',
-            )
-            for i in range(3)
-        ]
-
-    async def __aenter__(self) -> Cluster:
-        for server in self.servers:
-            server.start(wait=False)
-        for server in self.servers:
-            await asyncio.to_thread(server.wait_ready, 60)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        for server in self.servers:
-            server.stop(kill=True)
-
-
 @pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
-    async with Cluster(tmp_path / "cluster") as running:
+async def cluster(tmp_path: Path) -> AsyncIterator[NatsCluster]:
+    """n0 and n1 tagged ``side:main``, n2 ``side:copy``; clients stay on the server they were
+    given (no_advertise: none learns the others' URLs)."""
+    running = NatsCluster(
+        tmp_path / "cluster",
+        cluster_config="no_advertise: true",
+        extra_config=lambda i: f'server_tags: ["side:{"copy" if i == 2 else "main"}"]',
+    )
+    await asyncio.to_thread(running.start)
+    try:
         yield running
+    finally:
+        running.stop()
 
 
 class Runtime:
@@ -118,7 +96,7 @@ async def _holds(nc: Client, ref: str) -> bool:
 
 
 async def test_a_ledger_loaded_from_a_copy_missing_a_record_is_not_taken(
-    cluster: Cluster,
+    cluster: NatsCluster,
 ) -> None:
     main_side = await _client(cluster.servers[0].url)
     copy_side = await _client(cluster.servers[2].url)
