@@ -26,7 +26,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal
 
 import msgspec
 from nats.js import JetStreamContext
@@ -42,6 +42,13 @@ from syncer.keeping.ledger import (
     ensure_ledger_bucket,
     record_key,
 )
+from syncer.keeping.listing import (
+    RuntimeImageLike,
+    busy_ids,
+    image_index,
+    key_of,
+    wanted_in,
+)
 from syncer.runtime.cri import CriError
 
 __all__ = ["BUCKET", "Cleaner", "Removal"]
@@ -53,15 +60,6 @@ DEFAULT_GRACE = 600.0
 _DESCRIPTION = "image-syncer: images each node's syncer pulled itself"
 
 Remover = Callable[[str], Awaitable[None]]
-
-
-class RuntimeImageLike(Protocol):
-    @property
-    def id(self) -> str: ...
-    @property
-    def repo_tags(self) -> Collection[str]: ...
-    @property
-    def repo_digests(self) -> Collection[str]: ...
 
 
 class _Record(msgspec.Struct):
@@ -76,10 +74,6 @@ class Removal:
     ref: str
     outcome: Literal["removed", "refused", "gone"]
     detail: str = ""
-
-
-def _key_of(ref: ImageRef) -> str:
-    return ref.stored_name
 
 
 class Cleaner:
@@ -224,14 +218,14 @@ class Cleaner:
         now = self.clock()
         self._cycle += 1
         images = list(images)
-        owner = _image_index(images)
-        busy = _busy_ids(images, owner, in_use)
+        owner = image_index(images)
+        busy = busy_ids(images, owner, in_use)
         current = desired if callable(desired) else _fixed(list(desired))
-        wanted, kept_ids = _wanted(current(), owner)
+        wanted, kept_ids = wanted_in(current(), owner)
         done: list[Removal] = []
         for text, ref in sorted(self._pulled.items()):
-            image_id = owner.get(_key_of(ref))
-            if _key_of(ref) in wanted or (image_id is not None and image_id in kept_ids):
+            image_id = owner.get(key_of(ref))
+            if key_of(ref) in wanted or (image_id is not None and image_id in kept_ids):
                 self._cancel(text)
             elif image_id is None:
                 if text in pulling or self._recorded_in.get(text, -1) >= self._cycle - 1:
@@ -242,8 +236,8 @@ class Cleaner:
                     done.append(Removal(text, "gone"))
             elif self._due(text, now):
                 # The desired set as it is now, with no await before the removal starts.
-                wanted, kept_ids = _wanted(current(), owner)
-                if _key_of(ref) in wanted or image_id in kept_ids:
+                wanted, kept_ids = wanted_in(current(), owner)
+                if key_of(ref) in wanted or image_id in kept_ids:
                     self._cancel(text)
                     continue
                 removal = await self._remove(text, image_id in busy)
@@ -302,44 +296,6 @@ class Cleaner:
 
 def _fixed(refs: list[str]) -> Callable[[], list[str]]:
     return lambda: refs
-
-
-def _wanted(desired: Iterable[str], owner: dict[str, str]) -> tuple[set[str], set[str]]:
-    """The keys of the ``desired`` refs, and the ids of the listed images they name."""
-    wanted = {_key_of(r) for r in _normalized(desired)}
-    return wanted, {owner[k] for k in wanted if k in owner}
-
-
-def _normalized(refs: Iterable[str]) -> list[ImageRef]:
-    found = []
-    for text in refs:
-        try:
-            found.append(normalize(text))
-        except InvalidImageReference:
-            continue  # the fold already reported it; an unparsable ref protects nothing
-    return found
-
-
-def _busy_ids(
-    images: Iterable[RuntimeImageLike], owner: dict[str, str], in_use: Collection[str]
-) -> set[str]:
-    """Ids of the images ``in_use`` names, by id (``sha256:...``) or by any tag or digest."""
-    busy = {image.id for image in images if image.id in in_use}
-    busy.update(owner[k] for k in map(_key_of, _normalized(in_use)) if k in owner)
-    return busy
-
-
-def _image_index(images: Iterable[RuntimeImageLike]) -> dict[str, str]:
-    """Normalized tag or ``name@digest`` -> image id, for every name the runtime knows."""
-    index: dict[str, str] = {}
-    for image in images:
-        for text in (*image.repo_tags, *image.repo_digests):
-            try:
-                ref = normalize(text)
-            except InvalidImageReference:
-                continue
-            index[_key_of(ImageRef(ref.name, None, ref.digest) if ref.digest else ref)] = image.id
-    return index
 
 
 def _encode(text: str) -> bytes:
