@@ -47,16 +47,21 @@ from syncer.keeping.listing import (
     busy_ids,
     image_index,
     key_of,
+    unowned,
     wanted_in,
 )
 from syncer.runtime.cri import CriError
 
-__all__ = ["BUCKET", "Cleaner", "Removal"]
+__all__ = ["BUCKET", "RELOAD_EVERY", "Cleaner", "Removal"]
 
 log = logging.getLogger(__name__)
 
 BUCKET = "IMAGE_SYNCER_PULLED"
 DEFAULT_GRACE = 600.0
+# How often an unwanted image on the node that no record we know of owns makes us read the node's
+# records again anyway (see Cleaner._catch_up); such images are always there (the kubelet's pause
+# image), so this is what an idle node pays: one fence write and one batched read per period.
+RELOAD_EVERY = 1800.0
 _DESCRIPTION = "image-syncer: images each node's syncer pulled itself"
 
 Remover = Callable[[str], Awaitable[None]]
@@ -104,6 +109,10 @@ class Cleaner:
         # may be of a pull that finished after the listing: absent from it, yet on the node.
         self._cycle = 0
         self._recorded_in: dict[str, int] = {}
+        # Image ids on the node, unwanted, that no record we know of owns, as of the last time
+        # the node's records were read in whole, and when that was (None: never since start).
+        self._checked: set[str] = set()
+        self._reloaded_at: float | None = None
 
     @classmethod
     async def open(
@@ -146,16 +155,47 @@ class Cleaner:
         for key, message in found.items():
             self._load_record(key, message.data, message.seq)
 
-    def _load_record(self, key: str, value: bytes, revision: int) -> None:
+    def _load_record(self, key: str, value: bytes, revision: int) -> str | None:
+        """Take a record as ours; its normalized reference, or None (unreadable, logged)."""
         try:
             ref = normalize(msgspec.json.decode(value, type=_Record).ref)
         except (msgspec.DecodeError, InvalidImageReference) as e:
             log.warning(
                 "unreadable pulled-image record ignored", extra={"key": key, "error": str(e)}
             )
-            return
+            return None
         self._pulled[str(ref)] = ref
         self._stored[str(ref)] = Stored(value, revision)
+        return str(ref)
+
+    async def _catch_up(self, foreign: set[str], now: float) -> None:
+        """Read the node's records again when an unwanted image no record we know of owns is
+        new since the last read, or that read is ``RELOAD_EVERY`` old; take the new ones.
+
+        The node's other syncer pod (a DaemonSet rollout runs both for a moment) writes its
+        records to the bucket, never to our memory: an image it pulled after our load looks like
+        nobody's here and, once unwanted and that pod gone, would stay on the node for good.
+        Such an image turns up when the desired set drops it (a Fleet rolled or went), so a read
+        is due when one is new to the set, not every pass: an idle node's unwanted images (the
+        kubelet's pause, an operator's) stay the same, and it reads nothing. ``RELOAD_EVERY``
+        covers a record written after that read (NATS was slow at the other pod's pull). The
+        read is the fenced load (never a replica behind); a failure leaves it due next pass."""
+        self._checked &= foreign  # one that left (wanted again, removed) is new when back
+        stale = self._reloaded_at is None or now - self._reloaded_at >= RELOAD_EVERY
+        if not foreign - self._checked and not (foreign and stale):
+            return
+        async with asyncio.timeout(LOAD_TIMEOUT):
+            found = await self.ledger.load(self.node)
+        known = {record_key(self.node, text) for text in self._pulled}
+        taken = []
+        for key, message in found.items():
+            if key not in known and (text := self._load_record(key, message.data, message.seq)):
+                taken.append(text)
+                # Maybe a pull of the other pod's that ended after this pass's listing.
+                self._recorded_in[text] = self._cycle
+        self._checked, self._reloaded_at = foreign, now
+        if taken:
+            log.info("records another pod of this node wrote taken", extra={"images": taken})
 
     async def record_pulled(self, ref: str) -> None:
         """Call after the syncer's own successful PullImage of ``ref`` (and before it)."""
@@ -222,6 +262,7 @@ class Cleaner:
         busy = busy_ids(images, owner, in_use)
         current = desired if callable(desired) else _fixed(list(desired))
         wanted, kept_ids = wanted_in(current(), owner)
+        await self._catch_up(unowned(images, owner, kept_ids, self._pulled.values()), now)
         done: list[Removal] = []
         for text, ref in sorted(self._pulled.items()):
             image_id = owner.get(key_of(ref))

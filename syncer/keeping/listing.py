@@ -1,5 +1,5 @@
-"""What one ListImages answer says to the cleanup: which image each name is, and which images a
-live Fleet or a container keeps.
+"""What one ListImages answer says to the cleanup: which image each name is, which images a live
+Fleet or a container keeps, and which no record of ours owns.
 
 Names are compared normalized, by the name containerd stores (``name@digest`` for a digest
 reference): removing by any name drops every name of that image, so whatever keeps one name
@@ -13,7 +13,7 @@ from typing import Protocol
 
 from syncer.folding.references import ImageRef, InvalidImageReference, normalize
 
-__all__ = ["RuntimeImageLike", "busy_ids", "image_index", "key_of", "wanted_in"]
+__all__ = ["RuntimeImageLike", "busy_ids", "image_index", "key_of", "unowned", "wanted_in"]
 
 
 class RuntimeImageLike(Protocol):
@@ -65,3 +65,14 @@ def image_index(images: Iterable[RuntimeImageLike]) -> dict[str, str]:
                 continue
             index[key_of(ImageRef(ref.name, None, ref.digest) if ref.digest else ref)] = image.id
     return index
+
+
+def unowned(
+    images: Iterable[RuntimeImageLike],
+    owner: dict[str, str],
+    kept_ids: set[str],
+    ours: Iterable[ImageRef],
+) -> set[str]:
+    """Ids of the listed images no live Fleet keeps (``kept_ids``) and none of ``ours`` names."""
+    owned = {owner[k] for k in map(key_of, ours) if k in owner}
+    return {image.id for image in images} - kept_ids - owned

@@ -18,7 +18,7 @@ from nats.js.errors import KeyNotFoundError
 from support.polling import eventually
 
 from syncer.folding.references import normalize
-from syncer.keeping.cleaner import BUCKET, Cleaner, Removal
+from syncer.keeping.cleaner import BUCKET, RELOAD_EVERY, Cleaner, Removal
 from syncer.keeping.ledger import record_key
 from syncer.runtime.cri import CriError, RuntimeImage
 
@@ -360,3 +360,23 @@ async def test_pulled_records_expire_unless_their_node_renews_them(
     clock.advance(0.5)
     await live.observe([GAME_V1], runtime.list_images())
     assert ((await kv.get(record_key("node-live", GAME_V1))).revision or 0) > revision
+
+
+async def test_a_record_another_pod_of_its_node_wrote_late_is_taken_within_the_reload_period(
+    nc: Client, bucket: str, runtime: Runtime, clock: Clock
+) -> None:
+    # The new pod reads the node's records again when an unwanted image nobody owns turns up;
+    # the old pod's record of it lands only after that (NATS was slow at its pull).
+    new = await _cleaner(nc, bucket, runtime, clock)
+    runtime.add("sha256:v1", GAME_V1)
+    assert await new.observe([], runtime.list_images()) == []
+    old = await _cleaner(nc, bucket, runtime, clock)
+    await old.record_pulled(GAME_V1)
+    clock.advance(RELOAD_EVERY - 1)
+    assert await new.observe([], runtime.list_images()) == []
+    assert new.pulled == frozenset(), "read again before the period was up"
+    clock.advance(1)
+    assert await new.observe([], runtime.list_images()) == []
+    assert new.pulled == {GAME_V1}
+    clock.advance(GRACE)
+    assert await new.observe([], runtime.list_images()) == [Removal(GAME_V1, "removed")]
