@@ -231,7 +231,8 @@ class PinSummary(msgspec.Struct, frozen=True, omit_defaults=True):
 class DiskSummary(msgspec.Struct, frozen=True, omit_defaults=True):
     """The image filesystem and what it does to pulls (``--max-image-fs-usage``, GC backoff)."""
 
-    # Used fraction of the fullest image filesystem at the last reading; None when unknown.
+    # Used fraction of the fullest image filesystem at the last reading, in whole percents
+    # rounded down (a change is a status write); None when unknown.
     usage: float | None = None
     max_usage: float = 0.0
     # Why pulls are paused now (the disk is over budget); empty when they may run.

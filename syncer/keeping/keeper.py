@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 
 from nats.js import JetStreamContext
@@ -224,7 +225,10 @@ class Keeper:
     def disk_summary(self) -> DiskSummary:
         usage = self.budget.usage
         return DiskSummary(
-            usage=round(usage.ratio, 4) if usage is not None else None,
+            # Whole percents, rounded down (a reading at 79.9% does not read as the 80%
+            # threshold): a busy node's disk moves by megabytes all the time, and every
+            # change of this number rewrites the node's status entry.
+            usage=math.floor(usage.ratio * 100) / 100 if usage is not None else None,
             max_usage=self.budget.max_usage,
             paused=self.budget.blocked,
             gc_backoff=tuple(sorted(str(i) for i in self.tracker.backing_off())),
