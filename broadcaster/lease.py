@@ -100,6 +100,11 @@ class Lease:
             self._revision = await (await self._bucket()).create(self.key, self._value())
         except nats.js.errors.KeyWrongLastSequenceError:
             return False
+        except nats.js.errors.KeyNotFoundError:
+            # nats-py's create, refused because the key exists, reads it to see whether it is a
+            # delete marker; the holder's key expiring between the two makes that read fail.
+            # Nobody holds it now: the next attempt takes it.
+            return False
         return True
 
     async def renew(self) -> bool:

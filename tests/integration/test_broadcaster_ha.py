@@ -76,6 +76,31 @@ async def test_a_dead_holders_lease_expires(js: JetStreamContext, prefix: str) -
     assert not await dead.renew(), "the old holder learns it lost the lease"
 
 
+async def test_a_lease_expiring_while_the_standby_asks_for_it_is_no_error(
+    js: JetStreamContext, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """nats-py's ``create``, refused because the key exists, reads the key again to see whether
+    it is a delete marker; the holder's key expiring in between made ``try_acquire`` raise
+    KeyNotFoundError (seen in a full-suite run). The expiry is made to happen right there."""
+    holder, standby = Lease(js, prefix, "holder", ttl=60.0), Lease(js, prefix, "standby", ttl=60.0)
+    await holder.open()
+    assert await holder.try_acquire()
+    await standby.open()
+    kv = standby._kv
+    assert kv is not None
+    read_again = kv._get
+
+    async def expired_first(key: str, revision: int | None = None) -> object:
+        # What the bucket's max age does: the message gone, no marker left.
+        await js.purge_stream(f"KV_{holder.bucket}", subject=f"$KV.{holder.bucket}.{key}")
+        return await read_again(key, revision)
+
+    monkeypatch.setattr(kv, "_get", expired_first)
+    assert not await standby.try_acquire()
+    monkeypatch.undo()
+    assert await standby.try_acquire(), "nobody holds it now: the next attempt takes it"
+
+
 async def test_a_holder_loses_the_lease_on_a_revision_mismatch(
     js: JetStreamContext, prefix: str
 ) -> None:
