@@ -285,10 +285,11 @@ async def test_a_purge_interrupted_after_the_tombstone_is_repaired_by_the_next_c
             # before its purge of the Fleet's older messages goes out.
             await asyncio.wait_for(gate.reached.wait(), DEADLINE)
         subjects = await js.stream_info(stream_name(prefix, Kind.FLEET), subjects_filter=">")
-        assert sorted(s.split(".")[3] for s in subjects.state.subjects or {}) == [
-            "added",
-            "deleted",
-        ], "the interleaving under test: the tombstone stored, the added message left over"
+        # The interleaving under test: the added message left over (its purge never went out).
+        # The tombstone was stored (acked above) but may have expired already (1s TTL) on a
+        # loaded machine; what matters is what is left once it has.
+        actions = {s.split(".")[3] for s in subjects.state.subjects or {}}
+        assert "added" in actions and actions <= {"added", "deleted"}, actions
         async with broadcaster(js, settings) as restarted:
             await restarted.feed(listed(rv=9))
         await eventually(lambda: tombstone_gone(js, prefix), "the tombstone to expire")
