@@ -22,6 +22,8 @@ from image_syncer.sandbox.images import push_image
 from image_syncer.sandbox.mirror import MirroredRegistry
 from image_syncer.sandbox.nats_server import NatsServer
 from image_syncer.sandbox.registry import Registry
+from syncer.runtime.containerd_images import ContainerdImages
+from syncer.runtime.cri import CriClient
 from wire.eventlog import LogSettings, ensure_streams
 from wire.natsconn import NatsSettings, connect
 
@@ -95,6 +97,22 @@ def containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Containerd]
     """One containerd for the session, its CRI socket at ``containerd.endpoint``."""
     with Containerd(tmp_path_factory.mktemp("containerd")) as runtime:
         yield runtime
+
+
+@pytest.fixture
+async def cri(containerd: Containerd) -> AsyncIterator[CriClient]:
+    """A CRI client of the session's containerd."""
+    client = CriClient(containerd.endpoint)
+    yield client
+    await client.close()
+
+
+@pytest.fixture
+async def images(containerd: Containerd) -> AsyncIterator[ContainerdImages]:
+    """A client of the session's containerd's own images service (labels, pins)."""
+    client = ContainerdImages(containerd.endpoint)
+    yield client
+    await client.close()
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import nats.errors
@@ -18,7 +18,6 @@ import pytest
 from nats.js import JetStreamContext
 from support import polling
 
-from image_syncer.sandbox.containerd import Containerd
 from image_syncer.sandbox.images import push_image
 from image_syncer.sandbox.registry import Registry
 from syncer.folding.references import normalize
@@ -34,20 +33,6 @@ from wire.permissions import bucket_for
 pytestmark = pytest.mark.cri
 
 NODE = "node-a.example"
-
-
-@pytest.fixture
-async def cri(containerd: Containerd) -> AsyncIterator[CriClient]:
-    client = CriClient(containerd.endpoint)
-    yield client
-    await client.close()
-
-
-@pytest.fixture
-async def images(containerd: Containerd) -> AsyncIterator[ContainerdImages]:
-    client = ContainerdImages(containerd.endpoint)
-    yield client
-    await client.close()
 
 
 @pytest.fixture

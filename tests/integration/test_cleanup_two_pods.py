@@ -9,12 +9,11 @@ runtime's ListImages as a reconcile feeds it.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import pytest
 from nats.js import JetStreamContext
 
-from image_syncer.sandbox.containerd import Containerd
 from syncer.folding.references import ImageRef, normalize
 from syncer.keeping.cleaner import BUCKET
 from syncer.keeping.ledger import FENCE
@@ -25,20 +24,6 @@ from syncer.runtime.cri import CriClient
 from wire.permissions import bucket_for
 
 pytestmark = pytest.mark.cri
-
-
-@pytest.fixture
-async def cri(containerd: Containerd) -> AsyncIterator[CriClient]:
-    client = CriClient(containerd.endpoint)
-    yield client
-    await client.close()
-
-
-@pytest.fixture
-async def images(containerd: Containerd) -> AsyncIterator[ContainerdImages]:
-    client = ContainerdImages(containerd.endpoint)
-    yield client
-    await client.close()
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import pytest
 
@@ -11,20 +11,6 @@ from syncer.runtime.containerd_images import PIN_LABEL, PIN_VALUE, ContainerdIma
 from syncer.runtime.cri import CriClient
 
 pytestmark = pytest.mark.cri
-
-
-@pytest.fixture
-async def cri(containerd: Containerd) -> AsyncIterator[CriClient]:
-    client = CriClient(containerd.endpoint)
-    yield client
-    await client.close()
-
-
-@pytest.fixture
-async def images(containerd: Containerd) -> AsyncIterator[ContainerdImages]:
-    client = ContainerdImages(containerd.endpoint)
-    yield client
-    await client.close()
 
 
 def ctr_labels(containerd: Containerd, name: str) -> str:

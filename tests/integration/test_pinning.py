@@ -7,7 +7,7 @@ containerd 1.6 sets the label but does not report ``pinned`` back through CRI.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -29,20 +29,6 @@ from wire.permissions import bucket_for
 pytestmark = pytest.mark.cri
 
 PINNED = f"{PIN_LABEL}={PIN_VALUE}"
-
-
-@pytest.fixture
-async def cri(containerd: Containerd) -> AsyncIterator[CriClient]:
-    client = CriClient(containerd.endpoint)
-    yield client
-    await client.close()
-
-
-@pytest.fixture
-async def images(containerd: Containerd) -> AsyncIterator[ContainerdImages]:
-    client = ContainerdImages(containerd.endpoint)
-    yield client
-    await client.close()
 
 
 @pytest.fixture
